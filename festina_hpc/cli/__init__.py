@@ -1,0 +1,1 @@
+"""The ``festina`` admin CLI: thin click commands over the library."""

@@ -1,0 +1,56 @@
+"""Entry point of the ``festina`` command: loads the config once and dispatches.
+
+A ``FestinaError`` (bad input, bad config, bad profile file) is printed as one
+line, ``festina: error: ...``, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from festina_hpc.cli.bench import bench
+from festina_hpc.cli.common import AppContext
+from festina_hpc.cli.config_cmd import config_group
+from festina_hpc.cli.profiles import profiles
+from festina_hpc.config import load_config
+from festina_hpc.errors import FestinaError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML config file (default: $FESTINA_CONFIG, else built-in defaults).")
+@click.version_option(package_name="festina-hpc")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None) -> None:
+    """festina: energy-aware serving of many LLMs on shared GPUs in Slurm."""
+    if config_path is None and os.environ.get("FESTINA_CONFIG"):
+        config_path = Path(os.environ["FESTINA_CONFIG"])
+    ctx.obj = AppContext(load_config(config_path))
+
+
+cli.add_command(profiles)
+cli.add_command(bench)
+cli.add_command(config_group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="festina", standalone_mode=False)
+    except FestinaError as exc:
+        click.echo(f"festina: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("festina: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The festina configuration file (TOML): its schema, documented defaults and loader.
+
+The config is read once, in the CLI's ``main()``, into a frozen ``Config`` and
+passed down; nothing else reads files or the environment for settings. Every
+key has a default, so an empty file (or no file) is a valid config. An unknown
+section or key, or a value of the wrong type or outside its allowed set, is a
+``ConfigError`` whose one-line message names the file, the key and the value.
+``festina config show`` prints the resolved config; ``festina.example.toml``
+at the repository root documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from festina_hpc.errors import ConfigError
+
+GPU_BACKENDS = ("auto", "nvml", "simulated")
+OUT_OF_RANGE_MODES = ("error", "clamp")
+
+
+def default_profiles_dir() -> Path:
+    """Where the shipped profiles are: the source tree, else the installed share dir."""
+    source_tree = Path(__file__).resolve().parent.parent / "profiles"
+    if (source_tree / "gpus.toml").is_file():
+        return source_tree
+    return Path(sys.prefix) / "share" / "festina-hpc" / "profiles"
+
+
+@dataclass(frozen=True)
+class ProfilesConfig:
+    # Folder holding gpus.toml, models.toml and <gpu>/<model>.csv; "" = shipped profiles.
+    dir: str = ""
+    # What a lookup outside a table's axes does: "error" raises, "clamp" answers
+    # at the nearest table edge and flags the answer as clamped.
+    out_of_range: str = "error"
+
+    def resolved_dir(self) -> Path:
+        return Path(self.dir) if self.dir else default_profiles_dir()
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    # "nvml" (real GPUs via pynvml), "simulated" (profile-driven fake GPUs) or
+    # "auto" (NVML when a GPU answers, else simulated).
+    backend: str = "auto"
+    # GPU type and count of the simulated backend (a profile GPU name).
+    simulated_type: str = "h100-sxm-80gb"
+    simulated_count: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    source: str = "<defaults>"
+
+
+_SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig}
+
+# Allowed values per (section, key), beyond the type check.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("profiles", "out_of_range"): OUT_OF_RANGE_MODES,
+    ("gpu", "backend"): GPU_BACKENDS,
+}
+_POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count")}
+
+
+def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [{name}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(fields))})")
+        expected = type(fields[key].default)
+        # TOML integers are acceptable where a float is expected, never the reverse.
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{source}: {name}.{key} must be {expected.__name__}, got {value!r}")
+        choices = _CHOICES.get((name, key))
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} is not one of {', '.join(choices)}")
+        if (name, key) in _POSITIVE and value <= 0:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} must be positive")
+        values[key] = value
+    return cls(**values)
+
+
+def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    """Validate a parsed TOML document into a ``Config``."""
+    built: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            known = ", ".join(sorted(_SECTION_TYPES))
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
+        built[name] = _build_section(source, name, _SECTION_TYPES[name], value)
+    return Config(**built, source=source)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a TOML config; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return config_from_mapping(raw, source=str(path))
+
+
+def config_as_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for ``festina config show``)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""GPU backends: NVML on real GPUs, a profile-driven simulated GPU elsewhere."""

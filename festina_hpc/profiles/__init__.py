@@ -1,0 +1,1 @@
+"""Offline profiles: constant-time latency and power lookups per (GPU type, model)."""
