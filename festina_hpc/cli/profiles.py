@@ -62,7 +62,7 @@ def predict(app: AppContext, gpu: str, model: str, phase: str, batch: int, conte
     if as_json:
         echo_json(result.as_dict())
         return
-    table = Table(title=f"{result.model} on {result.gpu} (tp={result.tp}), {phase}")
+    table = Table(title=f"{result.model} on {result.gpu}: {phase}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key, value in result.as_dict().items():

@@ -4,7 +4,7 @@ One step of an instance (a prefill of ``batch`` prompts of ``context`` tokens,
 or one decode step of ``batch`` sequences holding ``context`` tokens of KV
 cache) on each of its ``tp`` GPUs takes::
 
-    latency = step_overhead + seq_overhead * batch + t_gpu + t_comm
+    latency = step_overhead + layer_overhead * layers + seq_overhead * batch + t_gpu + t_comm
     t_gpu   = smooth_max(t_compute, t_memory)             (roofline, p-norm k=4)
     t_compute = flops / tp / (peak * eff_compute * s) * (alpha / f + 1 - alpha)
     t_memory  = (weights + batch * context * kv_per_token) / tp
@@ -59,7 +59,8 @@ class PhysicsParams:
 
     eff_compute: float  # fraction of peak tensor FLOP/s reached by prefill GEMMs
     eff_memory: float  # fraction of peak HBM bandwidth reached by decode
-    step_overhead_s: float  # fixed time per step (scheduler, launches, sampling)
+    step_overhead_s: float  # fixed time per step (scheduler, sampling)
+    layer_overhead_s: float  # time per layer per step (kernel launches, synchronisation)
     seq_overhead_s: float  # extra time per sequence per step
     power_compute_w: float  # dynamic power, all SMs compute-bound at max clock
     power_memory_w: float  # dynamic power while streaming HBM at full bandwidth
@@ -127,7 +128,7 @@ def step(gpu: GpuSpec, model: ModelSpec, tp: int, params: PhysicsParams, phase: 
         t_comm = 2.0 * model.layers * (ALLREDUCE_LATENCY_S + message_bytes / (gpu.interconnect_gbs * 1e9))
     else:
         t_comm = np.zeros_like(t_gpu)
-    latency = p.step_overhead_s + p.seq_overhead_s * b + t_gpu + t_comm
+    latency = p.step_overhead_s + p.layer_overhead_s * model.layers + p.seq_overhead_s * b + t_gpu + t_comm
 
     clock_power = f**p.clock_power_exp
     energy = (latency * (gpu.idle_w + p.power_overhead_w * clock_power)

@@ -149,7 +149,7 @@ class Catalog:
     def _index(entries: Mapping[str, GpuSpec] | Mapping[str, ModelSpec]) -> dict[str, str]:
         index: dict[str, str] = {}
         for name, spec in entries.items():
-            for alias in (name, *spec.aliases):
+            for alias in (name, getattr(spec, "hf_name", name), *spec.aliases):
                 index[alias.lower()] = name
         return index
 
