@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from festina_hpc.errors import ConfigError
 

@@ -20,13 +20,19 @@ def bench() -> None:
 @click.option("--queries", type=click.IntRange(min=1000), default=200_000, show_default=True,
               help="Lookups per measurement.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--processes/--no-processes", default=True, show_default=True,
+              help="Also time one `festina profiles predict` process per shipped (GPU, model) pair.")
 @json_option
 @pass_app
-def bench_profiles(app: AppContext, gpu: str, model: str, queries: int, seed: int, as_json: bool) -> None:
-    """Profile lookups per second: vectorised (numpy) and one at a time (Python)."""
-    from festina_hpc.profiles.bench import run_lookup_bench
+def bench_profiles(app: AppContext, gpu: str, model: str, queries: int, seed: int, processes: bool,
+                   as_json: bool) -> None:
+    """Profile lookups per second (vectorised and one at a time) and predict time per process."""
+    from festina_hpc.profiles.bench import run_lookup_bench, run_predict_process_bench
 
-    figures = run_lookup_bench(app.profile_store(), gpu, model, queries, seed)
+    store = app.profile_store()
+    figures = run_lookup_bench(store, gpu, model, queries, seed)
+    if processes:
+        figures.update(run_predict_process_bench(store))
     if as_json:
         echo_json(figures)
         return
@@ -40,3 +46,7 @@ def bench_profiles(app: AppContext, gpu: str, model: str, queries: int, seed: in
                       f"{figures[f'lookups_per_s_{mode}']:,.0f}")
     Console().print(table)
     click.echo(f"table load: {figures['table_load_s'] * 1000:.1f} ms")
+    if processes:
+        click.echo(f"festina profiles predict, {figures['predict_processes']} (GPU, model) pairs: "
+                   f"median {figures['predict_process_s_median']:.2f} s, max {figures['predict_process_s_max']:.2f} s "
+                   f"per process ({figures['predict_process_s_slowest_pair']})")

@@ -31,9 +31,10 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -206,7 +207,7 @@ def fit_perseus(data_dir: Path, gpu_key: str, max_clock_mhz: int) -> ClockFit:
         return np.concatenate(res)
 
     x0 = [0.8, 2.0]
-    for f, t, e in stages:
+    for _, t, e in stages:
         p = e[-1] / t[-1]
         x0 += [t[-1], 0.4 * p, 0.6 * p]
     lower = [0.0, 0.5] + [0.0] * (3 * len(stages))
@@ -225,7 +226,8 @@ def _summary(rel_err: np.ndarray) -> tuple[int, float, float]:
 
 
 def _initial(gpu: GpuSpec) -> PhysicsParams:
-    return PhysicsParams(eff_compute=0.5, eff_memory=0.7, step_overhead_s=0.005, layer_overhead_s=1e-4, seq_overhead_s=2e-4,
+    return PhysicsParams(eff_compute=0.5, eff_memory=0.7, step_overhead_s=0.005, layer_overhead_s=1e-4,
+                         seq_overhead_s=2e-4,
                          power_compute_w=0.5 * gpu.tdp_w, power_memory_w=0.2 * gpu.tdp_w,
                          power_overhead_w=0.2 * gpu.tdp_w, clock_power_exp=2.0, clock_time_frac=0.8)
 

@@ -14,7 +14,7 @@ def _pct(value: float) -> str:
     return f"{value:.1%}"
 
 
-def render(report: "CalibrationReport", date: str, prompt_tokens: int) -> str:
+def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
     out = [
         "# Profile calibration",
         "",
@@ -80,8 +80,8 @@ def render(report: "CalibrationReport", date: str, prompt_tokens: int) -> str:
     out += ["", "## Physical sanity (Llama-3.1-8B, decode batch 64 at 1024 tokens; prefill 2048 tokens)", "",
             "| gpu | 70% clock (MHz) | decode latency change | decode power change | prefill latency x at 50% SMs |",
             "|---|---:|---:|---:|---:|"]
-    for row in report.sanity:
-        out.append(f"| {row['gpu']} | {row['clock_70pct_mhz']} | {row['decode_latency_change']:+.1%} | "
-                   f"{row['decode_power_change']:+.1%} | {row['prefill_latency_ratio_sm50']:.2f} |")
+    for check in report.sanity:
+        out.append(f"| {check['gpu']} | {check['clock_70pct_mhz']} | {check['decode_latency_change']:+.1%} | "
+                   f"{check['decode_power_change']:+.1%} | {check['prefill_latency_ratio_sm50']:.2f} |")
     out += ["", "## Tables written", ""] + [f"- `{t}`" for t in report.tables] + [""]
     return "\n".join(out)

@@ -72,7 +72,7 @@ class PhysicsParams:
         return asdict(self)
 
     @classmethod
-    def from_vector(cls, values: ArrayLike) -> "PhysicsParams":
+    def from_vector(cls, values: ArrayLike) -> PhysicsParams:
         return cls(*(float(v) for v in np.asarray(values)))
 
     def vector(self) -> FloatArray:

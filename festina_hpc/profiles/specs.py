@@ -10,9 +10,10 @@ type. Names resolve case-insensitively through each entry's aliases, so
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from festina_hpc.errors import ProfileError, UnknownProfileError
 
@@ -136,7 +137,7 @@ class Catalog:
         self._model_names = self._index(self.models)
 
     @classmethod
-    def load(cls, profiles_dir: Path) -> "Catalog":
+    def load(cls, profiles_dir: Path) -> Catalog:
         gpus = _load(profiles_dir / "gpus.toml", GpuSpec)
         for gpu in gpus.values():
             bad = [c for c in gpu.table_clocks_mhz if c not in gpu.supported_clocks_mhz]

@@ -28,9 +28,9 @@ import csv
 import io
 import math
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -63,17 +63,6 @@ class LookupMany:
     clamped: npt.NDArray[np.bool_]
 
 
-def _axis_position(axis: Sequence[float], value: float) -> tuple[int, float]:
-    """Lower bracket index and weight of ``value`` on an ascending axis already known to contain it."""
-    if len(axis) == 1:
-        return 0, 0.0
-    i = bisect_right(axis, value) - 1
-    if i >= len(axis) - 1:
-        i = len(axis) - 2
-    lo, hi = axis[i], axis[i + 1]
-    return i, (value - lo) / (hi - lo)
-
-
 class ProfileTable:
     """A validated table for one (GPU type, model) pair."""
 
@@ -95,6 +84,11 @@ class ProfileTable:
         sizes = [len(a) for a in self.axes]
         self._strides = [int(np.prod(sizes[k + 1:])) for k in range(4)]
         self._phase_stride = int(np.prod(sizes))
+        # The 8 (batch, context, SM) corners of a cell: flat offset and which neighbour on each axis.
+        self._corners = [(kb * self._strides[0] + kc * self._strides[1] + ks * self._strides[2], kb, kc, ks)
+                         for kb in (0, 1) for kc in (0, 1) for ks in (0, 1)]
+        if min(sizes) < 2:
+            raise ProfileError(f"table {gpu}/{model}: every axis needs at least 2 grid points, got {sizes}")
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -102,42 +96,54 @@ class ProfileTable:
         axis = self.axes[AXES.index(field)]
         return axis[0], axis[-1]
 
-    def _check(self, field: str, value: float, clamp: bool) -> tuple[float, bool]:
+    def _outside(self, field: str, value: float, clamp: bool) -> float:
+        """A value outside its axis: the clamped value, or ``OutOfProfileRange``."""
         axis = self.axes[AXES.index(field)]
         if not math.isfinite(value):
             raise OutOfProfileRange(f"{field} = {value!r} is not a finite number")
-        if axis[0] <= value <= axis[-1]:
-            return value, False
         if clamp:
-            return min(max(value, axis[0]), axis[-1]), True
+            return min(max(value, axis[0]), axis[-1])
         raise OutOfProfileRange(
             f"{field} = {value:g} is outside the profile of {self.model} on {self.gpu} "
             f"({axis[0]:g}..{axis[-1]:g}); use clamp to answer at the edge")
 
     def lookup(self, phase: str, batch: float, context_tokens: float, sm_pct: float, clock_mhz: float,
                clamp: bool = False) -> Lookup:
-        """Latency and power at one point (multilinear between grid points)."""
-        try:
-            p = PHASES.index(phase)
-        except ValueError:
-            raise OutOfProfileRange(f"phase = {phase!r} is not one of {', '.join(PHASES)}") from None
+        """Latency and power at one point (multilinear between grid points).
+
+        Written for speed in plain Python: one bisection per axis, then the 8 (batch, context,
+        SM) corners each interpolated along the clock axis.
+        """
+        if phase == "decode":
+            index = self._phase_stride
+        elif phase == "prefill":
+            index = 0
+        else:
+            raise OutOfProfileRange(f"phase = {phase!r} is not one of {', '.join(PHASES)}")
         clamped = False
-        base = p * self._phase_stride
-        corners: list[tuple[int, float]] = [(base, 1.0)]
-        for k, (field, value) in enumerate(zip(AXES, (batch, context_tokens, sm_pct, clock_mhz))):
-            value, was_clamped = self._check(field, float(value), clamp)
-            clamped |= was_clamped
-            i, w = _axis_position(self.axes[k], value)
-            stride = self._strides[k]
-            lo = i * stride
-            if w == 0.0:
-                corners = [(off + lo, cw) for off, cw in corners]
-            else:
-                hi = lo + stride
-                corners = [c for off, cw in corners
-                           for c in ((off + lo, cw * (1.0 - w)), (off + hi, cw * w))]
+        weights = []
+        for field, axis, stride, value in zip(AXES, self.axes, self._strides,
+                                              (batch, context_tokens, sm_pct, clock_mhz)):
+            if not axis[0] <= value <= axis[-1]:  # also catches NaN
+                value = self._outside(field, float(value), clamp)
+                clamped = True
+            i = bisect_right(axis, value) - 1
+            if i >= len(axis) - 1:
+                i = len(axis) - 2
+            index += i * stride
+            weights.append((value - axis[i]) / (axis[i + 1] - axis[i]))
+        w_batch, w_context, w_sm, w_clock = weights
+        wb, wc, ws = (1.0 - w_batch, w_batch), (1.0 - w_context, w_context), (1.0 - w_sm, w_sm)
         lat, pwr = self._flat_latency, self._flat_power
-        return Lookup(sum(lat[i] * w for i, w in corners), sum(pwr[i] * w for i, w in corners), clamped)
+        step = self._strides[3]
+        latency_s = power_w = 0.0
+        for offset, kb, kc, ks in self._corners:
+            w = wb[kb] * wc[kc] * ws[ks]
+            j = index + offset
+            l0, p0 = lat[j], pwr[j]
+            latency_s += w * (l0 + w_clock * (lat[j + step] - l0))
+            power_w += w * (p0 + w_clock * (pwr[j + step] - p0))
+        return Lookup(latency_s, power_w, clamped)
 
     def lookup_many(self, phase: str, batch: npt.ArrayLike, context_tokens: npt.ArrayLike,
                     sm_pct: npt.ArrayLike, clock_mhz: npt.ArrayLike, clamp: bool = False) -> LookupMany:
@@ -161,10 +167,6 @@ class ProfileTable:
                         f"({axis[0]:g}..{axis[-1]:g}); use clamp to answer at the edge")
                 clamped |= outside
                 v = np.clip(v, axis[0], axis[-1])
-            if len(axis) == 1:
-                idx.append(np.zeros(v.shape, dtype=np.intp))
-                wts.append(np.zeros(v.shape))
-                continue
             i = np.clip(np.searchsorted(axis, v, side="right") - 1, 0, len(axis) - 2)
             idx.append(i)
             wts.append((v - axis[i]) / (axis[i + 1] - axis[i]))
@@ -176,8 +178,7 @@ class ProfileTable:
             w = np.ones(values[0].shape)
             for k in range(4):
                 w = w * (wts[k] if bits[k] else 1.0 - wts[k])
-            # Single-point axes have weight 0 on their (non-existent) upper neighbour.
-            where = tuple(np.minimum(idx[k] + bits[k], len(self.axes[k]) - 1) for k in range(4))
+            where = tuple(idx[k] + bits[k] for k in range(4))
             lat += w * self.latency_s[(p, *where)]
             pwr += w * self.power_w[(p, *where)]
         return LookupMany(lat, pwr, clamped)
@@ -201,7 +202,7 @@ class ProfileTable:
         path.write_text(out.getvalue(), encoding="utf-8")
 
     @classmethod
-    def from_csv(cls, path: Path) -> "ProfileTable":
+    def from_csv(cls, path: Path) -> ProfileTable:
         """Read and validate a table file; every problem names file, row and field."""
         try:
             text = path.read_text(encoding="utf-8")
@@ -289,6 +290,9 @@ def parse_table(text: str, source: str) -> ProfileTable:
 
     data = np.asarray(numbers)
     axes = [np.unique(data[:, k]) for k in range(4)]
+    for name, axis in zip(AXES, axes):
+        if len(axis) < 2:
+            raise ProfileError(f"{source}: column {name} has a single value; a table needs at least 2 per axis")
     shape = (len(PHASES), *(len(a) for a in axes))
     if len(numbers) != int(np.prod(shape)):
         raise ProfileError(f"{source}: {len(numbers)} rows do not form a full grid of {int(np.prod(shape))} "
@@ -304,4 +308,4 @@ def parse_table(text: str, source: str) -> ProfileTable:
     power = np.empty(shape)
     latency[index] = data[:, 4]
     power[index] = data[:, 5]
-    return ProfileTable(meta["gpu"], meta["model"], tp, axes, latency, power, notes)
+    return ProfileTable(meta["gpu"], meta["model"], tp, [a.tolist() for a in axes], latency, power, notes)
