@@ -34,8 +34,8 @@ def list_profiles(app: AppContext, as_json: bool) -> None:
         echo_json({"profiles_dir": str(store.dir), "profiles": rows})
         return
     table = Table(title=f"Profiles in {store.dir}")
-    for column in ("gpu", "model", "tp", "weights GiB/GPU", "KV KiB/token", "max clock MHz", "idle W", "TDP W"):
-        table.add_column(column, justify="left" if column in ("gpu", "model") else "right")
+    for column in ("gpu", "model", "tp", "GiB/GPU", "KV KiB/tok", "max MHz", "idle W", "TDP W"):
+        table.add_column(column, justify="left" if column in ("gpu", "model") else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
