@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -33,12 +34,22 @@ def list_profiles(app: AppContext, as_json: bool) -> None:
     if as_json:
         echo_json({"profiles_dir": str(store.dir), "profiles": rows})
         return
-    table = Table(title=f"Profiles in {store.dir}")
-    for column in ("gpu", "model", "tp", "GiB/GPU", "KV KiB/tok", "max MHz", "idle W", "TDP W"):
-        table.add_column(column, justify="left" if column in ("gpu", "model") else "right", no_wrap=True)
+    console = Console()
+    gpus = Table(title=f"GPU types in {store.dir}", box=box.SIMPLE)
+    for column in ("gpu", "memory GiB", "idle W", "TDP W", "SM clocks MHz"):
+        gpus.add_column(column, justify="left" if column == "gpu" else "right", no_wrap=True)
+    for name in sorted({row["gpu"] for row in rows}):
+        gpu = store.gpu(name)
+        gpus.add_row(name, f"{gpu.memory_gib:g}", f"{gpu.idle_w:g}", f"{gpu.tdp_w:g}",
+                     f"{gpu.min_clock_mhz}-{gpu.max_clock_mhz} step {gpu.clock_step_mhz}")
+    console.print(gpus)
+    models = Table(title="Profiles (GPU type x model)", box=box.SIMPLE)
+    for column in ("gpu", "model", "tp", "weights GiB/GPU", "KV KiB/token"):
+        models.add_column(column, justify="left" if column in ("gpu", "model") else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+        models.add_row(row["gpu"], row["model"], str(row["tp"]), f"{row['weights_gib_per_gpu']:g}",
+                       f"{row['kv_kib_per_token']:g}")
+    console.print(models)
 
 
 @profiles.command("predict")
