@@ -67,6 +67,12 @@ def write_profiles_dir(root: Path, tables: Sequence[ProfileTable]) -> Path:
     return root
 
 
+def write_config(path: Path, text: str) -> Path:
+    """A festina config file holding ``text``."""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def profiles_dir(tmp_path: Path) -> Path:
     """H100 tables for llama-3.1-8b (tp=1) and llama-3.1-70b (tp=4)."""

@@ -17,12 +17,7 @@ from festina_hpc.config import (
     load_config,
 )
 from festina_hpc.errors import ConfigError
-
-
-def write_config(tmp_path: Path, text: str, name: str = "festina.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
+from tests.conftest import write_config
 
 
 def test_no_file_gives_documented_defaults() -> None:
@@ -34,15 +29,15 @@ def test_no_file_gives_documented_defaults() -> None:
 
 
 def test_empty_file_gives_defaults_and_records_its_source(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "")
+    path = write_config(tmp_path / "festina.toml", "")
     config = load_config(path)
     assert config.profiles == ProfilesConfig() and config.gpu == GpuConfig()
     assert config.source == str(path)
 
 
 def test_values_in_file_override_defaults(tmp_path: Path) -> None:
-    path = write_config(tmp_path, '[profiles]\ndir = "/x/profiles"\nout_of_range = "clamp"\n'
-                                  '[gpu]\nbackend = "simulated"\nsimulated_count = 4\n')
+    path = write_config(tmp_path / "festina.toml", '[profiles]\ndir = "/x/profiles"\nout_of_range = "clamp"\n'
+                                                   '[gpu]\nbackend = "simulated"\nsimulated_count = 4\n')
     config = load_config(path)
     assert config.profiles == ProfilesConfig(dir="/x/profiles", out_of_range="clamp")
     assert config.profiles.resolved_dir() == Path("/x/profiles")
@@ -66,7 +61,7 @@ def test_values_in_file_override_defaults(tmp_path: Path) -> None:
 ])
 def test_invalid_config_is_one_line_error_naming_file_key_and_value(
         tmp_path: Path, case: str, text: str, expected: list[str]) -> None:
-    path = write_config(tmp_path, text)
+    path = write_config(tmp_path / "festina.toml", text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from festina_hpc.cli.main import main
+from tests.conftest import write_config
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,6 @@ def festina(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
         return Result(code, captured.out, captured.err)
 
     return run
-
-
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from festina_hpc.config import config_as_dict, load_config
-from tests.cli.conftest import Festina, write_config
+from tests.cli.conftest import Festina
+from tests.conftest import write_config
 
 
 def test_config_show_prints_the_resolved_config(festina: Festina, config_path: Path, profiles_dir: Path) -> None:

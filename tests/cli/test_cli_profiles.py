@@ -9,6 +9,7 @@ import pytest
 
 from festina_hpc.profiles.store import ProfileStore
 from tests.cli.conftest import Festina
+from tests.conftest import write_config
 
 
 def test_predict_json_prints_one_object_with_inputs_and_answers(festina: Festina, config_path: Path,
@@ -66,8 +67,7 @@ def test_predict_clamp_flag_answers_at_the_edge(festina: Festina, config_path: P
 
 
 def test_config_out_of_range_clamp_is_the_default(festina: Festina, tmp_path: Path, profiles_dir: Path) -> None:
-    path = tmp_path / "clamp.toml"
-    path.write_text(f'[profiles]\ndir = "{profiles_dir}"\nout_of_range = "clamp"\n', encoding="utf-8")
+    path = write_config(tmp_path / "clamp.toml", f'[profiles]\ndir = "{profiles_dir}"\nout_of_range = "clamp"\n')
     result = festina("--config", str(path), "profiles", "predict", "--gpu", "h100", "--model", "llama-3.1-8b",
                      "--phase", "decode", "--batch", "512", "--json")
     assert result.code == 0, result.err

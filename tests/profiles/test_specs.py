@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from festina_hpc.errors import ProfileError, UnknownProfileError
 from festina_hpc.profiles.specs import Catalog
-from tests.conftest import REPO_PROFILES, shipped_catalog
+from tests.conftest import REPO_PROFILES, shipped_catalog, write_profiles_dir
 
 
-def specs_dir(tmp_path: Path, gpus: str | None = None, models: str | None = None) -> Path:
-    """A profiles folder with the shipped specs, optionally with one file's text replaced."""
-    for name, text in (("gpus.toml", gpus), ("models.toml", models)):
-        if text is None:
-            shutil.copy(REPO_PROFILES / name, tmp_path / name)
-        else:
-            (tmp_path / name).write_text(text, encoding="utf-8")
-    return tmp_path
+def specs_dir(tmp_path: Path, file: str | None = None, text: str = "") -> Path:
+    """A profiles folder with the shipped specs, the text of ``file`` (if given) replaced by ``text``."""
+    folder = write_profiles_dir(tmp_path, [])
+    if file is not None:
+        (folder / file).write_text(text, encoding="utf-8")
+    return folder
 
 
 def edit_shipped(name: str, old: str, new: str) -> str:
@@ -39,26 +36,20 @@ def test_shipped_specs_load_with_every_entry() -> None:
         assert set(model.tp) == set(catalog.gpus), model.name
 
 
-@pytest.mark.parametrize(("case", "name", "expected"), [
-    ("canonical", "h100-sxm-80gb", "h100-sxm-80gb"),
-    ("short alias", "h100", "h100-sxm-80gb"),
-    ("upper case alias", "H100", "h100-sxm-80gb"),
-    ("driver product name", "NVIDIA H100 80GB HBM3", "h100-sxm-80gb"),
-    ("driver name, other case", "nvidia a100-sxm4-40gb", "a100-sxm-40gb"),
-    ("mixed case canonical", "A100-SXM-80GB", "a100-sxm-80gb"),
+@pytest.mark.parametrize(("case", "kind", "name", "expected"), [
+    ("gpu canonical", "gpu", "h100-sxm-80gb", "h100-sxm-80gb"),
+    ("gpu short alias", "gpu", "h100", "h100-sxm-80gb"),
+    ("gpu upper case alias", "gpu", "H100", "h100-sxm-80gb"),
+    ("gpu driver product name", "gpu", "NVIDIA H100 80GB HBM3", "h100-sxm-80gb"),
+    ("gpu driver name, other case", "gpu", "nvidia a100-sxm4-40gb", "a100-sxm-40gb"),
+    ("gpu mixed case canonical", "gpu", "A100-SXM-80GB", "a100-sxm-80gb"),
+    ("model canonical", "model", "llama-3.1-8b", "llama-3.1-8b"),
+    ("model alias", "model", "llama3.1-8b", "llama-3.1-8b"),
+    ("model hf name, upper case", "model", "META-LLAMA-3.1-70B-INSTRUCT", "llama-3.1-70b"),
+    ("model measurement alias", "model", "CodeLlama-13b-hf", "llama-2-13b"),
 ])
-def test_gpu_names_resolve_case_insensitively(case: str, name: str, expected: str) -> None:
-    assert shipped_catalog().gpu(name).name == expected, case
-
-
-@pytest.mark.parametrize(("case", "name", "expected"), [
-    ("canonical", "llama-3.1-8b", "llama-3.1-8b"),
-    ("alias", "llama3.1-8b", "llama-3.1-8b"),
-    ("hf name, upper case", "META-LLAMA-3.1-70B-INSTRUCT", "llama-3.1-70b"),
-    ("measurement alias", "CodeLlama-13b-hf", "llama-2-13b"),
-])
-def test_model_names_resolve_case_insensitively(case: str, name: str, expected: str) -> None:
-    assert shipped_catalog().model(name).name == expected, case
+def test_names_resolve_case_insensitively_through_aliases(case: str, kind: str, name: str, expected: str) -> None:
+    assert getattr(shipped_catalog(), kind)(name).name == expected, case
 
 
 @pytest.mark.parametrize(("case", "kind", "name"), [
@@ -132,7 +123,7 @@ def test_supported_clocks_step_down_from_max_to_min(case: str, gpu: str, highest
 ])
 def test_bad_spec_file_is_one_line_error_naming_file_and_field(
         tmp_path: Path, case: str, file: str, old: str, new: str, expected: str) -> None:
-    folder = specs_dir(tmp_path, **{file.removesuffix(".toml"): edit_shipped(file, old, new)})
+    folder = specs_dir(tmp_path, file, edit_shipped(file, old, new))
     with pytest.raises(ProfileError) as info:
         Catalog.load(folder)
     message = str(info.value)
@@ -147,7 +138,7 @@ def test_bad_spec_file_is_one_line_error_naming_file_and_field(
 ])
 def test_unparsable_spec_file_is_one_line_error(tmp_path: Path, case: str, file: str, text: str,
                                                expected: str) -> None:
-    folder = specs_dir(tmp_path, **{file.removesuffix(".toml"): text})
+    folder = specs_dir(tmp_path, file, text)
     with pytest.raises(ProfileError) as info:
         Catalog.load(folder)
     assert "\n" not in str(info.value), case
