@@ -79,7 +79,8 @@ def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{source}: unknown key {name}.{key} = {value!r} "
+                              f"(known: {', '.join(sorted(fields))})")
         expected = type(fields[key].default)
         # TOML integers are acceptable where a float is expected, never the reverse.
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))

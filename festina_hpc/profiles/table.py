@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
@@ -196,8 +197,8 @@ class ProfileTable:
         for p, phase in enumerate(PHASES):
             for index in np.ndindex(*self.latency_s.shape[1:]):
                 point = [_fmt(self.axes[k][index[k]]) for k in range(4)]
-                writer.writerow([phase, *point, f"{self.latency_s[(p, *index)]:.6g}",
-                                 f"{self.power_w[(p, *index)]:.5g}"])
+                writer.writerow([phase, *point, _fmt(self.latency_s[(p, *index)]),
+                                 _fmt(self.power_w[(p, *index)])])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(out.getvalue(), encoding="utf-8")
 
@@ -212,7 +213,9 @@ class ProfileTable:
 
 
 def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """Shortest text that reads back as exactly ``value``, so a table survives a round trip unchanged."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def _parse_header(lines: Iterable[str], source: str) -> tuple[dict[str, str], list[str]]:
@@ -221,7 +224,7 @@ def _parse_header(lines: Iterable[str], source: str) -> tuple[dict[str, str], li
     for n, line in enumerate(lines, start=1):
         body = line[1:].strip()
         if n == 1:
-            tag, *pairs = body.split()
+            tag, *pairs = body.split() or [""]
             if tag != HEADER_TAG:
                 raise ProfileError(f"{source}: row 1: expected '# {HEADER_TAG} gpu=... model=... tp=...'")
             for pair in pairs:
@@ -250,6 +253,8 @@ def parse_table(text: str, source: str) -> ProfileTable:
         tp = int(meta["tp"])
     except ValueError:
         raise ProfileError(f"{source}: row 1: field tp = {meta['tp']!r} is not an integer") from None
+    if tp < 1:
+        raise ProfileError(f"{source}: row 1: field tp = {tp} must be at least 1")
     reader = csv.reader(lines[n_header:])
     header_row = n_header + 1
     columns = next(reader, None)
@@ -262,6 +267,7 @@ def parse_table(text: str, source: str) -> ProfileTable:
 
     phases: list[int] = []
     numbers: list[list[float]] = []
+    row_numbers: list[int] = []
     for row_number, row in enumerate(reader, start=header_row + 1):
         if not row:
             continue
@@ -285,25 +291,31 @@ def parse_table(text: str, source: str) -> ProfileTable:
                 raise ProfileError(f"{source}: row {row_number}: field {name} = {raw} must be positive")
             values.append(value)
         numbers.append(values)
+        row_numbers.append(row_number)
     if not numbers:
         raise ProfileError(f"{source}: no data rows")
 
+    # Duplicates first, by row; then, with every row distinct, too few rows means a point is missing.
+    first_row: dict[tuple[float, ...], int] = {}
+    for row_number, phase_index, values in zip(row_numbers, phases, numbers):
+        point = (phase_index, *values[:4])
+        if point in first_row:
+            raise ProfileError(f"{source}: row {row_number}: duplicate grid point (first at row {first_row[point]})")
+        first_row[point] = row_number
     data = np.asarray(numbers)
     axes = [np.unique(data[:, k]) for k in range(4)]
     for name, axis in zip(AXES, axes):
         if len(axis) < 2:
             raise ProfileError(f"{source}: column {name} has a single value; a table needs at least 2 per axis")
     shape = (len(PHASES), *(len(a) for a in axes))
-    if len(numbers) != int(np.prod(shape)):
-        raise ProfileError(f"{source}: {len(numbers)} rows do not form a full grid of {int(np.prod(shape))} "
-                           f"points (phase x {' x '.join(AXES)})")
+    if len(numbers) != math.prod(shape):
+        # At most len(numbers) + 1 steps, however sparse the rows are.
+        missing = next(pt for pt in itertools.product(range(len(PHASES)), *(a.tolist() for a in axes))
+                       if pt not in first_row)
+        where = " ".join(f"{name}={_fmt(v)}" for name, v in zip(AXES, missing[1:]))
+        raise ProfileError(f"{source}: no row for grid point phase={PHASES[int(missing[0])]} {where} "
+                           f"(the table must be a full grid over phase x {' x '.join(AXES)})")
     index = tuple([np.asarray(phases)] + [np.searchsorted(axes[k], data[:, k]) for k in range(4)])
-    flat = np.ravel_multi_index(index, shape)
-    seen = np.zeros(int(np.prod(shape)), dtype=bool)
-    for n, f in enumerate(flat):
-        if seen[f]:
-            raise ProfileError(f"{source}: row {header_row + 1 + n}: duplicate grid point")
-        seen[f] = True
     latency = np.empty(shape)
     power = np.empty(shape)
     latency[index] = data[:, 4]

@@ -1,0 +1,41 @@
+"""Running the ``festina`` command in-process, as its console script does (``main(argv)``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from festina_hpc.cli.main import main
+from tests.conftest import write_config
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int  # what main() returns: the process exit status
+    out: str
+    err: str
+
+
+Festina = Callable[..., Result]
+
+
+@pytest.fixture
+def festina(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Festina:
+    monkeypatch.delenv("FESTINA_CONFIG", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps tables to the terminal width, 80 when not a terminal
+
+    def run(*argv: str) -> Result:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, profiles_dir: Path) -> Path:
+    """A config whose profiles folder is the test tables."""
+    return write_config(tmp_path / "festina.toml", f'[profiles]\ndir = "{profiles_dir}"\n')
