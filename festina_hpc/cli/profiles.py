@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich import box
@@ -24,7 +25,7 @@ def profiles() -> None:
 def list_profiles(app: AppContext, as_json: bool) -> None:
     """Show the shipped (GPU, model) profiles and their memory footprints."""
     store = app.profile_store()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for gpu_name, model_name in store.shipped():
         gpu, model = store.gpu(gpu_name), store.model(model_name)
         rows.append({"gpu": gpu_name, "model": model_name, "tp": model.tp_on(gpu_name),
@@ -73,7 +74,7 @@ def predict(app: AppContext, gpu: str, model: str, phase: str, batch: int, conte
     if as_json:
         echo_json(result.as_dict())
         return
-    table = Table(title=f"{result.model} on {result.gpu}: {phase}")
+    table = Table(title=f"{result.model} on {result.gpu} (tp={result.tp}): {phase}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key, value in result.as_dict().items():

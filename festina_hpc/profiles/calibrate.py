@@ -323,7 +323,13 @@ def build_table(gpu: GpuSpec, model: ModelSpec, params: PhysicsParams, notes: Se
         latency.append(np.broadcast_to(lat, shape))
         power.append(np.broadcast_to(pwr, shape))
     axes = [TABLE_BATCHES, TABLE_CONTEXTS, TABLE_SM_PCTS, clocks]
-    return ProfileTable(gpu.name, model.name, tp, axes, np.stack(latency), np.stack(power), notes)
+    return ProfileTable(gpu.name, model.name, tp, axes, _significant(np.stack(latency)),
+                        _significant(np.stack(power)), notes)
+
+
+def _significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
+    """Round to ``digits`` significant digits: the model is not that exact, and the files stay small."""
+    return np.array([float(f"{v:.{digits}g}") for v in values.ravel()]).reshape(values.shape)
 
 
 @dataclass

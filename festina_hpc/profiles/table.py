@@ -85,11 +85,12 @@ class ProfileTable:
         sizes = [len(a) for a in self.axes]
         self._strides = [int(np.prod(sizes[k + 1:])) for k in range(4)]
         self._phase_stride = int(np.prod(sizes))
+        # Offset of a cell's upper neighbour per axis; 0 on a single-point axis (for example a
+        # table measured at one clock), where the interpolation weight is 0 anyway.
+        self._upper = [stride if size > 1 else 0 for stride, size in zip(self._strides, sizes)]
         # The 8 (batch, context, SM) corners of a cell: flat offset and which neighbour on each axis.
-        self._corners = [(kb * self._strides[0] + kc * self._strides[1] + ks * self._strides[2], kb, kc, ks)
+        self._corners = [(kb * self._upper[0] + kc * self._upper[1] + ks * self._upper[2], kb, kc, ks)
                          for kb in (0, 1) for kc in (0, 1) for ks in (0, 1)]
-        if min(sizes) < 2:
-            raise ProfileError(f"table {gpu}/{model}: every axis needs at least 2 grid points, got {sizes}")
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -128,6 +129,9 @@ class ProfileTable:
             if not axis[0] <= value <= axis[-1]:  # also catches NaN
                 value = self._outside(field, float(value), clamp)
                 clamped = True
+            if len(axis) == 1:
+                weights.append(0.0)
+                continue
             i = bisect_right(axis, value) - 1
             if i >= len(axis) - 1:
                 i = len(axis) - 2
@@ -136,7 +140,7 @@ class ProfileTable:
         w_batch, w_context, w_sm, w_clock = weights
         wb, wc, ws = (1.0 - w_batch, w_batch), (1.0 - w_context, w_context), (1.0 - w_sm, w_sm)
         lat, pwr = self._flat_latency, self._flat_power
-        step = self._strides[3]
+        step = self._upper[3]
         latency_s = power_w = 0.0
         for offset, kb, kc, ks in self._corners:
             w = wb[kb] * wc[kc] * ws[ks]
@@ -168,6 +172,10 @@ class ProfileTable:
                         f"({axis[0]:g}..{axis[-1]:g}); use clamp to answer at the edge")
                 clamped |= outside
                 v = np.clip(v, axis[0], axis[-1])
+            if len(axis) == 1:
+                idx.append(np.zeros(v.shape, dtype=np.intp))
+                wts.append(np.zeros(v.shape))
+                continue
             i = np.clip(np.searchsorted(axis, v, side="right") - 1, 0, len(axis) - 2)
             idx.append(i)
             wts.append((v - axis[i]) / (axis[i + 1] - axis[i]))
@@ -179,7 +187,8 @@ class ProfileTable:
             w = np.ones(values[0].shape)
             for k in range(4):
                 w = w * (wts[k] if bits[k] else 1.0 - wts[k])
-            where = tuple(idx[k] + bits[k] for k in range(4))
+            # A single-point axis has no upper neighbour: its weight there is 0, read the point itself.
+            where = tuple(idx[k] + bits[k] * (len(self.axes[k]) > 1) for k in range(4))
             lat += w * self.latency_s[(p, *where)]
             pwr += w * self.power_w[(p, *where)]
         return LookupMany(lat, pwr, clamped)

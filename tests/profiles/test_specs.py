@@ -31,7 +31,7 @@ def test_shipped_specs_load_with_every_entry() -> None:
     catalog = shipped_catalog()
     assert set(catalog.gpus) == {"h100-sxm-80gb", "a100-sxm-80gb", "a100-sxm-40gb"}
     assert set(catalog.models) == {"mistral-7b", "llama-3.1-8b", "mistral-nemo-12b", "llama-2-13b",
-                                   "codellama-34b", "llama-3.1-70b", "llama-2-70b"}
+                                   "codellama-34b", "llama-3.1-70b", "llama-2-70b", "llama-2-7b"}
     for model in catalog.models.values():
         assert set(model.tp) == set(catalog.gpus), model.name
 
