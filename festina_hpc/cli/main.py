@@ -21,7 +21,7 @@ from festina_hpc.errors import FestinaError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML config file (default: $FESTINA_CONFIG, else built-in defaults).")
 @click.version_option(package_name="festina-hpc")
 @click.pass_context

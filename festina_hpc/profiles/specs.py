@@ -107,10 +107,22 @@ def _entry(path: Path, name: str, raw: Any, cls: Callable[..., T]) -> T:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ProfileError(f"{path}: [{name}] field {key} must be a positive number, got {value!r}")
             value = int(value) if key in _INT_FIELDS else float(value)
-        elif key in ("aliases", "table_clocks_mhz"):
+        elif key == "aliases":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ProfileError(f"{path}: [{name}] field aliases must be a list of strings, got {value!r}")
             value = tuple(value)
+        elif key == "table_clocks_mhz":
+            if not isinstance(value, list) or len(value) < 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                raise ProfileError(f"{path}: [{name}] field table_clocks_mhz must list at least 2 clocks (MHz), "
+                                   f"got {value!r}")
+            value = tuple(value)
+        elif key == "hf_name" or key == "display_name":
+            if not isinstance(value, str):
+                raise ProfileError(f"{path}: [{name}] field {key} must be a string, got {value!r}")
         elif key == "tp":
-            if not all(isinstance(v, int) and v >= 1 for v in value.values()):
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()):
                 raise ProfileError(f"{path}: [{name}] field tp must map GPU names to integers >= 1, got {value!r}")
             value = dict(value)
         values[key] = value

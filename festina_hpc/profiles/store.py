@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from festina_hpc.errors import UnknownProfileError
+from festina_hpc.errors import ProfileError, UnknownProfileError
 from festina_hpc.profiles.specs import Catalog, GpuSpec, ModelSpec
 from festina_hpc.profiles.table import ProfileTable
 
@@ -69,7 +69,13 @@ class ProfileStore:
             path = table_path(self.dir, gpu_name, model_name)
             if not path.is_file():
                 raise UnknownProfileError(f"no profile for model {model_name} on gpu {gpu_name} ({path} is missing)")
-            self._tables[key] = ProfileTable.from_csv(path)
+            table = ProfileTable.from_csv(path)
+            expected = {"gpu": gpu_name, "model": model_name, "tp": self.model(model_name).tp_on(gpu_name)}
+            for field, want in expected.items():
+                if getattr(table, field) != want:
+                    raise ProfileError(f"{path}: row 1: header field {field} = {getattr(table, field)} "
+                                       f"does not match {want} (the file's place and models.toml)")
+            self._tables[key] = table
         return self._tables[key]
 
     def predict(self, gpu: str, model: str, phase: str, batch: int, context_tokens: int,
@@ -80,7 +86,11 @@ class ProfileStore:
         clock = spec.max_clock_mhz if clock_mhz is None else clock_mhz
         hit = table.lookup(phase, batch, context_tokens, sm_pct, clock, self.clamp if clamp is None else clamp)
         energy_j = hit.power_w * hit.latency_s * table.tp
-        tokens = batch if phase == "decode" else batch * context_tokens
+        # A clamped answer is the step at the table edge, so count that step's tokens too.
+        lo_b, hi_b = table.bounds("batch")
+        lo_c, hi_c = table.bounds("context_tokens")
+        step_batch, step_context = min(max(batch, lo_b), hi_b), min(max(context_tokens, lo_c), hi_c)
+        tokens = step_batch if phase == "decode" else step_batch * step_context
         return Prediction(gpu=table.gpu, model=table.model, tp=table.tp, phase=phase, batch=batch,
                           context_tokens=context_tokens, sm_pct=sm_pct, clock_mhz=clock,
                           latency_s=hit.latency_s, power_w=hit.power_w, energy_j=energy_j,

@@ -296,8 +296,12 @@ def parse_table(text: str, source: str) -> ProfileTable:
                 raise ProfileError(f"{source}: row {row_number}: field {name} = {raw!r} is not a number") from None
             if not math.isfinite(value):
                 raise ProfileError(f"{source}: row {row_number}: field {name} = {raw} is not finite")
-            if value < 0 or (value == 0 and name != "power_w"):
+            if name == "power_w" and value < 0:
+                raise ProfileError(f"{source}: row {row_number}: field {name} = {raw} must not be negative")
+            if name != "power_w" and value <= 0:
                 raise ProfileError(f"{source}: row {row_number}: field {name} = {raw} must be positive")
+            if name == "sm_pct" and value > 100:
+                raise ProfileError(f"{source}: row {row_number}: field {name} = {raw} must be at most 100")
             values.append(value)
         numbers.append(values)
         row_numbers.append(row_number)

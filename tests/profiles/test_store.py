@@ -107,3 +107,22 @@ def test_shipped_lists_only_pairs_with_a_table_file(profiles_dir: Path) -> None:
 def test_tables_load_once_per_pair_whatever_the_alias(profiles_dir: Path) -> None:
     store = ProfileStore(profiles_dir)
     assert store.table("h100", "llama3.1-8b") is store.table("H100-SXM-80GB", "llama-3.1-8b")
+
+
+def test_clamped_energy_per_token_counts_the_edge_step(profiles_dir: Path) -> None:
+    store = ProfileStore(profiles_dir)
+    clamped = store.predict("h100", "llama-3.1-8b", "decode", 512, 1024, clamp=True)
+    edge = store.predict("h100", "llama-3.1-8b", "decode", 256, 1024)
+    assert clamped.energy_per_token_j == pytest.approx(edge.energy_per_token_j)
+
+
+@pytest.mark.parametrize(("field", "old", "new"), [
+    ("gpu", "gpu=h100-sxm-80gb", "gpu=a100-sxm-80gb"),
+    ("model", "model=llama-3.1-8b", "model=mistral-7b"),
+    ("tp", "tp=1", "tp=2"),
+])
+def test_table_header_must_match_its_place(profiles_dir: Path, field: str, old: str, new: str) -> None:
+    path = table_path(profiles_dir, "h100-sxm-80gb", "llama-3.1-8b")
+    path.write_text(path.read_text(encoding="utf-8").replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(ProfileError, match=f"^{re.escape(str(path))}: row 1: header field {field} = "):
+        ProfileStore(profiles_dir).table("h100", "llama-3.1-8b")

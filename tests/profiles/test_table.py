@@ -208,7 +208,10 @@ Edit = Callable[[list[str]], list[str]]
 
 MALFORMED: list[tuple[str, Edit, str]] = [  # (case, edit of the small table's lines, expected message after "<file>: ")
     ("missing column", lambda ls: drop_column(ls, "power_w"), "row 3: missing column power_w"),
-    ("negative power", lambda ls: set_field(ls, 10, "power_w", "-5"), "row 10: field power_w = -5 must be"),
+    ("negative power", lambda ls: set_field(ls, 10, "power_w", "-5"),
+     "row 10: field power_w = -5 must not be negative"),
+    ("SM share over 100", lambda ls: set_field(ls, 11, "sm_pct", "101"),
+     "row 11: field sm_pct = 101 must be at most 100"),
     ("zero latency", lambda ls: set_field(ls, 8, "latency_s", "0"), "row 8: field latency_s = 0 must be positive"),
     ("NaN latency", lambda ls: set_field(ls, 7, "latency_s", "nan"), "row 7: field latency_s = nan is not finite"),
     ("infinite power", lambda ls: set_field(ls, 9, "power_w", "inf"), "row 9: field power_w = inf is not finite"),
@@ -259,7 +262,7 @@ def test_malformed_file_is_one_line_error_naming_file_row_and_field(
 
 def test_scattered_points_are_reported_without_building_their_grid() -> None:
     # 3000 rows with distinct values on every axis span a grid of 2 x 3000^4 points: far too many to allocate.
-    rows = [f"decode,{i + 1},{i + 2},{i + 3},{i + 4},0.01,300" for i in range(3000)]
+    rows = [f"decode,{i + 1},{i + 2},{i % 100 + 1},{i + 4},0.01,300" for i in range(3000)]
     text = "\n".join(["# festina-profile gpu=g model=m tp=1", ",".join(("phase", *AXES, "latency_s", "power_w")),
                       *rows])
     with pytest.raises(ProfileError, match="^t.csv: no row for grid point phase=prefill batch=1 context_tokens=2 "):
