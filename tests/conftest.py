@@ -25,7 +25,8 @@ REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 H100_PARAMS = PhysicsParams(
     eff_compute=0.6, eff_memory=0.8, step_overhead_s=0.002, layer_overhead_s=0.0001, seq_overhead_s=0.0002,
     power_compute_w=500.0,
-    power_memory_w=150.0, power_overhead_w=100.0, clock_power_exp=2.5, clock_time_frac=0.85)
+    power_memory_w=150.0, power_overhead_w=100.0, voltage_floor=0.8, voltage_knee_frac=0.75,
+    clock_time_frac=0.85)
 
 BATCHES = (1, 8, 64, 256)
 CONTEXTS = (128, 1024, 4096)

@@ -13,9 +13,10 @@ Three public datasets, shipped under ``profiles/data/`` with their licenses:
 - Perseus (SOSP'24): time and energy of forward passes of transformer
   pipeline stages versus SM clock on A100 and A40. Its forward passes are
   compute-bound like prefill; they fix the clock exponents (``alpha``, the
-  share of compute time that scales with 1/clock, and ``gamma``, dynamic
-  power ~ clock^gamma), which the other datasets (all at default clocks)
-  cannot see.
+  share of compute time that scales with 1/clock, and the DVFS voltage
+  curve: a floor voltage below a knee clock, rising linearly above it, with
+  dynamic power ~ clock x voltage^2), which the other datasets (all at
+  default clocks) cannot see.
 
 Fitting is per chip family (H100; A100 40/80GB share one chip and one set of
 parameters) with ``scipy.optimize.least_squares`` on log ratios of predicted
@@ -172,12 +173,13 @@ class ClockFit:
 
     gpu: str
     clock_time_frac: float
-    clock_power_exp: float
+    voltage_floor: float
+    voltage_knee_frac: float
     errors: dict[str, tuple[int, float, float]]  # metric -> (n, median, worst) relative error
 
 
 def fit_perseus(data_dir: Path, gpu_key: str, max_clock_mhz: int) -> ClockFit:
-    """Fit T(f) = T0 (alpha/f + 1 - alpha), P(f) = a + b f^gamma per forward stage, alpha and gamma shared."""
+    """Fit T(f) = T0 (alpha/f + 1 - alpha), P(f) = a + b f V(f)^2 per forward stage; alpha and V(f) shared."""
     folder = data_dir / "perseus_sosp24"
     stages: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for path in sorted(folder.glob(f"*+{gpu_key}_bf16.csv")):
@@ -191,33 +193,33 @@ def fit_perseus(data_dir: Path, gpu_key: str, max_clock_mhz: int) -> ClockFit:
     if not stages:
         raise ProfileError(f"{folder}: no Perseus forward-stage rows for {gpu_key}")
 
-    def unpack(x: np.ndarray) -> tuple[float, float, np.ndarray]:
-        return x[0], x[1], x[2:].reshape(len(stages), 3)
+    def unpack(x: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+        return x[0], x[1], x[2], x[3:].reshape(len(stages), 3)
 
     def model(x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        alpha, gamma, per_stage = unpack(x)
+        alpha, floor, knee, per_stage = unpack(x)
         out = []
         for (f, _, _), (t0, a, b) in zip(stages, per_stage):
             t = t0 * (alpha / f + 1 - alpha)
-            out.append((t, t * (a + b * f**gamma)))
+            out.append((t, t * (a + b * physics.clock_power_factor(f, floor, knee))))
         return out
 
     def residuals(x: np.ndarray) -> np.ndarray:
         res = [np.log(np.concatenate([t / s[1], e / s[2]])) for (t, e), s in zip(model(x), stages)]
         return np.concatenate(res)
 
-    x0 = [0.8, 2.0]
+    x0 = [0.8, 0.8, 0.7]
     for _, t, e in stages:
         p = e[-1] / t[-1]
         x0 += [t[-1], 0.4 * p, 0.6 * p]
-    lower = [0.0, 0.5] + [0.0] * (3 * len(stages))
-    upper = [1.0, 3.0] + [np.inf] * (3 * len(stages))
+    lower = [0.0, 0.3, 0.3] + [0.0] * (3 * len(stages))
+    upper = [1.0, 1.0, 0.99] + [np.inf] * (3 * len(stages))
     fit = least_squares(residuals, x0, bounds=(lower, upper))
-    alpha, gamma, _ = unpack(fit.x)
+    alpha, floor, knee, _ = unpack(fit.x)
     predicted = model(fit.x)
     time_err = np.concatenate([np.abs(t / s[1] - 1) for (t, _), s in zip(predicted, stages)])
     energy_err = np.concatenate([np.abs(e / s[2] - 1) for (_, e), s in zip(predicted, stages)])
-    return ClockFit(gpu_key, float(alpha), float(gamma),
+    return ClockFit(gpu_key, float(alpha), float(floor), float(knee),
                     {"time_s": _summary(time_err), "energy_j": _summary(energy_err)})
 
 
@@ -229,7 +231,8 @@ def _initial(gpu: GpuSpec) -> PhysicsParams:
     return PhysicsParams(eff_compute=0.5, eff_memory=0.7, step_overhead_s=0.005, layer_overhead_s=1e-4,
                          seq_overhead_s=2e-4,
                          power_compute_w=0.5 * gpu.tdp_w, power_memory_w=0.2 * gpu.tdp_w,
-                         power_overhead_w=0.2 * gpu.tdp_w, clock_power_exp=2.0, clock_time_frac=0.8)
+                         power_overhead_w=0.2 * gpu.tdp_w, voltage_floor=0.8, voltage_knee_frac=0.7,
+                         clock_time_frac=0.8)
 
 
 def _bounds(gpu: GpuSpec) -> tuple[list[float], list[float]]:
@@ -244,7 +247,8 @@ def fit_family(groups: Sequence[Group], clock: ClockFit) -> PhysicsParams:
     for g in groups:
         for metric, values in g.measured.items():
             counts[(g.dataset, metric)] += len(values)
-    fixed = {"clock_power_exp": clock.clock_power_exp, "clock_time_frac": clock.clock_time_frac}
+    fixed = {"voltage_floor": clock.voltage_floor, "voltage_knee_frac": clock.voltage_knee_frac,
+             "clock_time_frac": clock.clock_time_frac}
     reference_gpu = max((g.gpu for g in groups), key=lambda gpu: gpu.memory_gib)
 
     def params_of(x: np.ndarray) -> PhysicsParams:
@@ -343,7 +347,8 @@ class CalibrationReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "clock_fits": {k: {"clock_time_frac": v.clock_time_frac, "clock_power_exp": v.clock_power_exp,
+            "clock_fits": {k: {"clock_time_frac": v.clock_time_frac, "voltage_floor": v.voltage_floor,
+                               "voltage_knee_frac": v.voltage_knee_frac,
                                "errors": {m: dict(zip(("n", "median_rel_err", "worst_rel_err"), e))
                                           for m, e in v.errors.items()}}
                            for k, v in self.clock_fits.items()},

@@ -27,15 +27,17 @@ def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
         "The tables are computed from one analytical model (`festina_hpc/profiles/physics.py`):",
         "roofline latency (prefill compute-bound, ~1/(clock x SM share); decode memory-bound, barely",
         "clock-sensitive) plus per-step and per-sequence serving overheads, and board power = idle +",
-        "dynamic parts (compute ~ SM share x clock^gamma, memory streaming, busy overhead ~ clock^gamma),",
+        "dynamic parts (compute ~ SM share x f V(f)^2, memory streaming, busy overhead ~ f V(f)^2),",
         "capped at TDP. Its parameters are fitted per chip family and shared by every model, so a",
         "model's table follows from its architecture (`models.toml`) and the GPU's facts",
         "(`gpus.toml`), not from its own data points.",
         "",
-        "1. **Clock exponents** from Perseus (SOSP'24) forward passes on A100 and A40 (time and energy",
-        "   versus SM clock): T(f) = T0 (alpha/f + 1 - alpha), P(f) = a + b f^gamma per stage, alpha and",
-        "   gamma shared. The A100 values are used for both A100 and H100: no public H100 clock sweep",
-        "   exists in the data; a site re-measures with `festina profiles measure`.",
+        "1. **Clock response** from Perseus (SOSP'24) forward passes on A100 and A40 (time and energy",
+        "   versus SM clock): T(f) = T0 (alpha/f + 1 - alpha), P(f) = a + b f V(f)^2 per stage, where the",
+        "   voltage V stays at a floor below a knee clock and rises linearly to the max clock (DVFS);",
+        "   alpha, floor and knee are shared by all stages. The A100 values (relative to the max clock)",
+        "   are used for both A100 and H100: no public H100 clock sweep exists in the data; a site",
+        "   re-measures with `festina profiles measure`.",
         "2. **Everything else** by least squares on log(predicted/measured) against ML.ENERGY v2",
         "   (energy per output token and TPOT versus batch, default clocks) and SplitwiseSim (TTFT and",
         "   TBT of Llama-2-70B versus batch and prompt length), each (dataset, metric) weighted equally.",
@@ -74,9 +76,9 @@ def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
     for name in physics.PARAM_NAMES:
         out.append(f"| {name} | " + " | ".join(f"{getattr(p, name):.4g}" for p in report.params.values()) + " |")
     out += ["", "Perseus clock fits (the A100 row is used):", "",
-            "| gpu | alpha (clock_time_frac) | gamma (clock_power_exp) |", "|---|---:|---:|"]
+            "| gpu | alpha (clock_time_frac) | voltage_floor | voltage_knee_frac |", "|---|---:|---:|---:|"]
     for gpu, fit in report.clock_fits.items():
-        out.append(f"| {gpu} | {fit.clock_time_frac:.3f} | {fit.clock_power_exp:.3f} |")
+        out.append(f"| {gpu} | {fit.clock_time_frac:.3f} | {fit.voltage_floor:.3f} | {fit.voltage_knee_frac:.3f} |")
     out += ["", "## Physical sanity (Llama-3.1-8B, decode batch 64 at 1024 tokens; prefill 2048 tokens)", "",
             "| gpu | 70% clock (MHz) | decode latency change | decode power change | prefill latency x at 50% SMs |",
             "|---|---:|---:|---:|---:|"]

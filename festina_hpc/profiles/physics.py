@@ -21,8 +21,10 @@ token; 4 * ... per decoded token).
 Board power per GPU is idle plus dynamic parts, each integrated over the time
 it is active::
 
-    energy = latency * (idle + p_overhead * f^gamma)
-             + p_compute * s * f^gamma * t_compute + p_memory * t_memory
+    energy = latency * (idle + p_overhead * g(f))
+             + p_compute * s * g(f) * t_compute + p_memory * t_memory
+    g(f)   = f * V(f)^2,  V(f) = voltage_floor below voltage_knee_frac, rising
+             linearly to 1 at the max clock (DVFS: dynamic power ~ clock x voltage^2)
     power  = energy / latency, capped at TDP
 
 A step whose power would exceed TDP is stretched so it draws TDP with the
@@ -65,7 +67,8 @@ class PhysicsParams:
     power_compute_w: float  # dynamic power, all SMs compute-bound at max clock
     power_memory_w: float  # dynamic power while streaming HBM at full bandwidth
     power_overhead_w: float  # dynamic power whenever the GPU is busy at all, at max clock
-    clock_power_exp: float  # gamma: dynamic power ~ f^gamma (voltage scales with clock)
+    voltage_floor: float  # core voltage at and below the knee, relative to the voltage at max clock
+    voltage_knee_frac: float  # clock (relative to max) below which the voltage stays at its floor
     clock_time_frac: float  # alpha: share of compute time that scales with 1/clock
 
     def as_dict(self) -> dict[str, float]:
@@ -95,6 +98,14 @@ def load_params(path: Path) -> dict[str, PhysicsParams]:
             raise ProfileError(f"{path}: [{gpu}] is missing field {missing[0]}")
         result[gpu] = PhysicsParams(**{n: float(entry[n]) for n in PARAM_NAMES})
     return result
+
+
+def clock_power_factor(f: ArrayLike, voltage_floor: float, voltage_knee_frac: float) -> FloatArray:
+    """Dynamic power at relative clock ``f`` over dynamic power at max clock: f * V(f)^2."""
+    f = np.asarray(f, dtype=np.float64)
+    rise = (f - voltage_knee_frac) / (1.0 - voltage_knee_frac)
+    voltage = np.where(f <= voltage_knee_frac, voltage_floor, voltage_floor + (1.0 - voltage_floor) * rise)
+    return np.asarray(f * voltage**2, dtype=np.float64)
 
 
 def _flops(model: ModelSpec, phase: str, batch: FloatArray, context: FloatArray) -> FloatArray:
@@ -130,7 +141,7 @@ def step(gpu: GpuSpec, model: ModelSpec, tp: int, params: PhysicsParams, phase: 
         t_comm = np.zeros_like(t_gpu)
     latency = p.step_overhead_s + p.layer_overhead_s * model.layers + p.seq_overhead_s * b + t_gpu + t_comm
 
-    clock_power = f**p.clock_power_exp
+    clock_power = clock_power_factor(f, p.voltage_floor, p.voltage_knee_frac)
     energy = (latency * (gpu.idle_w + p.power_overhead_w * clock_power)
               + p.power_compute_w * s * clock_power * t_compute + p.power_memory_w * t_memory)
     power = energy / latency
