@@ -121,7 +121,8 @@ def _number_list(kind: type[int] | type[float]) -> Any:
 @click.option("--sm-pcts", callback=_number_list(float), default="50,100", show_default=True,
               help="SM shares (MPS active-thread percentages), comma-separated; on a real GPU below 100 runs "
                    "under an MPS daemon.")
-@click.option("--batches", callback=_number_list(int), default="1,8,64", show_default=True)
+@click.option("--batches", callback=_number_list(int), default="1,8,64", show_default=True,
+              help="Batch sizes, comma-separated.")
 @click.option("--contexts", callback=_number_list(int), default="512,2048", show_default=True,
               help="Context tokens, comma-separated.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,

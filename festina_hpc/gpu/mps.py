@@ -84,8 +84,11 @@ class NvidiaMps:
                 "CUDA_VISIBLE_DEVICES": str(index)}
 
     def _invoke(self, index: int, daemon: _Daemon, operation: str, args: Sequence[str], stdin: str) -> str:
-        result = self._run([self._executable, *args], env=self._env(index, daemon), stdin=stdin,
-                           timeout_s=self._timeout_s)
+        try:
+            result = self._run([self._executable, *args], env=self._env(index, daemon), stdin=stdin,
+                               timeout_s=self._timeout_s)
+        except GpuError as exc:
+            raise GpuError(f"GPU {index}: {operation}: {exc}") from None
         if result.returncode != 0:
             output = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[0]
             raise GpuError(f"GPU {index}: {operation}: {self._executable} exited with status "

@@ -3,7 +3,9 @@
 A ``SimulatedGpuBackend`` stands in for NVML wherever there is no GPU (tests,
 laptops, the simulator, ``festina profiles measure --backend simulated``). It
 is told what each GPU runs (``set_workloads``) and answers from the profile
-tables. Power model, per GPU, at the GPU's locked SM clock::
+tables; time comes from an injected clock (``time.monotonic``, or a
+``ManualClock`` that moves only when told to, for instant and exact runs).
+Power model, per GPU, at the GPU's locked SM clock::
 
     power_w = min(power_limit_w, idle_w + sum over workloads of (profile power_w - idle_w))
 

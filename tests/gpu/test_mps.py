@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from festina_hpc.errors import GpuError
-from festina_hpc.gpu.mps import NvidiaMps, RunResult
+from festina_hpc.gpu.mps import NvidiaMps, RunResult, run_command
 from festina_hpc.gpu.simulated import SimulatedMps
 
 
@@ -124,3 +124,22 @@ def test_simulated_mps_validates_like_the_real_one(tmp_path: Path) -> None:
         mps.start(0, tmp_path / "other", tmp_path / "log")
     with pytest.raises(GpuError, match=r"^GPU 1: no such GPU"):
         mps.start(1, tmp_path / "pipe", tmp_path / "log")
+
+
+def test_a_runner_failure_names_the_gpu_and_operation(tmp_path: Path) -> None:
+    def timing_out(argv: Sequence[str], *, env: Mapping[str, str], stdin: str, timeout_s: float) -> RunResult:
+        raise GpuError(f"{argv[0]} did not finish within {timeout_s:g} s")
+
+    mps = NvidiaMps(executable="nvidia-cuda-mps-control", run=timing_out, timeout_s=2.0, base_env={})
+    with pytest.raises(GpuError, match=r"^GPU 3: start MPS: nvidia-cuda-mps-control did not finish within 2 s$"):
+        mps.start(3, tmp_path / "pipe", tmp_path / "log")
+
+
+def test_the_real_runner_runs_argv_without_a_shell() -> None:
+    result = run_command(["sh", "-c", "read line; echo \"got $line $FESTINA_TEST\""], env={"FESTINA_TEST": "env",
+                         "PATH": "/usr/bin:/bin"}, stdin="quit\n", timeout_s=10)
+    assert result == RunResult(0, "got quit env\n", "")
+    with pytest.raises(GpuError, match=r"^sleep did not finish within 0.1 s$"):
+        run_command(["sleep", "5"], env={"PATH": "/usr/bin:/bin"}, stdin="", timeout_s=0.1)
+    with pytest.raises(GpuError, match=r"^cannot run /nonexistent/mps-control: No such file or directory$"):
+        run_command(["/nonexistent/mps-control"], env={}, stdin="", timeout_s=1)
