@@ -17,6 +17,8 @@ class AppContext:
     """Built once in ``main()``; commands ask it for the pieces they need."""
 
     config: Config
+    # FESTINA_GPU_BACKEND, read by main(): overrides the config's gpu.backend.
+    gpu_backend_override: str | None = None
     _store: ProfileStore | None = field(default=None, repr=False)
 
     def profile_store(self) -> ProfileStore:

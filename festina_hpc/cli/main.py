@@ -29,7 +29,8 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
     """festina: energy-aware serving of many LLMs on shared GPUs in Slurm."""
     if config_path is None and os.environ.get("FESTINA_CONFIG"):
         config_path = Path(os.environ["FESTINA_CONFIG"])
-    ctx.obj = AppContext(load_config(config_path))
+    ctx.obj = AppContext(load_config(config_path),
+                         gpu_backend_override=os.environ.get("FESTINA_GPU_BACKEND") or None)
 
 
 cli.add_command(profiles)

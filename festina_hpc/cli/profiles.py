@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
+from festina_hpc.config import GPU_BACKENDS
 from festina_hpc.profiles.table import PHASES
 
 
@@ -99,3 +103,86 @@ def calibrate_cmd(app: AppContext, data_dir: Path | None, out_dir: Path | None, 
         echo_json(report.as_dict())
         return
     click.echo(report.markdown_summary())
+
+
+def _number_list(kind: type[int] | type[float]) -> Any:
+    """A click callback parsing "1,8,64" into a list of positive numbers (None stays None)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any] | None:
+        if value is None:
+            return None
+        try:
+            numbers = [kind(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
+        if not numbers or any(n <= 0 for n in numbers):
+            raise click.BadParameter(f"{value!r} must list positive numbers")
+        return numbers
+
+    return parse
+
+
+@profiles.command("measure")
+@click.option("--gpu-index", type=click.IntRange(min=0), default=0, show_default=True, help="NVML index of the GPU.")
+@click.option("--model", required=True, help="Model name or alias whose step shape is measured.")
+@click.option("--backend", type=click.Choice(GPU_BACKENDS), default=None,
+              help="GPU backend [default: $FESTINA_GPU_BACKEND, else the config's gpu.backend].")
+@click.option("--clocks", callback=_number_list(int), default=None,
+              help="SM clocks in MHz, comma-separated; snapped to supported clocks [default: the GPU's table clocks].")
+@click.option("--sm-pcts", callback=_number_list(float), default="50,100", show_default=True,
+              help="SM shares (MPS active-thread percentages), comma-separated; on a real GPU below 100 runs "
+                   "under an MPS daemon.")
+@click.option("--batches", callback=_number_list(int), default="1,8,64", show_default=True,
+              help="Batch sizes, comma-separated.")
+@click.option("--contexts", callback=_number_list(int), default="512,2048", show_default=True,
+              help="Context tokens, comma-separated.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Profile table to write (CSV, shipped format).")
+@json_option
+@pass_app
+def measure_cmd(app: AppContext, gpu_index: int, model: str, backend: str | None, clocks: list[int] | None,
+                sm_pcts: list[float], batches: list[int], contexts: list[int], out: Path, as_json: bool) -> None:
+    """Measure a profile table on this node's GPU: lock each clock, run each point, read the energy counter."""
+    from festina_hpc.gpu.factory import make_gpu_backend, resolve_backend_name
+    from festina_hpc.gpu.mps import NvidiaMps
+    from festina_hpc.gpu.simulated import ManualClock
+    from festina_hpc.profiles.measure import measure_table, step_runner
+
+    store = app.profile_store()
+    override = backend or app.gpu_backend_override
+    backend_name = resolve_backend_name(app.config.gpu, override)
+    manual_clock = ManualClock()
+    gpu_backend = make_gpu_backend(app.config.gpu, store, manual_clock.now, override)
+    started_s = time.perf_counter()
+    try:
+        if gpu_index >= gpu_backend.device_count():
+            raise click.BadParameter(f"GPU {gpu_index} does not exist (this node has {gpu_backend.device_count()})",
+                                     param_hint="--gpu-index")
+        gpu_spec = store.gpu(gpu_backend.info(gpu_index).name)
+        model_spec = store.model(model)
+        tp = model_spec.tp_on(gpu_spec.name)
+        clocks_mhz = clocks or sorted(gpu_spec.table_clocks_mhz)
+        used = f"{type(gpu_backend).__name__} (backend {backend_name})"
+        command = (f"festina profiles measure --gpu-index {gpu_index} --model {model_spec.name} "
+                   f"--backend {backend_name} --clocks {','.join(map(str, clocks_mhz))} "
+                   f"--sm-pcts {','.join(f'{v:g}' for v in sm_pcts)} --batches {','.join(map(str, batches))} "
+                   f"--contexts {','.join(map(str, contexts))} --out {out}")
+        notes = [f"backend: {used}", f"date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+                 f"command: {command}"]
+        with tempfile.TemporaryDirectory(prefix="festina-measure-") as work_dir, \
+                step_runner(gpu_backend, gpu_index, model_spec, tp, sm_pcts, manual_clock, NvidiaMps(),
+                            Path(work_dir)) as (runner, measuring_clock):
+            result = measure_table(gpu_backend, gpu_index, gpu_spec, model_spec, tp, batches, contexts, sm_pcts,
+                                   clocks_mhz, runner, measuring_clock, notes)
+    finally:
+        gpu_backend.close()
+    result.table.to_csv(out)
+    summary = {"gpu": gpu_spec.name, "model": model_spec.name, "tp": tp, "gpu_index": gpu_index,
+               "backend": used, "points": len(result.points), "seconds": round(time.perf_counter() - started_s, 3),
+               "measured_s": round(result.measured_s, 6), "out": str(out)}
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"measured {summary['points']} points of {model_spec.name} on {gpu_spec.name} "
+               f"(GPU {gpu_index}, {used}) in {summary['seconds']:.2f} s "
+               f"({result.measured_s:.2f} s of measured runs); wrote {out}")

@@ -1,0 +1,138 @@
+"""NVIDIA MPS control for real GPUs: one ``nvidia-cuda-mps-control`` daemon per GPU.
+
+``NvidiaMps`` starts the control daemon of a GPU with its own pipe and log
+directories (``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``,
+``CUDA_VISIBLE_DEVICES``), and sends it commands on stdin through the same
+executable, which finds the daemon by the pipe directory. Commands are argv
+lists, never shell strings, and run with a timeout. The executable path and
+the function that runs it are injected, so tests check argv, environment and
+stdin with a fake runner. The input checks are shared with ``SimulatedMps``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from festina_hpc.errors import GpuError
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+def check_active_thread_pct(index: int, pct: int) -> None:
+    """An MPS active-thread percentage is an integer from 1 to 100."""
+    if isinstance(pct, bool) or not isinstance(pct, int) or not 1 <= pct <= 100:
+        raise GpuError(f"GPU {index}: MPS active thread percentage = {pct!r} must be an integer from 1 to 100")
+
+
+def check_server_pid(index: int, server_pid: int) -> None:
+    if isinstance(server_pid, bool) or not isinstance(server_pid, int) or server_pid <= 0:
+        raise GpuError(f"GPU {index}: MPS server pid = {server_pid!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CommandRunner(Protocol):
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], stdin: str, timeout_s: float) -> RunResult:
+        """Run ``argv`` to completion with ``env`` and ``stdin``; raise ``GpuError`` if it cannot run."""
+        ...
+
+
+def run_command(argv: Sequence[str], *, env: Mapping[str, str], stdin: str, timeout_s: float) -> RunResult:
+    """The real ``CommandRunner``: ``subprocess.run`` without a shell."""
+    try:
+        done = subprocess.run(list(argv), input=stdin, env=dict(env), capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise GpuError(f"{argv[0]} did not finish within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise GpuError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    return RunResult(done.returncode, done.stdout, done.stderr)
+
+
+@dataclass(frozen=True)
+class _Daemon:
+    pipe_dir: Path
+    log_dir: Path
+
+
+class NvidiaMps:
+    """``MpsControl`` through ``nvidia-cuda-mps-control``; remembers the daemons this process started."""
+
+    def __init__(self, executable: str = MPS_CONTROL, run: CommandRunner = run_command, timeout_s: float = 10.0,
+                 base_env: Mapping[str, str] | None = None):
+        """``base_env`` is the environment the daemon inherits (default: this process's, read now)."""
+        self._executable = executable
+        self._run = run
+        self._timeout_s = timeout_s
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._daemons: dict[int, _Daemon] = {}
+
+    def _env(self, index: int, daemon: _Daemon) -> dict[str, str]:
+        # PCI bus order makes CUDA's device index the NVML index that callers address GPUs by.
+        return {**self._base_env, "CUDA_MPS_PIPE_DIRECTORY": str(daemon.pipe_dir),
+                "CUDA_MPS_LOG_DIRECTORY": str(daemon.log_dir), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                "CUDA_VISIBLE_DEVICES": str(index)}
+
+    def _invoke(self, index: int, daemon: _Daemon, operation: str, args: Sequence[str], stdin: str) -> str:
+        try:
+            result = self._run([self._executable, *args], env=self._env(index, daemon), stdin=stdin,
+                               timeout_s=self._timeout_s)
+        except GpuError as exc:
+            raise GpuError(f"GPU {index}: {operation}: {exc}") from None
+        if result.returncode != 0:
+            output = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[0]
+            raise GpuError(f"GPU {index}: {operation}: {self._executable} exited with status "
+                           f"{result.returncode}: {output}")
+        return result.stdout
+
+    def _running(self, index: int, operation: str) -> _Daemon:
+        if index not in self._daemons:
+            raise GpuError(f"GPU {index}: {operation}: no MPS control daemon was started for this GPU")
+        return self._daemons[index]
+
+    def start(self, index: int, pipe_dir: Path, log_dir: Path) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise GpuError(f"GPU index = {index!r} must be a non-negative integer")
+        daemon = _Daemon(Path(pipe_dir), Path(log_dir))
+        running = self._daemons.get(index)
+        if running == daemon:
+            return
+        if running is not None:
+            raise GpuError(f"GPU {index}: start MPS: a daemon already runs with pipe dir {running.pipe_dir}")
+        for folder in (daemon.pipe_dir, daemon.log_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise GpuError(f"GPU {index}: start MPS: cannot create {folder}: {exc.strerror}") from None
+        self._invoke(index, daemon, "start MPS", ["-d"], stdin="")
+        self._daemons[index] = daemon
+
+    def set_default_active_thread_pct(self, index: int, pct: int) -> None:
+        check_active_thread_pct(index, pct)
+        operation = "set default active thread percentage"
+        daemon = self._running(index, operation)
+        self._invoke(index, daemon, operation, [], stdin=f"set_default_active_thread_percentage {pct}\n")
+
+    def set_active_thread_pct(self, index: int, server_pid: int, pct: int) -> None:
+        check_server_pid(index, server_pid)
+        check_active_thread_pct(index, pct)
+        operation = f"set active thread percentage of server {server_pid}"
+        daemon = self._running(index, operation)
+        self._invoke(index, daemon, operation, [], stdin=f"set_active_thread_percentage {server_pid} {pct}\n")
+
+    def stop(self, index: int) -> None:
+        daemon = self._daemons.get(index)
+        if daemon is None:
+            return
+        self._invoke(index, daemon, "stop MPS", [], stdin="quit\n")
+        del self._daemons[index]
