@@ -1,7 +1,8 @@
 """Entry point of the ``festina`` command: loads the config once and dispatches.
 
-A ``FestinaError`` (bad input, bad config, bad profile file) is printed as one
-line, ``festina: error: ...``, with exit status 2 and no traceback.
+A ``FestinaError`` (bad input, bad config, bad profile file) or a usage error
+(a bad option value) is printed as one line, ``festina: error: ...``, with
+exit status 2 and no traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("festina: aborted", err=True)
         return 1
+    except click.UsageError as exc:
+        # One line naming the option and value, like every other input error.
+        click.echo(f"festina: error: {exc.format_message()}", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -78,9 +78,6 @@ def _axis(name: str, values: Sequence[float]) -> list[float]:
     for v in axis:
         if not np.isfinite(v) or v <= 0:
             raise ProfileError(f"measure: {name} value {v!r} must be a positive number")
-    # A table interpolates between grid points, so every axis needs two of them.
-    if len(axis) < 2:
-        raise ProfileError(f"measure: {name} = {list(values)} needs at least 2 distinct values")
     return axis
 
 

@@ -317,9 +317,6 @@ def parse_table(text: str, source: str) -> ProfileTable:
         first_row[point] = row_number
     data = np.asarray(numbers)
     axes = [np.unique(data[:, k]) for k in range(4)]
-    for name, axis in zip(AXES, axes):
-        if len(axis) < 2:
-            raise ProfileError(f"{source}: column {name} has a single value; a table needs at least 2 per axis")
     shape = (len(PHASES), *(len(a) for a in axes))
     if len(numbers) != math.prod(shape):
         # At most len(numbers) + 1 steps, however sparse the rows are.

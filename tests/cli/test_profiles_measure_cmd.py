@@ -58,7 +58,8 @@ def test_the_environment_picks_the_backend_and_the_summary_is_one_line(
 
 @pytest.mark.parametrize("case,args,env,message", [
     ("bad env backend", [], "bogus", "festina: error: gpu backend = 'bogus' is not one of auto, nvml, simulated"),
-    ("one batch", ["--batches", "8"], None, "festina: error: measure: batches = [8] needs at least 2 distinct values"),
+    ("zero batch", ["--batches", "0,8"], None,
+     "festina: error: Invalid value for '--batches': '0,8' must list positive numbers"),
     ("no such gpu", ["--gpu-index", "7"], None, "GPU 7 does not exist (this node has 2)"),
     ("not a list", ["--contexts", "512,lots"], None, "'512,lots' is not a comma-separated list of ints"),
     ("no table", ["--model", "mistral-7b"], None, "festina: error: no profile for model mistral-7b on gpu h100"),
