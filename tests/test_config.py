@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from festina_hpc.config import (
     GpuConfig,
     ProfilesConfig,
     _build_section,
+    config_as_dict,
     config_from_mapping,
     load_config,
 )
@@ -116,3 +118,13 @@ def test_config_from_mapping_names_its_source() -> None:
     with pytest.raises(ConfigError, match=r"^<mapping>: unknown section \[db\]"):
         config_from_mapping({"db": {}})
     assert config_from_mapping({"gpu": {"backend": "nvml"}}, source="inline").source == "inline"
+
+
+def test_example_config_documents_every_key_with_its_default() -> None:
+    example = Path(__file__).resolve().parent.parent / "festina.example.toml"
+    loaded = config_as_dict(load_config(example))
+    defaults = config_as_dict(Config())
+    loaded.pop("source"), defaults.pop("source")
+    assert loaded == defaults
+    written = tomllib.loads(example.read_text(encoding="utf-8"))
+    assert {s: set(keys) for s, keys in written.items()} == {s: set(keys) for s, keys in defaults.items()}
