@@ -38,7 +38,6 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -74,13 +73,6 @@ class PhysicsParams:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
-    @classmethod
-    def from_vector(cls, values: ArrayLike) -> PhysicsParams:
-        return cls(*(float(v) for v in np.asarray(values)))
-
-    def vector(self) -> FloatArray:
-        return np.array([getattr(self, f.name) for f in fields(self)])
-
 
 PARAM_NAMES = tuple(f.name for f in fields(PhysicsParams))
 
@@ -96,6 +88,10 @@ def load_params(path: Path) -> dict[str, PhysicsParams]:
         missing = [n for n in PARAM_NAMES if n not in entry]
         if missing:
             raise ProfileError(f"{path}: [{gpu}] is missing field {missing[0]}")
+        for name in PARAM_NAMES:
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProfileError(f"{path}: [{gpu}] field {name} must be a number, got {value!r}")
         result[gpu] = PhysicsParams(**{n: float(entry[n]) for n in PARAM_NAMES})
     return result
 
@@ -160,6 +156,3 @@ def params_table(params: dict[str, PhysicsParams]) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def describe(params: PhysicsParams) -> dict[str, Any]:
-    return {name: round(value, 6) for name, value in params.as_dict().items()}

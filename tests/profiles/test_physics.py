@@ -106,3 +106,7 @@ def test_params_round_trip_through_calibration_toml(tmp_path: Path) -> None:
     path.write_text(params_table({"h100-sxm-80gb": H100_PARAMS}).replace("eff_memory = 0.8\n", ""), encoding="utf-8")
     with pytest.raises(ProfileError, match=r"\[h100-sxm-80gb\] is missing field eff_memory"):
         load_params(path)
+    path.write_text(params_table({"h100-sxm-80gb": H100_PARAMS}).replace("eff_memory = 0.8\n", 'eff_memory = "x"\n'),
+                    encoding="utf-8")
+    with pytest.raises(ProfileError, match=r"\[h100-sxm-80gb\] field eff_memory must be a number, got 'x'"):
+        load_params(path)
