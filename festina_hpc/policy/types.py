@@ -33,3 +33,224 @@ class Slo:
 
     ttft_s: float
     tbt_s: float
+
+
+# -- what a policy reads --------------------------------------------------------------------
+
+
+class InstancePhase(IntEnum):
+    """Lifecycle of a model instance; the order makes "no longer serving" one comparison."""
+
+    LOADING = 0  # weights loading (cold start, or a migration's target)
+    READY = 1  # serving
+    DRAINING = 2  # finishing what it holds; takes no new requests
+    STOPPED = 3
+
+
+class NodePower(IntEnum):
+    OFF = 0
+    WAKING = 1  # powering on: draws power, cannot serve until ready_at_s
+    ON = 2
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a policy needs to know of a model on this cluster's GPU type."""
+
+    name: str
+    tp: int  # GPUs per instance
+    weights_bytes_per_gpu: float
+    kv_bytes_per_token_per_gpu: float
+    slo: Slo
+
+
+class InstanceView(Protocol):
+    """A model instance as the driver sees it now (read-only)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def gpus(self) -> tuple[int, ...]: ...
+    @property
+    def node(self) -> int: ...
+    @property
+    def phase(self) -> InstancePhase: ...
+    @property
+    def sm_pct(self) -> float: ...
+    @property
+    def batch_cap(self) -> int: ...
+    @property
+    def memory_fraction(self) -> float: ...
+    @property
+    def running(self) -> int:
+        """Sequences admitted (prefilled or decoding)."""
+        ...
+    @property
+    def waiting(self) -> int:
+        """Requests queued for admission."""
+        ...
+    @property
+    def kv_tokens_reserved(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+    @property
+    def ready_at_s(self) -> float: ...
+    @property
+    def last_busy_s(self) -> float:
+        """When the instance last held a request (now while it holds one)."""
+        ...
+    @property
+    def arrival_rate_per_s(self) -> float:
+        """Recent rate of requests routed to it (exponentially weighted)."""
+        ...
+
+
+class GpuView(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def node(self) -> int: ...
+    @property
+    def clock_mhz(self) -> int: ...
+    @property
+    def instances(self) -> Sequence[int]: ...
+    @property
+    def sm_pct_allocated(self) -> float:
+        """Sum of the SM shares of its instances (100 = fully partitioned)."""
+        ...
+    @property
+    def memory_fraction_allocated(self) -> float:
+        """Sum of the memory fractions of its instances (1 = full)."""
+        ...
+
+
+class NodeView(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def power(self) -> NodePower: ...
+    @property
+    def gpus(self) -> Sequence[int]: ...
+    @property
+    def ready_at_s(self) -> float: ...
+    def has_cached(self, model: str) -> bool:
+        """Whether the model's weights are in this node's host memory (a fast reload)."""
+        ...
+
+
+class ClusterView(Protocol):
+    """The driver's live cluster, read-only. Lookups are O(1); iterations are over what is asked for."""
+
+    @property
+    def now_s(self) -> float: ...
+    @property
+    def gpu_type(self) -> str: ...
+    def model(self, name: str) -> ModelInfo: ...
+    def models(self) -> Iterable[ModelInfo]: ...
+    def instance(self, instance_id: int) -> InstanceView: ...
+    def instances(self) -> Iterable[InstanceView]:
+        """Every instance not yet stopped."""
+        ...
+    def instances_of(self, model: str) -> Sequence[InstanceView]:
+        """The model's instances not yet stopped, oldest first."""
+        ...
+    def gpu(self, gpu_id: int) -> GpuView: ...
+    def gpus(self) -> Sequence[GpuView]: ...
+    def node(self, node_id: int) -> NodeView: ...
+    def nodes(self) -> Sequence[NodeView]: ...
+    def free_gpus(self) -> Sequence[int]:
+        """GPUs holding no instance on nodes that are on or waking, lowest id first."""
+        ...
+    def model_rate_per_s(self, model: str) -> float:
+        """Recent arrival rate of the model's requests (exponentially weighted)."""
+        ...
+
+
+# -- what a policy decides ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Send the request to an existing instance."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True)
+class StartInstance:
+    """Start an instance of ``model`` on ``gpus`` (one per tensor-parallel rank, all on one node).
+
+    ``memory_fraction`` of each GPU's usable memory is the instance's (weights plus KV cache);
+    the fractions of the instances sharing a GPU sum to at most 1. A node that is off is woken
+    first, and the instance loads once it is up.
+    """
+
+    model: str
+    gpus: tuple[int, ...]
+    sm_pct: float = 100.0
+    batch_cap: int = 256
+    memory_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Refuse the request (it counts as an SLO miss)."""
+
+    reason: str
+
+
+Placement = Route | StartInstance | Drop
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """A GPU's control settings; ``None`` or a missing instance leaves that setting unchanged."""
+
+    clock_mhz: int | None = None
+    sm_pct: Mapping[int, float] = field(default_factory=dict)  # instance id -> SM share
+    batch_cap: Mapping[int, int] = field(default_factory=dict)  # instance id -> max sequences
+
+
+@dataclass(frozen=True)
+class StopInstance:
+    """Drain the instance (finish what it holds, take nothing new), then free its GPUs."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True)
+class Migrate:
+    """Move an instance to ``gpus``: the target loads, takes the queue when ready, the source drains."""
+
+    instance_id: int
+    gpus: tuple[int, ...]
+    sm_pct: float = 100.0
+    memory_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class PowerOff:
+    """Power a node down (it must hold no instance)."""
+
+    node: int
+
+
+@dataclass(frozen=True)
+class PowerOn:
+    node: int
+
+
+Action = StartInstance | StopInstance | Migrate | PowerOff | PowerOn
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Cluster changes a policy asks for, in order, with a reason for the audit trail."""
+
+    actions: tuple[Action, ...] = ()
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.actions)

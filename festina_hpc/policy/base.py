@@ -1,0 +1,101 @@
+"""The policy interface and the registry that maps policy names to implementations.
+
+A policy is four pure steps (STYLE: one small method per step of a decision):
+
+- ``place(request, view)``: where an arriving request goes (``Route``,
+  ``StartInstance`` or ``Drop``); called once per request, so it must not scan
+  the cluster: use ``instances_of(model)`` and ``free_gpus()``.
+- ``control(gpu, view)``: a GPU's clock, its instances' SM shares and batch
+  caps (``GpuSettings``), called on control ticks for GPUs whose load changed.
+- ``scale(view)``: instances to start or stop (keep-alive, scale to zero).
+- ``consolidate(view)``: migrations and node power changes.
+
+Each returns data; the driver validates and carries it out. A policy keeps no
+reference to the view between calls; it may keep its own bookkeeping (for
+example a last-decision time per GPU for hysteresis).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+from festina_hpc.errors import FestinaError
+from festina_hpc.policy.types import ClusterView, GpuSettings, GpuView, Placement, Plan, Request
+from festina_hpc.profiles.store import ProfileStore
+
+
+class UnknownPolicyError(FestinaError):
+    """No policy is registered under that name."""
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What every policy is built with: the profiles and the cluster's GPU type."""
+
+    store: ProfileStore
+    gpu_type: str
+    keep_alive_s: float = 60.0  # scale-to-zero policies stop an instance idle this long
+
+
+class Policy(ABC):
+    """Base class: implement ``place`` and override whichever other steps the policy needs."""
+
+    name: ClassVar[str] = ""
+    # Whether instances load with fast checkpoint loading (ServerlessLLM) or the standard loader.
+    fast_load: ClassVar[bool] = False
+    # Seconds between the driver's calls of scale() and consolidate().
+    scale_period_s: ClassVar[float] = 5.0
+    consolidate_period_s: ClassVar[float] = 60.0
+
+    def __init__(self, context: PolicyContext):
+        self.context = context
+        self.store = context.store
+        self.gpu_spec = context.store.gpu(context.gpu_type)
+
+    @abstractmethod
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        """Where ``request`` goes."""
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        """Default: leave the GPU as it is (max clock, shares as started)."""
+        return None
+
+    def scale(self, view: ClusterView) -> Plan:
+        return Plan()
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        return Plan()
+
+
+P = TypeVar("P", bound=type[Policy])
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: P) -> P:
+    """Class decorator: make a policy available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, context: PolicyContext) -> Policy:
+    _load_builtin()
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise UnknownPolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+    return cls(context)
+
+
+def _load_builtin() -> None:
+    # Importing the package registers the shipped policies.
+    import festina_hpc.policy.baselines  # noqa: F401
+
