@@ -25,7 +25,7 @@ class EventKind(IntEnum):
     CONTROL_TICK = 4
     SCALE_TICK = 5
     CONSOLIDATE_TICK = 6
-    END = 7
+    SAMPLE = 7  # power-over-time sample for the result
 
 
 @dataclass(order=True, frozen=True)

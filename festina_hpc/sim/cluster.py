@@ -1,0 +1,288 @@
+"""The simulated cluster: nodes, GPUs and model instances, and how they serve, load and draw power.
+
+Serving follows vLLM's continuous batching per instance. At each step boundary
+an instance first admits waiting requests (FIFO, up to its batch cap, a
+prefill token budget and its KV-cache room, reserving each request's prompt
+plus output tokens so no sequence is ever preempted) and runs one prefill
+step for them (TTFT = queueing + load wait + prefill); otherwise it runs
+decode steps for every admitted sequence, one token each. Between events the
+batch does not change, so a run of k decode steps is one event: k is the
+number of steps until the next sequence finishes, cut short at the next step
+boundary when a request arrives (prefill takes priority, as in vLLM). A
+request's TBT is its mean time between tokens (first token to last).
+
+Latency and power come from the profile tables at the instance's batch, mean
+context, SM share (MPS) and its GPU's clock. A GPU draws idle power plus the
+dynamic power (profile power minus idle) of every co-resident instance's
+current step, capped at TDP; powered-on nodes add a static power; waking nodes
+draw static and GPU idle power and serve nothing. Energy is integrated
+exactly over these piecewise-constant powers, split into GPU active, GPU
+idle, node static, cold starts (loading) and migrations.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request
+from festina_hpc.profiles.specs import GpuSpec
+from festina_hpc.profiles.table import ProfileTable
+
+RATE_HALF_LIFE_S = 60.0  # arrival-rate estimates forget with this half-life
+
+
+class Activity(IntEnum):
+    IDLE = 0
+    LOADING = 1
+    PREFILL = 2
+    DECODE = 3
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The simulated cluster and its physical figures (documented defaults)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_type: str = "h100-sxm-80gb"
+    # Non-GPU power of a powered node (CPUs, DRAM, NICs, fans, PSU losses). A DGX H100 draws
+    # ~10.2 kW at most of which the 8 GPUs ~5.6 kW; its non-GPU share at serving load is taken
+    # as 75 W per GPU slot (600 W for 8 GPUs).
+    node_static_w_per_gpu: float = 75.0
+    node_off_w: float = 0.0  # a powered-off node (BMC standby ignored)
+    node_wake_s: float = 180.0  # power-on to slurmd registered (BIOS, OS boot, driver load)
+    usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
+    max_prefill_tokens: int = 8192  # prompt tokens per prefill step (vLLM max_num_batched_tokens)
+    # Loading weights: engine start plus weights per GPU over the load bandwidth.
+    load_init_s: float = 10.0
+    load_gbs: float = 2.5  # safetensors from local NVMe, per GPU
+    fast_load_init_s: float = 2.0
+    fast_load_gbs: float = 20.0  # ServerlessLLM's multi-tier loading
+    host_cache_gbs: float = 20.0  # reload from a node's host-memory cache
+    host_cache_models: int = 4  # models a node keeps in host memory after unloading
+    load_dynamic_w: float = 30.0  # GPU power above idle while loading weights
+    control_period_s: float = 1.0
+
+
+@dataclass
+class RequestRecord:
+    request: Request
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    dropped: bool = False
+
+
+class SimNode:
+    def __init__(self, node_id: int, gpus: Sequence[int]):
+        self.id = node_id
+        self.gpus = tuple(gpus)
+        self.power = NodePower.ON
+        self.ready_at_s = 0.0
+        self.cache: deque[str] = deque()  # models in host memory, most recent last
+        self.powered_s = 0.0
+        self.last_s = 0.0
+
+    def has_cached(self, model: str) -> bool:
+        return model in self.cache
+
+    def remember(self, model: str, capacity: int) -> None:
+        if model in self.cache:
+            self.cache.remove(model)
+        self.cache.append(model)
+        while len(self.cache) > capacity:
+            self.cache.popleft()
+
+
+class SimGpu:
+    def __init__(self, gpu_id: int, node: int, spec: GpuSpec):
+        self.id = gpu_id
+        self.node = node
+        self.spec = spec
+        self.clock_mhz = spec.max_clock_mhz
+        self.instances: list[int] = []
+        self.sm_pct_allocated = 0.0
+        self.memory_fraction_allocated = 0.0
+        self.powered = True
+        # Energy accounting: piecewise-constant power since last_s.
+        self.last_s = 0.0
+        self.active_w = 0.0  # dynamic power of serving steps
+        self.loading_w = 0.0  # dynamic power of loads
+        self.loading_is_migration = False
+        self.energy_active_j = 0.0
+        self.energy_idle_j = 0.0
+        self.energy_cold_start_j = 0.0
+        self.energy_migration_j = 0.0
+        self.busy_loading_only = False
+
+    @property
+    def power_w(self) -> float:
+        if not self.powered:
+            return 0.0
+        return min(self.spec.tdp_w, self.spec.idle_w + self.active_w + self.loading_w)
+
+    def integrate(self, now_s: float) -> None:
+        dt = now_s - self.last_s
+        if dt <= 0.0:
+            return
+        self.last_s = now_s
+        if not self.powered:
+            return
+        total_w = self.power_w
+        idle_w = self.spec.idle_w
+        dynamic_w = total_w - idle_w
+        # Split the (possibly capped) dynamic power between serving and loading in proportion.
+        raw_dynamic_w = self.active_w + self.loading_w
+        load_share = self.loading_w / raw_dynamic_w if raw_dynamic_w > 0 else 0.0
+        load_j = dynamic_w * load_share * dt
+        # A GPU that only loads would not be powered for anything else: its idle power is the load's too.
+        idle_to_load = self.busy_loading_only
+        if self.loading_is_migration:
+            self.energy_migration_j += load_j + (idle_w * dt if idle_to_load else 0.0)
+        else:
+            self.energy_cold_start_j += load_j + (idle_w * dt if idle_to_load else 0.0)
+        if not idle_to_load:
+            self.energy_idle_j += idle_w * dt
+        self.energy_active_j += dynamic_w * (1.0 - load_share) * dt
+
+    @property
+    def energy_j(self) -> float:
+        return self.energy_active_j + self.energy_idle_j + self.energy_cold_start_j + self.energy_migration_j
+
+
+class SimInstance:
+    """A model instance; attribute names follow ``InstanceView``."""
+
+    def __init__(self, instance_id: int, info: ModelInfo, table: ProfileTable, gpus: tuple[int, ...], node: int,
+                 sm_pct: float, batch_cap: int, memory_fraction: float, kv_capacity_tokens: int, now_s: float):
+        self.id = instance_id
+        self.info = info
+        self.model = info.name
+        self.table = table
+        self.gpus = gpus
+        self.node = node
+        self.phase = InstancePhase.LOADING
+        self.sm_pct = sm_pct
+        self.batch_cap = batch_cap
+        self.memory_fraction = memory_fraction
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.kv_tokens_reserved = 0
+        self.ready_at_s = math.inf
+        self.started_s = now_s
+        self.last_busy_s = now_s
+        self._rate = 0.0
+        self._rate_s = now_s
+        self.queue: deque[RequestRecord] = deque()  # waiting for admission
+        # Decoding sequences: a heap of (step at which it finishes, request id, record).
+        self._decoding: list[tuple[int, int, RequestRecord]] = []
+        self.step_count = 0
+        self._sum_prompt = 0  # over decoding sequences
+        self._sum_start_step = 0  # step_count at each decoding sequence's first token
+        self.activity = Activity.IDLE
+        self.activity_start_s = now_s
+        self.step_latency_s = 0.0
+        self.steps_planned = 0
+        self.version = 0
+        self.prefilling: list[RequestRecord] = []
+        self.dynamic_w = 0.0
+        self.migration_of: int | None = None  # the instance this one replaces, while loading
+        self.replaced_by: int | None = None
+        self.pending_sm_pct: float | None = None
+        self.pending_batch_cap: int | None = None
+
+    # -- InstanceView ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._decoding) + len(self.prefilling)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        return self._rate
+
+    def note_arrival(self, now_s: float) -> None:
+        self._rate = decayed_rate(self._rate, self._rate_s, now_s) + math.log(2) / RATE_HALF_LIFE_S
+        self._rate_s = now_s
+
+    @property
+    def holds_work(self) -> bool:
+        return bool(self.queue or self._decoding or self.prefilling)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def admit(self, max_prefill_tokens: int) -> list[RequestRecord]:
+        """Waiting requests to prefill now: FIFO, within batch cap, token budget and KV room."""
+        admitted: list[RequestRecord] = []
+        tokens = 0
+        room = self.batch_cap - self.running
+        while self.queue and len(admitted) < room:
+            record = self.queue[0]
+            r = record.request
+            need = r.prompt_tokens + r.output_tokens
+            if self.kv_tokens_reserved + need > self.kv_capacity_tokens and (admitted or self.running):
+                break  # wait for room; a lone request too big for the cache runs anyway (truncated by vLLM)
+            if admitted and tokens + r.prompt_tokens > max_prefill_tokens:
+                break
+            self.queue.popleft()
+            admitted.append(record)
+            tokens += r.prompt_tokens
+            self.kv_tokens_reserved += need
+        return admitted
+
+    def start_decoding(self, records: Iterable[RequestRecord], now_s: float) -> list[RequestRecord]:
+        """Prefilled requests join the decode batch; those with one output token are done now."""
+        finished = []
+        for record in records:
+            record.first_token_s = now_s
+            r = record.request
+            if r.output_tokens <= 1:
+                record.finish_s = now_s
+                self.kv_tokens_reserved -= r.prompt_tokens + r.output_tokens
+                finished.append(record)
+                continue
+            heapq.heappush(self._decoding, (self.step_count + r.output_tokens - 1, r.id, record))
+            self._sum_prompt += r.prompt_tokens
+            self._sum_start_step += self.step_count
+        return finished
+
+    @property
+    def decoding(self) -> int:
+        return len(self._decoding)
+
+    def steps_to_next_finish(self) -> int:
+        return self._decoding[0][0] - self.step_count
+
+    def mean_context(self, extra_steps: float) -> float:
+        n = len(self._decoding)
+        return (self._sum_prompt + n * (self.step_count + extra_steps) - self._sum_start_step) / n
+
+    def advance(self, steps: int, now_s: float) -> list[RequestRecord]:
+        """Account ``steps`` decode steps; the sequences that finished."""
+        self.step_count += steps
+        finished = []
+        while self._decoding and self._decoding[0][0] <= self.step_count:
+            done_step, _, record = heapq.heappop(self._decoding)
+            r = record.request
+            record.finish_s = now_s
+            self._sum_prompt -= r.prompt_tokens
+            self._sum_start_step -= done_step - (r.output_tokens - 1)
+            self.kv_tokens_reserved -= r.prompt_tokens + r.output_tokens
+            finished.append(record)
+        return finished
+
+    def take_queue(self) -> list[RequestRecord]:
+        queue = list(self.queue)
+        self.queue.clear()
+        return queue
+
+
+def decayed_rate(rate: float, since_s: float, now_s: float) -> float:
+    return rate * 0.5 ** (max(0.0, now_s - since_s) / RATE_HALF_LIFE_S)

@@ -1,0 +1,718 @@
+"""The simulator: drives a policy over a request trace on a simulated cluster and measures the result.
+
+``Simulation`` owns the cluster state and implements ``ClusterView`` over it,
+so the policy reads live state without copies and answers with decisions
+(data), which the simulation validates and carries out. A decision that breaks
+the cluster's rules (an instance that does not fit, a GPU on another node, a
+power-off of a busy node) is refused and counted, never half applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from festina_hpc.errors import FestinaError
+from festina_hpc.policy.base import Policy
+from festina_hpc.policy.types import (
+    Action,
+    ClusterView,
+    Drop,
+    GpuSettings,
+    InstancePhase,
+    Migrate,
+    ModelInfo,
+    NodePower,
+    Placement,
+    Plan,
+    PowerOff,
+    PowerOn,
+    Request,
+    Route,
+    Slo,
+    StartInstance,
+    StopInstance,
+)
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.cluster import (
+    RATE_HALF_LIFE_S,
+    Activity,
+    ClusterConfig,
+    RequestRecord,
+    SimGpu,
+    SimInstance,
+    SimNode,
+    decayed_rate,
+)
+from festina_hpc.sim.engine import Event, EventKind, EventQueue
+
+SAMPLE_PERIOD_S = 10.0  # power-over-time resolution of the result
+DRAIN_LIMIT_S = 3600.0  # after the last arrival, requests still unfinished by then count as dropped
+
+
+class InvalidDecision(FestinaError):
+    """A policy decision that the cluster cannot carry out."""
+
+
+@dataclass
+class SimResult:
+    """What one simulation measured; ``as_dict`` is ``result.json``."""
+
+    policy: str
+    energy_j: float
+    energy_parts_j: dict[str, float]
+    generated_tokens: int
+    requests_total: int
+    requests_completed: int
+    requests_dropped: int
+    slo_attainment: float
+    ttft_attainment: float
+    tbt_attainment: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tbt_p50_s: float
+    tbt_p99_s: float
+    gpu_hours_powered: float
+    node_hours_powered: float
+    migrations: int
+    cold_starts: int
+    invalid_decisions: int
+    sim_time_s: float
+    sim_wall_s: float
+    events: int
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    clamped_lookups: int = 0
+    per_model: dict[str, dict[str, float]] = field(default_factory=dict)
+    power_timeline: list[tuple[float, float]] = field(default_factory=list)  # (time_s, cluster power_w)
+
+    @property
+    def energy_per_token_j(self) -> float:
+        return self.energy_j / self.generated_tokens if self.generated_tokens else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["energy_per_token_j"] = self.energy_per_token_j
+        return data
+
+
+class Simulation:
+    """One run of ``policy`` over ``requests``; ``run()`` returns the ``SimResult``."""
+
+    def __init__(self, config: ClusterConfig, store: ProfileStore, policy: Policy, requests: Sequence[Request],
+                 slos: Mapping[str, Slo]):
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self.spec = store.gpu(config.gpu_type)
+        self._gpu_type = self.spec.name
+        self.node_list: list[SimNode] = []
+        self.gpu_list: list[SimGpu] = []
+        for n in range(config.nodes):
+            ids = range(n * config.gpus_per_node, (n + 1) * config.gpus_per_node)
+            self.node_list.append(SimNode(n, ids))
+            self.gpu_list.extend(SimGpu(g, n, self.spec) for g in ids)
+        self._free = set(range(len(self.gpu_list)))
+        self.model_info: dict[str, ModelInfo] = {}
+        self.tables = {}
+        for name in sorted({r.model for r in requests} | set(slos)):
+            spec = store.model(name)
+            tp = spec.tp_on(self._gpu_type)
+            self.model_info[spec.name] = ModelInfo(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp,
+                                               slos[spec.name])
+            self.tables[spec.name] = store.table(self._gpu_type, spec.name)
+        self.records = [RequestRecord(r) for r in requests]
+        self.live: dict[int, SimInstance] = {}
+        self._by_model: dict[str, list[SimInstance]] = {m: [] for m in self.model_info}
+        self._model_rate: dict[str, tuple[float, float]] = {m: (0.0, 0.0) for m in self.model_info}
+        self._next_instance = 0
+        self._now = 0.0
+        self.events = EventQueue()
+        self._dirty: set[int] = set()
+        self._outstanding = 0
+        self._arrivals_left = len(requests)
+        self.cold_starts = 0
+        self.migrations = 0
+        self.invalid_decisions = 0
+        self.clamped_lookups = 0
+        self.drop_reasons: Counter[str] = Counter()
+        self._timeline: list[tuple[float, float]] = []
+        self._last_sample = (0.0, 0.0)
+        self._controls = type(policy).control is not Policy.control
+
+    # -- ClusterView ------------------------------------------------------------------------------
+
+    @property
+    def now_s(self) -> float:
+        return self._now
+
+    @property
+    def gpu_type(self) -> str:
+        return self._gpu_type
+
+    def model(self, name: str) -> ModelInfo:
+        return self.model_info[name]
+
+    def models(self) -> Iterable[ModelInfo]:
+        return self.model_info.values()
+
+    def instance(self, instance_id: int) -> SimInstance:
+        return self.live[instance_id]
+
+    def instances(self) -> Iterable[SimInstance]:
+        return self.live.values()
+
+    def instances_of(self, model: str) -> Sequence[SimInstance]:
+        return self._by_model.get(model, ())
+
+    def gpu(self, gpu_id: int) -> SimGpu:
+        return self.gpu_list[gpu_id]
+
+    def gpus(self) -> Sequence[SimGpu]:
+        return self.gpu_list
+
+    def node(self, node_id: int) -> SimNode:
+        return self.node_list[node_id]
+
+    def nodes(self) -> Sequence[SimNode]:
+        return self.node_list
+
+    def free_gpus(self) -> Sequence[int]:
+        return sorted(self._free)
+
+    def model_rate_per_s(self, model: str) -> float:
+        rate, since = self._model_rate[model]
+        return decayed_rate(rate, since, self._now)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        started = time.perf_counter()
+        q = self.events
+        q.push(q.event(r.arrival_s, EventKind.ARRIVAL, rec) for r, rec in zip(
+            (rec.request for rec in self.records), self.records))
+        q.push([q.event(0.0, EventKind.SCALE_TICK), q.event(0.0, EventKind.CONSOLIDATE_TICK),
+                q.event(SAMPLE_PERIOD_S, EventKind.SAMPLE)])
+        if self._controls:
+            q.push([q.event(0.0, EventKind.CONTROL_TICK)])
+        last_arrival = self.records[-1].request.arrival_s if self.records else 0.0
+        end_s = q.run(self._handle, until_s=last_arrival + DRAIN_LIMIT_S)
+        self._now = max(end_s, last_arrival)
+        return self._result(time.perf_counter() - started)
+
+    def _handle(self, e: Event) -> Iterable[Event]:
+        self._now = e.time_s
+        kind = e.kind
+        if kind is EventKind.STEP_DONE:
+            inst = self.live.get(e.payload)
+            if inst is None or e.version != inst.version:
+                return ()
+            return self._step_done(inst)
+        if kind is EventKind.ARRIVAL:
+            return self._arrival(e.payload)
+        if kind is EventKind.INSTANCE_READY:
+            inst = self.live.get(e.payload)
+            if inst is None or e.version != inst.version:
+                return ()
+            return self._instance_ready(inst)
+        if kind is EventKind.NODE_READY:
+            return self._node_ready(self.node_list[e.payload])
+        if kind is EventKind.SAMPLE:
+            self._sample()
+            return self._again(e, SAMPLE_PERIOD_S)
+        if kind is EventKind.CONTROL_TICK:
+            events = self._control_tick()
+            return [*events, *self._again(e, self.config.control_period_s)]
+        if kind is EventKind.SCALE_TICK:
+            events = self._execute(self.policy.scale(self))
+            return [*events, *self._again(e, self.policy.scale_period_s)]
+        if kind is EventKind.CONSOLIDATE_TICK:
+            events = self._execute(self.policy.consolidate(self))
+            return [*events, *self._again(e, self.policy.consolidate_period_s)]
+        raise AssertionError(f"unhandled event kind {kind}")
+
+    def _again(self, e: Event, period_s: float) -> list[Event]:
+        """Reschedule a periodic event while there is anything left to serve."""
+        if self._arrivals_left == 0 and self._outstanding == 0:
+            return []
+        return [self.events.event(e.time_s + period_s, e.kind)]
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _arrival(self, record: RequestRecord) -> Iterable[Event]:
+        self._arrivals_left -= 1
+        self._outstanding += 1
+        r = record.request
+        rate, since = self._model_rate[r.model]
+        self._model_rate[r.model] = (decayed_rate(rate, since, self._now) + math.log(2) / RATE_HALF_LIFE_S,
+                                     self._now)
+        decision: Placement = self.policy.place(r, self)
+        events: list[Event] = []
+        if isinstance(decision, StartInstance):
+            if decision.model != r.model:
+                return self._drop(record, f"started {decision.model} for a {r.model} request")
+            try:
+                inst, events = self._start(decision)
+            except InvalidDecision:
+                return self._drop(record, "invalid start")
+            decision = Route(inst.id)
+        if isinstance(decision, Drop):
+            return self._drop(record, decision.reason)
+        inst_or_none = self.live.get(decision.instance_id)
+        if inst_or_none is None or inst_or_none.phase > InstancePhase.READY or inst_or_none.model != r.model:
+            self.invalid_decisions += 1
+            return self._drop(record, "routed to an instance that cannot take it")
+        inst = inst_or_none
+        inst.queue.append(record)
+        inst.note_arrival(self._now)
+        inst.last_busy_s = self._now
+        self._dirty.update(inst.gpus)
+        if inst.phase is InstancePhase.READY:
+            if inst.activity is Activity.IDLE:
+                events.extend(self._next_step(inst))
+            elif inst.activity is Activity.DECODE:
+                events.extend(self._interrupt(inst))
+        return events
+
+    def _drop(self, record: RequestRecord, reason: str) -> list[Event]:
+        record.dropped = True
+        self._outstanding -= 1
+        self.drop_reasons[reason] += 1
+        return []
+
+    def _finish(self, records: Iterable[RequestRecord]) -> None:
+        for _ in records:
+            self._outstanding -= 1
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def _lookup(self, inst: SimInstance, phase: str, batch: float, context: float) -> tuple[float, float]:
+        table = inst.table
+        clock = self.gpu_list[inst.gpus[0]].clock_mhz
+        hit = table.lookup(phase, batch, context, inst.sm_pct, clock, clamp=True)
+        if hit.clamped:
+            self.clamped_lookups += 1
+        return hit.latency_s, hit.power_w
+
+    def _set_dynamic(self, inst: SimInstance, dynamic_w: float) -> None:
+        if dynamic_w == inst.dynamic_w:
+            return
+        delta = dynamic_w - inst.dynamic_w
+        inst.dynamic_w = dynamic_w
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.active_w = max(0.0, gpu.active_w + delta)
+
+    def _next_step(self, inst: SimInstance) -> list[Event]:
+        """Start the instance's next step at a step boundary (now)."""
+        if inst.pending_sm_pct is not None:
+            inst.sm_pct, inst.pending_sm_pct = inst.pending_sm_pct, None
+        if inst.pending_batch_cap is not None:
+            inst.batch_cap, inst.pending_batch_cap = inst.pending_batch_cap, None
+        idle_w = self.spec.idle_w
+        admitted = inst.admit(self.config.max_prefill_tokens) if inst.queue else []
+        inst.version += 1
+        inst.activity_start_s = self._now
+        if admitted:
+            n = len(admitted)
+            mean_prompt = sum(rec.request.prompt_tokens for rec in admitted) / n
+            latency_s, power_w = self._lookup(inst, "prefill", n, mean_prompt)
+            inst.activity = Activity.PREFILL
+            inst.prefilling = admitted
+            inst.steps_planned = 1
+            inst.step_latency_s = latency_s
+            self._set_dynamic(inst, power_w - idle_w)
+            return [self.events.event(self._now + latency_s, EventKind.STEP_DONE, inst.id, inst.version)]
+        if inst.decoding:
+            steps = inst.steps_to_next_finish()
+            latency_s, power_w = self._lookup(inst, "decode", inst.decoding, inst.mean_context(steps / 2))
+            inst.activity = Activity.DECODE
+            inst.steps_planned = steps
+            inst.step_latency_s = latency_s
+            self._set_dynamic(inst, power_w - idle_w)
+            return [self.events.event(self._now + steps * latency_s, EventKind.STEP_DONE, inst.id, inst.version)]
+        inst.activity = Activity.IDLE
+        self._set_dynamic(inst, 0.0)
+        inst.last_busy_s = self._now
+        if inst.phase is InstancePhase.DRAINING:
+            self._remove(inst)
+        return []
+
+    def _interrupt(self, inst: SimInstance) -> list[Event]:
+        """A request arrived during a decode run: end the run at the next step boundary."""
+        done = max(1, math.ceil((self._now - inst.activity_start_s) / inst.step_latency_s - 1e-9))
+        if done >= inst.steps_planned:
+            return []
+        inst.steps_planned = done
+        inst.version += 1
+        end_s = inst.activity_start_s + done * inst.step_latency_s
+        return [self.events.event(end_s, EventKind.STEP_DONE, inst.id, inst.version)]
+
+    def _step_done(self, inst: SimInstance) -> list[Event]:
+        if inst.activity is Activity.PREFILL:
+            self._finish(inst.start_decoding(inst.prefilling, self._now))
+            inst.prefilling = []
+        elif inst.activity is Activity.DECODE:
+            self._finish(inst.advance(inst.steps_planned, self._now))
+        self._dirty.update(inst.gpus)
+        return self._next_step(inst)
+
+    # -- instances --------------------------------------------------------------------------------
+
+    def _check_start(self, decision: StartInstance | Migrate, model: str) -> SimNode:
+        info = self.model_info.get(model)
+        if info is None:
+            raise InvalidDecision(f"unknown model {model}")
+        if len(decision.gpus) != info.tp or len(set(decision.gpus)) != info.tp:
+            raise InvalidDecision(f"{model} needs {info.tp} distinct GPUs, got {decision.gpus}")
+        if not all(0 <= g < len(self.gpu_list) for g in decision.gpus):
+            raise InvalidDecision(f"no such GPU in {decision.gpus}")
+        nodes = {self.gpu_list[g].node for g in decision.gpus}
+        if len(nodes) != 1:
+            raise InvalidDecision(f"GPUs {decision.gpus} span nodes {sorted(nodes)}")
+        if not 0 < decision.sm_pct <= 100 or not 0 < decision.memory_fraction <= 1:
+            raise InvalidDecision("sm_pct or memory_fraction out of range")
+        usable = self.spec.memory_bytes * self.config.usable_memory_frac
+        for g in decision.gpus:
+            gpu = self.gpu_list[g]
+            if gpu.sm_pct_allocated + decision.sm_pct > 100 + 1e-6:
+                raise InvalidDecision(f"GPU {g}: SM shares would exceed 100%")
+            if gpu.memory_fraction_allocated + decision.memory_fraction > 1 + 1e-6:
+                raise InvalidDecision(f"GPU {g}: memory fractions would exceed 1")
+        if info.weights_bytes_per_gpu >= decision.memory_fraction * usable:
+            raise InvalidDecision(f"{model} weights do not fit in {decision.memory_fraction:g} of a GPU")
+        return self.node_list[nodes.pop()]
+
+    def _start(self, decision: StartInstance | Migrate, model: str | None = None,
+               migration_of: int | None = None) -> tuple[SimInstance, list[Event]]:
+        name = decision.model if isinstance(decision, StartInstance) else model
+        assert name is not None
+        try:
+            node = self._check_start(decision, name)
+        except InvalidDecision:
+            self.invalid_decisions += 1
+            raise
+        info = self.model_info[name]
+        usable = self.spec.memory_bytes * self.config.usable_memory_frac
+        kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
+                        / info.kv_bytes_per_token_per_gpu)
+        batch_cap = decision.batch_cap if isinstance(decision, StartInstance) else 256
+        inst = SimInstance(self._next_instance, info, self.tables[name], tuple(decision.gpus), node.id,
+                           decision.sm_pct, batch_cap, decision.memory_fraction, kv_tokens, self._now)
+        self._next_instance += 1
+        inst.migration_of = migration_of
+        self.live[inst.id] = inst
+        self._by_model[name].append(inst)
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.instances.append(inst.id)
+            gpu.sm_pct_allocated += inst.sm_pct
+            gpu.memory_fraction_allocated += inst.memory_fraction
+            self._free.discard(g)
+            self._dirty.add(g)
+        events: list[Event] = []
+        if node.power is NodePower.OFF:
+            events.extend(self._power_on(node))
+        if node.power is NodePower.ON:
+            events.extend(self._begin_load(inst))
+        if migration_of is None:
+            self.cold_starts += 1
+        else:
+            self.migrations += 1
+        return inst, events
+
+    def _load_s(self, inst: SimInstance) -> float:
+        c = self.config
+        node = self.node_list[inst.node]
+        weights_gb = inst.info.weights_bytes_per_gpu / 1e9
+        if node.has_cached(inst.model):
+            return c.fast_load_init_s + weights_gb / c.host_cache_gbs
+        if self.policy.fast_load:
+            return c.fast_load_init_s + weights_gb / c.fast_load_gbs
+        return c.load_init_s + weights_gb / c.load_gbs
+
+    def _begin_load(self, inst: SimInstance) -> list[Event]:
+        load_s = self._load_s(inst)
+        inst.ready_at_s = self._now + load_s
+        inst.activity = Activity.LOADING
+        inst.version += 1
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.loading_w += self.config.load_dynamic_w
+            self._refresh_loading(gpu)
+        return [self.events.event(inst.ready_at_s, EventKind.INSTANCE_READY, inst.id, inst.version)]
+
+    def _refresh_loading(self, gpu: SimGpu) -> None:
+        """Which energy bucket a GPU's loads and idle go to (call after integrating)."""
+        loading = [self.live[i] for i in gpu.instances if self.live[i].activity is Activity.LOADING]
+        gpu.busy_loading_only = bool(loading) and len(loading) == len(gpu.instances)
+        gpu.loading_is_migration = bool(loading) and all(i.migration_of is not None for i in loading)
+
+    def _instance_ready(self, inst: SimInstance) -> list[Event]:
+        inst.phase = InstancePhase.READY
+        inst.activity = Activity.IDLE
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.loading_w = max(0.0, gpu.loading_w - self.config.load_dynamic_w)
+            self._refresh_loading(gpu)
+            self._dirty.add(g)
+        self.node_list[inst.node].remember(inst.model, self.config.host_cache_models)
+        events: list[Event] = []
+        source = self.live.get(inst.migration_of) if inst.migration_of is not None else None
+        if source is not None and source.phase <= InstancePhase.READY:
+            inst.queue.extend(source.take_queue())
+            source.replaced_by = inst.id
+            events.extend(self._stop(source))
+        inst.migration_of = None
+        events.extend(self._next_step(inst))
+        return events
+
+    def _stop(self, inst: SimInstance) -> list[Event]:
+        if inst.phase is InstancePhase.LOADING:
+            # Nothing was admitted yet: its queue goes back to another instance or is dropped.
+            queue = inst.take_queue()
+            self._remove(inst)
+            events: list[Event] = []
+            for record in queue:
+                self._outstanding -= 1
+                self._arrivals_left += 1
+                events.extend(self._arrival(record))
+            return events
+        inst.phase = InstancePhase.DRAINING
+        if inst.activity is Activity.IDLE and not inst.holds_work:
+            self._remove(inst)
+        return []
+
+    def _remove(self, inst: SimInstance) -> None:
+        inst.phase = InstancePhase.STOPPED
+        inst.version += 1
+        self._set_dynamic(inst, 0.0)
+        was_loading = inst.activity is Activity.LOADING
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            if was_loading:
+                gpu.loading_w = max(0.0, gpu.loading_w - self.config.load_dynamic_w)
+            gpu.instances.remove(inst.id)
+            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - inst.sm_pct)
+            gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction)
+            self._refresh_loading(gpu)
+            if not gpu.instances and self.node_list[gpu.node].power is not NodePower.OFF:
+                self._free.add(g)
+            self._dirty.add(g)
+        del self.live[inst.id]
+        self._by_model[inst.model].remove(inst)
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def _integrate_node(self, node: SimNode) -> None:
+        dt = self._now - node.last_s
+        if dt > 0 and node.power is not NodePower.OFF:
+            node.powered_s += dt
+        node.last_s = self._now
+
+    def _power_on(self, node: SimNode) -> list[Event]:
+        if node.power is not NodePower.OFF:
+            return []
+        self._integrate_node(node)
+        node.power = NodePower.WAKING
+        node.ready_at_s = self._now + self.config.node_wake_s
+        for g in node.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.powered = True
+            if not gpu.instances:
+                self._free.add(g)
+        return [self.events.event(node.ready_at_s, EventKind.NODE_READY, node.id)]
+
+    def _node_ready(self, node: SimNode) -> list[Event]:
+        if node.power is not NodePower.WAKING:
+            return []
+        self._integrate_node(node)
+        node.power = NodePower.ON
+        events: list[Event] = []
+        for g in node.gpus:
+            for i in list(self.gpu_list[g].instances):
+                inst = self.live[i]
+                if inst.phase is InstancePhase.LOADING and inst.activity is not Activity.LOADING:
+                    events.extend(self._begin_load(inst))
+        return events
+
+    def _power_off(self, node: SimNode) -> None:
+        if node.power is NodePower.OFF:
+            return
+        if any(self.gpu_list[g].instances for g in node.gpus):
+            raise InvalidDecision(f"node {node.id} holds instances")
+        self._integrate_node(node)
+        node.power = NodePower.OFF
+        node.cache.clear()
+        for g in node.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.powered = False
+            self._free.discard(g)
+
+    # -- plans and control ------------------------------------------------------------------------
+
+    def _execute(self, plan: Plan) -> list[Event]:
+        events: list[Event] = []
+        for action in plan.actions:
+            try:
+                events.extend(self._apply(action))
+            except InvalidDecision:
+                self.invalid_decisions += 1
+        return events
+
+    def _apply(self, action: Action) -> list[Event]:
+        if isinstance(action, StartInstance):
+            try:
+                return self._start(action)[1]
+            except InvalidDecision:
+                self.invalid_decisions -= 1  # counted once, by _execute
+                raise
+        if isinstance(action, StopInstance):
+            inst = self.live.get(action.instance_id)
+            if inst is None:
+                raise InvalidDecision(f"no instance {action.instance_id}")
+            return self._stop(inst)
+        if isinstance(action, Migrate):
+            source = self.live.get(action.instance_id)
+            if source is None or source.phase is not InstancePhase.READY:
+                raise InvalidDecision(f"instance {action.instance_id} is not serving")
+            try:
+                return self._start(action, model=source.model, migration_of=source.id)[1]
+            except InvalidDecision:
+                self.invalid_decisions -= 1
+                raise
+        if isinstance(action, PowerOff):
+            self._power_off(self._node_of(action.node))
+            return []
+        if isinstance(action, PowerOn):
+            return self._power_on(self._node_of(action.node))
+        raise InvalidDecision(f"unknown action {action!r}")
+
+    def _node_of(self, node_id: int) -> SimNode:
+        if not 0 <= node_id < len(self.node_list):
+            raise InvalidDecision(f"no node {node_id}")
+        return self.node_list[node_id]
+
+    def _control_tick(self) -> list[Event]:
+        dirty, self._dirty = self._dirty, set()
+        for g in sorted(dirty):
+            gpu = self.gpu_list[g]
+            if not gpu.instances:
+                if gpu.clock_mhz != self.spec.max_clock_mhz:
+                    gpu.clock_mhz = self.spec.max_clock_mhz  # an empty GPU goes back to default clocks
+                continue
+            settings = self.policy.control(gpu, self)
+            if settings is not None:
+                self._apply_settings(gpu, settings)
+        return []
+
+    def _apply_settings(self, gpu: SimGpu, settings: GpuSettings) -> None:
+        """New settings take effect at each instance's next step boundary (a safe point)."""
+        if settings.clock_mhz is not None:
+            supported = self.spec.supported_clocks_mhz
+            clock = min(supported, key=lambda c: abs(c - settings.clock_mhz))  # type: ignore[operator]
+            if clock != gpu.clock_mhz:
+                gpu.clock_mhz = clock
+        for instance_id, sm_pct in settings.sm_pct.items():
+            inst = self.live.get(instance_id)
+            if inst is None or gpu.id not in inst.gpus or not 0 < sm_pct <= 100:
+                self.invalid_decisions += 1
+                continue
+            others = gpu.sm_pct_allocated - (inst.pending_sm_pct or inst.sm_pct)
+            if others + sm_pct > 100 + 1e-6:
+                self.invalid_decisions += 1
+                continue
+            # The share is reserved now; the instance runs with it from its next step.
+            for g in inst.gpus:
+                self.gpu_list[g].sm_pct_allocated += sm_pct - (inst.pending_sm_pct or inst.sm_pct)
+            if inst.activity is Activity.IDLE:
+                inst.sm_pct, inst.pending_sm_pct = sm_pct, None
+            else:
+                inst.pending_sm_pct = sm_pct
+        for instance_id, cap in settings.batch_cap.items():
+            inst = self.live.get(instance_id)
+            if inst is None or cap < 1:
+                self.invalid_decisions += 1
+                continue
+            inst.pending_batch_cap = cap
+
+    # -- measuring --------------------------------------------------------------------------------
+
+    def _total_energy_j(self) -> tuple[float, dict[str, float]]:
+        parts = {"gpu_active_j": 0.0, "gpu_idle_j": 0.0, "cold_start_j": 0.0, "migration_j": 0.0,
+                 "node_static_j": 0.0}
+        for gpu in self.gpu_list:
+            gpu.integrate(self._now)
+            parts["gpu_active_j"] += gpu.energy_active_j
+            parts["gpu_idle_j"] += gpu.energy_idle_j
+            parts["cold_start_j"] += gpu.energy_cold_start_j
+            parts["migration_j"] += gpu.energy_migration_j
+        static_w = self.config.node_static_w_per_gpu * self.config.gpus_per_node
+        for node in self.node_list:
+            self._integrate_node(node)
+            parts["node_static_j"] += static_w * node.powered_s + self.config.node_off_w * (
+                self._now - node.powered_s)
+        return sum(parts.values()), parts
+
+    def _sample(self) -> None:
+        energy_j, _ = self._total_energy_j()
+        last_s, last_j = self._last_sample
+        if self._now > last_s:
+            self._timeline.append((self._now, (energy_j - last_j) / (self._now - last_s)))
+        self._last_sample = (self._now, energy_j)
+
+    def _result(self, wall_s: float) -> SimResult:
+        energy_j, parts = self._total_energy_j()
+        records = self.records
+        n = len(records)
+        completed = [rec for rec in records if not rec.dropped and not math.isnan(rec.finish_s)]
+        ttft = np.array([rec.first_token_s - rec.request.arrival_s for rec in completed])
+        tbt = np.array([(rec.finish_s - rec.first_token_s) / (rec.request.output_tokens - 1)
+                        if rec.request.output_tokens > 1 else 0.0 for rec in completed])
+        ttft_slo = np.array([self.model_info[rec.request.model].slo.ttft_s for rec in completed])
+        tbt_slo = np.array([self.model_info[rec.request.model].slo.tbt_s for rec in completed])
+        ttft_ok = ttft <= ttft_slo
+        tbt_ok = tbt <= tbt_slo
+        per_model: dict[str, dict[str, float]] = {}
+        for name in self.model_info:
+            mask = np.array([rec.request.model == name for rec in completed], dtype=bool)
+            total = sum(1 for rec in records if rec.request.model == name)
+            if total:
+                per_model[name] = {"requests": total,
+                                   "slo_attainment": float(np.sum(ttft_ok[mask] & tbt_ok[mask]) / total)}
+        gpu_powered_s = sum(node.powered_s for node in self.node_list) * self.config.gpus_per_node
+
+        def pct(values: np.ndarray, q: float) -> float:
+            return float(np.percentile(values, q)) if len(values) else math.nan
+
+        return SimResult(
+            policy=self.policy.name, energy_j=energy_j, energy_parts_j=parts,
+            generated_tokens=int(sum(rec.request.output_tokens for rec in completed)),
+            requests_total=n, requests_completed=len(completed), requests_dropped=n - len(completed),
+            slo_attainment=float(np.sum(ttft_ok & tbt_ok) / n) if n else 1.0,
+            ttft_attainment=float(np.sum(ttft_ok) / n) if n else 1.0,
+            tbt_attainment=float(np.sum(tbt_ok) / n) if n else 1.0,
+            ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
+            gpu_hours_powered=gpu_powered_s / 3600, node_hours_powered=sum(n.powered_s for n in self.node_list) / 3600,
+            migrations=self.migrations, cold_starts=self.cold_starts, invalid_decisions=self.invalid_decisions,
+            sim_time_s=self._now, sim_wall_s=wall_s, events=self.events.handled,
+            drop_reasons=dict(self.drop_reasons), clamped_lookups=self.clamped_lookups, per_model=per_model,
+            power_timeline=self._timeline)
+
+
+if TYPE_CHECKING:
+
+    def _is_a_cluster_view(simulation: Simulation) -> ClusterView:
+        return simulation  # mypy checks that Simulation implements the protocol
