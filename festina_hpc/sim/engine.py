@@ -58,8 +58,10 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def run(self, handle: Handler, until_s: float = float("inf")) -> float:
-        """Pop and handle events in order until the heap is empty or past ``until_s``; the last time."""
+    def run(self, handle: Handler, until_s: float = float("inf"),
+            done: Callable[[], bool] = lambda: False) -> float:
+        """Pop and handle events in order until the heap is empty, the next event is past
+        ``until_s``, or ``done()`` says so after an event; the time of the last event handled."""
         now_s = 0.0
         heap = self._heap
         while heap and heap[0].time_s <= until_s:
@@ -68,4 +70,6 @@ class EventQueue:
             self.handled += 1
             for new in handle(e):
                 heapq.heappush(heap, new)
+            if done():
+                break
         return now_s

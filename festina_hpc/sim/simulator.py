@@ -201,7 +201,8 @@ class Simulation:
         if self._controls:
             q.push([q.event(0.0, EventKind.CONTROL_TICK)])
         last_arrival = self.records[-1].request.arrival_s if self.records else 0.0
-        end_s = q.run(self._handle, until_s=last_arrival + DRAIN_LIMIT_S)
+        end_s = q.run(self._handle, until_s=last_arrival + DRAIN_LIMIT_S,
+                      done=lambda: self._arrivals_left == 0 and self._outstanding == 0)
         self._now = max(end_s, last_arrival)
         return self._result(time.perf_counter() - started)
 

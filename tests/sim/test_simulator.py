@@ -1,0 +1,167 @@
+"""The simulator's conservation laws and determinism, on the shipped profiles."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+
+from festina_hpc.config import default_profiles_dir
+from festina_hpc.policy.base import Policy, PolicyContext, make_policy
+from festina_hpc.policy.common import free_gpu_group, least_loaded, serving
+from festina_hpc.policy.types import (
+    ClusterView,
+    Drop,
+    InstancePhase,
+    NodePower,
+    Placement,
+    Plan,
+    PowerOff,
+    Request,
+    Route,
+    Slo,
+    StartInstance,
+    StopInstance,
+)
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.engine import Event
+from festina_hpc.sim.simulator import SimResult, Simulation
+
+STORE = ProfileStore(default_profiles_dir())
+GPU = "h100-sxm-80gb"
+MODELS = ("llama-3.1-8b", "mistral-7b", "codellama-34b")
+
+
+def slos(models: Iterable[str] = MODELS) -> dict[str, Slo]:
+    return {m: Slo(5 * STORE.predict(GPU, m, "prefill", 1, 1024).latency_s,
+                   5 * STORE.predict(GPU, m, "decode", 1, 1024).latency_s) for m in models}
+
+
+def poisson_requests(n: int, rate_per_s: float, seed: int, models: tuple[str, ...] = MODELS) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate_per_s, n))
+    chosen = rng.integers(0, len(models), n)
+    prompts = rng.integers(50, 3000, n)
+    outputs = rng.integers(1, 600, n)
+    return [Request(i, float(arrivals[i]), models[chosen[i]], int(prompts[i]), int(outputs[i])) for i in range(n)]
+
+
+class CheckedSimulation(Simulation):
+    """Checks the cluster's invariants after every event."""
+
+    def _handle(self, e: Event) -> Iterable[Event]:
+        events = list(super()._handle(e))
+        usable = self.spec.memory_bytes * self.config.usable_memory_frac
+        for gpu in self.gpu_list:
+            assert gpu.memory_fraction_allocated <= 1 + 1e-9
+            assert gpu.sm_pct_allocated <= 100 + 1e-9
+            weights = sum(self.live[i].info.weights_bytes_per_gpu for i in gpu.instances)
+            kv = sum(self.live[i].kv_tokens_reserved * self.live[i].info.kv_bytes_per_token_per_gpu
+                     for i in gpu.instances if self.live[i].running > 1)
+            assert weights + kv <= usable * gpu.memory_fraction_allocated + 1e-6
+        for inst in self.live.values():
+            if inst.phase is InstancePhase.READY and inst.holds_work:
+                assert self.node_list[inst.node].power is NodePower.ON
+            assert inst.kv_tokens_reserved >= 0
+        return events
+
+
+def simulate(policy: Policy | str, requests: list[Request], nodes: int = 1, gpus_per_node: int = 8,
+             checked: bool = True) -> SimResult:
+    if isinstance(policy, str):
+        policy = make_policy(policy, PolicyContext(STORE, GPU))
+    cls = CheckedSimulation if checked else Simulation
+    return cls(ClusterConfig(nodes=nodes, gpus_per_node=gpus_per_node), STORE, policy, requests,
+               slos({r.model for r in requests})).run()
+
+
+def test_every_request_is_completed_or_dropped() -> None:
+    requests = poisson_requests(400, 4.0, seed=1)
+    result = simulate("vllm", requests, gpus_per_node=2)  # too few GPUs for three models: some wait
+    assert result.requests_completed + result.requests_dropped == result.requests_total == 400
+    assert result.requests_completed > 0
+
+
+def test_same_seed_same_result_and_a_different_seed_differs() -> None:
+    a = simulate("vllm", poisson_requests(300, 3.0, seed=7)).as_dict()
+    b = simulate("vllm", poisson_requests(300, 3.0, seed=7)).as_dict()
+    c = simulate("vllm", poisson_requests(300, 3.0, seed=8)).as_dict()
+    for d in (a, b, c):
+        d.pop("sim_wall_s")
+    assert a == b and a != c
+
+
+def test_energy_is_the_integral_of_power_for_one_request() -> None:
+    """One request, one GPU: idle and static power all along, the load, one prefill, decode steps."""
+    config = ClusterConfig(nodes=1, gpus_per_node=1)
+    request = Request(0, 100.0, "llama-3.1-8b", 1000, 11)
+    result = simulate("vllm", [request], gpus_per_node=1)
+    spec = STORE.gpu(GPU)
+    load_s = config.load_init_s + STORE.model("llama-3.1-8b").weights_bytes / 1e9 / config.load_gbs
+    prefill = STORE.predict(GPU, "llama-3.1-8b", "prefill", 1, 1000)
+    decode = STORE.table(GPU, "llama-3.1-8b").lookup("decode", 1, 1000 + 5, 100, spec.max_clock_mhz)
+    end_s = 100.0 + load_s + prefill.latency_s + 10 * decode.latency_s
+    assert result.sim_time_s == pytest.approx(end_s, rel=1e-9)
+    expected = {
+        "gpu_idle_j": spec.idle_w * (end_s - load_s),
+        "cold_start_j": (spec.idle_w + config.load_dynamic_w) * load_s,
+        "gpu_active_j": (prefill.power_w - spec.idle_w) * prefill.latency_s
+        + (decode.power_w - spec.idle_w) * 10 * decode.latency_s,
+        "node_static_j": config.node_static_w_per_gpu * end_s,
+        "migration_j": 0.0,
+    }
+    assert result.energy_parts_j == pytest.approx(expected, rel=1e-9)
+    assert result.energy_j == pytest.approx(sum(expected.values()), rel=1e-12)
+    ttft = load_s + prefill.latency_s
+    assert result.ttft_p50_s == pytest.approx(ttft) and result.tbt_p50_s == pytest.approx(decode.latency_s)
+
+
+class PowerCyclingPolicy(Policy):
+    """Whole GPUs; stops idle instances and powers empty nodes off, so starts must wake nodes."""
+
+    name = "test-power-cycling"
+    scale_period_s = 2.0
+    consolidate_period_s = 5.0
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        best = least_loaded(serving(view.instances_of(request.model)))
+        if best is not None:
+            return Route(best.id)
+        tp = view.model(request.model).tp
+        gpus = free_gpu_group(view, tp)
+        if gpus is None:
+            off = [n for n in view.nodes() if n.power is NodePower.OFF]
+            if not off:
+                return Drop("full")
+            gpus = tuple(off[0].gpus[:tp])
+        return StartInstance(request.model, gpus)
+
+    def scale(self, view: ClusterView) -> Plan:
+        return Plan(tuple(StopInstance(i.id) for i in view.instances()
+                          if i.phase is InstancePhase.READY and not i.running and not i.waiting
+                          and view.now_s - i.last_busy_s > 10))
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        return Plan(tuple(PowerOff(n.id) for n in view.nodes()
+                          if n.power is NodePower.ON and all(not view.gpu(g).instances for g in n.gpus)))
+
+
+def test_nodes_power_off_and_wake_without_serving_while_off() -> None:
+    requests = poisson_requests(200, 0.05, seed=3)  # sparse: instances stop and nodes power off between requests
+    result = simulate(PowerCyclingPolicy(PolicyContext(STORE, GPU)), requests, nodes=2, gpus_per_node=2)
+    assert result.requests_completed == 200 and result.invalid_decisions == 0
+    assert result.node_hours_powered < 2 * result.sim_time_s / 3600  # nodes were off part of the time
+    assert result.cold_starts > 3
+
+
+def test_a_decision_that_does_not_fit_is_refused_and_counted() -> None:
+    class Overpacking(PowerCyclingPolicy):
+        name = "test-overpacking"
+
+        def place(self, request: Request, view: ClusterView) -> Placement:
+            return StartInstance(request.model, (0,) * view.model(request.model).tp, memory_fraction=0.05)
+
+    result = simulate(Overpacking(PolicyContext(STORE, GPU)), poisson_requests(5, 1.0, seed=2))
+    assert result.requests_dropped == 5 and result.invalid_decisions == 5
