@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from festina_hpc.errors import ConfigError
+from festina_hpc.sim.cluster import ClusterConfig
 
 GPU_BACKENDS = ("auto", "nvml", "simulated")
 OUT_OF_RANGE_MODES = ("error", "clamp")
@@ -56,20 +57,53 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class SimConfig:
+    """Defaults of ``festina sim``; each has a command-line option that overrides it."""
+
+    seed: int = 0
+    models: int = 8  # the first N of the default model mix
+    popularity: str = "zipf:1.0"  # how requests without a model column are spread over the models
+    rate_scale: float = 1.0  # 2.0 replays the trace twice as fast
+    duration_s: float = 0.0  # 0: the whole trace
+    # Default SLOs: multiples of the unloaded latency at max clock (see sim/workload.py).
+    ttft_slo_multiplier: float = 5.0
+    tbt_slo_multiplier: float = 5.0
+    keep_alive_s: float = 60.0  # idle time after which scale-to-zero policies stop an instance
+
+
+@dataclass(frozen=True)
+class SloOverride:
+    """``[slo."<model>"]``: a model's TTFT and TBT SLOs in seconds."""
+
+    ttft_s: float = 0.0
+    tbt_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    slo: Mapping[str, SloOverride] = field(default_factory=dict)
     source: str = "<defaults>"
 
 
-_SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig}
+_SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig, "sim": SimConfig,
+                                   "cluster": ClusterConfig}
 
 # Allowed values per (section, key), beyond the type check.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("profiles", "out_of_range"): OUT_OF_RANGE_MODES,
     ("gpu", "backend"): GPU_BACKENDS,
 }
-_POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count")}
+_POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
+                                    ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
+_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s")}
+# Every number of the cluster's physical figures must be positive, except the power of a node that is off.
+_POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
+              if f.type in ("int", "float") and f.name != "node_off_w"}
+_NON_NEGATIVE |= {("cluster", "node_off_w")}
 
 
 def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:
@@ -93,6 +127,8 @@ def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:
             raise ConfigError(f"{source}: {name}.{key} = {value!r} is not one of {', '.join(choices)}")
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"{source}: {name}.{key} = {value!r} must be positive")
+        if (name, key) in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} must not be negative")
         values[key] = value
     return cls(**values)
 
@@ -101,11 +137,29 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
     """Validate a parsed TOML document into a ``Config``."""
     built: dict[str, Any] = {}
     for name, value in raw.items():
+        if name == "slo":
+            built[name] = _slo_overrides(source, value)
+            continue
         if name not in _SECTION_TYPES:
-            known = ", ".join(sorted(_SECTION_TYPES))
+            known = ", ".join(sorted([*_SECTION_TYPES, "slo"]))
             raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
         built[name] = _build_section(source, name, _SECTION_TYPES[name], value)
     return Config(**built, source=source)
+
+
+def _slo_overrides(source: str, raw: Any) -> dict[str, SloOverride]:
+    """``[slo."<model>"]`` tables; model names are checked against the profiles when used."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [slo] must hold one table per model, got {raw!r}")
+    overrides = {}
+    for model, entry in raw.items():
+        override = _build_section(source, f'slo."{model}"', SloOverride, entry)
+        for key in ("ttft_s", "tbt_s"):
+            value = getattr(override, key)
+            if key not in entry or value <= 0:
+                raise ConfigError(f'{source}: slo."{model}".{key} = {entry.get(key)!r} must be a positive number')
+        overrides[model] = override
+    return overrides
 
 
 def load_config(path: Path | None) -> Config:

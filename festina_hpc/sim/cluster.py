@@ -50,10 +50,11 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_type: str = "h100-sxm-80gb"
-    # Non-GPU power of a powered node (CPUs, DRAM, NICs, fans, PSU losses). A DGX H100 draws
-    # ~10.2 kW at most of which the 8 GPUs ~5.6 kW; its non-GPU share at serving load is taken
-    # as 75 W per GPU slot (600 W for 8 GPUs).
-    node_static_w_per_gpu: float = 75.0
+    # Non-GPU power of a powered node (CPUs, DRAM, NICs, NVSwitches, fans, PSU losses). A DGX
+    # H100 is rated 10.2 kW of which its 8 GPUs 5.6 kW; with GPUs near idle such a node draws
+    # well over 1 kW. Taken as 150 W per GPU slot (1.2 kW for 8 GPUs), an assumption to set
+    # per site in [cluster].
+    node_static_w_per_gpu: float = 150.0
     node_off_w: float = 0.0  # a powered-off node (BMC standby ignored)
     node_wake_s: float = 180.0  # power-on to slurmd registered (BIOS, OS boot, driver load)
     usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
