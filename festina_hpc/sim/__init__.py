@@ -1,0 +1,1 @@
+"""Trace-driven discrete-event simulator of a GPU cluster serving many LLMs."""
