@@ -1,7 +1,7 @@
 """The project's exception hierarchy.
 
-Every error a user can cause (bad config, bad profile file, unknown model,
-lookup outside a table) is a ``FestinaError`` whose message is one line that
+Every error a user can cause (bad config, bad profile file, bad trace, unknown
+model, lookup outside a table) is a ``FestinaError`` whose message is one line that
 names the offending field and value; the CLI prints it and exits non-zero
 without a traceback.
 """
@@ -27,6 +27,10 @@ class UnknownProfileError(ProfileError):
 
 class OutOfProfileRange(ProfileError):
     """A lookup asked for a point outside the table's axes."""
+
+
+class TraceError(FestinaError):
+    """A workload input is invalid: a trace file, a model-mix file or a popularity spec."""
 
 
 class GpuError(FestinaError):
