@@ -29,10 +29,20 @@ class Request:
 
 @dataclass(frozen=True)
 class Slo:
-    """Per-model service level: time to first token, and mean time between the request's tokens."""
+    """Per-model service level: time to first token, and mean time between the request's tokens.
+
+    A prompt longer than ``reference_prompt_tokens`` gets ``ttft_s_per_token`` more TTFT per
+    extra token, so that a long prompt's SLO scales with its own unloaded prefill time.
+    """
 
     ttft_s: float
     tbt_s: float
+    ttft_s_per_token: float = 0.0
+    reference_prompt_tokens: int = 0
+
+    def ttft_for(self, prompt_tokens: int) -> float:
+        """The TTFT SLO of a request with ``prompt_tokens``."""
+        return self.ttft_s + self.ttft_s_per_token * max(0, prompt_tokens - self.reference_prompt_tokens)
 
 
 # -- what a policy reads --------------------------------------------------------------------

@@ -682,7 +682,8 @@ class Simulation:
         ttft = np.array([rec.first_token_s - rec.request.arrival_s for rec in completed])
         tbt = np.array([(rec.finish_s - rec.first_token_s) / (rec.request.output_tokens - 1)
                         if rec.request.output_tokens > 1 else 0.0 for rec in completed])
-        ttft_slo = np.array([self.model_info[rec.request.model].slo.ttft_s for rec in completed])
+        ttft_slo = np.array([self.model_info[rec.request.model].slo.ttft_for(rec.request.prompt_tokens)
+                             for rec in completed])
         tbt_slo = np.array([self.model_info[rec.request.model].slo.tbt_s for rec in completed])
         ttft_ok = ttft <= ttft_slo
         tbt_ok = tbt <= tbt_slo

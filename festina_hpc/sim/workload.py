@@ -73,6 +73,7 @@ DEFAULT_MODEL_MIX: tuple[str, ...] = (
 DEFAULT_TTFT_MULTIPLIER = 5.0
 DEFAULT_TBT_MULTIPLIER = 5.0
 DEFAULT_REFERENCE_PROMPT_TOKENS = 1024
+LONG_PROMPT_TOKENS = 8192  # where the TTFT SLO's per-token slope is measured
 
 GB = 1e9  # load bandwidths are in decimal GB/s, as storage and PCIe are quoted
 
@@ -484,22 +485,27 @@ def default_slo(store: ProfileStore, gpu: str, model: str, ttft_multiplier: floa
     policy that lets requests wait behind long prefills. With 1024 tokens,
     llama-3.1-8b on h100-sxm-80gb gets about 0.22 s TTFT and 69 ms TBT.
 
-    The TTFT SLO is per model, not per request: a prompt much longer than the
-    reference misses it even on an idle GPU at max clock. With 5x and 1024
-    tokens on h100-sxm-80gb that is from about 5,400-6,000 prompt tokens
-    (depending on the model): 8-10% of the Azure code trace's requests and
-    0.2% of the conv trace's, for every policy alike, which caps the SLO
-    attainment any policy can reach on the code trace near 0.9.
+    A prompt longer than the reference gets a TTFT SLO that grows with it:
+    ``ttft_multiplier`` x the extra unloaded prefill time per token (the slope
+    of the profile between the reference and ``LONG_PROMPT_TOKENS``, or the
+    table's longest context if shorter). Without
+    it, prompts beyond about 5,400-6,000 tokens (8-10% of the Azure code
+    trace) would miss their SLO even on an idle GPU, for every policy alike.
     """
     if not (math.isfinite(ttft_multiplier) and ttft_multiplier > 0):
         raise TraceError(f"ttft_multiplier must be a positive number, got {ttft_multiplier!r}")
     if not (math.isfinite(tbt_multiplier) and tbt_multiplier > 0):
         raise TraceError(f"tbt_multiplier must be a positive number, got {tbt_multiplier!r}")
-    if reference_prompt_tokens < 1:
-        raise TraceError(f"reference_prompt_tokens must be >= 1, got {reference_prompt_tokens}")
+    if not 1 <= reference_prompt_tokens < LONG_PROMPT_TOKENS:
+        raise TraceError(f"reference_prompt_tokens must be in 1..{LONG_PROMPT_TOKENS - 1}, "
+                         f"got {reference_prompt_tokens}")
     prefill = store.predict(gpu, model, "prefill", batch=1, context_tokens=reference_prompt_tokens, sm_pct=100.0)
     decode = store.predict(gpu, model, "decode", batch=1, context_tokens=reference_prompt_tokens, sm_pct=100.0)
-    return Slo(ttft_s=ttft_multiplier * prefill.latency_s, tbt_s=tbt_multiplier * decode.latency_s)
+    long_tokens = int(min(LONG_PROMPT_TOKENS, store.table(gpu, model).bounds("context_tokens")[1]))
+    long = store.predict(gpu, model, "prefill", batch=1, context_tokens=long_tokens, sm_pct=100.0)
+    per_token_s = max(0.0, (long.latency_s - prefill.latency_s) / max(1, long_tokens - reference_prompt_tokens))
+    return Slo(ttft_s=ttft_multiplier * prefill.latency_s, tbt_s=tbt_multiplier * decode.latency_s,
+               ttft_s_per_token=ttft_multiplier * per_token_s, reference_prompt_tokens=reference_prompt_tokens)
 
 
 # ---------------------------------------------------------------- cold starts

@@ -384,6 +384,9 @@ def test_default_slo_is_multiple_of_unloaded_latency(synthetic_store: ProfileSto
     decode_s, _ = synthetic_point("decode", 1, 512, 100, 1980)
     assert slo.ttft_s == pytest.approx(4.0 * prefill_s)
     assert slo.tbt_s == pytest.approx(2.0 * decode_s)
+    long_s, _ = synthetic_point("prefill", 1, 2048, 100, 1980)  # the synthetic table's longest context
+    assert slo.ttft_for(512) == slo.ttft_for(100) == slo.ttft_s
+    assert slo.ttft_for(2048) == pytest.approx(4.0 * long_s)
 
 
 @pytest.mark.parametrize("kwargs", [{"ttft_multiplier": 0.0}, {"tbt_multiplier": -1.0},
