@@ -32,6 +32,7 @@ from enum import IntEnum
 from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request
 from festina_hpc.profiles.specs import GpuSpec
 from festina_hpc.profiles.table import ProfileTable
+from festina_hpc.sim.workload import FAST_LOAD, STANDARD_LOAD
 
 RATE_HALF_LIFE_S = 60.0  # arrival-rate estimates forget with this half-life
 
@@ -59,11 +60,12 @@ class ClusterConfig:
     node_wake_s: float = 180.0  # power-on to slurmd registered (BIOS, OS boot, driver load)
     usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
     max_prefill_tokens: int = 8192  # prompt tokens per prefill step (vLLM max_num_batched_tokens)
-    # Loading weights: engine start plus weights per GPU over the load bandwidth.
-    load_init_s: float = 10.0
-    load_gbs: float = 2.5  # safetensors from local NVMe, per GPU
-    fast_load_init_s: float = 2.0
-    fast_load_gbs: float = 20.0  # ServerlessLLM's multi-tier loading
+    # Loading weights: engine start plus weights per GPU over the load bandwidth; the defaults
+    # are the documented presets of sim/workload.py.
+    load_init_s: float = STANDARD_LOAD.engine_init_s
+    load_gbs: float = STANDARD_LOAD.load_bandwidth_gbs  # safetensors from local NVMe, per GPU
+    fast_load_init_s: float = FAST_LOAD.engine_init_s
+    fast_load_gbs: float = FAST_LOAD.load_bandwidth_gbs  # ServerlessLLM's multi-tier loading
     host_cache_gbs: float = 20.0  # reload from a node's host-memory cache
     host_cache_models: int = 4  # models a node keeps in host memory after unloading
     load_dynamic_w: float = 30.0  # GPU power above idle while loading weights

@@ -1,0 +1,157 @@
+"""``festina sim``: run, compare and bound policies on a trace; ``festina demo``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+
+from festina_hpc.cli.common import AppContext, pass_app
+from festina_hpc.policy.base import policy_names
+from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
+from festina_hpc.sim.simulator import SimResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def experiment_options(func: F) -> F:
+    """The options every ``sim`` command shares; unset ones come from the config's [sim]/[cluster]."""
+    options = [
+        click.option("--trace", required=True, help="CSV trace (TIMESTAMP, ContextTokens, GeneratedTokens[, model]) "
+                                                    "or a shipped one: azure-code, azure-conv."),
+        click.option("--models", type=click.IntRange(min=1), default=None,
+                     help="The first N models of the default mix [config: sim.models]."),
+        click.option("--model-mix", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                     help="File naming the models, one per line, optional ',weight'."),
+        click.option("--popularity", default=None, help="zipf:S or uniform [config: sim.popularity]."),
+        click.option("--seed", type=int, default=None),
+        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="2.0 replays the trace twice as fast."),
+        click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Only requests arriving in the first S seconds (after scaling)."),
+        click.option("--nodes", type=click.IntRange(min=1), default=None),
+        click.option("--gpus-per-node", type=click.IntRange(min=1), default=None),
+        click.option("--gpu", default=None, help="GPU type or alias, e.g. h100 [config: cluster.gpu_type]."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Folder for the results."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options(kwargs: dict[str, Any]) -> ExperimentOptions:
+    return ExperimentOptions(**{k: kwargs[k] for k in ("trace", "models", "model_mix", "popularity", "seed",
+                                                        "rate_scale", "duration_s", "nodes", "gpus_per_node",
+                                                        "gpu")})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def _policies(spec: str) -> list[str]:
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    known = policy_names()
+    for name in names:
+        if name not in known:
+            raise click.BadParameter(f"unknown policy {name!r} (known: {', '.join(known)})",
+                                     param_hint="'--policies'")
+    return names
+
+
+@click.group("sim")
+def sim() -> None:
+    """Trace-driven simulation of policies on a GPU cluster."""
+
+
+@sim.command("run")
+@click.option("--policy", required=True, help="A registered policy name.")
+@experiment_options
+@pass_app
+def run_cmd(app: AppContext, policy: str, out_dir: Path, **kwargs: Any) -> None:
+    """Simulate one policy; writes OUT/result.json and OUT/config.json."""
+    _policies(policy)
+    store = app.profile_store()
+    experiment = build_experiment(app.config, store, _options(kwargs))
+    result = experiment.run(store, policy)
+    experiment.write_config(out_dir)
+    _write_json(out_dir / "result.json", result.as_dict())
+    click.echo(_one_line(result) + f"; wrote {out_dir / 'result.json'}")
+
+
+def _one_line(result: SimResult) -> str:
+    return (f"{result.policy}: {result.energy_j / 3.6e6:.2f} kWh, {result.energy_per_token_j:.3f} J/token, "
+            f"SLO attainment {result.slo_attainment:.3f}, {result.requests_dropped} dropped, "
+            f"{result.sim_time_s / max(result.sim_wall_s, 1e-9):,.0f}x real time")
+
+
+def run_comparison(app: AppContext, policies: list[str], options: ExperimentOptions, out_dir: Path,
+                   console: Console) -> tuple[list[SimResult], Path]:
+    from festina_hpc.sim.bound import energy_lower_bound
+    from festina_hpc.sim.report import write_comparison
+
+    store = app.profile_store()
+    experiment = build_experiment(app.config, store, options)
+    experiment.write_config(out_dir)
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("simulating", total=len(policies))
+        for name in policies:
+            progress.update(task, description=f"simulating {name}")
+            results.append(experiment.run(store, name))
+            progress.advance(task)
+    bound = energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos)
+    write_comparison(results, bound, out_dir)
+    return results, out_dir / "comparison.md"
+
+
+@sim.command("compare")
+@click.option("--policies", required=True, help="Comma-separated policy names.")
+@experiment_options
+@pass_app
+def compare_cmd(app: AppContext, policies: str, out_dir: Path, **kwargs: Any) -> None:
+    """Run policies on the identical workload; writes comparison.json, comparison.md and plots."""
+    console = Console()
+    _, markdown = run_comparison(app, _policies(policies), _options(kwargs), out_dir, console)
+    console.print(markdown.read_text(encoding="utf-8"), markup=False, highlight=False)
+    click.echo(f"wrote {out_dir}/comparison.json, comparison.md and plots")
+
+
+@sim.command("bound")
+@experiment_options
+@pass_app
+def bound_cmd(app: AppContext, out_dir: Path, **kwargs: Any) -> None:
+    """A lower bound on the energy any policy could spend on the workload; writes OUT/bound.json."""
+    from festina_hpc.sim.bound import energy_lower_bound
+
+    store = app.profile_store()
+    experiment = build_experiment(app.config, store, _options(kwargs))
+    bound = energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos)
+    experiment.write_config(out_dir)
+    _write_json(out_dir / "bound.json", bound.as_dict())
+    click.echo(f"lower bound: {bound.energy_j / 3.6e6:.2f} kWh; wrote {out_dir / 'bound.json'}")
+
+
+DEMO_POLICIES = ("vllm", "serverlessllm", "muxserve", "llumnix", "dynamollm", "festina")
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("festina-demo"),
+              show_default=True)
+@pass_app
+def demo(app: AppContext, out_dir: Path) -> None:
+    """A short comparison of every shipped policy on the Azure conv trace (30 minutes, 4 models, 8 GPUs)."""
+    known = policy_names()
+    policies = [p for p in DEMO_POLICIES if p in known]
+    options = ExperimentOptions(trace="azure-conv", models=4, duration_s=1800.0, nodes=1, gpus_per_node=8)
+    console = Console()
+    _, markdown = run_comparison(app, policies, options, out_dir, console)
+    console.print(markdown.read_text(encoding="utf-8"), markup=False, highlight=False)
+    click.echo(f"wrote {out_dir}/comparison.json, comparison.md and plots")

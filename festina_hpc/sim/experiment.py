@@ -1,0 +1,118 @@
+"""One simulation experiment: a workload, SLOs and a cluster resolved from the config and options.
+
+Every policy in a comparison runs on the same ``Experiment`` (same requests,
+seed, SLOs, cluster figures and profiles), and its resolved settings are
+written next to every result (``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from festina_hpc.config import Config
+from festina_hpc.errors import TraceError
+from festina_hpc.policy.base import PolicyContext, make_policy
+from festina_hpc.policy.types import Request, Slo
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.simulator import SimResult, Simulation
+from festina_hpc.sim.workload import (
+    DEFAULT_MODEL_MIX,
+    build_requests,
+    default_slo,
+    load_trace,
+    parse_popularity,
+    read_model_mix,
+    shipped_trace,
+    split_model_mix,
+)
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    """What a user chooses per run; ``None`` takes the config's value."""
+
+    trace: str  # a CSV path, or a shipped trace name (azure-code, azure-conv)
+    models: int | None = None
+    model_mix: Path | None = None
+    popularity: str | None = None
+    seed: int | None = None
+    rate_scale: float | None = None
+    duration_s: float | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    gpu: str | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    requests: list[Request]
+    slos: dict[str, Slo]
+    cluster: ClusterConfig
+    keep_alive_s: float
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, store: ProfileStore, policy_name: str) -> SimResult:
+        context = PolicyContext(store, self.cluster.gpu_type, keep_alive_s=self.keep_alive_s)
+        policy = make_policy(policy_name, context)
+        return Simulation(self.cluster, store, policy, self.requests, self.slos).run()
+
+    def write_config(self, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "config.json"
+        path.write_text(json.dumps(self.resolved, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def trace_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    return path if path.suffix or path.exists() else shipped_trace(name_or_path)
+
+
+def build_experiment(config: Config, store: ProfileStore, options: ExperimentOptions) -> Experiment:
+    sim = config.sim
+    seed = sim.seed if options.seed is None else options.seed
+    rate_scale = sim.rate_scale if options.rate_scale is None else options.rate_scale
+    duration_s = sim.duration_s if options.duration_s is None else options.duration_s
+    popularity = parse_popularity(options.popularity or sim.popularity)
+    cluster = dataclasses.replace(
+        config.cluster,
+        nodes=options.nodes or config.cluster.nodes,
+        gpus_per_node=options.gpus_per_node or config.cluster.gpus_per_node,
+        gpu_type=store.gpu(options.gpu or config.cluster.gpu_type).name)
+    if options.model_mix is not None:
+        names, weights = split_model_mix(read_model_mix(options.model_mix))
+        models = [store.model(m).name for m in names]
+    else:
+        count = options.models or sim.models
+        if not 1 <= count <= len(DEFAULT_MODEL_MIX):
+            raise TraceError(f"models = {count} must be between 1 and {len(DEFAULT_MODEL_MIX)} "
+                             f"(the default mix); use --model-mix for others")
+        models, weights = list(DEFAULT_MODEL_MIX[:count]), None
+    path = trace_path(options.trace)
+    trace = load_trace(path)
+    requests = build_requests(trace, models, popularity, np.random.default_rng(seed), rate_scale=rate_scale,
+                              duration_s=duration_s or None, weights=weights)
+    overrides = {store.model(name).name: override for name, override in config.slo.items()}
+    slos = {}
+    for model in sorted({r.model for r in requests} | set(models)):
+        override = overrides.get(model)
+        if override is not None:
+            slos[model] = Slo(override.ttft_s, override.tbt_s)
+        else:
+            slos[model] = default_slo(store, cluster.gpu_type, model, sim.ttft_slo_multiplier,
+                                      sim.tbt_slo_multiplier)
+    resolved = {
+        "trace": str(path), "requests": len(requests), "models": models, "weights": weights,
+        "popularity": str(popularity), "seed": seed, "rate_scale": rate_scale, "duration_s": duration_s or None,
+        "cluster": dataclasses.asdict(cluster), "keep_alive_s": sim.keep_alive_s,
+        "slos": {m: dataclasses.asdict(s) for m, s in slos.items()}, "profiles_dir": str(store.dir),
+        "config_file": config.source,
+    }
+    return Experiment(requests, slos, cluster, sim.keep_alive_s, resolved)
