@@ -50,3 +50,37 @@ def bench_profiles(app: AppContext, gpu: str, model: str, queries: int, seed: in
         click.echo(f"festina profiles predict, {figures['predict_processes']} (GPU, model) pairs: "
                    f"median {figures['predict_process_s_median']:.2f} s, max {figures['predict_process_s_max']:.2f} s "
                    f"per process ({figures['predict_process_s_slowest_pair']})")
+
+
+@bench.command("sim")
+@click.option("--policy", default="vllm", show_default=True)
+@click.option("--nodes", "node_counts", default="1,4,16,64", show_default=True,
+              help="Cluster sizes (8 GPUs per node) for the cost-per-request scaling.")
+@click.option("--models", type=click.IntRange(min=1), default=4, show_default=True)
+@json_option
+@pass_app
+def bench_sim(app: AppContext, policy: str, node_counts: str, models: int, as_json: bool) -> None:
+    """Simulator speed: real-time factor on the 1-hour Azure conv trace, cost per request vs cluster size."""
+    from festina_hpc.sim.bench import run_sim_bench
+
+    try:
+        counts = [int(n) for n in node_counts.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{node_counts!r} is not a comma-separated list of ints",
+                                 param_hint="'--nodes'") from None
+    figures = run_sim_bench(app.config, app.profile_store(), policy, counts, models)
+    if as_json:
+        echo_json(figures)
+        return
+    click.echo(f"{figures['policy']} on the 1-hour Azure conv trace ({figures['requests']:,} requests, "
+               f"{figures['models']} models, 8 GPUs): {figures['sim_wall_s']:.2f} s wall, "
+               f"{figures['realtime_factor']:,.0f}x faster than real time")
+    table = Table(title=f"Cost per simulated request vs cluster size ({figures['scaling_duration_s']:g} s of "
+                        "the trace, one copy per node)")
+    for column in ("nodes", "GPUs", "requests", "wall s", "us/request", "events", "SLO attainment"):
+        table.add_column(column, justify="right")
+    for row in figures["scaling"]:
+        table.add_row(str(row["nodes"]), str(row["gpus"]), f"{row['requests']:,}", f"{row['wall_s']:.2f}",
+                      f"{row['us_per_request']:.1f}", f"{row['events']:,}", f"{row['slo_attainment']:.3f}")
+    Console().print(table)
+    click.echo(f"us/request, largest over smallest: {figures['us_per_request_max_over_min']:.2f}")

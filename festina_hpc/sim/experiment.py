@@ -48,6 +48,7 @@ class ExperimentOptions:
     nodes: int | None = None
     gpus_per_node: int | None = None
     gpu: str | None = None
+    copies: int = 1  # superpose this many copies of the trace (independent model draws): copies x the load
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,16 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
         models, weights = list(DEFAULT_MODEL_MIX[:count]), None
     path = trace_path(options.trace)
     trace = load_trace(path)
-    requests = build_requests(trace, models, popularity, np.random.default_rng(seed), rate_scale=rate_scale,
-                              duration_s=duration_s or None, weights=weights)
+    if options.copies < 1:
+        raise TraceError(f"copies = {options.copies} must be at least 1")
+    requests = []
+    for copy in range(options.copies):
+        rng = np.random.default_rng(seed if copy == 0 else [seed, copy])
+        requests += build_requests(trace, models, popularity, rng, rate_scale=rate_scale,
+                                   duration_s=duration_s or None, weights=weights)
+    if options.copies > 1:
+        requests.sort(key=lambda r: r.arrival_s)
+        requests = [dataclasses.replace(r, id=i) for i, r in enumerate(requests)]
     overrides = {store.model(name).name: override for name, override in config.slo.items()}
     slos = {}
     for model in sorted({r.model for r in requests} | set(models)):
@@ -111,6 +120,7 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
     resolved = {
         "trace": str(path), "requests": len(requests), "models": models, "weights": weights,
         "popularity": str(popularity), "seed": seed, "rate_scale": rate_scale, "duration_s": duration_s or None,
+        "copies": options.copies,
         "cluster": dataclasses.asdict(cluster), "keep_alive_s": sim.keep_alive_s,
         "slos": {m: dataclasses.asdict(s) for m, s in slos.items()}, "profiles_dir": str(store.dir),
         "config_file": config.source,
