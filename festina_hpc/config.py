@@ -69,6 +69,9 @@ class SimConfig:
     ttft_slo_multiplier: float = 5.0
     tbt_slo_multiplier: float = 5.0
     keep_alive_s: float = 60.0  # idle time after which scale-to-zero policies stop an instance
+    # The trace starts this late, so that policies that deploy models up front can load them first;
+    # every policy is charged for the same span.
+    warmup_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
                                     ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
-_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s")}
+_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is off.
 _POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
               if f.type in ("int", "float") and f.name != "node_off_w"}

@@ -107,7 +107,7 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
                                    duration_s=duration_s or None, weights=weights)
     if options.copies > 1:
         requests.sort(key=lambda r: r.arrival_s)
-        requests = [dataclasses.replace(r, id=i) for i, r in enumerate(requests)]
+    requests = [dataclasses.replace(r, id=i, arrival_s=r.arrival_s + sim.warmup_s) for i, r in enumerate(requests)]
     overrides = {store.model(name).name: override for name, override in config.slo.items()}
     slos = {}
     for model in sorted({r.model for r in requests} | set(models)):
@@ -120,7 +120,7 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
     resolved = {
         "trace": str(path), "requests": len(requests), "models": models, "weights": weights,
         "popularity": str(popularity), "seed": seed, "rate_scale": rate_scale, "duration_s": duration_s or None,
-        "copies": options.copies,
+        "copies": options.copies, "warmup_s": sim.warmup_s,
         "cluster": dataclasses.asdict(cluster), "keep_alive_s": sim.keep_alive_s,
         "slos": {m: dataclasses.asdict(s) for m, s in slos.items()}, "profiles_dir": str(store.dir),
         "config_file": config.source,

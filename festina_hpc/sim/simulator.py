@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +117,8 @@ class Simulation:
             ids = range(n * config.gpus_per_node, (n + 1) * config.gpus_per_node)
             self.node_list.append(SimNode(n, ids))
             self.gpu_list.extend(SimGpu(g, n, self.spec) for g in ids)
-        self._free = set(range(len(self.gpu_list)))
+        # Free GPUs per node, so finding free GPUs walks nodes in order and stops early.
+        self._free: list[set[int]] = [set(node.gpus) for node in self.node_list]
         self.model_info: dict[str, ModelInfo] = {}
         self.tables = {}
         for name in sorted({r.model for r in requests} | set(slos)):
@@ -182,8 +183,9 @@ class Simulation:
     def nodes(self) -> Sequence[SimNode]:
         return self.node_list
 
-    def free_gpus(self) -> Sequence[int]:
-        return sorted(self._free)
+    def free_gpus(self) -> Iterator[int]:
+        for free in self._free:
+            yield from sorted(free)
 
     def model_rate_per_s(self, model: str) -> float:
         rate, since = self._model_rate[model]
@@ -416,7 +418,7 @@ class Simulation:
             gpu.instances.append(inst.id)
             gpu.sm_pct_allocated += inst.sm_pct
             gpu.memory_fraction_allocated += inst.memory_fraction
-            self._free.discard(g)
+            self._free[gpu.node].discard(g)
             self._dirty.add(g)
         events: list[Event] = []
         if node.power is NodePower.OFF:
@@ -508,7 +510,7 @@ class Simulation:
             gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction)
             self._refresh_loading(gpu)
             if not gpu.instances and self.node_list[gpu.node].power is not NodePower.OFF:
-                self._free.add(g)
+                self._free[gpu.node].add(g)
             self._dirty.add(g)
         del self.live[inst.id]
         self._by_model[inst.model].remove(inst)
@@ -532,7 +534,7 @@ class Simulation:
             gpu.integrate(self._now)
             gpu.powered = True
             if not gpu.instances:
-                self._free.add(g)
+                self._free[node.id].add(g)
         return [self.events.event(node.ready_at_s, EventKind.NODE_READY, node.id)]
 
     def _node_ready(self, node: SimNode) -> list[Event]:
@@ -560,7 +562,7 @@ class Simulation:
             gpu = self.gpu_list[g]
             gpu.integrate(self._now)
             gpu.powered = False
-            self._free.discard(g)
+            self._free[node.id].discard(g)
 
     # -- plans and control ------------------------------------------------------------------------
 
