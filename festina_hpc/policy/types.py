@@ -194,7 +194,9 @@ class StartInstance:
 
     ``memory_fraction`` of each GPU's usable memory is the instance's (weights plus KV cache);
     the fractions of the instances sharing a GPU sum to at most 1. A node that is off is woken
-    first, and the instance loads once it is up.
+    first, and the instance loads once it is up. ``evict`` names idle instances (ready, holding
+    no request) to stop first to make room, as a keep-alive cache evicts on demand; the start
+    is checked as if they were gone, and nothing is stopped when the start is refused.
     """
 
     model: str
@@ -202,6 +204,7 @@ class StartInstance:
     sm_pct: float = 100.0
     batch_cap: int = 256
     memory_fraction: float = 1.0
+    evict: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,21 @@ class Migrate:
 
 
 @dataclass(frozen=True)
+class MoveQueued:
+    """Move up to ``count`` requests still waiting for admission from one instance to another.
+
+    Requests leave from the back of the source's queue (the latest arrivals, in their order)
+    and join the back of the target's; both must serve the same model and take requests.
+    Queued requests hold no KV cache, so the move is free (Llumnix's migration of a request
+    that has not started yet).
+    """
+
+    from_instance: int
+    to_instance: int
+    count: int
+
+
+@dataclass(frozen=True)
 class PowerOff:
     """Power a node down (it must hold no instance)."""
 
@@ -252,7 +270,7 @@ class PowerOn:
     node: int
 
 
-Action = StartInstance | StopInstance | Migrate | PowerOff | PowerOn
+Action = StartInstance | StopInstance | Migrate | MoveQueued | PowerOff | PowerOn
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from festina_hpc.policy.types import (
     InstancePhase,
     Migrate,
     ModelInfo,
+    MoveQueued,
     NodePower,
     Placement,
     Plan,
@@ -81,6 +82,7 @@ class SimResult:
     gpu_hours_powered: float
     node_hours_powered: float
     migrations: int
+    request_migrations: int  # queued requests moved between instances (MoveQueued)
     cold_starts: int
     invalid_decisions: int
     sim_time_s: float
@@ -139,6 +141,7 @@ class Simulation:
         self._arrivals_left = len(requests)
         self.cold_starts = 0
         self.migrations = 0
+        self.request_migrations = 0
         self.invalid_decisions = 0
         self.clamped_lookups = 0
         self.drop_reasons: Counter[str] = Counter()
@@ -209,20 +212,22 @@ class Simulation:
         return self._result(time.perf_counter() - started)
 
     def _handle(self, e: Event) -> Iterable[Event]:
-        self._now = e.time_s
+        if e.kind >= EventKind.CONTROL_TICK and self._arrivals_left == 0 and self._outstanding == 0:
+            # The run ends with its last request; a periodic tick due later (up to a policy's period)
+            # must not stretch the measured window, or energy would depend on the tick periods.
+            return ()
         kind = e.kind
-        if kind is EventKind.STEP_DONE:
+        if kind is EventKind.STEP_DONE or kind is EventKind.INSTANCE_READY:
             inst = self.live.get(e.payload)
             if inst is None or e.version != inst.version:
-                return ()
-            return self._step_done(inst)
+                return ()  # superseded: not an event of this run, so it does not move the clock either
+        self._now = e.time_s
+        if kind is EventKind.STEP_DONE:
+            return self._step_done(self.live[e.payload])
         if kind is EventKind.ARRIVAL:
             return self._arrival(e.payload)
         if kind is EventKind.INSTANCE_READY:
-            inst = self.live.get(e.payload)
-            if inst is None or e.version != inst.version:
-                return ()
-            return self._instance_ready(inst)
+            return self._instance_ready(self.live[e.payload])
         if kind is EventKind.NODE_READY:
             return self._node_ready(self.node_list[e.payload])
         if kind is EventKind.SAMPLE:
@@ -368,7 +373,8 @@ class Simulation:
 
     # -- instances --------------------------------------------------------------------------------
 
-    def _check_start(self, decision: StartInstance | Migrate, model: str) -> SimNode:
+    def _check_start(self, decision: StartInstance | Migrate, model: str,
+                     evicted: Sequence[SimInstance] = ()) -> SimNode:
         info = self.model_info.get(model)
         if info is None:
             raise InvalidDecision(f"unknown model {model}")
@@ -384,9 +390,12 @@ class Simulation:
         usable = self.spec.memory_bytes * self.config.usable_memory_frac
         for g in decision.gpus:
             gpu = self.gpu_list[g]
-            if gpu.sm_pct_allocated + decision.sm_pct > 100 + 1e-6:
+            gone = [i for i in evicted if g in i.gpus]
+            sm_pct = gpu.sm_pct_allocated - sum(i.pending_sm_pct or i.sm_pct for i in gone)
+            memory_fraction = gpu.memory_fraction_allocated - sum(i.memory_fraction for i in gone)
+            if sm_pct + decision.sm_pct > 100 + 1e-6:
                 raise InvalidDecision(f"GPU {g}: SM shares would exceed 100%")
-            if gpu.memory_fraction_allocated + decision.memory_fraction > 1 + 1e-6:
+            if memory_fraction + decision.memory_fraction > 1 + 1e-6:
                 raise InvalidDecision(f"GPU {g}: memory fractions would exceed 1")
         if info.weights_bytes_per_gpu >= decision.memory_fraction * usable:
             raise InvalidDecision(f"{model} weights do not fit in {decision.memory_fraction:g} of a GPU")
@@ -397,10 +406,13 @@ class Simulation:
         name = decision.model if isinstance(decision, StartInstance) else model
         assert name is not None
         try:
-            node = self._check_start(decision, name)
+            evicted = self._evictees(decision.evict if isinstance(decision, StartInstance) else ())
+            node = self._check_start(decision, name, evicted)
         except InvalidDecision:
             self.invalid_decisions += 1
             raise
+        for victim in evicted:
+            self._remove(victim)
         info = self.model_info[name]
         usable = self.spec.memory_bytes * self.config.usable_memory_frac
         kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
@@ -430,6 +442,17 @@ class Simulation:
         else:
             self.migrations += 1
         return inst, events
+
+    def _evictees(self, instance_ids: Iterable[int]) -> list[SimInstance]:
+        """The instances a start may stop first: each must be ready and hold no request."""
+        victims: list[SimInstance] = []
+        for i in dict.fromkeys(instance_ids):
+            inst = self.live.get(i)
+            if (inst is None or inst.phase is not InstancePhase.READY or inst.activity is not Activity.IDLE
+                    or inst.holds_work):
+                raise InvalidDecision(f"instance {i} is not idle and cannot be evicted")
+            victims.append(inst)
+        return victims
 
     def _load_s(self, inst: SimInstance) -> float:
         c = self.config
@@ -506,7 +529,8 @@ class Simulation:
             if was_loading:
                 gpu.loading_w = max(0.0, gpu.loading_w - self.config.load_dynamic_w)
             gpu.instances.remove(inst.id)
-            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - inst.sm_pct)
+            # A share changed while the instance was busy or loading is reserved but not yet applied.
+            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - (inst.pending_sm_pct or inst.sm_pct))
             gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction)
             self._refresh_loading(gpu)
             if not gpu.instances and self.node_list[gpu.node].power is not NodePower.OFF:
@@ -596,12 +620,36 @@ class Simulation:
             except InvalidDecision:
                 self.invalid_decisions -= 1
                 raise
+        if isinstance(action, MoveQueued):
+            return self._move_queued(action)
         if isinstance(action, PowerOff):
             self._power_off(self._node_of(action.node))
             return []
         if isinstance(action, PowerOn):
             return self._power_on(self._node_of(action.node))
         raise InvalidDecision(f"unknown action {action!r}")
+
+    def _move_queued(self, action: MoveQueued) -> list[Event]:
+        source = self.live.get(action.from_instance)
+        target = self.live.get(action.to_instance)
+        if (source is None or target is None or source is target or source.model != target.model
+                or source.phase > InstancePhase.READY or target.phase > InstancePhase.READY or action.count < 1):
+            raise InvalidDecision(f"cannot move requests from {action.from_instance} to {action.to_instance}")
+        n = min(action.count, len(source.queue))
+        if n == 0:
+            return []
+        moved = [source.queue.pop() for _ in range(n)]
+        target.queue.extend(reversed(moved))
+        self.request_migrations += n
+        target.last_busy_s = self._now
+        self._dirty.update(source.gpus)
+        self._dirty.update(target.gpus)
+        if target.phase is InstancePhase.READY:
+            if target.activity is Activity.IDLE:
+                return self._next_step(target)
+            if target.activity is Activity.DECODE:
+                return self._interrupt(target)
+        return []
 
     def _node_of(self, node_id: int) -> SimNode:
         if not 0 <= node_id < len(self.node_list):
@@ -628,13 +676,18 @@ class Simulation:
             clock = min(supported, key=lambda c: abs(c - settings.clock_mhz))  # type: ignore[operator]
             if clock != gpu.clock_mhz:
                 gpu.clock_mhz = clock
-        for instance_id, sm_pct in settings.sm_pct.items():
+        # Shrinking shares first lets one settings object move SMs from one instance to another.
+        def growth(item: tuple[int, float]) -> float:
+            inst = self.live.get(item[0])
+            return item[1] - (inst.pending_sm_pct or inst.sm_pct) if inst is not None else 0.0
+
+        for instance_id, sm_pct in sorted(settings.sm_pct.items(), key=growth):
             inst = self.live.get(instance_id)
             if inst is None or gpu.id not in inst.gpus or not 0 < sm_pct <= 100:
                 self.invalid_decisions += 1
                 continue
-            others = gpu.sm_pct_allocated - (inst.pending_sm_pct or inst.sm_pct)
-            if others + sm_pct > 100 + 1e-6:
+            current = inst.pending_sm_pct or inst.sm_pct
+            if any(self.gpu_list[g].sm_pct_allocated - current + sm_pct > 100 + 1e-6 for g in inst.gpus):
                 self.invalid_decisions += 1
                 continue
             # The share is reserved now; the instance runs with it from its next step.
@@ -710,7 +763,8 @@ class Simulation:
             tbt_attainment=float(np.sum(tbt_ok) / n) if n else 1.0,
             ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
             gpu_hours_powered=gpu_powered_s / 3600, node_hours_powered=sum(n.powered_s for n in self.node_list) / 3600,
-            migrations=self.migrations, cold_starts=self.cold_starts, invalid_decisions=self.invalid_decisions,
+            migrations=self.migrations, request_migrations=self.request_migrations,
+            cold_starts=self.cold_starts, invalid_decisions=self.invalid_decisions,
             sim_time_s=self._now, sim_wall_s=wall_s, events=self.events.handled,
             drop_reasons=dict(self.drop_reasons), clamped_lookups=self.clamped_lookups, per_model=per_model,
             power_timeline=self._timeline)

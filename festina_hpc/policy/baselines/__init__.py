@@ -3,4 +3,4 @@
 Importing this package registers them.
 """
 
-from festina_hpc.policy.baselines import vllm  # noqa: F401
+from festina_hpc.policy.baselines import dynamollm, llumnix, muxserve, serverlessllm, vllm  # noqa: F401

@@ -1,0 +1,319 @@
+"""Each baseline's mechanism, checked on the real simulator with small seeded workloads and on a fake view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from festina_hpc.policy.base import PolicyContext, UnknownPolicyError, make_policy, policy_names
+from festina_hpc.policy.baselines.dynamollm import DynamoLlmPolicy
+from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
+from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
+from festina_hpc.policy.types import (
+    ClusterView,
+    GpuSettings,
+    InstancePhase,
+    MoveQueued,
+    Plan,
+    Request,
+    Route,
+    StartInstance,
+    StopInstance,
+)
+from tests.policy.conftest import (
+    GPU,
+    POLICIES,
+    STORE,
+    FakeInstance,
+    FakeView,
+    bursts,
+    make_policy_for,
+    poisson_requests,
+    request,
+    simulate,
+    simulation,
+    used_gpus,
+)
+
+LIGHT_RATES = {"llama-3.1-8b": 2.0, "mistral-7b": 1.0, "llama-2-13b": 0.5}
+
+
+@pytest.fixture(scope="module")
+def light_workload() -> list[Request]:
+    return poisson_requests(np.random.default_rng(1), LIGHT_RATES, duration_s=120.0)
+
+
+# -- every policy ------------------------------------------------------------------------------------
+
+
+def test_every_baseline_is_registered() -> None:
+    assert set(POLICIES) <= set(policy_names())
+
+
+def test_unknown_policy_lists_the_known_names() -> None:
+    with pytest.raises(UnknownPolicyError) as err:
+        make_policy("nope", PolicyContext(STORE, GPU))
+    for name in POLICIES:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_serves_a_light_workload_completely(name: str, light_workload: list[Request]) -> None:
+    result = simulate(name, light_workload)
+    assert len(light_workload) > 300
+    assert result.requests_completed == len(light_workload)
+    assert result.requests_dropped == 0
+    assert result.invalid_decisions == 0
+    assert result.tbt_attainment > 0.99
+
+
+# -- serverlessllm -----------------------------------------------------------------------------------
+
+
+def test_serverlessllm_cold_starts_after_each_gap_longer_than_keep_alive() -> None:
+    rates = {"llama-3.1-8b": 2.0, "mistral-7b": 1.0}
+    gappy = bursts(np.random.default_rng(2), rates, burst_s=30.0, gap_s=90.0, count=3)
+    assert simulate("serverlessllm", gappy, keep_alive_s=30.0).cold_starts == 3 * len(rates)
+    assert simulate("serverlessllm", gappy, keep_alive_s=120.0).cold_starts == len(rates)
+    assert simulate("vllm", gappy, keep_alive_s=30.0).cold_starts == len(rates)
+
+
+@pytest.mark.parametrize("idle_s,stopped", [(61.0, True), (59.0, False)])
+def test_serverlessllm_stops_an_instance_idle_past_keep_alive(idle_s: float, stopped: bool) -> None:
+    view = FakeView(now_s=1000.0)
+    idle = view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=1000.0 - idle_s))
+    view.add(FakeInstance(1, "mistral-7b", (1,), running=3, last_busy_s=0.0))  # busy: never stopped
+    plan = make_policy_for("serverlessllm", keep_alive_s=60.0).scale(view)
+    assert plan.actions == ((StopInstance(idle.id),) if stopped else ())
+
+
+@pytest.mark.parametrize("cached_on,expected_node", [({1}, 1), (set(), 0), ({0, 1}, 0)])
+def test_serverlessllm_starts_where_the_model_is_cached(cached_on: set[int], expected_node: int) -> None:
+    view = FakeView(nodes=2, gpus_per_node=4)
+    for n in cached_on:
+        view.node(n).cached.add("llama-3.1-8b")
+    decision = make_policy_for("serverlessllm").place(request(), view)
+    assert isinstance(decision, StartInstance)
+    assert {view.gpu(g).node for g in decision.gpus} == {expected_node}
+
+
+def test_serverlessllm_evicts_the_least_recently_used_idle_instance_when_no_gpu_is_free() -> None:
+    view = FakeView(gpus_per_node=2, now_s=100.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=80.0))
+    view.add(FakeInstance(1, "mistral-7b", (1,), last_busy_s=50.0))
+    policy = make_policy_for("serverlessllm", keep_alive_s=60.0)
+    assert not policy.scale(view)  # both within their keep-alive; it learns they are idle
+    decision = policy.place(request("llama-2-13b"), view)
+    assert decision == StartInstance("llama-2-13b", (1,), evict=(1,))
+
+
+def test_serverlessllm_serves_a_third_model_on_two_gpus_by_eviction() -> None:
+    requests = [request("llama-3.1-8b", rid=0, arrival_s=0.0), request("mistral-7b", rid=1, arrival_s=1.0),
+                request("llama-2-13b", rid=2, arrival_s=40.0), request("llama-2-13b", rid=3, arrival_s=41.0)]
+    result = simulate("serverlessllm", requests, gpus_per_node=2)
+    assert (result.requests_completed, result.cold_starts, result.invalid_decisions) == (4, 3, 0)
+    # vllm deploys two of the three models up front and never evicts: the third one's request is dropped.
+    assert simulate("vllm", requests, gpus_per_node=2).requests_dropped == 1
+
+
+# -- muxserve ----------------------------------------------------------------------------------------
+
+
+def test_muxserve_colocates_models_on_fewer_gpus_than_models(light_workload: list[Request]) -> None:
+    sim = simulation("muxserve", light_workload)
+    result = sim.run()
+    assert result.requests_completed == len(light_workload)
+    assert len(used_gpus(sim)) < len(LIGHT_RATES)
+    shared = [g for g in sim.gpus() if len(g.instances) >= 2]
+    assert shared
+    for gpu in sim.gpus():
+        assert gpu.sm_pct_allocated <= 100.0 + 1e-6
+        assert gpu.memory_fraction_allocated <= 1.0 + 1e-6
+    dedicated = simulation("vllm", light_workload)
+    dedicated.run()
+    assert len(used_gpus(dedicated)) == len(LIGHT_RATES)
+
+
+def test_muxserve_shares_follow_load_and_fit_the_gpu() -> None:
+    view = FakeView()
+    busy = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
+    quiet = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
+    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    assert isinstance(settings, GpuSettings)
+    shares = settings.sm_pct
+    assert shares[busy.id] > shares[quiet.id] >= 10.0
+    assert sum(shares.values()) <= 100.0
+    assert settings.clock_mhz is None  # default (max) clock
+
+
+def test_muxserve_shares_swap_when_the_load_does() -> None:
+    view = FakeView()
+    a = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
+    b = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
+    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    assert settings is not None and settings.sm_pct[b.id] > settings.sm_pct[a.id]
+
+
+def test_muxserve_leaves_shares_alone_within_the_step() -> None:
+    view = FakeView()
+    policy = make_policy_for("muxserve")
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
+    view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=40.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
+    first = policy.control(view.gpu(0), view)
+    assert first is not None
+    for instance_id, share in first.sm_pct.items():
+        view.instance(instance_id).sm_pct = share
+    assert policy.control(view.gpu(0), view) is None
+
+
+def test_muxserve_colocates_a_new_model_on_a_used_gpu_with_room() -> None:
+    view = FakeView(model_rates={"mistral-7b": 0.5})
+    policy = make_policy_for("muxserve")
+    assert isinstance(policy, MuxServePolicy)
+    first = policy.place(request("llama-3.1-8b"), view)
+    assert isinstance(first, StartInstance) and first.memory_fraction < 0.6 and first.sm_pct < 100
+    view.add(FakeInstance(0, first.model, first.gpus, sm_pct=first.sm_pct, memory_fraction=first.memory_fraction))
+    second = policy.place(request("mistral-7b"), view)
+    assert isinstance(second, StartInstance) and second.gpus == first.gpus
+    assert second.sm_pct + first.sm_pct <= 100 and second.memory_fraction + first.memory_fraction <= 1
+
+
+@pytest.mark.parametrize("needs,budget,expected", [
+    ({1: 30.0, 2: 30.0}, 100.0, {1: 50.0, 2: 50.0}),
+    ({1: 60.0, 2: 20.0}, 80.0, {1: 60.0, 2: 20.0}),
+    ({1: 95.0, 2: 1.0}, 100.0, {1: 90.0, 2: 10.0}),  # the minimum share holds
+    ({1: 0.0, 2: 0.0, 3: 0.0}, 90.0, {1: 30.0, 2: 30.0, 3: 30.0}),
+])
+def test_proportional_shares(needs: dict[int, float], budget: float, expected: dict[int, float]) -> None:
+    assert proportional_shares(needs, budget, 10.0) == expected
+
+
+# -- llumnix -----------------------------------------------------------------------------------------
+
+
+def _burst_behind_a_slow_load() -> list[Request]:
+    """A warm instance on node 0; at 21 s a burst that also needs a second instance on node 1, whose
+    weights are not cached there (a slow load): its queue waits while the warm one runs dry."""
+    return [request(rid=0, output_tokens=32)] + [
+        request(rid=i, output_tokens=32, arrival_s=21.0 + i * 1e-3) for i in range(1, 401)]
+
+
+class LlumnixWithoutMigration(LlumnixPolicy):
+    name = "test-llumnix-without-migration"
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        return Plan()
+
+
+def test_llumnix_moves_queued_requests_to_an_idle_instance() -> None:
+    workload = _burst_behind_a_slow_load()
+    llumnix = simulate("llumnix", workload, nodes=2, gpus_per_node=1)
+    without = simulate(LlumnixWithoutMigration(PolicyContext(STORE, GPU)), workload, nodes=2, gpus_per_node=1)
+    assert llumnix.requests_completed == without.requests_completed == len(workload)
+    assert llumnix.invalid_decisions == 0
+    assert llumnix.request_migrations > 0 and without.request_migrations == 0
+    assert llumnix.ttft_p50_s < without.ttft_p50_s
+
+
+def test_llumnix_rebalances_the_most_imbalanced_pair() -> None:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=40, waiting=60))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), running=10, waiting=0))
+    view.add(FakeInstance(2, "llama-3.1-8b", (2,), running=30, waiting=0))
+    view.add(FakeInstance(3, "llama-3.1-8b", (3,), phase=InstancePhase.LOADING, waiting=5))
+    plan = make_policy_for("llumnix").consolidate(view)
+    assert plan.actions == (MoveQueued(0, 1, 45),)  # half the difference in load, to the least loaded ready one
+
+
+def test_llumnix_leaves_a_balanced_model_alone() -> None:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=40, waiting=5))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), running=30, waiting=0))
+    assert not make_policy_for("llumnix").consolidate(view)
+
+
+def test_llumnix_scales_in_idle_instances_but_keeps_the_last() -> None:
+    view = FakeView(now_s=500.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=200.0))
+    view.add(FakeInstance(2, "mistral-7b", (2,), last_busy_s=100.0))
+    plan = make_policy_for("llumnix", keep_alive_s=60.0).scale(view)
+    assert plan.actions == (StopInstance(0),)
+
+
+# -- dynamollm ---------------------------------------------------------------------------------------
+
+
+class ClockSampling(DynamoLlmPolicy):
+    """dynamollm that records the clocks of GPUs holding an instance on every scale tick."""
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self.samples_mhz: list[int] = []
+
+    def scale(self, view: ClusterView) -> Plan:
+        self.samples_mhz += [g.clock_mhz for g in view.gpus() if g.instances]
+        return super().scale(view)
+
+
+def test_dynamollm_lowers_clocks_and_saves_energy_at_equal_slo(light_workload: list[Request]) -> None:
+    policy = ClockSampling(PolicyContext(STORE, GPU))
+    dynamo = simulate(policy, light_workload)
+    vllm = simulate("vllm", light_workload)
+    assert np.mean(policy.samples_mhz) < STORE.gpu(GPU).max_clock_mhz - 200
+    assert dynamo.energy_j < vllm.energy_j
+    assert dynamo.energy_parts_j["gpu_active_j"] < 0.9 * vllm.energy_parts_j["gpu_active_j"]
+    assert dynamo.slo_attainment >= vllm.slo_attainment - 0.02
+    assert dynamo.invalid_decisions == 0
+
+
+def _one_instance_view(clock_mhz: int, running: int) -> FakeView:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=running))
+    view.gpu(0).clock_mhz = clock_mhz
+    return view
+
+
+def test_dynamollm_picks_the_lowest_table_clock_under_light_load() -> None:
+    view = _one_instance_view(1980, 4)
+    settings = make_policy_for("dynamollm").control(view.gpu(0), view)
+    assert settings == GpuSettings(clock_mhz=min(STORE.gpu(GPU).table_clocks_mhz))
+
+
+def test_dynamollm_holds_a_clock_one_table_step_away() -> None:
+    clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
+    view = _one_instance_view(clocks[1], 4)
+    assert make_policy_for("dynamollm").control(view.gpu(0), view) is None
+
+
+def test_dynamollm_raises_the_clock_at_once_when_a_target_would_break() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    for _ in range(200):  # long prompts: prefill at the lowest clock misses the TTFT target
+        policy.stats.observe("llama-3.1-8b", 3000, 128)
+    clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
+    view = _one_instance_view(clocks[0], 4)
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > clocks[0]
+    assert policy.meets_slo(view.instance(0), view, settings.clock_mhz)
+    lower = clocks[clocks.index(settings.clock_mhz) - 1]
+    assert not policy.meets_slo(view.instance(0), view, lower)  # the lowest that meets them
+
+
+def test_dynamollm_keeps_a_models_last_instance_while_the_model_is_in_use() -> None:
+    policy = make_policy_for("dynamollm", keep_alive_s=60.0)
+    view = FakeView(now_s=100.0)
+    assert isinstance(policy.place(request(arrival_s=100.0), view), StartInstance)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=90.0))
+    view.now_s = 200.0  # both idle past the keep-alive; the model had a request 100 s ago
+    assert policy.scale(view).actions == (StopInstance(1),)
+    view.now_s = 100.0 + 5 * 60.0 + 1.0  # silent for five keep-alives: scale to zero
+    assert set(policy.scale(view).actions) == {StopInstance(0), StopInstance(1)}
+
+
+def test_routes_to_an_existing_instance_with_room() -> None:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=2))
+    for name in POLICIES:
+        assert make_policy_for(name).place(request(), view) == Route(0), name
