@@ -1,0 +1,60 @@
+"""``festina sim run`` and its input errors, on the shipped profiles and small traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Festina
+
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
+
+
+def write_trace(path: Path, rows: list[str]) -> Path:
+    path.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_run_writes_result_and_resolved_config(festina: Festina, tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "t.csv", [f"{i * 0.5},{200 + i},{20 + i}" for i in range(40)])
+    out = tmp_path / "out"
+    result = festina("sim", "run", "--policy", "vllm", "--trace", str(trace), "--models", "2", "--out", str(out))
+    assert result.code == 0, result.err
+    data = json.loads((out / "result.json").read_text())
+    for key in ("policy", "energy_j", "energy_per_token_j", "requests_total", "requests_completed",
+                "requests_dropped", "slo_attainment", "ttft_attainment", "tbt_attainment", "ttft_p50_s",
+                "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "gpu_hours_powered", "node_hours_powered", "migrations",
+                "cold_starts", "sim_wall_s"):
+        assert key in data, key
+    assert data["requests_total"] == data["requests_completed"] + data["requests_dropped"] == 40
+    config = json.loads((out / "config.json").read_text())
+    assert config["models"] == ["llama-3.1-8b", "mistral-7b"] and config["seed"] == 0
+    assert config["cluster"]["gpus_per_node"] == 8 and "llama-3.1-8b" in config["slos"]
+
+
+@pytest.mark.parametrize(("case", "rows", "header", "message"), [
+    ("missing column", ["0,10"], "TIMESTAMP,ContextTokens", "missing column GeneratedTokens"),
+    ("unsorted", ["1.0,10,5", "0.5,10,5"], HEADER, "line 3"),
+    ("negative time", ["-1.0,10,5"], HEADER, "line 2"),
+    ("non-numeric tokens", ["0.0,ten,5"], HEADER, "line 2"),
+    ("empty", [], HEADER, "no requests"),
+])
+def test_bad_trace_is_a_one_line_error_naming_the_line(festina: Festina, tmp_path: Path, case: str,
+                                                       rows: list[str], header: str, message: str) -> None:
+    trace = tmp_path / "bad.csv"
+    trace.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    result = festina("sim", "run", "--policy", "vllm", "--trace", str(trace), "--out", str(tmp_path / "o"))
+    assert result.code == 2, case
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("festina: error: ") and str(trace) in lines[0], result.err
+    assert message in lines[0], (case, lines[0])
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_unknown_policy_lists_the_known_ones(festina: Festina, tmp_path: Path) -> None:
+    result = festina("sim", "run", "--policy", "nope", "--trace", "azure-conv", "--out", str(tmp_path))
+    assert result.code == 2
+    assert "unknown policy 'nope' (known: dynamollm, llumnix, muxserve, serverlessllm, vllm" in result.err
+    assert len(result.err.strip().splitlines()) == 1
