@@ -1,0 +1,366 @@
+"""The energy floor: below every policy's simulated energy, and each of its terms checked on its own."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import festina_hpc.sim
+from festina_hpc.config import default_profiles_dir
+from festina_hpc.policy.base import Policy, PolicyContext, make_policy, policy_names
+from festina_hpc.policy.common import least_loaded, serving
+from festina_hpc.policy.types import (
+    ClusterView,
+    Drop,
+    GpuSettings,
+    GpuView,
+    InstancePhase,
+    NodePower,
+    Placement,
+    Plan,
+    PowerOff,
+    Request,
+    Route,
+    Slo,
+    StartInstance,
+    StopInstance,
+)
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.profiles.table import PHASES, ProfileTable
+from festina_hpc.sim.bound import METHOD, energy_lower_bound, token_energy_floor_j
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.simulator import SimResult, Simulation
+
+STORE = ProfileStore(default_profiles_dir())
+GPU = "h100-sxm-80gb"
+SPEC = STORE.gpu(GPU)
+MODELS = ("llama-3.1-8b", "mistral-7b", "codellama-34b")
+TRACES = (Path(festina_hpc.sim.__file__).parent / "traces" / "azure_2023_conv.csv",
+          Path("/work/shared/data/azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"))
+
+
+def slos(models: Iterable[str]) -> dict[str, Slo]:
+    return {m: Slo(5 * STORE.predict(GPU, m, "prefill", 1, 1024).latency_s,
+                   5 * STORE.predict(GPU, m, "decode", 1, 1024).latency_s) for m in models}
+
+
+def poisson_requests(n: int, rate_per_s: float, seed: int, models: tuple[str, ...] = MODELS,
+                     start_s: float = 0.0, first_id: int = 0) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    arrivals = start_s + np.cumsum(rng.exponential(1 / rate_per_s, n))
+    chosen = rng.integers(0, len(models), n)
+    prompts = rng.integers(20, 3000, n)
+    outputs = rng.integers(1, 600, n)
+    return [Request(first_id + i, float(arrivals[i]), models[chosen[i]], int(prompts[i]), int(outputs[i]))
+            for i in range(n)]
+
+
+def bursts(count: int, gap_s: float, seed: int, models: tuple[str, ...] = MODELS) -> list[Request]:
+    """``count`` bursts of 40 requests at 20/s, ``gap_s`` apart: long idle stretches between them."""
+    out: list[Request] = []
+    for k in range(count):
+        out += poisson_requests(40, 20.0, seed + k, models, start_s=k * gap_s, first_id=len(out))
+    return out
+
+
+class PackedPolicy(Policy):
+    """Packs instances onto GPUs with MPS shares and small memory fractions, at a fixed low clock.
+
+    The opposite of vllm's choices: big batches, co-resident instances whose summed dynamic power
+    the simulator caps at TDP, and low clocks; the floor must stay below it too.
+    """
+
+    name = "test-packed"
+
+    def __init__(self, context: PolicyContext, sm_pct: float, clock_mhz: int, kv_frac: float):
+        super().__init__(context)
+        self.sm_pct, self.clock_mhz, self.kv_frac = sm_pct, clock_mhz, kv_frac
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        model = view.model(request.model)
+        candidates = serving(view.instances_of(request.model))
+        roomy = [i for i in candidates if i.running + i.waiting < i.batch_cap]
+        if roomy:
+            return Route(max(roomy, key=lambda i: i.running + i.waiting).id)
+        usable = self.gpu_spec.memory_bytes * 0.9
+        fraction = min(1.0, model.weights_bytes_per_gpu / usable + self.kv_frac)
+        for node in view.nodes():
+            gpus = [g for g in node.gpus if view.gpu(g).memory_fraction_allocated + fraction <= 1.0
+                    and view.gpu(g).sm_pct_allocated + self.sm_pct <= 100.0]
+            if len(gpus) >= model.tp:
+                return StartInstance(request.model, tuple(gpus[:model.tp]), sm_pct=self.sm_pct, batch_cap=512,
+                                     memory_fraction=fraction)
+        fallback = least_loaded(candidates)
+        return Route(fallback.id) if fallback is not None else Drop("no room")
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        return GpuSettings(clock_mhz=self.clock_mhz)
+
+
+class FrugalPolicy(Policy):
+    """Scales to zero at once and powers off every empty node: pays for little beyond the requests."""
+
+    name = "test-frugal"
+    scale_period_s = 1.0
+    consolidate_period_s = 1.0
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        model = view.model(request.model)
+        best = least_loaded(serving(view.instances_of(request.model)))
+        if best is not None:
+            return Route(best.id)
+        for node in view.nodes():
+            free = [g for g in node.gpus if not view.gpu(g).instances]
+            if len(free) >= model.tp:
+                return StartInstance(request.model, tuple(free[:model.tp]))
+        return Drop("no room")
+
+    def scale(self, view: ClusterView) -> Plan:
+        return Plan(tuple(StopInstance(i.id) for i in view.instances()
+                          if i.phase is InstancePhase.READY and i.running == 0 and i.waiting == 0))
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        return Plan(tuple(PowerOff(n.id) for n in view.nodes()
+                          if n.power is not NodePower.OFF and not any(view.gpu(g).instances for g in n.gpus)))
+
+
+def vllm(context: PolicyContext) -> Policy:
+    return make_policy("vllm", context)
+
+
+def packed(sm_pct: float, clock_mhz: int, kv_frac: float) -> Callable[[PolicyContext], Policy]:
+    return lambda context: PackedPolicy(context, sm_pct, clock_mhz, kv_frac)
+
+
+def frugal(context: PolicyContext) -> Policy:
+    return FrugalPolicy(context)
+
+
+def check_floor(requests: list[Request], cluster: ClusterConfig,
+                policy: Callable[[PolicyContext], Policy]) -> SimResult:
+    """Run the policy; its energy is at least the floor of the requests it served (all, when it drops none)."""
+    models = sorted({r.model for r in requests})
+    sim = Simulation(cluster, STORE, policy(PolicyContext(STORE, GPU)), requests, slos(models))
+    result = sim.run()
+    served = [rec.request for rec in sim.records if not rec.dropped and not math.isnan(rec.finish_s)]
+    bound = energy_lower_bound(served, STORE, cluster, slos(models))
+    assert bound.energy_j <= result.energy_j, (bound.energy_parts_j, result.energy_parts_j)
+    assert bound.node_hours_powered <= result.node_hours_powered
+    return result
+
+
+ONE_NODE = ClusterConfig(nodes=1, gpus_per_node=8)
+
+
+@pytest.mark.parametrize("case, requests, cluster, policy", [
+    ("vllm, one model, steady", poisson_requests(300, 2.0, 1, ("llama-3.1-8b",)), ONE_NODE, vllm),
+    ("vllm, three models", poisson_requests(500, 6.0, 2), ONE_NODE, vllm),
+    ("vllm, 70b and 8b on two 4-GPU nodes", poisson_requests(200, 1.0, 3, ("llama-3.1-70b", "llama-3.1-8b")),
+     ClusterConfig(nodes=2, gpus_per_node=4), vllm),
+    ("vllm, bursts and idle gaps", bursts(3, 600.0, 4), ONE_NODE, vllm),
+    ("packed: MPS shares, low clock, big batches", poisson_requests(500, 8.0, 5), ONE_NODE, packed(30, 900, 0.1)),
+    ("packed: small shares, memory-tight", poisson_requests(500, 8.0, 6), ONE_NODE, packed(20, 1380, 0.02)),
+    ("frugal: scale to zero, power nodes off", bursts(3, 900.0, 7), ClusterConfig(nodes=2, gpus_per_node=8),
+     frugal),
+])
+def test_floor_is_below_every_policy(case: str, requests: list[Request], cluster: ClusterConfig,
+                                     policy: Callable[[PolicyContext], Policy]) -> None:
+    result = check_floor(requests, cluster, policy)
+    assert result.requests_dropped == 0, result.drop_reasons  # so the floor was the whole workload's
+
+
+def test_token_floor_is_nearly_reached_at_the_most_efficient_point() -> None:
+    """512 short requests at once, one instance at the table's most efficient clock and batch: the
+    run's serving energy is within 30% of the token floor (the context grows as it decodes)."""
+    model = "llama-3.1-8b"
+    table = STORE.table(GPU, model)
+    decode = PHASES.index("decode")
+    per_token = (table.power_w[decode] - SPEC.idle_w) * table.latency_s[decode] / np.array(
+        table.axes[0])[:, None, None, None]
+    best = np.unravel_index(np.argmin(per_token), per_token.shape)
+    requests = [Request(i, 0.0, model, 128, 300) for i in range(int(table.axes[0][best[0]]))]
+    result = check_floor(requests, ONE_NODE, packed(100, int(table.axes[3][best[3]]), 0.7))
+    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos([model]))
+    assert result.requests_dropped == 0
+    assert bound.energy_parts_j["gpu_active_j"] <= result.energy_parts_j["gpu_active_j"]
+    assert result.energy_parts_j["gpu_active_j"] <= 1.3 * bound.energy_parts_j["gpu_active_j"]
+
+
+def azure_conv_slice(duration_s: float, models: tuple[str, ...]) -> list[Request]:
+    path = next((p for p in TRACES if p.is_file()), None)
+    if path is None:
+        pytest.skip("the Azure conv trace is not here")
+    with path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
+    rng = np.random.default_rng(0)
+    weights = 1 / np.arange(1, len(models) + 1)
+    chosen = rng.choice(len(models), size=len(rows), p=weights / weights.sum())
+    requests = []
+    for i, row in enumerate(rows):
+        arrival_s = (datetime.fromisoformat(row["TIMESTAMP"][:26]) - t0).total_seconds()
+        if arrival_s >= duration_s:
+            break
+        requests.append(Request(i, arrival_s, models[chosen[i]], int(row["ContextTokens"]),
+                                max(1, int(row["GeneratedTokens"]))))
+    return requests
+
+
+AZURE_POLICIES = {**{name: (lambda context, name=name: make_policy(name, context)) for name in policy_names()},
+                  "packed": packed(50, 1380, 0.2)}
+
+
+@pytest.mark.parametrize("name", sorted(AZURE_POLICIES))
+def test_floor_is_below_every_policy_on_ten_minutes_of_azure_conv(name: str) -> None:
+    requests = azure_conv_slice(600.0, ("llama-3.1-8b", "mistral-7b", "llama-2-13b", "codellama-34b"))
+    assert len(requests) > 1000
+    result = check_floor(requests, ONE_NODE, AZURE_POLICIES[name])
+    if name == "vllm":
+        assert result.requests_dropped == 0
+
+
+# -- term 1: tokens ----------------------------------------------------------------------------
+
+
+def reachable_points(table: ProfileTable, phase: str, n: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Random points inside the table a run can step at (see METHOD), clocks from the supported ones."""
+    rng = np.random.default_rng(seed)
+    (b0, b1), (c0, c1), (s0, s1), (k0, k1) = (table.bounds(f) for f in
+                                              ("batch", "context_tokens", "sm_pct", "clock_mhz"))
+    batch = rng.integers(int(b0), int(b1) + 1, n).astype(float)
+    context = np.exp(rng.uniform(np.log(c0), np.log(c1), n))
+    sm = rng.uniform(s0, s1, n)
+    clocks = np.array([c for c in SPEC.supported_clocks_mhz if k0 <= c <= k1], dtype=float)
+    clock = rng.choice(clocks, n)
+    model = STORE.model(table.model)
+    usable = SPEC.memory_bytes * ONE_NODE.usable_memory_frac
+    fits = (model.weights_bytes + batch * context * model.kv_bytes_per_token) / table.tp <= usable
+    if phase == "prefill":
+        fits &= batch * context <= ONE_NODE.max_prefill_tokens
+    keep = fits | (batch == 1)
+    return batch[keep], context[keep], sm[keep], clock[keep]
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "codellama-34b", "llama-3.1-70b"])
+@pytest.mark.parametrize("phase", PHASES)
+def test_token_floor_is_below_every_reachable_point(model: str, phase: str) -> None:
+    table = STORE.table(GPU, model)
+    floor = token_energy_floor_j(table, phase, SPEC, STORE.model(model), ONE_NODE)
+    batch, context, sm, clock = reachable_points(table, phase, 50_000, seed=len(model))
+    hit = table.lookup_many(phase, batch, context, sm, clock)
+    tokens = batch * context if phase == "prefill" else batch
+    per_token = (hit.power_w - SPEC.idle_w) * hit.latency_s * table.tp / tokens
+    assert 0.0 < floor <= per_token.min()
+    # ... and at every grid point a run can reach.
+    b, c = (a[:, :, None, None] for a in np.meshgrid(*table.axes[:2], indexing="ij"))
+    tokens = b * c if phase == "prefill" else b
+    p = PHASES.index(phase)
+    at_grid = (table.power_w[p] - SPEC.idle_w) * table.latency_s[p] * table.tp / tokens
+    spec = STORE.model(model)
+    usable = SPEC.memory_bytes * ONE_NODE.usable_memory_frac
+    fits = (spec.weights_bytes + b * c * spec.kv_bytes_per_token) / table.tp <= usable
+    if phase == "prefill":
+        fits &= b * c <= ONE_NODE.max_prefill_tokens
+    assert floor <= np.min(np.where(fits | (b == 1), at_grid, np.inf)) * (1 + 1e-12)
+
+
+def test_token_floor_catches_the_dip_between_grid_points() -> None:
+    """Power and latency both doubling from batch 1 to 4: per token, the grid says 1 at both ends,
+    but the interpolation reaches (1 + t)^2 / (1 + 3t), least 8/9 at batch 2."""
+    dynamic_w, latency_s = 100.0, 0.01
+    power = np.array([[SPEC.idle_w + dynamic_w], [SPEC.idle_w + 2 * dynamic_w]]).reshape(2, 1, 1, 1)
+    latency = np.array([[latency_s], [2 * latency_s]]).reshape(2, 1, 1, 1)
+    # llama-3.1-70b (tp 4): its weights take enough of each GPU that the TDP-sharing cap stays out of the way.
+    table = ProfileTable(GPU, "llama-3.1-70b", 4, [[1, 4], [128], [100], [1980]],
+                         np.stack([latency, latency]), np.stack([power, power]))
+    floor = token_energy_floor_j(table, "decode", SPEC, STORE.model("llama-3.1-70b"), ONE_NODE)
+    grid_value = dynamic_w * latency_s * 4
+    assert floor <= grid_value * 8 / 9
+    assert floor >= grid_value * 0.85  # and it is not much below the true least value
+
+
+def test_token_floor_counts_prompts_capped_at_the_top_context() -> None:
+    top = STORE.table(GPU, "llama-3.1-8b").bounds("context_tokens")[1]
+    long = Request(0, 0.0, "llama-3.1-8b", int(3 * top), 1)
+    bound = energy_lower_bound([long], STORE, ONE_NODE, slos(["llama-3.1-8b"]))
+    assert bound.per_model["llama-3.1-8b"]["prefill_tokens"] == top
+    assert bound.per_model["llama-3.1-8b"]["decode_tokens"] == 0
+
+
+# -- term 2: powered nodes ---------------------------------------------------------------------
+
+
+def least_service_s(model: str, output_tokens: int) -> float:
+    table = STORE.table(GPU, model)
+    return float(table.latency_s[0].min() + (output_tokens - 1) * table.latency_s[1].min())
+
+
+def test_powered_nodes_cover_the_union_of_least_service_intervals() -> None:
+    model = "llama-3.1-8b"
+    requests = [Request(0, 0.0, model, 100, 11), Request(1, 0.05, model, 100, 1), Request(2, 100.0, model, 100, 1)]
+    first = least_service_s(model, 11)
+    second_end = 0.05 + least_service_s(model, 1)
+    in_flight_s = max(first, second_end) + least_service_s(model, 1)
+    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos([model]))
+    assert bound.in_flight_s == pytest.approx(in_flight_s)
+    assert bound.node_hours_powered * 3600 == pytest.approx(in_flight_s)
+    assert bound.energy_parts_j["gpu_idle_j"] == pytest.approx(8 * SPEC.idle_w * in_flight_s)
+    assert bound.energy_parts_j["node_static_j"] == pytest.approx(8 * ONE_NODE.node_static_w_per_gpu * in_flight_s)
+    assert bound.horizon_s == pytest.approx(100.0 + least_service_s(model, 1))
+
+
+def test_powered_nodes_count_whole_nodes_for_tp_and_for_weights() -> None:
+    # llama-3.1-70b needs 4 GPUs: two 2-GPU nodes. With codellama-34b and llama-2-70b in flight too,
+    # the weights need 5 GPUs: two 4-GPU nodes, where one suffices for llama-3.1-70b alone.
+    alone = [Request(0, 0.0, "llama-3.1-70b", 100, 101)]
+    bound = energy_lower_bound(alone, STORE, ClusterConfig(nodes=4, gpus_per_node=2), slos(["llama-3.1-70b"]))
+    assert bound.node_hours_powered == pytest.approx(2 * bound.in_flight_s / 3600)
+    together = alone + [Request(1, 0.0, "codellama-34b", 100, 101), Request(2, 0.0, "llama-2-70b", 100, 101)]
+    shortest = min(least_service_s(r.model, 101) for r in together)
+    longest = max(least_service_s(r.model, 101) for r in together)
+    cluster = ClusterConfig(nodes=2, gpus_per_node=4)
+    bound = energy_lower_bound(together, STORE, cluster, slos(r.model for r in together))
+    assert bound.in_flight_s == pytest.approx(longest)
+    assert bound.node_hours_powered * 3600 >= 2 * shortest - 1e-9
+    assert bound.node_hours_powered * 3600 < 2 * longest
+
+
+def test_off_nodes_draw_their_standby_power_over_the_horizon() -> None:
+    model = "llama-3.1-8b"
+    requests = [Request(0, 0.0, model, 100, 1), Request(1, 50.0, model, 100, 1)]
+    plain = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3), slos([model]))
+    standby = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, node_off_w=20.0), slos([model]))
+    extra_j = standby.energy_j - plain.energy_j
+    # Every node draws 20 W for the horizon; the powered node-seconds draw it in place of it.
+    assert extra_j == pytest.approx(20.0 * (3 * plain.horizon_s - plain.node_hours_powered * 3600))
+
+
+# -- the result --------------------------------------------------------------------------------
+
+
+def test_bound_as_dict_is_json_and_adds_up() -> None:
+    requests = poisson_requests(50, 2.0, 8)
+    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos(MODELS + ("llama-2-13b",)))
+    data = json.loads(json.dumps(bound.as_dict()))
+    assert data["energy_j"] == pytest.approx(sum(data["energy_parts_j"].values()))
+    assert data["method"] == METHOD
+    assert data["policy"] == "bound"
+    assert set(data["energy_parts_j"]) == {"gpu_active_j", "gpu_idle_j", "node_static_j", "cold_start_j",
+                                           "migration_j"}
+    assert data["per_model"]["llama-2-13b"]["requests"] == 0  # listed for its SLO, no traffic
+    assert data["generated_tokens"] == sum(r.output_tokens for r in requests)
+    assert sum(m["requests"] for m in data["per_model"].values()) == len(requests)
+    assert all(math.isfinite(v) for v in data["energy_parts_j"].values())
+
+
+def test_empty_workload_has_a_zero_floor() -> None:
+    bound = energy_lower_bound([], STORE, ONE_NODE, {})
+    assert bound.energy_j == 0.0
+    assert bound.in_flight_s == 0.0
