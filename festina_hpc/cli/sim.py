@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, pass_app
 from festina_hpc.policy.base import policy_names
@@ -92,6 +94,19 @@ def _one_line(result: SimResult) -> str:
             f"{result.sim_time_s / max(result.sim_wall_s, 1e-9):,.0f}x real time")
 
 
+def print_summary(console: Console, results: list[SimResult], bound_j: float) -> None:
+    """The comparison's headline figures for a terminal; comparison.md has them all."""
+    table = Table(title="Same workload for every policy", box=box.SIMPLE)
+    for column in ("policy", "kWh", "J/tok", "x bound", "SLO", "TTFT p99 s", "TBT p99 ms", "drops"):
+        table.add_column(column, justify="left" if column == "policy" else "right", no_wrap=column == "policy")
+    for r in results:
+        table.add_row(r.policy, f"{r.energy_j / 3.6e6:.3f}", f"{r.energy_per_token_j:.3f}",
+                      f"{r.energy_j / bound_j:.2f}", f"{r.slo_attainment:.1%}", f"{r.ttft_p99_s:.3f}",
+                      f"{1000 * r.tbt_p99_s:.1f}", str(r.requests_dropped))
+    table.add_row("lower bound", f"{bound_j / 3.6e6:.3f}", *[""] * 6)
+    console.print(table)
+
+
 def run_comparison(app: AppContext, policies: list[str], options: ExperimentOptions, out_dir: Path,
                    console: Console) -> tuple[list[SimResult], Path]:
     from festina_hpc.sim.bound import energy_lower_bound
@@ -109,6 +124,7 @@ def run_comparison(app: AppContext, policies: list[str], options: ExperimentOpti
             progress.advance(task)
     bound = energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos)
     write_comparison(results, bound, out_dir)
+    print_summary(console, results, bound.energy_j)
     return results, out_dir / "comparison.md"
 
 
@@ -118,10 +134,8 @@ def run_comparison(app: AppContext, policies: list[str], options: ExperimentOpti
 @pass_app
 def compare_cmd(app: AppContext, policies: str, out_dir: Path, **kwargs: Any) -> None:
     """Run policies on the identical workload; writes comparison.json, comparison.md and plots."""
-    console = Console()
-    _, markdown = run_comparison(app, _policies(policies), _options(kwargs), out_dir, console)
-    console.print(markdown.read_text(encoding="utf-8"), markup=False, highlight=False)
-    click.echo(f"wrote {out_dir}/comparison.json, comparison.md and plots")
+    _, markdown = run_comparison(app, _policies(policies), _options(kwargs), out_dir, Console())
+    click.echo(f"wrote {markdown}, comparison.json and plots in {out_dir}")
 
 
 @sim.command("bound")
@@ -151,7 +165,5 @@ def demo(app: AppContext, out_dir: Path) -> None:
     known = policy_names()
     policies = [p for p in DEMO_POLICIES if p in known]
     options = ExperimentOptions(trace="azure-conv", models=4, duration_s=1800.0, nodes=1, gpus_per_node=8)
-    console = Console()
-    _, markdown = run_comparison(app, policies, options, out_dir, console)
-    console.print(markdown.read_text(encoding="utf-8"), markup=False, highlight=False)
-    click.echo(f"wrote {out_dir}/comparison.json, comparison.md and plots")
+    _, markdown = run_comparison(app, policies, options, out_dir, Console())
+    click.echo(f"wrote {markdown}, comparison.json and plots in {out_dir}")
