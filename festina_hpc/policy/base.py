@@ -37,6 +37,7 @@ class PolicyContext:
     store: ProfileStore
     gpu_type: str
     keep_alive_s: float = 60.0  # scale-to-zero policies stop an instance idle this long
+    node_static_w: float = 1200.0  # non-GPU power of a powered node, for consolidation decisions
 
 
 class Policy(ABC):
@@ -98,4 +99,5 @@ def make_policy(name: str, context: PolicyContext) -> Policy:
 def _load_builtin() -> None:
     # Importing the package registers the shipped policies.
     import festina_hpc.policy.baselines  # noqa: F401
+    import festina_hpc.policy.festina  # noqa: F401
 

@@ -56,5 +56,6 @@ def test_bad_trace_is_a_one_line_error_naming_the_line(festina: Festina, tmp_pat
 def test_unknown_policy_lists_the_known_ones(festina: Festina, tmp_path: Path) -> None:
     result = festina("sim", "run", "--policy", "nope", "--trace", "azure-conv", "--out", str(tmp_path))
     assert result.code == 2
-    assert "unknown policy 'nope' (known: dynamollm, llumnix, muxserve, serverlessllm, vllm" in result.err
+    assert "unknown policy 'nope' (known: dynamollm, festina, festina-control, festina-placement, llumnix, " \
+           "muxserve, serverlessllm, vllm" in result.err
     assert len(result.err.strip().splitlines()) == 1

@@ -1,0 +1,490 @@
+"""``festina``: energy-first placement, phase-aware local control and SLO-aware consolidation.
+
+Festina (arXiv 2606.30391) makes three coordinated decisions, all from
+constant-time profile lookups:
+
+- **Placement** (``place``): a request goes to the SLO-safe instance of its
+  model where it adds the least energy. A busier instance runs a bigger batch
+  at a lower energy per token, so among safe instances the fullest wins
+  (packing, where a load balancer would spread). Only a small candidate set is
+  looked at: the model's current fill target, two sampled instances and the
+  newest one. When none is safe, an instance starts where its marginal energy,
+  cold start included, is least: co-located on a powered GPU with memory and
+  SM headroom (best fit), else on empty GPUs of a node already serving, else
+  on an empty node that is on, else a node is woken.
+- **Local control** (``control``): per GPU, the joint choice of the one clock
+  and each co-resident instance's SM share (and batch cap) that draws the
+  least power while every instance keeps its SLO with a margin: TBT from a
+  decode step at its batch (stretched by prefill interruptions), TTFT from a
+  prefill of its queue, so a prefill burst raises clock or share within one
+  tick and decode-only GPUs run slow. Exact over the table's clocks and SM
+  shares in steps of 10%: for each clock, the least share per instance by
+  bisection; cost O(clocks x instances x log shares) lookups. Hysteresis:
+  lower the clock only by two or more table steps, change a share only by 10
+  points or more, raise at once when a target would be missed.
+- **Consolidation** (``consolidate``): every period, the least-loaded powered
+  node is evacuated when every instance on it fits elsewhere on powered nodes
+  with every co-resident still meeting its SLO (the control solver is the
+  check) and the static and idle energy saved over a horizon exceeds the
+  migrations' cold starts; emptied nodes are powered off, and a node is woken
+  ahead of need when the powered nodes' headroom runs low.
+
+The ablation variants ``festina-placement`` (placement only: max clock, shares
+as started, no consolidation) and ``festina-control`` (plus local control)
+share this code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from festina_hpc.policy.base import Policy, PolicyContext, register
+from festina_hpc.policy.common import TokenStats, free_gpu_group, sampled, serving
+from festina_hpc.policy.types import (
+    ClusterView,
+    Drop,
+    GpuSettings,
+    GpuView,
+    InstancePhase,
+    InstanceView,
+    Migrate,
+    ModelInfo,
+    NodePower,
+    Placement,
+    Plan,
+    PowerOff,
+    PowerOn,
+    Request,
+    Route,
+    StartInstance,
+    StopInstance,
+)
+from festina_hpc.profiles.table import ProfileTable
+
+SLO_MARGIN = 0.8  # plan for this share of each SLO
+SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
+MIN_START_SHARE = 30.0
+TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
+USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
+CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
+SPARE_GPUS = 2  # powered empty GPUs kept for bursts; fewer wakes a node
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the controller plans for: an instance's model, batch, queue and current share."""
+
+    instance_id: int
+    model: str
+    batch: int  # sequences it runs (admitted plus queued)
+    waiting: int
+    rate_per_s: float
+
+
+@register
+class FestinaPolicy(Policy):
+    """Placement, local control and consolidation; the flags switch the last two for the ablation."""
+
+    name = "festina"
+    scale_period_s = 5.0
+    consolidate_period_s = 30.0
+    uses_control = True
+    uses_consolidation = True
+
+    def __init__(self, context: PolicyContext):
+        super().__init__(context)
+        self.stats = TokenStats()
+        self._fill: dict[str, int] = {}  # model -> the instance being filled
+        self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
+        self._tables: dict[str, ProfileTable] = {}
+        self._slo_cache: dict[tuple[str, int, int, float, float, int, int], bool] = {}
+        self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
+        self._placed = 0
+
+    # -- profile lookups --------------------------------------------------------------------------
+
+    def _table(self, view: ClusterView, model: str) -> ProfileTable:
+        table = self._tables.get(model)
+        if table is None:
+            table = self._tables[model] = self.store.table(view.gpu_type, model)
+        return table
+
+    def _tbt_s(self, table: ProfileTable, model: str, batch: int, rate_per_s: float, sm_pct: float,
+               clock_mhz: int) -> float:
+        context = self.stats.decode_context_tokens(model)
+        step = table.lookup("decode", max(1, batch), context, sm_pct, clock_mhz, clamp=True).latency_s
+        prefill = table.lookup("prefill", 1, self.stats.prompt_tokens(model), sm_pct, clock_mhz, clamp=True)
+        return step / max(0.05, 1.0 - rate_per_s * prefill.latency_s)
+
+    def _prefill_s(self, table: ProfileTable, prompts: int, prompt_tokens: float, sm_pct: float,
+                   clock_mhz: int) -> float:
+        return table.lookup("prefill", max(1, prompts), prompt_tokens, sm_pct, clock_mhz, clamp=True).latency_s
+
+    def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> bool:
+        """Whether the load keeps its SLOs at this share and clock (memoised: loads recur)."""
+        key = (load.model, load.batch, load.waiting, round(load.rate_per_s, 1), sm_pct, clock_mhz, self.stats_epoch)
+        cached = self._slo_cache.get(key)
+        if cached is None:
+            cached = self._slo_cache[key] = self._meets_slo_uncached(view, load, sm_pct, clock_mhz)
+        return cached
+
+    def _meets_slo_uncached(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> bool:
+        model = view.model(load.model)
+        table = self._table(view, load.model)
+        step_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz)
+        if step_s > SLO_MARGIN * model.slo.tbt_s:
+            return False
+        # TTFT must hold even at the limit set by the strictest (short-prompt) SLO, or as near to
+        # it as the GPU can get at full speed: a request never asks for more than max settings give.
+        ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz)
+        floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
+        return ttft_s <= max(SLO_MARGIN * model.slo.ttft_s, 1.1 * floor_s)
+
+    def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> float:
+        """A new request's wait: half a long (p90) prefill already running (its expected rest),
+        then the queue's prefill with its own, at typical prompt length."""
+        long_prompt = self.stats.prompt_quantile(load.model, 0.9)
+        running_s = 0.5 * self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
+        queue_s = self._prefill_s(table, max(1, load.waiting), self.stats.prompt_tokens(load.model), sm_pct,
+                                  clock_mhz)
+        return running_s + queue_s
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
+        self._placed += 1
+        if self._placed % 512 == 0:
+            self.stats_epoch += 1
+            self._slo_cache.clear()
+        model = view.model(request.model)
+        candidates = serving(view.instances_of(request.model))
+        target = self._safe_fullest(request, view, model, candidates)
+        if target is not None:
+            self._fill[request.model] = target.id
+            return Route(target.id)
+        start = self._where_to_start(view, model)
+        if start is not None:
+            return start
+        if candidates:  # nowhere to grow: the least bad instance rather than a drop
+            return Route(min(candidates, key=lambda i: (i.running + i.waiting) / i.batch_cap).id)
+        return Drop("no capacity for a new instance")
+
+    def _looked_at(self, request: Request, view: ClusterView,
+                   candidates: Sequence[InstanceView]) -> list[InstanceView]:
+        looked: dict[int, InstanceView] = {}
+        fill = self._fill.get(request.model)
+        for inst in candidates:
+            if inst.id == fill:
+                looked[inst.id] = inst
+                break
+        ready = [i for i in candidates if i.phase is InstancePhase.READY]
+        for inst in sampled(ready, request.id):
+            looked[inst.id] = inst
+        if candidates:
+            looked[candidates[-1].id] = candidates[-1]
+        return list(looked.values())
+
+    def _safe_fullest(self, request: Request, view: ClusterView, model: ModelInfo,
+                      candidates: Sequence[InstanceView]) -> InstanceView | None:
+        best: InstanceView | None = None
+        best_load = -1.0
+        need = request.prompt_tokens + self.stats.output_tokens(request.model)
+        for inst in self._looked_at(request, view, candidates):
+            if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+                continue
+            gpu = view.gpu(inst.gpus[0])
+            # The controller can raise the clock to the max and give the instance the GPU's free share.
+            share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
+            load = Load(inst.id, inst.model, inst.running + inst.waiting + 1, inst.waiting + 1,
+                        inst.arrival_rate_per_s)
+            if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz):
+                continue
+            # A loading instance with room beats starting yet another one: its wait is the same.
+            fullness = (inst.running + inst.waiting) / inst.batch_cap
+            if inst.phase is InstancePhase.LOADING:
+                fullness -= 1.0  # only when no ready instance is safe
+            if fullness > best_load:
+                best, best_load = inst, fullness
+        return best
+
+    def _memory_fraction(self, view: ClusterView, model: ModelInfo) -> float:
+        usable = self.gpu_spec.memory_bytes * USABLE_MEMORY_FRAC
+        kv_tokens = TARGET_SEQUENCES * (self.stats.prompt_tokens(model.name) + self.stats.output_tokens(model.name))
+        need = (model.weights_bytes_per_gpu + kv_tokens * model.kv_bytes_per_token_per_gpu) / usable
+        return min(1.0, math.ceil(need * 20) / 20)  # in 5% steps, so fractions pack cleanly
+
+    def _where_to_start(self, view: ClusterView, model: ModelInfo) -> StartInstance | None:
+        fraction = self._memory_fraction(view, model)
+        shared = self._colocation(view, model, fraction)
+        if shared is not None:
+            return StartInstance(model.name, shared[0], sm_pct=shared[1], memory_fraction=fraction)
+        free = free_gpu_group(view, model.tp, nodes_first=self._busy_nodes(view))
+        if free is not None:
+            return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
+        off = [n for n in view.nodes() if n.power is NodePower.OFF]
+        if not off:
+            return None
+        return StartInstance(model.name, tuple(off[0].gpus[:model.tp]), sm_pct=100.0, memory_fraction=fraction)
+
+    def _busy_nodes(self, view: ClusterView) -> list[int]:
+        """Powered nodes that already serve, most loaded first: new work packs onto them."""
+        counts: dict[int, int] = {}
+        for inst in view.instances():
+            counts[inst.node] = counts.get(inst.node, 0) + 1
+        return sorted((n for n in counts if view.node(n).power is NodePower.ON), key=lambda n: -counts[n])
+
+    def _colocation(self, view: ClusterView, model: ModelInfo, fraction: float) -> tuple[tuple[int, ...], float] | None:
+        """Best-fit GPUs on one powered node with room for ``fraction`` of memory and a share."""
+        best: tuple[float, tuple[int, ...], float] | None = None
+        for node in self._busy_nodes(view):
+            roomy = []
+            for g in view.node(node).gpus:
+                gpu = view.gpu(g)
+                if not gpu.instances:
+                    continue
+                mem_free = 1.0 - gpu.memory_fraction_allocated
+                sm_free = 100.0 - gpu.sm_pct_allocated
+                if mem_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE:
+                    roomy.append((mem_free, sm_free, g))
+            if len(roomy) < model.tp:
+                continue
+            roomy.sort()
+            group = roomy[:model.tp]
+            slack = sum(m for m, _, _ in group) - model.tp * fraction
+            share = min(s for _, s, _ in group)
+            if best is None or slack < best[0]:
+                best = (slack, tuple(g for _, _, g in group), share)
+        return None if best is None else (best[1], best[2])
+
+    # -- local control ----------------------------------------------------------------------------
+
+    def _loads(self, gpu: GpuView, view: ClusterView) -> list[Load]:
+        loads = []
+        for i in gpu.instances:
+            inst = view.instance(i)
+            if inst.phase > InstancePhase.DRAINING:
+                continue
+            loads.append(Load(inst.id, inst.model, inst.running + inst.waiting, inst.waiting,
+                              inst.arrival_rate_per_s))
+        return loads
+
+    def solve(self, view: ClusterView, loads: Sequence[Load]) -> tuple[int, dict[int, float]] | None:
+        """The lowest-power (clock, shares) meeting every load's SLO, or None when none does."""
+        best: tuple[float, int, dict[int, float]] | None = None
+        for clock in self._clocks:
+            shares: dict[int, float] = {}
+            for load in loads:
+                share = self._least_share(view, load, clock)
+                if share is None:
+                    break
+                shares[load.instance_id] = share
+            else:
+                if sum(shares.values()) > 100.0:
+                    continue
+                power = self._dynamic_power_w(view, loads, shares, clock)
+                if best is None or power < best[0] - 1e-9:
+                    best = (power, clock, shares)
+        return None if best is None else (best[1], best[2])
+
+    def _least_share(self, view: ClusterView, load: Load, clock: int) -> float | None:
+        if not self._meets_slo(view, load, 100.0, clock):
+            return None
+        lo, hi = 0, len(SHARES) - 1  # SHARES[hi] meets the SLO; find the first that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._meets_slo(view, load, SHARES[mid], clock):
+                hi = mid
+            else:
+                lo = mid + 1
+        return float(SHARES[lo])
+
+    def _dynamic_power_w(self, view: ClusterView, loads: Sequence[Load], shares: dict[int, float],
+                         clock: int) -> float:
+        total = 0.0
+        idle_w = self.gpu_spec.idle_w
+        for load in loads:
+            if load.batch == 0:
+                continue
+            table = self._table(view, load.model)
+            hit = table.lookup("decode", load.batch, self.stats.decode_context_tokens(load.model),
+                               shares[load.instance_id], clock, clamp=True)
+            total += hit.power_w - idle_w
+        return total
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        if not self.uses_control:
+            return None
+        loads = self._loads(gpu, view)
+        if not loads:
+            return None
+        solved = self.solve(view, loads)
+        if solved is None:  # overloaded: everything it has
+            clock = self.gpu_spec.max_clock_mhz
+            fair = 100.0 / len(loads)
+            shares = {load.instance_id: fair for load in loads}
+        else:
+            clock, shares = solved
+            # Leftover share goes to the busiest instance: it costs little and absorbs bursts.
+            spare = 100.0 - sum(shares.values())
+            if spare >= 10 and loads:
+                busiest = max(loads, key=lambda ld: ld.batch)
+                shares[busiest.instance_id] += spare
+        clock = self._with_hysteresis(gpu.clock_mhz, clock)
+        changed = {i: s for i, s in shares.items() if abs(s - self._current_share(view, i)) >= 10}
+        # Shrink shares first so a grown share always finds room.
+        ordered = dict(sorted(changed.items(), key=lambda kv: kv[1] - self._current_share(view, kv[0])))
+        if clock == gpu.clock_mhz and not ordered:
+            return None
+        return GpuSettings(clock_mhz=clock, sm_pct=ordered)
+
+    @staticmethod
+    def _current_share(view: ClusterView, instance_id: int) -> float:
+        return view.instance(instance_id).sm_pct
+
+    def _with_hysteresis(self, current: int, wanted: int) -> int:
+        if wanted >= current:
+            return wanted  # raise at once
+        steps = sum(1 for c in self._clocks if wanted <= c < current)
+        return wanted if steps >= 2 else current
+
+    # -- scaling and consolidation ----------------------------------------------------------------
+
+    def scale(self, view: ClusterView) -> Plan:
+        """Scale out ahead of need; scale to zero only models that went quiet.
+
+        An idle instance draws no power of its own (its GPU's idle power is paid while the node
+        is on), so instances are not stopped for being idle: consolidation empties nodes instead.
+        A model whose every instance is within 30% of its SLO limit gets one more instance now,
+        so the next burst does not wait for a cold start.
+        """
+        actions: list[StartInstance | StopInstance] = []
+        for model in view.models():
+            instances = serving(view.instances_of(model.name))
+            if not instances:
+                continue
+            quiet_s = 10 * self.context.keep_alive_s
+            if all(view.now_s - i.last_busy_s > quiet_s and not i.running and not i.waiting for i in instances):
+                actions.extend(StopInstance(i.id) for i in instances)
+                continue
+            if any(i.phase is InstancePhase.LOADING for i in instances):
+                continue
+            if not any(self._has_spare(view, i) for i in instances):
+                start = self._where_to_start(view, model)
+                if start is not None:
+                    actions.append(start)
+        return Plan(tuple(actions), "scale")
+
+    def _has_spare(self, view: ClusterView, inst: InstanceView) -> bool:
+        """Room for 30% more decode load at full speed (TTFT bursts are the controller's to absorb)."""
+        batch = int((inst.running + inst.waiting) * 1.3) + 2
+        gpu = view.gpu(inst.gpus[0])
+        share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
+        table = self._table(view, inst.model)
+        tbt_s = self._tbt_s(table, inst.model, batch, inst.arrival_rate_per_s * 1.3, share,
+                            self.gpu_spec.max_clock_mhz)
+        return tbt_s <= SLO_MARGIN * view.model(inst.model).slo.tbt_s
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        if not self.uses_consolidation:
+            return Plan()
+        on = [n for n in view.nodes() if n.power is NodePower.ON]
+        empty = [n for n in on if all(not view.gpu(g).instances for g in n.gpus)]
+        free_elsewhere = sum(len(n.gpus) for n in on) - sum(1 for n in on for g in n.gpus if view.gpu(g).instances)
+        actions: list[PowerOff | PowerOn | Migrate] = []
+        # Power off empty nodes, keeping SPARE_GPUS empty GPUs powered for bursts.
+        for node in empty:
+            if free_elsewhere - len(node.gpus) >= SPARE_GPUS:
+                actions.append(PowerOff(node.id))
+                free_elsewhere -= len(node.gpus)
+        if actions:
+            return Plan(tuple(actions), "power off empty nodes")
+        if free_elsewhere < SPARE_GPUS:
+            off = [n for n in view.nodes() if n.power is NodePower.OFF]
+            if off:
+                return Plan((PowerOn(off[0].id),), "headroom")
+        migrations = self._evacuation(view)
+        return Plan(tuple(migrations), "evacuate the least loaded node") if migrations else Plan()
+
+    def _evacuation(self, view: ClusterView) -> list[Migrate]:
+        nodes = [n for n in view.nodes() if n.power is NodePower.ON and any(view.gpu(g).instances for g in n.gpus)]
+        if len(nodes) < 2:
+            return []
+        if any(i.phase is InstancePhase.LOADING for i in view.instances()):
+            return []  # one round of moves at a time
+        load = {n.id: sum(view.instance(i).running + view.instance(i).waiting + 1
+                          for g in n.gpus for i in view.gpu(g).instances) for n in nodes}
+        source = min(nodes, key=lambda n: load[n.id])
+        moving = sorted({i for g in source.gpus for i in view.gpu(g).instances},
+                        key=lambda i: -view.model(view.instance(i).model).tp)
+        # Hypothetical state of the other nodes' GPUs: memory and SM room, loads per GPU.
+        room = {g: (1.0 - view.gpu(g).memory_fraction_allocated, list(self._loads(view.gpu(g), view)))
+                for n in nodes if n.id != source.id for g in n.gpus}
+        plan: list[Migrate] = []
+        for instance_id in moving:
+            inst = view.instance(instance_id)
+            if inst.phase is not InstancePhase.READY:
+                return []
+            model = view.model(inst.model)
+            target = self._fit(view, model, inst, room)
+            if target is None:
+                return []  # the node cannot be emptied within SLOs: no partial moves
+            gpus, fraction, share = target
+            plan.append(Migrate(inst.id, gpus, sm_pct=share, memory_fraction=fraction))
+        saved_j = CONSOLIDATION_HORIZON_S * (self.context.node_static_w
+                                             + len(source.gpus) * self.gpu_spec.idle_w)
+        cost_j = sum(self._load_energy_j(view.model(view.instance(m.instance_id).model)) for m in plan)
+        return plan if saved_j > cost_j else []
+
+    def _load_energy_j(self, model: ModelInfo) -> float:
+        load_s = 10.0 + model.weights_bytes_per_gpu / 2.5e9  # the standard loader (sim/workload.py)
+        return load_s * model.tp * (self.gpu_spec.idle_w + 30.0)
+
+    def _fit(self, view: ClusterView, model: ModelInfo, inst: InstanceView,
+             room: dict[int, tuple[float, list[Load]]]) -> tuple[tuple[int, ...], float, float] | None:
+        """GPUs (same node) where the instance fits with every co-resident's SLO kept; updates ``room``."""
+        fraction = inst.memory_fraction
+        moved = Load(-1 - inst.id, inst.model, inst.running + inst.waiting, inst.waiting,
+                     inst.arrival_rate_per_s)
+        by_node: dict[int, list[int]] = {}
+        for g, (mem_free, _) in room.items():
+            if mem_free + 1e-9 >= fraction:
+                by_node.setdefault(view.gpu(g).node, []).append(g)
+        # Prefer the fullest GPUs that still fit (best fit keeps other GPUs empty).
+        for gpus in sorted(by_node.values(), key=lambda gs: min(room[g][0] for g in gs)):
+            gpus.sort(key=lambda g: room[g][0])
+            chosen: list[int] = []
+            share = 100.0
+            for g in gpus:
+                solved = self.solve(view, [*room[g][1], moved])
+                if solved is None:
+                    continue
+                share = min(share, solved[1][moved.instance_id])
+                chosen.append(g)
+                if len(chosen) == model.tp:
+                    break
+            if len(chosen) == model.tp:
+                for g in chosen:
+                    mem_free, loads = room[g]
+                    room[g] = (mem_free - fraction, [*loads, moved])
+                return tuple(chosen), fraction, share
+        return None
+
+
+@register
+class FestinaPlacementOnly(FestinaPolicy):
+    """Ablation: energy-first placement alone (max clock, shares as started, no consolidation)."""
+
+    name = "festina-placement"
+    uses_control = False
+    uses_consolidation = False
+
+
+@register
+class FestinaPlacementControl(FestinaPolicy):
+    """Ablation: placement plus the phase-aware local controller, no consolidation."""
+
+    name = "festina-control"
+    uses_consolidation = False
