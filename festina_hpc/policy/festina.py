@@ -63,7 +63,8 @@ from festina_hpc.policy.types import (
 )
 from festina_hpc.profiles.table import ProfileTable
 
-SLO_MARGIN = 0.8  # plan for this share of each SLO
+SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
+TTFT_MARGIN = 0.9  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 MIN_START_SHARE = 30.0
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
@@ -140,13 +141,13 @@ class FestinaPolicy(Policy):
         # it as the GPU can get at full speed: a request never asks for more than max settings give.
         ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz)
         floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
-        return ttft_s <= max(SLO_MARGIN * model.slo.ttft_s, 1.1 * floor_s)
+        return ttft_s <= max(TTFT_MARGIN * model.slo.ttft_s, 1.1 * floor_s)
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> float:
-        """A new request's wait: half a long (p90) prefill already running (its expected rest),
-        then the queue's prefill with its own, at typical prompt length."""
+        """A new request's wait, planned for the tail: a long (p90) prefill already running, then
+        the queue's prefill with its own, at typical prompt length."""
         long_prompt = self.stats.prompt_quantile(load.model, 0.9)
-        running_s = 0.5 * self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
+        running_s = self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
         queue_s = self._prefill_s(table, max(1, load.waiting), self.stats.prompt_tokens(load.model), sm_pct,
                                   clock_mhz)
         return running_s + queue_s
