@@ -36,6 +36,9 @@ def experiment_options(func: F) -> F:
                      help="2.0 replays the trace twice as fast."),
         click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Only requests arriving in the first S seconds (after scaling)."),
+        click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Superpose N copies of the trace (independent model draws): N x the load on the "
+                          "trace's own timeline, where --rate-scale compresses it."),
         click.option("--nodes", type=click.IntRange(min=1), default=None),
         click.option("--gpus-per-node", type=click.IntRange(min=1), default=None),
         click.option("--gpu", default=None, help="GPU type or alias, e.g. h100 [config: cluster.gpu_type]."),
@@ -50,7 +53,7 @@ def experiment_options(func: F) -> F:
 def _options(kwargs: dict[str, Any]) -> ExperimentOptions:
     return ExperimentOptions(**{k: kwargs[k] for k in ("trace", "models", "model_mix", "popularity", "seed",
                                                         "rate_scale", "duration_s", "nodes", "gpus_per_node",
-                                                        "gpu")})
+                                                        "gpu", "copies")})
 
 
 def _write_json(path: Path, data: Any) -> None:

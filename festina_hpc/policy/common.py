@@ -68,6 +68,22 @@ def predicted_tbt_s(store: ProfileStore, gpu_type: str, inst: InstanceView, cloc
     return step_s / decoding_share
 
 
+PREFILL_CHUNK_TOKENS = 2048  # prefill time of long queues is summed in chunks of this size
+
+
+def prefill_time_s(store: ProfileStore, gpu_type: str, model: str, tokens: float, sm_pct: float,
+                   clock_mhz: int) -> float:
+    """Time to prefill ``tokens`` prompt tokens in chunks (as chunked prefill runs them)."""
+    table = store.table(gpu_type, model)
+    full, rest = divmod(max(1.0, tokens), PREFILL_CHUNK_TOKENS)
+    time_s = 0.0
+    if full:
+        time_s += full * table.lookup("prefill", 1, PREFILL_CHUNK_TOKENS, sm_pct, clock_mhz, clamp=True).latency_s
+    if rest:
+        time_s += table.lookup("prefill", 1, rest, sm_pct, clock_mhz, clamp=True).latency_s
+    return time_s
+
+
 def sampled(candidates: Sequence[InstanceView], key: int, count: int = 2) -> list[InstanceView]:
     """Up to ``count`` distinct candidates chosen by ``key`` (a request id): deterministic, O(1).
 

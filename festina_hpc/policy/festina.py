@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import TokenStats, free_gpu_group, sampled, serving
+from festina_hpc.policy.common import PREFILL_CHUNK_TOKENS, TokenStats, free_gpu_group, sampled, serving
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
@@ -80,7 +80,7 @@ class Load:
     instance_id: int
     model: str
     batch: int  # sequences it runs (admitted plus queued)
-    waiting: int
+    pending_tokens: int  # prompt tokens to prefill before a new request's first token, its own included
     rate_per_s: float
 
 
@@ -100,7 +100,7 @@ class FestinaPolicy(Policy):
         self._fill: dict[str, int] = {}  # model -> the instance being filled
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
-        self._slo_cache: dict[tuple[str, int, int, float, float, int, int], bool] = {}
+        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], bool] = {}
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
 
@@ -123,15 +123,21 @@ class FestinaPolicy(Policy):
                    clock_mhz: int) -> float:
         return table.lookup("prefill", max(1, prompts), prompt_tokens, sm_pct, clock_mhz, clamp=True).latency_s
 
-    def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> bool:
-        """Whether the load keeps its SLOs at this share and clock (memoised: loads recur)."""
-        key = (load.model, load.batch, load.waiting, round(load.rate_per_s, 1), sm_pct, clock_mhz, self.stats_epoch)
+    def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
+                   ttft_slo_s: float | None = None) -> bool:
+        """Whether the load keeps its SLOs at this share and clock (memoised: loads recur).
+
+        ``ttft_slo_s`` is the TTFT SLO of the request being placed; by default the strictest,
+        a short prompt's, for whatever arrives next."""
+        key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
+               ttft_slo_s, self.stats_epoch)
         cached = self._slo_cache.get(key)
         if cached is None:
-            cached = self._slo_cache[key] = self._meets_slo_uncached(view, load, sm_pct, clock_mhz)
+            cached = self._slo_cache[key] = self._meets_slo_uncached(view, load, sm_pct, clock_mhz, ttft_slo_s)
         return cached
 
-    def _meets_slo_uncached(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> bool:
+    def _meets_slo_uncached(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
+                            ttft_slo_s: float | None) -> bool:
         model = view.model(load.model)
         table = self._table(view, load.model)
         step_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz)
@@ -141,15 +147,18 @@ class FestinaPolicy(Policy):
         # it as the GPU can get at full speed: a request never asks for more than max settings give.
         ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz)
         floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
-        return ttft_s <= max(TTFT_MARGIN * model.slo.ttft_s, 1.1 * floor_s)
+        slo_s = model.slo.ttft_s if ttft_slo_s is None else ttft_slo_s
+        return ttft_s <= max(TTFT_MARGIN * slo_s, 1.1 * floor_s)
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> float:
-        """A new request's wait, planned for the tail: a long (p90) prefill already running, then
-        the queue's prefill with its own, at typical prompt length."""
-        long_prompt = self.stats.prompt_quantile(load.model, 0.9)
+        """A new request's wait, planned for the tail: the step running when it arrives (at most a
+        chunk of a long (p90) prompt), then every prompt token ahead of it and its own, in chunks."""
+        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), PREFILL_CHUNK_TOKENS)
         running_s = self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
-        queue_s = self._prefill_s(table, max(1, load.waiting), self.stats.prompt_tokens(load.model), sm_pct,
-                                  clock_mhz)
+        full, rest = divmod(max(1, load.pending_tokens), PREFILL_CHUNK_TOKENS)
+        queue_s = full * self._prefill_s(table, 1, PREFILL_CHUNK_TOKENS, sm_pct, clock_mhz)
+        if rest:
+            queue_s += self._prefill_s(table, 1, rest, sm_pct, clock_mhz)
         return running_s + queue_s
 
     # -- placement --------------------------------------------------------------------------------
@@ -199,9 +208,10 @@ class FestinaPolicy(Policy):
             gpu = view.gpu(inst.gpus[0])
             # The controller can raise the clock to the max and give the instance the GPU's free share.
             share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
-            load = Load(inst.id, inst.model, inst.running + inst.waiting + 1, inst.waiting + 1,
-                        inst.arrival_rate_per_s)
-            if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz):
+            load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
+                        inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
+            if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz,
+                                   model.slo.ttft_for(request.prompt_tokens)):
                 continue
             # A loading instance with room beats starting yet another one: its wait is the same.
             fullness = (inst.running + inst.waiting) / inst.batch_cap
@@ -268,7 +278,8 @@ class FestinaPolicy(Policy):
             inst = view.instance(i)
             if inst.phase > InstancePhase.DRAINING:
                 continue
-            loads.append(Load(inst.id, inst.model, inst.running + inst.waiting, inst.waiting,
+            loads.append(Load(inst.id, inst.model, inst.running + inst.waiting,
+                              inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)),
                               inst.arrival_rate_per_s))
         return loads
 
@@ -447,8 +458,8 @@ class FestinaPolicy(Policy):
              room: dict[int, tuple[float, list[Load]]]) -> tuple[tuple[int, ...], float, float] | None:
         """GPUs (same node) where the instance fits with every co-resident's SLO kept; updates ``room``."""
         fraction = inst.memory_fraction
-        moved = Load(-1 - inst.id, inst.model, inst.running + inst.waiting, inst.waiting,
-                     inst.arrival_rate_per_s)
+        moved = Load(-1 - inst.id, inst.model, inst.running + inst.waiting,
+                     inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)), inst.arrival_rate_per_s)
         by_node: dict[int, list[int]] = {}
         for g, (mem_free, _) in room.items():
             if mem_free + 1e-9 >= fraction:

@@ -50,7 +50,7 @@ separate charges:
    each sub-box's floor is a McCormick under-estimate of power x latency divided by its tokens,
    taken at the sub-box corners (where such a multilinear-over-linear function is least). Left
    out are points no run reaches: two or more sequences whose KV cache (batch x context) and
-   weights overflow a GPU's usable memory, two or more prompts over max_prefill_tokens.
+   weights overflow a GPU's usable memory, two or more prompts over step_token_budget.
    Instances sharing a GPU (MPS) are charged at most TDP - idle together, so the floor is also
    capped at (TDP - idle) x tp x m x latency / tokens, m the least memory fraction per GPU the
    step needs (weights, plus KV cache for two or more sequences): co-resident fractions sum to
@@ -235,7 +235,7 @@ def _reachable(table: ProfileTable, phase: str, model: ModelSpec, spec: GpuSpec,
         spec.memory_bytes * config.usable_memory_frac)
     reachable = memory_frac <= 1.0
     if phase == "prefill":
-        reachable &= ~several | (batch_lo * context_lo <= config.max_prefill_tokens)
+        reachable &= ~several | (batch_lo * context_lo <= config.step_token_budget)
     return reachable, memory_frac
 
 

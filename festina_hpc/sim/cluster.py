@@ -1,15 +1,20 @@
 """The simulated cluster: nodes, GPUs and model instances, and how they serve, load and draw power.
 
-Serving follows vLLM's continuous batching per instance. At each step boundary
-an instance first admits waiting requests (FIFO, up to its batch cap, a
-prefill token budget and its KV-cache room, reserving each request's prompt
-plus output tokens so no sequence is ever preempted) and runs one prefill
-step for them (TTFT = queueing + load wait + prefill); otherwise it runs
-decode steps for every admitted sequence, one token each. Between events the
-batch does not change, so a run of k decode steps is one event: k is the
-number of steps until the next sequence finishes, cut short at the next step
-boundary when a request arrives (prefill takes priority, as in vLLM). A
-request's TBT is its mean time between tokens (first token to last).
+Serving follows vLLM's continuous batching with chunked prefill, per
+instance. At each step boundary an instance admits waiting requests (FIFO, up
+to its batch cap and its KV-cache room, reserving each request's prompt plus
+output tokens so no sequence is ever preempted). A step then decodes one
+token for every decoding sequence and, with what is left of the step's token
+budget (at least ``min_prefill_chunk``), prefills the next chunk of the
+admitted prompts in order; a prompt's first token comes at the end of the
+step that finishes its prefill (TTFT = queueing + load wait + its chunks).
+Such a mixed step is one forward pass: the chunk's prefill time plus what the
+decode batch adds over a batch of one (the step overhead and the weight reads
+are paid once), from the profiles. With nothing to prefill, the batch does not change between
+events, so a run of k decode steps is one event: k is the number of steps
+until the next sequence finishes, cut short at the next step boundary when a
+request arrives. A request's TBT is its mean time between tokens (first token
+to last).
 
 Latency and power come from the profile tables at the instance's batch, mean
 context, SM share (MPS) and its GPU's clock. A GPU draws idle power plus the
@@ -28,6 +33,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request
 from festina_hpc.profiles.specs import GpuSpec
@@ -59,7 +65,10 @@ class ClusterConfig:
     node_off_w: float = 0.0  # a powered-off node (BMC standby ignored)
     node_wake_s: float = 180.0  # power-on to slurmd registered (BIOS, OS boot, driver load)
     usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
-    max_prefill_tokens: int = 8192  # prompt tokens per prefill step (vLLM max_num_batched_tokens)
+    # Tokens per step, decode tokens plus a prefill chunk (vLLM's max_num_batched_tokens with
+    # chunked prefill); a prefill chunk gets at least min_prefill_chunk of them.
+    step_token_budget: int = 2048
+    min_prefill_chunk: int = 256
     # Loading weights: engine start plus weights per GPU over the load bandwidth; the defaults
     # are the documented presets of sim/workload.py.
     load_init_s: float = STANDARD_LOAD.engine_init_s
@@ -190,7 +199,10 @@ class SimInstance:
         self.step_latency_s = 0.0
         self.steps_planned = 0
         self.version = 0
-        self.prefilling: list[RequestRecord] = []
+        # Admitted requests still prefilling: [record, prompt tokens left], in order.
+        self.prefill_queue: deque[list[Any]] = deque()
+        self.chunk: list[tuple[RequestRecord, int]] = []  # what the current step prefills
+        self.step_decoding = 0  # sequences the current step decodes
         self.dynamic_w = 0.0
         self.migration_of: int | None = None  # the instance this one replaces, while loading
         self.replaced_by: int | None = None
@@ -201,11 +213,15 @@ class SimInstance:
 
     @property
     def running(self) -> int:
-        return len(self._decoding) + len(self.prefilling)
+        return len(self._decoding) + len(self.prefill_queue)
 
     @property
     def waiting(self) -> int:
         return len(self.queue)
+
+    @property
+    def pending_prompt_tokens(self) -> int:
+        return sum(r.request.prompt_tokens for r in self.queue) + sum(e[1] for e in self.prefill_queue)
 
     @property
     def arrival_rate_per_s(self) -> float:
@@ -217,28 +233,46 @@ class SimInstance:
 
     @property
     def holds_work(self) -> bool:
-        return bool(self.queue or self._decoding or self.prefilling)
+        return bool(self.queue or self._decoding or self.prefill_queue)
 
     # -- serving ---------------------------------------------------------------------------------
 
-    def admit(self, max_prefill_tokens: int) -> list[RequestRecord]:
-        """Waiting requests to prefill now: FIFO, within batch cap, token budget and KV room."""
-        admitted: list[RequestRecord] = []
-        tokens = 0
+    def admit(self) -> None:
+        """Move waiting requests into the prefill queue: FIFO, within batch cap and KV room."""
         room = self.batch_cap - self.running
-        while self.queue and len(admitted) < room:
-            record = self.queue[0]
-            r = record.request
+        admitted = 0
+        while self.queue and admitted < room:
+            r = self.queue[0].request
             need = r.prompt_tokens + r.output_tokens
             if self.kv_tokens_reserved + need > self.kv_capacity_tokens and (admitted or self.running):
                 break  # wait for room; a lone request too big for the cache runs anyway (truncated by vLLM)
-            if admitted and tokens + r.prompt_tokens > max_prefill_tokens:
-                break
-            self.queue.popleft()
-            admitted.append(record)
-            tokens += r.prompt_tokens
+            record = self.queue.popleft()
+            self.prefill_queue.append([record, r.prompt_tokens])
             self.kv_tokens_reserved += need
-        return admitted
+            admitted += 1
+
+    def take_chunk(self, tokens: int) -> list[tuple[RequestRecord, int]]:
+        """The next ``tokens`` prompt tokens to prefill, across the prefill queue in order."""
+        chunk = []
+        for entry in self.prefill_queue:
+            if tokens <= 0:
+                break
+            take = min(tokens, entry[1])
+            chunk.append((entry[0], take))
+            tokens -= take
+        return chunk
+
+    def finish_chunk(self) -> list[RequestRecord]:
+        """Account the current step's chunk; the requests whose prefill it completed."""
+        done = []
+        for _, take in self.chunk:
+            entry = self.prefill_queue[0]
+            entry[1] -= take
+            if entry[1] <= 0:
+                self.prefill_queue.popleft()
+                done.append(entry[0])
+        self.chunk = []
+        return done
 
     def start_decoding(self, records: Iterable[RequestRecord], now_s: float) -> list[RequestRecord]:
         """Prefilled requests join the decode batch; those with one output token are done now."""

@@ -324,15 +324,28 @@ class Simulation:
         if inst.pending_batch_cap is not None:
             inst.batch_cap, inst.pending_batch_cap = inst.pending_batch_cap, None
         idle_w = self.spec.idle_w
-        admitted = inst.admit(self.config.max_prefill_tokens) if inst.queue else []
+        if inst.queue:
+            inst.admit()
         inst.version += 1
         inst.activity_start_s = self._now
-        if admitted:
-            n = len(admitted)
-            mean_prompt = sum(rec.request.prompt_tokens for rec in admitted) / n
-            latency_s, power_w = self._lookup(inst, "prefill", n, mean_prompt)
+        if inst.prefill_queue:
+            # A mixed step: one token for each decoding sequence, then a chunk of prompts.
+            decoding = inst.decoding
+            budget = max(self.config.min_prefill_chunk, self.config.step_token_budget - decoding)
+            inst.chunk = inst.take_chunk(budget)
+            tokens = sum(take for _, take in inst.chunk)
+            prefill_s, prefill_w = self._lookup(inst, "prefill", len(inst.chunk), tokens / len(inst.chunk))
+            decode_s, decode_w = 0.0, idle_w
+            if decoding:
+                # One forward pass: the chunk's prefill already pays the step overhead and reads the
+                # weights, so the decode sequences add only what their batch adds over batch 1.
+                context = inst.mean_context(0.5)
+                batch_s, decode_w = self._lookup(inst, "decode", decoding, context)
+                decode_s = max(0.0, batch_s - self._lookup(inst, "decode", 1, context)[0])
+            latency_s = prefill_s + decode_s
+            power_w = (prefill_w * prefill_s + decode_w * decode_s) / latency_s
             inst.activity = Activity.PREFILL
-            inst.prefilling = admitted
+            inst.step_decoding = decoding
             inst.steps_planned = 1
             inst.step_latency_s = latency_s
             self._set_dynamic(inst, power_w - idle_w)
@@ -364,8 +377,9 @@ class Simulation:
 
     def _step_done(self, inst: SimInstance) -> list[Event]:
         if inst.activity is Activity.PREFILL:
-            self._finish(inst.start_decoding(inst.prefilling, self._now))
-            inst.prefilling = []
+            if inst.step_decoding:
+                self._finish(inst.advance(1, self._now))
+            self._finish(inst.start_decoding(inst.finish_chunk(), self._now))
         elif inst.activity is Activity.DECODE:
             self._finish(inst.advance(inst.steps_planned, self._now))
         self._dirty.update(inst.gpus)

@@ -90,6 +90,7 @@ class FakeInstance:
     memory_fraction: float = 1.0
     running: int = 0
     waiting: int = 0
+    pending_prompt_tokens: int = 0
     kv_tokens_reserved: int = 0
     kv_capacity_tokens: int = 200_000
     ready_at_s: float = 0.0

@@ -243,7 +243,7 @@ def reachable_points(table: ProfileTable, phase: str, n: int, seed: int) -> tupl
     usable = SPEC.memory_bytes * ONE_NODE.usable_memory_frac
     fits = (model.weights_bytes + batch * context * model.kv_bytes_per_token) / table.tp <= usable
     if phase == "prefill":
-        fits &= batch * context <= ONE_NODE.max_prefill_tokens
+        fits &= batch * context <= ONE_NODE.step_token_budget
     keep = fits | (batch == 1)
     return batch[keep], context[keep], sm[keep], clock[keep]
 
@@ -267,7 +267,7 @@ def test_token_floor_is_below_every_reachable_point(model: str, phase: str) -> N
     usable = SPEC.memory_bytes * ONE_NODE.usable_memory_frac
     fits = (spec.weights_bytes + b * c * spec.kv_bytes_per_token) / table.tp <= usable
     if phase == "prefill":
-        fits &= b * c <= ONE_NODE.max_prefill_tokens
+        fits &= b * c <= ONE_NODE.step_token_budget
     assert floor <= np.min(np.where(fits | (b == 1), at_grid, np.inf)) * (1 + 1e-12)
 
 

@@ -8,8 +8,9 @@ model (power of two choices), or to the newest instance when neither has
 room. At its best (the evaluation method asks for it) it scales out to as
 many dedicated instances as it needs to meet SLOs: a new instance starts when
 no instance looked at has room, that is when its KV cache cannot hold its
-queue and the request, or its predicted time between tokens with one more
-sequence would exceed 80% of the TBT SLO. Instances are
+queue and the request, its queued prompts and the request's would not
+prefill within 80% of the TTFT SLO, or its predicted time between tokens with
+one more sequence would exceed 80% of the TBT SLO. Instances are
 never stopped (no scale to zero), as in a static deployment, which also
 deploys one instance of every model up front (the simulation's warm-up lets
 them load before the trace starts).
@@ -18,7 +19,14 @@ them load before the trace starts).
 from __future__ import annotations
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import free_gpu_group, least_loaded, predicted_tbt_s, sampled, serving
+from festina_hpc.policy.common import (
+    free_gpu_group,
+    least_loaded,
+    predicted_tbt_s,
+    prefill_time_s,
+    sampled,
+    serving,
+)
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
@@ -43,11 +51,19 @@ def route_with_room(policy: Policy, request: Request, view: ClusterView,
 
     need = request.prompt_tokens + EXPECTED_OUTPUT_TOKENS  # a router does not know the output length
 
+    ttft_limit_s = SLO_HEADROOM * view.model(request.model).slo.ttft_for(request.prompt_tokens)
+
     def has_room(inst: InstanceView) -> bool:
-        # KV room for the queue and this request (each queued one taken as this one's size), and a TBT
-        # that stays within the SLO's headroom with one more sequence.
-        kv_fits = inst.kv_tokens_reserved + (inst.waiting + 1) * need <= inst.kv_capacity_tokens
-        return kv_fits and predicted_tbt_s(policy.store, view.gpu_type, inst, clock) <= limit_s
+        # KV room for the queue and this request (each queued one taken as this one's size), the
+        # queued prompts and this one prefilled within the TTFT SLO's headroom, and a TBT that stays
+        # within the SLO's headroom with one more sequence.
+        if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+            return False
+        prefill_s = prefill_time_s(policy.store, view.gpu_type, inst.model,
+                                   inst.pending_prompt_tokens + request.prompt_tokens, inst.sm_pct, clock)
+        if prefill_s > ttft_limit_s:
+            return False
+        return predicted_tbt_s(policy.store, view.gpu_type, inst, clock) <= limit_s
 
     ready = [i for i in candidates if i.phase is InstancePhase.READY]
     best = least_loaded(i for i in sampled(ready, request.id) if has_room(i))
