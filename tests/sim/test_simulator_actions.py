@@ -68,7 +68,8 @@ class BadMoves(VllmPolicy):
         if self.asked or len({i.model for i in ready}) < 2:
             return Plan()
         self.asked = True
-        a, b = sorted(ready, key=lambda i: i.model)[:2]
+        first_of = {i.model: i for i in reversed(sorted(ready, key=lambda i: i.id))}
+        a, b = (first_of[m] for m in sorted(first_of)[:2])  # two instances of different models
         bad: tuple[Action, ...] = (MoveQueued(a.id, 999, 1), MoveQueued(a.id, a.id, 1), MoveQueued(a.id, b.id, 1),
                                    MoveQueued(999, a.id, 1), MoveQueued(a.id, a.id + 1000, 0))
         return Plan(bad)

@@ -59,10 +59,11 @@ def route_with_room(policy: Policy, request: Request, view: ClusterView,
         # within the SLO's headroom with one more sequence.
         if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
             return False
-        prefill_s = prefill_time_s(policy.store, view.gpu_type, inst.model,
-                                   inst.pending_prompt_tokens + request.prompt_tokens, inst.sm_pct, clock)
-        if prefill_s > ttft_limit_s:
-            return False
+        if inst.phase is InstancePhase.READY:  # a loading instance's queue waits for the load either way
+            prefill_s = prefill_time_s(policy.store, view.gpu_type, inst.model,
+                                       inst.pending_prompt_tokens + request.prompt_tokens, inst.sm_pct, clock)
+            if prefill_s > ttft_limit_s:
+                return False
         return predicted_tbt_s(policy.store, view.gpu_type, inst, clock) <= limit_s
 
     ready = [i for i in candidates if i.phase is InstancePhase.READY]
