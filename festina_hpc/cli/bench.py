@@ -84,3 +84,46 @@ def bench_sim(app: AppContext, policy: str, node_counts: str, models: int, as_js
                       f"{row['us_per_request']:.1f}", f"{row['events']:,}", f"{row['slo_attainment']:.3f}")
     Console().print(table)
     click.echo(f"us/request, largest over smallest: {figures['us_per_request_max_over_min']:.2f}")
+
+
+@bench.command("policy")
+@click.option("--policy", default="festina", show_default=True)
+@click.option("--gpus", "gpu_counts", default="64,1024,8192", show_default=True,
+              help="Cluster sizes in GPUs (multiples of 8: 8-GPU H100 nodes).")
+@click.option("--decisions", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Timed place() calls per cluster size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@pass_app
+def bench_policy(app: AppContext, policy: str, gpu_counts: str, decisions: int, seed: int, as_json: bool) -> None:
+    """Decision cost vs cluster size: place() per call, control() per GPU, consolidate() per plan."""
+    from festina_hpc.policy.bench import GPUS_PER_NODE, run_policy_bench
+
+    try:
+        counts = [int(n) for n in gpu_counts.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{gpu_counts!r} is not a comma-separated list of ints",
+                                 param_hint="'--gpus'") from None
+    if not counts or any(n <= 0 or n % GPUS_PER_NODE for n in counts):
+        raise click.BadParameter(f"{gpu_counts!r}: every size must be a positive multiple of {GPUS_PER_NODE}",
+                                 param_hint="'--gpus'")
+    result = run_policy_bench(app.profile_store(), policy, counts, decisions, seed)
+    if as_json:
+        echo_json(result.as_json())
+        return
+    table = Table(title=f"{result.policy}: decision cost vs cluster size ({decisions:,} placements per size)")
+    for column in ("GPUs", "instances", "build s", "decisions/s", "place p50 us", "place p99 us",
+                   "place max us", "route/start/drop", "consolidate s", "plan actions"):
+        table.add_column(column, justify="right")
+    for s in result.sizes:
+        mix = f"{s.outcomes['route']}/{s.outcomes['start']}/{s.outcomes['drop']}"
+        table.add_row(f"{s.gpus:,}", f"{s.instances:,}", f"{s.build_s:.2f}", f"{s.decisions_per_s:,.0f}",
+                      f"{s.p50_us:,.1f}", f"{s.p99_us:,.1f}", f"{s.max_us:,.0f}", mix, f"{s.plan_s:.4f}",
+                      str(s.plan_actions))
+    Console().print(table)
+    click.echo(f"local control at {max(counts):,} GPUs: {result.control_tick_ms:.3f} ms mean, "
+               f"{result.control_tick_p99_ms:.3f} ms p99 per control() call, over {result.control_gpus:,} GPUs "
+               "holding instances")
+    invalid = sum(s.outcomes["invalid start"] + s.outcomes["invalid route"] for s in result.sizes)
+    if invalid:
+        click.echo(f"invalid decisions (refused by the simulator): {invalid}")

@@ -124,7 +124,8 @@ class FakeView:
     """A ``ClusterView`` over hand-placed instances; ``add`` keeps GPU allocations consistent."""
 
     def __init__(self, nodes: int = 1, gpus_per_node: int = 8, now_s: float = 0.0,
-                 models: Iterable[str] = MODELS, model_rates: Mapping[str, float] | None = None):
+                 models: Iterable[str] = MODELS, model_rates: Mapping[str, float] | None = None,
+                 slos: Mapping[str, Slo] | None = None):
         self.now_s = now_s
         self.gpu_type = GPU
         self._gpus = [FakeGpu(g, g // gpus_per_node) for g in range(nodes * gpus_per_node)]
@@ -133,8 +134,8 @@ class FakeView:
         for name in models:
             spec = STORE.model(name)
             tp = spec.tp_on(GPU)
-            self._models[name] = ModelInfo(name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp,
-                                           make_slo(name))
+            slo = slos[name] if slos is not None else make_slo(name)
+            self._models[name] = ModelInfo(name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp, slo)
         self._instances: dict[int, FakeInstance] = {}
         self.model_rates = dict(model_rates or {})
 
