@@ -36,6 +36,7 @@ share this code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
 TTFT_MARGIN = 0.9  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 MIN_START_SHARE = 30.0
+WIDE_LOOK = 16  # instances looked at before starting a new one
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
@@ -148,18 +150,23 @@ class FestinaPolicy(Policy):
         ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz)
         floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
         slo_s = model.slo.ttft_s if ttft_slo_s is None else ttft_slo_s
-        return ttft_s <= max(TTFT_MARGIN * slo_s, 1.1 * floor_s)
+        # When even full speed misses the target, only full speed will do.
+        return ttft_s <= max(TTFT_MARGIN * slo_s, floor_s * (1 + 1e-9))
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> float:
-        """A new request's wait, planned for the tail: the step running when it arrives (at most a
-        chunk of a long (p90) prompt), then every prompt token ahead of it and its own, in chunks."""
-        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), PREFILL_CHUNK_TOKENS)
-        running_s = self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
+        """A new request's wait, planned for the tail: every prompt token ahead of it and its own,
+        in chunks, after the step running when it arrives (a chunk of a long (p90) prompt) when
+        prefills keep the instance busy often enough (1% of the time) to matter at the p99."""
         full, rest = divmod(max(1, load.pending_tokens), PREFILL_CHUNK_TOKENS)
         queue_s = full * self._prefill_s(table, 1, PREFILL_CHUNK_TOKENS, sm_pct, clock_mhz)
         if rest:
             queue_s += self._prefill_s(table, 1, rest, sm_pct, clock_mhz)
-        return running_s + queue_s
+        prefill_busy = load.rate_per_s * self._prefill_s(table, 1, self.stats.prompt_tokens(load.model), sm_pct,
+                                                         clock_mhz)
+        if prefill_busy < 0.01:
+            return queue_s
+        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), PREFILL_CHUNK_TOKENS)
+        return queue_s + self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
 
     # -- placement --------------------------------------------------------------------------------
 
@@ -170,39 +177,46 @@ class FestinaPolicy(Policy):
             self.stats_epoch += 1
             self._slo_cache.clear()
         model = view.model(request.model)
-        candidates = serving(view.instances_of(request.model))
-        target = self._safe_fullest(request, view, model, candidates)
+        instances = view.instances_of(request.model)
+        target = self._safe_fullest(request, view, model, self._looked_at(request, view, instances))
+        if target is None and len(instances) > 4:
+            # Before paying a cold start, a bounded wider look (the newest first: they have room).
+            target = self._safe_fullest(request, view, model, instances[-1:-WIDE_LOOK - 1:-1])
         if target is not None:
             self._fill[request.model] = target.id
             return Route(target.id)
         start = self._where_to_start(view, model)
         if start is not None:
             return start
+        candidates = serving(instances)
         if candidates:  # nowhere to grow: the least bad instance rather than a drop
             return Route(min(candidates, key=lambda i: (i.running + i.waiting) / i.batch_cap).id)
         return Drop("no capacity for a new instance")
 
     def _looked_at(self, request: Request, view: ClusterView,
-                   candidates: Sequence[InstanceView]) -> list[InstanceView]:
+                   instances: Sequence[InstanceView]) -> list[InstanceView]:
+        """The fill target, three sampled instances and the newest: O(1) of the model's instances."""
         looked: dict[int, InstanceView] = {}
         fill = self._fill.get(request.model)
-        for inst in candidates:
-            if inst.id == fill:
-                looked[inst.id] = inst
-                break
-        ready = [i for i in candidates if i.phase is InstancePhase.READY]
-        for inst in sampled(ready, request.id):
+        if fill is not None:
+            try:
+                looked[fill] = view.instance(fill)
+            except KeyError:
+                del self._fill[request.model]
+        for inst in sampled(instances, request.id, count=3):
             looked[inst.id] = inst
-        if candidates:
-            looked[candidates[-1].id] = candidates[-1]
-        return list(looked.values())
+        if instances:
+            looked[instances[-1].id] = instances[-1]
+        return [i for i in looked.values() if i.phase <= InstancePhase.READY]
 
     def _safe_fullest(self, request: Request, view: ClusterView, model: ModelInfo,
                       candidates: Sequence[InstanceView]) -> InstanceView | None:
         best: InstanceView | None = None
         best_load = -1.0
         need = request.prompt_tokens + self.stats.output_tokens(request.model)
-        for inst in self._looked_at(request, view, candidates):
+        for inst in candidates:
+            if inst.phase > InstancePhase.READY:
+                continue
             if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
                 continue
             gpu = view.gpu(inst.gpus[0])
@@ -272,16 +286,14 @@ class FestinaPolicy(Policy):
 
     # -- local control ----------------------------------------------------------------------------
 
+    def load_of(self, inst: InstanceView) -> Load:
+        """What the controller plans for: the instance's sequences and a typical request arriving."""
+        return Load(inst.id, inst.model, inst.running + inst.waiting,
+                    inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)), inst.arrival_rate_per_s)
+
     def _loads(self, gpu: GpuView, view: ClusterView) -> list[Load]:
-        loads = []
-        for i in gpu.instances:
-            inst = view.instance(i)
-            if inst.phase > InstancePhase.DRAINING:
-                continue
-            loads.append(Load(inst.id, inst.model, inst.running + inst.waiting,
-                              inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)),
-                              inst.arrival_rate_per_s))
-        return loads
+        return [self.load_of(view.instance(i)) for i in gpu.instances
+                if view.instance(i).phase <= InstancePhase.DRAINING]
 
     def solve(self, view: ClusterView, loads: Sequence[Load]) -> tuple[int, dict[int, float]] | None:
         """The lowest-power (clock, shares) meeting every load's SLO, or None when none does."""
@@ -338,12 +350,8 @@ class FestinaPolicy(Policy):
             fair = 100.0 / len(loads)
             shares = {load.instance_id: fair for load in loads}
         else:
+            # Least shares: what is left stays free for another model to co-locate here.
             clock, shares = solved
-            # Leftover share goes to the busiest instance: it costs little and absorbs bursts.
-            spare = 100.0 - sum(shares.values())
-            if spare >= 10 and loads:
-                busiest = max(loads, key=lambda ld: ld.batch)
-                shares[busiest.instance_id] += spare
         clock = self._with_hysteresis(gpu.clock_mhz, clock)
         changed = {i: s for i, s in shares.items() if abs(s - self._current_share(view, i)) >= 10}
         # Shrink shares first so a grown share always finds room.
@@ -458,8 +466,7 @@ class FestinaPolicy(Policy):
              room: dict[int, tuple[float, list[Load]]]) -> tuple[tuple[int, ...], float, float] | None:
         """GPUs (same node) where the instance fits with every co-resident's SLO kept; updates ``room``."""
         fraction = inst.memory_fraction
-        moved = Load(-1 - inst.id, inst.model, inst.running + inst.waiting,
-                     inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)), inst.arrival_rate_per_s)
+        moved = dataclasses.replace(self.load_of(inst), instance_id=-1 - inst.id)
         by_node: dict[int, list[int]] = {}
         for g, (mem_free, _) in room.items():
             if mem_free + 1e-9 >= fraction:
@@ -471,7 +478,8 @@ class FestinaPolicy(Policy):
             share = 100.0
             for g in gpus:
                 solved = self.solve(view, [*room[g][1], moved])
-                if solved is None:
+                # The move must fit beside the residents' current shares: they shrink only later.
+                if solved is None or solved[1][moved.instance_id] > 100.0 - view.gpu(g).sm_pct_allocated:
                     continue
                 share = min(share, solved[1][moved.instance_id])
                 chosen.append(g)

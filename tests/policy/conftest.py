@@ -90,12 +90,16 @@ class FakeInstance:
     memory_fraction: float = 1.0
     running: int = 0
     waiting: int = 0
-    pending_prompt_tokens: int = 0
+    prompt_tokens_each: int = 1024  # the queue's prompts, for pending_prompt_tokens
     kv_tokens_reserved: int = 0
     kv_capacity_tokens: int = 200_000
     ready_at_s: float = 0.0
     last_busy_s: float = 0.0
     arrival_rate_per_s: float = 0.0
+
+    @property
+    def pending_prompt_tokens(self) -> int:
+        return self.waiting * self.prompt_tokens_each
 
 
 @dataclass

@@ -4,14 +4,12 @@ Everything runs on the shipped H100 profiles with the default SLOs
 (``default_slo``: 5x the unloaded latency). Unit tests hand-build a cluster in
 a ``FakeView`` and call ``place``, ``control``, ``solve`` or ``consolidate``;
 the others run ``Simulation`` on a small seeded workload, some from a state
-built by starting instances directly. Tests marked ``xfail(strict=True)`` pin
-a behaviour the policy does not have yet (the reason says what happens
-instead); they turn into failures the day it is fixed, so the mark gets
-removed.
+built by starting instances directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -43,8 +41,8 @@ def fake_view(nodes: int = 1, models: Iterable[str] = (MODEL,)) -> FakeView:
 
 def load_of(inst: FakeInstance, instance_id: int | None = None) -> Load:
     """What the controller plans for ``inst`` (as ``control`` builds it)."""
-    return Load(inst.id if instance_id is None else instance_id, inst.model, inst.running + inst.waiting,
-                inst.waiting, inst.arrival_rate_per_s)
+    load = festina().load_of(inst)
+    return load if instance_id is None else dataclasses.replace(load, instance_id=instance_id)
 
 
 def request(rid: int, model: str = MODEL) -> Request:
@@ -84,17 +82,12 @@ def test_a_prefill_burst_raises_a_slowed_gpus_clock_within_one_tick() -> None:
     assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > MIN_TABLE_CLOCK_MHZ
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "festina.py:144 accepts TTFT up to max(0.9 x SLO, 1.1 x the TTFT at full speed): once a queue cannot "
-    "meet the SLO even at full speed, the solver takes the 10% slack and plans 1740 MHz for 24-96 waiting "
-    "requests where it planned 1860 MHz for 4-16, so the clock falls as the queue grows (and jumps to the "
-    "max once solve() finds nothing, at 128)"))
 def test_the_planned_clock_never_falls_as_the_queue_grows() -> None:
     view = fake_view()
     policy = festina()
     clocks = []
     for waiting in (0, 2, 4, 8, 16, 24, 32, 64, 96, 128):
-        solved = policy.solve(view, [Load(0, MODEL, 32 + waiting, waiting, 1.0)])
+        solved = policy.solve(view, [Load(0, MODEL, 32 + waiting, (waiting + 1) * 1024, 1.0)])
         clocks.append(MAX_CLOCK_MHZ if solved is None else solved[0])  # control() runs flat out when None
     assert clocks == sorted(clocks)
 
@@ -148,11 +141,6 @@ def test_co_located_models_never_exceed_memory_or_sm_shares(policy: str, models:
 SMALL_MODELS = [m for m in DEFAULT_MODEL_MIX if STORE.model(m).tp_on(GPU) == 1]  # five of them
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "festina never co-locates: an instance on a free GPU starts at sm_pct=100 (festina.py:227) and control() "
-    "hands a GPU's spare share back to its busiest instance (festina.py:332-335), so a lone instance keeps "
-    "100%; _colocation (festina.py:251) needs 30% free SMs, so it never finds a GPU and the fifth model's "
-    "requests (28 of 104) are dropped 'no capacity for a new instance' though the five ask for 2.7 GPUs' memory of 4"))
 def test_models_outnumbering_gpus_share_them_rather_than_being_dropped() -> None:
     sim, _ = run_checked(SMALL_MODELS, rate_per_s=0.2, duration_s=120.0)
     result = sim.run()
@@ -219,12 +207,6 @@ def test_an_evacuated_node_is_powered_off_in_the_simulator() -> None:
     assert result.requests_completed + result.requests_dropped == len(requests)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_fit (festina.py:446-470) checks a target GPU's memory room and solve(), not its free SM share, and the "
-    "Migrate carries only the moved instance's share (festina.py:436): the residents keep the 100% that "
-    "control() gives a lone instance, so the simulator refuses the move ('SM shares would exceed 100%'); "
-    "consolidate() plans the same refused move every 30 s (10 invalid decisions in 300 s), never tries GPUs "
-    "2-7 (empty), and node 1 stays on"))
 def test_an_evacuation_onto_a_half_used_gpu_is_carried_out() -> None:
     sim, _ = evacuation_run(node0_memory_fraction=0.5)  # GPU 0 has the memory room, fullest first
     result = sim.run()
@@ -261,13 +243,7 @@ def test_placement_routes_to_the_safe_instance_not_the_overloaded_one(light_firs
         assert remembering.place(request(rid), view) == Route(safe.id), rid
 
 
-@pytest.mark.parametrize("spare_gpus", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "place() looks only at the fill target, two instances sampled by request id and the newest "
-        "(festina.py:176-188); with no fill target yet, 28 of 32 request ids miss the one safe instance "
-        "among seven and start a new instance (a cold start) instead of routing to it"))),
-    False,
-])
+@pytest.mark.parametrize("spare_gpus", [True, False])
 def test_placement_finds_the_one_safe_instance_among_many_overloaded(spare_gpus: bool) -> None:
     """Six overloaded instances and a light one in the middle; a fresh policy per request (no fill target)."""
     view = fake_view(nodes=2 if spare_gpus else 1, models=(MODEL, "mistral-7b"))
