@@ -67,12 +67,23 @@ from festina_hpc.profiles.table import ProfileTable
 SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
 TTFT_MARGIN = 0.9  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
+CHUNKS = (2048, 1024, 512, 256)  # prefill chunks the controller chooses from, largest first
 MIN_START_SHARE = 30.0
 WIDE_LOOK = 16  # instances looked at before starting a new one
+TAIL_BUSY = 0.3  # prefill busy share from which a request's TBT is planned for a chunk-carrying step
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts; fewer wakes a node
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The local controller's answer for one GPU."""
+
+    clock_mhz: int
+    sm_pct: dict[int, float]  # instance id -> SM share
+    chunk_tokens: dict[int, int]  # instance id -> prefill chunk
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class FestinaPolicy(Policy):
         self._fill: dict[str, int] = {}  # model -> the instance being filled
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
-        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], bool] = {}
+        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], int | None] = {}
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
 
@@ -115,11 +126,21 @@ class FestinaPolicy(Policy):
         return table
 
     def _tbt_s(self, table: ProfileTable, model: str, batch: int, rate_per_s: float, sm_pct: float,
-               clock_mhz: int) -> float:
+               clock_mhz: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
+        """The time between tokens to plan for, at the tail.
+
+        Decode steps stretched by the prefill chunks interleaved with them (busy share r x p). When
+        chunks come often (TAIL_BUSY of the time or more), a request with few tokens may see one in
+        most of its steps: then a step that carries a chunk (of a long, p90, prompt) is the tail."""
         context = self.stats.decode_context_tokens(model)
         step = table.lookup("decode", max(1, batch), context, sm_pct, clock_mhz, clamp=True).latency_s
         prefill = table.lookup("prefill", 1, self.stats.prompt_tokens(model), sm_pct, clock_mhz, clamp=True)
-        return step / max(0.05, 1.0 - rate_per_s * prefill.latency_s)
+        busy = rate_per_s * prefill.latency_s
+        mean_s = step / max(0.05, 1.0 - busy)
+        if busy < TAIL_BUSY:
+            return mean_s
+        chunk = min(self.stats.prompt_quantile(model, 0.9), chunk_tokens)
+        return max(mean_s, step + table.lookup("prefill", 1, chunk, sm_pct, clock_mhz, clamp=True).latency_s)
 
     def _prefill_s(self, table: ProfileTable, prompts: int, prompt_tokens: float, sm_pct: float,
                    clock_mhz: int) -> float:
@@ -127,45 +148,53 @@ class FestinaPolicy(Policy):
 
     def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
                    ttft_slo_s: float | None = None) -> bool:
-        """Whether the load keeps its SLOs at this share and clock (memoised: loads recur).
+        """Whether the load keeps its SLOs at this share and clock with some prefill chunk."""
+        return self._chunk_for(view, load, sm_pct, clock_mhz, ttft_slo_s) is not None
+
+    def _chunk_for(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
+                   ttft_slo_s: float | None = None) -> int | None:
+        """The largest prefill chunk with which the load keeps its SLOs at this share and clock, or
+        None (memoised: loads recur). Smaller chunks shorten the steps decoding sequences wait in,
+        at the cost of more steps (more per-step overhead) for every prompt.
 
         ``ttft_slo_s`` is the TTFT SLO of the request being placed; by default the strictest,
         a short prompt's, for whatever arrives next."""
         key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
                ttft_slo_s, self.stats_epoch)
-        cached = self._slo_cache.get(key)
-        if cached is None:
-            cached = self._slo_cache[key] = self._meets_slo_uncached(view, load, sm_pct, clock_mhz, ttft_slo_s)
-        return cached
+        if key not in self._slo_cache:
+            self._slo_cache[key] = next((c for c in CHUNKS if self._meets_slo_with(
+                view, load, sm_pct, clock_mhz, ttft_slo_s, c)), None)
+        return self._slo_cache[key]
 
-    def _meets_slo_uncached(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
-                            ttft_slo_s: float | None) -> bool:
+    def _meets_slo_with(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
+                        ttft_slo_s: float | None, chunk_tokens: int) -> bool:
         model = view.model(load.model)
         table = self._table(view, load.model)
-        step_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz)
+        step_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens)
         if step_s > SLO_MARGIN * model.slo.tbt_s:
             return False
         # TTFT must hold even at the limit set by the strictest (short-prompt) SLO, or as near to
         # it as the GPU can get at full speed: a request never asks for more than max settings give.
-        ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz)
-        floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
+        ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
+        floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz, PREFILL_CHUNK_TOKENS)
         slo_s = model.slo.ttft_s if ttft_slo_s is None else ttft_slo_s
         # When even full speed misses the target, only full speed will do.
         return ttft_s <= max(TTFT_MARGIN * slo_s, floor_s * (1 + 1e-9))
 
-    def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> float:
+    def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int,
+                chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
         """A new request's wait, planned for the tail: every prompt token ahead of it and its own,
         in chunks, after the step running when it arrives (a chunk of a long (p90) prompt) when
         prefills keep the instance busy often enough (1% of the time) to matter at the p99."""
-        full, rest = divmod(max(1, load.pending_tokens), PREFILL_CHUNK_TOKENS)
-        queue_s = full * self._prefill_s(table, 1, PREFILL_CHUNK_TOKENS, sm_pct, clock_mhz)
+        full, rest = divmod(max(1, load.pending_tokens), chunk_tokens)
+        queue_s = full * self._prefill_s(table, 1, chunk_tokens, sm_pct, clock_mhz)
         if rest:
             queue_s += self._prefill_s(table, 1, rest, sm_pct, clock_mhz)
         prefill_busy = load.rate_per_s * self._prefill_s(table, 1, self.stats.prompt_tokens(load.model), sm_pct,
                                                          clock_mhz)
         if prefill_busy < 0.01:
             return queue_s
-        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), PREFILL_CHUNK_TOKENS)
+        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), chunk_tokens)
         return queue_s + self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
 
     # -- placement --------------------------------------------------------------------------------
@@ -236,6 +265,12 @@ class FestinaPolicy(Policy):
         return best
 
     def _memory_fraction(self, view: ClusterView, model: ModelInfo) -> float:
+        """Memory to reserve per GPU: weights plus KV for TARGET_SEQUENCES typical sequences.
+
+        A tensor-parallel instance takes its GPUs whole: its SM share is one setting across
+        several GPUs, which per-GPU control of co-residents could not keep consistent."""
+        if model.tp > 1:
+            return 1.0
         usable = self.gpu_spec.memory_bytes * USABLE_MEMORY_FRAC
         kv_tokens = TARGET_SEQUENCES * (self.stats.prompt_tokens(model.name) + self.stats.output_tokens(model.name))
         need = (model.weights_bytes_per_gpu + kv_tokens * model.kv_bytes_per_token_per_gpu) / usable
@@ -263,6 +298,8 @@ class FestinaPolicy(Policy):
 
     def _colocation(self, view: ClusterView, model: ModelInfo, fraction: float) -> tuple[tuple[int, ...], float] | None:
         """Best-fit GPUs on one powered node with room for ``fraction`` of memory and a share."""
+        if fraction >= 1.0:
+            return None
         best: tuple[float, tuple[int, ...], float] | None = None
         for node in self._busy_nodes(view):
             roomy = []
@@ -295,35 +332,39 @@ class FestinaPolicy(Policy):
         return [self.load_of(view.instance(i)) for i in gpu.instances
                 if view.instance(i).phase <= InstancePhase.DRAINING]
 
-    def solve(self, view: ClusterView, loads: Sequence[Load]) -> tuple[int, dict[int, float]] | None:
-        """The lowest-power (clock, shares) meeting every load's SLO, or None when none does."""
-        best: tuple[float, int, dict[int, float]] | None = None
+    def solve(self, view: ClusterView, loads: Sequence[Load]) -> Solution | None:
+        """The lowest-power clock, SM shares and prefill chunks meeting every load's SLO, or None."""
+        best: tuple[float, Solution] | None = None
         for clock in self._clocks:
             shares: dict[int, float] = {}
+            chunks: dict[int, int] = {}
             for load in loads:
-                share = self._least_share(view, load, clock)
-                if share is None:
+                least = self._least_share(view, load, clock)
+                if least is None:
                     break
-                shares[load.instance_id] = share
+                shares[load.instance_id], chunks[load.instance_id] = least
             else:
                 if sum(shares.values()) > 100.0:
                     continue
                 power = self._dynamic_power_w(view, loads, shares, clock)
                 if best is None or power < best[0] - 1e-9:
-                    best = (power, clock, shares)
-        return None if best is None else (best[1], best[2])
+                    best = (power, Solution(clock, shares, chunks))
+        return None if best is None else best[1]
 
-    def _least_share(self, view: ClusterView, load: Load, clock: int) -> float | None:
-        if not self._meets_slo(view, load, 100.0, clock):
+    def _least_share(self, view: ClusterView, load: Load, clock: int) -> tuple[float, int] | None:
+        """The least SM share (by bisection: SLOs only get easier with more share) and its chunk."""
+        if self._chunk_for(view, load, 100.0, clock) is None:
             return None
         lo, hi = 0, len(SHARES) - 1  # SHARES[hi] meets the SLO; find the first that does
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._meets_slo(view, load, SHARES[mid], clock):
+            if self._chunk_for(view, load, SHARES[mid], clock) is not None:
                 hi = mid
             else:
                 lo = mid + 1
-        return float(SHARES[lo])
+        chunk = self._chunk_for(view, load, SHARES[lo], clock)
+        assert chunk is not None
+        return float(SHARES[lo]), chunk
 
     def _dynamic_power_w(self, view: ClusterView, loads: Sequence[Load], shares: dict[int, float],
                          clock: int) -> float:
@@ -349,16 +390,18 @@ class FestinaPolicy(Policy):
             clock = self.gpu_spec.max_clock_mhz
             fair = 100.0 / len(loads)
             shares = {load.instance_id: fair for load in loads}
+            chunks = {load.instance_id: PREFILL_CHUNK_TOKENS for load in loads}
         else:
             # Least shares: what is left stays free for another model to co-locate here.
-            clock, shares = solved
+            clock, shares, chunks = solved.clock_mhz, solved.sm_pct, solved.chunk_tokens
         clock = self._with_hysteresis(gpu.clock_mhz, clock)
         changed = {i: s for i, s in shares.items() if abs(s - self._current_share(view, i)) >= 10}
         # Shrink shares first so a grown share always finds room.
         ordered = dict(sorted(changed.items(), key=lambda kv: kv[1] - self._current_share(view, kv[0])))
-        if clock == gpu.clock_mhz and not ordered:
+        new_chunks = {i: c for i, c in chunks.items() if c != view.instance(i).chunk_tokens}
+        if clock == gpu.clock_mhz and not ordered and not new_chunks:
             return None
-        return GpuSettings(clock_mhz=clock, sm_pct=ordered)
+        return GpuSettings(clock_mhz=clock, sm_pct=ordered, chunk_tokens=new_chunks)
 
     @staticmethod
     def _current_share(view: ClusterView, instance_id: int) -> float:
@@ -479,9 +522,9 @@ class FestinaPolicy(Policy):
             for g in gpus:
                 solved = self.solve(view, [*room[g][1], moved])
                 # The move must fit beside the residents' current shares: they shrink only later.
-                if solved is None or solved[1][moved.instance_id] > 100.0 - view.gpu(g).sm_pct_allocated:
+                if solved is None or solved.sm_pct[moved.instance_id] > 100.0 - view.gpu(g).sm_pct_allocated:
                     continue
-                share = min(share, solved[1][moved.instance_id])
+                share = min(share, solved.sm_pct[moved.instance_id])
                 chosen.append(g)
                 if len(chosen) == model.tp:
                     break

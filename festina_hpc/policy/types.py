@@ -102,6 +102,10 @@ class InstanceView(Protocol):
         """Requests queued for admission."""
         ...
     @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens one step may prefill."""
+        ...
+    @property
     def pending_prompt_tokens(self) -> int:
         """Prompt tokens still to prefill: queued requests' and admitted ones' remaining chunks."""
         ...
@@ -228,6 +232,9 @@ class GpuSettings:
     clock_mhz: int | None = None
     sm_pct: Mapping[int, float] = field(default_factory=dict)  # instance id -> SM share
     batch_cap: Mapping[int, int] = field(default_factory=dict)  # instance id -> max sequences
+    # instance id -> prompt tokens a step may prefill (chunked prefill's chunk): smaller chunks keep
+    # the time between tokens of decoding sequences short while prompts prefill beside them
+    chunk_tokens: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

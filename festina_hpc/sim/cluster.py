@@ -203,10 +203,10 @@ class SimInstance:
         self.prefill_queue: deque[list[Any]] = deque()
         self.chunk: list[tuple[RequestRecord, int]] = []  # what the current step prefills
         self.step_decoding = 0  # sequences the current step decodes
+        self.chunk_tokens = 1 << 30  # prompt tokens a step may prefill; the cluster's budget until set
         self.dynamic_w = 0.0
         self.migration_of: int | None = None  # the instance this one replaces, while loading
         self.replaced_by: int | None = None
-        self.pending_sm_pct: float | None = None
         self.pending_batch_cap: int | None = None
 
     # -- InstanceView ---------------------------------------------------------------------------

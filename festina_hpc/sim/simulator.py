@@ -319,8 +319,6 @@ class Simulation:
 
     def _next_step(self, inst: SimInstance) -> list[Event]:
         """Start the instance's next step at a step boundary (now)."""
-        if inst.pending_sm_pct is not None:
-            inst.sm_pct, inst.pending_sm_pct = inst.pending_sm_pct, None
         if inst.pending_batch_cap is not None:
             inst.batch_cap, inst.pending_batch_cap = inst.pending_batch_cap, None
         idle_w = self.spec.idle_w
@@ -331,7 +329,9 @@ class Simulation:
         if inst.prefill_queue:
             # A mixed step: one token for each decoding sequence, then a chunk of prompts.
             decoding = inst.decoding
-            budget = max(self.config.min_prefill_chunk, self.config.step_token_budget - decoding)
+            limit = min(inst.chunk_tokens, self.config.step_token_budget)
+            budget = max(min(self.config.min_prefill_chunk, limit),
+                         min(limit, self.config.step_token_budget - decoding))
             inst.chunk = inst.take_chunk(budget)
             tokens = sum(take for _, take in inst.chunk)
             prefill_s, prefill_w = self._lookup(inst, "prefill", len(inst.chunk), tokens / len(inst.chunk))
@@ -405,7 +405,7 @@ class Simulation:
         for g in decision.gpus:
             gpu = self.gpu_list[g]
             gone = [i for i in evicted if g in i.gpus]
-            sm_pct = gpu.sm_pct_allocated - sum(i.pending_sm_pct or i.sm_pct for i in gone)
+            sm_pct = gpu.sm_pct_allocated - sum(i.sm_pct for i in gone)
             memory_fraction = gpu.memory_fraction_allocated - sum(i.memory_fraction for i in gone)
             if sm_pct + decision.sm_pct > 100 + 1e-6:
                 raise InvalidDecision(f"GPU {g}: SM shares would exceed 100%")
@@ -434,6 +434,7 @@ class Simulation:
         batch_cap = decision.batch_cap if isinstance(decision, StartInstance) else 256
         inst = SimInstance(self._next_instance, info, self.tables[name], tuple(decision.gpus), node.id,
                            decision.sm_pct, batch_cap, decision.memory_fraction, kv_tokens, self._now)
+        inst.chunk_tokens = self.config.step_token_budget
         self._next_instance += 1
         inst.migration_of = migration_of
         self.live[inst.id] = inst
@@ -544,7 +545,7 @@ class Simulation:
                 gpu.loading_w = max(0.0, gpu.loading_w - self.config.load_dynamic_w)
             gpu.instances.remove(inst.id)
             # A share changed while the instance was busy or loading is reserved but not yet applied.
-            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - (inst.pending_sm_pct or inst.sm_pct))
+            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - inst.sm_pct)
             gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction)
             self._refresh_loading(gpu)
             if not gpu.instances and self.node_list[gpu.node].power is not NodePower.OFF:
@@ -693,30 +694,32 @@ class Simulation:
         # Shrinking shares first lets one settings object move SMs from one instance to another.
         def growth(item: tuple[int, float]) -> float:
             inst = self.live.get(item[0])
-            return item[1] - (inst.pending_sm_pct or inst.sm_pct) if inst is not None else 0.0
+            return item[1] - inst.sm_pct if inst is not None else 0.0
 
         for instance_id, sm_pct in sorted(settings.sm_pct.items(), key=growth):
             inst = self.live.get(instance_id)
             if inst is None or gpu.id not in inst.gpus or not 0 < sm_pct <= 100:
                 self.invalid_decisions += 1
                 continue
-            current = inst.pending_sm_pct or inst.sm_pct
-            if any(self.gpu_list[g].sm_pct_allocated - current + sm_pct > 100 + 1e-6 for g in inst.gpus):
+            if any(self.gpu_list[g].sm_pct_allocated - inst.sm_pct + sm_pct > 100 + 1e-6 for g in inst.gpus):
                 self.invalid_decisions += 1
                 continue
-            # The share is reserved now; the instance runs with it from its next step.
+            # The step in flight keeps the latency it started with; the next step runs at the new share.
             for g in inst.gpus:
-                self.gpu_list[g].sm_pct_allocated += sm_pct - (inst.pending_sm_pct or inst.sm_pct)
-            if inst.activity is Activity.IDLE:
-                inst.sm_pct, inst.pending_sm_pct = sm_pct, None
-            else:
-                inst.pending_sm_pct = sm_pct
+                self.gpu_list[g].sm_pct_allocated += sm_pct - inst.sm_pct
+            inst.sm_pct = sm_pct
         for instance_id, cap in settings.batch_cap.items():
             inst = self.live.get(instance_id)
             if inst is None or cap < 1:
                 self.invalid_decisions += 1
                 continue
             inst.pending_batch_cap = cap
+        for instance_id, chunk in settings.chunk_tokens.items():
+            inst = self.live.get(instance_id)
+            if inst is None or gpu.id not in inst.gpus or chunk < 1:
+                self.invalid_decisions += 1
+                continue
+            inst.chunk_tokens = chunk  # read at the next step boundary
 
     # -- measuring --------------------------------------------------------------------------------
 

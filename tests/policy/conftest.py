@@ -91,6 +91,7 @@ class FakeInstance:
     running: int = 0
     waiting: int = 0
     prompt_tokens_each: int = 1024  # the queue's prompts, for pending_prompt_tokens
+    chunk_tokens: int = 2048
     kv_tokens_reserved: int = 0
     kv_capacity_tokens: int = 200_000
     ready_at_s: float = 0.0

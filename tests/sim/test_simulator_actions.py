@@ -110,11 +110,11 @@ def test_eviction_of_a_busy_instance_or_without_room_is_refused_whole(make_busy:
     assert sim.gpu(0).instances == [victim.id]
 
 
-def test_a_loading_instance_stopped_with_a_pending_share_frees_it() -> None:
+def test_a_loading_instance_stopped_after_a_share_change_frees_it() -> None:
     sim = simulation("vllm", [request()])
     inst, _ = sim._start(StartInstance("llama-3.1-8b", (0,), sm_pct=40.0, memory_fraction=0.5))
     sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={inst.id: 60.0}))
-    assert inst.pending_sm_pct == 60.0 and sim.gpu(0).sm_pct_allocated == 60.0
+    assert inst.sm_pct == 60.0 and sim.gpu(0).sm_pct_allocated == 60.0
     sim._stop(inst)
     assert sim.gpu(0).sm_pct_allocated == 0.0 and 0 in sim.free_gpus()
 
