@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
-from festina_hpc.policy.types import ClusterView, InstancePhase, InstanceView, NodePower
+from festina_hpc.policy.types import ClusterView, InstancePhase, InstanceView, NodePower, Request
 from festina_hpc.profiles.store import ProfileStore
 
 # Context length assumed for latency predictions when a request's own is unknown.
@@ -161,3 +161,43 @@ class TokenStats:
         """Mean KV context of a decoding sequence: its prompt plus half its output."""
         prompt, output = self._means.get(model, self._initial)
         return prompt + output / 2
+
+
+EXPECTED_OUTPUT_TOKENS = 512  # KV room a router sets aside per request (a typical max_tokens)
+SLO_HEADROOM = 0.8  # an instance is full when one more request would take it past this share of an SLO
+
+
+def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: InstanceView, clock_mhz: int) -> bool:
+    """Whether ``inst`` can take ``request`` within its SLOs' headroom, as a load-aware router judges it.
+
+    KV room for its queue and the request (each queued one taken as this one's size; a router does
+    not know output lengths), the queued prompts and this one prefilled within the TTFT SLO's
+    headroom (a loading instance's queue waits for the load either way), and a time between
+    tokens within the TBT SLO's headroom with one more sequence.
+    """
+    slo = view.model(request.model).slo
+    need = request.prompt_tokens + EXPECTED_OUTPUT_TOKENS
+    if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+        return False
+    if inst.phase is InstancePhase.READY:
+        prefill_s = prefill_time_s(store, view.gpu_type, inst.model, inst.pending_prompt_tokens + request.prompt_tokens,
+                                   inst.sm_pct, clock_mhz)
+        if prefill_s > SLO_HEADROOM * slo.ttft_for(request.prompt_tokens):
+            return False
+    return predicted_tbt_s(store, view.gpu_type, inst, clock_mhz) <= SLO_HEADROOM * slo.tbt_s
+
+
+def route_with_room(store: ProfileStore, view: ClusterView, request: Request, candidates: Sequence[InstanceView],
+                    clock_mhz: int,
+                    prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None
+                    ) -> InstanceView | None:
+    """A serving instance with room for the request, looking at O(1) of them: the ``prefer``red
+    (default: least loaded) of two ready instances sampled by request id, else the newest."""
+    choose = prefer or least_loaded
+    ready = [i for i in candidates if i.phase is InstancePhase.READY]
+    best = choose([i for i in sampled(ready, request.id) if has_room(store, view, request, i, clock_mhz)])
+    if best is not None:
+        return best
+    if candidates and has_room(store, view, request, candidates[-1], clock_mhz):
+        return candidates[-1]  # the newest instance, possibly still loading
+    return None

@@ -37,7 +37,7 @@ from festina_hpc.policy.common import (
     free_gpu_group,
     idle_for_s,
     least_loaded,
-    predicted_tbt_s,
+    route_with_room,
     serving,
 )
 from festina_hpc.policy.types import (
@@ -75,11 +75,8 @@ class DynamoLlmPolicy(Policy):
         self._last_request_s[request.model] = view.now_s
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
-        limit_s = SLO_HEADROOM * model.slo.tbt_s
         # Full is judged at max clock: control() raises the clock when a batch needs it.
-        roomy = [i for i in candidates
-                 if predicted_tbt_s(self.store, view.gpu_type, i, self.gpu_spec.max_clock_mhz) <= limit_s]
-        best = least_loaded(roomy)
+        best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz)
         if best is not None:
             return Route(best.id)
         gpus = free_gpu_group(view, model.tp)

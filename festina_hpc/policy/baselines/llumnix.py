@@ -30,7 +30,7 @@ from festina_hpc.policy.common import (
     free_gpu_group,
     idle_for_s,
     least_loaded,
-    predicted_tbt_s,
+    route_with_room,
     serving,
 )
 from festina_hpc.policy.types import (
@@ -48,7 +48,6 @@ from festina_hpc.policy.types import (
     StopInstance,
 )
 
-SLO_HEADROOM = 0.8  # an instance is full when one more sequence would take its TBT past this share of the SLO
 IMBALANCE_RATIO = 2.0  # migrate when the loaded instance holds more than this many times the other's load
 
 
@@ -71,11 +70,10 @@ class LlumnixPolicy(Policy):
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
-        limit_s = SLO_HEADROOM * model.slo.tbt_s
-        roomy = [i for i in candidates
-                 if predicted_tbt_s(self.store, view.gpu_type, i, self.gpu_spec.max_clock_mhz) <= limit_s]
-        if roomy:
-            return Route(max(roomy, key=self.freeness).id)
+        best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz,
+                               prefer=lambda roomy: max(roomy, key=self.freeness, default=None))
+        if best is not None:
+            return Route(best.id)
         gpus = free_gpu_group(view, model.tp)
         if gpus is not None:
             return StartInstance(request.model, gpus)

@@ -27,7 +27,7 @@ atomically with the start.
 from __future__ import annotations
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import free_gpu_group, idle_for_s, least_loaded, predicted_tbt_s, serving
+from festina_hpc.policy.common import free_gpu_group, idle_for_s, least_loaded, route_with_room, serving
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
@@ -39,8 +39,6 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
-
-SLO_HEADROOM = 0.8  # an instance is full when one more sequence would take its TBT past this share of the SLO
 
 
 @register
@@ -58,10 +56,7 @@ class ServerlessLlmPolicy(Policy):
     def place(self, request: Request, view: ClusterView) -> Placement:
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
-        limit_s = SLO_HEADROOM * model.slo.tbt_s
-        roomy = [i for i in candidates
-                 if predicted_tbt_s(self.store, view.gpu_type, i, self.gpu_spec.max_clock_mhz) <= limit_s]
-        best = least_loaded(roomy)
+        best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz)
         if best is not None:
             return Route(best.id)
         free_nodes = {view.gpu(g).node for g in view.free_gpus()}
