@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from festina_hpc.policy.types import (
     InstancePhase,
     MoveQueued,
     Plan,
+    Request,
     StartInstance,
 )
 from festina_hpc.sim.cluster import RequestRecord, SimInstance
@@ -151,3 +154,23 @@ def test_measured_window_ends_with_the_last_request_whatever_the_tick_periods() 
     assert fast.sim_time_s == max(rec.finish_s for rec in sim.records)
     assert slow.sim_time_s == fast.sim_time_s
     assert slow.energy_j == pytest.approx(fast.energy_j)
+
+
+@pytest.mark.parametrize("chunk_tokens", [2048, 512])
+def test_a_prefill_chunk_setting_splits_a_long_prompt_into_that_many_steps(chunk_tokens: int) -> None:
+    sim = simulation("vllm", [request()], gpus_per_node=1)
+    inst = _ready(sim, StartInstance("llama-3.1-8b", (0,)))
+    sim._apply_settings(sim.gpu(0), GpuSettings(chunk_tokens={inst.id: chunk_tokens}))
+    assert inst.chunk_tokens == chunk_tokens and sim.invalid_decisions == 0
+    record = RequestRecord(Request(99, 0.0, "llama-3.1-8b", 4096, 2))
+    inst.queue.append(record)
+    steps = 0
+    events = sim._next_step(inst)
+    while math.isnan(record.first_token_s):  # until the prefill completes
+        steps += 1
+        sim._now = events[0].time_s
+        events = sim._step_done(inst)
+    assert steps == 4096 // chunk_tokens
+    table = STORE.table(GPU, "llama-3.1-8b")
+    one_chunk_s = table.lookup("prefill", 1, chunk_tokens, 100, 1980).latency_s
+    assert record.first_token_s == pytest.approx(steps * one_chunk_s)
