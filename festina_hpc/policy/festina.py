@@ -65,6 +65,7 @@ from festina_hpc.policy.types import (
 from festina_hpc.profiles.table import ProfileTable
 
 SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
+PLACEMENT_HEADROOM = 0.8  # a request's own TTFT SLO is planned with this headroom when placing it
 TTFT_MARGIN = 0.9  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 # Prefill chunks the controller chooses from, largest first. Smaller chunks shorten the steps that
@@ -270,7 +271,7 @@ class FestinaPolicy(Policy):
             load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
                         inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
             if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz,
-                                   model.slo.ttft_for(request.prompt_tokens), strict_tail=True):
+                                   PLACEMENT_HEADROOM * model.slo.ttft_for(request.prompt_tokens), strict_tail=True):
                 continue
             # A loading instance with room beats starting yet another one: its wait is the same.
             fullness = (inst.running + inst.waiting) / inst.batch_cap
