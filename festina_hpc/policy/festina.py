@@ -78,7 +78,9 @@ TAIL_BUSY = 0.05  # prefill busy share from which a request's TBT is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
-SPARE_GPUS = 2  # powered empty GPUs kept for bursts; fewer wakes a node
+SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
+SPARE_SHARE = 0.25  # and this share of the GPUs in use
+NODE_EMPTY_S = 300.0  # a node must be empty this long before it is powered off
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class FestinaPolicy(Policy):
         self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, bool, int], int | None] = {}
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
+        self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
 
     # -- profile lookups --------------------------------------------------------------------------
 
@@ -470,18 +473,24 @@ class FestinaPolicy(Policy):
     def consolidate(self, view: ClusterView) -> Plan:
         if not self.uses_consolidation:
             return Plan()
-        on = [n for n in view.nodes() if n.power is NodePower.ON]
-        empty = [n for n in on if all(not view.gpu(g).instances for g in n.gpus)]
-        free_elsewhere = sum(len(n.gpus) for n in on) - sum(1 for n in on for g in n.gpus if view.gpu(g).instances)
+        powered = [n for n in view.nodes() if n.power is not NodePower.OFF]
+        used = sum(1 for n in powered for g in n.gpus if view.gpu(g).instances)
+        free_elsewhere = sum(len(n.gpus) for n in powered) - used
+        # Headroom for bursts grows with the load: waking a node takes minutes.
+        spare = max(SPARE_GPUS, math.ceil(SPARE_SHARE * used))
         actions: list[PowerOff | PowerOn | Migrate] = []
-        # Power off empty nodes, keeping SPARE_GPUS empty GPUs powered for bursts.
-        for node in empty:
-            if free_elsewhere - len(node.gpus) >= SPARE_GPUS:
-                actions.append(PowerOff(node.id))
-                free_elsewhere -= len(node.gpus)
+        for node in powered:
+            if node.power is NodePower.ON and all(not view.gpu(g).instances for g in node.gpus):
+                since = self._empty_since.setdefault(node.id, view.now_s)
+                # Only a node empty for a while and not needed for headroom goes off.
+                if view.now_s - since >= NODE_EMPTY_S and free_elsewhere - len(node.gpus) >= spare:
+                    actions.append(PowerOff(node.id))
+                    free_elsewhere -= len(node.gpus)
+            else:
+                self._empty_since.pop(node.id, None)
         if actions:
             return Plan(tuple(actions), "power off empty nodes")
-        if free_elsewhere < SPARE_GPUS:
+        if free_elsewhere < spare:
             off = [n for n in view.nodes() if n.power is NodePower.OFF]
             if off:
                 return Plan((PowerOn(off[0].id),), "headroom")
