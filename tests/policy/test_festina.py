@@ -191,8 +191,9 @@ def ready_instance(sim: Simulation, model: str, gpus: tuple[int, ...], memory_fr
 
 
 def evacuation_run(node0_memory_fraction: float) -> tuple[Simulation, list[Request]]:
-    """Two nodes: node 0 serves two instances, node 1 one on half of GPU 8; light traffic for 300 s."""
-    requests = poisson_requests(np.random.default_rng(0), {MODEL: 0.5}, 300.0)
+    """Two nodes: node 0 serves two instances, node 1 one on half of GPU 8; light traffic for 700 s
+    (an emptied node goes off only after NODE_EMPTY_S)."""
+    requests = poisson_requests(np.random.default_rng(0), {MODEL: 0.5}, 700.0)
     sim = CheckedSimulation(ClusterConfig(nodes=2, gpus_per_node=8), STORE, festina(), requests, {MODEL: SLOS[MODEL]})
     ready_instance(sim, MODEL, (0,), node0_memory_fraction)
     ready_instance(sim, MODEL, (1,), node0_memory_fraction)
