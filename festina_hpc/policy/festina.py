@@ -180,17 +180,21 @@ class FestinaPolicy(Policy):
         model = view.model(load.model)
         table = self._table(view, load.model)
         limit_s = SLO_MARGIN * model.slo.tbt_s
+        max_clock = self.gpu_spec.max_clock_mhz
+        full_speed = sm_pct >= 100.0 and clock_mhz == max_clock  # placement asks at full speed: one estimate
         # The tail counts only where full speed can meet it: where it cannot, the few-token requests
         # behind a chunk miss at any clock, and the rest need only the mean.
-        tail = strict_tail or self._tbt_s(table, load.model, load.batch, load.rate_per_s, 100.0,
-                                          self.gpu_spec.max_clock_mhz, chunk_tokens) <= limit_s
-        step_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens, tail)
+        tail_full_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, 100.0, max_clock, chunk_tokens)
+        tail = strict_tail or tail_full_s <= limit_s
+        step_s = tail_full_s if full_speed and tail else self._tbt_s(
+            table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens, tail)
         if step_s > limit_s:
             return False
         # TTFT must hold even at the limit set by the strictest (short-prompt) SLO, or as near to
         # it as the GPU can get at full speed: a request never asks for more than max settings give.
-        ttft_s = self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
-        floor_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz, PREFILL_CHUNK_TOKENS)
+        floor_s = self._ttft_s(table, load, 100.0, max_clock, PREFILL_CHUNK_TOKENS)
+        same = full_speed and chunk_tokens == PREFILL_CHUNK_TOKENS
+        ttft_s = floor_s if same else self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
         slo_s = model.slo.ttft_s if ttft_slo_s is None else ttft_slo_s
         # When even full speed misses the target, only full speed will do.
         return ttft_s <= max(TTFT_MARGIN * slo_s, floor_s * (1 + 1e-9))
