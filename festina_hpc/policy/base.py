@@ -38,6 +38,10 @@ class PolicyContext:
     gpu_type: str
     keep_alive_s: float = 60.0  # scale-to-zero policies stop an instance idle this long
     node_static_w: float = 1200.0  # non-GPU power of a powered node, for consolidation decisions
+    # Cold start of an instance: engine start plus weights per GPU over the load bandwidth (the
+    # cluster's figures; these defaults are the standard loader of sim/workload.py).
+    load_init_s: float = 10.0
+    load_gbs: float = 2.5
 
 
 class Policy(ABC):

@@ -81,6 +81,7 @@ CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this tim
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
 SPARE_SHARE = 0.25  # and this share of the GPUs in use
 NODE_EMPTY_S = 300.0  # a node must be empty this long before it is powered off
+SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class FestinaPolicy(Policy):
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
+        self._short: set[str] = set()  # models that placement found without a safe instance
 
     # -- profile lookups --------------------------------------------------------------------------
 
@@ -238,6 +240,10 @@ class FestinaPolicy(Policy):
         if target is not None:
             self._fill[request.model] = target.id
             return Route(target.id)
+        fallback = self._sooner_than_a_cold_start(request, view, model, instances)
+        if fallback is not None:
+            self._short.add(request.model)  # scale() adds the instance it lacks, off the request's path
+            return Route(fallback.id)
         start = self._where_to_start(view, model)
         if start is not None:
             return start
@@ -245,6 +251,20 @@ class FestinaPolicy(Policy):
         if candidates:  # nowhere to grow: the least bad instance rather than a drop
             return Route(min(candidates, key=lambda i: (i.running + i.waiting) / i.batch_cap).id)
         return Drop("no capacity for a new instance")
+
+    def _sooner_than_a_cold_start(self, request: Request, view: ClusterView, model: ModelInfo,
+                                  instances: Sequence[InstanceView]) -> InstanceView | None:
+        """The least-loaded ready instance looked at, if its queue serves the request sooner than a
+        new instance could load: a request never waits for a cold start it need not wait for."""
+        ready = [i for i in self._looked_at(request, view, instances) if i.phase is InstancePhase.READY]
+        best = min(ready, key=lambda i: i.pending_prompt_tokens, default=None)
+        if best is None:
+            return None
+        table = self._table(view, request.model)
+        load = Load(best.id, best.model, best.running + best.waiting + 1,
+                    best.pending_prompt_tokens + request.prompt_tokens, best.arrival_rate_per_s)
+        wait_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
+        return best if wait_s < self._load_s(model) else None
 
     def _looked_at(self, request: Request, view: ClusterView,
                    instances: Sequence[InstanceView]) -> list[InstanceView]:
@@ -440,12 +460,13 @@ class FestinaPolicy(Policy):
     # -- scaling and consolidation ----------------------------------------------------------------
 
     def scale(self, view: ClusterView) -> Plan:
-        """Scale out ahead of need; scale to zero only models that went quiet.
+        """Scale out ahead of need; scale in what packing left idle; scale to zero quiet models.
 
-        An idle instance draws no power of its own (its GPU's idle power is paid while the node
-        is on), so instances are not stopped for being idle: consolidation empties nodes instead.
         A model whose every instance is within 30% of its SLO limit gets one more instance now,
-        so the next burst does not wait for a cold start.
+        so the next burst does not wait for a cold start. An idle instance draws no power of its
+        own, but it holds GPUs that keep a node on: with consolidation, instances idle for the
+        SCALE_IN_IDLE_S are stopped while another instance of the model has spare room (packing sends
+        new requests to the fullest safe instance, so the extra ones drain and go idle).
         """
         actions: list[StartInstance | StopInstance] = []
         for model in view.models():
@@ -457,8 +478,18 @@ class FestinaPolicy(Policy):
                 actions.extend(StopInstance(i.id) for i in instances)
                 continue
             if any(i.phase is InstancePhase.LOADING for i in instances):
+                self._short.discard(model.name)  # capacity is on its way
                 continue
-            if not any(self._has_spare(view, i) for i in instances):
+            if self.uses_consolidation and len(instances) > 1:
+                idle = [i for i in instances if not i.running and not i.waiting
+                        and view.now_s - i.last_busy_s > SCALE_IN_IDLE_S]
+                busy = [i for i in instances if i not in idle]
+                if idle and busy and any(self._has_spare(view, i) for i in busy):
+                    actions.append(StopInstance(idle[-1].id))  # the newest idle one: one per tick
+                    continue
+            short = model.name in self._short
+            self._short.discard(model.name)
+            if short or not any(self._has_spare(view, i) for i in instances):
                 start = self._where_to_start(view, model)
                 if start is not None:
                     actions.append(start)
@@ -531,9 +562,11 @@ class FestinaPolicy(Policy):
         cost_j = sum(self._load_energy_j(view.model(view.instance(m.instance_id).model)) for m in plan)
         return plan if saved_j > cost_j else []
 
+    def _load_s(self, model: ModelInfo) -> float:
+        return self.context.load_init_s + model.weights_bytes_per_gpu / (self.context.load_gbs * 1e9)
+
     def _load_energy_j(self, model: ModelInfo) -> float:
-        load_s = 10.0 + model.weights_bytes_per_gpu / 2.5e9  # the standard loader (sim/workload.py)
-        return load_s * model.tp * (self.gpu_spec.idle_w + 30.0)
+        return self._load_s(model) * model.tp * (self.gpu_spec.idle_w + 30.0)
 
     def _fit(self, view: ClusterView, model: ModelInfo, inst: InstanceView,
              room: dict[int, tuple[float, list[Load]]]) -> tuple[tuple[int, ...], float, float] | None:

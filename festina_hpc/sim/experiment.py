@@ -60,8 +60,10 @@ class Experiment:
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def run(self, store: ProfileStore, policy_name: str) -> SimResult:
-        context = PolicyContext(store, self.cluster.gpu_type, keep_alive_s=self.keep_alive_s,
-                                node_static_w=self.cluster.node_static_w_per_gpu * self.cluster.gpus_per_node)
+        cluster = self.cluster
+        context = PolicyContext(store, cluster.gpu_type, keep_alive_s=self.keep_alive_s,
+                                node_static_w=cluster.node_static_w_per_gpu * cluster.gpus_per_node,
+                                load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs)
         policy = make_policy(policy_name, context)
         return Simulation(self.cluster, store, policy, self.requests, self.slos).run()
 
