@@ -65,8 +65,8 @@ from festina_hpc.policy.types import (
 from festina_hpc.profiles.table import ProfileTable
 
 SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
-PLACEMENT_HEADROOM = 0.8  # a request's own TTFT SLO is planned with this headroom when placing it
-TTFT_MARGIN = 0.9  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
+PLACEMENT_HEADROOM = 0.6  # a request's own TTFT SLO is planned with this headroom when placing it
+TTFT_MARGIN = 0.8  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 # Prefill chunks the controller chooses from, largest first. Smaller chunks shorten the steps that
 # decoding sequences wait in; in the simulator they cost more TTFT misses than they saved TBT misses
@@ -120,7 +120,7 @@ class FestinaPolicy(Policy):
         self._fill: dict[str, int] = {}  # model -> the instance being filled
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
-        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, bool, int], int | None] = {}
+        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], int | None] = {}
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
@@ -157,28 +157,27 @@ class FestinaPolicy(Policy):
         return table.lookup("prefill", max(1, prompts), prompt_tokens, sm_pct, clock_mhz, clamp=True).latency_s
 
     def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
-                   ttft_slo_s: float | None = None, strict_tail: bool = False) -> bool:
+                   ttft_slo_s: float | None = None) -> bool:
         """Whether the load keeps its SLOs at this share and clock with some prefill chunk."""
-        return self._chunk_for(view, load, sm_pct, clock_mhz, ttft_slo_s, strict_tail) is not None
+        return self._chunk_for(view, load, sm_pct, clock_mhz, ttft_slo_s) is not None
 
     def _chunk_for(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
-                   ttft_slo_s: float | None = None, strict_tail: bool = False) -> int | None:
+                   ttft_slo_s: float | None = None) -> int | None:
         """The largest prefill chunk with which the load keeps its SLOs at this share and clock, or
         None (memoised: loads recur). Smaller chunks shorten the steps decoding sequences wait in,
         at the cost of more steps (more per-step overhead) for every prompt.
 
         ``ttft_slo_s`` is the TTFT SLO of the request being placed; by default the strictest,
-        a short prompt's, for whatever arrives next. ``strict_tail`` (placement) holds the TBT tail
-        even where full speed cannot meet it: the load must then go to a less busy instance."""
+        a short prompt's, for whatever arrives next."""
         key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
-               ttft_slo_s, strict_tail, self.stats_epoch)
+               ttft_slo_s, self.stats_epoch)
         if key not in self._slo_cache:
             self._slo_cache[key] = next((c for c in CHUNKS if self._meets_slo_with(
-                view, load, sm_pct, clock_mhz, ttft_slo_s, c, strict_tail)), None)
+                view, load, sm_pct, clock_mhz, ttft_slo_s, c)), None)
         return self._slo_cache[key]
 
     def _meets_slo_with(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
-                        ttft_slo_s: float | None, chunk_tokens: int, strict_tail: bool = False) -> bool:
+                        ttft_slo_s: float | None, chunk_tokens: int) -> bool:
         model = view.model(load.model)
         table = self._table(view, load.model)
         limit_s = SLO_MARGIN * model.slo.tbt_s
@@ -187,7 +186,7 @@ class FestinaPolicy(Policy):
         # The tail counts only where full speed can meet it: where it cannot, the few-token requests
         # behind a chunk miss at any clock, and the rest need only the mean.
         tail_full_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, 100.0, max_clock, chunk_tokens)
-        tail = strict_tail or tail_full_s <= limit_s
+        tail = tail_full_s <= limit_s
         step_s = tail_full_s if full_speed and tail else self._tbt_s(
             table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens, tail)
         if step_s > limit_s:
@@ -298,7 +297,7 @@ class FestinaPolicy(Policy):
             load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
                         inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
             if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz,
-                                   PLACEMENT_HEADROOM * model.slo.ttft_for(request.prompt_tokens), strict_tail=True):
+                                   PLACEMENT_HEADROOM * model.slo.ttft_for(request.prompt_tokens)):
                 continue
             # A loading instance with room beats starting yet another one: its wait is the same.
             fullness = (inst.running + inst.waiting) / inst.batch_cap
