@@ -7,7 +7,17 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
-from festina_hpc.policy.types import ClusterView, InstancePhase, InstanceView, NodePower, Request
+from festina_hpc.policy.types import (
+    ClusterView,
+    Drop,
+    InstancePhase,
+    InstanceView,
+    NodePower,
+    Placement,
+    Request,
+    Route,
+    StartInstance,
+)
 from festina_hpc.profiles.store import ProfileStore
 
 # Context length assumed for latency predictions when a request's own is unknown.
@@ -201,3 +211,20 @@ def route_with_room(store: ProfileStore, view: ClusterView, request: Request, ca
     if candidates and has_room(store, view, request, candidates[-1], clock_mhz):
         return candidates[-1]  # the newest instance, possibly still loading
     return None
+
+
+def place_on_whole_gpus(store: ProfileStore, view: ClusterView, request: Request, clock_mhz: int,
+                        prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None) -> Placement:
+    """The whole-GPU baselines' placement: an instance with room (``route_with_room``), else a new
+    instance on free GPUs, else the least loaded instance (it queues), else a drop."""
+    candidates = serving(view.instances_of(request.model))
+    target = route_with_room(store, view, request, candidates, clock_mhz, prefer)
+    if target is not None:
+        return Route(target.id)
+    gpus = free_gpu_group(view, view.model(request.model).tp)
+    if gpus is not None:
+        return StartInstance(request.model, gpus)
+    fallback = least_loaded(candidates)
+    if fallback is not None:
+        return Route(fallback.id)
+    return Drop("no GPU free for a new instance")

@@ -34,23 +34,18 @@ from bisect import bisect_left
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     TokenStats,
-    free_gpu_group,
     idle_for_s,
-    least_loaded,
-    route_with_room,
+    place_on_whole_gpus,
     serving,
 )
 from festina_hpc.policy.types import (
     ClusterView,
-    Drop,
     GpuSettings,
     GpuView,
     InstanceView,
     Placement,
     Plan,
     Request,
-    Route,
-    StartInstance,
     StopInstance,
 )
 
@@ -73,19 +68,8 @@ class DynamoLlmPolicy(Policy):
     def place(self, request: Request, view: ClusterView) -> Placement:
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
         self._last_request_s[request.model] = view.now_s
-        model = view.model(request.model)
-        candidates = serving(view.instances_of(request.model))
         # Full is judged at max clock: control() raises the clock when a batch needs it.
-        best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz)
-        if best is not None:
-            return Route(best.id)
-        gpus = free_gpu_group(view, model.tp)
-        if gpus is not None:
-            return StartInstance(request.model, gpus)
-        fallback = least_loaded(candidates)
-        if fallback is not None:
-            return Route(fallback.id)
-        return Drop("no GPU free for a new instance")
+        return place_on_whole_gpus(self.store, view, request, self.gpu_spec.max_clock_mhz)
 
     def scale(self, view: ClusterView) -> Plan:
         now_s = view.now_s

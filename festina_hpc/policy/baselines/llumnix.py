@@ -27,24 +27,19 @@ from __future__ import annotations
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     TokenStats,
-    free_gpu_group,
     idle_for_s,
-    least_loaded,
-    route_with_room,
+    place_on_whole_gpus,
     serving,
 )
 from festina_hpc.policy.types import (
     Action,
     ClusterView,
-    Drop,
     InstancePhase,
     InstanceView,
     MoveQueued,
     Placement,
     Plan,
     Request,
-    Route,
-    StartInstance,
     StopInstance,
 )
 
@@ -68,19 +63,8 @@ class LlumnixPolicy(Policy):
 
     def place(self, request: Request, view: ClusterView) -> Placement:
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
-        model = view.model(request.model)
-        candidates = serving(view.instances_of(request.model))
-        best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz,
-                               prefer=lambda roomy: max(roomy, key=self.freeness, default=None))
-        if best is not None:
-            return Route(best.id)
-        gpus = free_gpu_group(view, model.tp)
-        if gpus is not None:
-            return StartInstance(request.model, gpus)
-        fallback = least_loaded(candidates)
-        if fallback is not None:
-            return Route(fallback.id)
-        return Drop("no GPU free for a new instance")
+        return place_on_whole_gpus(self.store, view, request, self.gpu_spec.max_clock_mhz,
+                                   prefer=lambda roomy: max(roomy, key=self.freeness, default=None))
 
     def scale(self, view: ClusterView) -> Plan:
         stops: list[StopInstance] = []

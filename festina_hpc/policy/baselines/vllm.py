@@ -19,14 +19,12 @@ them load before the trace starts).
 from __future__ import annotations
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import free_gpu_group, least_loaded, route_with_room, serving
+from festina_hpc.policy.common import free_gpu_group, place_on_whole_gpus
 from festina_hpc.policy.types import (
     ClusterView,
-    Drop,
     Placement,
     Plan,
     Request,
-    Route,
     StartInstance,
 )
 
@@ -55,14 +53,4 @@ class VllmPolicy(Policy):
         return Plan(tuple(actions), "deploy every model")
 
     def place(self, request: Request, view: ClusterView) -> Placement:
-        candidates = serving(view.instances_of(request.model))
-        target = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz)
-        if target is not None:
-            return Route(target.id)
-        gpus = free_gpu_group(view, view.model(request.model).tp)
-        if gpus is not None:
-            return StartInstance(request.model, gpus)
-        fallback = least_loaded(candidates)
-        if fallback is not None:
-            return Route(fallback.id)
-        return Drop("no GPU free for a new instance")
+        return place_on_whole_gpus(self.store, view, request, self.gpu_spec.max_clock_mhz)
