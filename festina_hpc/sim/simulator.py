@@ -280,6 +280,13 @@ class Simulation:
         inst.note_arrival(self._now)
         inst.last_busy_s = self._now
         self._dirty.update(inst.gpus)
+        if self._controls and inst.phase is InstancePhase.READY:
+            # A node's controller watches its queues: a request landing on a slowed-down GPU gets
+            # its decision now, not at the next periodic tick (a burst must not wait a tick).
+            for g in inst.gpus:
+                gpu = self.gpu_list[g]
+                if gpu.clock_mhz < self.spec.max_clock_mhz:
+                    self._control_gpu(gpu)
         if inst.phase is InstancePhase.READY:
             if inst.activity is Activity.IDLE:
                 events.extend(self._next_step(inst))
@@ -674,15 +681,16 @@ class Simulation:
     def _control_tick(self) -> list[Event]:
         dirty, self._dirty = self._dirty, set()
         for g in sorted(dirty):
-            gpu = self.gpu_list[g]
-            if not gpu.instances:
-                if gpu.clock_mhz != self.spec.max_clock_mhz:
-                    gpu.clock_mhz = self.spec.max_clock_mhz  # an empty GPU goes back to default clocks
-                continue
-            settings = self.policy.control(gpu, self)
-            if settings is not None:
-                self._apply_settings(gpu, settings)
+            self._control_gpu(self.gpu_list[g])
         return []
+
+    def _control_gpu(self, gpu: SimGpu) -> None:
+        if not gpu.instances:
+            gpu.clock_mhz = self.spec.max_clock_mhz  # an empty GPU goes back to default clocks
+            return
+        settings = self.policy.control(gpu, self)
+        if settings is not None:
+            self._apply_settings(gpu, settings)
 
     def _apply_settings(self, gpu: SimGpu, settings: GpuSettings) -> None:
         """New settings take effect at each instance's next step boundary (a safe point)."""
