@@ -78,6 +78,8 @@ class ClusterConfig:
     host_cache_gbs: float = 20.0  # reload from a node's host-memory cache
     host_cache_models: int = 4  # models a node keeps in host memory after unloading
     load_dynamic_w: float = 30.0  # GPU power above idle while loading weights
+    # The local controller runs every period for GPUs whose load changed, and at once when a
+    # request lands on a GPU below its max clock.
     control_period_s: float = 1.0
 
 
