@@ -7,17 +7,20 @@ constant-time profile lookups:
   model where it adds the least energy. A busier instance runs a bigger batch
   at a lower energy per token, so among safe instances the fullest wins
   (packing, where a load balancer would spread). Only a small candidate set is
-  looked at: the model's current fill target, two sampled instances and the
-  newest one. When none is safe, an instance starts where its marginal energy,
-  cold start included, is least: co-located on a powered GPU with memory and
-  SM headroom (best fit), else on empty GPUs of a node already serving, else
-  on an empty node that is on, else a node is woken.
+  looked at: the model's current fill target, three sampled instances and the
+  newest one, then at most 16 before paying a cold start. When none is safe,
+  a ready queue that serves the request sooner than a cold start takes it (and
+  ``scale`` adds the missing instance); otherwise an instance starts where its
+  marginal energy, cold start included, is least: co-located on a powered GPU
+  with memory and SM headroom (best fit), else on empty GPUs of a node already
+  serving, else on an empty node that is on, else a node is woken.
 - **Local control** (``control``): per GPU, the joint choice of the one clock
   and each co-resident instance's SM share (and batch cap) that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
-  decode step at its batch (stretched by prefill interruptions), TTFT from a
-  prefill of its queue, so a prefill burst raises clock or share within one
-  tick and decode-only GPUs run slow. Exact over the table's clocks and SM
+  decode step at its batch (stretched by prefill interruptions, and the step
+  that carries a prefill chunk where full speed can meet that tail), TTFT from
+  the queued prompt tokens in chunks, so a prefill burst raises clock or share
+  within one tick and decode-only GPUs run slow. Exact over the table's clocks and SM
   shares in steps of 10%: for each clock, the least share per instance by
   bisection; cost O(clocks x instances x log shares) lookups. Hysteresis:
   lower the clock only by two or more table steps, change a share only by 10
@@ -26,8 +29,10 @@ constant-time profile lookups:
   node is evacuated when every instance on it fits elsewhere on powered nodes
   with every co-resident still meeting its SLO (the control solver is the
   check) and the static and idle energy saved over a horizon exceeds the
-  migrations' cold starts; emptied nodes are powered off, and a node is woken
-  ahead of need when the powered nodes' headroom runs low.
+  migrations' cold starts; nodes empty for NODE_EMPTY_S are powered off while a
+  headroom of empty GPUs (SPARE_SHARE of those in use) stays powered, and a node
+  is woken when the headroom runs low. ``scale`` stops extra instances idle for
+  SCALE_IN_IDLE_S so that nodes can empty.
 
 The ablation variants ``festina-placement`` (placement only: max clock, shares
 as started, no consolidation) and ``festina-control`` (plus local control)
