@@ -19,6 +19,7 @@ from festina_hpc.policy.types import (
     StartInstance,
 )
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.profiles.table import ProfileTable
 
 # Context length assumed for latency predictions when a request's own is unknown.
 TYPICAL_CONTEXT_TOKENS = 1024
@@ -84,11 +85,16 @@ PREFILL_CHUNK_TOKENS = 2048  # prefill time of long queues is summed in chunks o
 def prefill_time_s(store: ProfileStore, gpu_type: str, model: str, tokens: float, sm_pct: float,
                    clock_mhz: int) -> float:
     """Time to prefill ``tokens`` prompt tokens in chunks (as chunked prefill runs them)."""
-    table = store.table(gpu_type, model)
-    full, rest = divmod(max(1.0, tokens), PREFILL_CHUNK_TOKENS)
+    return chunked_prefill_s(store.table(gpu_type, model), tokens, sm_pct, clock_mhz)
+
+
+def chunked_prefill_s(table: ProfileTable, tokens: float, sm_pct: float, clock_mhz: int,
+                      chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
+    """Time to prefill ``tokens`` prompt tokens in steps of ``chunk_tokens``, from one table."""
+    full, rest = divmod(max(1.0, tokens), chunk_tokens)
     time_s = 0.0
     if full:
-        time_s += full * table.lookup("prefill", 1, PREFILL_CHUNK_TOKENS, sm_pct, clock_mhz, clamp=True).latency_s
+        time_s += full * table.lookup("prefill", 1, chunk_tokens, sm_pct, clock_mhz, clamp=True).latency_s
     if rest:
         time_s += table.lookup("prefill", 1, rest, sm_pct, clock_mhz, clamp=True).latency_s
     return time_s

@@ -47,7 +47,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import PREFILL_CHUNK_TOKENS, TokenStats, free_gpu_group, sampled, serving
+from festina_hpc.policy.common import (
+    PREFILL_CHUNK_TOKENS,
+    TokenStats,
+    chunked_prefill_s,
+    free_gpu_group,
+    sampled,
+    serving,
+)
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
@@ -210,16 +217,14 @@ class FestinaPolicy(Policy):
         """A new request's wait, planned for the tail: every prompt token ahead of it and its own,
         in chunks, after the step running when it arrives (a chunk of a long (p90) prompt) when
         prefills keep the instance busy often enough (1% of the time) to matter at the p99."""
-        full, rest = divmod(max(1, load.pending_tokens), chunk_tokens)
-        queue_s = full * self._prefill_s(table, 1, chunk_tokens, sm_pct, clock_mhz)
-        if rest:
-            queue_s += self._prefill_s(table, 1, rest, sm_pct, clock_mhz)
+        queue_s = chunked_prefill_s(table, load.pending_tokens, sm_pct, clock_mhz, chunk_tokens)
         if load.batch > 1:
             # Every chunk's step also decodes the batch: what the batch adds over a batch of one.
+            steps = math.ceil(max(1, load.pending_tokens) / chunk_tokens)
             context = self.stats.decode_context_tokens(load.model)
             batch_s = table.lookup("decode", load.batch, context, sm_pct, clock_mhz, clamp=True).latency_s
             single_s = table.lookup("decode", 1, context, sm_pct, clock_mhz, clamp=True).latency_s
-            queue_s += (full + (1 if rest else 0)) * max(0.0, batch_s - single_s)
+            queue_s += steps * max(0.0, batch_s - single_s)
         prefill_busy = load.rate_per_s * self._prefill_s(table, 1, self.stats.prompt_tokens(load.model), sm_pct,
                                                          clock_mhz)
         if prefill_busy < 0.01:
