@@ -259,6 +259,11 @@ class Simulation:
         rate, since = self._model_rate[r.model]
         self._model_rate[r.model] = (decayed_rate(rate, since, self._now) + math.log(2) / RATE_HALF_LIFE_S,
                                      self._now)
+        return self._place(record)
+
+    def _place(self, record: RequestRecord) -> list[Event]:
+        """Ask the policy where an outstanding request goes, and carry that out."""
+        r = record.request
         decision: Placement = self.policy.place(r, self)
         events: list[Event] = []
         if isinstance(decision, StartInstance):
@@ -531,9 +536,7 @@ class Simulation:
             self._remove(inst)
             events: list[Event] = []
             for record in queue:
-                self._outstanding -= 1
-                self._arrivals_left += 1
-                events.extend(self._arrival(record))
+                events.extend(self._place(record))  # placed again, not a new arrival
             return events
         inst.phase = InstancePhase.DRAINING
         if inst.activity is Activity.IDLE and not inst.holds_work:
