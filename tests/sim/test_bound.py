@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from festina_hpc.policy.types import (
     PowerOff,
     Request,
     Route,
-    Slo,
     StartInstance,
     StopInstance,
 )
@@ -37,29 +36,13 @@ from festina_hpc.profiles.table import PHASES, ProfileTable
 from festina_hpc.sim.bound import METHOD, energy_lower_bound, token_energy_floor_j
 from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.simulator import SimResult, Simulation
+from tests.sim.conftest import MODELS, poisson_requests, slos
 
 STORE = ProfileStore(default_profiles_dir())
 GPU = "h100-sxm-80gb"
 SPEC = STORE.gpu(GPU)
-MODELS = ("llama-3.1-8b", "mistral-7b", "codellama-34b")
 TRACES = (Path(festina_hpc.sim.__file__).parent / "traces" / "azure_2023_conv.csv",
           Path("/work/shared/data/azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"))
-
-
-def slos(models: Iterable[str]) -> dict[str, Slo]:
-    return {m: Slo(5 * STORE.predict(GPU, m, "prefill", 1, 1024).latency_s,
-                   5 * STORE.predict(GPU, m, "decode", 1, 1024).latency_s) for m in models}
-
-
-def poisson_requests(n: int, rate_per_s: float, seed: int, models: tuple[str, ...] = MODELS,
-                     start_s: float = 0.0, first_id: int = 0) -> list[Request]:
-    rng = np.random.default_rng(seed)
-    arrivals = start_s + np.cumsum(rng.exponential(1 / rate_per_s, n))
-    chosen = rng.integers(0, len(models), n)
-    prompts = rng.integers(20, 3000, n)
-    outputs = rng.integers(1, 600, n)
-    return [Request(first_id + i, float(arrivals[i]), models[chosen[i]], int(prompts[i]), int(outputs[i]))
-            for i in range(n)]
 
 
 def bursts(count: int, gap_s: float, seed: int, models: tuple[str, ...] = MODELS) -> list[Request]:

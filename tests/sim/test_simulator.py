@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import pytest
 
 from festina_hpc.config import default_profiles_dir
@@ -20,7 +19,6 @@ from festina_hpc.policy.types import (
     PowerOff,
     Request,
     Route,
-    Slo,
     StartInstance,
     StopInstance,
 )
@@ -28,24 +26,15 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import SimResult, Simulation
+from tests.sim.conftest import poisson_requests as sim_requests
+from tests.sim.conftest import slos
 
 STORE = ProfileStore(default_profiles_dir())
 GPU = "h100-sxm-80gb"
-MODELS = ("llama-3.1-8b", "mistral-7b", "codellama-34b")
 
 
-def slos(models: Iterable[str] = MODELS) -> dict[str, Slo]:
-    return {m: Slo(5 * STORE.predict(GPU, m, "prefill", 1, 1024).latency_s,
-                   5 * STORE.predict(GPU, m, "decode", 1, 1024).latency_s) for m in models}
-
-
-def poisson_requests(n: int, rate_per_s: float, seed: int, models: tuple[str, ...] = MODELS) -> list[Request]:
-    rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1 / rate_per_s, n))
-    chosen = rng.integers(0, len(models), n)
-    prompts = rng.integers(50, 3000, n)
-    outputs = rng.integers(1, 600, n)
-    return [Request(i, float(arrivals[i]), models[chosen[i]], int(prompts[i]), int(outputs[i])) for i in range(n)]
+def poisson_requests(n: int, rate_per_s: float, seed: int) -> list[Request]:
+    return sim_requests(n, rate_per_s, seed, min_prompt_tokens=50)
 
 
 class CheckedSimulation(Simulation):
