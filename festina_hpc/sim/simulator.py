@@ -52,6 +52,7 @@ from festina_hpc.sim.cluster import (
     decayed_rate,
 )
 from festina_hpc.sim.engine import Event, EventKind, EventQueue
+from festina_hpc.sim.workload import ColdStartModel
 
 SAMPLE_PERIOD_S = 10.0  # power-over-time resolution of the result
 DRAIN_LIMIT_S = 3600.0  # after the last arrival, requests still unfinished by then count as dropped
@@ -148,6 +149,10 @@ class Simulation:
         self._timeline: list[tuple[float, float]] = []
         self._last_sample = (0.0, 0.0)
         self._controls = type(policy).control is not Policy.control
+        c = config
+        self._standard_load = ColdStartModel("standard", c.load_init_s, c.load_gbs)
+        self._fast_load = ColdStartModel("fast", c.fast_load_init_s, c.fast_load_gbs)
+        self._host_cache_load = ColdStartModel("host cache", c.fast_load_init_s, c.host_cache_gbs)
 
     # -- ClusterView ------------------------------------------------------------------------------
 
@@ -482,14 +487,11 @@ class Simulation:
         return victims
 
     def _load_s(self, inst: SimInstance) -> float:
-        c = self.config
-        node = self.node_list[inst.node]
-        weights_gb = inst.info.weights_bytes_per_gpu / 1e9
-        if node.has_cached(inst.model):
-            return c.fast_load_init_s + weights_gb / c.host_cache_gbs
-        if self.policy.fast_load:
-            return c.fast_load_init_s + weights_gb / c.fast_load_gbs
-        return c.load_init_s + weights_gb / c.load_gbs
+        if self.node_list[inst.node].has_cached(inst.model):
+            loader = self._host_cache_load
+        else:
+            loader = self._fast_load if self.policy.fast_load else self._standard_load
+        return loader.load_s(inst.info.weights_bytes_per_gpu)
 
     def _begin_load(self, inst: SimInstance) -> list[Event]:
         load_s = self._load_s(inst)

@@ -536,7 +536,11 @@ class ColdStartModel:
         """Seconds from starting an instance of ``model`` on ``tp`` GPUs until it can serve."""
         if tp < 1:
             raise TraceError(f"cold start of {model.name}: tp must be >= 1, got {tp}")
-        return self.engine_init_s + model.weights_bytes / tp / (self.load_bandwidth_gbs * GB)
+        return self.load_s(model.weights_bytes / tp)
+
+    def load_s(self, weights_bytes_per_gpu: float) -> float:
+        """Seconds to start an instance whose GPUs each load ``weights_bytes_per_gpu``."""
+        return self.engine_init_s + weights_bytes_per_gpu / (self.load_bandwidth_gbs * GB)
 
 
 # Safetensors from a node-local NVMe into a freshly started vLLM-style engine.
