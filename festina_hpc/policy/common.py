@@ -180,7 +180,7 @@ class TokenStats:
 
 
 EXPECTED_OUTPUT_TOKENS = 512  # KV room a router sets aside per request (a typical max_tokens)
-SLO_HEADROOM = 0.8  # an instance is full when one more request would take it past this share of an SLO
+SLO_HEADROOM = 0.8  # baselines plan latency for this share of each SLO (an instance is full past it)
 
 
 def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: InstanceView, clock_mhz: int) -> bool:

@@ -33,6 +33,7 @@ from bisect import bisect_left
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
+    SLO_HEADROOM,
     TokenStats,
     idle_for_s,
     place_on_whole_gpus,
@@ -49,7 +50,6 @@ from festina_hpc.policy.types import (
     StopInstance,
 )
 
-SLO_HEADROOM = 0.8  # latency targets (routing and clocks) are this share of the SLOs
 CLOCK_HYSTERESIS_STEPS = 2  # lower (or raise, when not forced) the clock only by this many table steps or more
 PROMPT_QUANTILE = 0.99  # DynamoLLM states its SLOs on P99 latencies: the P99 prompt must prefill in time
 LAST_INSTANCE_HOLD_KEEP_ALIVES = 5.0  # a model's last instance stays while it had a request this many keep-alives ago

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import TokenStats, free_gpu_group, least_loaded, predicted_tbt_s, serving
+from festina_hpc.policy.common import SLO_HEADROOM, TokenStats, free_gpu_group, least_loaded, predicted_tbt_s, serving
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
@@ -48,7 +48,6 @@ from festina_hpc.policy.types import (
 )
 from festina_hpc.profiles.table import AXES
 
-SLO_HEADROOM = 0.8  # latency targets are this share of the SLOs
 TARGET_UTILIZATION = 0.7  # an SM share is sized so the model's load keeps it this busy
 MIN_SHARE_PCT = 10.0  # MPS shares below this starve an instance
 SHARE_STEP_PCT = 5.0  # re-size shares only when one moves by at least this much
