@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,19 @@ def test_llama_8b_h100_energy_matches_public_figure() -> None:
     assert 0.10 <= prediction.energy_per_token_j <= 0.22
 
 
+@dataclass(frozen=True)
+class _Csv:
+    header: list[str]
+    keys: list[tuple[str, ...]]  # the grid point of each row (phase, batch, context, SM %, clock)
+    values: np.ndarray  # latency and power per row
+
+
+def _read_csv(path: Path) -> _Csv:
+    lines = [line.split(",") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    header, rows = lines[0], lines[1:]
+    return _Csv(header, [tuple(r[:-2]) for r in rows], np.array([[float(v) for v in r[-2:]] for r in rows]))
+
+
 def test_calibration_reproduces_shipped_files(tmp_path: Path) -> None:
     profiles = tmp_path / "profiles"
     shutil.copytree(SHIPPED, profiles, ignore=shutil.ignore_patterns("*.csv", "CALIBRATION.md",
@@ -75,8 +89,12 @@ def test_calibration_reproduces_shipped_files(tmp_path: Path) -> None:
     shutil.copytree(SHIPPED / "data", profiles / "data", dirs_exist_ok=True)
     report = calibrate(profiles, profiles / "data", profiles)
     for gpu, model in PAIRS:
+        # Same grid, same figures to 1e-5: the last printed digit may differ between numpy/scipy
+        # releases (a fit that lands on a rounding boundary), nothing more.
         relative = Path(gpu) / f"{model}.csv"
-        assert filecmp.cmp(profiles / relative, SHIPPED / relative, shallow=False), relative
+        ours, shipped = _read_csv(profiles / relative), _read_csv(SHIPPED / relative)
+        assert ours.header == shipped.header and ours.keys == shipped.keys, relative
+        np.testing.assert_allclose(ours.values, shipped.values, rtol=1e-5, err_msg=str(relative))
     assert filecmp.cmp(profiles / "calibration.toml", SHIPPED / "calibration.toml", shallow=False)
     h100_energy = next(r for r in report.errors
                        if r.dataset == "mlenergy-v2" and r.gpu == "h100-sxm-80gb" and r.metric == "energy_per_token_j")
