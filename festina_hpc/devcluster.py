@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from festina_hpc.errors import FestinaError
@@ -174,6 +174,8 @@ def render_slurm_conf(cfg: DevClusterConfig) -> str:
         "SuspendRate=0",
         "ResumeRate=0",
         "DebugFlags=Power",
+        # The power-save thread looks at nodes every 10 s by default; 1 s keeps suspend and resume prompt.
+        "SlurmctldParameters=power_save_interval=1,power_save_min_interval=0",
     ]
     if excluded:
         lines.append(f"SuspendExcNodes={_hostlist(excluded)}")
@@ -293,9 +295,6 @@ def missing_binaries() -> tuple[str, ...]:
 
 
 # -- install, up, down -------------------------------------------------------------------------------------------
-
-Run = Callable[[Sequence[str]], None]
-
 
 def _run(argv: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 60.0) -> None:
     try:
@@ -460,7 +459,10 @@ def down(base_dir: Path = DEFAULT_BASE_DIR, grace_s: float = _STOP_GRACE_S) -> t
     if cfg is None:
         return ()
     found = {d.name: (daemon_status(d), d.comm) for d in daemons(cfg)}
-    running = {name: (st.pid, comm) for name, (st, comm) in found.items() if st.running and st.pid is not None}
+    running: dict[str, tuple[int, str]] = {}
+    for name, (st, comm) in found.items():
+        if st.running and st.pid is not None:
+            running[name] = (st.pid, comm)
     if "slurmctld" in running and "munged" in running:
         # Otherwise slurmstepd and the jobs' processes outlive their slurmd.
         env = {**os.environ, "PATH": _PATH, "SLURM_CONF": str(cfg.slurm_conf)}
@@ -469,7 +471,7 @@ def down(base_dir: Path = DEFAULT_BASE_DIR, grace_s: float = _STOP_GRACE_S) -> t
         except DevClusterError:
             pass
     slurm = [pid_comm for name, pid_comm in running.items() if name != "munged"]
-    _stop(slurm, grace_s)  # type: ignore[arg-type]
+    _stop(slurm, grace_s)
     if "munged" in running:
-        _stop([running["munged"]], grace_s)  # type: ignore[list-item]
+        _stop([running["munged"]], grace_s)
     return tuple(running)

@@ -102,8 +102,12 @@ class CliSlurmClient:
         return self._parse(argv, parse.parse_squeue_json, self._run(argv).stdout)
 
     def list_nodes(self) -> tuple[SlurmNode, ...]:
+        """Every node; MPS in use is summed from the running jobs (22.05's sinfo miscounts it)."""
         argv = self._argv("sinfo", "--json")
-        return self._parse(argv, parse.parse_sinfo_json, self._run(argv).stdout)
+        nodes = self._parse(argv, parse.parse_sinfo_json, self._run(argv).stdout)
+        if not any(g.name == "mps" for node in nodes for g in node.gres):
+            return nodes
+        return parse.with_mps_used_from_jobs(nodes, self.list_jobs())
 
     def get_job(self, job_id: int) -> SlurmJob | None:
         argv = self._argv("scontrol", "-o", "show", "job", str(validate.job_id(job_id)))
