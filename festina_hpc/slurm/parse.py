@@ -332,9 +332,9 @@ def with_mps_used_from_jobs(nodes: tuple[SlurmNode, ...], jobs: tuple[SlurmJob, 
     for job in jobs:
         if job.state not in _HOLDING_STATES:
             continue
-        for node, detail in zip(job.nodes, job.gres_detail):
-            used[node] = used.get(node, 0) + sum(g.count for g in parse_gres(detail) if g.name == "mps")
-    out = []
+        for name, detail in zip(job.nodes, job.gres_detail):
+            used[name] = used.get(name, 0) + sum(g.count for g in parse_gres(detail) if g.name == "mps")
+    out: list[SlurmNode] = []
     for node in nodes:
         configured = next((g for g in node.gres if g.name == "mps"), None)
         if configured is None:
