@@ -433,6 +433,19 @@ def up(cfg: DevClusterConfig, *, install: bool = False, wait_s: float = 30.0) ->
     return status(cfg.base_dir)
 
 
+def _wait_jobs_gone(cfg: DevClusterConfig, timeout_s: float) -> None:
+    """Wait until no job holds a node: a slurmd stopped before it passed the kill on leaves slurmstepd behind."""
+    client = CliSlurmClient(cfg.slurm_conf, timeout_s=5.0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not any(j.state in ("RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED") for j in client.list_jobs()):
+                return
+        except SlurmError:
+            return
+        time.sleep(0.1)
+
+
 def _signal_all(pids: Sequence[tuple[int, str]], sig: signal.Signals) -> None:
     for pid, comm in pids:
         if _alive(pid, comm):
@@ -468,6 +481,7 @@ def down(base_dir: Path = DEFAULT_BASE_DIR, grace_s: float = _STOP_GRACE_S) -> t
         env = {**os.environ, "PATH": _PATH, "SLURM_CONF": str(cfg.slurm_conf)}
         try:
             _run(["scancel", f"--partition={cfg.partition}"], env, timeout_s=10.0)
+            _wait_jobs_gone(cfg, grace_s)
         except DevClusterError:
             pass
     slurm = [pid_comm for name, pid_comm in running.items() if name != "munged"]
