@@ -306,23 +306,23 @@ def _run(argv: Sequence[str], env: dict[str, str] | None = None, timeout_s: floa
         raise DevClusterError(f"{' '.join(argv)}: exit code {proc.returncode}: {detail}")
 
 
-def install_packages(run: Callable[..., None] = _run) -> None:
+def install_packages(run: Callable[..., None] = _run, policy_rc_d: Path = _POLICY_RC_D) -> None:
     """apt-get install the Slurm and munge packages, keeping their postinst from starting services."""
     if os.geteuid() != 0:
         raise DevClusterError("installing packages needs root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": _PATH}
     # policy-rc.d exit 101 = "action forbidden": the packages would otherwise start a system-wide
     # slurmctld/munged on the default ports. Only remove it if we wrote it.
-    created = not _POLICY_RC_D.exists()
+    created = not policy_rc_d.exists()
     if created:
-        _POLICY_RC_D.write_text("#!/bin/sh\n# festina dev-cluster: no service starts during install\nexit 101\n")
-        _POLICY_RC_D.chmod(0o755)
+        policy_rc_d.write_text("#!/bin/sh\n# festina dev-cluster: no service starts during install\nexit 101\n")
+        policy_rc_d.chmod(0o755)
     try:
         run(["apt-get", "update", "-q"], env=env, timeout_s=300.0)
         run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], env=env, timeout_s=600.0)
     finally:
         if created:
-            _POLICY_RC_D.unlink(missing_ok=True)
+            policy_rc_d.unlink(missing_ok=True)
 
 
 def _port_free(port: int) -> bool:

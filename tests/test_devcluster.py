@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,27 @@ def test_plugins_are_executable_and_fail_open() -> None:
     plugins = devcluster.default_plugins_dir()
     for name in ("prolog", "epilog", "task_prolog", "suspend", "resume"):
         assert (plugins / name).stat().st_mode & 0o111, name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="install_packages refuses to run without root")
+def test_install_runs_apt_get_as_argv_with_services_blocked(tmp_path: Path) -> None:
+    policy = tmp_path / "policy-rc.d"
+    seen: list[tuple[list[str], str, bool]] = []
+
+    def run(argv: list[str], env: dict[str, str], timeout_s: float) -> None:
+        seen.append((argv, env["DEBIAN_FRONTEND"], policy.read_text().endswith("exit 101\n")))
+
+    devcluster.install_packages(run, policy_rc_d=policy)
+    assert seen == [(["apt-get", "update", "-q"], "noninteractive", True),
+                    (["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurmctld", "slurmd",
+                      "slurm-client", "munge"], "noninteractive", True)]
+    assert not policy.exists()  # removed: we wrote it
+
+
+def test_install_keeps_an_existing_policy_file(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("install_packages refuses to run without root")
+    policy = tmp_path / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 0\n")
+    devcluster.install_packages(lambda argv, env, timeout_s: None, policy_rc_d=policy)
+    assert policy.read_text() == "#!/bin/sh\nexit 0\n"
