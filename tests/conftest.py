@@ -9,8 +9,10 @@ expected answer at any grid point.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from festina_hpc.devcluster import DEFAULT_BASE_DIR, DevClusterConfig, base_dir_of, free_ports, missing_binaries
+from festina_hpc.devcluster import down as devcluster_down
+from festina_hpc.devcluster import status as devcluster_status
+from festina_hpc.devcluster import up as devcluster_up
 from festina_hpc.profiles.physics import PhysicsParams, step
 from festina_hpc.profiles.specs import Catalog
 from festina_hpc.profiles.store import ProfileStore
@@ -136,3 +142,41 @@ def synthetic_profiles_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def synthetic_store(synthetic_profiles_dir: Path) -> ProfileStore:
     return ProfileStore(synthetic_profiles_dir)
+
+
+# -- the local Slurm cluster -------------------------------------------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slurm: needs a real Slurm cluster (the slurm_cluster fixture)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[DevClusterConfig]:
+    """A running dev cluster: the one SLURM_CONF names, else the one in the default base dir, else a fresh one.
+
+    A fresh one is started (and stopped again) in a temporary folder on free ports, so a developer's own
+    cluster and a concurrent test run are left alone. Skips, saying why, only when Slurm is not installed or
+    we are not root (slurmd must be).
+    """
+    candidates = [base_dir_of(Path(os.environ["SLURM_CONF"]))] if os.environ.get("SLURM_CONF") else []
+    for base in [*candidates, DEFAULT_BASE_DIR]:
+        current = devcluster_status(base)
+        if current.running and current.config is not None:
+            yield current.config
+            return
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm binaries absent ({', '.join(missing)}): run `festina dev-cluster up --install` "
+                    f"or apt-get install slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        pytest.skip("a dev cluster runs slurmd as root; run the tests as root or start one with sudo")
+    # A short path: the munge socket path must fit in a sockaddr_un (108 bytes).
+    base = Path(tempfile.mkdtemp(prefix="festina-slurm-", dir="/tmp"))
+    ctld_port = free_ports(1, start=31000)
+    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld_port, slurmd_port=free_ports(4, start=ctld_port + 1))
+    devcluster_up(cfg)
+    try:
+        yield cfg
+    finally:
+        devcluster_down(base)
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""Checks on everything that ends up in a Slurm argv or an sbatch script line.
+
+Slurm commands are always argv lists, so nothing here guards against a shell;
+these checks keep values from changing the meaning of an argument
+(``JobId=1 NodeList=...`` smuggled in a job id, a newline ending an
+``#SBATCH`` line) and turn bad input into a one-line ``SlurmInputError``
+before any command runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from festina_hpc.slurm.errors import SlurmInputError
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_SAFE_TEXT = re.compile(r"[A-Za-z0-9_.,:=@/+%-]+")
+_PATH = re.compile(r"/[A-Za-z0-9_.,:=@/+%-]*")
+# Model names look like "llama-3.1-8b" or "meta-llama/Llama-3.1-8B".
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}")
+_REASON_MAX_CHARS = 256
+
+
+def job_id(value: int | str) -> int:
+    """A plain positive job id (array and het-job ids are not used by festina)."""
+    if isinstance(value, bool):
+        raise SlurmInputError(f"job id {value!r} is not a positive integer")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    else:
+        raise SlurmInputError(f"job id {value!r} is not a positive integer")
+    if number <= 0:
+        raise SlurmInputError(f"job id {value!r} is not a positive integer")
+    return number
+
+
+def node_name(value: str) -> str:
+    if not isinstance(value, str) or not _NODE_NAME.fullmatch(value):
+        raise SlurmInputError(f"node name {value!r} is not a plain host name (letters, digits, '_', '.', '-')")
+    return value
+
+
+def node_names(values: Iterable[str], what: str = "node list") -> tuple[str, ...]:
+    """Plain node names (no hostlist expressions, so the caller's list is exactly what Slurm sees)."""
+    if isinstance(values, str):
+        raise SlurmInputError(f"{what} must be a list of node names, got the string {values!r}")
+    names = tuple(node_name(v) for v in values)
+    if len(set(names)) != len(names):
+        raise SlurmInputError(f"{what} {','.join(names)} names a node twice")
+    return names
+
+
+def reason(value: str) -> str:
+    """A drain reason: printable, one line, not empty (Slurm requires one for DRAIN)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SlurmInputError("a drain reason must not be empty")
+    if len(value) > _REASON_MAX_CHARS or not value.isprintable():
+        raise SlurmInputError(f"reason {value[:40]!r} must be one printable line of at most {_REASON_MAX_CHARS} "
+                              f"characters")
+    return value
+
+
+def safe_text(value: str, what: str) -> str:
+    """A value for an ``#SBATCH`` line or ``Key=value`` argument: no spaces, quotes or newlines."""
+    if not isinstance(value, str) or not _SAFE_TEXT.fullmatch(value):
+        raise SlurmInputError(f"{what} {value!r} may only hold letters, digits and _ . , : = @ / + % -")
+    return value
+
+
+def model_name(value: str) -> str:
+    if not isinstance(value, str) or not _MODEL.fullmatch(value):
+        raise SlurmInputError(f"model name {value!r} may only hold letters, digits and _ . / : -")
+    return value
+
+
+def abs_path(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _PATH.fullmatch(value):
+        raise SlurmInputError(f"{what} {value!r} must be an absolute path of letters, digits and _ . , : = @ / + % -")
+    return value

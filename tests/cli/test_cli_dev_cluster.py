@@ -1,0 +1,24 @@
+"""``festina dev-cluster``: status of a folder without a cluster, and bad options as one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.conftest import Festina
+
+
+def test_status_without_a_cluster(festina: Festina, tmp_path: Path) -> None:
+    result = festina("dev-cluster", "status", "--base-dir", str(tmp_path))
+    assert (result.code, result.out) == (0, f"no dev cluster in {tmp_path}\n")
+    shown = json.loads(festina("dev-cluster", "status", "--base-dir", str(tmp_path), "--json").out)
+    assert shown["running"] is False and shown["daemons"] == []
+
+
+def test_down_without_a_cluster(festina: Festina, tmp_path: Path) -> None:
+    assert festina("dev-cluster", "down", "--base-dir", str(tmp_path)).out == f"nothing runs in {tmp_path}\n"
+
+
+def test_bad_config_is_one_line(festina: Festina, tmp_path: Path) -> None:
+    result = festina("dev-cluster", "up", "--base-dir", str(tmp_path), "--nodes", "0")
+    assert (result.code, result.err) == (2, "festina: error: nodes = 0 must be in 1..64\n")
