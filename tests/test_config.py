@@ -115,8 +115,8 @@ def test_floats_are_not_accepted_as_ints_nor_bools_as_numbers(case: str, raw: di
 
 
 def test_config_from_mapping_names_its_source() -> None:
-    with pytest.raises(ConfigError, match=r"^<mapping>: unknown section \[db\]"):
-        config_from_mapping({"db": {}})
+    with pytest.raises(ConfigError, match=r"^<mapping>: unknown section \[nosuch\]"):
+        config_from_mapping({"nosuch": {}})
     assert config_from_mapping({"gpu": {"backend": "nvml"}}, source="inline").source == "inline"
 
 
