@@ -12,6 +12,7 @@ password masked.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,10 @@ def mask_url(url: URL | str) -> str:
     """The URL as text with its password (if any) replaced by ``***``."""
     if isinstance(url, str):
         try:
-            url = make_url(url)
-        except ArgumentError:
-            return url
+            return make_url(url).render_as_string(hide_password=True)
+        except (ArgumentError, ValueError):
+            # Not a URL make_url can read, but it may still hold "user:password@".
+            return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
     return url.render_as_string(hide_password=True)
 
 
@@ -66,7 +68,7 @@ def parse_db_url(raw: str, source: str = "database URL") -> URL:
     """Parse and normalise a URL: ``postgresql://`` and ``postgres://`` mean psycopg 3."""
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise DatabaseError(f"{source}: {mask_url(raw)!r} is not a database URL "
                             "(expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB)") from None
     if url.drivername in ("postgresql", "postgres"):
@@ -94,7 +96,7 @@ def make_engine(url: URL | str, *, echo: bool = False) -> Engine:
     try:
         engine = create_engine(url, echo=echo, connect_args=connect_args, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError) as exc:
-        raise DatabaseError(f"cannot use database {mask_url(url)}: {_first_line(exc)}") from None
+        raise DatabaseError(f"cannot use database {mask_url(url)}: {first_line(exc)}") from None
     if url.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine
@@ -111,7 +113,7 @@ def check_connection(engine: Engine) -> None:
 
 def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
     """The one-line error for a database that does not answer."""
-    return DatabaseUnavailable(f"database {mask_url(url)} does not answer: {_first_line(exc)}")
+    return DatabaseUnavailable(f"database {mask_url(url)} does not answer: {first_line(exc)}")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -139,7 +141,7 @@ def _make_sqlite_parent(url: URL) -> None:
                                   f"{Path(database).parent}: {exc.strerror}") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The driver's message without SQLAlchemy's statement dump and background link."""
     inner = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
