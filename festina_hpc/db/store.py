@@ -651,7 +651,8 @@ class Store:
                     row["gpu_id"] = gpu_id
         gpu_ids = {row["gpu_id"] for row in rows if row["gpu_id"] is not None and row["node_id"] is None}
         if gpu_ids:
-            nodes = dict(session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids))).tuples())
+            nodes = {gpu_id: node_id for gpu_id, node_id in
+                     session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
             for row in rows:
                 if row["node_id"] is None and row["gpu_id"] in nodes:
                     row["node_id"] = nodes[row["gpu_id"]]
@@ -711,7 +712,8 @@ class Store:
             raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r} must name at least one GPU")
         if len(set(gpu_ids)) != len(gpu_ids):
             raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r} names a GPU twice")
-        nodes = dict(session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids))).tuples())
+        nodes = {gpu_id: node_id for gpu_id, node_id in
+                     session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
         unknown = [g for g in gpu_ids if g not in nodes]
         if unknown:
             raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r}: {unknown} not known GPUs")
