@@ -99,6 +99,7 @@ def make_engine(url: URL | str, *, echo: bool = False) -> Engine:
         raise DatabaseError(f"cannot use database {mask_url(url)}: {first_line(exc)}") from None
     if url.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 
 
@@ -117,6 +118,9 @@ def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Python's sqlite3 begins a transaction only before a write, so a store method's reads
+    # would run outside it; let SQLAlchemy say BEGIN instead (see _sqlite_on_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         # WAL lets readers (festina commands, accounting) run while the daemon writes.
@@ -127,6 +131,12 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     finally:
         cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    # Deferred: readers never wait for the daemon's writes (WAL); a read-then-write
+    # transaction takes the write lock at its first write.
+    connection.exec_driver_sql("BEGIN")
 
 
 def _make_sqlite_parent(url: URL) -> None:

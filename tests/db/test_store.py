@@ -350,3 +350,14 @@ def test_placements_and_settings_are_decisions_too(store: Store) -> None:
     assert (route.instance_id, route.gpu_id) == (instance, gpus[("n01", 0)])
     assert (setting.kind, setting.gpu_id, setting.details["sm_pct"]) == ("setting", gpus[("n01", 0)],
                                                                         {str(instance): 50.0})
+
+
+def test_a_failure_after_a_write_in_the_same_call_rolls_the_write_back(store: Store, migrated: Engine) -> None:
+    gpus = make_cluster(store)
+    instance = store.create_instance("llama-3.1-8b", [gpus[("n01", 0)]], at=at(0))
+    # the new job id is recorded (a PENDING row) before the placement is found bad
+    with pytest.raises(InvalidRecord, match=rf"^instance {instance}\.gpu_ids = \[999\]"):
+        store.update_instance(instance, slurm_job_id=99, gpu_ids=[999])
+    assert _count(migrated, SlurmJob) == 0
+    (live,) = store.load_live_state().instances
+    assert (live.gpus, live.slurm_job_id) == ((gpus[("n01", 0)],), None)
