@@ -388,7 +388,10 @@ class Store:
             return self._node_ids(session, [n.name for n in nodes])
 
     def upsert_gpus(self, gpus: Sequence[GpuRecord]) -> dict[tuple[str, int], int]:
-        """Insert or update GPUs by (node name, index); returns their ids. The nodes must exist."""
+        """Insert or update GPUs by (node name, index); returns the ids of every GPU of those nodes.
+
+        The nodes must exist (``upsert_nodes`` first).
+        """
         for i, gpu in enumerate(gpus):
             where = f"gpus[{i}]"
             _text(where, "node", gpu.node, required=True)

@@ -361,3 +361,22 @@ def test_a_failure_after_a_write_in_the_same_call_rolls_the_write_back(store: St
     assert _count(migrated, SlurmJob) == 0
     (live,) = store.load_live_state().instances
     assert (live.gpus, live.slurm_job_id) == ((gpus[("n01", 0)],), None)
+
+
+def test_time_range_queries_compare_instants_whatever_the_offset_written(store: Store, migrated: Engine) -> None:
+    make_cluster(store)
+    tokyo, new_york = timezone(timedelta(hours=9)), timezone(timedelta(hours=-5))
+    # written in three zones, out of order; as instants they are T0-1h, T0+10s, T0+2h
+    store.record_requests([
+        make_outcome(external_id="later", arrival_at=at(7200).astimezone(tokyo), first_token_at=None, finish_at=None),
+        make_outcome(external_id="inside", arrival_at=at(10).astimezone(new_york), first_token_at=None,
+                     finish_at=None),
+        make_outcome(external_id="earlier", arrival_at=at(-3600).astimezone(tokyo), first_token_at=None,
+                     finish_at=None),
+    ])
+    window = select(RequestRecord.external_id).where(RequestRecord.arrival_at >= T0.astimezone(new_york),
+                                                     RequestRecord.arrival_at < at(3600))
+    with migrated.connect() as connection:
+        assert connection.execute(window).scalars().all() == ["inside"]
+        ordered = connection.execute(select(RequestRecord.external_id).order_by(RequestRecord.arrival_at))
+        assert ordered.scalars().all() == ["earlier", "inside", "later"]
