@@ -361,6 +361,9 @@ class Store:
         """
         if not rows:
             return
+        # The last of several rows with one key wins: PostgreSQL refuses to update a row twice
+        # in one statement, which a multi-row insert would otherwise ask of it.
+        rows = list({tuple(row[k] for k in keys): row for row in rows}.values())
         dialect = session.get_bind().dialect.name
         stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         updates: dict[str, Any] = {}

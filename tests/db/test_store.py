@@ -380,3 +380,11 @@ def test_time_range_queries_compare_instants_whatever_the_offset_written(store: 
         assert connection.execute(window).scalars().all() == ["inside"]
         ordered = connection.execute(select(RequestRecord.external_id).order_by(RequestRecord.arrival_at))
         assert ordered.scalars().all() == ["earlier", "inside", "later"]
+
+
+def test_the_last_of_several_updates_in_one_batch_wins(store: Store) -> None:
+    ids = store.upsert_nodes([NodeRecord("n01", "idle", True, 8), NodeRecord("n01", "mixed", True, 8),
+                              NodeRecord("n02", "idle", False, 8)])
+    assert set(ids) == {"n01", "n02"}
+    store.upsert_jobs([JobRecord(7, "PENDING"), JobRecord(7, "RUNNING", start_at=at(1))])
+    assert {n.name: n.state for n in store.load_live_state().nodes} == {"n01": "mixed", "n02": "idle"}
