@@ -12,6 +12,7 @@ at the repository root documents every key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -44,6 +45,28 @@ class ProfilesConfig:
 
     def resolved_dir(self) -> Path:
         return Path(self.dir) if self.dir else default_profiles_dir()
+
+
+def default_db_url() -> str:
+    """The default database: a SQLite file in the user's state folder.
+
+    ``$XDG_STATE_HOME/festina/festina.db``, else ``~/.local/state/festina/festina.db``: state
+    (not cache, not config) is what XDG calls data that survives restarts but is not worth
+    backing up as a document. Read when a command resolves it, never at import time.
+    """
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:///{Path(state_home) / 'festina' / 'festina.db'}"
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    # SQLAlchemy URL of festina's database: "sqlite:///PATH" or "postgresql+psycopg://USER@HOST/DB";
+    # "" = a SQLite file in the user's state folder (see default_db_url). --db-url and
+    # FESTINA_DB_URL override it.
+    url: str = ""
+
+    def resolved_url(self) -> str:
+        return self.url or default_db_url()
 
 
 @dataclass(frozen=True)
@@ -89,11 +112,12 @@ class Config:
     sim: SimConfig = field(default_factory=SimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     slo: Mapping[str, SloOverride] = field(default_factory=dict)
+    db: DbConfig = field(default_factory=DbConfig)
     source: str = "<defaults>"
 
 
 _SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig, "sim": SimConfig,
-                                   "cluster": ClusterConfig}
+                                   "cluster": ClusterConfig, "db": DbConfig}
 
 # Allowed values per (section, key), beyond the type check.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

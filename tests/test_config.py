@@ -11,6 +11,7 @@ import pytest
 
 from festina_hpc.config import (
     Config,
+    DbConfig,
     GpuConfig,
     ProfilesConfig,
     _build_section,
@@ -115,8 +116,8 @@ def test_floats_are_not_accepted_as_ints_nor_bools_as_numbers(case: str, raw: di
 
 
 def test_config_from_mapping_names_its_source() -> None:
-    with pytest.raises(ConfigError, match=r"^<mapping>: unknown section \[db\]"):
-        config_from_mapping({"db": {}})
+    with pytest.raises(ConfigError, match=r"^<mapping>: unknown section \[nosuch\]"):
+        config_from_mapping({"nosuch": {}})
     assert config_from_mapping({"gpu": {"backend": "nvml"}}, source="inline").source == "inline"
 
 
@@ -129,3 +130,13 @@ def test_example_config_documents_every_key_with_its_default() -> None:
     assert loaded == defaults
     written = tomllib.loads(example.read_text(encoding="utf-8"))
     assert {s: set(keys) for s, keys in written.items()} == {s: set(keys) for s, keys in defaults.items()}
+
+
+def test_db_url_defaults_to_a_sqlite_file_in_the_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert load_config(None).db == DbConfig(url="")
+    assert DbConfig().resolved_url() == f"sqlite:///{tmp_path / 'state' / 'festina' / 'festina.db'}"
+    path = write_config(tmp_path / "festina.toml", '[db]\nurl = "postgresql+psycopg://festina@db/festina"\n')
+    assert load_config(path).db.resolved_url() == "postgresql+psycopg://festina@db/festina"
+    with pytest.raises(ConfigError, match=r"db\.url must be str, got 5"):
+        load_config(write_config(tmp_path / "bad.toml", "[db]\nurl = 5\n"))

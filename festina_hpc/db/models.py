@@ -1,0 +1,310 @@
+"""The database schema: cluster state the daemon rebuilds itself from, per-request outcomes, energy, decisions.
+
+Three groups of tables:
+
+- live state, updated in place: ``nodes``, ``gpus``, ``slurm_jobs``, ``model_instances``
+  (and ``instance_gpus``, an instance's placement, one row per tensor-parallel rank);
+- append-only records, written in batches: ``requests``, ``energy_samples`` (with
+  ``energy_sample_shares``, an optional split of a sample over the GPU's instances) and
+  ``decisions`` (the audit trail of what the policy decided and why);
+- totals: ``job_energy`` and ``instance_energy``.
+
+The integer ids of ``nodes``, ``gpus`` and ``model_instances`` are the ids the daemon hands
+the policy (``NodeView.id``, ``GpuView.id``, ``InstanceView.id``), so a decision names rows
+directly and the ids survive a restart. Every timestamp is a timezone-aware UTC
+``UtcDateTime``; every quantity carries its unit in the column name. Columns whose
+values have a physical range carry a CHECK as well as the store's validation, so a
+writer that bypasses the store cannot store a negative energy either.
+
+The migrations in ``festina_hpc/db/migrations`` must build exactly this schema; a test
+compares the two after ``upgrade head``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Double,
+    Enum,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from festina_hpc.db.types import UtcDateTime
+from festina_hpc.policy.types import InstancePhase
+
+# Constraint names that are the same on every backend, so a later migration can drop or
+# alter a constraint by name (SQLite's batch mode needs names to recreate tables).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# An id column that is BIGINT on PostgreSQL but INTEGER on SQLite, where only
+# "INTEGER PRIMARY KEY" is the auto-incrementing rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+# Decision kinds of the audit trail (see store.decision_rows for which action is which).
+DECISION_KINDS = ("placement", "setting", "migration", "scale", "power")
+
+
+def _phase_values(enum: type[InstancePhase]) -> list[str]:
+    return [member.name.lower() for member in enum]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON().with_variant(JSONB(), "postgresql")}
+
+
+class Node(Base):
+    """A Slurm node with GPUs, as the daemon last saw it."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (CheckConstraint("gpu_count >= 0", name="gpu_count_non_negative"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # Slurm's NodeName
+    state: Mapped[str] = mapped_column(String(64))  # Slurm's state, e.g. "idle", "mixed", "down+drain"
+    powered: Mapped[bool] = mapped_column(Boolean)  # False while Slurm's power saving holds it off
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+    gpus: Mapped[list[Gpu]] = relationship(back_populates="node", order_by="Gpu.gpu_index")
+
+
+class Gpu(Base):
+    """One GPU of a node, with the settings and power last read from it."""
+
+    __tablename__ = "gpus"
+    __table_args__ = (
+        UniqueConstraint("node_id", "gpu_index"),
+        CheckConstraint("gpu_index >= 0", name="gpu_index_non_negative"),
+        CheckConstraint("clock_mhz IS NULL OR clock_mhz > 0", name="clock_mhz_positive"),
+        CheckConstraint("power_w IS NULL OR power_w >= 0", name="power_w_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    gpu_index: Mapped[int] = mapped_column(Integer)  # NVML index on its node
+    uuid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    gpu_type: Mapped[str] = mapped_column(String(64))  # a profile GPU name, e.g. "h100-sxm-80gb"
+    clock_mhz: Mapped[int | None] = mapped_column(Integer)  # locked SM clock; None = driver default
+    power_w: Mapped[float | None] = mapped_column(Double)  # board power at updated_at
+    updated_at: Mapped[datetime]
+
+    node: Mapped[Node] = relationship(back_populates="gpus")
+
+
+class SlurmJob(Base):
+    """A Slurm job festina knows of: a serving job (one per model instance) or any job it accounts."""
+
+    __tablename__ = "slurm_jobs"
+    __table_args__ = (
+        CheckConstraint("energy_j IS NULL OR energy_j >= 0", name="energy_j_non_negative"),
+        Index(None, "start_at"),
+        Index(None, "end_at"),
+        Index(None, "account", "start_at"),
+    )
+
+    job_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    account: Mapped[str] = mapped_column(String(255), default="")
+    partition: Mapped[str] = mapped_column(String(255), default="")
+    state: Mapped[str] = mapped_column(String(64))  # Slurm's, e.g. "PENDING", "RUNNING", "COMPLETED"
+    node_list: Mapped[str] = mapped_column(Text, default="")  # Slurm's hostlist expression, e.g. "gpu[01-02]"
+    gres: Mapped[str] = mapped_column(String(255), default="")  # e.g. "gpu:h100:1" or "mps:50"
+    submit_at: Mapped[datetime | None]
+    start_at: Mapped[datetime | None]
+    end_at: Mapped[datetime | None]
+    # Energy as Slurm accounts it (sacct ConsumedEnergy); None where Slurm has none, which is
+    # the case for GPUs (its NVML energy plugin is a stub). festina's own total is job_energy.
+    energy_j: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[datetime]
+
+
+class ModelInstance(Base):
+    """A model instance: one serving process (one Slurm job) on one or more GPUs of a node."""
+
+    __tablename__ = "model_instances"
+    __table_args__ = (
+        CheckConstraint("sm_pct > 0 AND sm_pct <= 100", name="sm_pct_range"),
+        CheckConstraint("batch_cap > 0", name="batch_cap_positive"),
+        CheckConstraint("memory_fraction > 0 AND memory_fraction <= 1", name="memory_fraction_range"),
+        Index(None, "phase"),
+        Index(None, "model", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(255))
+    sm_pct: Mapped[float] = mapped_column(Double)  # MPS share of each of its GPUs
+    batch_cap: Mapped[int] = mapped_column(Integer)  # max sequences in a batch
+    memory_fraction: Mapped[float] = mapped_column(Double)  # of each GPU's usable memory
+    endpoint_url: Mapped[str | None] = mapped_column(String(1024))  # None until the server listens
+    phase: Mapped[InstancePhase] = mapped_column(
+        Enum(InstancePhase, name="instance_phase", native_enum=False, create_constraint=True, length=16,
+             values_callable=_phase_values, validate_strings=True))
+    slurm_job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("slurm_jobs.job_id", ondelete="SET NULL"), index=True)
+    started_at: Mapped[datetime]  # when festina started it (the job submitted)
+    ready_at: Mapped[datetime | None]  # when it first served
+    stopped_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+    placement: Mapped[list[InstanceGpu]] = relationship(order_by="InstanceGpu.rank",
+                                                        cascade="all, delete-orphan")
+    job: Mapped[SlurmJob | None] = relationship()
+
+
+class InstanceGpu(Base):
+    """An instance's GPU for one tensor-parallel rank."""
+
+    __tablename__ = "instance_gpus"
+    __table_args__ = (CheckConstraint("rank >= 0", name="rank_non_negative"),)
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("model_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # RESTRICT: a GPU that ever held an instance keeps its history; retire nodes, don't delete them.
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="RESTRICT"), index=True)
+
+
+class RequestRecord(Base):
+    """One finished (or dropped) inference request and how it met its SLOs."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        CheckConstraint("prompt_tokens >= 0 AND output_tokens >= 0", name="tokens_non_negative"),
+        CheckConstraint("ttft_s IS NULL OR ttft_s >= 0", name="ttft_s_non_negative"),
+        CheckConstraint("mean_tbt_s IS NULL OR mean_tbt_s >= 0", name="mean_tbt_s_non_negative"),
+        CheckConstraint("max_tbt_s IS NULL OR max_tbt_s >= 0", name="max_tbt_s_non_negative"),
+        Index(None, "arrival_at"),
+        Index(None, "model", "arrival_at"),
+        Index(None, "account", "arrival_at"),
+        Index(None, "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(128), index=True)  # the gateway's request id
+    model: Mapped[str] = mapped_column(String(255))
+    # None for a request that was dropped before it reached an instance.
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("model_instances.id", ondelete="SET NULL"))
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    account: Mapped[str] = mapped_column(String(255), default="")
+    arrival_at: Mapped[datetime]
+    first_token_at: Mapped[datetime | None]
+    finish_at: Mapped[datetime | None]
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    ttft_s: Mapped[float | None] = mapped_column(Double)
+    mean_tbt_s: Mapped[float | None] = mapped_column(Double)
+    max_tbt_s: Mapped[float | None] = mapped_column(Double)
+    slo_met: Mapped[bool] = mapped_column(Boolean)
+
+
+class EnergySample(Base):
+    """A reading of a GPU's energy counter and power; accounting differences consecutive readings."""
+
+    __tablename__ = "energy_samples"
+    __table_args__ = (
+        CheckConstraint("energy_counter_j >= 0", name="energy_counter_j_non_negative"),
+        CheckConstraint("power_w IS NULL OR power_w >= 0", name="power_w_non_negative"),
+        Index(None, "sampled_at"),
+    )
+
+    # The GPU and the time identify a reading: re-recording one is a no-op, not a duplicate.
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True)
+    sampled_at: Mapped[datetime] = mapped_column(primary_key=True)
+    # NVML's cumulative counter since an arbitrary origin (it restarts with the driver).
+    energy_counter_j: Mapped[float] = mapped_column(Double)
+    power_w: Mapped[float | None] = mapped_column(Double)
+
+
+class EnergySampleShare(Base):
+    """The fraction of a sample's GPU energy attributed to one of the GPU's instances (optional)."""
+
+    __tablename__ = "energy_sample_shares"
+    __table_args__ = (
+        ForeignKeyConstraint(["gpu_id", "sampled_at"], ["energy_samples.gpu_id", "energy_samples.sampled_at"],
+                             ondelete="CASCADE", name="fk_energy_sample_shares_sample"),
+        CheckConstraint("share_frac >= 0 AND share_frac <= 1", name="share_frac_range"),
+        Index(None, "instance_id"),
+    )
+
+    gpu_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sampled_at: Mapped[datetime] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("model_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    share_frac: Mapped[float] = mapped_column(Double)
+
+
+class JobEnergy(Base):
+    """festina's measured energy total of a Slurm job over [from_at, to_at]."""
+
+    __tablename__ = "job_energy"
+    __table_args__ = (CheckConstraint("energy_j >= 0", name="energy_j_non_negative"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("slurm_jobs.job_id", ondelete="CASCADE"), primary_key=True)
+    energy_j: Mapped[float] = mapped_column(Double)
+    from_at: Mapped[datetime]
+    to_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class InstanceEnergy(Base):
+    """festina's measured energy total of a model instance over [from_at, to_at]."""
+
+    __tablename__ = "instance_energy"
+    __table_args__ = (CheckConstraint("energy_j >= 0", name="energy_j_non_negative"),)
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("model_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    energy_j: Mapped[float] = mapped_column(Double)
+    from_at: Mapped[datetime]
+    to_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Decision(Base):
+    """One action the policy decided, with its reason: the audit trail.
+
+    The ids are plain integers, not foreign keys: an audit row outlives the rows it names
+    and may name one that does not exist yet (a started instance has no id when decided).
+    """
+
+    __tablename__ = "decisions"
+    __table_args__ = (
+        CheckConstraint("kind IN ('placement', 'setting', 'migration', 'scale', 'power')", name="kind_known"),
+        Index(None, "decided_at"),
+        Index(None, "kind", "decided_at"),
+        Index(None, "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    decided_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))  # e.g. "start_instance", "power_off", "gpu_settings"
+    model: Mapped[str | None] = mapped_column(String(255))
+    instance_id: Mapped[int | None] = mapped_column(Integer)
+    gpu_id: Mapped[int | None] = mapped_column(Integer)  # the first GPU where an action names several
+    node_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[dict[str, Any]]  # the action's fields as JSON

@@ -1,0 +1,756 @@
+"""The store festinad writes through and rebuilds itself from: cluster state, outcomes, energy, decisions.
+
+The daemon must not hold state only in memory, so everything it knows of nodes, GPUs,
+Slurm jobs and model instances goes through here, and ``load_live_state`` gives it
+back after a restart (instances not yet stopped, with their GPUs and jobs). Records
+that arrive at request rate (request outcomes, energy samples) are written in batches,
+one multi-row statement per call.
+
+Contracts:
+- Inputs are frozen dataclasses; outputs are frozen dataclasses detached from any
+  session, so a caller never holds a session or an ORM object.
+- Every public method is one transaction. Input is validated before anything is
+  written; a bad value is an ``InvalidRecord`` naming the record, the field and the
+  value, and the call stores nothing (a batch is all or nothing). What the database
+  itself refuses (a foreign key, a CHECK) is a one-line ``DatabaseError``, also rolled back.
+- Times are timezone-aware datetimes passed in by the caller (the daemon's clock):
+  the store reads the clock only for ``updated_at`` bookkeeping, through ``clock``.
+- Ids of nodes, GPUs and instances are the database's, and the ones the policy sees.
+- Instance phases only move forward (loading, ready, draining, stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Engine, Table, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from festina_hpc.db import migrate
+from festina_hpc.db.engine import first_line, mask_url, unavailable
+from festina_hpc.db.errors import DatabaseError, InvalidRecord
+from festina_hpc.db.models import (
+    Base,
+    Decision,
+    EnergySample,
+    EnergySampleShare,
+    Gpu,
+    InstanceEnergy,
+    InstanceGpu,
+    JobEnergy,
+    ModelInstance,
+    Node,
+    RequestRecord,
+    SlurmJob,
+)
+from festina_hpc.policy.types import (
+    Action,
+    Drop,
+    GpuSettings,
+    InstancePhase,
+    Migrate,
+    MoveQueued,
+    Placement,
+    Plan,
+    PowerOff,
+    PowerOn,
+    Route,
+    StartInstance,
+    StopInstance,
+)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- what callers hand in ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str  # Slurm's NodeName
+    state: str  # Slurm's state, e.g. "idle", "mixed", "down+drain"
+    powered: bool
+    gpu_count: int
+
+
+@dataclass(frozen=True)
+class GpuRecord:
+    node: str  # the node's name
+    gpu_index: int  # NVML index on the node
+    gpu_type: str  # a profile GPU name
+    uuid: str | None = None
+    clock_mhz: int | None = None  # locked SM clock; None = driver default
+    power_w: float | None = None  # board power now
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A Slurm job as a watcher saw it. Unknown times and energy (None) never erase known ones."""
+
+    job_id: int
+    state: str
+    name: str = ""
+    user_name: str = ""
+    account: str = ""
+    partition: str = ""
+    node_list: str = ""
+    gres: str = ""
+    submit_at: datetime | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    energy_j: float | None = None  # Slurm's ConsumedEnergy
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """A finished or dropped request: its times, sizes and whether it met its SLOs."""
+
+    model: str
+    arrival_at: datetime
+    prompt_tokens: int
+    output_tokens: int
+    slo_met: bool
+    instance_id: int | None = None  # None: dropped before reaching an instance
+    user_name: str = ""
+    account: str = ""
+    first_token_at: datetime | None = None
+    finish_at: datetime | None = None
+    ttft_s: float | None = None
+    mean_tbt_s: float | None = None
+    max_tbt_s: float | None = None
+    external_id: str | None = None  # the gateway's request id
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """A GPU's energy counter and power at one time; ``shares`` splits it over its instances."""
+
+    gpu_id: int
+    sampled_at: datetime
+    energy_counter_j: float
+    power_w: float | None = None
+    shares: Mapping[int, float] = field(default_factory=dict)  # instance id -> fraction of the energy
+
+
+# -- what the store gives back ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeState:
+    id: int
+    name: str
+    state: str
+    powered: bool
+    gpu_count: int
+
+
+@dataclass(frozen=True)
+class GpuState:
+    id: int
+    node_id: int
+    gpu_index: int
+    gpu_type: str
+    uuid: str | None
+    clock_mhz: int | None
+    power_w: float | None
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    id: int
+    model: str
+    gpus: tuple[int, ...]  # GPU ids, one per tensor-parallel rank
+    node_id: int  # the node of its GPUs
+    phase: InstancePhase
+    sm_pct: float
+    batch_cap: int
+    memory_fraction: float
+    endpoint_url: str | None
+    slurm_job_id: int | None
+    started_at: datetime
+    ready_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What festinad rebuilds its view from on restart (before it asks Slurm what changed)."""
+
+    nodes: tuple[NodeState, ...]  # every node, by name
+    gpus: tuple[GpuState, ...]  # every GPU, by node and index
+    instances: tuple[InstanceState, ...]  # instances not stopped, oldest first
+    jobs: tuple[JobRecord, ...]  # the Slurm jobs of those instances
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """An audit-trail row as read back."""
+
+    id: int
+    decided_at: datetime
+    kind: str
+    action: str
+    model: str | None
+    instance_id: int | None
+    gpu_id: int | None
+    node_id: int | None
+    reason: str
+    details: dict[str, Any]
+
+
+# -- validation: one message shape, "<record>.<field> = <value> <what is wrong>" ---------------
+
+
+def _number(where: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+            low_open: bool = False, optional: bool = False) -> None:
+    if value is None:
+        if optional:
+            return
+        raise InvalidRecord(f"{where}.{name} is missing")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRecord(f"{where}.{name} = {value!r} is not a finite number")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        if high is not None:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        else:
+            bounds = "positive" if low_open else ("non-negative" if low == 0 else f"at least {low:g}")
+        raise InvalidRecord(f"{where}.{name} = {value!r} must be {bounds}")
+
+
+def _integer(where: str, name: str, value: Any, *, positive: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecord(f"{where}.{name} = {value!r} is not an integer")
+    _number(where, name, value, low_open=positive)
+
+
+def _time(where: str, name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None:
+        if optional:
+            return
+        raise InvalidRecord(f"{where}.{name} is missing")
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidRecord(f"{where}.{name} = {value!r} is not a timezone-aware datetime")
+
+
+def _text(where: str, name: str, value: Any, *, max_len: int = 255, required: bool = False,
+          optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{where}.{name} = {value!r} is not text")
+    if required and not value:
+        raise InvalidRecord(f"{where}.{name} = '' must not be empty")
+    if len(value) > max_len:
+        raise InvalidRecord(f"{where}.{name} = {value[:40]!r}... is longer than {max_len} characters")
+
+
+def _not_before(where: str, name: str, value: datetime | None, earlier_name: str,
+                earlier: datetime | None) -> None:
+    if value is not None and earlier is not None and value < earlier:
+        raise InvalidRecord(f"{where}.{name} = {value.isoformat()} is before {earlier_name} = {earlier.isoformat()}")
+
+
+def _check_instance_settings(where: str, sm_pct: Any, batch_cap: Any, memory_fraction: Any,
+                             endpoint_url: Any) -> None:
+    _number(where, "sm_pct", sm_pct, high=100.0, low_open=True, optional=True)
+    _integer(where, "batch_cap", batch_cap, positive=True, optional=True)
+    _number(where, "memory_fraction", memory_fraction, high=1.0, low_open=True, optional=True)
+    _text(where, "endpoint_url", endpoint_url, max_len=1024, optional=True)
+
+
+# -- decisions as rows --------------------------------------------------------------------------
+
+_ACTION_KINDS: dict[type, tuple[str, str]] = {
+    Route: ("placement", "route"),
+    Drop: ("placement", "drop"),
+    StartInstance: ("scale", "start_instance"),
+    StopInstance: ("scale", "stop_instance"),
+    Migrate: ("migration", "migrate"),
+    MoveQueued: ("migration", "move_queued"),
+    PowerOff: ("power", "power_off"),
+    PowerOn: ("power", "power_on"),
+    GpuSettings: ("setting", "gpu_settings"),
+}
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclass fields as JSON: tuples become lists, mapping keys (instance ids) strings."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def decision_row(action: Action | Placement | GpuSettings, reason: str, *, model: str | None = None,
+                 gpu_id: int | None = None) -> dict[str, Any]:
+    """The audit row of one decision (without its time): kind, action name, the ids it names, details.
+
+    ``model`` names the requested model of a placement (a ``Route`` or ``Drop`` does not say
+    which); ``gpu_id`` the GPU of ``GpuSettings``. Ids an action implies but does not name
+    (the node of a GPU, an instance's model) are filled in by ``Store`` from the database.
+    """
+    kind, name = _ACTION_KINDS[type(action)]
+    details = {f.name: _jsonable(getattr(action, f.name)) for f in dataclasses.fields(action)}
+    instance_id: int | None = None
+    node_id: int | None = None
+    if isinstance(action, Route | StopInstance | Migrate):
+        instance_id = action.instance_id
+    elif isinstance(action, MoveQueued):
+        instance_id = action.from_instance
+    elif isinstance(action, PowerOff | PowerOn):
+        node_id = action.node
+    if isinstance(action, StartInstance | Migrate) and action.gpus:
+        gpu_id = action.gpus[0]
+    if isinstance(action, StartInstance):
+        model = action.model
+    return {"kind": kind, "action": name, "model": model, "instance_id": instance_id, "gpu_id": gpu_id,
+            "node_id": node_id, "reason": reason, "details": details}
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """festina's repository over one engine; see the module docstring for its contracts."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- plumbing
+
+    def check_schema(self) -> None:
+        """Fail unless the database is migrated to this package's head (``festina db upgrade``)."""
+        revision = migrate.current(self.engine)
+        if not revision.is_head:
+            raise DatabaseError(f"database {mask_url(self.engine.url)} is at revision {revision.current}, "
+                                f"festina needs {revision.head}: run `festina db upgrade`")
+
+    @contextmanager
+    def _transaction(self, operation: str) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except IntegrityError as exc:
+            raise DatabaseError(f"database {mask_url(self.engine.url)}: {operation} refused: "
+                                f"{first_line(exc)}") from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated or _is_connection_error(exc):
+                raise unavailable(self.engine.url, exc) from None
+            raise DatabaseError(f"database {mask_url(self.engine.url)}: {operation} failed: "
+                                f"{first_line(exc)}") from None
+
+    def _upsert(self, session: Session, table: Table, rows: list[dict[str, Any]], keys: Sequence[str],
+                keep_known: Sequence[str] = ()) -> None:
+        """INSERT ... ON CONFLICT (keys) DO UPDATE every other column, for a list of rows.
+
+        Columns in ``keep_known`` keep their stored value where the new one is NULL.
+        """
+        if not rows:
+            return
+        # The last of several rows with one key wins: PostgreSQL refuses to update a row twice
+        # in one statement, which a multi-row insert would otherwise ask of it.
+        rows = list({tuple(row[k] for k in keys): row for row in rows}.values())
+        dialect = session.get_bind().dialect.name
+        stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        updates: dict[str, Any] = {}
+        for column in rows[0]:
+            if column in keys:
+                continue
+            new = stmt.excluded[column]
+            updates[column] = func.coalesce(new, table.c[column]) if column in keep_known else new
+        session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows)
+
+    # -- nodes, GPUs, jobs
+
+    def upsert_nodes(self, nodes: Sequence[NodeRecord]) -> dict[str, int]:
+        """Insert or update nodes by name; returns every given name's id."""
+        for i, node in enumerate(nodes):
+            where = f"nodes[{i}]"
+            _text(where, "name", node.name, required=True)
+            _text(where, "state", node.state, max_len=64)
+            _integer(where, "gpu_count", node.gpu_count)
+        now = self._clock()
+        rows = [{"name": n.name, "state": n.state, "powered": n.powered, "gpu_count": n.gpu_count,
+                 "updated_at": now} for n in nodes]
+        with self._transaction("upsert_nodes") as session:
+            self._upsert(session, _table(Node), rows, ["name"])
+            return self._node_ids(session, [n.name for n in nodes])
+
+    def upsert_gpus(self, gpus: Sequence[GpuRecord]) -> dict[tuple[str, int], int]:
+        """Insert or update GPUs by (node name, index); returns the ids of every GPU of those nodes.
+
+        The nodes must exist (``upsert_nodes`` first).
+        """
+        for i, gpu in enumerate(gpus):
+            where = f"gpus[{i}]"
+            _text(where, "node", gpu.node, required=True)
+            _integer(where, "gpu_index", gpu.gpu_index)
+            _text(where, "gpu_type", gpu.gpu_type, max_len=64, required=True)
+            _text(where, "uuid", gpu.uuid, max_len=64, optional=True)
+            _integer(where, "clock_mhz", gpu.clock_mhz, positive=True, optional=True)
+            _number(where, "power_w", gpu.power_w, optional=True)
+        now = self._clock()
+        with self._transaction("upsert_gpus") as session:
+            node_ids = self._node_ids(session, sorted({g.node for g in gpus}))
+            for i, gpu in enumerate(gpus):
+                if gpu.node not in node_ids:
+                    raise InvalidRecord(f"gpus[{i}].node = {gpu.node!r} is not a known node (upsert_nodes first)")
+            rows = [{"node_id": node_ids[g.node], "gpu_index": g.gpu_index, "uuid": g.uuid, "gpu_type": g.gpu_type,
+                     "clock_mhz": g.clock_mhz, "power_w": g.power_w, "updated_at": now} for g in gpus]
+            self._upsert(session, _table(Gpu), rows, ["node_id", "gpu_index"])
+            found = session.execute(select(Node.name, Gpu.gpu_index, Gpu.id).join(Gpu.node)
+                                    .where(Node.name.in_(node_ids)))
+            return {(name, index): gpu_id for name, index, gpu_id in found}
+
+    def upsert_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """Insert or update Slurm jobs by job id; a None time or energy keeps what is stored."""
+        for i, job in enumerate(jobs):
+            where = f"slurm_jobs[{i}] (job {job.job_id!r})"
+            _integer(where, "job_id", job.job_id, positive=True)
+            _text(where, "state", job.state, max_len=64, required=True)
+            for name in ("name", "user_name", "account", "partition", "gres"):
+                _text(where, name, getattr(job, name))
+            _text(where, "node_list", job.node_list, max_len=65_536)
+            for name in ("submit_at", "start_at", "end_at"):
+                _time(where, name, getattr(job, name), optional=True)
+            _not_before(where, "end_at", job.end_at, "start_at", job.start_at)
+            _number(where, "energy_j", job.energy_j, optional=True)
+        now = self._clock()
+        rows = [{**_fields(job), "updated_at": now} for job in jobs]
+        with self._transaction("upsert_jobs") as session:
+            self._upsert(session, _table(SlurmJob), rows, ["job_id"],
+                         keep_known=("submit_at", "start_at", "end_at", "energy_j"))
+
+    # -- model instances
+
+    def create_instance(self, model: str, gpu_ids: Sequence[int], *, at: datetime, sm_pct: float = 100.0,
+                        batch_cap: int = 256, memory_fraction: float = 1.0, slurm_job_id: int | None = None,
+                        endpoint_url: str | None = None) -> int:
+        """Record a new instance, loading, on ``gpu_ids`` (one per rank, one node); returns its id.
+
+        A Slurm job id festina has not recorded yet (sbatch just answered) gets a PENDING job row.
+        """
+        where = "instance"
+        _text(where, "model", model, required=True)
+        _time(where, "at", at)
+        _check_instance_settings(where, sm_pct, batch_cap, memory_fraction, endpoint_url)
+        _integer(where, "slurm_job_id", slurm_job_id, positive=True, optional=True)
+        with self._transaction("create_instance") as session:
+            self._check_placement(session, where, gpu_ids)
+            if slurm_job_id is not None:
+                self._ensure_job(session, slurm_job_id)
+            instance = ModelInstance(model=model, sm_pct=sm_pct, batch_cap=batch_cap,
+                                     memory_fraction=memory_fraction, endpoint_url=endpoint_url,
+                                     phase=InstancePhase.LOADING, slurm_job_id=slurm_job_id, started_at=at,
+                                     updated_at=self._clock(),
+                                     placement=[InstanceGpu(rank=r, gpu_id=g) for r, g in enumerate(gpu_ids)])
+            session.add(instance)
+            session.flush()
+            return instance.id
+
+    def create_instance_for(self, start: StartInstance, *, at: datetime, slurm_job_id: int | None = None,
+                            endpoint_url: str | None = None) -> int:
+        """``create_instance`` for a policy's ``StartInstance``."""
+        return self.create_instance(start.model, start.gpus, at=at, sm_pct=start.sm_pct, batch_cap=start.batch_cap,
+                                    memory_fraction=start.memory_fraction, slurm_job_id=slurm_job_id,
+                                    endpoint_url=endpoint_url)
+
+    def set_phase(self, instance_id: int, phase: InstancePhase, *, at: datetime) -> None:
+        """Move an instance forward in its lifecycle; READY stamps ready_at, STOPPED stopped_at."""
+        where = f"instance {instance_id}"
+        _time(where, "at", at)
+        with self._transaction("set_phase") as session:
+            instance = self._instance(session, instance_id)
+            if phase < instance.phase:
+                raise InvalidRecord(f"{where}.phase = {phase.name.lower()!r} would go back from "
+                                    f"{instance.phase.name.lower()!r}")
+            instance.phase = phase
+            if phase == InstancePhase.READY and instance.ready_at is None:
+                instance.ready_at = at
+            if phase == InstancePhase.STOPPED and instance.stopped_at is None:
+                instance.stopped_at = at
+            instance.updated_at = self._clock()
+
+    def update_instance(self, instance_id: int, *, sm_pct: float | None = None, batch_cap: int | None = None,
+                        memory_fraction: float | None = None, endpoint_url: str | None = None,
+                        slurm_job_id: int | None = None, gpu_ids: Sequence[int] | None = None) -> None:
+        """Change an instance's settings, endpoint, job or placement; None leaves a field as it is."""
+        where = f"instance {instance_id}"
+        _check_instance_settings(where, sm_pct, batch_cap, memory_fraction, endpoint_url)
+        _integer(where, "slurm_job_id", slurm_job_id, positive=True, optional=True)
+        with self._transaction("update_instance") as session:
+            instance = self._instance(session, instance_id)
+            for name, value in (("sm_pct", sm_pct), ("batch_cap", batch_cap), ("memory_fraction", memory_fraction),
+                                ("endpoint_url", endpoint_url)):
+                if value is not None:
+                    setattr(instance, name, value)
+            if slurm_job_id is not None:
+                self._ensure_job(session, slurm_job_id)
+                instance.slurm_job_id = slurm_job_id
+            if gpu_ids is not None:
+                self._check_placement(session, where, gpu_ids)
+                instance.placement.clear()
+                session.flush()  # the old ranks go before the new ones take their keys
+                instance.placement.extend(InstanceGpu(rank=r, gpu_id=g) for r, g in enumerate(gpu_ids))
+            instance.updated_at = self._clock()
+
+    def apply_gpu_settings(self, gpu_id: int, settings: GpuSettings) -> None:
+        """Store settings a node controller applied: the GPU's clock, its instances' SM shares and batch caps."""
+        where = f"gpu {gpu_id} settings"
+        _integer(where, "clock_mhz", settings.clock_mhz, positive=True, optional=True)
+        for instance_id, pct in settings.sm_pct.items():
+            _number(where, f"sm_pct[{instance_id}]", pct, high=100.0, low_open=True)
+        for instance_id, cap in settings.batch_cap.items():
+            _integer(where, f"batch_cap[{instance_id}]", cap, positive=True)
+        now = self._clock()
+        with self._transaction("apply_gpu_settings") as session:
+            gpu = session.get(Gpu, gpu_id)
+            if gpu is None:
+                raise InvalidRecord(f"{where}: gpu_id = {gpu_id!r} is not a known GPU")
+            if settings.clock_mhz is not None:
+                gpu.clock_mhz = settings.clock_mhz
+                gpu.updated_at = now
+            for instance_id in {*settings.sm_pct, *settings.batch_cap}:
+                instance = self._instance(session, instance_id)
+                if instance_id in settings.sm_pct:
+                    instance.sm_pct = settings.sm_pct[instance_id]
+                if instance_id in settings.batch_cap:
+                    instance.batch_cap = settings.batch_cap[instance_id]
+                instance.updated_at = now
+
+    # -- records at request rate
+
+    def record_requests(self, outcomes: Sequence[RequestOutcome]) -> int:
+        """Append request outcomes in one multi-row insert; returns how many."""
+        for i, r in enumerate(outcomes):
+            where = f"requests[{i}]" + (f" ({r.external_id})" if r.external_id else "")
+            _text(where, "model", r.model, required=True)
+            _text(where, "user_name", r.user_name)
+            _text(where, "account", r.account)
+            _text(where, "external_id", r.external_id, max_len=128, optional=True)
+            _integer(where, "instance_id", r.instance_id, optional=True)
+            _integer(where, "prompt_tokens", r.prompt_tokens)
+            _integer(where, "output_tokens", r.output_tokens)
+            if not isinstance(r.slo_met, bool):
+                raise InvalidRecord(f"{where}.slo_met = {r.slo_met!r} is not true or false")
+            _time(where, "arrival_at", r.arrival_at)
+            _time(where, "first_token_at", r.first_token_at, optional=True)
+            _time(where, "finish_at", r.finish_at, optional=True)
+            _not_before(where, "first_token_at", r.first_token_at, "arrival_at", r.arrival_at)
+            _not_before(where, "finish_at", r.finish_at, "first_token_at", r.first_token_at or r.arrival_at)
+            for name in ("ttft_s", "mean_tbt_s", "max_tbt_s"):
+                _number(where, name, getattr(r, name), optional=True)
+        if not outcomes:
+            return 0
+        rows = [_fields(r) for r in outcomes]
+        with self._transaction("record_requests") as session:
+            session.execute(insert(_table(RequestRecord)), rows)
+        return len(rows)
+
+    def record_energy(self, readings: Sequence[EnergyReading]) -> int:
+        """Append GPU energy readings (and their instance shares) in batches; returns how many.
+
+        Re-recording a reading already stored (same GPU, same time) is a no-op.
+        """
+        for i, reading in enumerate(readings):
+            where = f"energy_samples[{i}] (gpu {reading.gpu_id})"
+            _integer(where, "gpu_id", reading.gpu_id)
+            _time(where, "sampled_at", reading.sampled_at)
+            _number(where, "energy_counter_j", reading.energy_counter_j)
+            _number(where, "power_w", reading.power_w, optional=True)
+            for instance_id, share in reading.shares.items():
+                _integer(where, "shares key", instance_id)
+                _number(where, f"shares[{instance_id}]", share, high=1.0)
+            if reading.shares and sum(reading.shares.values()) > 1.0 + 1e-9:
+                raise InvalidRecord(f"{where}.shares = {dict(reading.shares)!r} sum to more than 1")
+        if not readings:
+            return 0
+        samples = [{"gpu_id": r.gpu_id, "sampled_at": r.sampled_at, "energy_counter_j": r.energy_counter_j,
+                    "power_w": r.power_w} for r in readings]
+        shares = [{"gpu_id": r.gpu_id, "sampled_at": r.sampled_at, "instance_id": instance_id, "share_frac": share}
+                  for r in readings for instance_id, share in r.shares.items()]
+        with self._transaction("record_energy") as session:
+            dialect = session.get_bind().dialect.name
+            for table, rows in ((_table(EnergySample), samples), (_table(EnergySampleShare), shares)):
+                if rows:
+                    stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+                    session.execute(stmt.on_conflict_do_nothing(), rows)
+        return len(samples)
+
+    def set_job_energy(self, job_id: int, energy_j: float, *, from_at: datetime, to_at: datetime) -> None:
+        """Store festina's measured energy total of a Slurm job over [from_at, to_at]."""
+        self._set_total(_table(JobEnergy), "job_id", job_id, energy_j, from_at, to_at)
+
+    def set_instance_energy(self, instance_id: int, energy_j: float, *, from_at: datetime, to_at: datetime) -> None:
+        """Store festina's measured energy total of a model instance over [from_at, to_at]."""
+        self._set_total(_table(InstanceEnergy), "instance_id", instance_id,
+                        energy_j, from_at, to_at)
+
+    def _set_total(self, table: Table, key: str, key_value: int, energy_j: float, from_at: datetime,
+                   to_at: datetime) -> None:
+        where = f"{table.name} ({key} {key_value!r})"
+        _integer(where, key, key_value)
+        _number(where, "energy_j", energy_j)
+        _time(where, "from_at", from_at)
+        _time(where, "to_at", to_at)
+        _not_before(where, "to_at", to_at, "from_at", from_at)
+        row = {key: key_value, "energy_j": energy_j, "from_at": from_at, "to_at": to_at, "updated_at": self._clock()}
+        with self._transaction(f"set {table.name}") as session:
+            self._upsert(session, table, [row], [key])
+
+    # -- decisions
+
+    def record_plan(self, plan: Plan, *, at: datetime) -> list[int]:
+        """One decision row per action of a plan, each with the plan's reason; returns their ids."""
+        return self._record_decisions([decision_row(action, plan.reason) for action in plan.actions], at)
+
+    def record_placement(self, model: str, placement: Placement, *, at: datetime, reason: str = "") -> int:
+        """The decision for one request of ``model`` (a drop's reason is its own)."""
+        if isinstance(placement, Drop) and not reason:
+            reason = placement.reason
+        return self._record_decisions([decision_row(placement, reason, model=model)], at)[0]
+
+    def record_settings(self, gpu_id: int, settings: GpuSettings, *, at: datetime, reason: str = "") -> int:
+        """The local controller's decision for one GPU."""
+        return self._record_decisions([decision_row(settings, reason, gpu_id=gpu_id)], at)[0]
+
+    def _record_decisions(self, rows: list[dict[str, Any]], at: datetime) -> list[int]:
+        _time("decision", "at", at)
+        if not rows:
+            return []
+        with self._transaction("record_decisions") as session:
+            self._fill_in_ids(session, rows)
+            decisions = [Decision(decided_at=at, **row) for row in rows]
+            session.add_all(decisions)
+            session.flush()
+            return [d.id for d in decisions]
+
+    def _fill_in_ids(self, session: Session, rows: list[dict[str, Any]]) -> None:
+        """Add what an action implies but does not name: an instance's model and GPU, a GPU's node."""
+        instance_ids = {row["instance_id"] for row in rows if row["instance_id"] is not None}
+        instances: dict[int, tuple[str, int | None]] = {}
+        if instance_ids:
+            found = session.execute(select(ModelInstance.id, ModelInstance.model, InstanceGpu.gpu_id)
+                                    .outerjoin(InstanceGpu, (InstanceGpu.instance_id == ModelInstance.id)
+                                               & (InstanceGpu.rank == 0))
+                                    .where(ModelInstance.id.in_(instance_ids)))
+            instances = {instance_id: (model, gpu_id) for instance_id, model, gpu_id in found}
+        for row in rows:
+            if row["instance_id"] in instances:
+                model, gpu_id = instances[row["instance_id"]]
+                row["model"] = row["model"] or model
+                if row["gpu_id"] is None:
+                    row["gpu_id"] = gpu_id
+        gpu_ids = {row["gpu_id"] for row in rows if row["gpu_id"] is not None and row["node_id"] is None}
+        if gpu_ids:
+            nodes = {gpu_id: node_id for gpu_id, node_id in
+                     session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
+            for row in rows:
+                if row["node_id"] is None and row["gpu_id"] in nodes:
+                    row["node_id"] = nodes[row["gpu_id"]]
+
+    def decisions(self, *, since: datetime, kind: str | None = None, limit: int = 1000) -> list[DecisionRow]:
+        """Decisions at or after ``since``, oldest first."""
+        _time("decisions", "since", since)
+        query = select(Decision).where(Decision.decided_at >= since).order_by(Decision.decided_at, Decision.id)
+        if kind is not None:
+            query = query.where(Decision.kind == kind)
+        with self._transaction("decisions") as session:
+            return [DecisionRow(d.id, d.decided_at, d.kind, d.action, d.model, d.instance_id, d.gpu_id, d.node_id,
+                                d.reason, d.details) for d in session.scalars(query.limit(limit))]
+
+    # -- restart
+
+    def load_live_state(self) -> LiveState:
+        """Every node and GPU, the instances not stopped (oldest first) and their Slurm jobs."""
+        with self._transaction("load_live_state") as session:
+            nodes = tuple(NodeState(n.id, n.name, n.state, n.powered, n.gpu_count)
+                          for n in session.scalars(select(Node).order_by(Node.name)))
+            gpu_rows = session.scalars(select(Gpu).join(Gpu.node).order_by(Node.name, Gpu.gpu_index)).all()
+            gpus = tuple(GpuState(g.id, g.node_id, g.gpu_index, g.gpu_type, g.uuid, g.clock_mhz, g.power_w)
+                         for g in gpu_rows)
+            node_of = {g.id: g.node_id for g in gpus}
+            live = session.scalars(select(ModelInstance).options(selectinload(ModelInstance.placement),
+                                                                 selectinload(ModelInstance.job))
+                                   .where(ModelInstance.phase != InstancePhase.STOPPED)
+                                   .order_by(ModelInstance.started_at, ModelInstance.id)).all()
+            instances = tuple(
+                InstanceState(i.id, i.model, tuple(p.gpu_id for p in i.placement),
+                              node_of[i.placement[0].gpu_id], i.phase, i.sm_pct, i.batch_cap, i.memory_fraction,
+                              i.endpoint_url, i.slurm_job_id, i.started_at, i.ready_at)
+                for i in live)
+            jobs = tuple(_job_record(i.job) for i in live if i.job is not None)
+            return LiveState(nodes, gpus, instances, jobs)
+
+    # -- helpers inside a transaction
+
+    @staticmethod
+    def _node_ids(session: Session, names: Sequence[str]) -> dict[str, int]:
+        if not names:
+            return {}
+        return {name: node_id for name, node_id in session.execute(
+            select(Node.name, Node.id).where(Node.name.in_(names)))}
+
+    @staticmethod
+    def _instance(session: Session, instance_id: int) -> ModelInstance:
+        instance = session.get(ModelInstance, instance_id)
+        if instance is None:
+            raise InvalidRecord(f"instance_id = {instance_id!r} is not a known instance")
+        return instance
+
+    @staticmethod
+    def _check_placement(session: Session, where: str, gpu_ids: Sequence[int]) -> None:
+        if not gpu_ids:
+            raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r} must name at least one GPU")
+        if len(set(gpu_ids)) != len(gpu_ids):
+            raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r} names a GPU twice")
+        nodes = {gpu_id: node_id for gpu_id, node_id in
+                     session.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
+        unknown = [g for g in gpu_ids if g not in nodes]
+        if unknown:
+            raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r}: {unknown} not known GPUs")
+        if len(set(nodes.values())) > 1:
+            raise InvalidRecord(f"{where}.gpu_ids = {list(gpu_ids)!r} span several nodes")
+
+    def _ensure_job(self, session: Session, job_id: int) -> None:
+        if session.get(SlurmJob, job_id) is None:
+            session.add(SlurmJob(job_id=job_id, state="PENDING", updated_at=self._clock()))
+            session.flush()
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _job_record(job: SlurmJob) -> JobRecord:
+    return JobRecord(job.job_id, job.state, job.name, job.user_name, job.account, job.partition, job.node_list,
+                     job.gres, job.submit_at, job.start_at, job.end_at, job.energy_j)
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    """Whether the driver says it could not reach the database (as opposed to refusing a statement)."""
+    message = str(exc.orig).lower()
+    return isinstance(exc, OperationalError) and any(
+        hint in message for hint in ("connect", "could not", "unable to open", "server closed", "timeout"))
+
+
+__all__ = ["DecisionRow", "EnergyReading", "GpuRecord", "GpuState", "InstanceState", "JobRecord", "LiveState",
+           "NodeRecord", "NodeState", "RequestOutcome", "Store", "decision_row", "utc_now"]
