@@ -17,6 +17,7 @@ from festina_hpc.cli.bench import bench
 from festina_hpc.cli.common import AppContext
 from festina_hpc.cli.config_cmd import config_group
 from festina_hpc.cli.profiles import profiles
+from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
 from festina_hpc.config import load_config
 from festina_hpc.errors import FestinaError
@@ -40,6 +41,7 @@ cli.add_command(bench)
 cli.add_command(config_group)
 cli.add_command(sim)
 cli.add_command(demo)
+cli.add_command(serve)
 
 
 def main(argv: list[str] | None = None) -> int:
