@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 import click
 
@@ -46,7 +47,7 @@ def serve(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_p
 
         def ready(url: str) -> None:
             click.echo(f"festina serve: {url} ({engine.model} on {engine.gpu_type}, simulated engine)")
-            click.get_text_stream("stdout").flush()
+            sys.stdout.flush()  # a job script or a test reads the URL while the server runs
 
         await run_server(engine, host, port, stop, ready, drain_s=drain_s)
         click.echo("festina serve: stopped")

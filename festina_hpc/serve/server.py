@@ -22,6 +22,7 @@ stay below it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -163,9 +164,9 @@ async def admin_settings(request: web.Request) -> web.Response:
     return web.json_response(_settings_json(engine))
 
 
-async def run_server(engine: SimulatedEngine, host: str, port: int, stop: Any,
+async def run_server(engine: SimulatedEngine, host: str, port: int, stop: asyncio.Event,
                      on_ready: Callable[[str], None], drain_s: float = 5.0) -> None:
-    """Serve until ``stop`` (an ``asyncio.Event``) is set, then drain and shut down (see module docstring)."""
+    """Serve until ``stop`` is set, then drain and shut down (see module docstring)."""
     await engine.start()
     app = make_app(engine)
     # handler_cancellation: a client that hangs up cancels its handler, so its sequence leaves the batch.
