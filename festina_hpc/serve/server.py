@@ -26,7 +26,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -164,23 +165,46 @@ async def admin_settings(request: web.Request) -> web.Response:
     return web.json_response(_settings_json(engine))
 
 
+@asynccontextmanager
+async def running_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on a real socket (port 0: a free one) for the block; yields its base URL."""
+    # handler_cancellation: a client that hangs up cancels its handler, so its sequence leaves the batch.
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
 async def run_server(engine: SimulatedEngine, host: str, port: int, stop: asyncio.Event,
                      on_ready: Callable[[str], None], drain_s: float = 5.0) -> None:
     """Serve until ``stop`` is set, then drain and shut down (see module docstring)."""
     await engine.start()
     app = make_app(engine)
-    # handler_cancellation: a client that hangs up cancels its handler, so its sequence leaves the batch.
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
-    await site.start()
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    on_ready(f"http://{shown}:{bound_port}")
     try:
-        await stop.wait()
+        async with running_app(app, host, port) as url:
+            on_ready(url)
+            try:
+                await stop.wait()
+            finally:
+                app[STATE_KEY]["draining"] = True
+                await engine.drain(drain_s)
+                await engine.stop()  # cut what is left before the runner waits for its handlers
     finally:
-        app[STATE_KEY]["draining"] = True
-        await engine.drain(drain_s)
         await engine.stop()
-        await runner.cleanup()
+
+
+@asynccontextmanager
+async def simulated_server(engine: SimulatedEngine, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Start ``engine`` and serve it for the block (tests, in-process instances); yields the base URL."""
+    await engine.start()
+    try:
+        async with running_app(make_app(engine), host, port) as url:
+            yield url
+    finally:
+        await engine.stop()
