@@ -18,7 +18,8 @@ import pytest
 from festina_hpc.cli.main import main
 from tests.serve.conftest import MODEL, Streamed, stream
 
-URL_LINE = re.compile(r"^festina serve: (http://127\.0\.0\.1:\d+) \(llama-3\.1-8b on h100-sxm-80gb, simulated engine\)$")
+URL_LINE = re.compile(r"^festina serve: (http://127\.0\.0\.1:\d+) "
+                      r"\(llama-3\.1-8b on h100-sxm-80gb, simulated engine\)$")
 
 
 @contextmanager
