@@ -14,6 +14,7 @@ requests/s with ``concurrency`` requests in flight, both paths. Each mode
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from festina_hpc.daemon.gateway import Gateway, GatewayModel, percentile
+from festina_hpc.daemon.gateway import Gateway, GatewayModel
 from festina_hpc.daemon.records import MemoryRecorder
 from festina_hpc.daemon.routing import StaticRouter
 from festina_hpc.policy.types import Slo
@@ -32,6 +33,14 @@ from festina_hpc.serve.engine import filler_token
 from festina_hpc.serve.server import running_app
 
 BENCH_MODEL = "llama-3.1-8b"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
 
 
 def stub_upstream(tokens: int) -> web.Application:

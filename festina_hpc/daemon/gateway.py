@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -321,10 +320,3 @@ def _tokens(timing: _Timing, req: openai.CompletionRequest) -> tuple[int, int]:
                                                                                                timing.chunks))
     return req.prompt_tokens, timing.chunks
 
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (no interpolation), for the benchmark's latency figures."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]

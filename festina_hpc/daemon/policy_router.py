@@ -256,7 +256,10 @@ class PolicyRouter:
         self._request_ids = itertools.count()
         self._instance_ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()  # starts and stops in flight, kept from garbage collection
-        self._prompts: dict[int, list[int]] = {}  # instance id -> prompt tokens of its requests, for done()
+        # Instance id -> prompt tokens of its requests in arrival order. done() names only the endpoint,
+        # so it releases the oldest request's prompt: requests mostly finish in arrival order, and the
+        # count of requests (what the policy weighs most) is exact either way.
+        self._prompts: dict[int, list[int]] = {}
 
     async def route(self, model: str, prompt_tokens: int) -> Endpoint:
         view = self.cluster
