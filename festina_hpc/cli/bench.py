@@ -127,3 +127,31 @@ def bench_policy(app: AppContext, policy: str, gpu_counts: str, decisions: int, 
     invalid = sum(s.outcomes["invalid start"] + s.outcomes["invalid route"] for s in result.sizes)
     if invalid:
         click.echo(f"invalid decisions (refused by the simulator): {invalid}")
+
+
+@bench.command("gateway")
+@click.option("--requests", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Requests per measurement (one at a time for latency, then concurrently for throughput).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests in flight for the throughput figures.")
+@click.option("--tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tokens per answer from the stub upstream.")
+@json_option
+def bench_gateway(requests: int, concurrency: int, tokens: int, as_json: bool) -> None:
+    """Gateway throughput and added latency (p50/p99) over requests sent straight to the instance."""
+    from festina_hpc.daemon.bench import run_gateway_bench
+
+    figures = run_gateway_bench(requests, concurrency, tokens)
+    if as_json:
+        echo_json(figures)
+        return
+    table = Table(title=f"Gateway vs direct to a stub instance ({tokens} tokens per answer, auth off)")
+    for column in ("mode", "requests", "concurrency", "req/s gateway", "req/s direct", "p50 us gateway",
+                   "p50 us direct", "added p50 us", "added p99 us"):
+        table.add_column(column, justify="right")
+    for row in figures["modes"]:
+        table.add_row(row["mode"], f"{row['requests']:,}", str(row["concurrency"]),
+                      f"{row['requests_per_s_gateway']:,.0f}", f"{row['requests_per_s_direct']:,.0f}",
+                      f"{row['latency_p50_us_gateway']:,.0f}", f"{row['latency_p50_us_direct']:,.0f}",
+                      f"{row['added_latency_p50_us']:,.0f}", f"{row['added_latency_p99_us']:,.0f}")
+    Console().print(table)

@@ -19,6 +19,7 @@ from festina_hpc.cli.config_cmd import config_group
 from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.db import db_group
 from festina_hpc.cli.profiles import profiles
+from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
 from festina_hpc.config import load_config
 from festina_hpc.errors import FestinaError
@@ -44,6 +45,7 @@ cli.add_command(sim)
 cli.add_command(demo)
 cli.add_command(dev_cluster)
 cli.add_command(db_group)
+cli.add_command(serve)
 
 
 def main(argv: list[str] | None = None) -> int:

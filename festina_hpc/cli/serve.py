@@ -1,0 +1,59 @@
+"""``festina serve``: run one simulated model server (OpenAI-compatible) until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import click
+
+from festina_hpc.cli.common import AppContext, pass_app
+
+
+@click.command("serve")
+@click.option("--model", required=True, help="Model name or alias (festina profiles list).")
+@click.option("--gpu-type", required=True, help="GPU type whose profile paces the engine, e.g. h100.")
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port; 0 picks a free one.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 in a Slurm job).")
+@click.option("--sm-pct", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True,
+              help="SM share (MPS active-thread percentage) to pace at.")
+@click.option("--clock-mhz", type=click.IntRange(min=0), default=0, help="SM clock to pace at [default: max].")
+@click.option("--batch-cap", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Max sequences batched at once.")
+@click.option("--simulated", is_flag=True, default=True,
+              help="Run the profile-paced simulated engine (the only engine festina serve runs; a real "
+                   "deployment runs `vllm serve`, see festina_hpc/serve/launch.py).")
+@click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply every step's predicted latency (tests and demos; 1 = real time).")
+@click.option("--drain-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On SIGTERM, time in-flight requests get to finish (keep below Slurm's KillWait).")
+@pass_app
+def serve(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
+          batch_cap: int, simulated: bool, time_scale: float, drain_s: float) -> None:
+    """Serve MODEL with the OpenAI completions API, paced by its profile on GPU_TYPE."""
+    from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
+    from festina_hpc.serve.server import run_server
+
+    engine = SimulatedEngine(app.profile_store(), model, gpu_type,
+                             EngineSettings(sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap),
+                             time_scale=time_scale)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(url: str) -> None:
+            click.echo(f"festina serve: {url} ({engine.model} on {engine.gpu_type}, simulated engine)")
+            sys.stdout.flush()  # a job script or a test reads the URL while the server runs
+
+        await run_server(engine, host, port, stop, ready, drain_s=drain_s)
+        click.echo("festina serve: stopped")
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        from festina_hpc.errors import FestinaError
+        raise FestinaError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None

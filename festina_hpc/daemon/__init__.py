@@ -1,0 +1,1 @@
+"""festinad: the head-node daemon (HTTP gateway, routing into the policy, and later reconcile loops)."""

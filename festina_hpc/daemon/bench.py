@@ -1,0 +1,192 @@
+"""``festina bench gateway``: what the gateway costs, in throughput and added latency over direct requests.
+
+A fast upstream (an OpenAI-compatible stub that answers at once, no pacing)
+runs in one process, the gateway (``StaticRouter`` to it, in-memory
+recorder) in a second, and the load generator in this one, so each event loop
+has a core and the gateway's figures are its own. Added latency compares
+the same requests sent one at a time through the gateway and straight to the
+upstream, interleaved so drift hits both alike: p50 and p99 of the gateway's
+request times minus the same percentiles of the direct ones. Throughput is
+requests/s with ``concurrency`` requests in flight, both paths. Each mode
+(streamed, not streamed) is measured; a request returns ``tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from festina_hpc.daemon.gateway import Gateway, GatewayModel
+from festina_hpc.daemon.records import MemoryRecorder
+from festina_hpc.daemon.routing import StaticRouter
+from festina_hpc.policy.types import Slo
+from festina_hpc.serve import openai
+from festina_hpc.serve.engine import filler_token
+from festina_hpc.serve.server import running_app
+
+BENCH_MODEL = "llama-3.1-8b"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
+
+
+def stub_upstream(tokens: int) -> web.Application:
+    """An instance that answers every completion at once with ``tokens`` filler tokens."""
+    texts = [filler_token(i) for i in range(tokens)]
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        req = openai.parse_completion(await request.read())
+        if not req.stream:
+            return web.json_response(openai.completion("cmpl-bench", 0, BENCH_MODEL, "".join(texts), "length",
+                                                       req.prompt_tokens, tokens))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = [openai.sse(openai.completion_chunk("cmpl-bench", 0, BENCH_MODEL, text,
+                                                     "length" if i == tokens - 1 else None))
+                  for i, text in enumerate(texts)]
+        if req.include_usage:
+            events.append(openai.sse(openai.usage_chunk("cmpl-bench", 0, BENCH_MODEL, req.prompt_tokens, tokens)))
+        await response.write(b"".join(events) + openai.SSE_DONE)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def bench_gateway_app(upstream_url: str) -> web.Application:
+    """The gateway as the benchmark runs it (issue 9 adds auth here)."""
+    model = GatewayModel(BENCH_MODEL, Slo(ttft_s=1.0, tbt_s=1.0))
+    return Gateway(StaticRouter({BENCH_MODEL: [upstream_url]}), MemoryRecorder(), [model]).app()
+
+
+def _serve_child(kind: str, arg: Any, conn: Connection) -> None:
+    """Child process: serve the stub upstream or the gateway until the parent closes the pipe."""
+    async def main() -> None:
+        app = stub_upstream(arg) if kind == "upstream" else bench_gateway_app(arg)
+        async with running_app(app) as url:
+            conn.send(url)
+            await asyncio.get_running_loop().run_in_executor(None, _wait_closed, conn)
+
+    asyncio.run(main())
+
+
+def _wait_closed(conn: Connection) -> None:
+    try:
+        conn.recv()
+    except EOFError:
+        pass
+
+
+class _Child:
+    def __init__(self, kind: str, arg: Any):
+        ctx = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_serve_child, args=(kind, arg, child_conn), daemon=True)
+        self.process.start()
+        child_conn.close()
+        if not self._conn.poll(30):
+            self.close()
+            raise RuntimeError(f"bench {kind} did not start")
+        self.url: str = self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool) -> float:
+    start = time.perf_counter()
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}: {await resp.text()}")
+        data = await resp.read()
+    if stream and not data.endswith(openai.SSE_DONE):
+        raise RuntimeError(f"{url}: stream ended without [DONE]")
+    return time.perf_counter() - start
+
+
+async def _throughput(session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool,
+                      requests: int, concurrency: int) -> float:
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await _one(session, url, body, stream)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return requests / (time.perf_counter() - start)
+
+
+async def _measure(upstream: str, gateway: str, requests: int, concurrency: int, tokens: int,
+                   stream: bool) -> dict[str, Any]:
+    body = {"model": BENCH_MODEL, "prompt": "a short benchmark prompt", "max_tokens": tokens, "stream": stream}
+    direct_url, gateway_url = f"{upstream}/v1/completions", f"{gateway}/v1/completions"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(min(200, requests)):  # warm up connections and code paths on both sides
+            await _one(session, gateway_url, body, stream)
+            await _one(session, direct_url, body, stream)
+        direct: list[float] = []
+        through: list[float] = []
+        for _ in range(requests):
+            direct.append(await _one(session, direct_url, body, stream))
+            through.append(await _one(session, gateway_url, body, stream))
+        rps_direct = await _throughput(session, direct_url, body, stream, requests, concurrency)
+        rps_gateway = await _throughput(session, gateway_url, body, stream, requests, concurrency)
+
+    def us(seconds: float) -> float:
+        return seconds * 1e6
+
+    return {
+        "mode": "stream" if stream else "no-stream",
+        "requests": requests,
+        "concurrency": concurrency,
+        "requests_per_s_gateway": rps_gateway,
+        "requests_per_s_direct": rps_direct,
+        "latency_p50_us_gateway": us(percentile(through, 50)),
+        "latency_p50_us_direct": us(percentile(direct, 50)),
+        "added_latency_p50_us": us(percentile(through, 50) - percentile(direct, 50)),
+        "added_latency_p99_us": us(percentile(through, 99) - percentile(direct, 99)),
+    }
+
+
+def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int = 8,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The benchmark's figures as one JSON-able object (see the module docstring)."""
+    upstream = _Child("upstream", tokens)
+    try:
+        gateway = _Child("gateway", upstream.url)
+        try:
+            rows = []
+            for stream in (True, False):
+                if progress:
+                    progress(f"measuring {'streamed' if stream else 'non-streamed'} requests")
+                rows.append(asyncio.run(_measure(upstream.url, gateway.url, requests, concurrency, tokens, stream)))
+        finally:
+            gateway.close()
+    finally:
+        upstream.close()
+    return {"benchmark": "gateway", "tokens_per_request": tokens, "auth": False, "modes": rows,
+            "setup": "stub upstream, gateway and load generator in three processes on one machine"}
+
+

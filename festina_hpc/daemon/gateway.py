@@ -1,0 +1,322 @@
+"""festinad's HTTP gateway: the OpenAI-compatible front door that routes each request to a model instance.
+
+``POST /v1/completions`` names a model; the gateway validates the body (400
+naming the field and value), checks the model is known (404 in OpenAI's error
+shape), asks the injected ``Router`` for an instance endpoint, waiting up to
+``scale_timeout_s`` while an instance starts (scale from zero; then 503 with
+Retry-After), and proxies the request. Upstream it always streams, with
+``stream_options.include_usage``, so it can time every request: TTFT to the
+first token-bearing chunk, the gaps between tokens (mean and max), and the
+instance's own token counts. A streaming client gets the chunks as they come
+(the usage chunk only if it asked for it); a non-streaming client gets them
+assembled into one completion (text, finish reason and usage; per-token
+logprobs are not assembled). An unreachable or failing instance gives 502;
+its 400/413/422/429/503 answers pass through. Each request ends as one
+``CompletionRecord`` handed to the injected ``Recorder``, with its SLO
+outcome against the model's ``Slo``.
+
+``GET /v1/models`` lists the models the daemon knows (whether or not an
+instance runs: a request for one starts it). ``GET /health`` answers 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from festina_hpc.daemon.records import CompletionRecord, Outcome, Recorder
+from festina_hpc.daemon.routing import Endpoint, NoInstance, Router
+from festina_hpc.policy.types import Slo
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve import openai
+from festina_hpc.serve.server import api_errors
+
+log = logging.getLogger(__name__)
+
+PASSED_THROUGH = frozenset({400, 413, 422, 429, 503})  # upstream answers that are the client's to see
+
+
+@dataclass(frozen=True)
+class GatewayModel:
+    """A model the gateway serves: its canonical name, the names clients may use, its SLO."""
+
+    name: str
+    slo: Slo
+    aliases: tuple[str, ...] = ()
+
+
+def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttft_multiplier: float = 5.0,
+                   tbt_multiplier: float = 5.0) -> list[GatewayModel]:
+    """Models with the simulator's default SLOs (``sim.workload.default_slo``) on ``gpu_type``."""
+    from festina_hpc.sim.workload import default_slo
+
+    models = []
+    for name in names:
+        spec = store.model(name)
+        slo = default_slo(store, gpu_type, spec.name, ttft_multiplier, tbt_multiplier)
+        models.append(GatewayModel(spec.name, slo, (spec.hf_name, *spec.aliases)))
+    return models
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    scale_timeout_s: float = 60.0  # longest a request waits for the router (an instance starting)
+    retry_after_s: int = 10  # Retry-After on a 503
+    connect_timeout_s: float = 5.0  # to an instance
+    read_timeout_s: float = 120.0  # longest silence between an instance's chunks
+
+
+class _ClientGone(Exception):
+    """The client hung up while the gateway was writing to it."""
+
+
+@dataclass
+class _Timing:
+    """Token timestamps of one streamed answer (gateway clock, seconds)."""
+
+    start_s: float
+    first_s: float | None = None
+    last_s: float | None = None
+    chunks: int = 0
+    max_gap_s: float = 0.0
+    done: bool = False  # [DONE] seen
+    usage: dict[str, int] | None = None
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_event: dict[str, Any] | None = None
+
+    def token(self, now_s: float) -> None:
+        if self.last_s is not None:
+            self.max_gap_s = max(self.max_gap_s, now_s - self.last_s)
+        else:
+            self.first_s = now_s
+        self.last_s = now_s
+        self.chunks += 1
+
+
+class Gateway:
+    """Build with a router, a recorder and the known models; ``app()`` is the aiohttp application."""
+
+    def __init__(self, router: Router, recorder: Recorder, models: Sequence[GatewayModel],
+                 config: GatewayConfig = GatewayConfig(), clock: Callable[[], float] = time.perf_counter,
+                 wall_clock: Callable[[], float] = time.time):
+        self.router = router
+        self.recorder = recorder
+        self.config = config
+        self.models = {m.name: m for m in models}
+        self._names = {alias.lower(): m for m in models for alias in (m.name, *m.aliases)}
+        self._clock = clock
+        self._wall = wall_clock
+        self._session: aiohttp.ClientSession | None = None
+        self._created_s = int(wall_clock())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[api_errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/health", self.health)
+        app.cleanup_ctx.append(self._client_session)
+        return app
+
+    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s,
+                                        sock_read=self.config.read_timeout_s)
+        # No connection cap: the policy decides how much an instance takes, not the pool.
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await self._session.close()
+
+    # -- small routes --------------------------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response(openai.model_list(sorted(self.models), self._created_s))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "models": len(self.models)})
+
+    # -- completions ---------------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        start_s = self._clock()
+        arrival_unix_s = self._wall()
+        req = openai.parse_completion(await request.read())
+        model = self._names.get(req.model.lower())
+        if model is None:
+            raise openai.unknown_model(req.model, sorted(self.models))
+
+        def record(outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
+                   timing: _Timing | None = None) -> None:
+            self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing)
+
+        try:
+            endpoint = await asyncio.wait_for(self.router.route(model.name, req.prompt_tokens),
+                                              self.config.scale_timeout_s)
+        except (TimeoutError, NoInstance) as exc:
+            route_s = self._clock() - start_s
+            record(Outcome.NO_INSTANCE, 503, None, route_s)
+            why = str(exc) if isinstance(exc, NoInstance) else \
+                f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
+            raise openai.ApiError(503, why, error_type="service_unavailable",
+                                  headers={"Retry-After": str(self.config.retry_after_s)}) from None
+        route_s = self._clock() - start_s
+        try:
+            return await self._proxy(request, req, model, endpoint, record, route_s)
+        finally:
+            self.router.done(endpoint)
+
+    async def _proxy(self, request: web.Request, req: openai.CompletionRequest, model: GatewayModel,
+                     endpoint: Endpoint, record: Callable[..., None], route_s: float) -> web.StreamResponse:
+        assert self._session is not None, "the gateway app is not running"
+        body = dict(req.body)
+        body.update(model=model.name, stream=True, stream_options={"include_usage": True})
+        timing = _Timing(self._clock())
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.post(f"{endpoint.url}/v1/completions", json=body) as upstream:
+                if upstream.status != 200:
+                    data = await upstream.read()
+                    if upstream.status in PASSED_THROUGH:
+                        record(Outcome.UPSTREAM_ERROR, upstream.status, endpoint, route_s)
+                        headers = {k: v for k, v in upstream.headers.items() if k in ("Retry-After", "Content-Type")}
+                        return web.Response(status=upstream.status, body=data, headers=headers)
+                    raise _UpstreamStatus(upstream.status, data)
+                async for payload, event in _events(upstream.content):
+                    if payload is None:
+                        timing.done = True
+                        if response is not None:
+                            await _send(response, openai.SSE_DONE)
+                        break
+                    choices = event.get("choices") or []
+                    if choices and choices[0].get("text"):
+                        timing.token(self._clock())
+                    if event.get("usage"):
+                        timing.usage = event["usage"]
+                    if not req.stream:
+                        _collect(timing, event, choices)
+                        continue
+                    if not choices and not req.include_usage:
+                        continue  # the usage chunk the gateway asked for, not the client
+                    if response is None:
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                        await response.prepare(request)
+                    await _send(response, b"data: " + payload + b"\n\n")
+        except _ClientGone:
+            record(Outcome.CLIENT_GONE, 200, endpoint, route_s, timing)
+            assert response is not None
+            return response
+        except asyncio.CancelledError:
+            record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError, _UpstreamStatus) as exc:
+            log.warning("upstream %s failed for %s: %s", endpoint.url, model.name, exc)
+            if response is None:
+                record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)
+                raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} failed: {_describe(exc)}",
+                                      error_type="upstream_error") from None
+        if not timing.done:
+            # The instance closed the stream without [DONE] (it stopped): a cut stream, not a finished one.
+            if response is None:
+                record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)
+                raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} ended the stream early",
+                                      error_type="upstream_error")
+            record(Outcome.UPSTREAM_ERROR, 200, endpoint, route_s, timing)
+            return response
+        if response is not None:
+            record(Outcome.OK, 200, endpoint, route_s, timing)
+            await response.write_eof()
+            return response
+        first = timing.first_event or {}
+        prompt_tokens, output_tokens = _tokens(timing, req)
+        answer = openai.completion(first.get("id", f"cmpl-{uuid.uuid4().hex}"), first.get("created", int(self._wall())),
+                                   first.get("model", model.name), "".join(timing.parts), timing.finish_reason,
+                                   prompt_tokens, output_tokens)
+        record(Outcome.OK, 200, endpoint, route_s, timing)
+        return web.json_response(answer)
+
+    def _record(self, model: GatewayModel, req: openai.CompletionRequest, arrival_unix_s: float, start_s: float,
+                outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
+                timing: _Timing | None) -> None:
+        end_s = self._clock()
+        prompt_tokens, output_tokens = _tokens(timing, req) if timing else (req.prompt_tokens, 0)
+        ttft_s = tbt_mean_s = tbt_max_s = None
+        if timing is not None and timing.first_s is not None and timing.last_s is not None:
+            ttft_s = timing.first_s - start_s
+            if timing.chunks > 1:
+                tbt_max_s = timing.max_gap_s
+                tbt_mean_s = (timing.last_s - timing.first_s) / (max(output_tokens, timing.chunks) - 1)
+        ttft_slo_s = model.slo.ttft_for(prompt_tokens)
+        met = (outcome is Outcome.OK and ttft_s is not None and ttft_s <= ttft_slo_s
+               and (tbt_mean_s is None or tbt_mean_s <= model.slo.tbt_s))
+        rec = CompletionRecord(
+            model=model.name, arrival_unix_s=arrival_unix_s, outcome=outcome, status=status, stream=req.stream,
+            endpoint=endpoint.url if endpoint else None, instance_id=endpoint.instance_id if endpoint else None,
+            prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_s=ttft_s, tbt_mean_s=tbt_mean_s,
+            tbt_max_s=tbt_max_s, e2e_s=end_s - start_s, route_s=route_s, ttft_slo_s=ttft_slo_s,
+            tbt_slo_s=model.slo.tbt_s, slo_met=met)
+        try:
+            self.recorder.record(rec)
+        except Exception:  # a failing recorder must not fail the request it records
+            log.exception("recorder failed on a %s record", model.name)
+
+
+class _UpstreamStatus(Exception):
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"HTTP {status}: {body[:200]!r}")
+        self.status = status
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+async def _events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[bytes | None, dict[str, Any]]]:
+    """The SSE ``data:`` events of an upstream stream: (raw JSON, parsed), or (None, {}) for ``[DONE]``."""
+    async for line in content:
+        if not line.startswith(b"data:"):
+            continue  # blank separators, comments, other SSE fields
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            yield None, {}
+            return
+        event = json.loads(payload)
+        if not isinstance(event, dict):
+            raise ValueError(f"upstream event is not a JSON object: {payload[:80]!r}")
+        yield payload, event
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError:
+        raise _ClientGone() from None
+
+
+def _collect(timing: _Timing, event: dict[str, Any], choices: list[dict[str, Any]]) -> None:
+    """Assemble a non-streamed answer from the upstream's chunks."""
+    if timing.first_event is None and choices:
+        timing.first_event = event
+    for choice in choices:
+        timing.parts.append(choice.get("text") or "")
+        if choice.get("finish_reason"):
+            timing.finish_reason = choice["finish_reason"]
+
+
+def _tokens(timing: _Timing, req: openai.CompletionRequest) -> tuple[int, int]:
+    """(prompt, output) tokens: the instance's usage when it sent one, else the gateway's counts."""
+    if timing.usage:
+        return int(timing.usage.get("prompt_tokens", req.prompt_tokens)), int(timing.usage.get("completion_tokens",
+                                                                                               timing.chunks))
+    return req.prompt_tokens, timing.chunks
+

@@ -1,0 +1,347 @@
+"""A router that asks the policy: an in-memory ``ClusterView`` of live instances, ``place()`` per request.
+
+``LiveCluster`` is festinad's picture of its instances (what it started,
+where, how many requests each holds); it implements ``ClusterView`` so the
+very policy code measured in the simulator decides here. ``PolicyRouter``
+turns each request into a ``policy.types.Request`` and carries out the
+decision: ``Route`` to an instance (waiting while it loads), ``StartInstance``
+through the pluggable ``start_instance`` callback (the Slurm submit, wired in
+elsewhere; tests start an in-process server), ``Drop`` as ``NoInstance``.
+A start runs as its own task, so a request that stops waiting (the gateway's
+timeout) does not cancel it and later requests find the instance ready.
+
+Approximations, all on the side of caution: a request's output length is
+unknown at arrival, so the policy sees ``expected_output_tokens``; a routed
+request counts as running until the gateway reports it done, and its prompt
+as pending until then (the instance knows better; the reconcile loop will
+read its metrics). The router runs ``place`` only: ``scale``, ``control``
+and ``consolidate`` belong to festinad's periodic loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from festina_hpc.daemon.routing import Endpoint, NoInstance
+from festina_hpc.policy.base import Policy
+from festina_hpc.policy.types import (
+    Drop,
+    InstancePhase,
+    ModelInfo,
+    NodePower,
+    Request,
+    Route,
+    Slo,
+    StartInstance,
+)
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
+
+USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simulator assumes
+DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
+
+
+@dataclass(frozen=True)
+class InstanceLaunch:
+    """What ``start_instance`` is asked to start: one serving job."""
+
+    instance_id: int
+    model: str
+    gpu_type: str
+    node: int
+    gpus: tuple[int, ...]
+    sm_pct: float
+    batch_cap: int
+    memory_fraction: float
+
+
+StartInstanceFn = Callable[[InstanceLaunch], Awaitable[Endpoint]]
+"""Start the instance and return its endpoint once it answers requests; raise to report a failed start."""
+StopInstanceFn = Callable[[int, Endpoint], Awaitable[None]]
+"""Stop a ready instance (the policy evicted it)."""
+
+
+class LiveInstance:
+    """An instance as festinad tracks it; attribute names follow ``InstanceView``."""
+
+    def __init__(self, instance_id: int, info: ModelInfo, gpus: tuple[int, ...], node: int, sm_pct: float,
+                 batch_cap: int, memory_fraction: float, kv_capacity_tokens: int, now_s: float):
+        self.id = instance_id
+        self.model = info.name
+        self.gpus = gpus
+        self.node = node
+        self.phase = InstancePhase.LOADING
+        self.sm_pct = sm_pct
+        self.batch_cap = batch_cap
+        self.memory_fraction = memory_fraction
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.kv_tokens_reserved = 0
+        self.chunk_tokens = DEFAULT_CHUNK_TOKENS
+        self.pending_prompt_tokens = 0
+        self.in_flight = 0
+        self.ready_at_s = math.inf
+        self.last_busy_s = now_s
+        self._rate = 0.0
+        self._rate_s = now_s
+        self.endpoint: Endpoint | None = None
+        self.ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
+
+    @property
+    def running(self) -> int:
+        return min(self.in_flight, self.batch_cap)
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.in_flight - self.batch_cap)
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        return self._rate
+
+    def note_arrival(self, now_s: float) -> None:
+        self._rate = decayed_rate(self._rate, self._rate_s, now_s) + math.log(2) / RATE_HALF_LIFE_S
+        self._rate_s = now_s
+
+
+class LiveGpu:
+    def __init__(self, gpu_id: int, node: int, clock_mhz: int):
+        self.id = gpu_id
+        self.node = node
+        self.clock_mhz = clock_mhz
+        self.instances: list[int] = []
+        self.sm_pct_allocated = 0.0
+        self.memory_fraction_allocated = 0.0
+
+
+class LiveNode:
+    def __init__(self, node_id: int, gpus: Sequence[int]):
+        self.id = node_id
+        self.gpus = tuple(gpus)
+        self.power = NodePower.ON  # festinad sees nodes Slurm reports up; power saving is Slurm's
+        self.ready_at_s = 0.0
+
+    def has_cached(self, model: str) -> bool:
+        return False  # no host-memory model cache in the live system yet
+
+
+class LiveCluster:
+    """festinad's instances on ``nodes`` x ``gpus_per_node`` GPUs of one type; a ``ClusterView``."""
+
+    def __init__(self, store: ProfileStore, gpu_type: str, slos: Mapping[str, Slo], nodes: int = 1,
+                 gpus_per_node: int = 8, clock: Callable[[], float] = time.monotonic):
+        spec = store.gpu(gpu_type)
+        self.spec = spec
+        self._gpu_type = spec.name
+        self._clock = clock
+        self._t0 = clock()
+        self.model_info: dict[str, ModelInfo] = {}
+        for name, slo in slos.items():
+            m = store.model(name)
+            tp = m.tp_on(spec.name)
+            self.model_info[m.name] = ModelInfo(m.name, tp, m.weights_bytes / tp, m.kv_bytes_per_token / tp, slo)
+        self.node_list = [LiveNode(n, range(n * gpus_per_node, (n + 1) * gpus_per_node)) for n in range(nodes)]
+        self.gpu_list = [LiveGpu(g, n.id, spec.max_clock_mhz) for n in self.node_list for g in n.gpus]
+        self.live: dict[int, LiveInstance] = {}
+        self._by_model: dict[str, list[LiveInstance]] = {m: [] for m in self.model_info}
+        self._model_rate: dict[str, tuple[float, float]] = {m: (0.0, 0.0) for m in self.model_info}
+
+    # -- ClusterView -------------------------------------------------------------------------------
+
+    @property
+    def now_s(self) -> float:
+        return self._clock() - self._t0
+
+    @property
+    def gpu_type(self) -> str:
+        return self._gpu_type
+
+    def model(self, name: str) -> ModelInfo:
+        return self.model_info[name]
+
+    def models(self) -> Iterable[ModelInfo]:
+        return self.model_info.values()
+
+    def instance(self, instance_id: int) -> LiveInstance:
+        return self.live[instance_id]
+
+    def instances(self) -> Iterable[LiveInstance]:
+        return self.live.values()
+
+    def instances_of(self, model: str) -> Sequence[LiveInstance]:
+        return self._by_model.get(model, ())
+
+    def gpu(self, gpu_id: int) -> LiveGpu:
+        return self.gpu_list[gpu_id]
+
+    def gpus(self) -> Sequence[LiveGpu]:
+        return self.gpu_list
+
+    def node(self, node_id: int) -> LiveNode:
+        return self.node_list[node_id]
+
+    def nodes(self) -> Sequence[LiveNode]:
+        return self.node_list
+
+    def free_gpus(self) -> Iterator[int]:
+        return (g.id for g in self.gpu_list if not g.instances)
+
+    def model_rate_per_s(self, model: str) -> float:
+        rate, since = self._model_rate[model]
+        return decayed_rate(rate, since, self.now_s)
+
+    # -- changes -----------------------------------------------------------------------------------
+
+    def note_arrival(self, model: str) -> None:
+        now = self.now_s
+        rate, since = self._model_rate[model]
+        self._model_rate[model] = (decayed_rate(rate, since, now) + math.log(2) / RATE_HALF_LIFE_S, now)
+
+    def add(self, decision: StartInstance, instance_id: int) -> LiveInstance:
+        """Allocate a new (loading) instance; ``NoInstance`` when the decision does not fit."""
+        info = self.model_info.get(decision.model)
+        if info is None:
+            raise NoInstance(f"policy started unknown model {decision.model}")
+        gpus = tuple(decision.gpus)
+        if len(set(gpus)) != info.tp or not all(0 <= g < len(self.gpu_list) for g in gpus):
+            raise NoInstance(f"policy gave {decision.model} GPUs {gpus}; it needs {info.tp} distinct ones")
+        nodes = {self.gpu_list[g].node for g in gpus}
+        if len(nodes) != 1:
+            raise NoInstance(f"policy gave {decision.model} GPUs {gpus} on several nodes")
+        for g in gpus:
+            gpu = self.gpu_list[g]
+            if gpu.sm_pct_allocated + decision.sm_pct > 100 + 1e-6 or \
+                    gpu.memory_fraction_allocated + decision.memory_fraction > 1 + 1e-6:
+                raise NoInstance(f"policy overfilled GPU {g} with {decision.model}")
+        usable = self.spec.memory_bytes * USABLE_MEMORY_FRAC
+        kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
+                        / info.kv_bytes_per_token_per_gpu)
+        inst = LiveInstance(instance_id, info, gpus, nodes.pop(), decision.sm_pct, decision.batch_cap,
+                            decision.memory_fraction, max(0, kv_tokens), self.now_s)
+        self.live[inst.id] = inst
+        self._by_model[inst.model].append(inst)
+        for g in gpus:
+            gpu = self.gpu_list[g]
+            gpu.instances.append(inst.id)
+            gpu.sm_pct_allocated += inst.sm_pct
+            gpu.memory_fraction_allocated += inst.memory_fraction
+        return inst
+
+    def remove(self, inst: LiveInstance) -> None:
+        if self.live.pop(inst.id, None) is None:
+            return
+        inst.phase = InstancePhase.STOPPED
+        self._by_model[inst.model].remove(inst)
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.instances.remove(inst.id)
+            gpu.sm_pct_allocated -= inst.sm_pct
+            gpu.memory_fraction_allocated -= inst.memory_fraction
+
+
+class PolicyRouter:
+    """``Router`` over a ``LiveCluster``: the policy places, ``start_instance`` starts."""
+
+    def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
+                 stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256):
+        self.policy = policy
+        self.cluster = cluster
+        self.start_instance = start_instance
+        self.stop_instance = stop_instance
+        self.expected_output_tokens = expected_output_tokens
+        self._request_ids = itertools.count()
+        self._instance_ids = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()  # starts and stops in flight, kept from garbage collection
+        # Instance id -> prompt tokens of its requests in arrival order. done() names only the endpoint,
+        # so it releases the oldest request's prompt: requests mostly finish in arrival order, and the
+        # count of requests (what the policy weighs most) is exact either way.
+        self._prompts: dict[int, list[int]] = {}
+
+    async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        view = self.cluster
+        view.note_arrival(model)
+        request = Request(next(self._request_ids), view.now_s, model, prompt_tokens, self.expected_output_tokens)
+        decision = self.policy.place(request, view)
+        if isinstance(decision, Drop):
+            raise NoInstance(f"no capacity for {model}: {decision.reason}")
+        if isinstance(decision, StartInstance):
+            if decision.model != model:
+                raise NoInstance(f"policy started {decision.model} for a {model} request")
+            inst = self._start(decision)
+        else:
+            assert isinstance(decision, Route)
+            found = view.live.get(decision.instance_id)
+            if found is None or found.phase > InstancePhase.READY or found.model != model:
+                raise NoInstance(f"policy routed {model} to instance {decision.instance_id}, which cannot take it")
+            inst = found
+        inst.in_flight += 1
+        inst.pending_prompt_tokens += prompt_tokens
+        inst.last_busy_s = view.now_s
+        inst.note_arrival(view.now_s)
+        self._prompts.setdefault(inst.id, []).append(prompt_tokens)
+        try:
+            # Shielded: the gateway's timeout cancels this wait, never the start itself.
+            return await asyncio.shield(inst.ready)
+        except BaseException:
+            self._release(inst.id, prompt_tokens)
+            raise
+
+    def done(self, endpoint: Endpoint) -> None:
+        if endpoint.instance_id is not None:
+            prompts = self._prompts.get(endpoint.instance_id)
+            self._release(endpoint.instance_id, prompts[0] if prompts else 0)
+
+    def _release(self, instance_id: int, prompt_tokens: int) -> None:
+        inst = self.cluster.live.get(instance_id)
+        prompts = self._prompts.get(instance_id)
+        if prompts and prompt_tokens in prompts:
+            prompts.remove(prompt_tokens)
+        if inst is None:
+            return
+        inst.in_flight = max(0, inst.in_flight - 1)
+        inst.pending_prompt_tokens = max(0, inst.pending_prompt_tokens - prompt_tokens)
+        inst.last_busy_s = self.cluster.now_s
+
+    def _start(self, decision: StartInstance) -> LiveInstance:
+        victims = [self.cluster.live.get(i) for i in decision.evict]
+        for victim in victims:
+            if victim is None or victim.phase is not InstancePhase.READY or victim.in_flight:
+                raise NoInstance(f"policy evicted instance {decision.evict}, which is not idle")
+        for victim in victims:
+            assert victim is not None and victim.endpoint is not None
+            self.cluster.remove(victim)
+            if self.stop_instance is not None:
+                self._spawn(self.stop_instance(victim.id, victim.endpoint))
+        inst = self.cluster.add(decision, next(self._instance_ids))
+        launch = InstanceLaunch(inst.id, inst.model, self.cluster.gpu_type, inst.node, inst.gpus, inst.sm_pct,
+                                inst.batch_cap, inst.memory_fraction)
+        self._spawn(self._bring_up(inst, launch))
+        return inst
+
+    async def _bring_up(self, inst: LiveInstance, launch: InstanceLaunch) -> None:
+        try:
+            endpoint = await self.start_instance(launch)
+        except Exception as exc:
+            self.cluster.remove(inst)
+            inst.ready.set_exception(NoInstance(f"instance {inst.id} of {inst.model} failed to start: {exc}"))
+            inst.ready.exception()  # retrieved here, so a start nobody waits for logs no "never retrieved"
+            return
+        inst.endpoint = Endpoint(endpoint.url, inst.id)
+        inst.phase = InstancePhase.READY
+        inst.ready_at_s = self.cluster.now_s
+        inst.ready.set_result(inst.endpoint)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel starts and stops still in flight (festinad shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

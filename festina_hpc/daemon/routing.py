@@ -1,0 +1,62 @@
+"""The gateway's router protocol: which instance endpoint serves a request, starting one when needed.
+
+A router may take time (scale from zero: an instance must start and load);
+the gateway bounds the wait and answers 503 with Retry-After when it runs
+out. ``StaticRouter`` serves fixed endpoints round-robin (tests, benchmarks,
+a site without festinad scheduling); ``daemon/policy_router.py`` asks the
+policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from festina_hpc.errors import FestinaError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A serving instance's base URL (``http://host:port``) and, when the router tracks it, its id."""
+
+    url: str
+    instance_id: int | None = None
+
+
+class NoInstance(FestinaError):
+    """The router cannot give an endpoint now (the policy dropped the request, or a start failed).
+
+    A verdict, not an internal failure: the gateway answers 503 with Retry-After.
+    """
+
+
+class Router(Protocol):
+    async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        """An endpoint serving ``model`` (festina's canonical name); may wait for an instance to start.
+
+        Raises ``NoInstance`` when there is none to give. The gateway cancels the call at its
+        timeout, so a start must continue on its own (a later request finds the instance).
+        """
+        ...
+
+    def done(self, endpoint: Endpoint) -> None:
+        """The request ``route`` answered with ``endpoint`` has ended (successfully or not)."""
+        ...
+
+
+class StaticRouter:
+    """Fixed endpoints per model, round-robin."""
+
+    def __init__(self, endpoints: Mapping[str, Sequence[str]]):
+        self._cycles: dict[str, Iterator[str]] = {m: itertools.cycle(urls) for m, urls in endpoints.items() if urls}
+
+    async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        cycle = self._cycles.get(model)
+        if cycle is None:
+            raise NoInstance(f"no endpoint serves {model}")
+        return Endpoint(next(cycle))
+
+    def done(self, endpoint: Endpoint) -> None:
+        pass

@@ -1,0 +1,210 @@
+"""The model server's HTTP side: vLLM's OpenAI-compatible API over the simulated engine, plus admin and metrics.
+
+Routes: ``POST /v1/completions`` (streamed as server-sent events ending with
+``data: [DONE]``, or one JSON answer), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text) and ``POST /admin/settings`` (``sm_pct``,
+``clock_mhz``, ``batch_cap``; applied at the engine's next step), which the
+node controller calls after it changed the GPU's clock or the instance's MPS
+share. A real deployment runs ``vllm serve`` instead, which speaks the same
+completions API (see ``serve/launch.py``); its settings then change through
+the GPU and vLLM's own restart, not this endpoint.
+
+The admin endpoint has no authentication yet (issue 9): bind to a host the
+head node and the node controller reach, not a public one.
+
+``run_server`` serves until ``stop`` is set (SIGTERM in ``festina serve``),
+then drains: health turns 503, new requests get 503 with Retry-After, and
+in-flight requests get up to ``drain_s`` to finish before the engine stops
+and cuts what is left (a stream then ends without ``[DONE]``). Slurm sends
+SIGKILL ``KillWait`` seconds (default 30) after SIGTERM, so ``drain_s`` must
+stay below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from festina_hpc.serve import openai
+from festina_hpc.serve.engine import EngineStopped, SettingsError, SimulatedEngine
+from festina_hpc.serve.metrics import CONTENT_TYPE, engine_registry, render
+
+ENGINE_KEY = web.AppKey("engine", SimulatedEngine)
+STATE_KEY = web.AppKey("state", dict)
+RETRY_AFTER_S = 5  # what a draining server tells clients; the gateway will route elsewhere meanwhile
+
+
+def error_response(exc: openai.ApiError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """``ApiError`` anywhere in a handler becomes OpenAI's error JSON."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except openai.ApiError as exc:
+        return error_response(exc)
+
+
+def make_app(engine: SimulatedEngine) -> web.Application:
+    app = web.Application(middlewares=[api_errors])
+    app[ENGINE_KEY] = engine
+    app[STATE_KEY] = {"draining": False, "created_s": int(time.time()), "registry": engine_registry(engine)}
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/settings", admin_settings)
+    app.router.add_get("/admin/settings", admin_settings)
+    return app
+
+
+def _served_name(engine: SimulatedEngine, asked: str) -> bool:
+    try:
+        return engine.store.model(asked).name == engine.model
+    except Exception:  # an unknown name is a 404, not an error of ours
+        return False
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    state = request.app[STATE_KEY]
+    if state["draining"]:
+        raise openai.ApiError(503, "server is shutting down", error_type="service_unavailable",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+    req = openai.parse_completion(await request.read())
+    if not _served_name(engine, req.model):
+        raise openai.unknown_model(req.model, [engine.model])
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created_s = int(time.time())
+    gen = engine.submit(req.prompt_tokens, req.max_tokens)
+    if not req.stream:
+        parts: list[str] = []
+        try:
+            async for text, _ in gen:
+                parts.append(text)
+        except EngineStopped as exc:
+            raise openai.ApiError(503, str(exc), error_type="service_unavailable",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        finally:
+            gen.cancel()  # no-op when finished; frees the slot when the client went away mid-wait
+        return web.json_response(openai.completion(completion_id, created_s, engine.model, "".join(parts),
+                                                   gen.finish_reason, req.prompt_tokens, gen.generated))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        async for text, finish_reason in gen:
+            await response.write(openai.sse(openai.completion_chunk(completion_id, created_s, engine.model, text,
+                                                                   finish_reason)))
+        if req.include_usage:
+            await response.write(openai.sse(openai.usage_chunk(completion_id, created_s, engine.model,
+                                                               req.prompt_tokens, gen.generated)))
+        await response.write(openai.SSE_DONE)
+    except (ConnectionResetError, EngineStopped):
+        # Client gone, or shutdown cut the request: the stream ends without [DONE], which is how a
+        # client (and the gateway) tells a cut stream from a finished one.
+        gen.cancel()
+        return response
+    finally:
+        gen.cancel()
+    await response.write_eof()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    return web.json_response(openai.model_list([engine.model], request.app[STATE_KEY]["created_s"]))
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    draining = request.app[STATE_KEY]["draining"]
+    body = {"status": "draining" if draining else "ok", "model": engine.model, "gpu": engine.gpu_type,
+            "engine": "simulated", "in_flight": engine.in_flight}
+    return web.json_response(body, status=503 if draining else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render(request.app[STATE_KEY]["registry"])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _settings_json(engine: SimulatedEngine) -> dict[str, Any]:
+    pending = engine.pending_settings
+    return {"settings": vars(engine.settings).copy(), "pending": None if pending is None else vars(pending).copy()}
+
+
+async def admin_settings(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    if request.method == "GET":
+        return web.json_response(_settings_json(engine))
+    try:
+        body = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise openai.ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise openai.ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - {"sm_pct", "clock_mhz", "batch_cap"})
+    if unknown:
+        raise openai.bad_field(unknown[0], body[unknown[0]], "is not a setting (sm_pct, clock_mhz, batch_cap)")
+    try:
+        engine.update_settings(sm_pct=body.get("sm_pct"), clock_mhz=body.get("clock_mhz"),
+                               batch_cap=body.get("batch_cap"))
+    except SettingsError as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise openai.ApiError(400, str(exc), param=field) from None
+    return web.json_response(_settings_json(engine))
+
+
+@asynccontextmanager
+async def running_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on a real socket (port 0: a free one) for the block; yields its base URL."""
+    # handler_cancellation: a client that hangs up cancels its handler, so its sequence leaves the batch.
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+async def run_server(engine: SimulatedEngine, host: str, port: int, stop: asyncio.Event,
+                     on_ready: Callable[[str], None], drain_s: float = 5.0) -> None:
+    """Serve until ``stop`` is set, then drain and shut down (see module docstring)."""
+    await engine.start()
+    app = make_app(engine)
+    try:
+        async with running_app(app, host, port) as url:
+            on_ready(url)
+            try:
+                await stop.wait()
+            finally:
+                app[STATE_KEY]["draining"] = True
+                await engine.drain(drain_s)
+                await engine.stop()  # cut what is left before the runner waits for its handlers
+    finally:
+        await engine.stop()
+
+
+@asynccontextmanager
+async def simulated_server(engine: SimulatedEngine, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Start ``engine`` and serve it for the block (tests, in-process instances); yields the base URL."""
+    await engine.start()
+    try:
+        async with running_app(make_app(engine), host, port) as url:
+            yield url
+    finally:
+        await engine.stop()

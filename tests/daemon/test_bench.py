@@ -1,0 +1,20 @@
+"""``festina bench gateway`` runs end to end on a small request count and prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from festina_hpc.cli.main import main
+
+
+def test_bench_gateway_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FESTINA_CONFIG", raising=False)
+    assert main(["bench", "gateway", "--requests", "20", "--concurrency", "4", "--tokens", "3", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["benchmark"] == "gateway" and figures["auth"] is False
+    assert [row["mode"] for row in figures["modes"]] == ["stream", "no-stream"]
+    for row in figures["modes"]:
+        assert row["requests_per_s_gateway"] > 0 and row["requests_per_s_direct"] > 0
+        assert row["latency_p50_us_gateway"] > 0 and "added_latency_p99_us" in row

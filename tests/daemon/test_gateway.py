@@ -1,0 +1,130 @@
+"""The gateway over real sockets: proxying to simulated servers, what it records, and its error answers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+
+from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
+from festina_hpc.daemon.records import MemoryRecorder, Outcome
+from festina_hpc.daemon.routing import Endpoint, StaticRouter
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.engine import filler_token
+from festina_hpc.serve.server import running_app, simulated_server
+from tests.serve.conftest import GPU, MODEL, make_engine, stream, words
+
+TIME_SCALE = 3.0
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def make_gateway(store: ProfileStore, router: Any, recorder: MemoryRecorder, **config: Any) -> Gateway:
+    return Gateway(router, recorder, gateway_models(store, GPU, [MODEL, "mistral-7b"]), GatewayConfig(**config))
+
+
+def test_proxies_to_two_servers_and_records_timings(store: ProfileStore) -> None:
+    prompt, outputs = 256, 5
+
+    async def scenario() -> MemoryRecorder:
+        recorder = MemoryRecorder()
+        async with simulated_server(make_engine(store, TIME_SCALE)) as url_a, \
+                simulated_server(make_engine(store, TIME_SCALE)) as url_b:
+            gateway = make_gateway(store, StaticRouter({MODEL: [url_a, url_b]}), recorder)
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                request = {"model": "llama3.1-8b", "prompt": words(prompt), "max_tokens": outputs}
+                streamed = [await stream(session, gw, request) for _ in range(2)]
+                for got in streamed:
+                    assert got.status == 200 and got.done
+                    assert got.text == "".join(filler_token(i) for i in range(outputs))
+                    assert all(e["choices"] for e in got.events)  # no usage chunk: the client did not ask
+                with_usage = await stream(session, gw, {**request, "stream_options": {"include_usage": True}})
+                assert with_usage.events[-1]["usage"]["completion_tokens"] == outputs
+                async with session.post(f"{gw}/v1/completions", json=request) as resp:
+                    assert resp.status == 200
+                    answer = await resp.json()
+                assert answer["choices"][0]["text"] == streamed[0].text
+                assert answer["choices"][0]["finish_reason"] == "length"
+                assert answer["usage"] == {"prompt_tokens": prompt, "completion_tokens": outputs,
+                                           "total_tokens": prompt + outputs}
+                async with session.get(f"{gw}/v1/models") as resp:
+                    assert [m["id"] for m in (await resp.json())["data"]] == ["llama-3.1-8b", "mistral-7b"]
+        return recorder
+
+    records = run(scenario()).records
+    assert len(records) == 4
+    assert Counter(r.endpoint for r in records).most_common()[0][1] == 2  # round-robin over both servers
+    assert len({r.endpoint for r in records}) == 2
+    ttft = store.predict(GPU, MODEL, "prefill", 1, prompt).latency_s * TIME_SCALE
+    tbt = store.predict(GPU, MODEL, "decode", 1, prompt + 2).latency_s * TIME_SCALE
+    for r in records:
+        assert (r.model, r.outcome, r.status, r.prompt_tokens, r.output_tokens) == (MODEL, Outcome.OK, 200, prompt,
+                                                                                   outputs)
+        assert r.ttft_s is not None and r.tbt_mean_s is not None and r.tbt_max_s is not None
+        assert abs(r.ttft_s - ttft) <= 0.1 * ttft + 0.005
+        assert abs(r.tbt_mean_s - tbt) <= 0.1 * tbt + 0.005
+        assert r.tbt_max_s >= r.tbt_mean_s
+        assert r.e2e_s >= r.ttft_s + (outputs - 1) * r.tbt_mean_s * 0.99
+        # default SLOs are 5x the unloaded latencies; time-scaled 3x, an unloaded request still meets them
+        assert r.slo_met and r.ttft_slo_s > r.ttft_s
+    assert [r.stream for r in records] == [True, True, True, False]
+
+
+class NeverReady:
+    """A router whose instance never comes up."""
+
+    def __init__(self) -> None:
+        self.done_calls = 0
+
+    async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    def done(self, endpoint: Endpoint) -> None:
+        self.done_calls += 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("case, router, body, status, param", [
+    ("unknown model", None, {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("bad field", None, {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("bad json", None, b"{", 400, None),
+    ("no instance in time", NeverReady(), {"model": MODEL, "prompt": "x"}, 503, None),
+    ("instance down", "down", {"model": MODEL, "prompt": "x", "stream": True}, 502, None),
+])
+def test_error_answers(store: ProfileStore, case: str, router: Any, body: Any, status: int, param: str | None) -> None:
+    if router is None or router == "down":
+        router = StaticRouter({MODEL: [f"http://127.0.0.1:{free_port()}"]})
+
+    async def scenario() -> tuple[aiohttp.ClientResponse, dict[str, Any], MemoryRecorder]:
+        recorder = MemoryRecorder()
+        async with running_app(make_gateway(store, router, recorder, scale_timeout_s=0.2).app()) as gw, \
+                aiohttp.ClientSession() as session:
+            kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+            async with session.post(f"{gw}/v1/completions", **kwargs) as resp:
+                return resp, await resp.json(), recorder
+
+    resp, answer, recorder = run(scenario())
+    assert resp.status == status, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == param
+    if status == 503:
+        assert resp.headers["Retry-After"] == "10"
+        assert "within 0.2 s" in answer["error"]["message"]
+        assert [r.outcome for r in recorder.records] == [Outcome.NO_INSTANCE]
+        assert not recorder.records[0].slo_met
+    elif status == 502:
+        assert [(r.outcome, r.status) for r in recorder.records] == [(Outcome.UPSTREAM_ERROR, 502)]
+    else:
+        assert recorder.records == []  # not a model's request: nothing to account

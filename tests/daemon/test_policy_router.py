@@ -1,0 +1,107 @@
+"""Scale from zero through the policy: the first request waits for a started instance, then it serves."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+
+from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
+from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, PolicyRouter
+from festina_hpc.daemon.records import MemoryRecorder, Outcome
+from festina_hpc.daemon.routing import Endpoint
+from festina_hpc.policy.base import PolicyContext, make_policy
+from festina_hpc.policy.types import InstancePhase
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
+from festina_hpc.serve.server import running_app, simulated_server
+from tests.serve.conftest import GPU, MODEL
+
+
+class InProcessStarter:
+    """``start_instance`` that starts a simulated server in this process after ``load_s`` (a cold start)."""
+
+    def __init__(self, store: ProfileStore, stack: AsyncExitStack, load_s: float, fail: bool = False):
+        self.store, self.stack, self.load_s, self.fail = store, stack, load_s, fail
+        self.launches: list[InstanceLaunch] = []
+
+    async def __call__(self, launch: InstanceLaunch) -> Endpoint:
+        self.launches.append(launch)
+        await asyncio.sleep(self.load_s)
+        if self.fail:
+            raise RuntimeError("sbatch: error: invalid partition")
+        engine = SimulatedEngine(self.store, launch.model, launch.gpu_type,
+                                 EngineSettings(sm_pct=launch.sm_pct, batch_cap=launch.batch_cap))
+        url = await self.stack.enter_async_context(simulated_server(engine))
+        return Endpoint(url)
+
+
+def make_router(store: ProfileStore, starter: InProcessStarter) -> PolicyRouter:
+    models = gateway_models(store, GPU, [MODEL])
+    cluster = LiveCluster(store, GPU, {m.name: m.slo for m in models}, nodes=1, gpus_per_node=2)
+    policy = make_policy("festina", PolicyContext(store, GPU))
+    return PolicyRouter(policy, cluster, starter)
+
+
+async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, Any, str | None]:
+    async with session.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "tell me", "max_tokens": 3}) as r:
+        return r.status, await r.json(), r.headers.get("Retry-After")
+
+
+def test_first_request_waits_for_the_start_then_serves(store: ProfileStore) -> None:
+    async def scenario() -> tuple[MemoryRecorder, InProcessStarter, PolicyRouter]:
+        async with AsyncExitStack() as stack:
+            starter = InProcessStarter(store, stack, load_s=0.3)
+            router = make_router(store, starter)
+            recorder = MemoryRecorder()
+            gateway = Gateway(router, recorder, gateway_models(store, GPU, [MODEL]), GatewayConfig(scale_timeout_s=5))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                first = await post(session, gw)
+                second = await post(session, gw)
+            assert first[0] == second[0] == 200 and first[1]["usage"]["completion_tokens"] == 3
+            (inst,) = router.cluster.instances()
+            assert inst.phase is InstancePhase.READY and inst.in_flight == 0
+            return recorder, starter, router
+
+    recorder, starter, router = asyncio.run(scenario())
+    assert len(starter.launches) == 1  # the second request found the instance the first started
+    launch = starter.launches[0]
+    assert (launch.model, launch.gpu_type, len(launch.gpus)) == (MODEL, GPU, 1)
+    first, second = recorder.records
+    assert first.outcome is second.outcome is Outcome.OK
+    assert first.route_s >= 0.3 > second.route_s  # the cold start shows in the first request's routing time
+    assert first.ttft_s is not None and first.ttft_s >= 0.3
+    assert first.instance_id == second.instance_id == launch.instance_id
+
+
+def test_timeout_gives_503_and_the_start_goes_on(store: ProfileStore) -> None:
+    async def scenario() -> tuple[list[tuple[int, Any, str | None]], InProcessStarter]:
+        async with AsyncExitStack() as stack:
+            starter = InProcessStarter(store, stack, load_s=0.5)
+            gateway = Gateway(make_router(store, starter), MemoryRecorder(), gateway_models(store, GPU, [MODEL]),
+                              GatewayConfig(scale_timeout_s=0.1, retry_after_s=1))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                early = await post(session, gw)
+                await asyncio.sleep(0.6)  # the client honours Retry-After; the start finished meanwhile
+                late = await post(session, gw)
+            return [early, late], starter
+
+    (early, late), starter = asyncio.run(scenario())
+    assert early[0] == 503 and early[2] == "1" and early[1]["error"]["type"] == "service_unavailable"
+    assert late[0] == 200
+    assert len(starter.launches) == 1
+
+
+def test_failed_start_gives_503_and_frees_the_gpu(store: ProfileStore) -> None:
+    async def scenario() -> tuple[tuple[int, Any, str | None], PolicyRouter]:
+        async with AsyncExitStack() as stack:
+            router = make_router(store, InProcessStarter(store, stack, load_s=0.0, fail=True))
+            gateway = Gateway(router, MemoryRecorder(), gateway_models(store, GPU, [MODEL]))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                return await post(session, gw), router
+
+    (status, answer, _), router = asyncio.run(scenario())
+    assert status == 503 and "invalid partition" in answer["error"]["message"]
+    assert list(router.cluster.instances()) == [] and sorted(router.cluster.free_gpus()) == [0, 1]

@@ -1,0 +1,29 @@
+"""The serving job's argv: the simulated server or vLLM, from one spec."""
+
+from __future__ import annotations
+
+import pytest
+
+from festina_hpc.errors import FestinaError
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.launch import serve_spec, serving_argv
+
+
+def test_simulated_argv(store: ProfileStore) -> None:
+    spec = serve_spec(store, "llama3.1-8b", "h100", 8001, sm_pct=50, clock_mhz=1500, batch_cap=32)
+    assert serving_argv(spec, "simulated") == [
+        "festina", "serve", "--simulated", "--model", "llama-3.1-8b", "--gpu-type", "h100-sxm-80gb",
+        "--host", "0.0.0.0", "--port", "8001", "--sm-pct", "50", "--batch-cap", "32", "--clock-mhz", "1500"]
+
+
+def test_vllm_argv_loads_the_hf_model_under_festinas_name(store: ProfileStore) -> None:
+    spec = serve_spec(store, "llama-3.1-70b", "h100", 8002, batch_cap=64, memory_fraction=0.5)
+    assert serving_argv(spec, "vllm") == [
+        "vllm", "serve", "meta-llama/Meta-Llama-3.1-70B-Instruct", "--served-model-name", "llama-3.1-70b",
+        "--host", "0.0.0.0", "--port", "8002", "--tensor-parallel-size", "4", "--max-num-seqs", "64",
+        "--gpu-memory-utilization", "0.45"]
+
+
+def test_unknown_engine(store: ProfileStore) -> None:
+    with pytest.raises(FestinaError, match="engine = 'sglang'"):
+        serving_argv(serve_spec(store, "llama-3.1-8b", "h100", 1), "sglang")

@@ -1,0 +1,147 @@
+"""The simulated model server over real sockets: API shapes, pacing against the profile, settings, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.engine import filler_token
+from festina_hpc.serve.server import simulated_server
+from tests.serve.conftest import GPU, MODEL, make_engine, stream, words
+
+TIME_SCALE = 3.0  # ~40 ms steps, so timer and HTTP jitter (a few ms) stay small against them
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_completion_streamed_and_not(store: ProfileStore) -> None:
+    async def scenario() -> None:
+        async with simulated_server(make_engine(store)) as url, aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions",
+                                    json={"model": "Meta-Llama-3.1-8B-Instruct", "prompt": [1, 2, 3],
+                                          "max_tokens": 3}) as resp:
+                assert resp.status == 200
+                answer = await resp.json()
+            assert answer["object"] == "text_completion" and answer["model"] == MODEL
+            assert answer["choices"][0]["text"] == "".join(filler_token(i) for i in range(3))
+            assert answer["choices"][0]["finish_reason"] == "length"
+            assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+            got = await stream(session, url, {"model": MODEL, "prompt": "a b c d", "max_tokens": 4,
+                                              "stream_options": {"include_usage": True}})
+            assert got.status == 200 and got.done
+            assert got.text == "".join(filler_token(i) for i in range(4))
+            assert [e["choices"][0]["finish_reason"] for e in got.events[:4]] == [None, None, None, "length"]
+            assert got.events[-1]["choices"] == [] and got.events[-1]["usage"]["prompt_tokens"] == 4
+            async with session.get(f"{url}/v1/models") as resp:
+                assert [m["id"] for m in (await resp.json())["data"]] == [MODEL]
+            async with session.get(f"{url}/health") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "mistral-7b", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": 7}, 400, "prompt"),
+])
+def test_errors_in_openai_shape(store: ProfileStore, body: dict[str, Any], status: int, param: str) -> None:
+    async def scenario() -> None:
+        async with simulated_server(make_engine(store)) as url, aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                assert resp.status == status
+                assert (await resp.json())["error"]["param"] == param
+
+    run(scenario())
+
+
+def expected_times(store: ProfileStore, prompt: int, outputs: int, sm_pct: float = 100.0,
+                   clock_mhz: int | None = None) -> tuple[float, float]:
+    """(TTFT, mean TBT) of one request alone, from the profile, in model seconds."""
+    ttft = store.predict(GPU, MODEL, "prefill", 1, prompt, sm_pct, clock_mhz, clamp=True).latency_s
+    steps = [store.predict(GPU, MODEL, "decode", 1, prompt + k, sm_pct, clock_mhz, clamp=True).latency_s
+             for k in range(1, outputs)]
+    return ttft, sum(steps) / len(steps)
+
+
+def assert_close(measured_s: float, expected_s: float) -> None:
+    # 10% plus 5 ms: the server's timer overshoot and the client's HTTP overhead on a busy CI machine.
+    assert abs(measured_s - expected_s) <= 0.10 * expected_s + 0.005, (measured_s, expected_s)
+
+
+def test_ttft_and_tbt_track_the_profile_and_settings_apply(store: ProfileStore) -> None:
+    prompt, outputs = 512, 6
+    fast_ttft, fast_tbt = expected_times(store, prompt, outputs)
+    slow_ttft, slow_tbt = expected_times(store, prompt, outputs, sm_pct=30, clock_mhz=900)
+    assert slow_ttft > 1.5 * fast_ttft and slow_tbt > 1.1 * fast_tbt  # the settings make a measurable difference
+
+    async def scenario() -> None:
+        engine = make_engine(store, time_scale=TIME_SCALE)
+        async with simulated_server(engine) as url, aiohttp.ClientSession() as session:
+            request = {"model": MODEL, "prompt": words(prompt), "max_tokens": outputs}
+            fast = await stream(session, url, request)
+            assert_close(fast.ttft_s, TIME_SCALE * fast_ttft)
+            assert_close(fast.tbt_mean_s, TIME_SCALE * fast_tbt)
+            async with session.post(f"{url}/admin/settings", json={"sm_pct": 30, "clock_mhz": 900}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["pending"]["clock_mhz"] == 900
+            slow = await stream(session, url, request)
+            assert_close(slow.ttft_s, TIME_SCALE * slow_ttft)
+            assert_close(slow.tbt_mean_s, TIME_SCALE * slow_tbt)
+            async with session.get(f"{url}/admin/settings") as resp:
+                assert (await resp.json())["settings"] == {"sm_pct": 30.0, "clock_mhz": 900, "batch_cap": 256}
+            async with session.post(f"{url}/admin/settings", json={"clock_mhz": 901}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "clock_mhz"
+            async with session.post(f"{url}/admin/settings", json={"power_w": 300}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "power_w"
+
+    run(scenario())
+
+
+def test_batch_cap_queues_the_second_request(store: ProfileStore) -> None:
+    async def scenario() -> None:
+        async with simulated_server(make_engine(store, time_scale=2.0, batch_cap=1)) as url, \
+                aiohttp.ClientSession() as session:
+            request = {"model": MODEL, "prompt": words(128), "max_tokens": 4}
+            first, second = await asyncio.gather(stream(session, url, request), stream(session, url, request))
+            # The second is admitted only when the first has finished: its first token comes after the
+            # first request's last.
+            later, earlier = (second, first) if second.token_times_s[0] > first.token_times_s[0] else (first, second)
+            assert later.token_times_s[0] > earlier.token_times_s[-1]
+
+    run(scenario())
+
+
+def test_metrics_count_tokens_time_and_energy(store: ProfileStore) -> None:
+    async def scenario() -> str:
+        engine = make_engine(store)
+        async with simulated_server(engine) as url, aiohttp.ClientSession() as session:
+            await stream(session, url, {"model": MODEL, "prompt": words(200), "max_tokens": 5})
+            await asyncio.sleep(0.05)
+            async with session.get(f"{url}/metrics") as resp:
+                assert resp.status == 200 and resp.content_type == "text/plain"
+                return await resp.text()
+
+    text = run(scenario())
+    values = {sample.name + sample.labels.get("state", ""): sample.value
+              for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert all(sample.labels["model"] == MODEL for family in text_string_to_metric_families(text)
+               for sample in family.samples)
+    assert values["festina_serve_prompt_tokens_total"] == 200
+    assert values["festina_serve_generation_tokens_total"] == 5
+    assert values["festina_serve_requests_finished_total"] == 1
+    busy = values["festina_serve_busy_seconds_total"]
+    ttft, tbt = expected_times(store, 200, 5)
+    assert busy == pytest.approx(ttft + 4 * tbt, rel=0.02)
+    assert values["festina_serve_idle_seconds_total"] > 0.04
+    idle_w = store.gpu(GPU).idle_w
+    assert values["festina_serve_energy_joules_totalbusy"] > idle_w * busy  # serving draws more than idling
+    assert values["festina_serve_energy_joules_totalidle"] == pytest.approx(
+        idle_w * values["festina_serve_idle_seconds_total"], rel=0.05)
