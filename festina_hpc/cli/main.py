@@ -16,8 +16,8 @@ import click
 from festina_hpc.cli.bench import bench
 from festina_hpc.cli.common import AppContext
 from festina_hpc.cli.config_cmd import config_group
-from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.db import db_group
+from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.profiles import profiles
 from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
