@@ -13,7 +13,12 @@ constant-time profile lookups:
   ``scale`` adds the missing instance); otherwise an instance starts where its
   marginal energy, cold start included, is least: co-located on a powered GPU
   with memory and SM headroom (best fit), else on empty GPUs of a node already
-  serving, else on an empty node that is on, else a node is woken.
+  serving, else on an empty node that is on, else a node is woken. Safe means
+  the request's predicted TTFT (its queue ahead in chunks, at the settings the
+  controller can give: max clock and the GPU's free share) is within its own
+  SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
+  model that keeps missing takes the GPUs of an idle instance of a model that
+  has room elsewhere (capacity follows the load).
 - **Local control** (``control``): per GPU, the joint choice of the one clock
   and each co-resident instance's SM share (and batch cap) that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
@@ -77,8 +82,8 @@ from festina_hpc.policy.types import (
 from festina_hpc.profiles.table import ProfileTable
 
 SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
-PLACEMENT_HEADROOM = 0.6  # a request's own TTFT SLO is planned with this headroom when placing it
-TTFT_MARGIN = 0.8  # and of the TTFT SLO, whose estimate is already a tail (a long prefill ahead)
+TTFT_MARGIN = 0.8  # the controller plans for this share of the TTFT SLO (placement for all of it: the
+# estimate is already a tail, a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 # Prefill chunks the controller chooses from, largest first. Smaller chunks shorten the steps that
 # decoding sequences wait in; in the simulator they cost more TTFT misses than they saved TBT misses
@@ -179,8 +184,10 @@ class FestinaPolicy(Policy):
         None (memoised: loads recur). Smaller chunks shorten the steps decoding sequences wait in,
         at the cost of more steps (more per-step overhead) for every prompt.
 
-        ``ttft_slo_s`` is the TTFT SLO of the request being placed; by default the strictest,
-        a short prompt's, for whatever arrives next."""
+        ``ttft_slo_s`` is a placement question: the TTFT SLO that must hold for the request being
+        placed (or a typical one), at the settings asked about. Without it, the controller's
+        question: the strictest (short-prompt) SLO with its margin, or full speed where even full
+        speed misses it."""
         key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
                ttft_slo_s, self.stats_epoch)
         if key not in self._slo_cache:
@@ -208,9 +215,10 @@ class FestinaPolicy(Policy):
         floor_s = self._ttft_s(table, load, 100.0, max_clock, PREFILL_CHUNK_TOKENS)
         same = full_speed and chunk_tokens == PREFILL_CHUNK_TOKENS
         ttft_s = floor_s if same else self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
-        slo_s = model.slo.ttft_s if ttft_slo_s is None else ttft_slo_s
-        # When even full speed misses the target, only full speed will do.
-        return ttft_s <= max(TTFT_MARGIN * slo_s, floor_s * (1 + 1e-9))
+        if ttft_slo_s is not None:  # a placement question: the request's own target must hold
+            return ttft_s <= ttft_slo_s
+        # For the controller: when even full speed misses the target, only full speed will do.
+        return ttft_s <= max(TTFT_MARGIN * model.slo.ttft_s, floor_s * (1 + 1e-9))
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int,
                 chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
@@ -258,6 +266,7 @@ class FestinaPolicy(Policy):
             return start
         candidates = serving(instances)
         if candidates:  # nowhere to grow: the least bad instance rather than a drop
+            self._short.add(request.model)  # scale() may free room by evicting an idle instance
             return Route(min(candidates, key=lambda i: (i.running + i.waiting) / i.batch_cap).id)
         return Drop("no capacity for a new instance")
 
@@ -307,7 +316,7 @@ class FestinaPolicy(Policy):
             load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
                         inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
             if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz,
-                                   PLACEMENT_HEADROOM * model.slo.ttft_for(request.prompt_tokens)):
+                                   model.slo.ttft_for(request.prompt_tokens)):
                 continue
             # A loading instance with room beats starting yet another one: its wait is the same.
             fullness = (inst.running + inst.waiting) / inst.batch_cap
@@ -478,6 +487,7 @@ class FestinaPolicy(Policy):
         new requests to the fullest safe instance, so the extra ones drain and go idle).
         """
         actions: list[StartInstance | StopInstance] = []
+        evicted: set[int] = set()
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
@@ -500,19 +510,41 @@ class FestinaPolicy(Policy):
             self._short.discard(model.name)
             if short or not any(self._has_spare(view, i) for i in instances):
                 start = self._where_to_start(view, model)
+                if start is None and short:
+                    start = self._by_eviction(view, model, evicted)
                 if start is not None:
+                    evicted.update(start.evict)
                     actions.append(start)
         return Plan(tuple(actions), "scale")
 
+    def _by_eviction(self, view: ClusterView, model: ModelInfo, evicted: set[int]) -> StartInstance | None:
+        """Room for a model that keeps missing its SLOs on a full cluster: an idle instance of
+        another model that has spare room elsewhere gives up its GPUs (those it holds alone).
+        Capacity follows the load instead of staying with whichever model scaled out first."""
+        fraction = self._memory_fraction(view, model)
+        for other in view.models():
+            if other.name == model.name:
+                continue
+            instances = serving(view.instances_of(other.name))
+            for victim in instances:
+                if (victim.id in evicted or victim.phase is not InstancePhase.READY or victim.running
+                        or victim.waiting or len(victim.gpus) < model.tp
+                        or any(tuple(view.gpu(g).instances) != (victim.id,) for g in victim.gpus)):
+                    continue
+                rest = [i for i in instances if i.id != victim.id and i.id not in evicted]
+                if rest and any(self._has_spare(view, i) for i in rest):
+                    return StartInstance(model.name, tuple(victim.gpus[:model.tp]), sm_pct=100.0,
+                                         memory_fraction=fraction, evict=(victim.id,))
+        return None
+
     def _has_spare(self, view: ClusterView, inst: InstanceView) -> bool:
-        """Room for 30% more decode load at full speed (TTFT bursts are the controller's to absorb)."""
-        batch = int((inst.running + inst.waiting) * 1.3) + 2
+        """Room at full speed for 30% more load than now, SLOs kept (the placement check's estimate)."""
         gpu = view.gpu(inst.gpus[0])
         share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
-        table = self._table(view, inst.model)
-        tbt_s = self._tbt_s(table, inst.model, batch, inst.arrival_rate_per_s * 1.3, share,
-                            self.gpu_spec.max_clock_mhz)
-        return tbt_s <= SLO_MARGIN * view.model(inst.model).slo.tbt_s
+        now = self.load_of(inst)
+        grown = Load(inst.id, inst.model, int(now.batch * 1.3) + 2, int(now.pending_tokens * 1.3),
+                     now.rate_per_s * 1.3)
+        return self._meets_slo(view, grown, share, self.gpu_spec.max_clock_mhz, view.model(inst.model).slo.ttft_s)
 
     def consolidate(self, view: ClusterView) -> Plan:
         if not self.uses_consolidation:

@@ -256,3 +256,40 @@ def test_placement_finds_the_one_safe_instance_among_many_overloaded(spare_gpus:
         view.add(FakeInstance(7, "mistral-7b", (7,)))  # every GPU taken: nowhere to start
     decisions = [festina().place(request(rid), view) for rid in range(32)]
     assert decisions == [Route(3)] * 32
+
+
+def test_placement_does_not_call_an_instance_safe_because_full_speed_is_the_best_it_can_do() -> None:
+    """A queue no setting can clear within the TTFT SLO is not safe for a new request: with free
+    GPUs and a queue that still beats a cold start, the request waits there but the model is
+    marked short, so the next scale() starts the missing instance."""
+    view = fake_view()
+    queued = view.add(FakeInstance(0, MODEL, (0,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    policy = festina()
+    assert policy.place(request(0), view) == Route(queued.id)
+    started = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert [a.model for a in started] == [MODEL]
+    assert started[0].gpus != queued.gpus
+
+
+def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a_model_with_room() -> None:
+    """Every GPU taken: MODEL's six instances keep missing while mistral-7b has a lightly loaded
+    instance and an idle one. The idle one is evicted for a new MODEL instance on its GPU, but
+    never mistral-7b's last instance with room."""
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    for g in range(6):
+        view.add(FakeInstance(g, MODEL, (g,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    view.add(FakeInstance(6, "mistral-7b", (6,), running=2, arrival_rate_per_s=0.2))
+    idle = view.add(FakeInstance(7, "mistral-7b", (7,)))
+    policy = festina()
+    policy.place(request(0), view)
+    starts = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert starts == [StartInstance(MODEL, (7,), sm_pct=100.0, memory_fraction=starts[0].memory_fraction,
+                                    evict=(idle.id,))]
+
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    for g in range(7):
+        view.add(FakeInstance(g, MODEL, (g,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    view.add(FakeInstance(7, "mistral-7b", (7,)))  # idle, but mistral-7b's only instance
+    policy = festina()
+    policy.place(request(0), view)
+    assert not any(isinstance(a, StartInstance) for a in policy.scale(view).actions)
