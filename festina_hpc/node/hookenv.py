@@ -93,7 +93,9 @@ def job_context(env: Mapping[str, str]) -> JobContext:
     """The validated job of a Prolog, Epilog or TaskProlog environment; ``NodeInputError`` names a bad value."""
     try:
         job_id = validate.job_id(env.get("SLURM_JOB_ID", ""))
-        node = validate.node_name(env.get("SLURMD_NODENAME", ""))
+        # A task's environment may lack SLURMD_NODENAME; a one-node job's node list is then its node.
+        node = validate.node_name(env.get("SLURMD_NODENAME") or env.get("SLURM_JOB_NODELIST")
+                                  or env.get("SLURM_NODELIST", ""))
     except SlurmInputError as exc:
         raise NodeInputError(f"hook environment: {exc}") from None
     uid_text = env.get("SLURM_JOB_UID", "")

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,11 @@ def _drain(inv: Invocation, reason: str) -> None:
     client.drain(inv.node, " ".join(reason.split())[:250])
 
 
-def run_hook(inv: Invocation, hook: str, out: Any = None) -> int:
+def run_hook(inv: Invocation, hook: str, out: Any = None, *, build: Callable[[Invocation], NodeAgent] | None = None,
+             drain: Callable[[Invocation, str], None] | None = None) -> int:
     """One hook, failing open: always 0. ``out`` receives the task prolog's export lines."""
+    build = build or build_agent
+    drain = drain or _drain
     try:
         ctx = job_context(inv.env)
         if not ctx.gpus:
@@ -157,7 +160,7 @@ def run_hook(inv: Invocation, hook: str, out: Any = None) -> int:
             for line in task_prolog_lines(ctx, NodePaths.of(inv.config, ctx.node)):
                 print(line, file=out or sys.stdout)
             return 0
-        agent = build_agent(inv)
+        agent = build(inv)
         if hook == "prolog":
             agent.prolog(ctx)
             logger.info("prolog job %d: GPUs %s ready (mps %s, clock %s)", ctx.job_id, ctx.gpus, ctx.mps_pct,
@@ -169,7 +172,7 @@ def run_hook(inv: Invocation, hook: str, out: Any = None) -> int:
     except GpuLostError as exc:
         logger.error("%s: GPU unusable, draining %s: %s", hook, inv.node, exc)
         try:
-            _drain(inv, f"festina: {exc}")
+            drain(inv, f"festina: {exc}")
         except FestinaError as drain_exc:
             logger.error("%s: drain of %s failed: %s", hook, inv.node, drain_exc)
     except FestinaError as exc:
