@@ -122,12 +122,14 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         uid = peer_uid(self.connection)
+        # Read the request even when refusing it: closing on unread data resets the connection, and the
+        # caller would see an error instead of the answer.
+        line = self.rfile.readline(MAX_REQUEST_BYTES)
         if uid not in self.server.allowed_uids:
             logger.warning("control socket: refused uid %d", uid)
             self._answer({"ok": False, "error": f"permission denied: uid {uid} is neither root nor the festina "
                                                 f"service user"})
             return
-        line = self.rfile.readline(MAX_REQUEST_BYTES)
         answer = handle_request(self.server.agent, line)
         logger.info("control socket: uid %d: %s -> %s", uid, line[:200].decode(errors="replace").strip(),
                     "ok" if answer["ok"] else answer["error"])
