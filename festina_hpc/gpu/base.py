@@ -87,6 +87,14 @@ class MpsControl(Protocol):
         """Start the control daemon for GPU ``index``; idempotent."""
         ...
 
+    def running(self, index: int, pipe_dir: Path) -> bool:
+        """Whether a control daemon answers on ``pipe_dir`` (whoever started it; a crashed one does not)."""
+        ...
+
+    def attach(self, index: int, pipe_dir: Path, log_dir: Path) -> None:
+        """Take over a daemon another process started (a prolog), so this one can command or stop it."""
+        ...
+
     def set_default_active_thread_pct(self, index: int, pct: int) -> None:
         """SM share for clients that connect from now on (1..100)."""
         ...

@@ -21,6 +21,8 @@ from typing import Protocol
 from festina_hpc.errors import GpuError
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
+# What the control client prints (status 1) when no daemon listens on its pipe directory.
+NO_DAEMON_MARKER = "Cannot find MPS control daemon process"
 
 
 def check_active_thread_pct(index: int, pct: int) -> None:
@@ -117,6 +119,21 @@ class NvidiaMps:
         self._invoke(index, daemon, "start MPS", ["-d"], stdin="")
         self._daemons[index] = daemon
 
+    def running(self, index: int, pipe_dir: Path) -> bool:
+        """Asks the daemon on ``pipe_dir`` for its server list: it answers unless it is gone."""
+        daemon = _Daemon(Path(pipe_dir), Path(pipe_dir))
+        try:
+            result = self._run([self._executable], env=self._env(index, daemon), stdin="get_server_list\n",
+                               timeout_s=self._timeout_s)
+        except GpuError:
+            return False
+        return result.returncode == 0 and NO_DAEMON_MARKER not in result.stdout + result.stderr
+
+    def attach(self, index: int, pipe_dir: Path, log_dir: Path) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise GpuError(f"GPU index = {index!r} must be a non-negative integer")
+        self._daemons[index] = _Daemon(Path(pipe_dir), Path(log_dir))
+
     def set_default_active_thread_pct(self, index: int, pct: int) -> None:
         check_active_thread_pct(index, pct)
         operation = "set default active thread percentage"
@@ -134,5 +151,10 @@ class NvidiaMps:
         daemon = self._daemons.get(index)
         if daemon is None:
             return
-        self._invoke(index, daemon, "stop MPS", [], stdin="quit\n")
+        try:
+            self._invoke(index, daemon, "stop MPS", [], stdin="quit\n")
+        except GpuError as exc:
+            # A daemon that already died is stopped: stop stays idempotent, and a restart can follow.
+            if NO_DAEMON_MARKER not in str(exc):
+                raise
         del self._daemons[index]

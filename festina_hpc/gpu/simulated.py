@@ -28,11 +28,13 @@ whether a daemon runs, its directories and the SM shares it was given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from festina_hpc.errors import GpuError
 from festina_hpc.gpu.base import GpuInfo, Workload
@@ -206,6 +208,32 @@ class SimulatedGpuBackend:
     def close(self) -> None:
         """Nothing to release; here so that every backend can be closed alike."""
 
+    # -- persistence (a node's hooks are separate processes that must see one counter) ------------
+
+    def export_state(self) -> list[dict[str, Any]]:
+        """Every GPU's clock, power limit, workloads and energy counter, integrated up to now, as plain data."""
+        for index in range(len(self._gpus)):
+            self._integrated(index)
+        return [{"clock_mhz": g.clock_mhz, "power_limit_w": g.power_limit_w, "energy_j": g.energy_j,
+                 "integrated_to_s": g.integrated_to_s,
+                 "workloads": [dataclasses.asdict(w) for w in g.workloads]} for g in self._gpus]
+
+    def restore_state(self, data: Sequence[Mapping[str, Any]]) -> None:
+        """Take over what ``export_state`` wrote (another process's view of the same GPUs)."""
+        if len(data) != len(self._gpus):
+            raise GpuError(f"simulated GPUs: saved state holds {len(data)} GPUs, this backend {len(self._gpus)}")
+        gpus = []
+        for item in data:
+            try:
+                workloads = tuple(Workload(**w) for w in item["workloads"])
+                gpus.append(_GpuState(clock_mhz=int(item["clock_mhz"]),
+                                      power_limit_w=float(item["power_limit_w"]),
+                                      workloads=workloads, energy_j=float(item["energy_j"]),
+                                      integrated_to_s=float(item["integrated_to_s"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise GpuError(f"simulated GPUs: unreadable saved state ({exc})") from None
+        self._gpus = gpus
+
 
 @dataclass(frozen=True)
 class MpsDaemonState:
@@ -256,6 +284,14 @@ class SimulatedMps:
         check_active_thread_pct(index, pct)
         state = self._running(index, "set active thread percentage")
         self._daemons[index] = replace(state, server_pct={**state.server_pct, server_pid: pct})
+
+    def running(self, index: int, pipe_dir: Path) -> bool:
+        self._check_index(index)
+        daemon = self._daemons.get(index)
+        return daemon is not None and daemon.pipe_dir == pipe_dir
+
+    def attach(self, index: int, pipe_dir: Path, log_dir: Path) -> None:
+        self.start(index, pipe_dir, log_dir)
 
     def stop(self, index: int) -> None:
         self._check_index(index)

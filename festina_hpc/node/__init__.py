@@ -1,0 +1,1 @@
+"""festina-node: the GPU node side (Slurm hooks, the root-owned control service, energy accounting)."""

@@ -1,0 +1,315 @@
+"""Entry point of ``festina-node``: the Slurm hooks, the root-owned control service, status and requests.
+
+``main()`` is the only place that reads the environment (the hook variables,
+``FESTINA_GPU_BACKEND``, ``FESTINA_NODE_CONFIG``, ``SLURM_CONF``) and builds
+the backends it passes in. The hook commands fail open: whatever goes wrong
+inside festina is logged (stderr, which the hook scripts append to their log)
+and the exit status is 0, because a failing Prolog or Epilog drains the node.
+The one exception is a GPU that is unusable (``GpuLostError``): then the node
+is drained through the Slurm client, with a reason Slurm shows, and the hook
+still exits 0 so that Slurm keeps our reason instead of "Prolog error".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from festina_hpc.errors import FestinaError, GpuError, GpuLostError
+from festina_hpc.gpu.base import GpuBackend, MpsControl, Workload
+from festina_hpc.node.agent import EnergySink, JobsChanged, NodeAgent, task_prolog_lines
+from festina_hpc.node.config import CONFIG_NAME, NodeConfig, NodePaths, load_node_config
+from festina_hpc.node.errors import NodeError
+from festina_hpc.node.hookenv import job_context
+from festina_hpc.node.state import JobOnGpu, StateFile, as_plain
+
+logger = logging.getLogger("festina_hpc.node")
+
+HOOK_LOG_FORMAT = "%(asctime)s festina-node[%(process)d] %(levelname)s %(message)s"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What ``main()`` read from the command line and the environment."""
+
+    config: NodeConfig
+    node: str
+    env: Mapping[str, str]
+    backend_override: str | None
+
+
+def find_config(option: Path | None, env: Mapping[str, str]) -> Path | None:
+    if option is not None:
+        return option
+    if env.get("FESTINA_NODE_CONFIG"):
+        return Path(env["FESTINA_NODE_CONFIG"])
+    if env.get("SLURM_CONF"):
+        beside = Path(env["SLURM_CONF"]).parent / CONFIG_NAME
+        if beside.is_file():
+            return beside
+    return None
+
+
+def _simulated_workloads(backend: Any, store: Any, default_model: str) -> JobsChanged:
+    """Tells a simulated GPU what its jobs run: a decode batch of the job's model at its SM share."""
+
+    def changed(index: int, jobs: Sequence[JobOnGpu]) -> None:
+        workloads = []
+        for job in jobs:
+            model = job.model or default_model
+            try:
+                store.model(model)
+            except FestinaError:
+                model = default_model
+            workloads.append(Workload(model, "decode", batch=16, context_tokens=1024, sm_pct=job.sm_pct))
+        backend.set_workloads(index, workloads)
+
+    return changed
+
+
+def build_agent(inv: Invocation) -> NodeAgent:
+    """The agent with the backends the config (or FESTINA_GPU_BACKEND) asks for."""
+    from festina_hpc.config import default_profiles_dir
+    from festina_hpc.gpu.factory import resolve_backend_name
+    from festina_hpc.gpu.mps import NvidiaMps
+    from festina_hpc.gpu.nvml import NvmlBackend
+    from festina_hpc.node.simulated import PersistentSimulatedGpu, PersistentSimulatedMps
+    from festina_hpc.profiles.store import ProfileStore
+    from festina_hpc.slurm.cli_backend import CliSlurmClient
+
+    cfg = inv.config
+    paths = NodePaths.of(cfg, inv.node)
+    name = resolve_backend_name(_gpu_config(cfg), inv.backend_override)
+    store = ProfileStore(Path(cfg.profiles_dir) if cfg.profiles_dir else default_profiles_dir())
+    backend: GpuBackend | None = None
+    mps: MpsControl | None = None
+    jobs_changed: JobsChanged | None = None
+    gpu_type = cfg.simulated_type
+    if name in ("nvml", "auto"):
+        try:
+            nvml = NvmlBackend()
+            if nvml.device_count() > 0:
+                backend, mps = nvml, NvidiaMps(executable=cfg.mps_control)
+                try:
+                    gpu_type = store.gpu(nvml.info(0).name).name
+                except FestinaError:
+                    pass
+            elif name == "nvml":
+                raise NodeError("NVML reports no GPU on this node")
+        except GpuError:
+            if name == "nvml":
+                raise
+    if backend is None or mps is None:
+        sim = PersistentSimulatedGpu(paths.simulated_file, store, cfg.simulated_type, cfg.simulated_count)
+        backend, mps = sim, PersistentSimulatedMps(paths.node_dir / "simulated-mps.json", cfg.simulated_count)
+        jobs_changed = _simulated_workloads(sim, store, cfg.default_model)
+    slurm_conf = cfg.slurm_conf or inv.env.get("SLURM_CONF", "")
+    slurm = CliSlurmClient(Path(slurm_conf) if slurm_conf else None, timeout_s=20.0)
+    sink: EnergySink | None = None
+    if cfg.db_url:
+        from festina_hpc.db.engine import make_engine
+        from festina_hpc.db.store import Store
+        from festina_hpc.node.db_sink import DbEnergySink
+
+        sink = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
+    return NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
+                     slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s)
+
+
+def _gpu_config(cfg: NodeConfig) -> Any:
+    from festina_hpc.config import GpuConfig
+
+    return GpuConfig(backend=cfg.gpu_backend, simulated_type=cfg.simulated_type,
+                     simulated_count=cfg.simulated_count)
+
+
+def _drain(inv: Invocation, reason: str) -> None:
+    from festina_hpc.slurm.cli_backend import CliSlurmClient
+
+    slurm_conf = inv.config.slurm_conf or inv.env.get("SLURM_CONF", "")
+    client = CliSlurmClient(Path(slurm_conf) if slurm_conf else None, timeout_s=20.0)
+    # Slurm shows this reason (sinfo -R); one printable line.
+    client.drain(inv.node, " ".join(reason.split())[:250])
+
+
+def run_hook(inv: Invocation, hook: str, out: Any = None, *, build: Callable[[Invocation], NodeAgent] | None = None,
+             drain: Callable[[Invocation, str], None] | None = None) -> int:
+    """One hook, failing open: always 0. ``out`` receives the task prolog's export lines."""
+    build = build or build_agent
+    drain = drain or _drain
+    try:
+        ctx = job_context(inv.env)
+        if not ctx.gpus:
+            logger.info("%s job %d: no GPUs; nothing to do", hook, ctx.job_id)
+            return 0
+        inv = Invocation(inv.config, ctx.node, inv.env, inv.backend_override)
+        if hook == "task-prolog":
+            # Runs as the job's user: only paths, no backend and no state.
+            for line in task_prolog_lines(ctx, NodePaths.of(inv.config, ctx.node)):
+                print(line, file=out or sys.stdout)
+            return 0
+        agent = build(inv)
+        if hook == "prolog":
+            agent.prolog(ctx)
+            logger.info("prolog job %d: GPUs %s ready (mps %s, clock %s)", ctx.job_id, ctx.gpus, ctx.mps_pct,
+                        ctx.directives.clock_mhz)
+        else:
+            record = agent.epilog(ctx)
+            if record is not None:
+                logger.info("epilog job %d: %.1f J on GPUs %s", ctx.job_id, record.energy_j, ctx.gpus)
+    except GpuLostError as exc:
+        logger.error("%s: GPU unusable, draining %s: %s", hook, inv.node, exc)
+        try:
+            drain(inv, f"festina: {exc}")
+        except FestinaError as drain_exc:
+            logger.error("%s: drain of %s failed: %s", hook, inv.node, drain_exc)
+    except FestinaError as exc:
+        logger.error("%s failed (fail open, node stays up): %s", hook, exc)
+    except Exception:  # noqa: BLE001 - fail open: a bug in festina must not drain a node either
+        logger.exception("%s failed unexpectedly (fail open, node stays up)", hook)
+    return 0
+
+
+def _allowed_uids(service_user: str) -> frozenset[int]:
+    uids = {0}
+    try:
+        uids.add(pwd.getpwnam(service_user).pw_uid)
+    except KeyError:
+        logger.warning("service user %r does not exist; only root may use the control socket", service_user)
+    return frozenset(uids)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help=f"Node config (default: $FESTINA_NODE_CONFIG, else {CONFIG_NAME} beside $SLURM_CONF).")
+@click.option("--node", default=None, help="Node name (default: $SLURMD_NODENAME, else the host name).")
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, node: str | None, verbose: bool) -> None:
+    """festina-node: Slurm hooks, the root-owned GPU control service and energy accounting of a GPU node."""
+    env = dict(os.environ)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=HOOK_LOG_FORMAT, stream=sys.stderr)
+    config = load_node_config(find_config(config_path, env))
+    name = node or env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    ctx.obj = Invocation(config, name, env, env.get("FESTINA_GPU_BACKEND") or None)
+
+
+def _hook_command(hook: str) -> click.Command:
+    @click.pass_obj
+    def command(inv: Invocation) -> None:
+        sys.exit(run_hook(inv, hook))
+
+    command.__doc__ = f"Slurm {hook.replace('-', ' ')} hook: reads the job from the environment; always exits 0."
+    return click.command(hook)(command)
+
+
+for _hook in ("prolog", "epilog", "task-prolog"):  # see HOOKS
+    cli.add_command(_hook_command(_hook))
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="One control tick, then exit.")
+@click.pass_obj
+def serve(inv: Invocation, once: bool) -> None:
+    """The root-owned service: control socket (root and the service user only) and the control loop."""
+    from festina_hpc.node.service import ControlLoop, ControlServer
+
+    agent = build_agent(inv)
+    if once:
+        click.echo(json.dumps({"node": inv.node, **_tick_summary(agent)}))
+        return
+    paths = NodePaths.of(inv.config, inv.node)
+    server = ControlServer(paths.socket, agent, _allowed_uids(inv.config.service_user))
+    loop = ControlLoop(agent, inv.config.control_period_s)
+    stopped = threading.Event()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        stopped.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    loop.start()
+    logger.info("festina-node %s: serving on %s, control every %g s", inv.node, paths.socket,
+                inv.config.control_period_s)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        loop.stop()
+        server.server_close()
+        paths.socket.unlink(missing_ok=True)
+
+
+def _tick_summary(agent: NodeAgent) -> dict[str, Any]:
+    report = agent.control_tick()
+    return {"mps_restarted": list(report.mps_restarted), "requeued": list(report.requeued),
+            "clock_changes": dict(report.clock_changes), "share_changes": dict(report.share_changes)}
+
+
+@cli.command()
+@click.pass_obj
+def status(inv: Invocation) -> None:
+    """The node's recorded state as JSON (jobs per GPU, energy ledger, clocks, MPS)."""
+    paths = NodePaths.of(inv.config, inv.node)
+    click.echo(json.dumps({"node": inv.node, **as_plain(StateFile(paths.state_file, paths.lock_file).read())},
+                          indent=1))
+
+
+@cli.command()
+@click.pass_obj
+def reset(inv: Invocation) -> None:
+    """Operator clean-up: default clocks on every GPU and every MPS daemon festina started stopped."""
+    build_agent(inv).reset_all()
+    click.echo(f"festina-node {inv.node}: GPUs reset")
+
+
+@cli.command("request")
+@click.argument("op")
+@click.argument("args_json", default="{}")
+@click.pass_obj
+def request_cmd(inv: Invocation, op: str, args_json: str) -> None:
+    """Call the node service: OP with a JSON object of arguments, e.g. lock_clocks '{"gpu": 0, "clock_mhz": 1410}'."""
+    from festina_hpc.node.service import request
+
+    try:
+        args = json.loads(args_json)
+    except ValueError as exc:
+        raise NodeError(f"arguments {args_json[:80]!r} are not JSON: {exc}") from None
+    result = request(NodePaths.of(inv.config, inv.node).socket, op, args)
+    click.echo(json.dumps(result, indent=1))
+
+
+HOOKS = ("prolog", "epilog", "task-prolog")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="festina-node", standalone_mode=False)
+    except FestinaError as exc:
+        click.echo(f"festina-node: error: {exc}", err=True)
+        # A hook fails open even when festina-node cannot start (a bad config file).
+        return 0 if any(a in HOOKS for a in args) else 2
+    except click.UsageError as exc:
+        click.echo(f"festina-node: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

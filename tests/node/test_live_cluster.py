@@ -1,0 +1,149 @@
+"""festina-node in a real local Slurm cluster (simulated GPUs): hooks, shares, clocks, energy, crashes, fail-open."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports, missing_binaries
+from festina_hpc.devcluster import down as devcluster_down
+from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.slurm.cli_backend import CliSlurmClient
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[DevClusterConfig, CliSlurmClient]]:
+    """A cluster of its own (2 nodes, 1 GPU each, no power saving), so the hooks are this checkout's."""
+    if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
+        pytest.skip("needs Slurm, root and an installed festina-node")
+    base = Path(tempfile.mkdtemp(prefix="festina-node-", dir="/tmp"))
+    ctld = free_ports(1, start=41000)
+    cfg = DevClusterConfig(base_dir=base, nodes=2, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
+                           slurmd_port=free_ports(2, start=ctld + 1))
+    devcluster_up(cfg)
+    toml = base / "etc" / "festina-node.toml"
+    toml.write_text(toml.read_text() + "control_period_s = 0.5\n")
+    exe = str(festina_node_executable())
+    service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
+                               stderr=(base / "log" / "festina-node-n1.log").open("w"),
+                               env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)})
+    try:
+        yield cfg, CliSlurmClient(cfg.slurm_conf)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=10)
+        for node in cfg.node_names:
+            subprocess.run([exe, "--config", str(toml), "--node", node, "reset"], capture_output=True, check=False)
+        devcluster_down(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def sbatch(cfg: DevClusterConfig, *args: str) -> int:
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, check=True,
+                          env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)})
+    return int(done.stdout.strip().split(";")[0])
+
+
+def wait_for(what: str, check: object, timeout_s: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def node_status(cfg: DevClusterConfig, node: str) -> dict[str, object]:
+    path = cfg.base_dir / "node" / node / "state.json"
+    if not path.exists():  # no prolog yet
+        return {"gpus": {"0": {"jobs": []}}}
+    data: dict[str, object] = json.loads(path.read_text())
+    return data
+
+
+def finished(client: CliSlurmClient, *job_ids: int) -> bool:
+    jobs = {j.job_id: j for j in client.list_jobs()}
+    return all(jobs[i].state in ("COMPLETED", "FAILED", "CANCELLED") for i in job_ids if i in jobs)
+
+
+def test_two_models_on_one_gpu_shares_clock_and_energy(cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
+    cfg, client = cluster
+    out = cfg.base_dir / "out"
+    ids = [sbatch(cfg, "-w", "n2", f"--gres=mps:{pct}", f"--output={out}/mps-%j.out",
+                  "--comment=festina:model=llama-3.1-8b,instance=1,clock_mhz=1410",
+                  "--job-name=m;touch /tmp/festina-pwned-name",
+                  "--wrap", f"env | grep ^CUDA_MPS; sleep {secs}") for pct, secs in ((40, 6), (50, 4))]
+    wait_for("both jobs on the GPU", lambda: len(node_status(cfg, "n2")["gpus"]["0"]["jobs"]) == 2)  # type: ignore[index]
+    gpu = node_status(cfg, "n2")["gpus"]["0"]  # type: ignore[index]
+    assert sum(j["sm_pct"] for j in gpu["jobs"]) <= 100 and gpu["clock_mhz"] == 1410 and gpu["mps"]
+    wait_for("jobs done", lambda: finished(client, *ids))
+    for job_id, pct in zip(ids, (40, 50)):
+        env = (out / f"mps-{job_id}.out").read_text()
+        assert f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={pct}" in env
+        assert f"CUDA_MPS_PIPE_DIRECTORY={cfg.base_dir}/node/n2/mps/gpu0/pipe" in env
+    wait_for("epilogs", lambda: not node_status(cfg, "n2")["gpus"]["0"]["jobs"])  # type: ignore[index]
+    gpu = node_status(cfg, "n2")["gpus"]["0"]  # type: ignore[index]
+    assert gpu["clock_mhz"] is None and not gpu["mps"]
+    with sqlite3.connect(cfg.base_dir / "festina.db") as db:
+        energy = dict(db.execute("SELECT job_id, energy_j FROM job_energy").fetchall())
+        counters = [c for (c,) in db.execute("SELECT energy_counter_j FROM energy_samples s JOIN gpus g "
+                                             "ON g.id = s.gpu_id JOIN nodes n ON n.id = g.node_id "
+                                             "WHERE n.name = 'n2' ORDER BY sampled_at")]
+    assert set(ids) <= set(energy) and all(energy[i] > 0 for i in ids)
+    delta_j = counters[-1] - counters[0]
+    assert sum(energy[i] for i in ids) + gpu["idle_pool_j"] == pytest.approx(delta_j, rel=0.01)
+    assert gpu["idle_pool_j"] < 0.01 * delta_j  # the jobs overlapped: (almost) nothing was idle
+    assert not Path("/tmp/festina-pwned-name").exists()
+
+
+def test_a_comment_with_shell_metacharacters_changes_nothing(cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
+    cfg, client = cluster
+    job = sbatch(cfg, "-w", "n2", "--gres=mps:20", "--output=/dev/null",
+                 "--comment=festina:model=x;touch /tmp/festina-pwned,clock_mhz=$(touch /tmp/festina-pwned2)",
+                 "--wrap", "sleep 1")
+    wait_for("job done", lambda: finished(client, job))
+    assert not Path("/tmp/festina-pwned").exists() and not Path("/tmp/festina-pwned2").exists()
+    node = next(n for n in client.list_nodes() if n.name == "n2")
+    assert "DRAIN" not in node.flags
+    log = (cfg.base_dir / "etc" / "festina-hooks.log").read_text()
+    assert f"job {job}: comment ignored" in log
+
+
+def test_a_prolog_failure_inside_festina_leaves_the_node_up(cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
+    cfg, client = cluster
+    state = cfg.base_dir / "node" / "n2" / "state.json"
+    state.write_text("{broken")
+    try:
+        job = sbatch(cfg, "-w", "n2", "--gres=mps:30", "--output=/dev/null", "--wrap", "true")
+        wait_for("job done", lambda: finished(client, job))
+        job_state = next(j for j in client.list_jobs() if j.job_id == job).state
+        assert job_state == "COMPLETED"
+        node = next(n for n in client.list_nodes() if n.name == "n2")
+        assert "DRAIN" not in node.flags and node.state in ("idle", "mixed")
+        assert "prolog failed (fail open, node stays up)" in (cfg.base_dir / "etc" / "festina-hooks.log").read_text()
+    finally:
+        state.unlink()
+
+
+def test_a_crashed_mps_daemon_is_restarted_and_the_job_requeued(
+        cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
+    cfg, client = cluster
+    job = sbatch(cfg, "-w", "n1", "--gres=mps:30", "--output=/dev/null", "--wrap", "sleep 4")
+    wait_for("job on n1", lambda: any(j["job_id"] == job for j in node_status(cfg, "n1")["gpus"]["0"]["jobs"]))  # type: ignore[index]
+    daemons = json.loads((cfg.base_dir / "node" / "n1" / "simulated-mps.json").read_text())
+    os.kill(daemons["0"]["pid"], signal.SIGKILL)
+    wait_for("requeue", lambda: getattr(client.get_job(job), "restart_count", 0) >= 1, timeout_s=20)
+    wait_for("rerun done", lambda: finished(client, job), timeout_s=60)
+    assert client.get_job(job).state == "COMPLETED"  # type: ignore[union-attr]
+    assert node_status(cfg, "n1")["gpus"]["0"]["mps_restarts"] >= 1  # type: ignore[index]
