@@ -186,8 +186,8 @@ class FestinaPolicy(Policy):
 
         ``ttft_slo_s`` is a placement question: the TTFT SLO that must hold for the request being
         placed (or a typical one), at the settings asked about. Without it, the controller's
-        question: the strictest (short-prompt) SLO with its margin, or full speed where even full
-        speed misses it."""
+        question: the SLO of the typical prompt that the load adds to its queue, with its margin,
+        or full speed where even full speed misses it."""
         key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
                ttft_slo_s, self.stats_epoch)
         if key not in self._slo_cache:
@@ -218,7 +218,8 @@ class FestinaPolicy(Policy):
         if ttft_slo_s is not None:  # a placement question: the request's own target must hold
             return ttft_s <= ttft_slo_s
         # For the controller: when even full speed misses the target, only full speed will do.
-        return ttft_s <= max(TTFT_MARGIN * model.slo.ttft_s, floor_s * (1 + 1e-9))
+        typical_slo_s = model.slo.ttft_for(int(self.stats.prompt_tokens(load.model)))
+        return ttft_s <= max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int,
                 chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
