@@ -516,9 +516,11 @@ class Festinad:
             view_node = self.view.node(index)
             if n is not None and n.address:
                 self.node_address[name] = n.address
+            # A node Slurm's power saving suspended is on for the policy: Slurm resumes it when a job is
+            # sent there, and it is headroom that consolidation may count on. Only a node that is down,
+            # drained, not responding or no longer listed is off (unusable).
             up = n is not None and n.state != "down" and "NOT_RESPONDING" not in n.flags and not n.drained
-            powered = n is not None and n.power_state in (PowerState.ON, PowerState.POWERING_UP)
-            view_node.power = NodePower.ON if up and powered else NodePower.OFF
+            view_node.power = NodePower.ON if up else NodePower.OFF
 
     def _attach(self, inst: LiveInstance, job: SlurmJob, fields: Mapping[str, str]) -> None:
         self._unattached.discard(inst.id)

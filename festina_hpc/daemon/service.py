@@ -49,11 +49,11 @@ def make_scheduler(festinad: Festinad, recorder: StoreRecorder, periods: Periods
 
 async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list[GatewayModel], host: str,
                        port: int, stop: asyncio.Event, periods: Periods,
-                       gateway_config: GatewayConfig = GatewayConfig(),
+                       gateway_config: GatewayConfig | None = None,
                        on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0) -> None:
     """Serve until ``stop`` is set (see the module docstring)."""
     await festinad.setup()
-    gateway = Gateway(festinad.router, recorder, models, gateway_config)
+    gateway = Gateway(festinad.router, recorder, models, gateway_config or GatewayConfig())
     runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
     scheduler = make_scheduler(festinad, recorder, periods)
