@@ -328,8 +328,10 @@ class Festinad:
         argv = simulated_argv(serve, list(s.festina_argv), s.serve_time_scale) if s.engine == "emulated" \
             else vllm_argv(serve)
         tp = len(launch.gpus)
-        # One GPU: an MPS share of it (Slurm sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); several: whole GPUs.
-        share = {"mps_pct": max(1, min(100, round(launch.sm_pct)))} if tp == 1 else {"gpus": tp}
+        # A share of one GPU: MPS (Slurm sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). A whole GPU, or several:
+        # gpu gres (measured here: a second mps:100 job on a node with two free GPUs stays pending).
+        pct = round(launch.sm_pct)
+        share = {"mps_pct": max(1, pct)} if tp == 1 and pct < 100 else {"gpus": tp}
         spec = ServingJobSpec(model=launch.model, instance_id=str(launch.instance_id), command=tuple(argv),
                               output_path=str(Path(s.job_output_dir) / f"festina-serve-{launch.instance_id}-%j.out"),
                               nodelist=(node,), comment=job_comment(launch.model, launch.instance_id, port),

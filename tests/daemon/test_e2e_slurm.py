@@ -189,7 +189,8 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         # Three models from zero: every request answered.
         asks = [_ask(session, url, m, stream=i % 2 == 0) for i in range(2) for m in MODELS]
         results = await asyncio.gather(*asks)
-        assert [kind for kind, _ in results] == ["ok"] * len(asks), (results, log.read_text()[-3000:])
+        assert [kind for kind, _ in results] == ["ok"] * len(asks), \
+            ([r for r in results if r[0] != "ok"], [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = _festina_jobs(slurm)
         assert len(jobs) >= 4, jobs  # three instances + the user's job
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
