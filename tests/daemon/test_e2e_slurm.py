@@ -95,7 +95,7 @@ async def _ask(session: aiohttp.ClientSession, url: str, model: str, stream: boo
             if stream:
                 return ("ok", data) if data.rstrip().endswith(b"data: [DONE]") else ("error", "cut stream")
             return "ok", json.loads(data)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return "error", type(exc).__name__
 
 
@@ -190,7 +190,8 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         asks = [_ask(session, url, m, stream=i % 2 == 0) for i in range(2) for m in MODELS]
         results = await asyncio.gather(*asks)
         assert [kind for kind, _ in results] == ["ok"] * len(asks), \
-            ([r for r in results if r[0] != "ok"], [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
+            ([r for r in results if r[0] != "ok"],
+             [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = _festina_jobs(slurm)
         assert len(jobs) >= 4, jobs  # three instances + the user's job
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
