@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,18 +195,25 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
              [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = _festina_jobs(slurm)
         assert len(jobs) >= 4, jobs  # three instances + the user's job
+        used_nodes = {n for j in jobs.values() for n in j.nodes}
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
         assert set(MODELS) <= models_in_jobs
-        # Consolidation moves the adopted job off n4 (scancel after the migration) ...
+        # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
+        db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
+        since = datetime.now(UTC) - timedelta(hours=1)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and user_job in _festina_jobs(slurm):
+        while time.monotonic() < deadline and not db.decisions(since=since, kind="migration"):
             await asyncio.sleep(1)
-        assert user_job not in _festina_jobs(slurm), log.read_text()[-4000:]
-        # ... and n4, now idle, is suspended by Slurm's power saving.
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and _power(cfg, "n4") != "off":
+        moves = db.decisions(since=since, kind="migration")
+        assert moves, log.read_text()[-4000:]
+        source_jobs = {i.slurm_job_id for i in db.load_live_state().instances}
+        # ... and the node it emptied, now idle, is suspended by Slurm's power saving.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                _power(cfg, n) == "off" and not any(n in j.nodes for j in _festina_jobs(slurm).values())
+                for n in cfg.node_names if n in used_nodes):
             await asyncio.sleep(1)
-        assert _power(cfg, "n4") == "off"
+        assert any(_power(cfg, n) == "off" for n in used_nodes), (used_nodes, source_jobs)
         # The model of the moved job is still served.
         kind, _ = await _ask(session, url, "llama-3.1-8b")
         assert kind == "ok"
