@@ -521,7 +521,9 @@ class Festinad:
             # A node Slurm's power saving suspended is on for the policy: Slurm resumes it when a job is
             # sent there, and it is headroom that consolidation may count on. Only a node that is down,
             # drained, not responding or no longer listed is off (unusable).
-            up = n is not None and n.state != "down" and "NOT_RESPONDING" not in n.flags and not n.drained
+            # A node in the power-saving cycle may show NOT_RESPONDING while its slurmd is stopped or booting.
+            silent = n is not None and "NOT_RESPONDING" in n.flags and n.power_state is PowerState.ON
+            up = n is not None and n.state != "down" and not silent and not n.drained
             view_node.power = NodePower.ON if up else NodePower.OFF
 
     def _attach(self, inst: LiveInstance, job: SlurmJob, fields: Mapping[str, str]) -> None:

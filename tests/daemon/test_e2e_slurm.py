@@ -201,7 +201,7 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
         db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
         since = datetime.now(UTC) - timedelta(hours=1)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not db.decisions(since=since, kind="migration"):
             await asyncio.sleep(1)
         moves = db.decisions(since=since, kind="migration")
