@@ -98,6 +98,34 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """festinad (``festina daemon``): gateway, policy, Slurm and its periodic jobs; options override."""
+
+    host: str = "127.0.0.1"  # the gateway's bind address
+    port: int = 8000
+    policy: str = "festina"
+    models: str = ""  # comma-separated models served; "" = every model with a profile on gpu_type
+    gpu_type: str = "h100-sxm-80gb"  # the profile GPU of the cluster's GPUs
+    slurm_backend: str = "auto"
+    slurm_timeout_s: float = 30.0  # one Slurm command; a hung one is killed and retried with back-off
+    partition: str = ""  # of serving jobs; "" = the cluster's default
+    engine: str = "emulated"  # what serving jobs run: "emulated" (no GPU) or "vllm"
+    serve_time_scale: float = 1.0  # emulated engine's pace (tests: < 1 runs faster than real time)
+    job_output_dir: str = ""  # serving jobs' logs; "" = /tmp
+    serve_port_base: int = 20000  # serving jobs listen on a port festinad picks from here up
+    scale_timeout_s: float = 120.0  # longest a request waits for an instance to start
+    start_timeout_s: float = 300.0  # a serving job that does not answer /health by then is cancelled
+    drain_timeout_s: float = 30.0  # a stopping instance's requests get this long before scancel
+    reconcile_period_s: float = 10.0
+    scale_period_s: float = 0.0  # 0 = the policy's own period
+    consolidate_period_s: float = 0.0  # 0 = the policy's own period
+    keep_alive_s: float = 60.0  # idle time before scale-to-zero
+    max_prompt_tokens: int = 0  # 0 = the model's context length
+    ttft_slo_multiplier: float = 5.0
+    tbt_slo_multiplier: float = 5.0
+
+
+@dataclass(frozen=True)
 class SloOverride:
     """``[slo."<model>"]``: a model's TTFT and TBT SLOs in seconds."""
 
@@ -113,20 +141,29 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     slo: Mapping[str, SloOverride] = field(default_factory=dict)
     db: DbConfig = field(default_factory=DbConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: str = "<defaults>"
 
 
 _SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig, "sim": SimConfig,
-                                   "cluster": ClusterConfig, "db": DbConfig}
+                                   "cluster": ClusterConfig, "db": DbConfig,
+                                   "daemon": DaemonConfig}
 
 # Allowed values per (section, key), beyond the type check.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("profiles", "out_of_range"): OUT_OF_RANGE_MODES,
     ("gpu", "backend"): GPU_BACKENDS,
+    ("daemon", "engine"): ("emulated", "vllm"),
+    ("daemon", "slurm_backend"): ("auto", "cli", "pyslurm"),
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
                                     ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
 _NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s")}
+_POSITIVE |= {("daemon", k) for k in ("port", "slurm_timeout_s", "serve_time_scale", "serve_port_base",
+                                      "scale_timeout_s", "start_timeout_s", "reconcile_period_s",
+                                      "ttft_slo_multiplier", "tbt_slo_multiplier")}
+_NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "consolidate_period_s",
+                                          "keep_alive_s", "max_prompt_tokens")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is off.
 _POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
               if f.type in ("int", "float") and f.name != "node_off_w"}

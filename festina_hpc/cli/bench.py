@@ -155,3 +155,5 @@ def bench_gateway(requests: int, concurrency: int, tokens: int, as_json: bool) -
                       f"{row['latency_p50_us_gateway']:,.0f}", f"{row['latency_p50_us_direct']:,.0f}",
                       f"{row['added_latency_p50_us']:,.0f}", f"{row['added_latency_p99_us']:,.0f}")
     Console().print(table)
+    click.echo(f"streamed: {figures['req_per_s']:,.0f} req/s through the gateway; added latency "
+               f"p50 {figures['overhead_p50_ms']:.3f} ms, p99 {figures['overhead_p99_ms']:.3f} ms")

@@ -1,4 +1,10 @@
-"""``festina serve``: run one simulated model server (OpenAI-compatible) until SIGTERM or Ctrl-C."""
+"""``festina serve``: run one model server (OpenAI-compatible) until SIGTERM or Ctrl-C: the program of a serving job.
+
+``--engine emulated`` (alias ``--simulated``) serves the profile-paced
+emulated engine in this process; ``--engine vllm`` replaces this process with
+``vllm serve`` (``serve/launch.py`` builds its argv), so Slurm's signals reach
+vLLM directly.
+"""
 
 from __future__ import annotations
 
@@ -21,17 +27,45 @@ from festina_hpc.cli.common import AppContext, pass_app
 @click.option("--clock-mhz", type=click.IntRange(min=0), default=0, help="SM clock to pace at [default: max].")
 @click.option("--batch-cap", type=click.IntRange(min=1), default=256, show_default=True,
               help="Max sequences batched at once.")
-@click.option("--simulated", is_flag=True, default=True,
-              help="Run the profile-paced simulated engine (the only engine festina serve runs; a real "
-                   "deployment runs `vllm serve`, see festina_hpc/serve/launch.py).")
+@click.option("--engine", type=click.Choice(["emulated", "vllm"]), default="emulated", show_default=True,
+              help="emulated: the profile-paced engine (no GPU); vllm: exec `vllm serve` on the allocated GPU.")
+@click.option("--simulated", is_flag=True, default=False, help="Alias of --engine emulated.")
+@click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Share of the GPU's usable memory (vLLM's --gpu-memory-utilization; ignored when emulated).")
 @click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply every step's predicted latency (tests and demos; 1 = real time).")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="On SIGTERM, time in-flight requests get to finish (keep below Slurm's KillWait).")
 @pass_app
 def serve(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
-          batch_cap: int, simulated: bool, time_scale: float, drain_s: float) -> None:
+          batch_cap: int, engine: str, simulated: bool, memory_fraction: float, time_scale: float,
+          drain_s: float) -> None:
     """Serve MODEL with the OpenAI completions API, paced by its profile on GPU_TYPE."""
+    if engine == "vllm" and not simulated:
+        _exec_vllm(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, memory_fraction)
+        return
+    _serve_emulated(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, time_scale, drain_s)
+
+
+def _exec_vllm(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
+               batch_cap: int, memory_fraction: float) -> None:
+    import os
+    import shutil
+
+    from festina_hpc.errors import FestinaError
+    from festina_hpc.serve.launch import serve_spec, vllm_argv
+
+    spec = serve_spec(app.profile_store(), model, gpu_type, port, host=host, sm_pct=sm_pct, clock_mhz=clock_mhz,
+                      batch_cap=batch_cap, memory_fraction=memory_fraction)
+    argv = vllm_argv(spec)
+    if shutil.which(argv[0]) is None:
+        raise FestinaError("--engine vllm: `vllm` is not on PATH in this job (pip install vllm on the node)")
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # SM share and clock reach vLLM through MPS and the node controller, not flags
+
+
+def _serve_emulated(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
+                    batch_cap: int, time_scale: float, drain_s: float) -> None:
     from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
     from festina_hpc.serve.server import run_server
 

@@ -52,18 +52,22 @@ class GatewayModel:
     name: str
     slo: Slo
     aliases: tuple[str, ...] = ()
+    max_prompt_tokens: int | None = None  # longer prompts get 400 before any instance starts
 
 
 def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttft_multiplier: float = 5.0,
-                   tbt_multiplier: float = 5.0) -> list[GatewayModel]:
-    """Models with the simulator's default SLOs (``sim.workload.default_slo``) on ``gpu_type``."""
+                   tbt_multiplier: float = 5.0, max_prompt_tokens: int = 0) -> list[GatewayModel]:
+    """Models with the simulator's default SLOs (``sim.workload.default_slo``) on ``gpu_type``.
+
+    A prompt may hold at most ``max_prompt_tokens`` (0: the model's context length)."""
     from festina_hpc.sim.workload import default_slo
 
     models = []
     for name in names:
         spec = store.model(name)
         slo = default_slo(store, gpu_type, spec.name, ttft_multiplier, tbt_multiplier)
-        models.append(GatewayModel(spec.name, slo, (spec.hf_name, *spec.aliases)))
+        limit = min(max_prompt_tokens or spec.max_context_tokens, spec.max_context_tokens)
+        models.append(GatewayModel(spec.name, slo, (spec.hf_name, *spec.aliases), limit))
     return models
 
 
@@ -152,6 +156,10 @@ class Gateway:
         model = self._names.get(req.model.lower())
         if model is None:
             raise openai.unknown_model(req.model, sorted(self.models))
+        if model.max_prompt_tokens is not None and req.prompt_tokens > model.max_prompt_tokens:
+            # Refused here, before a cold start is paid for a request no instance would take.
+            raise openai.ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model.name} takes at most "
+                                       f"{model.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
 
         def record(outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
                    timing: _Timing | None = None) -> None:

@@ -83,7 +83,12 @@ class LiveInstance:
         self.kv_tokens_reserved = 0
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
         self.pending_prompt_tokens = 0
-        self.in_flight = 0
+        self.in_flight = 0  # requests the gateway sent it and has not seen end
+        # What the instance itself last reported (festinad polls its /health): it also sees requests
+        # that did not come through this gateway, e.g. ones sent before a festinad restart.
+        self.reported_in_flight = 0
+        self.reported_pending_prompt_tokens = 0
+        self.slurm_job_id: int | None = None
         self.ready_at_s = math.inf
         self.last_busy_s = now_s
         self._rate = 0.0
@@ -92,12 +97,16 @@ class LiveInstance:
         self.ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
 
     @property
+    def load(self) -> int:
+        return max(self.in_flight, self.reported_in_flight)
+
+    @property
     def running(self) -> int:
-        return min(self.in_flight, self.batch_cap)
+        return min(self.load, self.batch_cap)
 
     @property
     def waiting(self) -> int:
-        return max(0, self.in_flight - self.batch_cap)
+        return max(0, self.load - self.batch_cap)
 
     @property
     def arrival_rate_per_s(self) -> float:
@@ -203,6 +212,23 @@ class LiveCluster:
 
     def add(self, decision: StartInstance, instance_id: int) -> LiveInstance:
         """Allocate a new (loading) instance; ``NoInstance`` when the decision does not fit."""
+        info, gpus, nodes = self.check(decision)
+        usable = self.spec.memory_bytes * USABLE_MEMORY_FRAC
+        kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
+                        / info.kv_bytes_per_token_per_gpu)
+        inst = LiveInstance(instance_id, info, gpus, nodes.pop(), decision.sm_pct, decision.batch_cap,
+                            decision.memory_fraction, max(0, kv_tokens), self.now_s)
+        self.live[inst.id] = inst
+        self._by_model[inst.model].append(inst)
+        for g in gpus:
+            gpu = self.gpu_list[g]
+            gpu.instances.append(inst.id)
+            gpu.sm_pct_allocated += inst.sm_pct
+            gpu.memory_fraction_allocated += inst.memory_fraction
+        return inst
+
+    def check(self, decision: StartInstance) -> tuple[ModelInfo, tuple[int, ...], set[int]]:
+        """``NoInstance`` unless ``decision`` fits: the model, its GPUs (distinct, one node) and their room."""
         info = self.model_info.get(decision.model)
         if info is None:
             raise NoInstance(f"policy started unknown model {decision.model}")
@@ -217,19 +243,7 @@ class LiveCluster:
             if gpu.sm_pct_allocated + decision.sm_pct > 100 + 1e-6 or \
                     gpu.memory_fraction_allocated + decision.memory_fraction > 1 + 1e-6:
                 raise NoInstance(f"policy overfilled GPU {g} with {decision.model}")
-        usable = self.spec.memory_bytes * USABLE_MEMORY_FRAC
-        kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
-                        / info.kv_bytes_per_token_per_gpu)
-        inst = LiveInstance(instance_id, info, gpus, nodes.pop(), decision.sm_pct, decision.batch_cap,
-                            decision.memory_fraction, max(0, kv_tokens), self.now_s)
-        self.live[inst.id] = inst
-        self._by_model[inst.model].append(inst)
-        for g in gpus:
-            gpu = self.gpu_list[g]
-            gpu.instances.append(inst.id)
-            gpu.sm_pct_allocated += inst.sm_pct
-            gpu.memory_fraction_allocated += inst.memory_fraction
-        return inst
+        return info, gpus, nodes
 
     def remove(self, inst: LiveInstance) -> None:
         if self.live.pop(inst.id, None) is None:
@@ -247,7 +261,8 @@ class PolicyRouter:
     """``Router`` over a ``LiveCluster``: the policy places, ``start_instance`` starts."""
 
     def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
-                 stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256):
+                 stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256,
+                 new_instance_id: Callable[[StartInstance], int] | None = None):
         self.policy = policy
         self.cluster = cluster
         self.start_instance = start_instance
@@ -255,6 +270,8 @@ class PolicyRouter:
         self.expected_output_tokens = expected_output_tokens
         self._request_ids = itertools.count()
         self._instance_ids = itertools.count()
+        # festinad passes the database's id allocator, so ids survive a restart.
+        self._new_id = new_instance_id or (lambda decision: next(self._instance_ids))
         self._tasks: set[asyncio.Task[None]] = set()  # starts and stops in flight, kept from garbage collection
         # Instance id -> prompt tokens of its requests in arrival order. done() names only the endpoint,
         # so it releases the oldest request's prompt: requests mostly finish in arrival order, and the
@@ -306,6 +323,10 @@ class PolicyRouter:
         inst.pending_prompt_tokens = max(0, inst.pending_prompt_tokens - prompt_tokens)
         inst.last_busy_s = self.cluster.now_s
 
+    def start(self, decision: StartInstance) -> LiveInstance:
+        """Carry out a ``StartInstance`` (a placement's or a ``scale`` plan's); the bring-up runs on its own."""
+        return self._start(decision)
+
     def _start(self, decision: StartInstance) -> LiveInstance:
         victims = [self.cluster.live.get(i) for i in decision.evict]
         for victim in victims:
@@ -316,7 +337,8 @@ class PolicyRouter:
             self.cluster.remove(victim)
             if self.stop_instance is not None:
                 self._spawn(self.stop_instance(victim.id, victim.endpoint))
-        inst = self.cluster.add(decision, next(self._instance_ids))
+        self.cluster.check(decision)
+        inst = self.cluster.add(decision, self._new_id(decision))
         launch = InstanceLaunch(inst.id, inst.model, self.cluster.gpu_type, inst.node, inst.gpus, inst.sm_pct,
                                 inst.batch_cap, inst.memory_fraction)
         self._spawn(self._bring_up(inst, launch))

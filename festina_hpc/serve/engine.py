@@ -218,6 +218,11 @@ class SimulatedEngine:
     def in_flight(self) -> int:
         return len(self._waiting) + len(self._running)
 
+    @property
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens of requests without a first token yet (queued, or admitted and prefilling)."""
+        return sum(g.prompt_tokens for g in (*self._waiting, *self._running) if not g.generated)
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -3,7 +3,7 @@
 A serving job (one model instance, ``sbatch --gres=mps:K`` per DESIGN.md)
 runs one of two engines behind the same OpenAI-compatible API:
 
-- ``festina serve --simulated ...``: the profile-paced simulated engine, on
+- ``festina serve --engine emulated ...``: the profile-paced simulated engine, on
   machines without a GPU (development, CI, the local Slurm cluster);
 - ``vllm serve <hf_name> --served-model-name <name> ...``: the real engine.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from festina_hpc.errors import FestinaError
 from festina_hpc.profiles.store import ProfileStore
 
-ENGINES = ("simulated", "vllm")
+ENGINES = ("emulated", "simulated", "vllm")  # "simulated" is the old name of "emulated"
 USABLE_MEMORY_FRAC = 0.9  # of a GPU for weights and KV cache: vLLM's default gpu_memory_utilization
 
 
@@ -50,12 +50,17 @@ def serve_spec(store: ProfileStore, model: str, gpu_type: str, port: int, *, hos
                      sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap, memory_fraction=memory_fraction)
 
 
-def simulated_argv(spec: ServeSpec, festina: str = "festina") -> list[str]:
-    argv = [festina, "serve", "--simulated", "--model", spec.model, "--gpu-type", spec.gpu_type,
+def simulated_argv(spec: ServeSpec, festina: str | list[str] = "festina", time_scale: float = 1.0) -> list[str]:
+    """``festina serve --engine emulated``; ``festina`` is the program (or an argv prefix such as
+    ``[sys.executable, "-m", "festina_hpc.cli.main"]``, which needs no ``festina`` on a node's PATH)."""
+    prefix = [festina] if isinstance(festina, str) else list(festina)
+    argv = [*prefix, "serve", "--engine", "emulated", "--model", spec.model, "--gpu-type", spec.gpu_type,
             "--host", spec.host, "--port", str(spec.port), "--sm-pct", f"{spec.sm_pct:g}",
             "--batch-cap", str(spec.batch_cap)]
     if spec.clock_mhz:
         argv += ["--clock-mhz", str(spec.clock_mhz)]
+    if time_scale != 1.0:
+        argv += ["--time-scale", f"{time_scale:g}"]
     return argv
 
 
@@ -66,8 +71,8 @@ def vllm_argv(spec: ServeSpec, vllm: str = "vllm") -> list[str]:
 
 
 def serving_argv(spec: ServeSpec, engine: str) -> list[str]:
-    """The serving job's command for ``engine`` ("simulated" or "vllm")."""
-    if engine == "simulated":
+    """The serving job's command for ``engine`` ("emulated" or "vllm")."""
+    if engine in ("emulated", "simulated"):
         return simulated_argv(spec)
     if engine == "vllm":
         return vllm_argv(spec)

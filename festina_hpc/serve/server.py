@@ -130,6 +130,10 @@ async def health(request: web.Request) -> web.Response:
     draining = request.app[STATE_KEY]["draining"]
     body = {"status": "draining" if draining else "ok", "model": engine.model, "gpu": engine.gpu_type,
             "engine": "simulated", "in_flight": engine.in_flight}
+    # Load for festinad, which polls this (one request gives readiness and the queue): sequences
+    # admitted and queued, the phase mix as prompt tokens still to prefill.
+    stats = engine.stats()
+    body.update(running=stats.running, waiting=stats.waiting, pending_prompt_tokens=engine.pending_prompt_tokens)
     return web.json_response(body, status=503 if draining else 200)
 
 

@@ -170,6 +170,7 @@ def node_from_json(node: Mapping[str, Any]) -> SlurmNode:
         gres_used=parse_gres(_text(node.get("gres_used"))),
         partitions=tuple(str(p) for p in partitions),
         features=tuple(str(f) for f in features),
+        address=_text(node.get("address")),
     )
 
 
@@ -293,6 +294,7 @@ def node_from_oneliner(fields: Mapping[str, str]) -> SlurmNode:
         gres_used=parse_gres(fields.get("GresUsed", "")),
         partitions=tuple(p for p in fields.get("Partitions", "").split(",") if p),
         features=tuple(f for f in features.split(",") if f),
+        address=fields.get("NodeAddr", ""),
     )
 
 

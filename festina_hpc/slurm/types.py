@@ -46,6 +46,7 @@ class SlurmNode:
     gres_used: tuple[Gres, ...]  # allocated now, same names
     partitions: tuple[str, ...] = ()
     features: tuple[str, ...] = ()
+    address: str = ""  # NodeAddr: where a serving job on it is reached; "" when Slurm does not say
 
     def _count(self, gres: tuple[Gres, ...], name: str) -> int:
         return sum(g.count for g in gres if g.name == name)

@@ -14,6 +14,9 @@ def test_bench_gateway_json(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
     assert main(["bench", "gateway", "--requests", "20", "--concurrency", "4", "--tokens", "3", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["benchmark"] == "gateway" and figures["auth"] is False
+    assert figures["req_per_s"] == figures["modes"][0]["requests_per_s_gateway"] > 0
+    assert figures["overhead_p50_ms"] * 1000 == pytest.approx(figures["modes"][0]["added_latency_p50_us"])
+    assert figures["overhead_p99_ms"] * 1000 == pytest.approx(figures["modes"][0]["added_latency_p99_us"])
     assert [row["mode"] for row in figures["modes"]] == ["stream", "no-stream"]
     for row in figures["modes"]:
         assert row["requests_per_s_gateway"] > 0 and row["requests_per_s_direct"] > 0

@@ -12,7 +12,7 @@ from festina_hpc.serve.launch import serve_spec, serving_argv
 def test_simulated_argv(store: ProfileStore) -> None:
     spec = serve_spec(store, "llama3.1-8b", "h100", 8001, sm_pct=50, clock_mhz=1500, batch_cap=32)
     assert serving_argv(spec, "simulated") == [
-        "festina", "serve", "--simulated", "--model", "llama-3.1-8b", "--gpu-type", "h100-sxm-80gb",
+        "festina", "serve", "--engine", "emulated", "--model", "llama-3.1-8b", "--gpu-type", "h100-sxm-80gb",
         "--host", "0.0.0.0", "--port", "8001", "--sm-pct", "50", "--batch-cap", "32", "--clock-mhz", "1500"]
 
 

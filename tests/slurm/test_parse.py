@@ -62,6 +62,7 @@ def test_devcluster_sinfo_sample() -> None:
     nodes = {n.name: n for n in parse.parse_sinfo_json(sample("devcluster_sinfo.json"))}
     assert nodes["n2"].gpus_used == 2 and nodes["n3"].reason == "festina test drain"
     assert nodes["n4"].power_state is PowerState.POWERING_DOWN
+    assert nodes["n1"].address == "127.0.0.1"  # where festinad reaches a serving job on it
 
 
 def test_squeue_sample_reads_every_job() -> None:
@@ -121,6 +122,7 @@ def test_scontrol_oneliner_node_sample_keeps_values_with_spaces() -> None:
     assert nodes["n3"].drained and nodes["n3"].reason.startswith("sample drain [root@")
     assert records[0]["OS"].startswith("Linux 6.18") and nodes["n1"].state == "mixed"
     assert nodes["n1"].gpus_total == 4 and nodes["n1"].cpus == 8
+    assert nodes["n1"].address == records[0].get("NodeAddr", "")
 
 
 def test_devcluster_scontrol_samples() -> None:

@@ -1,0 +1,70 @@
+"""festinad as a running service: the gateway, the ``Festinad`` core and their APScheduler jobs on one event loop.
+
+``run_festinad`` is what ``festina daemon`` (and the ``festinad`` script)
+calls once ``main()`` has built every backend: it sets the core up (view
+from the database and Slurm), serves the gateway, and schedules the periodic
+jobs, each coalesced with ``max_instances=1`` so a slow Slurm never stacks
+runs: reconcile, the policy's ``scale`` and ``consolidate`` at their periods
+(the policy's own unless the config sets one), and the flush of request
+records to the database. On stop (SIGTERM) the gateway stops taking
+connections and gives in-flight requests ``shutdown_s`` to finish; serving
+jobs keep running, so a restarted festinad takes them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+
+from festina_hpc.daemon.festinad import Festinad, StoreRecorder
+from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Periods:
+    """Seconds between the periodic jobs."""
+
+    reconcile_s: float = 10.0
+    scale_s: float = 5.0
+    consolidate_s: float = 30.0
+    flush_s: float = 1.0
+
+
+def make_scheduler(festinad: Festinad, recorder: StoreRecorder, periods: Periods) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler()
+    common = {"trigger": "interval", "coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+    scheduler.add_job(festinad.reconcile, id="reconcile", seconds=periods.reconcile_s, **common)
+    scheduler.add_job(festinad.scale_tick, id="scale", seconds=periods.scale_s, **common)
+    scheduler.add_job(festinad.consolidate_tick, id="consolidate", seconds=periods.consolidate_s, **common)
+    scheduler.add_job(recorder.flush, id="flush", seconds=periods.flush_s, **common)
+    return scheduler
+
+
+async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list[GatewayModel], host: str,
+                       port: int, stop: asyncio.Event, periods: Periods,
+                       gateway_config: GatewayConfig | None = None,
+                       on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0) -> None:
+    """Serve until ``stop`` is set (see the module docstring)."""
+    await festinad.setup()
+    gateway = Gateway(festinad.router, recorder, models, gateway_config or GatewayConfig())
+    runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
+    await runner.setup()
+    scheduler = make_scheduler(festinad, recorder, periods)
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        scheduler.start()
+        on_ready(f"http://{host}:{port}")
+        await stop.wait()
+    finally:
+        scheduler.shutdown(wait=False)
+        await runner.cleanup()  # in-flight requests finish (or get their error) before this returns
+        recorder.flush()
+        await festinad.close()

@@ -1,0 +1,243 @@
+"""End to end on a real local Slurm cluster: festinad starts, adopts, consolidates and survives a kill -9.
+
+The issue's "Must show": requests for three models arrive at festinad; their
+instances start from zero as Slurm serving jobs (``festina serve --engine
+emulated``); a user's own serving job (the documented sbatch template) is
+adopted; consolidation migrates it onto the node already serving (start on
+the target, shift traffic, ``scancel`` the source), the emptied node idles
+and Slurm's power saving suspends it (the power-state file says ``off``);
+festinad is SIGKILLed with requests in flight and restarted: every request
+got its answer or an error reply, and afterwards every festina job in Slurm
+is an instance festinad holds (no orphan). A cluster of its own, whose every
+node may power down, on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from festina_hpc.db.engine import make_engine
+from festina_hpc.db.store import Store
+from festina_hpc.devcluster import DevClusterConfig, free_ports, missing_binaries
+from festina_hpc.devcluster import down as devcluster_down
+from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.slurm.cli_backend import CliSlurmClient
+from festina_hpc.slurm.types import FINISHED_JOB_STATES
+
+pytestmark = pytest.mark.slurm
+
+MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-7b")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def power_cluster() -> Iterator[DevClusterConfig]:
+    if missing_binaries():
+        pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
+    if os.geteuid() != 0:
+        pytest.skip("a dev cluster runs slurmd as root")
+    base = Path(tempfile.mkdtemp(prefix="festina-e2e-", dir="/tmp"))
+    ctld = free_ports(1, start=41000)
+    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
+                           power_save_nodes=4, suspend_time_s=6, cluster_name="festina-e2e")
+    devcluster_up(cfg)
+    try:
+        yield cfg
+    finally:
+        devcluster_down(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
+    env.pop("FESTINA_CONFIG", None)
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "festina_hpc.cli.main", "--config", str(config), "daemon",
+                                 "-v"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+async def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{url}/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+async def _ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False) -> tuple[str, Any]:
+    """("ok", body) for a complete answer, ("error", status or exception) for an error reply."""
+    body = {"model": model, "prompt": "hello festina", "max_tokens": 6, "stream": stream}
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            data = await resp.read()
+            if resp.status != 200:
+                return "error", resp.status
+            if stream:
+                return ("ok", data) if data.rstrip().endswith(b"data: [DONE]") else ("error", "cut stream")
+            return "ok", json.loads(data)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return "error", type(exc).__name__
+
+
+def _power(cfg: DevClusterConfig, node: str) -> str:
+    path = cfg.base_dir / "power" / node
+    return path.read_text().strip() if path.exists() else "on"
+
+
+def _festina_jobs(slurm: CliSlurmClient) -> dict[int, Any]:
+    return {j.job_id: j for j in slurm.list_jobs()
+            if j.comment.startswith("festina:") and j.state not in FINISHED_JOB_STATES}
+
+
+def test_festinad_end_to_end(power_cluster: DevClusterConfig, tmp_path: Path) -> None:
+    cfg = power_cluster
+    slurm = CliSlurmClient(cfg.slurm_conf)
+    port = free_ports(1, start=43000)
+    user_port = free_ports(1, start=44000)
+    db_path = tmp_path / "festina.db"
+    config = tmp_path / "festina.toml"
+    config.write_text(f"""
+[db]
+url = "sqlite:///{db_path}"
+[daemon]
+host = "127.0.0.1"
+port = {port}
+models = "{','.join(MODELS)}"
+slurm_backend = "cli"
+slurm_timeout_s = 20.0
+engine = "emulated"
+serve_time_scale = 0.5
+job_output_dir = "{tmp_path}"
+serve_port_base = {free_ports(1, start=45000)}
+scale_timeout_s = 60.0
+start_timeout_s = 60.0
+drain_timeout_s = 5.0
+reconcile_period_s = 2.0
+scale_period_s = 2.0
+consolidate_period_s = 3.0
+keep_alive_s = 600.0
+""")
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "festinad.log"
+
+    # A user's own serving job from the documented template (docs/serving-jobs.md), on its own node.
+    script = tmp_path / "user-serve.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=my-llama
+#SBATCH --comment=festina:model=llama-3.1-8b,instance=user-1,port={user_port}
+#SBATCH --gres=mps:50
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --nodelist=n4
+#SBATCH --output={tmp_path}/user-%j.out
+#SBATCH --requeue
+exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model llama-3.1-8b \\
+    --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {user_port} --sm-pct 50 --time-scale 0.5
+""")
+    env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
+    user_job = int(subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
+                                  text=True, env=env, cwd=tmp_path).stdout.strip().split(";")[0])
+
+    proc = _festinad(config, cfg, log)
+    try:
+        asyncio.run(_first_run(url, slurm, user_job, cfg, log))
+        # kill -9 mid-run with requests in flight: each gets an answer or an error, none hangs.
+        outcomes = asyncio.run(_kill_mid_run(url, proc))
+        assert all(kind in ("ok", "error") for kind, _ in outcomes)
+        proc = _festinad(config, cfg, log)
+        asyncio.run(_after_restart(url, slurm, db_path))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for job in _festina_jobs(slurm):
+            slurm.cancel(job)
+    print(log.read_text()[-3000:])
+
+
+async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClusterConfig, log: Path) -> None:
+    await _wait_http(url, 30)
+    timeout = aiohttp.ClientTimeout(total=90)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        # Bad input gets a clear answer while the daemon serves.
+        async with session.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}) as resp:
+            assert resp.status == 404
+        async with session.post(f"{url}/v1/completions", data=b"{not json") as resp:
+            assert resp.status == 400
+        # Three models from zero: every request answered.
+        asks = [_ask(session, url, m, stream=i % 2 == 0) for i in range(2) for m in MODELS]
+        results = await asyncio.gather(*asks)
+        assert [kind for kind, _ in results] == ["ok"] * len(asks), \
+            ([r for r in results if r[0] != "ok"],
+             [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
+        jobs = _festina_jobs(slurm)
+        assert len(jobs) >= 4, jobs  # three instances + the user's job
+        used_nodes = {n for j in jobs.values() for n in j.nodes}
+        models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
+        assert set(MODELS) <= models_in_jobs
+        # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
+        db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
+        since = datetime.now(UTC) - timedelta(hours=1)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not db.decisions(since=since, kind="migration"):
+            await asyncio.sleep(1)
+        moves = db.decisions(since=since, kind="migration")
+        assert moves, log.read_text()[-4000:]
+        source_jobs = {i.slurm_job_id for i in db.load_live_state().instances}
+        # ... and the node it emptied, now idle, is suspended by Slurm's power saving.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                _power(cfg, n) == "off" and not any(n in j.nodes for j in _festina_jobs(slurm).values())
+                for n in cfg.node_names if n in used_nodes):
+            await asyncio.sleep(1)
+        assert any(_power(cfg, n) == "off" for n in used_nodes), (used_nodes, source_jobs)
+        # The model of the moved job is still served.
+        kind, _ = await _ask(session, url, "llama-3.1-8b")
+        assert kind == "ok"
+
+
+async def _kill_mid_run(url: str, proc: subprocess.Popen[bytes]) -> list[tuple[str, Any]]:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        asks = [asyncio.ensure_future(_ask(session, url, m, stream=True)) for m in MODELS for _ in range(3)]
+        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        return list(await asyncio.gather(*asks))
+
+
+async def _after_restart(url: str, slurm: CliSlurmClient, db_path: Path) -> None:
+    await _wait_http(url, 30)
+    timeout = aiohttp.ClientTimeout(total=90)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        results = await asyncio.gather(*(_ask(session, url, m) for m in MODELS))
+        assert [kind for kind, _ in results] == ["ok"] * len(MODELS), results
+    await asyncio.sleep(3)  # one reconcile
+    live = Store(make_engine(f"sqlite:///{db_path}")).load_live_state()
+    held = {i.slurm_job_id for i in live.instances}
+    running = set(_festina_jobs(slurm))
+    assert running <= held, f"orphaned jobs: {running - held}"
+    assert len(live.instances) >= len(MODELS)

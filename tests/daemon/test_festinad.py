@@ -1,0 +1,287 @@
+"""festinad's core against a fake Slurm: starts, failures with retry, a node that disappears, restart, adoption.
+
+The fake ``SlurmClient`` (a boundary fake: the real cluster is tested in
+test_e2e_slurm.py) "runs" a serving job by starting an in-process emulated
+server on the job's port, so festinad's real path (submit, poll /health,
+proxy) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from festina_hpc.daemon.festinad import Festinad, FestinadSettings, SlurmRetry, StoreRecorder, parse_comment
+from festina_hpc.daemon.gateway import Gateway, gateway_models
+from festina_hpc.db import migrate
+from festina_hpc.db.engine import make_engine
+from festina_hpc.db.store import Store
+from festina_hpc.policy.base import PolicyContext, make_policy
+from festina_hpc.policy.types import InstancePhase, Plan, StopInstance
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.engine import SimulatedEngine
+from festina_hpc.serve.server import make_app, running_app
+from festina_hpc.slurm.errors import SlurmCommandError
+from festina_hpc.slurm.types import Gres, ServingJobSpec, SlurmJob, SlurmNode
+
+GPU = "h100-sxm-80gb"
+MODELS = ("llama-3.1-8b", "mistral-7b")
+
+
+class FakeSlurm:
+    """Jobs start at once as in-process servers; ``fail_next`` makes the next calls raise (a failing sbatch)."""
+
+    def __init__(self, store: ProfileStore, nodes: Sequence[str] = ("n1", "n2")):
+        self.store = store
+        self.nodes = list(nodes)
+        self.jobs: dict[int, SlurmJob] = {}
+        self.ids = itertools.count(100)
+        self.fail_next = 0
+        self.calls: list[str] = []
+        self.started: list[tuple[ServingJobSpec, int]] = []
+        self.cancelled: list[int] = []
+
+    def _maybe_fail(self, what: str) -> None:
+        self.calls.append(what)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SlurmCommandError([what], "timed out after 1 s")
+
+    def version(self) -> tuple[int, int]:
+        return (22, 5)
+
+    def submit(self, spec: ServingJobSpec) -> int:
+        self._maybe_fail("sbatch")
+        job_id = next(self.ids)
+        gres = (Gres("mps", None, spec.mps_pct),) if spec.mps_pct else (Gres("gpu", None, spec.gpus or 1),)
+        self.jobs[job_id] = SlurmJob(job_id, "festina", "RUNNING", "None", spec.nodelist, gres, (),
+                                     spec.comment or "", "root", "", "gpu")
+        self.started.append((spec, job_id))
+        return job_id
+
+    def cancel(self, job_id: int) -> None:
+        self._maybe_fail("scancel")
+        self.cancelled.append(job_id)
+        self.jobs.pop(job_id, None)
+
+    def hold(self, job_id: int) -> None: ...
+    def release(self, job_id: int) -> None: ...
+    def requeue(self, job_id: int, nodelist: Sequence[str], timeout_s: float = 30.0) -> None: ...
+
+    def get_job(self, job_id: int) -> SlurmJob | None:
+        self._maybe_fail("squeue")
+        return self.jobs.get(job_id)
+
+    def list_jobs(self) -> tuple[SlurmJob, ...]:
+        self._maybe_fail("squeue")
+        return tuple(self.jobs.values())
+
+    def list_nodes(self) -> tuple[SlurmNode, ...]:
+        self._maybe_fail("sinfo")
+        return tuple(SlurmNode(n, "idle", (), "", 8, 0, (Gres("gpu", "h100", 2), Gres("mps", None, 200)), (),
+                               address="127.0.0.1") for n in self.nodes)
+
+    def drain(self, node: str, reason: str) -> None: ...
+    def resume(self, node: str) -> None: ...
+
+
+class Servers:
+    """Runs an emulated server for each job the fake Slurm started, on the port festinad chose."""
+
+    def __init__(self, store: ProfileStore, slurm: FakeSlurm):
+        self.store, self.slurm = store, slurm
+        self.stack = AsyncExitStack()
+        self.seen: set[int] = set()
+
+    async def pump(self) -> None:
+        for spec, job_id in self.slurm.started:
+            if job_id in self.seen:
+                continue
+            self.seen.add(job_id)
+            port = int(parse_comment(spec.comment or "")["port"])  # type: ignore[index]
+            engine = SimulatedEngine(self.store, spec.model, GPU, time_scale=0.05)
+            await engine.start()
+            await self.stack.enter_async_context(running_app(make_app(engine), "127.0.0.1", port))
+
+
+def _free_port_base() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1]) % 20000 + 30000
+
+
+async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store) -> Festinad:
+    policy = make_policy("festina", PolicyContext(store, GPU))
+    slos = {m.name: m.slo for m in gateway_models(store, GPU, MODELS)}
+    settings = FestinadSettings(serve_port_base=_free_port_base(), start_timeout_s=10, drain_timeout_s=1,
+                                health_poll_s=0.02, job_poll_s=0.05)
+    festinad = Festinad(policy, store, slurm, db, slos, settings,
+                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01))
+    await festinad.setup()
+    return festinad
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Store:
+    engine = make_engine(f"sqlite:///{tmp_path / 'festina.db'}")
+    migrate.upgrade(engine)
+    return Store(engine)
+
+
+async def _serve(festinad: Festinad, servers: Servers, store: ProfileStore) -> AsyncIterator[str]:
+    gateway = Gateway(festinad.router, StoreRecorder(festinad.store),
+                      gateway_models(store, GPU, MODELS, max_prompt_tokens=100))
+    async with running_app(gateway.app()) as url:
+        yield url
+
+
+async def _ask(session: aiohttp.ClientSession, url: str, servers: Servers, **body: Any) -> tuple[int, Any]:
+    task = asyncio.ensure_future(session.post(f"{url}/v1/completions",
+                                              json={"prompt": "hi", "max_tokens": 3, **body}))
+    while not task.done():
+        await servers.pump()  # a job "starts" its server once festinad submitted it
+        await asyncio.sleep(0.01)
+    async with task.result() as resp:
+        return resp.status, await resp.json()
+
+
+async def _run(store: ProfileStore, slurm: FakeSlurm, db: Store, scenario: Any) -> None:
+    servers = Servers(store, slurm)
+    festinad = await _festinad(store, slurm, db)
+    try:
+        async for url in _serve(festinad, servers, store):
+            async with aiohttp.ClientSession() as session:
+                await scenario(festinad, servers, session, url)
+    finally:
+        await festinad.close()
+        await servers.stack.aclose()
+
+
+def test_start_from_zero_records_job_and_decisions(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        status, body = await _ask(session, url, servers, model="llama-3.1-8b")
+        assert status == 200 and body["choices"][0]["text"]
+        (spec, job_id), = slurm.started
+        assert spec.command[-8:-6] == ("--engine", "emulated") or "--engine" in spec.command
+        assert spec.nodelist == ("n1",) and parse_comment(spec.comment or "")["model"] == "llama-3.1-8b"
+        live = db.load_live_state().instances
+        assert [(i.slurm_job_id, i.phase) for i in live] == [(job_id, InstancePhase.READY)]
+        # A plan is carried out and recorded with its reason: stop drains, then scancel.
+        await festinad.execute(Plan((StopInstance(live[0].id),), "test: scale in"))
+        assert slurm.cancelled == [job_id] and not db.load_live_state().instances
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "no-such-model"}, 404, "no-such-model"),
+    ({"model": "llama-3.1-8b", "prompt": "word " * 101}, 400, "at most 100"),
+])
+def test_bad_requests_are_refused_before_any_job(store: ProfileStore, db: Store, body: dict[str, Any],
+                                                 status: int, words: str) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        got, answer = await _ask(session, url, servers, **body)
+        assert got == status and words in answer["error"]["message"]
+        async with session.post(f"{url}/v1/completions", data=b"{oops") as resp:
+            assert resp.status == 400
+        assert not slurm.started
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_failing_sbatch_is_retried_then_reported_and_the_daemon_keeps_serving(store: ProfileStore,
+                                                                               db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        slurm.fail_next = 2  # two timeouts, then sbatch answers: retried with back-off
+        status, _ = await _ask(session, url, servers, model="llama-3.1-8b")
+        assert status == 200 and slurm.calls.count("sbatch") == 3
+        slurm.fail_next = 10  # Slurm stays broken: a clear 503 naming the failure
+        status, answer = await _ask(session, url, servers, model="mistral-7b")
+        assert status == 503 and "timed out" in answer["error"]["message"]
+        slurm.fail_next = 0
+        status, _ = await _ask(session, url, servers, model="llama-3.1-8b")  # the ready one still serves
+        assert status == 200
+        await festinad.reconcile()  # and reconcile skips a Slurm that does not answer, then recovers
+        status, _ = await _ask(session, url, servers, model="mistral-7b")
+        assert status == 200
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_node_that_disappears_loses_its_instances_and_requests_start_elsewhere(store: ProfileStore,
+                                                                               db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        (spec, job_id), = slurm.started
+        lost = spec.nodelist[0]
+        slurm.nodes.remove(lost)
+        await festinad.reconcile()
+        assert job_id in slurm.cancelled and not festinad.view.live
+        assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        assert slurm.started[-1][0].nodelist != (lost,)
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_restart_takes_jobs_back_adopts_user_jobs_and_cancels_orphans(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+
+    async def main() -> None:
+        first = await _festinad(store, slurm, db)
+        async for url in _serve(first, servers, store):
+            async with aiohttp.ClientSession() as session:
+                assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        await first.close()
+        (spec, job_id), = slurm.started
+        port = int(parse_comment(spec.comment or "")["port"])
+        # While festinad is down: a user submits their own serving job, and a job of an instance festinad
+        # no longer holds is still running (a crash between its decision and scancel).
+        user = SlurmJob(7, "mine", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                        f"festina:model=mistral-7b,instance=alice-1,port={port + 1}", "alice", "", "gpu")
+        orphan = SlurmJob(8, "x", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                          "festina:model=mistral-7b,instance=999,port=1", "root", "", "gpu")
+        slurm.jobs.update({7: user, 8: orphan})
+        slurm.started.append((ServingJobSpec("mistral-7b", "alice-1", ("x",), "/tmp/o", mps_pct=50,
+                                             comment=user.comment), 7))
+        await servers.pump()
+        second = await _festinad(store, slurm, db)
+        try:
+            assert slurm.cancelled == [8]
+            assert {i.slurm_job_id for i in second.view.live.values()} == {job_id, 7}
+            for _ in range(100):
+                if all(i.phase is InstancePhase.READY for i in second.view.live.values()):
+                    break
+                await asyncio.sleep(0.02)
+            assert all(i.phase is InstancePhase.READY for i in second.view.live.values())
+            async for url in _serve(second, servers, store):
+                async with aiohttp.ClientSession() as session:
+                    assert (await _ask(session, url, servers, model="mistral-7b"))[0] == 200
+            assert len(slurm.started) == 2  # served by the adopted job: nothing new submitted
+        finally:
+            await second.close()
+            await servers.stack.aclose()
+
+    asyncio.run(main())
+
+
+def test_parse_comment() -> None:
+    assert parse_comment("festina:model=m,instance=3,port=9") == {"model": "m", "instance": "3", "port": "9"}
+    assert parse_comment("something else") is None
+    assert parse_comment("festina:instance=3") is None
