@@ -20,7 +20,7 @@ constant-time profile lookups:
   model that keeps missing takes the GPUs of an idle instance of a model that
   has room elsewhere (capacity follows the load).
 - **Local control** (``control``): per GPU, the joint choice of the one clock
-  and each co-resident instance's SM share (and batch cap) that draws the
+  and each co-resident instance's SM share and prefill chunk that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
   decode step at its batch (stretched by prefill interruptions, and the step
   that carries a prefill chunk where full speed can meet that tail), TTFT from
@@ -85,10 +85,10 @@ SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
 TTFT_MARGIN = 0.8  # the controller plans for this share of the TTFT SLO (placement for all of it: the
 # estimate is already a tail, a long prefill ahead)
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
-# Prefill chunks the controller chooses from, largest first. Smaller chunks shorten the steps that
-# decoding sequences wait in; in the simulator they cost more TTFT misses than they saved TBT misses
-# on the Azure traces (0.974 vs 0.994 SLO attainment on conv), so only the engine's chunk is offered.
-CHUNKS = (PREFILL_CHUNK_TOKENS,)
+# Prefill chunks the controller chooses from, largest first (the largest that keeps the SLOs wins).
+# Smaller chunks shorten the steps that decoding sequences wait in, so the TBT tail is met at a lower
+# clock; each prompt then takes more steps (more per-step overhead), which the TTFT check weighs.
+CHUNKS = (PREFILL_CHUNK_TOKENS, 1024, 512)
 MIN_START_SHARE = 30.0
 WIDE_LOOK = 16  # instances looked at before starting a new one
 TAIL_BUSY = 0.05  # prefill busy share from which a request's TBT is planned for a chunk-carrying step
