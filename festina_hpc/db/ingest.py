@@ -1,0 +1,308 @@
+"""Energy ingest: GPU readings stored in batches, each batch with its rollup updates in one transaction.
+
+A reading is a GPU's cumulative NVML energy counter at one time (with its power and, optionally,
+the shares of its instances). Energy is the difference between consecutive readings of one GPU:
+``write_readings`` keeps each GPU's last reading in ``energy_cursors``, differences every new
+reading against the one before it, and adds the difference to the rollups in the bucket of the
+reading that closes it:
+
+- ``job_energy`` / ``instance_energy``: the share of each instance, to it and to its Slurm job;
+- ``model_energy_hourly``: the instances' shares, per model per UTC hour;
+- ``account_energy_daily``: the instances' shares, per Slurm account and user (of the instance's
+  job; "" when it has none) per UTC day;
+- ``node_energy_hourly``: the whole difference, per node per hour, and the part no share claimed
+  (``idle_energy_j``: a GPU without instances, or the unclaimed rest of its shares).
+
+Because the samples, their shares, the rollups and the cursors of a batch are written in one
+transaction, a crash mid-ingest loses no committed batch and leaves no half-counted one. Rules:
+
+- a reading at or before its GPU's cursor (a re-read after a restart, or a late one) is skipped:
+  not stored and not counted, so re-recording is a no-op and no energy is counted twice;
+- a GPU's first reading only sets its cursor (there is nothing to difference it against);
+- a counter lower than the one before means the driver restarted it: the difference is the new
+  reading itself (energy since the restart);
+- readings of one GPU are written by one writer at a time (its node's sampler); on PostgreSQL
+  the cursor rows are locked for the transaction, so a second writer waits rather than double-counts.
+
+PostgreSQL gets the raw samples through ``COPY`` (the cursor guarantees they are new), SQLite
+through one ``executemany``; the rollups are a handful of upserts per batch whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Connection, Table, case, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from festina_hpc.db.errors import InvalidRecord
+from festina_hpc.db.models import (
+    AccountEnergyDaily,
+    Base,
+    EnergyCursor,
+    EnergySample,
+    Gpu,
+    InstanceEnergy,
+    JobEnergy,
+    ModelEnergyHourly,
+    ModelInstance,
+    NodeEnergyHourly,
+    SlurmJob,
+)
+from festina_hpc.db.validation import check_integer, check_number, check_time
+
+if TYPE_CHECKING:
+    import psycopg
+
+HOUR_S = 3600
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """A GPU's energy counter and power at one time; ``shares`` splits it over its instances."""
+
+    gpu_id: int
+    sampled_at: datetime
+    energy_counter_j: float
+    power_w: float | None = None
+    shares: Mapping[int, float] = field(default_factory=dict)  # instance id -> fraction of the energy
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch did."""
+
+    stored: int  # new raw samples
+    skipped: int  # readings at or before their GPU's cursor: not stored, not counted
+    energy_j: float  # energy differences added to the node rollups (attributed and idle)
+
+
+@dataclass(frozen=True)
+class _Instance:
+    model: str
+    job_id: int | None
+    account: str
+    user_name: str
+
+
+def validate_readings(readings: Sequence[EnergyReading]) -> None:
+    """Refuse a bad reading before anything is written, naming the reading, field and value."""
+    for i, reading in enumerate(readings):
+        where = f"energy_samples[{i}] (gpu {reading.gpu_id})"
+        check_integer(where, "gpu_id", reading.gpu_id)
+        check_time(where, "sampled_at", reading.sampled_at)
+        check_number(where, "energy_counter_j", reading.energy_counter_j)
+        check_number(where, "power_w", reading.power_w, optional=True)
+        if reading.shares:
+            for instance_id, share in reading.shares.items():
+                check_integer(where, "shares key", instance_id)
+                check_number(where, f"shares[{instance_id}]", share, high=1.0)
+            if sum(reading.shares.values()) > 1.0 + 1e-9:
+                raise InvalidRecord(f"{where}.shares = {dict(reading.shares)!r} sum to more than 1")
+
+
+def write_readings(connection: Connection, readings: Sequence[EnergyReading], now: datetime) -> BatchResult:
+    """Store validated ``readings`` and update the rollups, inside the caller's transaction.
+
+    The caller owns the transaction (``Store.record_energy``): on any error it rolls back the
+    samples and the rollups together.
+    """
+    if not readings:
+        return BatchResult(0, 0, 0.0)
+    gpu_ids = sorted({r.gpu_id for r in readings})
+    node_of: dict[int, int] = {gpu: node for gpu, node in
+                               connection.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
+    for i, reading in enumerate(readings):
+        if reading.gpu_id not in node_of:
+            raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).gpu_id = {reading.gpu_id!r} "
+                                "is not a known GPU")
+    instances = _instances(connection, readings)
+    cursor_query = select(EnergyCursor.gpu_id, EnergyCursor.sampled_at, EnergyCursor.energy_counter_j).where(
+        EnergyCursor.gpu_id.in_(gpu_ids))
+    if connection.dialect.name == "postgresql":
+        cursor_query = cursor_query.with_for_update()
+    cursors: dict[int, tuple[datetime, float]] = {gpu: (at, counter) for gpu, at, counter in
+                                                   connection.execute(cursor_query)}
+
+    rollups = _Rollups()
+    stored: list[EnergyReading] = []
+    skipped = 0
+    current_gpu: int | None = None
+    previous: tuple[datetime, float] | None = None
+    # Sorted by GPU, then time: each GPU's readings difference in order, whatever order they came in.
+    for reading in sorted(readings, key=lambda r: (r.gpu_id, r.sampled_at)):
+        if reading.gpu_id != current_gpu:
+            if current_gpu is not None and previous is not None:
+                rollups.cursors[current_gpu] = previous
+            current_gpu = reading.gpu_id
+            previous = cursors.get(current_gpu)
+        if previous is not None and reading.sampled_at <= previous[0]:
+            skipped += 1
+            continue
+        stored.append(reading)
+        if previous is not None:
+            counter = reading.energy_counter_j
+            delta_j = counter - previous[1] if counter >= previous[1] else counter
+            rollups.add(node_of[reading.gpu_id], reading, previous[0], delta_j, instances)
+        previous = (reading.sampled_at, reading.energy_counter_j)
+    if current_gpu is not None and previous is not None:
+        rollups.cursors[current_gpu] = previous
+
+    _insert_samples(connection, stored)
+    _write_rollups(connection, rollups, now)
+    return BatchResult(len(stored), skipped, rollups.energy_j)
+
+
+def _instances(connection: Connection, readings: Sequence[EnergyReading]) -> dict[int, _Instance]:
+    ids = sorted({instance_id for r in readings for instance_id in r.shares})
+    if not ids:
+        return {}
+    found = connection.execute(
+        select(ModelInstance.id, ModelInstance.model, ModelInstance.slurm_job_id, SlurmJob.account,
+               SlurmJob.user_name)
+        .outerjoin(SlurmJob, SlurmJob.job_id == ModelInstance.slurm_job_id)
+        .where(ModelInstance.id.in_(ids)))
+    instances = {row.id: _Instance(row.model, row.slurm_job_id, row.account or "", row.user_name or "")
+                 for row in found}
+    for i, reading in enumerate(readings):
+        for instance_id in reading.shares:
+            if instance_id not in instances:
+                raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).shares key = {instance_id!r} "
+                                    "is not a known instance")
+    return instances
+
+
+class _Rollups:
+    """One batch's additions to every rollup, keyed as the tables are (hours and days as epoch buckets)."""
+
+    def __init__(self) -> None:
+        self.energy_j = 0.0
+        self.node_hour: dict[tuple[int, int], list[float]] = {}  # (node, hour) -> [energy_j, idle_energy_j]
+        self.model_hour: dict[tuple[str, int], float] = {}
+        self.account_day: dict[tuple[str, str, int], float] = {}
+        # id -> [energy_j, from_at, to_at]
+        self.instances: dict[int, list[Any]] = {}
+        self.jobs: dict[int, list[Any]] = {}
+        self.cursors: dict[int, tuple[datetime, float]] = {}
+
+    def add(self, node_id: int, reading: EnergyReading, from_at: datetime, delta_j: float,
+            instances: Mapping[int, _Instance]) -> None:
+        hour = int(reading.sampled_at.timestamp() // HOUR_S)
+        self.energy_j += delta_j
+        claimed = 0.0
+        for instance_id, share in reading.shares.items():
+            energy_j = delta_j * share
+            claimed += share
+            info = instances[instance_id]
+            key = (info.model, hour)
+            self.model_hour[key] = self.model_hour.get(key, 0.0) + energy_j
+            day_key = (info.account, info.user_name, hour // 24)
+            self.account_day[day_key] = self.account_day.get(day_key, 0.0) + energy_j
+            _add_total(self.instances, instance_id, energy_j, from_at, reading.sampled_at)
+            if info.job_id is not None:
+                _add_total(self.jobs, info.job_id, energy_j, from_at, reading.sampled_at)
+        totals = self.node_hour.setdefault((node_id, hour), [0.0, 0.0])
+        totals[0] += delta_j
+        # max(): shares summing to 1 up to rounding leave no negative idle energy.
+        totals[1] += delta_j * max(0.0, 1.0 - claimed)
+
+
+def _add_total(totals: dict[int, list[Any]], key: int, energy_j: float, from_at: datetime, to_at: datetime) -> None:
+    total = totals.get(key)
+    if total is None:
+        totals[key] = [energy_j, from_at, to_at]
+        return
+    total[0] += energy_j
+    total[1] = min(total[1], from_at)
+    total[2] = max(total[2], to_at)
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+def _bucket(bucket: int, seconds: int) -> datetime:
+    return datetime.fromtimestamp(bucket * seconds, UTC)
+
+
+def _insert_samples(connection: Connection, stored: Sequence[EnergyReading]) -> None:
+    if not stored:
+        return
+    samples = [(r.gpu_id, r.sampled_at, r.energy_counter_j, r.power_w) for r in stored]
+    shares = [(r.gpu_id, r.sampled_at, instance_id, share) for r in stored for instance_id, share in r.shares.items()]
+    if connection.dialect.name == "postgresql":
+        # COPY: the fastest way into PostgreSQL, and safe without ON CONFLICT because every
+        # stored reading is newer than its GPU's cursor (locked above).
+        raw = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
+        with raw.cursor() as cursor:
+            with cursor.copy("COPY energy_samples (gpu_id, sampled_at, energy_counter_j, power_w) FROM STDIN") as copy:
+                for row in samples:
+                    copy.write_row(row)
+            if shares:
+                with cursor.copy("COPY energy_sample_shares (gpu_id, sampled_at, instance_id, share_frac) "
+                                 "FROM STDIN") as copy:
+                    for row in shares:
+                        copy.write_row(row)
+        return
+    # SQLite: one executemany each, the times in the text form UtcDateTime stores (its own processor).
+    to_text = _table(EnergySample).c.sampled_at.type.dialect_impl(connection.dialect).bind_processor(
+        connection.dialect)
+    assert to_text is not None
+    connection.exec_driver_sql(
+        "INSERT INTO energy_samples (gpu_id, sampled_at, energy_counter_j, power_w) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING", [(g, to_text(t), e, p) for g, t, e, p in samples])
+    if shares:
+        connection.exec_driver_sql(
+            "INSERT INTO energy_sample_shares (gpu_id, sampled_at, instance_id, share_frac) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING", [(g, to_text(t), i, s) for g, t, i, s in shares])
+
+
+def _write_rollups(connection: Connection, rollups: _Rollups, now: datetime) -> None:
+    """Add a batch's sums to the rollup rows (insert, or add to the stored value) and move the cursors."""
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+
+    def add_to(model: type[Base], rows: list[dict[str, Any]], keys: Sequence[str],
+               summed: Sequence[str], spans: bool = False) -> None:
+        if not rows:
+            return
+        table = _table(model)
+        stmt = insert(table)
+        updates: dict[str, Any] = {name: table.c[name] + stmt.excluded[name] for name in summed}
+        if spans:
+            updates["from_at"] = case((stmt.excluded.from_at < table.c.from_at, stmt.excluded.from_at),
+                                      else_=table.c.from_at)
+            updates["to_at"] = case((stmt.excluded.to_at > table.c.to_at, stmt.excluded.to_at), else_=table.c.to_at)
+            updates["updated_at"] = stmt.excluded.updated_at
+        connection.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows)
+
+    add_to(NodeEnergyHourly, [
+        {"node_id": node, "hour_at": _bucket(hour, HOUR_S), "day_at": _bucket(hour // 24, DAY_S),
+         "energy_j": energy_j, "idle_energy_j": idle_j}
+        for (node, hour), (energy_j, idle_j) in rollups.node_hour.items()], ["node_id", "hour_at"],
+        ["energy_j", "idle_energy_j"])
+    add_to(ModelEnergyHourly, [{"model": model, "hour_at": _bucket(hour, HOUR_S), "energy_j": energy_j}
+                               for (model, hour), energy_j in rollups.model_hour.items()],
+           ["model", "hour_at"], ["energy_j"])
+    add_to(AccountEnergyDaily, [
+        {"account": account, "user_name": user, "day_at": _bucket(day, DAY_S), "energy_j": energy_j}
+        for (account, user, day), energy_j in rollups.account_day.items()], ["account", "user_name", "day_at"],
+        ["energy_j"])
+    add_to(InstanceEnergy, [{"instance_id": key, "energy_j": e, "from_at": f, "to_at": t, "updated_at": now}
+                            for key, (e, f, t) in rollups.instances.items()], ["instance_id"], ["energy_j"], True)
+    add_to(JobEnergy, [{"job_id": key, "energy_j": e, "from_at": f, "to_at": t, "updated_at": now}
+                       for key, (e, f, t) in rollups.jobs.items()], ["job_id"], ["energy_j"], True)
+    if rollups.cursors:
+        table = _table(EnergyCursor)
+        stmt = insert(table)
+        connection.execute(stmt.on_conflict_do_update(
+            index_elements=["gpu_id"], set_={"sampled_at": stmt.excluded.sampled_at,
+                                             "energy_counter_j": stmt.excluded.energy_counter_j}),
+            [{"gpu_id": gpu, "sampled_at": at, "energy_counter_j": counter}
+             for gpu, (at, counter) in rollups.cursors.items()])
+
+
+__all__ = ["BatchResult", "EnergyReading", "validate_readings", "write_readings"]
