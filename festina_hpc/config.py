@@ -64,6 +64,9 @@ class DbConfig:
     # "" = a SQLite file in the user's state folder (see default_db_url). --db-url and
     # FESTINA_DB_URL override it.
     url: str = ""
+    # Days raw energy samples are kept (`festina db prune` deletes older ones; the rollups that
+    # reports read are kept for ever). 0 = keep every sample.
+    sample_retention_days: int = 30
 
     def resolved_url(self) -> str:
         return self.url or default_db_url()
@@ -126,7 +129,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
                                     ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
-_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s")}
+_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s"),
+                                       ("db", "sample_retention_days")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is off.
 _POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
               if f.type in ("int", "float") and f.name != "node_off_w"}
