@@ -30,6 +30,7 @@ through one ``executemany``; the rollups are a handful of upserts per batch what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Connection, Table, case, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from festina_hpc.db.errors import InvalidRecord
+from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.models import (
     AccountEnergyDaily,
     Base,
@@ -81,17 +82,37 @@ class BatchResult:
     energy_j: float  # energy differences added to the node rollups (attributed and idle)
 
 
-@dataclass(frozen=True)
-class _Instance:
-    model: str
-    job_id: int | None
-    account: str
-    user_name: str
+# An instance as the rollups need it: model, Slurm job id (or None), account, user.
+InstanceInfo = tuple[str, int | None, str, str]
+# A GPU's last reading: its time and counter.
+Cursor = tuple[datetime, float]
+
+
+def _fast_ok(reading: EnergyReading) -> bool:
+    """The common case checked in a few comparisons; anything else goes through the checks that name the field."""
+    power_w = reading.power_w
+    counter = reading.energy_counter_j
+    at = reading.sampled_at
+    if not (type(reading.gpu_id) is int and type(counter) is float and 0.0 <= counter < math.inf
+            and (power_w is None or (type(power_w) is float and 0.0 <= power_w < math.inf))
+            and type(at) is datetime and at.tzinfo is not None):
+        return False
+    shares = reading.shares
+    if shares:
+        total = 0.0
+        for instance_id, share in shares.items():
+            if not (type(instance_id) is int and type(share) is float and 0.0 <= share <= 1.0):
+                return False
+            total += share
+        return total <= 1.0 + 1e-9
+    return True
 
 
 def validate_readings(readings: Sequence[EnergyReading]) -> None:
     """Refuse a bad reading before anything is written, naming the reading, field and value."""
     for i, reading in enumerate(readings):
+        if _fast_ok(reading):
+            continue
         where = f"energy_samples[{i}] (gpu {reading.gpu_id})"
         check_integer(where, "gpu_id", reading.gpu_id)
         check_time(where, "sampled_at", reading.sampled_at)
@@ -105,6 +126,127 @@ def validate_readings(readings: Sequence[EnergyReading]) -> None:
                 raise InvalidRecord(f"{where}.shares = {dict(reading.shares)!r} sum to more than 1")
 
 
+@dataclass
+class BatchPlan:
+    """What one batch will write: computed from the readings and the cursors, before any write."""
+
+    stored: list[EnergyReading]  # the new readings, by GPU and time
+    skipped: int
+    cursors_before: dict[int, Cursor | None]  # the cursor each GPU of the batch was planned from
+    cursors_after: dict[int, Cursor]
+    energy_j: float = 0.0
+    node_hour: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (node, hour) -> [energy, idle]
+    model_hour: dict[tuple[str, int], float] = field(default_factory=dict)
+    account_day: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    instances: dict[int, list[Any]] = field(default_factory=dict)  # id -> [energy_j, from_at, to_at]
+    jobs: dict[int, list[Any]] = field(default_factory=dict)
+
+    def result(self) -> BatchResult:
+        return BatchResult(len(self.stored), self.skipped, self.energy_j)
+
+
+def _gpu_and_time(reading: EnergyReading) -> tuple[int, datetime]:
+    return reading.gpu_id, reading.sampled_at
+
+
+def plan_batch(readings: Sequence[EnergyReading], node_of: Mapping[int, int], instances: Mapping[int, InstanceInfo],
+               cursors: Mapping[int, Cursor]) -> BatchPlan:
+    """Difference validated readings against their GPUs' cursors and sum them into rollup buckets (pure)."""
+    gpus = {r.gpu_id for r in readings}
+    plan = BatchPlan([], 0, {gpu: cursors.get(gpu) for gpu in gpus}, {})
+    stored = plan.stored
+    node_hour, model_hour, account_day = plan.node_hour, plan.model_hour, plan.account_day
+    instance_totals, job_totals = plan.instances, plan.jobs
+    energy_j = 0.0
+    current_gpu = -1
+    node = -1
+    previous_at: datetime | None = None
+    previous_counter = 0.0
+    # Sorted by GPU, then time: each GPU's readings difference in order, whatever order they came in.
+    for reading in sorted(readings, key=_gpu_and_time):
+        if reading.gpu_id != current_gpu:
+            if previous_at is not None:
+                plan.cursors_after[current_gpu] = (previous_at, previous_counter)
+            current_gpu = reading.gpu_id
+            node = node_of[current_gpu]
+            cursor = cursors.get(current_gpu)
+            previous_at, previous_counter = cursor if cursor is not None else (None, 0.0)
+        at = reading.sampled_at
+        if previous_at is not None and at <= previous_at:
+            plan.skipped += 1
+            continue
+        stored.append(reading)
+        counter = reading.energy_counter_j
+        if previous_at is not None:
+            delta_j = counter - previous_counter if counter >= previous_counter else counter
+            energy_j += delta_j
+            hour = int(at.timestamp() // HOUR_S)
+            claimed = 0.0
+            for instance_id, share in reading.shares.items():
+                part_j = delta_j * share
+                claimed += share
+                model, job_id, account, user = instances[instance_id]
+                key = (model, hour)
+                model_hour[key] = model_hour.get(key, 0.0) + part_j
+                day_key = (account, user, hour // 24)
+                account_day[day_key] = account_day.get(day_key, 0.0) + part_j
+                _add_total(instance_totals, instance_id, part_j, previous_at, at)
+                if job_id is not None:
+                    _add_total(job_totals, job_id, part_j, previous_at, at)
+            totals = node_hour.get((node, hour))
+            if totals is None:
+                totals = node_hour[(node, hour)] = [0.0, 0.0]
+            totals[0] += delta_j
+            # max(): shares summing to 1 up to rounding leave no negative idle energy.
+            totals[1] += delta_j * max(0.0, 1.0 - claimed)
+        previous_at, previous_counter = at, counter
+    if previous_at is not None:
+        plan.cursors_after[current_gpu] = (previous_at, previous_counter)
+    plan.energy_j = energy_j
+    return plan
+
+
+def lookup(connection: Connection, readings: Sequence[EnergyReading], *, known_gpus: Mapping[int, int] | None = None,
+           known_instances: Mapping[int, InstanceInfo] | None = None) -> tuple[dict[int, int], dict[int, InstanceInfo]]:
+    """The node of each GPU and the details of each instance the readings name; unknown ones are refused."""
+    known_gpus = known_gpus or {}
+    known_instances = known_instances or {}
+    node_of = dict(known_gpus)
+    missing_gpus = sorted({r.gpu_id for r in readings} - set(node_of))
+    if missing_gpus:
+        node_of.update((gpu, node) for gpu, node in
+                       connection.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(missing_gpus))))
+    for i, reading in enumerate(readings):
+        if reading.gpu_id not in node_of:
+            raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).gpu_id = {reading.gpu_id!r} "
+                                "is not a known GPU")
+    instances = dict(known_instances)
+    missing = sorted({instance_id for r in readings for instance_id in r.shares} - set(instances))
+    if missing:
+        found = connection.execute(
+            select(ModelInstance.id, ModelInstance.model, ModelInstance.slurm_job_id, SlurmJob.account,
+                   SlurmJob.user_name)
+            .outerjoin(SlurmJob, SlurmJob.job_id == ModelInstance.slurm_job_id)
+            .where(ModelInstance.id.in_(missing)))
+        instances.update((row.id, (row.model, row.slurm_job_id, row.account or "", row.user_name or ""))
+                         for row in found)
+        for i, reading in enumerate(readings):
+            for instance_id in reading.shares:
+                if instance_id not in instances:
+                    raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).shares key = {instance_id!r} "
+                                        "is not a known instance")
+    return node_of, instances
+
+
+def read_cursors(connection: Connection, gpu_ids: Sequence[int], *, lock: bool = False) -> dict[int, Cursor]:
+    """The GPUs' cursors; ``lock`` (PostgreSQL) holds them for the transaction so a second writer waits."""
+    query = select(EnergyCursor.gpu_id, EnergyCursor.sampled_at, EnergyCursor.energy_counter_j).where(
+        EnergyCursor.gpu_id.in_(sorted(gpu_ids)))
+    if lock and connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {gpu: (at, counter) for gpu, at, counter in connection.execute(query)}
+
+
 def write_readings(connection: Connection, readings: Sequence[EnergyReading], now: datetime) -> BatchResult:
     """Store validated ``readings`` and update the rollups, inside the caller's transaction.
 
@@ -113,102 +255,28 @@ def write_readings(connection: Connection, readings: Sequence[EnergyReading], no
     """
     if not readings:
         return BatchResult(0, 0, 0.0)
-    gpu_ids = sorted({r.gpu_id for r in readings})
-    node_of: dict[int, int] = {gpu: node for gpu, node in
-                               connection.execute(select(Gpu.id, Gpu.node_id).where(Gpu.id.in_(gpu_ids)))}
-    for i, reading in enumerate(readings):
-        if reading.gpu_id not in node_of:
-            raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).gpu_id = {reading.gpu_id!r} "
-                                "is not a known GPU")
-    instances = _instances(connection, readings)
-    cursor_query = select(EnergyCursor.gpu_id, EnergyCursor.sampled_at, EnergyCursor.energy_counter_j).where(
-        EnergyCursor.gpu_id.in_(gpu_ids))
-    if connection.dialect.name == "postgresql":
-        cursor_query = cursor_query.with_for_update()
-    cursors: dict[int, tuple[datetime, float]] = {gpu: (at, counter) for gpu, at, counter in
-                                                   connection.execute(cursor_query)}
-
-    rollups = _Rollups()
-    stored: list[EnergyReading] = []
-    skipped = 0
-    current_gpu: int | None = None
-    previous: tuple[datetime, float] | None = None
-    # Sorted by GPU, then time: each GPU's readings difference in order, whatever order they came in.
-    for reading in sorted(readings, key=lambda r: (r.gpu_id, r.sampled_at)):
-        if reading.gpu_id != current_gpu:
-            if current_gpu is not None and previous is not None:
-                rollups.cursors[current_gpu] = previous
-            current_gpu = reading.gpu_id
-            previous = cursors.get(current_gpu)
-        if previous is not None and reading.sampled_at <= previous[0]:
-            skipped += 1
-            continue
-        stored.append(reading)
-        if previous is not None:
-            counter = reading.energy_counter_j
-            delta_j = counter - previous[1] if counter >= previous[1] else counter
-            rollups.add(node_of[reading.gpu_id], reading, previous[0], delta_j, instances)
-        previous = (reading.sampled_at, reading.energy_counter_j)
-    if current_gpu is not None and previous is not None:
-        rollups.cursors[current_gpu] = previous
-
-    _insert_samples(connection, stored)
-    _write_rollups(connection, rollups, now)
-    return BatchResult(len(stored), skipped, rollups.energy_j)
+    node_of, instances = lookup(connection, readings)
+    cursors = read_cursors(connection, list({r.gpu_id for r in readings}), lock=True)
+    plan = plan_batch(readings, node_of, instances, cursors)
+    write_plan(connection, plan, now)
+    return plan.result()
 
 
-def _instances(connection: Connection, readings: Sequence[EnergyReading]) -> dict[int, _Instance]:
-    ids = sorted({instance_id for r in readings for instance_id in r.shares})
-    if not ids:
-        return {}
-    found = connection.execute(
-        select(ModelInstance.id, ModelInstance.model, ModelInstance.slurm_job_id, SlurmJob.account,
-               SlurmJob.user_name)
-        .outerjoin(SlurmJob, SlurmJob.job_id == ModelInstance.slurm_job_id)
-        .where(ModelInstance.id.in_(ids)))
-    instances = {row.id: _Instance(row.model, row.slurm_job_id, row.account or "", row.user_name or "")
-                 for row in found}
-    for i, reading in enumerate(readings):
-        for instance_id in reading.shares:
-            if instance_id not in instances:
-                raise InvalidRecord(f"energy_samples[{i}] (gpu {reading.gpu_id}).shares key = {instance_id!r} "
-                                    "is not a known instance")
-    return instances
+def write_plan(connection: Connection, plan: BatchPlan, now: datetime, *, check_cursors: bool = False) -> None:
+    """Write a planned batch: samples, shares, rollups, cursors (inside the caller's transaction).
 
-
-class _Rollups:
-    """One batch's additions to every rollup, keyed as the tables are (hours and days as epoch buckets)."""
-
-    def __init__(self) -> None:
-        self.energy_j = 0.0
-        self.node_hour: dict[tuple[int, int], list[float]] = {}  # (node, hour) -> [energy_j, idle_energy_j]
-        self.model_hour: dict[tuple[str, int], float] = {}
-        self.account_day: dict[tuple[str, str, int], float] = {}
-        # id -> [energy_j, from_at, to_at]
-        self.instances: dict[int, list[Any]] = {}
-        self.jobs: dict[int, list[Any]] = {}
-        self.cursors: dict[int, tuple[datetime, float]] = {}
-
-    def add(self, node_id: int, reading: EnergyReading, from_at: datetime, delta_j: float,
-            instances: Mapping[int, _Instance]) -> None:
-        hour = int(reading.sampled_at.timestamp() // HOUR_S)
-        self.energy_j += delta_j
-        claimed = 0.0
-        for instance_id, share in reading.shares.items():
-            energy_j = delta_j * share
-            claimed += share
-            info = instances[instance_id]
-            key = (info.model, hour)
-            self.model_hour[key] = self.model_hour.get(key, 0.0) + energy_j
-            day_key = (info.account, info.user_name, hour // 24)
-            self.account_day[day_key] = self.account_day.get(day_key, 0.0) + energy_j
-            _add_total(self.instances, instance_id, energy_j, from_at, reading.sampled_at)
-            if info.job_id is not None:
-                _add_total(self.jobs, info.job_id, energy_j, from_at, reading.sampled_at)
-        totals = self.node_hour.setdefault((node_id, hour), [0.0, 0.0])
-        totals[0] += delta_j
-        # max(): shares summing to 1 up to rounding leave no negative idle energy.
-        totals[1] += delta_j * max(0.0, 1.0 - claimed)
+    ``check_cursors``: the plan was made outside this transaction (pipelined ingest), so lock the
+    cursors and refuse the batch if another writer moved one since.
+    """
+    if check_cursors:
+        current = read_cursors(connection, list(plan.cursors_before), lock=True)
+        for gpu, assumed in plan.cursors_before.items():
+            if current.get(gpu) != assumed:
+                raise DatabaseError(f"energy_cursors: gpu {gpu} was ingested by another writer at the same time "
+                                    f"(expected its last reading at {assumed[0].isoformat() if assumed else None}, "
+                                    f"found {current[gpu][0].isoformat() if gpu in current else None})")
+    _insert_samples(connection, plan.stored)
+    _write_rollups(connection, plan, now)
 
 
 def _add_total(totals: dict[int, list[Any]], key: int, energy_j: float, from_at: datetime, to_at: datetime) -> None:
@@ -217,8 +285,10 @@ def _add_total(totals: dict[int, list[Any]], key: int, energy_j: float, from_at:
         totals[key] = [energy_j, from_at, to_at]
         return
     total[0] += energy_j
-    total[1] = min(total[1], from_at)
-    total[2] = max(total[2], to_at)
+    if from_at < total[1]:
+        total[1] = from_at
+    if to_at > total[2]:
+        total[2] = to_at
 
 
 def _table(model: type[Base]) -> Table:
@@ -235,16 +305,19 @@ def _insert_samples(connection: Connection, stored: Sequence[EnergyReading]) -> 
     samples = [(r.gpu_id, r.sampled_at, r.energy_counter_j, r.power_w) for r in stored]
     shares = [(r.gpu_id, r.sampled_at, instance_id, share) for r in stored for instance_id, share in r.shares.items()]
     if connection.dialect.name == "postgresql":
-        # COPY: the fastest way into PostgreSQL, and safe without ON CONFLICT because every
-        # stored reading is newer than its GPU's cursor (locked above).
+        # Binary COPY: the fastest way into PostgreSQL, and safe without ON CONFLICT because every
+        # stored reading is newer than its GPU's cursor (locked by the caller).
         raw = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
         with raw.cursor() as cursor:
-            with cursor.copy("COPY energy_samples (gpu_id, sampled_at, energy_counter_j, power_w) FROM STDIN") as copy:
+            with cursor.copy("COPY energy_samples (gpu_id, sampled_at, energy_counter_j, power_w) "
+                             "FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "timestamptz", "float8", "float8"])
                 for row in samples:
                     copy.write_row(row)
             if shares:
                 with cursor.copy("COPY energy_sample_shares (gpu_id, sampled_at, instance_id, share_frac) "
-                                 "FROM STDIN") as copy:
+                                 "FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(["int4", "timestamptz", "int4", "float8"])
                     for row in shares:
                         copy.write_row(row)
         return
@@ -261,7 +334,7 @@ def _insert_samples(connection: Connection, stored: Sequence[EnergyReading]) -> 
             "ON CONFLICT DO NOTHING", [(g, to_text(t), i, s) for g, t, i, s in shares])
 
 
-def _write_rollups(connection: Connection, rollups: _Rollups, now: datetime) -> None:
+def _write_rollups(connection: Connection, rollups: BatchPlan, now: datetime) -> None:
     """Add a batch's sums to the rollup rows (insert, or add to the stored value) and move the cursors."""
     insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
 
@@ -295,14 +368,15 @@ def _write_rollups(connection: Connection, rollups: _Rollups, now: datetime) -> 
                             for key, (e, f, t) in rollups.instances.items()], ["instance_id"], ["energy_j"], True)
     add_to(JobEnergy, [{"job_id": key, "energy_j": e, "from_at": f, "to_at": t, "updated_at": now}
                        for key, (e, f, t) in rollups.jobs.items()], ["job_id"], ["energy_j"], True)
-    if rollups.cursors:
+    if rollups.cursors_after:
         table = _table(EnergyCursor)
         stmt = insert(table)
         connection.execute(stmt.on_conflict_do_update(
             index_elements=["gpu_id"], set_={"sampled_at": stmt.excluded.sampled_at,
                                              "energy_counter_j": stmt.excluded.energy_counter_j}),
             [{"gpu_id": gpu, "sampled_at": at, "energy_counter_j": counter}
-             for gpu, (at, counter) in rollups.cursors.items()])
+             for gpu, (at, counter) in rollups.cursors_after.items()])
 
 
-__all__ = ["BatchResult", "EnergyReading", "validate_readings", "write_readings"]
+__all__ = ["BatchPlan", "BatchResult", "EnergyReading", "lookup", "plan_batch", "read_cursors", "validate_readings",
+           "write_plan", "write_readings"]

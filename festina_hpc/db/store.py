@@ -22,6 +22,8 @@ Contracts:
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +38,19 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from festina_hpc.db import migrate
 from festina_hpc.db.engine import first_line, mask_url, unavailable
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
-from festina_hpc.db.ingest import BatchResult, EnergyReading, validate_readings, write_readings
+from festina_hpc.db.ingest import (
+    BatchPlan,
+    BatchResult,
+    Cursor,
+    EnergyReading,
+    InstanceInfo,
+    lookup,
+    plan_batch,
+    read_cursors,
+    validate_readings,
+    write_plan,
+    write_readings,
+)
 from festina_hpc.db.models import (
     Base,
     Decision,
@@ -148,6 +162,53 @@ class IngestStats:
     skipped: int  # at or before their GPU's last reading: not stored, not counted
     batches: int  # transactions committed
     energy_j: float  # energy added to the node rollups
+
+    @classmethod
+    def of(cls, results: Sequence[tuple[int, BatchResult]]) -> IngestStats:
+        """From each batch's size and result."""
+        return cls(sum(n for n, _ in results), sum(r.stored for _, r in results), sum(r.skipped for _, r in results),
+                   len(results), sum(r.energy_j for _, r in results))
+
+
+class _PlanWriter:
+    """The writer thread of a pipelined ingest: writes planned batches in order, one transaction each.
+
+    After a failure it writes nothing more (the later plans assumed the failed batch committed).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        # Two plans in flight at most: memory stays bounded whatever the stream's length.
+        self._queue: queue.Queue[tuple[int, BatchPlan] | None] = queue.Queue(maxsize=2)
+        self.results: list[tuple[int, BatchResult]] = []
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="festina-ingest-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, readings: int, plan: BatchPlan) -> None:
+        self._queue.put((readings, plan))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._failure is not None:
+                continue
+            readings, plan = item
+            try:
+                now = self._store._clock()
+                with self._store._transaction("ingest_energy") as session:
+                    write_plan(session.connection(), plan, now, check_cursors=True)
+                self.results.append((readings, plan.result()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the ingesting thread, which raises it
+                self._failure = exc
 
 
 @dataclass(frozen=True)
@@ -531,23 +592,50 @@ class Store:
         with self._transaction("record_energy") as session:
             return write_readings(session.connection(), readings, now)
 
-    def ingest_energy(self, readings: Iterable[EnergyReading], *, batch_size: int = DEFAULT_BATCH_SIZE) -> IngestStats:
-        """Stream readings in batches of ``batch_size``, each batch its own transaction.
+    def ingest_energy(self, readings: Iterable[EnergyReading], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      pipeline: bool = True) -> IngestStats:
+        """Stream readings in batches of ``batch_size``, each batch (samples and rollups) its own transaction.
 
-        A failure stops the ingest with the batches before it committed and the failing one not at all.
+        A failure stops the ingest with the batches before it committed and the failing one not at
+        all. With ``pipeline`` a writer thread writes batch k while this thread validates and plans
+        batch k+1 (the database's work and Python's overlap); each planned batch is written in order,
+        after checking that no other writer moved its GPUs' cursors meanwhile. GPUs, instances and
+        cursors are looked up once per call, so an instance's job assigned during the call is
+        counted from the next call on.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidRecord(f"batch_size = {batch_size!r} must be a positive integer")
-        readings_n = stored = skipped = batches = 0
-        energy_j = 0.0
-        for batch in _chunks(readings, batch_size):
-            result = self.write_energy_batch(batch)
-            readings_n += len(batch)
-            stored += result.stored
-            skipped += result.skipped
-            energy_j += result.energy_j
-            batches += 1
-        return IngestStats(readings_n, stored, skipped, batches, energy_j)
+        if not pipeline:
+            results: list[tuple[int, BatchResult]] = []
+            for batch in _chunks(readings, batch_size):
+                results.append((len(batch), self.write_energy_batch(batch)))
+            return IngestStats.of(results)
+        writer = _PlanWriter(self)
+        node_of: dict[int, int] = {}
+        instances: dict[int, InstanceInfo] = {}
+        cursors: dict[int, Cursor] = {}
+        looked_up: set[int] = set()
+        try:
+            for batch in _chunks(readings, batch_size):
+                writer.raise_failure()
+                validate_readings(batch)
+                with self._transaction("ingest_energy") as session:
+                    connection = session.connection()
+                    node_of, instances = lookup(connection, batch, known_gpus=node_of, known_instances=instances)
+                    new = {r.gpu_id for r in batch} - looked_up
+                    if new:
+                        cursors.update(read_cursors(connection, list(new)))
+                        looked_up |= new
+                plan = plan_batch(batch, node_of, instances, cursors)
+                cursors.update(plan.cursors_after)
+                writer.put(len(batch), plan)
+        except BaseException:
+            writer.close()
+            writer.raise_failure()  # an earlier batch's failure is the first one
+            raise
+        writer.close()
+        writer.raise_failure()
+        return IngestStats.of(writer.results)
 
     def set_job_energy(self, job_id: int, energy_j: float, *, from_at: datetime, to_at: datetime) -> None:
         """Store festina's measured energy total of a Slurm job over [from_at, to_at]."""

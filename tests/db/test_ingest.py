@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 
 from festina_hpc.db import ingest, migrate
-from festina_hpc.db.errors import InvalidRecord
+from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import EnergyReading
 from festina_hpc.db.models import (
     AccountEnergyDaily,
@@ -231,3 +232,33 @@ def test_upgrading_a_database_with_samples_seeds_each_gpus_cursor(engine: Engine
                          ).all() == [(1, fx.at(2), 200.0)]
     store.record_energy([EnergyReading(1, fx.at(1), 100.0), EnergyReading(1, fx.at(3), 350.0)])
     assert rollups(engine)["node_hour"] == {("n01", fx.H12): (150.0, 150.0)}
+
+
+def test_sequential_and_pipelined_ingest_agree(store: Store, migrated: Engine) -> None:
+    instances, readings = fx.build(store)
+    ordered = sorted(readings, key=lambda r: r.sampled_at)
+    stats = store.ingest_energy(ordered, batch_size=3, pipeline=False)
+    assert (stats.stored, stats.batches) == (8, 3)
+    assert rollups(migrated) == expected(instances)
+
+
+def test_a_planned_batch_whose_cursor_another_writer_moved_is_refused(store: Store, migrated: Engine,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _, readings = fx.build(store)
+    ordered = sorted(readings, key=lambda r: r.sampled_at)
+    real = ingest.plan_batch
+    planned = {"n": 0}
+
+    def plan_then_race(*args: Any) -> Any:
+        plan = real(*args)
+        planned["n"] += 1
+        if planned["n"] == 2:  # another writer ingests n01/0's next reading before our batch 2 is written
+            deadline = time.monotonic() + 30
+            while rollups(migrated)["samples"] < 4 and time.monotonic() < deadline:  # batch 1 committed
+                time.sleep(0.01)
+            Store(migrated, clock=TickingClock()).record_energy([EnergyReading(1, fx.at(1), 1001.0)])
+        return plan
+
+    monkeypatch.setattr("festina_hpc.db.store.plan_batch", plan_then_race)
+    with pytest.raises(DatabaseError, match=r"^energy_cursors: gpu 1 was ingested by another writer at the same time"):
+        store.ingest_energy(ordered, batch_size=4)
