@@ -34,7 +34,6 @@ from sqlalchemy import (
     Double,
     Enum,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -243,9 +242,11 @@ class EnergySampleShare(Base):
     """The fraction of a sample's GPU energy attributed to one of the GPU's instances (optional)."""
 
     __tablename__ = "energy_sample_shares"
+    # No foreign key to energy_samples (migration 0002 dropped it): the ingest writes a sample and
+    # its shares together in one transaction, so the reference holds by construction, and checking
+    # it row by row cost PostgreSQL more than half of the ingest time. Retention deletes shares
+    # with their samples (festina_hpc/db/retention.py).
     __table_args__ = (
-        ForeignKeyConstraint(["gpu_id", "sampled_at"], ["energy_samples.gpu_id", "energy_samples.sampled_at"],
-                             ondelete="CASCADE", name="fk_energy_sample_shares_sample"),
         CheckConstraint("share_frac >= 0 AND share_frac <= 1", name="share_frac_range"),
         Index(None, "instance_id"),
     )

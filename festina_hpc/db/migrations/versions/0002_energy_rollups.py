@@ -1,5 +1,9 @@
 """Energy rollups maintained at ingest: per-GPU cursors, per model per hour, per account per day, per node per hour.
 
+It also drops the foreign key from energy_sample_shares to energy_samples: the ingest writes a
+sample and its shares in one transaction, so it holds by construction, and PostgreSQL's row-by-row
+check of it was more than half of the ingest's cost (retention deletes shares with their samples).
+
 Existing raw samples seed each GPU's cursor (its latest reading), so the next reading's energy
 difference starts where the old data ends; the samples recorded before this revision are not
 rolled up (the rollups start empty).
@@ -67,6 +71,8 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_node_energy_hourly_day_at"), "node_energy_hourly", ["day_at"])
     op.create_index(op.f("ix_node_energy_hourly_hour_at"), "node_energy_hourly", ["hour_at"])
+    with op.batch_alter_table("energy_sample_shares") as batch:
+        batch.drop_constraint("fk_energy_sample_shares_sample", type_="foreignkey")
     # Plain SQL both backends run: each GPU's latest stored reading becomes its cursor.
     op.execute(
         "INSERT INTO energy_cursors (gpu_id, sampled_at, energy_counter_j) "
@@ -76,6 +82,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("energy_sample_shares") as batch:
+        batch.create_foreign_key("fk_energy_sample_shares_sample", "energy_samples", ["gpu_id", "sampled_at"],
+                                 ["gpu_id", "sampled_at"], ondelete="CASCADE")
     op.drop_table("node_energy_hourly")
     op.drop_table("account_energy_daily")
     op.drop_table("model_energy_hourly")
