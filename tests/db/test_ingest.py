@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -262,3 +263,20 @@ def test_a_planned_batch_whose_cursor_another_writer_moved_is_refused(store: Sto
     monkeypatch.setattr("festina_hpc.db.store.plan_batch", plan_then_race)
     with pytest.raises(DatabaseError, match=r"^energy_cursors: gpu 1 was ingested by another writer at the same time"):
         store.ingest_energy(ordered, batch_size=4)
+
+
+def test_samples_and_shares_read_back_exactly_as_written(store: Store, migrated: Engine) -> None:
+    instances, _ = fx.build(store)
+    odd = timezone(timedelta(hours=-7, minutes=-30))
+    written = [EnergyReading(1, fx.at(0.000001).astimezone(odd), 12.5, None),
+               EnergyReading(1, fx.at(1.5), 1e12 + 0.25, 712.125, shares={instances["A"]: 0.5, instances["B"]: 0.125}),
+               EnergyReading(2, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), 0, 0.0)]
+    store.record_energy(written)
+    with migrated.connect() as c:
+        samples = c.execute(select(EnergySample.gpu_id, EnergySample.sampled_at, EnergySample.energy_counter_j,
+                                   EnergySample.power_w).order_by(EnergySample.gpu_id, EnergySample.sampled_at)).all()
+        shares = c.execute(select(EnergySampleShare.sampled_at, EnergySampleShare.instance_id,
+                                  EnergySampleShare.share_frac).order_by(EnergySampleShare.instance_id)).all()
+    assert [tuple(s) for s in samples] == [(1, fx.at(0.000001), 12.5, None), (1, fx.at(1.5), 1e12 + 0.25, 712.125),
+                                           (2, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), 0.0, 0.0)]
+    assert [tuple(s) for s in shares] == [(fx.at(1.5), instances["A"], 0.5), (fx.at(1.5), instances["B"], 0.125)]
