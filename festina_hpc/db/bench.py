@@ -28,7 +28,8 @@ from sqlalchemy.engine import URL, make_url
 
 from festina_hpc.db import migrate
 from festina_hpc.db.accounting import query_names, run_query
-from festina_hpc.db.engine import make_engine, mask_url
+from festina_hpc.db.engine import first_line, make_engine, mask_url
+from festina_hpc.db.errors import DatabaseUnavailable
 from festina_hpc.db.ingest import EnergyReading
 from festina_hpc.db.store import DEFAULT_BATCH_SIZE, GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
 
@@ -130,8 +131,11 @@ def _postgres_schema(admin_url: str) -> tuple[URL, str]:
     if base.drivername in ("postgresql", "postgres"):
         base = base.set(drivername="postgresql+psycopg")
     schema = f"festina_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(_libpq(base), autocommit=True, connect_timeout=5) as connection:
-        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        with psycopg.connect(_libpq(base), autocommit=True, connect_timeout=5) as connection:
+            connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"database {mask_url(base)} does not answer: {first_line(exc)}") from None
     return base.update_query_dict({"options": f"-csearch_path={schema}"}), schema
 
 
