@@ -24,8 +24,12 @@ transaction, a crash mid-ingest loses no committed batch and leaves no half-coun
 - readings of one GPU are written by one writer at a time (its node's sampler); on PostgreSQL
   the cursor rows are locked for the transaction, so a second writer waits rather than double-counts.
 
-PostgreSQL gets the raw samples through ``COPY`` (the cursor guarantees they are new), SQLite
-through one ``executemany``; the rollups are a handful of upserts per batch whatever its size.
+The work is split so that it can be pipelined (``Store.ingest_energy``): ``validate_readings``
+and ``plan_batch`` (pure: the differences and the rollup sums) need no transaction, ``write_plan``
+writes a planned batch inside one, after re-checking under lock that the cursors it was planned
+from are still the stored ones. PostgreSQL gets the raw samples through binary ``COPY`` (the
+cursor guarantees they are new), SQLite through one ``executemany``; the rollups are a handful
+of upserts per batch whatever its size.
 """
 
 from __future__ import annotations
