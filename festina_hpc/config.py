@@ -64,6 +64,9 @@ class DbConfig:
     # "" = a SQLite file in the user's state folder (see default_db_url). --db-url and
     # FESTINA_DB_URL override it.
     url: str = ""
+    # Days raw energy samples are kept (`festina db prune` deletes older ones; the rollups that
+    # reports read are kept for ever). 0 = keep every sample.
+    sample_retention_days: int = 30
 
     def resolved_url(self) -> str:
         return self.url or default_db_url()
@@ -158,7 +161,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
                                     ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
-_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s")}
+_NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_alive_s"), ("sim", "warmup_s"),
+                                       ("db", "sample_retention_days")}
 _POSITIVE |= {("daemon", k) for k in ("port", "slurm_timeout_s", "serve_time_scale", "serve_port_base",
                                       "scale_timeout_s", "start_timeout_s", "reconcile_period_s",
                                       "ttft_slo_multiplier", "tbt_slo_multiplier")}

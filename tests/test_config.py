@@ -61,6 +61,9 @@ def test_values_in_file_override_defaults(tmp_path: Path) -> None:
     ("zero count", "[gpu]\nsimulated_count = 0\n", ["gpu.simulated_count", "0", "positive"]),
     ("negative count", "[gpu]\nsimulated_count = -3\n", ["gpu.simulated_count", "-3", "positive"]),
     ("invalid TOML", "[gpu\nbackend = 'nvml'\n", ["invalid TOML", "line 1"]),
+    ("negative sample retention", "[db]\nsample_retention_days = -1\n",
+     ["db.sample_retention_days", "-1", "must not be negative"]),
+    ("sample retention not an int", "[db]\nsample_retention_days = '30d'\n", ["db.sample_retention_days", "'30d'"]),
 ])
 def test_invalid_config_is_one_line_error_naming_file_key_and_value(
         tmp_path: Path, case: str, text: str, expected: list[str]) -> None:

@@ -157,3 +157,40 @@ def bench_gateway(requests: int, concurrency: int, tokens: int, as_json: bool) -
     Console().print(table)
     click.echo(f"streamed: {figures['req_per_s']:,.0f} req/s through the gateway; added latency "
                f"p50 {figures['overhead_p50_ms']:.3f} ms, p99 {figures['overhead_p99_ms']:.3f} ms")
+
+
+@bench.command("db")
+@click.option("--samples", type=click.IntRange(min=1), default=10_000_000, show_default=True,
+              help="Energy readings to ingest into each database (128 GPUs, one reading per GPU per second).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Readings per ingest transaction.")
+@click.option("--postgres-url", default=None, metavar="URL",
+              help="PostgreSQL to measure, in a schema of its own that is dropped afterwards (default: "
+                   "$FESTINA_BENCH_POSTGRES_URL, else postgresql+psycopg://postgres@127.0.0.1:5432/test).")
+@click.option("--no-postgres", is_flag=True, help="SQLite only.")
+@json_option
+def bench_db(samples: int, batch_size: int, postgres_url: str | None, no_postgres: bool, as_json: bool) -> None:
+    """Energy-sample ingest rate into SQLite and PostgreSQL, and the latency of every accounting report."""
+    import os
+
+    from festina_hpc.db.bench import DEFAULT_POSTGRES_URL, run_db_bench
+
+    url = None if no_postgres else (postgres_url or os.environ.get("FESTINA_BENCH_POSTGRES_URL")
+                                    or DEFAULT_POSTGRES_URL)
+    figures = run_db_bench(samples, postgres_url=url, batch_size=batch_size)
+    if as_json:
+        echo_json(figures)
+        return
+    table = Table(title=f"Energy ingest, {samples:,} readings of {figures['gpus']} GPUs, "
+                        f"batches of {batch_size:,} (rollups included)")
+    for column in ("database", "seconds", "samples/s", "slowest report s"):
+        table.add_column(column, justify="right")
+    for backend in ("sqlite", "postgresql"):
+        if figures[f"{backend}_ingest_per_s"] is None:
+            continue
+        slowest = max(figures["reports_s"][backend].values())
+        table.add_row(backend, f"{figures[f'{backend}_ingest_s']:.2f}", f"{figures[f'{backend}_ingest_per_s']:,.0f}",
+                      f"{slowest:.4f}")
+    Console().print(table)
+    click.echo(f"slowest report: {figures['report_max_s']:.4f} s ({figures['report_max_query']}), "
+               f"over {len(figures['reports_s'].get('sqlite', {}))} query runs per database")

@@ -17,6 +17,8 @@ from sqlalchemy import Engine
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.db import migrate
 from festina_hpc.db.engine import check_connection, make_engine, resolve_db_url
+from festina_hpc.db.retention import prune_samples, retention_cutoff
+from festina_hpc.db.store import Store, utc_now
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,7 +49,7 @@ def _report(masked_url: str, revision: migrate.Revision, as_json: bool, verb: st
 
 @click.group("db")
 def db_group() -> None:
-    """festina's database: migrations and status."""
+    """festina's database: migrations, status and raw-sample retention."""
 
 
 @db_group.command("upgrade")
@@ -89,3 +91,32 @@ def current(app: AppContext, db_url: str | None, as_json: bool) -> None:
         _report(masked, migrate.current(engine), as_json, "at")
     finally:
         engine.dispose()
+
+
+@db_group.command("prune")
+@click.option("--older-than-days", type=click.IntRange(min=1), default=None, metavar="DAYS",
+              help="Delete raw energy samples older than DAYS (default: the config's db.sample_retention_days).")
+@db_url_option
+@json_option
+@pass_app
+def prune(app: AppContext, older_than_days: int | None, db_url: str | None, as_json: bool) -> None:
+    """Delete old raw energy samples; the rollups that reports read are kept."""
+    days = older_than_days if older_than_days is not None else app.config.db.sample_retention_days
+    cutoff = retention_cutoff(utc_now(), days)
+    engine, masked = open_engine(app, db_url)
+    try:
+        Store(engine).check_schema()
+        if cutoff is None:
+            result = None
+        else:
+            result = prune_samples(engine, cutoff)
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json({"db_url": masked, "retention_days": days, "before": result.before.isoformat() if result else None,
+                   "samples": result.samples if result else 0, "shares": result.shares if result else 0})
+    elif result is None:
+        click.echo(f"{masked}: retention is off (db.sample_retention_days = 0): nothing pruned")
+    else:
+        click.echo(f"{masked}: pruned {result.samples:,} samples ({result.shares:,} shares) taken before "
+                   f"{result.before.isoformat(timespec='seconds')}; rollups kept")

@@ -7,7 +7,8 @@ Three groups of tables:
 - append-only records, written in batches: ``requests``, ``energy_samples`` (with
   ``energy_sample_shares``, an optional split of a sample over the GPU's instances) and
   ``decisions`` (the audit trail of what the policy decided and why);
-- totals: ``job_energy`` and ``instance_energy``.
+- totals and rollups, maintained at ingest: ``job_energy``, ``instance_energy``, ``energy_cursors``,
+  ``model_energy_hourly``, ``account_energy_daily`` and ``node_energy_hourly``.
 
 The integer ids of ``nodes``, ``gpus`` and ``model_instances`` are the ids the daemon hands
 the policy (``NodeView.id``, ``GpuView.id``, ``InstanceView.id``), so a decision names rows
@@ -33,7 +34,6 @@ from sqlalchemy import (
     Double,
     Enum,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -242,9 +242,11 @@ class EnergySampleShare(Base):
     """The fraction of a sample's GPU energy attributed to one of the GPU's instances (optional)."""
 
     __tablename__ = "energy_sample_shares"
+    # No foreign key to energy_samples (migration 0002 dropped it): the ingest writes a sample and
+    # its shares together in one transaction, so the reference holds by construction, and checking
+    # it row by row cost PostgreSQL more than half of the ingest time. Retention deletes shares
+    # with their samples (festina_hpc/db/retention.py).
     __table_args__ = (
-        ForeignKeyConstraint(["gpu_id", "sampled_at"], ["energy_samples.gpu_id", "energy_samples.sampled_at"],
-                             ondelete="CASCADE", name="fk_energy_sample_shares_sample"),
         CheckConstraint("share_frac >= 0 AND share_frac <= 1", name="share_frac_range"),
         Index(None, "instance_id"),
     )
@@ -308,3 +310,68 @@ class Decision(Base):
     node_id: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text, default="")
     details: Mapped[dict[str, Any]]  # the action's fields as JSON
+
+
+# -- rollups, maintained at ingest (festina_hpc/db/ingest.py) in the transaction of each batch ----------------
+#
+# Energy over a span is the difference of two readings of one GPU's counter; a rollup row adds up
+# those differences, each counted in the bucket of the reading that closes it. Reports read these
+# (a few rows per model, node or account per hour) instead of the raw samples, which retention
+# may prune; job_energy and instance_energy above are the per-job and per-instance rollups.
+
+
+class EnergyCursor(Base):
+    """The last reading ingested of each GPU: where the next reading's energy difference starts.
+
+    It outlives pruned raw samples, so retention never turns the next difference into a gap.
+    """
+
+    __tablename__ = "energy_cursors"
+    __table_args__ = (CheckConstraint("energy_counter_j >= 0", name="energy_counter_j_non_negative"),)
+
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True)
+    sampled_at: Mapped[datetime]
+    energy_counter_j: Mapped[float] = mapped_column(Double)
+
+
+class ModelEnergyHourly(Base):
+    """GPU energy attributed to a model (through its instances' shares) per UTC hour."""
+
+    __tablename__ = "model_energy_hourly"
+    __table_args__ = (CheckConstraint("energy_j >= 0", name="energy_j_non_negative"), Index(None, "hour_at"))
+
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(primary_key=True)  # the hour's start
+    energy_j: Mapped[float] = mapped_column(Double)
+
+
+class AccountEnergyDaily(Base):
+    """GPU energy attributed to a Slurm account and user per UTC day ("" where an instance has no job)."""
+
+    __tablename__ = "account_energy_daily"
+    __table_args__ = (CheckConstraint("energy_j >= 0", name="energy_j_non_negative"), Index(None, "day_at"))
+
+    account: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    day_at: Mapped[datetime] = mapped_column(primary_key=True)  # the day's start (00:00 UTC)
+    energy_j: Mapped[float] = mapped_column(Double)
+
+
+class NodeEnergyHourly(Base):
+    """All GPU energy of a node per UTC hour, and the part no instance's share claimed (idle energy)."""
+
+    __tablename__ = "node_energy_hourly"
+    __table_args__ = (
+        CheckConstraint("energy_j >= 0", name="energy_j_non_negative"),
+        CheckConstraint("idle_energy_j >= 0", name="idle_energy_j_non_negative"),
+        Index(None, "hour_at"),
+        Index(None, "day_at"),
+    )
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(primary_key=True)
+    # The hour's day, stored so that per-day reports group by a column on SQLite and PostgreSQL alike
+    # (the two have no common date-truncation function).
+    day_at: Mapped[datetime]
+    energy_j: Mapped[float] = mapped_column(Double)
+    idle_energy_j: Mapped[float] = mapped_column(Double)

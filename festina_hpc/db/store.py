@@ -22,10 +22,11 @@ Contracts:
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -37,11 +38,22 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from festina_hpc.db import migrate
 from festina_hpc.db.engine import first_line, mask_url, unavailable
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
+from festina_hpc.db.ingest import (
+    BatchPlan,
+    BatchResult,
+    Cursor,
+    EnergyReading,
+    InstanceInfo,
+    lookup,
+    plan_batch,
+    read_cursors,
+    validate_readings,
+    write_plan,
+    write_readings,
+)
 from festina_hpc.db.models import (
     Base,
     Decision,
-    EnergySample,
-    EnergySampleShare,
     Gpu,
     InstanceEnergy,
     InstanceGpu,
@@ -51,6 +63,11 @@ from festina_hpc.db.models import (
     RequestRecord,
     SlurmJob,
 )
+from festina_hpc.db.validation import check_integer as _integer
+from festina_hpc.db.validation import check_not_before as _not_before
+from festina_hpc.db.validation import check_number as _number
+from festina_hpc.db.validation import check_text as _text
+from festina_hpc.db.validation import check_time as _time
 from festina_hpc.policy.types import (
     Action,
     Drop,
@@ -66,6 +83,8 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+
+DEFAULT_BATCH_SIZE = 10_000  # readings per ingest transaction
 
 
 def utc_now() -> datetime:
@@ -131,18 +150,65 @@ class RequestOutcome:
     external_id: str | None = None  # the gateway's request id
 
 
-@dataclass(frozen=True)
-class EnergyReading:
-    """A GPU's energy counter and power at one time; ``shares`` splits it over its instances."""
-
-    gpu_id: int
-    sampled_at: datetime
-    energy_counter_j: float
-    power_w: float | None = None
-    shares: Mapping[int, float] = field(default_factory=dict)  # instance id -> fraction of the energy
-
-
 # -- what the store gives back ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """What ``Store.ingest_energy`` did."""
+
+    readings: int  # handed in
+    stored: int  # new raw samples
+    skipped: int  # at or before their GPU's last reading: not stored, not counted
+    batches: int  # transactions committed
+    energy_j: float  # energy added to the node rollups
+
+    @classmethod
+    def of(cls, results: Sequence[tuple[int, BatchResult]]) -> IngestStats:
+        """From each batch's size and result."""
+        return cls(sum(n for n, _ in results), sum(r.stored for _, r in results), sum(r.skipped for _, r in results),
+                   len(results), sum(r.energy_j for _, r in results))
+
+
+class _PlanWriter:
+    """The writer thread of a pipelined ingest: writes planned batches in order, one transaction each.
+
+    After a failure it writes nothing more (the later plans assumed the failed batch committed).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        # Two plans in flight at most: memory stays bounded whatever the stream's length.
+        self._queue: queue.Queue[tuple[int, BatchPlan] | None] = queue.Queue(maxsize=2)
+        self.results: list[tuple[int, BatchResult]] = []
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="festina-ingest-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, readings: int, plan: BatchPlan) -> None:
+        self._queue.put((readings, plan))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._failure is not None:
+                continue
+            readings, plan = item
+            try:
+                now = self._store._clock()
+                with self._store._transaction("ingest_energy") as session:
+                    write_plan(session.connection(), plan, now, check_cursors=True)
+                self.results.append((readings, plan.result()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the ingesting thread, which raises it
+                self._failure = exc
 
 
 @dataclass(frozen=True)
@@ -205,60 +271,6 @@ class DecisionRow:
     node_id: int | None
     reason: str
     details: dict[str, Any]
-
-
-# -- validation: one message shape, "<record>.<field> = <value> <what is wrong>" ---------------
-
-
-def _number(where: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
-            low_open: bool = False, optional: bool = False) -> None:
-    if value is None:
-        if optional:
-            return
-        raise InvalidRecord(f"{where}.{name} is missing")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRecord(f"{where}.{name} = {value!r} is not a finite number")
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        if high is not None:
-            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        else:
-            bounds = "positive" if low_open else ("non-negative" if low == 0 else f"at least {low:g}")
-        raise InvalidRecord(f"{where}.{name} = {value!r} must be {bounds}")
-
-
-def _integer(where: str, name: str, value: Any, *, positive: bool = False, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRecord(f"{where}.{name} = {value!r} is not an integer")
-    _number(where, name, value, low_open=positive)
-
-
-def _time(where: str, name: str, value: Any, *, optional: bool = False) -> None:
-    if value is None:
-        if optional:
-            return
-        raise InvalidRecord(f"{where}.{name} is missing")
-    if not isinstance(value, datetime) or value.utcoffset() is None:
-        raise InvalidRecord(f"{where}.{name} = {value!r} is not a timezone-aware datetime")
-
-
-def _text(where: str, name: str, value: Any, *, max_len: int = 255, required: bool = False,
-          optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str):
-        raise InvalidRecord(f"{where}.{name} = {value!r} is not text")
-    if required and not value:
-        raise InvalidRecord(f"{where}.{name} = '' must not be empty")
-    if len(value) > max_len:
-        raise InvalidRecord(f"{where}.{name} = {value[:40]!r}... is longer than {max_len} characters")
-
-
-def _not_before(where: str, name: str, value: datetime | None, earlier_name: str,
-                earlier: datetime | None) -> None:
-    if value is not None and earlier is not None and value < earlier:
-        raise InvalidRecord(f"{where}.{name} = {value.isoformat()} is before {earlier_name} = {earlier.isoformat()}")
 
 
 def _check_instance_settings(where: str, sm_pct: Any, batch_cap: Any, memory_fraction: Any,
@@ -562,34 +574,68 @@ class Store:
         return len(rows)
 
     def record_energy(self, readings: Sequence[EnergyReading]) -> int:
-        """Append GPU energy readings (and their instance shares) in batches; returns how many.
+        """Append GPU energy readings (and their instance shares) as one batch; returns how many were given.
 
-        Re-recording a reading already stored (same GPU, same time) is a no-op.
+        The samples and the rollups they add to (see ``festina_hpc.db.ingest``) are written in one
+        transaction. Re-recording a reading already stored (same GPU, same time, or older than its
+        GPU's last reading) is a no-op.
         """
-        for i, reading in enumerate(readings):
-            where = f"energy_samples[{i}] (gpu {reading.gpu_id})"
-            _integer(where, "gpu_id", reading.gpu_id)
-            _time(where, "sampled_at", reading.sampled_at)
-            _number(where, "energy_counter_j", reading.energy_counter_j)
-            _number(where, "power_w", reading.power_w, optional=True)
-            for instance_id, share in reading.shares.items():
-                _integer(where, "shares key", instance_id)
-                _number(where, f"shares[{instance_id}]", share, high=1.0)
-            if reading.shares and sum(reading.shares.values()) > 1.0 + 1e-9:
-                raise InvalidRecord(f"{where}.shares = {dict(reading.shares)!r} sum to more than 1")
+        self.write_energy_batch(readings)
+        return len(readings)
+
+    def write_energy_batch(self, readings: Sequence[EnergyReading]) -> BatchResult:
+        """``record_energy``, returning what the batch stored, skipped and added up."""
+        validate_readings(readings)
         if not readings:
-            return 0
-        samples = [{"gpu_id": r.gpu_id, "sampled_at": r.sampled_at, "energy_counter_j": r.energy_counter_j,
-                    "power_w": r.power_w} for r in readings]
-        shares = [{"gpu_id": r.gpu_id, "sampled_at": r.sampled_at, "instance_id": instance_id, "share_frac": share}
-                  for r in readings for instance_id, share in r.shares.items()]
+            return BatchResult(0, 0, 0.0)
+        now = self._clock()
         with self._transaction("record_energy") as session:
-            dialect = session.get_bind().dialect.name
-            for table, rows in ((_table(EnergySample), samples), (_table(EnergySampleShare), shares)):
-                if rows:
-                    stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-                    session.execute(stmt.on_conflict_do_nothing(), rows)
-        return len(samples)
+            return write_readings(session.connection(), readings, now)
+
+    def ingest_energy(self, readings: Iterable[EnergyReading], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      pipeline: bool = True) -> IngestStats:
+        """Stream readings in batches of ``batch_size``, each batch (samples and rollups) its own transaction.
+
+        A failure stops the ingest with the batches before it committed and the failing one not at
+        all. With ``pipeline`` a writer thread writes batch k while this thread validates and plans
+        batch k+1 (the database's work and Python's overlap); each planned batch is written in order,
+        after checking that no other writer moved its GPUs' cursors meanwhile. GPUs, instances and
+        cursors are looked up once per call, so an instance's job assigned during the call is
+        counted from the next call on.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidRecord(f"batch_size = {batch_size!r} must be a positive integer")
+        if not pipeline:
+            results: list[tuple[int, BatchResult]] = []
+            for batch in _chunks(readings, batch_size):
+                results.append((len(batch), self.write_energy_batch(batch)))
+            return IngestStats.of(results)
+        writer = _PlanWriter(self)
+        node_of: dict[int, int] = {}
+        instances: dict[int, InstanceInfo] = {}
+        cursors: dict[int, Cursor] = {}
+        looked_up: set[int] = set()
+        try:
+            for batch in _chunks(readings, batch_size):
+                writer.raise_failure()
+                validate_readings(batch)
+                with self._transaction("ingest_energy") as session:
+                    connection = session.connection()
+                    node_of, instances = lookup(connection, batch, known_gpus=node_of, known_instances=instances)
+                    new = {r.gpu_id for r in batch} - looked_up
+                    if new:
+                        cursors.update(read_cursors(connection, list(new)))
+                        looked_up |= new
+                plan = plan_batch(batch, node_of, instances, cursors)
+                cursors.update(plan.cursors_after)
+                writer.put(len(batch), plan)
+        except BaseException:
+            writer.close()
+            writer.raise_failure()  # an earlier batch's failure is the first one
+            raise
+        writer.close()
+        writer.raise_failure()
+        return IngestStats.of(writer.results)
 
     def set_job_energy(self, job_id: int, energy_j: float, *, from_at: datetime, to_at: datetime) -> None:
         """Store festina's measured energy total of a Slurm job over [from_at, to_at]."""
@@ -732,6 +778,17 @@ class Store:
             session.flush()
 
 
+def _chunks(items: Iterable[EnergyReading], size: int) -> Iterator[list[EnergyReading]]:
+    batch: list[EnergyReading] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
@@ -752,5 +809,6 @@ def _is_connection_error(exc: DBAPIError) -> bool:
         hint in message for hint in ("connect", "could not", "unable to open", "server closed", "timeout"))
 
 
-__all__ = ["DecisionRow", "EnergyReading", "GpuRecord", "GpuState", "InstanceState", "JobRecord", "LiveState",
+__all__ = ["DecisionRow", "EnergyReading", "GpuRecord", "GpuState", "IngestStats", "InstanceState", "JobRecord",
+           "LiveState",
            "NodeRecord", "NodeState", "RequestOutcome", "Store", "decision_row", "utc_now"]

@@ -188,3 +188,7 @@ class CliSlurmClient:
 
     def resume(self, node: str) -> None:
         self._run(self._argv("scontrol", "update", f"NodeName={validate.node_name(node)}", "State=RESUME"))
+
+    def set_admin_comment(self, job_id: int, text: str) -> None:
+        self._run(self._argv("scontrol", "update", f"JobId={validate.job_id(job_id)}",
+                             f"AdminComment={validate.admin_comment(text)}"))

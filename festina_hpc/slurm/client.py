@@ -12,6 +12,8 @@ matches) carry out exactly what they are asked and decide nothing. Contracts:
   re-targeted once pending, made eligible at once and released; a pending
   one is held, re-targeted and released. Slurm cannot re-target a running job.
 - ``cancel`` of a job that no longer exists is not an error (idempotent).
+- ``set_admin_comment`` replaces the whole AdminComment; its text is one ``key=value[,key=value]``
+  token (no spaces), validated like every other argument.
 """
 
 from __future__ import annotations
@@ -52,3 +54,11 @@ class SlurmClient(Protocol):
     def drain(self, node: str, reason: str) -> None: ...
 
     def resume(self, node: str) -> None: ...
+
+    def set_admin_comment(self, job_id: int, text: str) -> None:
+        """Replace the job's AdminComment (an operator's field ``sacct`` shows; needs Slurm admin rights).
+
+        Slurm 22.05 refuses it for a finished job ("Job has already finished"): a
+        ``SlurmCommandError`` whose ``stderr`` says so.
+        """
+        ...

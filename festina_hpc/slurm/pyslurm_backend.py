@@ -166,3 +166,8 @@ class PyslurmSlurmClient:
     def resume(self, node: str) -> None:
         with self._rpc("Node.modify"):
             self._m.Node(validate.node_name(node)).modify(self._m.Node(state="RESUME"))
+
+    def set_admin_comment(self, job_id: int, text: str) -> None:
+        job_id, text = validate.job_id(job_id), validate.admin_comment(text)
+        with self._rpc("Job.modify"):
+            self._m.Job(job_id).modify(self._m.JobSubmitDescription(admin_comment=text))

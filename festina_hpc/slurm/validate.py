@@ -20,6 +20,7 @@ _PATH = re.compile(r"/[A-Za-z0-9_.,:=@/+%-]*")
 # Model names look like "llama-3.1-8b" or "meta-llama/Llama-3.1-8B".
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}")
 _REASON_MAX_CHARS = 256
+_ADMIN_COMMENT_MAX_CHARS = 1024
 
 
 def job_id(value: int | str) -> int:
@@ -80,3 +81,10 @@ def abs_path(value: str, what: str) -> str:
     if not isinstance(value, str) or not _PATH.fullmatch(value):
         raise SlurmInputError(f"{what} {value!r} must be an absolute path of letters, digits and _ . , : = @ / + % -")
     return value
+
+
+def admin_comment(value: str) -> str:
+    """An AdminComment festina writes: one token of ``safe_text`` characters, at most 1024 of them."""
+    if isinstance(value, str) and len(value) > _ADMIN_COMMENT_MAX_CHARS:
+        raise SlurmInputError(f"admin comment {value[:40]!r}... is longer than {_ADMIN_COMMENT_MAX_CHARS} characters")
+    return safe_text(value, "admin comment")

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from festina_hpc.config import DbConfig
+from festina_hpc.db import migrate
 from festina_hpc.db.engine import (
     DB_URL_ENV,
     check_connection,
@@ -104,7 +105,8 @@ def test_unopenable_sqlite_file_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_store_on_a_database_not_migrated_says_to_upgrade(engine: Engine) -> None:
-    with pytest.raises(DatabaseError, match=r"is at revision None, festina needs 0001: run `festina db upgrade`"):
+    head = migrate.head_revision()
+    with pytest.raises(DatabaseError, match=rf"is at revision None, festina needs {head}: run `festina db upgrade`"):
         Store(engine).check_schema()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -164,3 +165,31 @@ def test_subprocess_runner_reports_missing_binary_and_timeout() -> None:
         subprocess_runner(["no-such-slurm-binary"], stdin=None, env={}, timeout_s=1)
     with pytest.raises(SlurmCommandError, match=r"^sleep 5: timed out after 0.1 s"):
         subprocess_runner(["sleep", "5"], stdin=None, env={"PATH": "/usr/bin:/bin"}, timeout_s=0.1)
+
+
+def test_set_admin_comment_is_one_scontrol_update_argv() -> None:
+    runner = ScriptedRunner()
+    make(runner).set_admin_comment(7, "festina_energy_j=9000,festina_energy_kwh=0.003")
+    assert commands(runner) == ["scontrol update JobId=7 AdminComment=festina_energy_j=9000,festina_energy_kwh=0.003"]
+
+
+@pytest.mark.parametrize(("job_id", "text", "message"), [
+    (7, "a b", "admin comment 'a b' may only hold"),
+    (7, "x=1 JobId=8", "admin comment 'x=1 JobId=8' may only hold"),
+    (7, "x\ny", "admin comment 'x\\ny' may only hold"),
+    (7, "x" * 1025, "is longer than 1024 characters"),
+    ("7 Partition=x", "x=1", "job id '7 Partition=x' is not a positive integer"),
+])
+def test_set_admin_comment_refuses_bad_input_before_running_anything(job_id: object, text: str,
+                                                                    message: str) -> None:
+    runner = ScriptedRunner()
+    with pytest.raises(SlurmInputError, match=re.escape(message)):
+        make(runner).set_admin_comment(job_id, text)  # type: ignore[arg-type]
+    assert runner.calls == []
+
+
+def test_set_admin_comment_on_a_finished_job_is_a_command_error_with_slurms_words() -> None:
+    runner = ScriptedRunner().on("scontrol update", Completed(1, "", "Job has already finished for job 7\n"))
+    with pytest.raises(SlurmCommandError) as info:
+        make(runner).set_admin_comment(7, "festina_energy_j=1")
+    assert "Job has already finished" in info.value.stderr and "\n" not in str(info.value)

@@ -165,3 +165,9 @@ def test_real_pyslurm_has_the_api_the_backend_uses() -> None:
         assert hasattr(pyslurm, name), name
     for method in ("load", "cancel", "hold", "release", "requeue", "modify"):
         assert hasattr(pyslurm.Job, method), method
+
+
+def test_set_admin_comment_modifies_the_job() -> None:
+    module, calls = fake_pyslurm()
+    PyslurmSlurmClient(module).set_admin_comment(7, "festina_energy_j=12")
+    assert calls == [("modify", (7, {"admin_comment": "festina_energy_j=12"}))]
