@@ -372,8 +372,8 @@ class NodeAgent:
 
         ``clock_mhz`` None keeps the clock in force; a job missing from ``sm_pct`` keeps its share.
         Unlike ``request_settings`` it never refuses: jobs gone since the controller looked are
-        skipped, and grows that would not fit beside the other jobs' shares (jobs the controller
-        does not steer count too) are dropped, so the shares in force never sum above 100.
+        skipped, and grows are cut to the room the other jobs' shares leave once the shrinks are
+        in force (jobs the controller does not steer count too), so shares never sum above 100.
         ``server_pids`` are MPS client processes already checked to belong to their jobs.
         """
         self._check_gpu(index)
@@ -382,8 +382,11 @@ class NodeAgent:
             wanted = {j.job_id: float(sm_pct[j.job_id]) for j in rec.jobs
                       if j.uses_mps and j.job_id in sm_pct and 1 <= sm_pct[j.job_id] <= 100}
             current = {j.job_id: j.sm_pct for j in rec.jobs}
-            if sum({**current, **wanted}.values()) > 100.0 + 1e-9:
-                wanted = {i: pct for i, pct in wanted.items() if pct <= current[i]}  # shrinks always fit
+            grows = [i for i in wanted if wanted[i] > current[i]]
+            room = 100.0 - sum(pct for i, pct in {**current, **wanted}.items() if i not in grows)
+            for i in grows:  # shrinks always fit; grows share what is left, in the controller's order
+                wanted[i] = max(current[i], min(wanted[i], room))
+                room -= wanted[i]
             for job in rec.jobs:
                 pct = wanted.get(job.job_id)
                 rec = rec.with_job(replace(job, desired_sm_pct=None if pct == job.sm_pct else pct,
