@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -262,9 +263,7 @@ class LocalController:
 
     def __init__(self, policy: Policy, store: ProfileStore, gpu_type: str, servers: ModelServers, *,
                  slo_for: Callable[[str], Slo], owns_pid: Callable[[int, int], bool] = job_owns_pid,
-                 decisions: DecisionSink | None = None, clock: Callable[[], float] | None = None):
-        import time
-
+                 decisions: DecisionSink | None = None, clock: Callable[[], float] = time.time):
         self._policy = policy
         self._store = store
         self._spec = store.gpu(gpu_type)
@@ -272,7 +271,7 @@ class LocalController:
         self._slo_for = slo_for
         self._owns_pid = owns_pid
         self._decisions = decisions
-        self._clock = clock or time.time
+        self._clock = clock
         self._models: dict[str, ModelInfo] = {}
 
     def _model_info(self, name: str) -> ModelInfo | None:
@@ -374,9 +373,10 @@ class LocalController:
                     target["batch_cap"] = settings.batch_cap[job.job_id]
                 if job.job_id in settings.chunk_tokens:
                     target["chunk_tokens"] = settings.chunk_tokens[job.job_id]
-                reported = {"sm_pct": report.sm_pct, "clock_mhz": report.clock_mhz, "batch_cap": report.batch_cap,
-                            "chunk_tokens": report.chunk_tokens}
-                changes = {k: v for k, v in target.items() if reported[k] is None or abs(reported[k] - v) > 1e-6}  # type: ignore[operator]
+                reported: dict[str, float | None] = {"sm_pct": report.sm_pct, "clock_mhz": report.clock_mhz,
+                                                     "batch_cap": report.batch_cap, "chunk_tokens": report.chunk_tokens}
+                changes = {k: v for k, v in target.items()
+                           if (now := reported[k]) is None or abs(now - v) > 1e-6}
                 if not changes:
                     continue
                 try:
