@@ -27,6 +27,8 @@ from festina_hpc.cli.common import AppContext, pass_app
 @click.option("--clock-mhz", type=click.IntRange(min=0), default=0, help="SM clock to pace at [default: max].")
 @click.option("--batch-cap", type=click.IntRange(min=1), default=256, show_default=True,
               help="Max sequences batched at once.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Prompt tokens one step may prefill (chunked prefill; the emulated engine).")
 @click.option("--engine", type=click.Choice(["emulated", "vllm"]), default="emulated", show_default=True,
               help="emulated: the profile-paced engine (no GPU); vllm: exec `vllm serve` on the allocated GPU.")
 @click.option("--simulated", is_flag=True, default=False, help="Alias of --engine emulated.")
@@ -38,13 +40,14 @@ from festina_hpc.cli.common import AppContext, pass_app
               help="On SIGTERM, time in-flight requests get to finish (keep below Slurm's KillWait).")
 @pass_app
 def serve(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
-          batch_cap: int, engine: str, simulated: bool, memory_fraction: float, time_scale: float,
-          drain_s: float) -> None:
+          batch_cap: int, chunk_tokens: int, engine: str, simulated: bool, memory_fraction: float,
+          time_scale: float, drain_s: float) -> None:
     """Serve MODEL with the OpenAI completions API, paced by its profile on GPU_TYPE."""
     if engine == "vllm" and not simulated:
         _exec_vllm(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, memory_fraction)
         return
-    _serve_emulated(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, time_scale, drain_s)
+    _serve_emulated(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, chunk_tokens, time_scale,
+                    drain_s)
 
 
 def _exec_vllm(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
@@ -65,12 +68,13 @@ def _exec_vllm(app: AppContext, model: str, gpu_type: str, port: int, host: str,
 
 
 def _serve_emulated(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
-                    batch_cap: int, time_scale: float, drain_s: float) -> None:
+                    batch_cap: int, chunk_tokens: int, time_scale: float, drain_s: float) -> None:
     from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
     from festina_hpc.serve.server import run_server
 
     engine = SimulatedEngine(app.profile_store(), model, gpu_type,
-                             EngineSettings(sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap),
+                             EngineSettings(sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap,
+                                            chunk_tokens=chunk_tokens),
                              time_scale=time_scale)
 
     async def main() -> None:

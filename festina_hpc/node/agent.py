@@ -18,7 +18,13 @@ sink are protocols built in ``main()``.
   settings the controller asked for: a lower clock only after
   ``clock_min_interval_s`` since the last change (a higher one at once: SLOs
   first), SM shares only at safe points (shrinks first; grows on a later tick,
-  once the shrinks are in force, and only while the shares fit in 100%).
+  once the shrinks are in force, and only while the shares fit in 100%); a
+  share put in force is also set on the job's MPS server process where the
+  control loop learnt its PID (``plan_settings``).
+
+Who asks for settings: festina-node's own local controller (``node/control.py``,
+every tick, through ``plan_settings``), or an operator over the socket
+(``request_settings``; the controller, when on, overrides it on its next tick).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from festina_hpc.errors import GpuPermissionError
+from festina_hpc.errors import GpuError, GpuPermissionError
 from festina_hpc.gpu.base import GpuBackend, MpsControl
 from festina_hpc.node.attribution import split_energy
 from festina_hpc.node.config import NodePaths
@@ -193,7 +199,8 @@ class NodeAgent:
                 job = JobOnGpu(job_id=ctx.job_id, uid=ctx.uid, user=ctx.user,
                                sm_pct=float(ctx.mps_pct if ctx.mps_pct is not None else 100),
                                started_at_s=now_s, start_counter_j=reading.counter_j, model=ctx.directives.model,
-                               instance=ctx.directives.instance, uses_mps=ctx.mps_pct is not None)
+                               instance=ctx.directives.instance, uses_mps=ctx.mps_pct is not None,
+                               port=ctx.directives.port)
                 rec = rec.with_job(job)
                 box.state = box.state.with_gpu(rec)
                 self._notify(rec)
@@ -319,7 +326,19 @@ class NodeAgent:
                 continue
             rec = rec.with_job(replace(job, sm_pct=job.desired_sm_pct, desired_sm_pct=None))
             applied[job.job_id] = job.desired_sm_pct
+            if job.uses_mps and job.server_pid is not None:
+                self._set_server_share(rec.index, job, job.desired_sm_pct)
         return rec
+
+    def _set_server_share(self, index: int, job: JobOnGpu, sm_pct: float) -> None:
+        """The share on the job's running MPS server; fail open (the server still paces by the new share)."""
+        assert job.server_pid is not None
+        try:
+            self._mps.attach(index, self._paths.mps_pipe_dir(index), self._paths.mps_log_dir(index))
+            self._mps.set_active_thread_pct(index, job.server_pid, max(1, min(100, round(sm_pct))))
+        except GpuError as exc:
+            logger.warning("%s GPU %d job %d: MPS share not set on pid %d: %s", self.node, index, job.job_id,
+                           job.server_pid, exc)
 
     # -- requests over the control socket ------------------------------------------------------------------------
 
@@ -345,6 +364,34 @@ class NodeAgent:
                 rec = rec.with_job(replace(job, desired_sm_pct=float(pct)))
             if clock_mhz is not None:
                 rec = replace(rec, desired_clock_mhz=clock_mhz)
+            box.state = box.state.with_gpu(rec)
+
+    def plan_settings(self, index: int, clock_mhz: int | None, sm_pct: Mapping[int, float],
+                      server_pids: Mapping[int, int]) -> None:
+        """The local controller's wish for GPU ``index``; replaces whatever was pending there.
+
+        ``clock_mhz`` None keeps the clock in force; a job missing from ``sm_pct`` keeps its share.
+        Unlike ``request_settings`` it never refuses: jobs gone since the controller looked are
+        skipped, and grows are cut to the room the other jobs' shares leave once the shrinks are
+        in force (jobs the controller does not steer count too), so shares never sum above 100.
+        ``server_pids`` are MPS client processes already checked to belong to their jobs.
+        """
+        self._check_gpu(index)
+        with self._state.transaction() as box:
+            rec = box.state.gpu(index)
+            wanted = {j.job_id: float(sm_pct[j.job_id]) for j in rec.jobs
+                      if j.uses_mps and j.job_id in sm_pct and 1 <= sm_pct[j.job_id] <= 100}
+            current = {j.job_id: j.sm_pct for j in rec.jobs}
+            grows = [i for i in wanted if wanted[i] > current[i]]
+            room = 100.0 - sum(pct for i, pct in {**current, **wanted}.items() if i not in grows)
+            for i in grows:  # shrinks always fit; grows share what is left, in the controller's order
+                wanted[i] = max(current[i], min(wanted[i], room))
+                room -= wanted[i]
+            for job in rec.jobs:
+                pct = wanted.get(job.job_id)
+                rec = rec.with_job(replace(job, desired_sm_pct=None if pct == job.sm_pct else pct,
+                                           server_pid=server_pids.get(job.job_id, job.server_pid)))
+            rec = replace(rec, desired_clock_mhz=None if clock_mhz == rec.clock_mhz else clock_mhz)
             box.state = box.state.with_gpu(rec)
 
     def lock_clock(self, index: int, clock_mhz: int) -> int | None:

@@ -39,6 +39,12 @@ class NodeConfig:
     mps_control: str = "nvidia-cuda-mps-control"
     control_period_s: float = 2.0  # control loop tick
     clock_min_interval_s: float = 10.0  # a lower clock waits this long after the last clock change
+    # The local controller run every tick (festina_hpc.policy names); "" = none: settings change only
+    # when asked over the socket (set_settings).
+    control_policy: str = "festina"
+    ttft_slo_multiplier: float = 5.0  # the models' SLOs, as festinad's [daemon] defaults
+    tbt_slo_multiplier: float = 5.0
+    server_timeout_s: float = 1.0  # a model server's /health or /admin/settings answer
     slurm_conf: str = ""  # "" = $SLURM_CONF of the caller
 
 
@@ -74,7 +80,8 @@ def node_config_from_mapping(raw: Any, source: str) -> NodeConfig:
     cfg = NodeConfig(**values)
     if cfg.gpu_backend not in GPU_BACKENDS:
         raise ConfigError(f"{source}: node.gpu_backend = {cfg.gpu_backend!r} is not one of {', '.join(GPU_BACKENDS)}")
-    for key in ("simulated_count", "control_period_s"):
+    for key in ("simulated_count", "control_period_s", "ttft_slo_multiplier", "tbt_slo_multiplier",
+                "server_timeout_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{source}: node.{key} = {getattr(cfg, key)!r} must be positive")
     if cfg.clock_min_interval_s < 0:

@@ -4,7 +4,8 @@ Readings become ``energy_samples`` of the node's GPUs (the node and GPU rows
 are created if the head node has not yet); a job's total becomes its
 ``job_energy`` row, and, where the job comment named a numeric instance id that
 the database knows, that instance's ``instance_energy`` (one job = one
-instance). A requeued job's later run replaces the earlier run's total.
+instance). A requeued job's later run replaces the earlier run's total. The
+local controller's applied settings become ``decisions`` of kind ``setting``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from festina_hpc.db.errors import DatabaseError
 from festina_hpc.db.store import EnergyReading, GpuRecord, JobRecord, NodeRecord, Store
 from festina_hpc.node.agent import GpuReading, JobEnergy
+from festina_hpc.policy.types import GpuSettings
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +65,7 @@ class DbEnergySink:
                 self._store.set_instance_energy(int(record.instance), record.energy_j, from_at=start, to_at=end)
             except DatabaseError as exc:
                 logger.info("%s: job %d: instance %s not recorded: %s", node, record.job_id, record.instance, exc)
+
+    def settings(self, node: str, gpu_index: int, settings: GpuSettings, reason: str) -> None:
+        """One ``setting`` decision for the GPU (festina-node's local controller applied it)."""
+        self._store.record_settings(self._ids(node)[gpu_index], settings, at=datetime.now(UTC), reason=reason)

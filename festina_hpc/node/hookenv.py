@@ -3,7 +3,9 @@
 Nothing here trusts its input: every value is matched against a strict form
 before it is used, and nothing from the environment ever reaches a shell. The
 job comment carries the head node's directives in festina's own form,
-``festina:model=<model>,instance=<id>[,clock_mhz=<MHz>]``; a comment that is
+``festina:model=<model>,instance=<id>[,port=<port>][,clock_mhz=<MHz>]``
+(festinad's jobs carry ``port``: where the node's control loop reaches the
+model server, on this node's loopback); a comment that is
 not in that form (a user's own note, or one with shell metacharacters) is
 ignored as a whole, and the reason is kept for the log. The job name is never read.
 """
@@ -35,6 +37,7 @@ class Directives:
     model: str | None = None
     instance: str | None = None
     clock_mhz: int | None = None
+    port: int | None = None  # the model server's TCP port on this node
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,11 @@ def parse_comment(comment: str) -> tuple[Directives, str]:
         if not sep or key in values:
             return Directives(), f"comment item {item[:40]!r} is not a single key=value"
         values[key] = value
-    unknown = sorted(set(values) - {"model", "instance", "clock_mhz"})
+    unknown = sorted(set(values) - {"model", "instance", "clock_mhz", "port"})
     if unknown:
-        return Directives(), f"comment key {unknown[0][:40]!r} is not one of model, instance, clock_mhz"
+        return Directives(), f"comment key {unknown[0][:40]!r} is not one of model, instance, clock_mhz, port"
     model, instance, clock = values.get("model"), values.get("instance"), values.get("clock_mhz")
+    port_text = values.get("port")
     if model is not None and not _MODEL.fullmatch(model):
         return Directives(), f"comment model {model[:40]!r} is not a model name"
     if instance is not None and not _INSTANCE.fullmatch(instance):
@@ -86,7 +90,12 @@ def parse_comment(comment: str) -> tuple[Directives, str]:
         if not (clock.isascii() and clock.isdigit() and MIN_CLOCK_MHZ <= int(clock) <= MAX_CLOCK_MHZ):
             return Directives(), f"comment clock_mhz {clock[:40]!r} is not a clock in {MIN_CLOCK_MHZ}..{MAX_CLOCK_MHZ}"
         clock_mhz = int(clock)
-    return Directives(model, instance, clock_mhz), ""
+    port = None
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and 1 <= int(port_text) <= 65535):
+            return Directives(), f"comment port {port_text[:40]!r} is not a TCP port"
+        port = int(port_text)
+    return Directives(model, instance, clock_mhz, port), ""
 
 
 def job_context(env: Mapping[str, str]) -> JobContext:

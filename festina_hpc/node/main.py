@@ -29,11 +29,13 @@ import click
 
 from festina_hpc.errors import FestinaError, GpuError, GpuLostError
 from festina_hpc.gpu.base import GpuBackend, MpsControl, Workload
-from festina_hpc.node.agent import EnergySink, JobsChanged, NodeAgent, task_prolog_lines
+from festina_hpc.node.agent import EnergySink, JobsChanged, NodeAgent, TickReport, task_prolog_lines
 from festina_hpc.node.config import CONFIG_NAME, NodeConfig, NodePaths, load_node_config
+from festina_hpc.node.control import DecisionSink, LocalController
 from festina_hpc.node.errors import NodeError
 from festina_hpc.node.hookenv import job_context
 from festina_hpc.node.state import JobOnGpu, StateFile, as_plain
+from festina_hpc.policy.types import Slo
 
 logger = logging.getLogger("festina_hpc.node")
 
@@ -81,6 +83,11 @@ def _simulated_workloads(backend: Any, store: Any, default_model: str) -> JobsCh
 
 def build_agent(inv: Invocation) -> NodeAgent:
     """The agent with the backends the config (or FESTINA_GPU_BACKEND) asks for."""
+    return build_node(inv)[0]
+
+
+def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgent, LocalController | None]:
+    """The agent, and (``with_controller``, and a ``control_policy`` configured) its local controller."""
     from festina_hpc.config import default_profiles_dir
     from festina_hpc.gpu.factory import resolve_backend_name
     from festina_hpc.gpu.mps import NvidiaMps
@@ -118,14 +125,34 @@ def build_agent(inv: Invocation) -> NodeAgent:
     slurm_conf = cfg.slurm_conf or inv.env.get("SLURM_CONF", "")
     slurm = CliSlurmClient(Path(slurm_conf) if slurm_conf else None, timeout_s=20.0)
     sink: EnergySink | None = None
+    decisions: DecisionSink | None = None
     if cfg.db_url:
         from festina_hpc.db.engine import make_engine
         from festina_hpc.db.store import Store
         from festina_hpc.node.db_sink import DbEnergySink
 
-        sink = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
-    return NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
-                     slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s)
+        sink = decisions = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
+    agent = NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
+                      slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s)
+    if not with_controller or not cfg.control_policy:
+        return agent, None
+    return agent, build_controller(cfg, store, gpu_type, decisions)
+
+
+def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None) -> LocalController:
+    """The local controller: the configured policy over the profiles, model servers over HTTP."""
+    from festina_hpc.node.control import HttpModelServers
+    from festina_hpc.policy.base import PolicyContext, make_policy
+    from festina_hpc.sim.workload import default_slo
+
+    gpu = store.gpu(gpu_type).name
+    policy = make_policy(cfg.control_policy, PolicyContext(store, gpu))
+
+    def slo_for(model: str) -> Slo:
+        return default_slo(store, gpu, model, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier)
+
+    return LocalController(policy, store, gpu, HttpModelServers(cfg.server_timeout_s), slo_for=slo_for,
+                           decisions=decisions)
 
 
 def _gpu_config(cfg: NodeConfig) -> Any:
@@ -226,13 +253,13 @@ def serve(inv: Invocation, once: bool) -> None:
     """The root-owned service: control socket (root and the service user only) and the control loop."""
     from festina_hpc.node.service import ControlLoop, ControlServer
 
-    agent = build_agent(inv)
+    agent, controller = build_node(inv, with_controller=True)
+    loop = ControlLoop(agent, inv.config.control_period_s, controller)
     if once:
-        click.echo(json.dumps({"node": inv.node, **_tick_summary(agent)}))
+        click.echo(json.dumps({"node": inv.node, **_tick_summary(loop.tick())}))
         return
     paths = NodePaths.of(inv.config, inv.node)
     server = ControlServer(paths.socket, agent, _allowed_uids(inv.config.service_user))
-    loop = ControlLoop(agent, inv.config.control_period_s)
     stopped = threading.Event()
 
     def stop(_signum: int, _frame: Any) -> None:
@@ -242,8 +269,8 @@ def serve(inv: Invocation, once: bool) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     loop.start()
-    logger.info("festina-node %s: serving on %s, control every %g s", inv.node, paths.socket,
-                inv.config.control_period_s)
+    logger.info("festina-node %s: serving on %s, control every %g s (policy %s)", inv.node, paths.socket,
+                inv.config.control_period_s, inv.config.control_policy or "none: settings only on request")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -252,8 +279,7 @@ def serve(inv: Invocation, once: bool) -> None:
         paths.socket.unlink(missing_ok=True)
 
 
-def _tick_summary(agent: NodeAgent) -> dict[str, Any]:
-    report = agent.control_tick()
+def _tick_summary(report: TickReport) -> dict[str, Any]:
     return {"mps_restarted": list(report.mps_restarted), "requeued": list(report.requeued),
             "clock_changes": dict(report.clock_changes), "share_changes": dict(report.share_changes)}
 

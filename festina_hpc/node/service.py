@@ -10,7 +10,10 @@ one JSON line, ``{"op": ..., "args": {...}}``; the answer is one JSON line,
 argument is type-checked before it reaches the agent; nothing reaches a shell.
 
 The control loop runs in the same process: every ``control_period_s`` it
-calls ``NodeAgent.control_tick`` (energy samples, MPS health, settings).
+runs the local controller (``node/control.py``: the policy's ``control()``
+per GPU over what the model servers report, then ``NodeAgent.control_tick``:
+energy samples, MPS health, settings put in force, servers told), or only
+``control_tick`` where no control policy is configured.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from festina_hpc.errors import FestinaError
-from festina_hpc.node.agent import NodeAgent
+from festina_hpc.node.agent import NodeAgent, TickReport
+from festina_hpc.node.control import LocalController
 from festina_hpc.node.errors import AccessDenied, NodeError, NodeInputError
 from festina_hpc.node.state import as_plain
 
@@ -165,11 +169,15 @@ def request(path: Path, op: str, args: Mapping[str, Any] | None = None, timeout_
 
 
 class ControlLoop:
-    """Calls ``control_tick`` every ``period_s`` in a thread until stopped; a failing tick is logged, not fatal."""
+    """Every ``period_s`` in a thread until stopped: the controller's step (or ``control_tick`` without one).
 
-    def __init__(self, agent: NodeAgent, period_s: float):
+    A failing tick is logged, not fatal.
+    """
+
+    def __init__(self, agent: NodeAgent, period_s: float, controller: LocalController | None = None):
         self._agent = agent
         self._period_s = period_s
+        self._controller = controller
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="festina-node-control", daemon=True)
 
@@ -179,11 +187,16 @@ class ControlLoop:
     def _run(self) -> None:
         while not self._stop.wait(self._period_s):
             try:
-                report = self._agent.control_tick()
+                report = self.tick()
                 if report.mps_restarted or report.clock_changes or report.share_changes:
                     logger.info("control tick: %s", report)
             except Exception:  # noqa: BLE001 - the loop must outlive one bad tick; the hooks still account
                 logger.exception("control tick failed")
+
+    def tick(self) -> TickReport:
+        if self._controller is None:
+            return self._agent.control_tick()
+        return self._controller.step(self._agent).tick
 
     def stop(self) -> None:
         self._stop.set()

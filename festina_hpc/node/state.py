@@ -35,6 +35,8 @@ class JobOnGpu:
     energy_j: float = 0.0  # attributed so far
     desired_sm_pct: float | None = None  # a share change waiting for a safe point
     uses_mps: bool = False  # a client of the GPU's MPS daemon (an --gres=mps job)
+    port: int | None = None  # its model server's port on this node (job comment), for the control loop
+    server_pid: int | None = None  # its model server's process, checked to belong to the job (MPS share)
 
 
 @dataclass(frozen=True)

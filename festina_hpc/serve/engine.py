@@ -4,14 +4,14 @@ On machines without a GPU, ``festina serve`` runs this engine in place of
 vLLM so that the gateway, the router and the node controller see the
 latencies the real GPU would give. It follows the simulator's model of vLLM
 (``sim/cluster.py``): at each step boundary it applies pending settings,
-admits waiting requests FIFO up to the batch cap, and runs one step: newly
-admitted prompts prefill in one forward pass (their first token comes at its
-end) while every decoding sequence gets one token; without new prompts a step
-is a pure decode step. A step takes the profile's latency (``ProfileStore.
+admits waiting requests FIFO up to the batch cap, and runs one step: up to
+``chunk_tokens`` prompt tokens of the admitted prompts prefill in one forward
+pass (chunked prefill; a prompt's first token comes at the end of the step
+that prefills its last chunk) while every decoding sequence gets one token;
+without prompts to prefill a step is a pure decode step. A step takes the profile's latency (``ProfileStore.
 predict``) at the instance's batch, mean context, SM share and clock, times
 ``time_scale`` (1.0 is real time; tests may stretch steps so timer jitter is
-small against them). Unlike vLLM it does not chunk long prompts, and the KV
-cache never limits admission (the batch cap does).
+small against them). The KV cache never limits admission (the batch cap does).
 
 Lookups outside the table (a 5-word prompt below the shortest profiled
 context) answer at the table's edge and are counted as clamped. Energy is an
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from festina_hpc.errors import FestinaError
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 
 # Output text: deterministic filler words, so every run of a request gives the same text.
 FILLER_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -56,6 +58,9 @@ class EngineSettings:
     sm_pct: float = 100.0  # MPS active-thread percentage the instance runs with
     clock_mhz: int = 0  # the GPU's SM clock; 0 means the GPU's max clock
     batch_cap: int = 256  # max sequences admitted at once (vLLM's max_num_seqs)
+    # Prompt tokens one step may prefill (vLLM's max_num_batched_tokens with chunked prefill); the
+    # local controller shrinks it so decoding sequences wait less behind a long prompt.
+    chunk_tokens: int = 2048
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Generation:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.generated = 0
+        self.prefilled = 0  # prompt tokens prefilled so far (chunked prefill)
         self.finish_reason: str | None = None
         self.cancelled = False
         self._tokens: asyncio.Queue[tuple[str, str | None] | None] = asyncio.Queue()
@@ -163,6 +169,8 @@ class SimulatedEngine:
         self._busy_s = 0.0
         self._busy_energy_j = 0.0
         self._power_w = self.gpu_spec.idle_w * self.tp
+        self._rate_per_s = 0.0  # arrivals, exponentially weighted (the local controller plans with it)
+        self._rate_at = clock()
 
     # -- settings -----------------------------------------------------------------------------------
 
@@ -176,11 +184,11 @@ class SimulatedEngine:
         return self._pending
 
     def update_settings(self, sm_pct: float | None = None, clock_mhz: int | None = None,
-                        batch_cap: int | None = None) -> EngineSettings:
+                        batch_cap: int | None = None, chunk_tokens: int | None = None) -> EngineSettings:
         """Validate and queue new settings for the next step boundary; returns what will apply."""
         base = self._pending or self._settings
-        changes = {k: v for k, v in (("sm_pct", sm_pct), ("clock_mhz", clock_mhz), ("batch_cap", batch_cap))
-                   if v is not None}
+        changes = {k: v for k, v in (("sm_pct", sm_pct), ("clock_mhz", clock_mhz), ("batch_cap", batch_cap),
+                                     ("chunk_tokens", chunk_tokens)) if v is not None}
         new = self._checked(replace(base, **changes), base)  # type: ignore[arg-type]
         self._pending = new
         self._wakeup.set()  # an idle engine has no step boundary coming: apply it now
@@ -200,7 +208,10 @@ class SimulatedEngine:
                                 f"{self.gpu_spec.clock_step_mhz})")
         if isinstance(s.batch_cap, bool) or not isinstance(s.batch_cap, int) or s.batch_cap < 1:
             raise SettingsError(f"batch_cap = {s.batch_cap!r} must be an integer >= 1")
-        return EngineSettings(sm_pct=float(s.sm_pct), clock_mhz=clock, batch_cap=s.batch_cap)
+        if isinstance(s.chunk_tokens, bool) or not isinstance(s.chunk_tokens, int) or s.chunk_tokens < 1:
+            raise SettingsError(f"chunk_tokens = {s.chunk_tokens!r} must be an integer >= 1")
+        return EngineSettings(sm_pct=float(s.sm_pct), clock_mhz=clock, batch_cap=s.batch_cap,
+                              chunk_tokens=s.chunk_tokens)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -210,6 +221,9 @@ class SimulatedEngine:
         gen = Generation(next(self._ids), prompt_tokens, max_tokens)
         self._counts["received"] += 1
         self._counts["prompt"] += prompt_tokens
+        now = self._clock()
+        self._rate_per_s = decayed_rate(self._rate_per_s, self._rate_at, now) + math.log(2) / RATE_HALF_LIFE_S
+        self._rate_at = now
         self._waiting.append(gen)
         self._wakeup.set()
         return gen
@@ -220,8 +234,14 @@ class SimulatedEngine:
 
     @property
     def pending_prompt_tokens(self) -> int:
-        """Prompt tokens of requests without a first token yet (queued, or admitted and prefilling)."""
-        return sum(g.prompt_tokens for g in (*self._waiting, *self._running) if not g.generated)
+        """Prompt tokens still to prefill: queued requests' and admitted ones' remaining chunks."""
+        return sum(g.prompt_tokens - g.prefilled for g in (*self._waiting, *self._running) if not g.generated)
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        """Recent arrivals per second of model time (exponentially weighted over wall time, half-life
+        RATE_HALF_LIFE_S): a stretched test clock reports the rate the GPU would see."""
+        return decayed_rate(self._rate_per_s, self._rate_at, self._clock()) * self.time_scale
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -285,9 +305,9 @@ class SimulatedEngine:
                 deadline = loop.time()
                 continue
             self._admit()
-            prefilling = [g for g in self._running if g.generated == 0]
+            chunk = self._take_chunk()
             decoding = [g for g in self._running if g.generated > 0]
-            latency_s, power_w = self._step_cost(prefilling, decoding)
+            latency_s, power_w = self._step_cost(chunk, decoding)
             self._power_w = power_w * self.tp
             # Pace against a deadline, not a sleep per step, so timer overshoot does not accumulate;
             # after a long stall (a blocked loop) start afresh rather than emit a burst.
@@ -296,8 +316,13 @@ class SimulatedEngine:
             self._busy_s += latency_s
             self._busy_energy_j += power_w * self.tp * latency_s
             self._counts["steps"] += 1
-            finished = [g for g in self._running if not g.cancelled and g._emit()]
-            self._counts["generated"] += sum(1 for g in self._running if not g.cancelled)
+            for g, take in chunk:
+                g.prefilled += take
+            # Decoding sequences get a token; a prompt gets its first once its last chunk is in.
+            emitting = [g for g in self._running if not g.cancelled
+                        and (g.generated > 0 or g.prefilled >= max(1, g.prompt_tokens))]
+            finished = [g for g in emitting if g._emit()]
+            self._counts["generated"] += len(emitting)
             if finished:
                 self._counts["finished"] += len(finished)
                 done = set(map(id, finished))
@@ -317,6 +342,19 @@ class SimulatedEngine:
             self._running.append(self._waiting.popleft())
             room -= 1
 
+    def _take_chunk(self) -> list[tuple[Generation, int]]:
+        """This step's prefill: up to ``chunk_tokens`` prompt tokens of the admitted prompts, oldest first."""
+        budget = self._settings.chunk_tokens
+        chunk = []
+        for g in self._running:
+            if budget <= 0:
+                break
+            if g.generated == 0:
+                take = min(max(1, g.prompt_tokens) - g.prefilled, budget)
+                chunk.append((g, take))
+                budget -= take
+        return chunk
+
     def _predict(self, phase: str, batch: int, context_tokens: float) -> tuple[float, float]:
         s = self._settings
         p = self.store.predict(self.gpu_type, self.model, phase, batch, round(context_tokens), s.sm_pct,
@@ -325,13 +363,13 @@ class SimulatedEngine:
             self._counts["clamped"] += 1
         return p.latency_s, p.power_w
 
-    def _step_cost(self, prefilling: list[Generation], decoding: list[Generation]) -> tuple[float, float]:
+    def _step_cost(self, chunk: list[tuple[Generation, int]], decoding: list[Generation]) -> tuple[float, float]:
         """(latency_s, power_w per GPU) of one step, as the simulator costs it."""
         decode_context = sum(g.context_tokens for g in decoding) / len(decoding) if decoding else 0.0
-        if not prefilling:
+        if not chunk:
             return self._predict("decode", len(decoding), decode_context)
-        prompt = sum(g.prompt_tokens for g in prefilling) / len(prefilling)
-        prefill_s, prefill_w = self._predict("prefill", len(prefilling), prompt)
+        prompt = sum(take for _, take in chunk) / len(chunk)
+        prefill_s, prefill_w = self._predict("prefill", len(chunk), prompt)
         if not decoding:
             return prefill_s, prefill_w
         # One forward pass: the prefill already pays the step overhead and the weight reads, so the

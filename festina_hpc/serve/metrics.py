@@ -64,6 +64,7 @@ class EngineCollector(Collector):
         yield gauge("festina_serve_sm_pct", "SM share (MPS active-thread percentage) in force.", s.settings.sm_pct)
         yield gauge("festina_serve_clock_mhz", "GPU SM clock the engine is paced at.", s.settings.clock_mhz)
         yield gauge("festina_serve_batch_cap", "Max sequences admitted at once.", s.settings.batch_cap)
+        yield gauge("festina_serve_chunk_tokens", "Prompt tokens one step may prefill.", s.settings.chunk_tokens)
 
 
 def engine_registry(engine: SimulatedEngine) -> CollectorRegistry:

@@ -3,11 +3,15 @@
 Routes: ``POST /v1/completions`` (streamed as server-sent events ending with
 ``data: [DONE]``, or one JSON answer), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus text) and ``POST /admin/settings`` (``sm_pct``,
-``clock_mhz``, ``batch_cap``; applied at the engine's next step), which the
-node controller calls after it changed the GPU's clock or the instance's MPS
-share. A real deployment runs ``vllm serve`` instead, which speaks the same
-completions API (see ``serve/launch.py``); its settings then change through
-the GPU and vLLM's own restart, not this endpoint.
+``clock_mhz``, ``batch_cap``, ``chunk_tokens``; applied at the engine's next
+step), which festina-node's control loop calls after it changed the GPU's
+clock or the instance's MPS share, or chose a new batch cap or prefill chunk.
+``/health`` carries what that loop plans with: the queue (``running``,
+``waiting``, ``pending_prompt_tokens``), ``arrival_rate_per_s``, the
+settings in force and the server's ``pid`` (its MPS client). A real
+deployment runs ``vllm serve`` instead, which speaks the same completions
+API (see ``serve/launch.py``); its settings then change through the GPU and
+vLLM's own restart, not this endpoint.
 
 The admin endpoint has no authentication yet (issue 9): bind to a host the
 head node and the node controller reach, not a public one.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -128,12 +133,15 @@ async def models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     draining = request.app[STATE_KEY]["draining"]
-    body = {"status": "draining" if draining else "ok", "model": engine.model, "gpu": engine.gpu_type,
-            "engine": "simulated", "in_flight": engine.in_flight}
+    body: dict[str, Any] = {"status": "draining" if draining else "ok", "model": engine.model,
+                            "gpu": engine.gpu_type, "engine": "simulated", "in_flight": engine.in_flight}
     # Load for festinad, which polls this (one request gives readiness and the queue): sequences
     # admitted and queued, the phase mix as prompt tokens still to prefill.
     stats = engine.stats()
-    body.update(running=stats.running, waiting=stats.waiting, pending_prompt_tokens=engine.pending_prompt_tokens)
+    body.update(running=stats.running, waiting=stats.waiting, pending_prompt_tokens=engine.pending_prompt_tokens,
+                arrival_rate_per_s=engine.arrival_rate_per_s, pid=os.getpid())
+    # The settings in force: festina-node compares them with its decision and re-sends what differs.
+    body.update(vars(engine.settings))
     return web.json_response(body, status=503 if draining else 200)
 
 
@@ -157,12 +165,13 @@ async def admin_settings(request: web.Request) -> web.Response:
         raise openai.ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise openai.ApiError(400, "request body must be a JSON object")
-    unknown = sorted(set(body) - {"sm_pct", "clock_mhz", "batch_cap"})
+    unknown = sorted(set(body) - {"sm_pct", "clock_mhz", "batch_cap", "chunk_tokens"})
     if unknown:
-        raise openai.bad_field(unknown[0], body[unknown[0]], "is not a setting (sm_pct, clock_mhz, batch_cap)")
+        raise openai.bad_field(unknown[0], body[unknown[0]],
+                               "is not a setting (sm_pct, clock_mhz, batch_cap, chunk_tokens)")
     try:
         engine.update_settings(sm_pct=body.get("sm_pct"), clock_mhz=body.get("clock_mhz"),
-                               batch_cap=body.get("batch_cap"))
+                               batch_cap=body.get("batch_cap"), chunk_tokens=body.get("chunk_tokens"))
     except SettingsError as exc:
         field = str(exc).split(" ", 1)[0]
         raise openai.ApiError(400, str(exc), param=field) from None

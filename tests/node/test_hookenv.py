@@ -49,6 +49,9 @@ def test_bad_environment_values_are_refused_naming_them(key: str, value: str, me
     "festina:model=m,model=n",
     "festina:model=m\ninstance=2",
     "festina:model=m,instance=1 && halt",
+    "festina:model=m,port=0",
+    "festina:model=m,port=70000",
+    "festina:model=m,port=80;id",
 ])
 def test_a_comment_with_shell_metacharacters_or_unknown_keys_is_ignored_whole(comment: str) -> None:
     directives, why = parse_comment(comment)
@@ -65,3 +68,8 @@ def test_gpu_lists() -> None:
     assert parse_gpu_list("0,1,3") == (0, 1, 3)
     with pytest.raises(NodeInputError):
         parse_gpu_list("0-3")
+
+
+def test_festinads_comment_names_the_servers_port() -> None:
+    assert parse_comment("festina:model=llama-3.1-8b,instance=7,port=20007") == \
+        (Directives("llama-3.1-8b", "7", None, 20007), "")

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, fr
 from festina_hpc.devcluster import down as devcluster_down
 from festina_hpc.devcluster import up as devcluster_up
 from festina_hpc.slurm.cli_backend import CliSlurmClient
+
+MODEL = "llama-3.1-8b"
+GPU_TYPE = "h100-sxm-80gb"
 
 pytestmark = pytest.mark.slurm
 
@@ -34,7 +38,8 @@ def cluster() -> Iterator[tuple[DevClusterConfig, CliSlurmClient]]:
                            slurmd_port=free_ports(2, start=ctld + 1))
     devcluster_up(cfg)
     toml = base / "etc" / "festina-node.toml"
-    toml.write_text(toml.read_text() + "control_period_s = 0.5\n")
+    # A short hold before a lower clock, so the controller's first choice shows within the tests' deadlines.
+    toml.write_text(toml.read_text() + "control_period_s = 0.5\nclock_min_interval_s = 1.0\n")
     exe = str(festina_node_executable())
     service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
                                stderr=(base / "log" / "festina-node-n1.log").open("w"),
@@ -147,3 +152,52 @@ def test_a_crashed_mps_daemon_is_restarted_and_the_job_requeued(
     wait_for("rerun done", lambda: finished(client, job), timeout_s=60)
     assert client.get_job(job).state == "COMPLETED"  # type: ignore[union-attr]
     assert node_status(cfg, "n1")["gpus"]["0"]["mps_restarts"] >= 1  # type: ignore[index]
+
+
+def health(port: int) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            answer: dict[str, object] = json.loads(resp.read())
+            return answer
+    except OSError:
+        return None
+
+
+def test_the_control_loop_sets_clock_and_shares_and_the_servers_pace_by_them(
+        cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
+    """Two emulated model servers as MPS jobs on n1's GPU; festina-node's loop (0.5 s tick) runs festina's control."""
+    cfg, client = cluster
+    festina = str(Path(str(festina_node_executable())).parent / "festina")
+    ports = [free_ports(1, start=47000), free_ports(1, start=47500)]
+    ids = [sbatch(cfg, "-w", "n1", f"--gres=mps:{pct}", f"--output={cfg.base_dir}/out/serve-%j.out",
+                  f"--comment=festina:model={MODEL},instance=ctl{i},port={port}",
+                  "--wrap", f"exec {festina} serve --engine emulated --model {MODEL} --gpu-type {GPU_TYPE} "
+                            f"--host 127.0.0.1 --port {port} --sm-pct {pct} --time-scale 2")
+           for i, (pct, port) in enumerate(zip((40, 50), ports))]
+    try:
+        def settled() -> bool:
+            gpu = node_status(cfg, "n1")["gpus"]["0"]  # type: ignore[index]
+            jobs = {j["job_id"]: j for j in gpu["jobs"]}
+            if set(ids) - set(jobs) or gpu.get("clock_mhz") is None:
+                return False
+            assert sum(j["sm_pct"] for j in jobs.values()) <= 100
+            reports = [health(port) for port in ports]
+            return all(r is not None and r["clock_mhz"] == gpu["clock_mhz"] and r["sm_pct"] == jobs[i]["sm_pct"]
+                       and jobs[i]["server_pid"] == r["pid"] for i, r in zip(ids, reports))
+
+        wait_for("the controller's clock and shares on both servers", settled, timeout_s=45)
+        gpu = node_status(cfg, "n1")["gpus"]["0"]  # type: ignore[index]
+        assert gpu["clock_mhz"] < 1980  # two idle servers: festina runs the GPU slower than max
+        daemons = json.loads((cfg.base_dir / "node" / "n1" / "simulated-mps.json").read_text())
+        # A share that changed since the job started (--gres=mps:K) is set on its MPS server too.
+        changed = {j["server_pid"]: round(j["sm_pct"]) for j, pct in zip(sorted(gpu["jobs"], key=lambda j: j["job_id"]),
+                                                                          (40, 50)) if j["sm_pct"] != pct}
+        assert {int(pid): pct for pid, pct in daemons["0"]["server_pct"].items()} == changed
+        with sqlite3.connect(cfg.base_dir / "festina.db") as db:
+            settings = db.execute("SELECT details FROM decisions d JOIN gpus g ON g.id = d.gpu_id JOIN nodes n "
+                                  "ON n.id = g.node_id WHERE d.kind = 'setting' AND n.name = 'n1'").fetchall()
+        assert any(json.loads(d)["clock_mhz"] == gpu["clock_mhz"] for (d,) in settings)
+    finally:
+        for job_id in ids:
+            client.cancel(job_id)
+    wait_for("serving jobs gone", lambda: finished(client, *ids))

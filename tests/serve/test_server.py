@@ -96,7 +96,8 @@ def test_ttft_and_tbt_track_the_profile_and_settings_apply(store: ProfileStore) 
             assert_close(slow.ttft_s, TIME_SCALE * slow_ttft)
             assert_close(slow.tbt_mean_s, TIME_SCALE * slow_tbt)
             async with session.get(f"{url}/admin/settings") as resp:
-                assert (await resp.json())["settings"] == {"sm_pct": 30.0, "clock_mhz": 900, "batch_cap": 256}
+                assert (await resp.json())["settings"] == {"sm_pct": 30.0, "clock_mhz": 900, "batch_cap": 256,
+                                                               "chunk_tokens": 2048}
             async with session.post(f"{url}/admin/settings", json={"clock_mhz": 901}) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["param"] == "clock_mhz"
             async with session.post(f"{url}/admin/settings", json={"power_w": 300}) as resp:
@@ -145,3 +146,25 @@ def test_metrics_count_tokens_time_and_energy(store: ProfileStore) -> None:
     assert values["festina_serve_energy_joules_totalbusy"] > idle_w * busy  # serving draws more than idling
     assert values["festina_serve_energy_joules_totalidle"] == pytest.approx(
         idle_w * values["festina_serve_idle_seconds_total"], rel=0.05)
+
+
+def test_chunked_prefill_paces_each_chunk_and_health_reports_the_settings(store: ProfileStore) -> None:
+    prompt, chunk = 600, 256
+    expected_ttft = sum(store.predict(GPU, MODEL, "prefill", 1, take, 100.0, None, clamp=True).latency_s
+                        for take in (256, 256, 88))
+
+    async def scenario() -> None:
+        engine = make_engine(store, time_scale=TIME_SCALE)
+        async with simulated_server(engine) as url, aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/admin/settings", json={"chunk_tokens": chunk}) as resp:
+                assert resp.status == 200
+            got = await stream(session, url, {"model": MODEL, "prompt": words(prompt), "max_tokens": 2})
+            assert_close(got.ttft_s, TIME_SCALE * expected_ttft)
+            async with session.get(f"{url}/health") as resp:
+                health = await resp.json()
+            assert health["chunk_tokens"] == chunk and health["sm_pct"] == 100.0 and health["batch_cap"] == 256
+            assert health["pid"] > 0 and health["arrival_rate_per_s"] > 0 and health["pending_prompt_tokens"] == 0
+            async with session.post(f"{url}/admin/settings", json={"chunk_tokens": 0}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "chunk_tokens"
+
+    run(scenario())

@@ -1,0 +1,132 @@
+"""The local controller on a node agent over simulated GPUs, with fake model servers: decide, apply, tell, record."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from festina_hpc.node.control import LocalController, ServerReport, parse_health
+from festina_hpc.node.errors import NodeError, NodeInputError
+from festina_hpc.node.hookenv import Directives, JobContext
+from festina_hpc.policy.base import PolicyContext, make_policy
+from festina_hpc.policy.types import GpuSettings
+from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.workload import default_slo
+from tests.conftest import REPO_PROFILES
+from tests.node.conftest import SimNode
+
+GPU = "h100-sxm-80gb"
+MODEL = "llama-3.1-8b"
+DECODING = ServerReport(MODEL, running=16, waiting=0, pending_prompt_tokens=0, arrival_rate_per_s=0.2,
+                        sm_pct=50.0, clock_mhz=1980, batch_cap=256, chunk_tokens=2048, pid=4242)
+PREFILL_BURST = replace(DECODING, running=8, waiting=24, pending_prompt_tokens=40000, arrival_rate_per_s=8.0)
+
+
+@dataclass
+class FakeServers:
+    reports: dict[int, ServerReport]  # port -> what /health says
+    applied: list[tuple[int, dict[str, float | int]]] = field(default_factory=list)
+    down: set[int] = field(default_factory=set)
+
+    def health(self, port: int) -> ServerReport:
+        if port in self.down:
+            raise NodeError(f"port {port}: connection refused")
+        return self.reports[port]
+
+    def apply(self, port: int, settings: Mapping[str, float | int]) -> None:
+        if port in self.down:
+            raise NodeError(f"port {port}: connection refused")
+        self.applied.append((port, dict(settings)))
+
+
+@dataclass
+class FakeDecisions:
+    recorded: list[tuple[str, int, GpuSettings]] = field(default_factory=list)
+
+    def settings(self, node: str, gpu_index: int, settings: GpuSettings, reason: str) -> None:
+        self.recorded.append((node, gpu_index, settings))
+
+
+def serving_job(job_id: int, gpu: int, port: int, mps_pct: int = 50) -> JobContext:
+    return JobContext(job_id, 0, "root", "n1", (gpu,), mps_pct, Directives(MODEL, str(job_id), None, port))
+
+
+def controller(servers: FakeServers, decisions: FakeDecisions | None = None,
+               owns: bool = True) -> LocalController:
+    store = ProfileStore(REPO_PROFILES)
+    policy = make_policy("festina", PolicyContext(store, GPU))
+    return LocalController(policy, store, GPU, servers, slo_for=lambda m: default_slo(store, GPU, m),
+                           owns_pid=lambda pid, job: owns, decisions=decisions)
+
+
+def shares(n: SimNode, gpu: int) -> dict[int, float]:
+    return {j.job_id: j.sm_pct for j in n.state.read().gpu(gpu).jobs}
+
+
+def test_decode_only_gpu_runs_slower_than_one_with_a_prefill_burst_and_shares_fit(sim_node: SimNode) -> None:
+    n = sim_node
+    servers = FakeServers({9001: replace(DECODING, sm_pct=30.0), 9002: replace(DECODING, sm_pct=30.0),
+                           9003: replace(PREFILL_BURST, sm_pct=30.0), 9004: replace(DECODING, sm_pct=60.0)})
+    decisions = FakeDecisions()
+    for job_id, gpu, port, pct in ((11, 0, 9001, 30), (12, 0, 9002, 30), (21, 1, 9003, 30), (22, 1, 9004, 60)):
+        n.agent.prolog(serving_job(job_id, gpu, port, pct))
+    ctl = controller(servers, decisions)
+    changes = []
+    for _ in range(3):
+        report = ctl.step(n.agent)
+        changes.append(dict(report.tick.share_changes))
+        assert all(sum(shares(n, gpu).values()) <= 100.0 for gpu in (0, 1))
+        n.clock.advance(2.0)
+    decode_mhz, burst_mhz = n.gpu.current_clock_mhz(0), n.gpu.current_clock_mhz(1)
+    assert decode_mhz < burst_mhz == n.gpu.spec.max_clock_mhz
+    # GPU 1 was full: the burst's grow waited for the other job's shrink (an earlier tick).
+    assert shares(n, 1)[21] > 30 and shares(n, 1)[22] < 60
+    shrunk_at = next(t for t, c in enumerate(changes) if 22 in c)
+    grown_at = next(t for t, c in enumerate(changes) if 21 in c)
+    assert shrunk_at < grown_at
+    # The servers were told what is in force; MPS got the shares for their (checked) pids.
+    told: dict[int, dict[str, float | int]] = {port: {} for port in servers.reports}
+    for port, settings in servers.applied:
+        told[port].update(settings)
+    assert told[9001]["clock_mhz"] == decode_mhz and told[9001]["sm_pct"] == shares(n, 0)[11]
+    assert told[9003]["sm_pct"] == shares(n, 1)[21] and "clock_mhz" not in told[9003]  # only what differs
+    daemon = n.mps.daemon(1)
+    assert daemon is not None and daemon["server_pct"]["4242"] == round(shares(n, 1)[21])
+    recorded = {(gpu, s.clock_mhz) for _, gpu, s in decisions.recorded}
+    assert (0, decode_mhz) in recorded and any(21 in s.sm_pct for _, _, s in decisions.recorded)
+
+
+def test_an_unreachable_server_is_left_alone_and_the_rest_is_controlled(sim_node: SimNode) -> None:
+    n = sim_node
+    servers = FakeServers({9001: DECODING, 9002: DECODING}, down={9002})
+    n.agent.prolog(serving_job(11, 0, 9001, mps_pct=30))
+    n.agent.prolog(serving_job(12, 0, 9002, mps_pct=60))
+    n.agent.prolog(JobContext(13, 0, "root", "n1", (1,), 30, Directives()))  # not a serving job: no port
+    report = controller(servers, owns=False).step(n.agent)
+    assert report.unreachable == (12,)
+    assert shares(n, 0)[12] == 60.0 and shares(n, 1)[13] == 30.0
+    assert 30.0 < shares(n, 0)[11] <= 40.0  # grown, but only into the room the silent job leaves
+    daemon = n.mps.daemon(0)
+    assert daemon is not None and daemon["server_pct"] == {}  # the pid was not the job's: MPS left alone
+    assert {port for port, _ in servers.applied} == {9001}
+
+
+@pytest.mark.parametrize("body, problem", [
+    ([], "JSON object"),
+    ({"model": MODEL, "running": -1}, "running"),
+    ({"model": MODEL, "arrival_rate_per_s": "fast"}, "arrival_rate_per_s"),
+    ({"model": MODEL, "sm_pct": 300}, "sm_pct"),
+    ({"model": MODEL, "pid": True}, "pid"),
+])
+def test_a_bad_health_answer_is_refused(body: object, problem: str) -> None:
+    with pytest.raises(NodeInputError, match=problem):
+        parse_health(body)
+
+
+def test_a_health_answer_of_the_emulated_server_parses() -> None:
+    report = parse_health({"status": "ok", "model": MODEL, "running": 2, "waiting": 1, "pending_prompt_tokens": 30,
+                           "arrival_rate_per_s": 0.5, "sm_pct": 40.0, "clock_mhz": 1410, "batch_cap": 64,
+                           "chunk_tokens": 512, "pid": 77, "in_flight": 3})
+    assert report == ServerReport(MODEL, 2, 1, 30, 0.5, 40.0, 1410, 64, 512, 77)
