@@ -24,7 +24,6 @@ import pytest
 from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports, missing_binaries
 from festina_hpc.devcluster import down as devcluster_down
 from festina_hpc.devcluster import up as devcluster_up
-from festina_hpc.slurm.cli_backend import CliSlurmClient
 
 pytestmark = pytest.mark.slurm
 
