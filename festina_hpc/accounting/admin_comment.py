@@ -7,9 +7,10 @@ festina_energy_kwh=<3 decimals>``), ``write_energy_comment`` hands it to the Slu
 Verified on the local Slurm 22.05 cluster (tests/accounting/test_admin_comment.py): slurmctld
 accepts ``scontrol update JobId=N AdminComment=...`` while a job runs, and refuses it once the job
 has finished ("Job has already finished for job N"), whether or not the job is still within
-MinJobAge; without slurmdbd (``AccountingStorageType=accounting_storage/none``, as here) sacct
-shows nothing at all. So festina writes the running total while the job runs (each accounting
-pass, and a last time as it stops the job) and the last value written is what accounting keeps;
+MinJobAge, and already in the Epilog (the job is COMPLETING; tests/node/test_live_metrics.py);
+without slurmdbd (``AccountingStorageType=accounting_storage/none``, as here) sacct shows nothing
+at all. So festina-node writes the running total while the job runs (``festina_hpc.node.metrics``,
+every ``admin_comment_period_s``) and the last value written is what accounting keeps;
 a refusal for a finished job is an outcome, not an error. Sites with slurmdbd could also amend a
 finished job in the database (``sacctmgr modify job where jobid=N set AdminComment=...``); that is
 not tried here, where there is no slurmdbd.

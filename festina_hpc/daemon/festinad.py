@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter
 from festina_hpc.daemon.records import CompletionRecord
 from festina_hpc.daemon.routing import Endpoint, NoInstance
@@ -211,6 +212,7 @@ class Festinad:
         self._job_of: dict[int, int] = {}  # instance id -> its Slurm job  # instances a plan is moving or stopping
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -574,8 +576,7 @@ class Festinad:
                                                  slurm_job_id=job.job_id, endpoint_url=url)
         inst = self.view.add(decision, instance_id)
         inst.slurm_job_id = self._job_of[instance_id] = job.job_id
-        self.store.record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"),
-                               at=self._now())
+        self._record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"))
         log.info("adopted job %d (%s on %s, %s) as instance %d", job.job_id, canonical, job.nodes[0], url,
                  instance_id)
         self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s))
@@ -604,7 +605,7 @@ class Festinad:
         """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest)."""
         if not plan:
             return
-        self.store.record_plan(Plan(tuple(self._to_db(a) for a in plan.actions), plan.reason), at=self._now())
+        self._record_plan(Plan(tuple(self._to_db(a) for a in plan.actions), plan.reason))
         for action in plan.actions:
             try:
                 await self._do(action, plan.reason)
@@ -649,6 +650,10 @@ class Festinad:
             await self.stop_instance(source, f"migrated to instance {target.id}: {reason}")
         finally:
             self._busy.discard(source.id)
+
+    def _record_plan(self, plan: Plan) -> None:
+        self.store.record_plan(plan, at=self._now())
+        self.decision_rate.add(len(plan.actions))
 
     def _to_db(self, action: Action) -> Action:
         """The action with database ids (the view numbers GPUs and nodes from 0)."""

@@ -6,7 +6,8 @@ from the database and Slurm), serves the gateway, and schedules the periodic
 jobs, each coalesced with ``max_instances=1`` so a slow Slurm never stacks
 runs: reconcile, the policy's ``scale`` and ``consolidate`` at their periods
 (the policy's own unless the config sets one), and the flush of request
-records to the database. On stop (SIGTERM) the gateway stops taking
+records to the database. ``GET /metrics`` answers Prometheus (see
+``festina_hpc.daemon.metrics``). On stop (SIGTERM) the gateway stops taking
 connections and gives in-flight requests ``shutdown_s`` to finish; serving
 jobs keep running, so a restarted festinad takes them back.
 """
@@ -23,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[impo
 
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
+from festina_hpc.daemon.metrics import FanOut, FestinadMetrics, RequestWindow
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
                        on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0) -> None:
     """Serve until ``stop`` is set (see the module docstring)."""
     await festinad.setup()
-    gateway = Gateway(festinad.router, recorder, models, gateway_config or GatewayConfig())
-    runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
+    window = RequestWindow()
+    gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig())
+    app = gateway.app()
+    FestinadMetrics(festinad, window, festinad.store.engine).mount(app)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
     scheduler = make_scheduler(festinad, recorder, periods)
     try:

@@ -46,6 +46,11 @@ class NodeConfig:
     tbt_slo_multiplier: float = 5.0
     server_timeout_s: float = 1.0  # a model server's /health or /admin/settings answer
     slurm_conf: str = ""  # "" = $SLURM_CONF of the caller
+    metrics_port: int = 0  # Prometheus /metrics of the service (power, energy per GPU and model); 0 = off
+    metrics_addr: str = "127.0.0.1"  # where the metrics port listens; "0.0.0.0" lets a remote Prometheus in
+    # Running jobs' energy into their Slurm AdminComment this often; 0 = never. Slurm refuses it once a job
+    # ended (already in the Epilog), so the last value written while it ran is the one that stays.
+    admin_comment_period_s: float = 30.0
 
 
 def load_node_config(path: Path | None) -> NodeConfig:
@@ -84,8 +89,11 @@ def node_config_from_mapping(raw: Any, source: str) -> NodeConfig:
                 "server_timeout_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{source}: node.{key} = {getattr(cfg, key)!r} must be positive")
-    if cfg.clock_min_interval_s < 0:
-        raise ConfigError(f"{source}: node.clock_min_interval_s must not be negative")
+    for key in ("clock_min_interval_s", "admin_comment_period_s"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{source}: node.{key} must not be negative")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError(f"{source}: node.metrics_port = {cfg.metrics_port} must be in 0..65535 (0 = off)")
     for key in ("state_dir", "mps_dir", "socket_path"):
         value = getattr(cfg, key)
         if value and not _SAFE_PATH.fullmatch(value):

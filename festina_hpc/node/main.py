@@ -269,14 +269,28 @@ def serve(inv: Invocation, once: bool) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     loop.start()
+    outputs = _start_outputs(inv, agent)
     logger.info("festina-node %s: serving on %s, control every %g s (policy %s)", inv.node, paths.socket,
                 inv.config.control_period_s, inv.config.control_policy or "none: settings only on request")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        outputs.stop()
         loop.stop()
         server.server_close()
         paths.socket.unlink(missing_ok=True)
+
+
+def _start_outputs(inv: Invocation, agent: NodeAgent) -> Any:
+    """The metrics port and the AdminComment writer (festina_hpc.node.metrics), as the config asks."""
+    from festina_hpc.node.metrics import start_node_outputs
+    from festina_hpc.slurm.cli_backend import CliSlurmClient
+
+    cfg = inv.config
+    slurm_conf = cfg.slurm_conf or inv.env.get("SLURM_CONF", "")
+    return start_node_outputs(inv.node, agent.status, metrics_port=cfg.metrics_port, metrics_addr=cfg.metrics_addr,
+                              comment_period_s=cfg.admin_comment_period_s,
+                              client=CliSlurmClient(Path(slurm_conf) if slurm_conf else None, timeout_s=20.0))
 
 
 def _tick_summary(report: TickReport) -> dict[str, Any]:

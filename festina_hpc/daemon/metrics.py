@@ -1,0 +1,197 @@
+"""festinad's ``GET /metrics``: a Prometheus snapshot of its live state, built on each scrape.
+
+What festinad holds in memory gives the cheap figures: per-model SLO attainment
+over the last ``window_s`` and the count of finished requests (``RequestWindow``,
+a ``Recorder`` the gateway hands every record to, beside the database's),
+decisions per second (``DecisionRate``, fed as festinad records plans) and
+powered / total nodes (its view). GPU power and energy per GPU and per model
+come from the database: each GPU's last ingested reading (``energy_cursors``,
+one row per GPU, joined to that sample's power and instance shares) and the
+per-model hourly rollup; those queries run in a worker thread, at most once
+per ``db_cache_s``, so a scrape never blocks the gateway's event loop and a
+busy Prometheus never turns into a database load. The figures are formatted
+by the pure registry in ``festina_hpc.accounting.metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from festina_hpc.accounting.metrics import GpuFigures, MetricsSnapshot, ModelFigures, build_registry, exposition
+from festina_hpc.daemon.records import CompletionRecord, Recorder
+from festina_hpc.db.models import (
+    EnergyCursor,
+    EnergySample,
+    EnergySampleShare,
+    Gpu,
+    ModelEnergyHourly,
+    ModelInstance,
+    Node,
+)
+from festina_hpc.policy.types import NodePower
+
+if TYPE_CHECKING:
+    from festina_hpc.daemon.festinad import Festinad
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 300.0  # SLO attainment over the last five minutes: recent enough to alert on
+DEFAULT_DB_CACHE_S = 10.0
+
+
+class RequestWindow:
+    """A ``Recorder`` keeping, per model, the SLO outcomes of the last ``window_s`` and a running count."""
+
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._recent: dict[str, deque[tuple[float, bool]]] = {}
+        self.totals: dict[str, int] = {}
+
+    def record(self, record: CompletionRecord) -> None:
+        self._recent.setdefault(record.model, deque()).append((self._clock(), record.slo_met))
+        self.totals[record.model] = self.totals.get(record.model, 0) + 1
+
+    def attainment(self) -> dict[str, float | None]:
+        """Per model seen so far: the fraction of its requests of the window that met their SLO (None: none)."""
+        cutoff_s = self._clock() - self.window_s
+        result: dict[str, float | None] = {}
+        for model, recent in self._recent.items():
+            while recent and recent[0][0] < cutoff_s:
+                recent.popleft()
+            result[model] = sum(met for _, met in recent) / len(recent) if recent else None
+        return result
+
+
+class FanOut:
+    """A ``Recorder`` handing each record to several (the database's and the metrics' window)."""
+
+    def __init__(self, *recorders: Recorder):
+        self._recorders = recorders
+
+    def record(self, record: CompletionRecord) -> None:
+        for recorder in self._recorders:
+            try:
+                recorder.record(record)
+            except Exception:  # a failing recorder must not starve the others (the Recorder contract)
+                log.exception("recorder %s failed", type(recorder).__name__)
+
+
+class DecisionRate:
+    """Counts the decisions festinad records; their rate over the last ``window_s``."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._recent: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        if count > 0:
+            self._recent.append((self._clock(), count))
+            self.total += count
+
+    def per_s(self) -> float:
+        cutoff_s = self._clock() - self.window_s
+        while self._recent and self._recent[0][0] < cutoff_s:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / self.window_s
+
+
+@dataclass(frozen=True)
+class DbFigures:
+    """What the database knows of energy: per GPU (node, index) and per model."""
+
+    gpus: tuple[GpuFigures, ...] = ()
+    model_energy_j: dict[str, float] = field(default_factory=dict)
+    model_power_w: dict[str, float] = field(default_factory=dict)
+
+
+def db_figures(engine: Engine) -> DbFigures:
+    """Each GPU's last reading, its power split by that sample's shares, and the per-model energy rollup."""
+    last = (select(Node.name, Gpu.gpu_index, EnergyCursor.gpu_id, EnergyCursor.sampled_at,
+                   EnergyCursor.energy_counter_j, EnergySample.power_w)
+            .join(Gpu, Gpu.id == EnergyCursor.gpu_id).join(Node, Node.id == Gpu.node_id)
+            .outerjoin(EnergySample, (EnergySample.gpu_id == EnergyCursor.gpu_id)
+                       & (EnergySample.sampled_at == EnergyCursor.sampled_at)))
+    # Shares of each GPU's last sample: primary-key lookups, one per GPU and instance.
+    shares = (select(ModelInstance.model, EnergySample.power_w, EnergySampleShare.share_frac)
+              .select_from(EnergyCursor)
+              .join(EnergySampleShare, (EnergySampleShare.gpu_id == EnergyCursor.gpu_id)
+                    & (EnergySampleShare.sampled_at == EnergyCursor.sampled_at))
+              .join(EnergySample, (EnergySample.gpu_id == EnergyCursor.gpu_id)
+                    & (EnergySample.sampled_at == EnergyCursor.sampled_at))
+              .join(ModelInstance, ModelInstance.id == EnergySampleShare.instance_id))
+    energy = select(ModelEnergyHourly.model, func.sum(ModelEnergyHourly.energy_j)).group_by(ModelEnergyHourly.model)
+    with engine.connect() as connection:
+        gpus = tuple(GpuFigures(node, index, power_w, counter_j)
+                     for node, index, _id, _at, counter_j, power_w in connection.execute(last))
+        power: dict[str, float] = {}
+        for model, power_w, share in connection.execute(shares):
+            if power_w is not None:
+                power[model] = power.get(model, 0.0) + power_w * share
+        model_energy = {model: float(total or 0.0) for model, total in connection.execute(energy)}
+    return DbFigures(tuple(sorted(gpus, key=lambda g: (g.node, g.gpu_index))), model_energy, power)
+
+
+class FestinadMetrics:
+    """Builds festinad's snapshot (see the module docstring); ``handle`` is the ``GET /metrics`` route."""
+
+    def __init__(self, festinad: Festinad, window: RequestWindow, engine: Engine | None,
+                 db_cache_s: float = DEFAULT_DB_CACHE_S, clock: Callable[[], float] = time.monotonic):
+        self._festinad = festinad
+        self.window = window
+        self._engine = engine
+        self._db_cache_s = db_cache_s
+        self._clock = clock
+        self._db: DbFigures = DbFigures()
+        self._db_at_s: float | None = None
+
+    async def _db_figures(self) -> DbFigures:
+        now_s = self._clock()
+        if self._engine is None or (self._db_at_s is not None and now_s - self._db_at_s < self._db_cache_s):
+            return self._db
+        try:
+            self._db = await asyncio.to_thread(db_figures, self._engine)
+        except SQLAlchemyError as exc:
+            # A scrape still answers with festinad's own figures; the energy ones come back with the database.
+            log.warning("metrics: database figures unavailable: %s", exc)
+            self._db = DbFigures()
+        self._db_at_s = now_s
+        return self._db
+
+    async def snapshot(self) -> MetricsSnapshot:
+        db = await self._db_figures()
+        # Read on the event loop: the view and the windows are only ever changed there.
+        attainment = self.window.attainment()
+        names = sorted({*attainment, *db.model_energy_j, *db.model_power_w})
+        models = tuple(ModelFigures(m, db.model_power_w.get(m), db.model_energy_j.get(m), attainment.get(m),
+                                    self.window.totals.get(m)) for m in names)
+        powered = nodes = None
+        cluster = self._festinad.cluster  # None until setup() has read Slurm's nodes
+        if cluster is not None:
+            nodes = len(cluster.node_list)
+            powered = sum(1 for n in cluster.node_list if n.power is NodePower.ON)
+        decisions = self._festinad.decision_rate
+        return MetricsSnapshot(gpus=db.gpus, models=models, decisions_per_s=decisions.per_s(),
+                               decisions=decisions.total, powered_nodes=powered, nodes=nodes)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body, content_type = exposition(build_registry(await self.snapshot()))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_get("/metrics", self.handle)
+
+
+__all__ = ["DbFigures", "DecisionRate", "FanOut", "FestinadMetrics", "RequestWindow", "db_figures"]

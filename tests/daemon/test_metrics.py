@@ -1,0 +1,127 @@
+"""festinad's ``GET /metrics``: the windows it keeps, and the exposition of a running festinad (fake Slurm).
+
+The running test goes through ``run_festinad`` itself, so the route, the
+recorder fan-out and the decision count are checked as the daemon wires them;
+energy comes from readings written to its database as festina-node would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from festina_hpc.daemon.festinad import StoreRecorder
+from festina_hpc.daemon.gateway import gateway_models
+from festina_hpc.daemon.metrics import DecisionRate, RequestWindow
+from festina_hpc.daemon.records import CompletionRecord, Outcome
+from festina_hpc.daemon.service import Periods, run_festinad
+from festina_hpc.db.store import EnergyReading, Store
+from festina_hpc.policy.types import Plan, StopInstance
+from festina_hpc.profiles.store import ProfileStore
+from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def record(model: str, met: bool) -> CompletionRecord:
+    return CompletionRecord(model=model, arrival_unix_s=0.0, outcome=Outcome.OK, status=200, stream=True,
+                            endpoint=None, instance_id=None, prompt_tokens=1, output_tokens=1, ttft_s=0.1,
+                            tbt_mean_s=None, tbt_max_s=None, e2e_s=0.1, route_s=0.0, ttft_slo_s=1.0, tbt_slo_s=1.0,
+                            slo_met=met)
+
+
+def test_request_window_forgets_old_outcomes_but_keeps_counting() -> None:
+    clock = Clock()
+    window = RequestWindow(window_s=60, clock=clock)
+    for met in (False, True, True):
+        window.record(record("a", met))
+    assert window.attainment() == {"a": 2 / 3}
+    clock.now_s += 61
+    window.record(record("a", True))
+    assert window.attainment() == {"a": 1.0} and window.totals == {"a": 4}
+    clock.now_s += 61
+    assert window.attainment() == {"a": None} and window.totals == {"a": 4}
+
+
+def test_decision_rate_over_its_window() -> None:
+    clock = Clock()
+    rate = DecisionRate(window_s=10, clock=clock)
+    rate.add(3)
+    rate.add(0)
+    clock.now_s += 5
+    rate.add(2)
+    assert (rate.per_s(), rate.total) == (0.5, 5)
+    clock.now_s += 6
+    assert (rate.per_s(), rate.total) == (0.2, 5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> None:  # noqa: F811
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+
+    async def scenario() -> None:
+        festinad = await _festinad(store, slurm, db)
+        stop = asyncio.Event()
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        port = _free_port()
+        task = asyncio.ensure_future(run_festinad(
+            festinad, StoreRecorder(db), gateway_models(store, GPU, MODELS), "127.0.0.1", port, stop,
+            Periods(reconcile_s=60, scale_s=60, consolidate_s=60, flush_s=0.2), on_ready=ready.set_result))
+        try:
+            url = await asyncio.wait_for(asyncio.shield(ready), 20)
+            async with aiohttp.ClientSession() as session:
+                status, _ = await _ask(session, url, servers, model="llama-3.1-8b")
+                assert status == 200
+                await festinad.execute(Plan((StopInstance(999_999),), "test: a decision with nothing to stop"))
+                # What festina-node writes: two readings of the instance's GPU, all of it the instance's.
+                live = db.load_live_state()
+                (instance,) = live.instances
+                gpu_id = instance.gpus[0]
+                t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+                db.record_energy([EnergyReading(gpu_id, t0, 1000.0, 250.0, {instance.id: 1.0}),
+                                  EnergyReading(gpu_id, t0 + timedelta(seconds=2), 1600.0, 300.0,
+                                                {instance.id: 1.0})])
+                async with session.get(f"{url}/metrics") as resp:
+                    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+                    text = await resp.text()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await servers.stack.aclose()
+        node = next(n.name for n in live.nodes if any(g.id == gpu_id and g.node_id == n.id for g in live.gpus))
+        index = next(g.gpu_index for g in live.gpus if g.id == gpu_id)
+        got = _samples(text)
+        llama = (("model", "llama-3.1-8b"),)
+        gpu = (("gpu", str(index)), ("node", node))
+        assert got[("festina_model_requests_total", llama)] == 1
+        assert got[("festina_model_slo_attainment_ratio", llama)] in (0.0, 1.0)  # one request, met or not
+        assert got[("festina_model_energy_joules_total", llama)] == 600.0
+        assert got[("festina_model_power_watts", llama)] == 300.0
+        assert got[("festina_gpu_energy_joules_total", gpu)] == 1600.0
+        assert got[("festina_gpu_power_watts", gpu)] == 300.0
+        assert got[("festina_decisions_total", ())] == 1
+        assert got[("festina_decisions_per_second", ())] > 0
+        assert (got[("festina_nodes_powered", ())], got[("festina_nodes", ())]) == (2, 2)
+
+    asyncio.run(scenario())
