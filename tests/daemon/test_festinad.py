@@ -111,11 +111,23 @@ class Servers:
             await self.stack.enter_async_context(running_app(make_app(engine), "127.0.0.1", port))
 
 
-def _free_port_base() -> int:
+def _free_port_base(span: int = 16) -> int:
+    """A base whose next ``span`` ports are free now, below Linux's ephemeral range (32768+), so that
+    no client connection of a concurrent test takes one of them before a server binds it."""
+    import random
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1]) % 20000 + 30000
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32768 - span)
+        try:
+            for port in range(base, base + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range below 32768")
 
 
 async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store) -> Festinad:
