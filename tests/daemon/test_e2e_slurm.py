@@ -52,7 +52,7 @@ def power_cluster() -> Iterator[DevClusterConfig]:
     if os.geteuid() != 0:
         pytest.skip("a dev cluster runs slurmd as root")
     base = Path(tempfile.mkdtemp(prefix="festina-e2e-", dir="/tmp"))
-    ctld = free_ports(1, start=41000)
+    ctld = free_ports(1, start=21000)
     cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
                            power_save_nodes=4, suspend_time_s=6, cluster_name="festina-e2e")
     devcluster_up(cfg)
@@ -113,8 +113,8 @@ def _festina_jobs(slurm: CliSlurmClient) -> dict[int, Any]:
 def test_festinad_end_to_end(power_cluster: DevClusterConfig, tmp_path: Path) -> None:
     cfg = power_cluster
     slurm = CliSlurmClient(cfg.slurm_conf)
-    port = free_ports(1, start=43000)
-    user_port = free_ports(1, start=44000)
+    port = free_ports(1, start=23000)
+    user_port = free_ports(1, start=24000)
     db_path = tmp_path / "festina.db"
     config = tmp_path / "festina.toml"
     config.write_text(f"""
@@ -129,7 +129,7 @@ slurm_timeout_s = 20.0
 engine = "emulated"
 serve_time_scale = 0.5
 job_output_dir = "{tmp_path}"
-serve_port_base = {free_ports(1, start=45000)}
+serve_port_base = {free_ports(1, start=25000)}
 scale_timeout_s = 60.0
 start_timeout_s = 60.0
 drain_timeout_s = 5.0

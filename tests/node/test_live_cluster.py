@@ -33,7 +33,7 @@ def cluster() -> Iterator[tuple[DevClusterConfig, CliSlurmClient]]:
     if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
         pytest.skip("needs Slurm, root and an installed festina-node")
     base = Path(tempfile.mkdtemp(prefix="festina-node-", dir="/tmp"))
-    ctld = free_ports(1, start=41000)
+    ctld = free_ports(1, start=21000)
     cfg = DevClusterConfig(base_dir=base, nodes=2, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
                            slurmd_port=free_ports(2, start=ctld + 1))
     devcluster_up(cfg)
@@ -168,7 +168,7 @@ def test_the_control_loop_sets_clock_and_shares_and_the_servers_pace_by_them(
     """Two emulated model servers as MPS jobs on n1's GPU; festina-node's loop (0.5 s tick) runs festina's control."""
     cfg, client = cluster
     festina = str(Path(str(festina_node_executable())).parent / "festina")
-    ports = [free_ports(1, start=47000), free_ports(1, start=47500)]
+    ports = [free_ports(1, start=27000), free_ports(1, start=27500)]
     ids = [sbatch(cfg, "-w", "n1", f"--gres=mps:{pct}", f"--output={cfg.base_dir}/out/serve-%j.out",
                   f"--comment=festina:model={MODEL},instance=ctl{i},port={port}",
                   "--wrap", f"exec {festina} serve --engine emulated --model {MODEL} --gpu-type {GPU_TYPE} "

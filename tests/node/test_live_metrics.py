@@ -34,7 +34,7 @@ def cluster() -> Iterator[tuple[DevClusterConfig, int]]:
     if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
         pytest.skip("needs Slurm, root and an installed festina-node")
     base = Path(tempfile.mkdtemp(prefix="festina-nm-", dir="/tmp"))
-    ctld = free_ports(1, start=44000)
+    ctld = free_ports(1, start=24000)
     cfg = DevClusterConfig(base_dir=base, nodes=1, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
                            slurmd_port=free_ports(1, start=ctld + 1))
     devcluster_up(cfg)
