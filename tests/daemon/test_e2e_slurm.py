@@ -198,6 +198,26 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         used_nodes = {n for j in jobs.values() for n in j.nodes}
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
         assert set(MODELS) <= models_in_jobs
+        # A second user's small job alone on a node festina does not use: whatever layout the
+        # concurrent first placements took (which node the adopted job shares), there is now a node
+        # whose one instance fits beside the others, so consolidation has something to do.
+        spare_node = next(n for n in cfg.node_names if n not in used_nodes)
+        small_port = free_ports(1, start=24100)
+        small = log.parent / "small-serve.sbatch"
+        small.write_text(f"""#!/bin/bash
+#SBATCH --job-name=my-small
+#SBATCH --comment=festina:model=mistral-7b,instance=user-2,port={small_port}
+#SBATCH --gres=mps:20
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --nodelist={spare_node}
+#SBATCH --output={log.parent}/small-%j.out
+exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model mistral-7b \\
+    --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {small_port} --sm-pct 20 --time-scale 0.5
+""")
+        subprocess.run(["sbatch", "--parsable", str(small)], check=True, capture_output=True, text=True,
+                       env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}, cwd=log.parent)
+        used_nodes.add(spare_node)
         # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
         db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
         since = datetime.now(UTC) - timedelta(hours=1)
