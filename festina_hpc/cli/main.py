@@ -20,6 +20,7 @@ from festina_hpc.cli.daemon import daemon
 from festina_hpc.cli.db import db_group
 from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.energy import energy
+from festina_hpc.cli.models import models
 from festina_hpc.cli.profiles import profiles
 from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
@@ -50,6 +51,7 @@ cli.add_command(db_group)
 cli.add_command(serve)
 cli.add_command(daemon)
 cli.add_command(energy)
+cli.add_command(models)
 
 
 def main(argv: list[str] | None = None) -> int:
