@@ -24,6 +24,7 @@ from festina_hpc.cli.models import models
 from festina_hpc.cli.profiles import profiles
 from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
+from festina_hpc.cli.status import bench_status, status
 from festina_hpc.config import load_config
 from festina_hpc.errors import FestinaError
 
@@ -52,6 +53,8 @@ cli.add_command(serve)
 cli.add_command(daemon)
 cli.add_command(energy)
 cli.add_command(models)
+cli.add_command(status)
+bench.add_command(bench_status)
 
 
 def main(argv: list[str] | None = None) -> int:
