@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from festina_hpc.cli.admin import completion, consolidate, decisions, nodes
 from festina_hpc.cli.bench import bench
 from festina_hpc.cli.common import AppContext
 from festina_hpc.cli.config_cmd import config_group
@@ -54,6 +55,10 @@ cli.add_command(daemon)
 cli.add_command(energy)
 cli.add_command(models)
 cli.add_command(status)
+cli.add_command(consolidate)
+cli.add_command(nodes)
+cli.add_command(decisions)
+cli.add_command(completion)
 bench.add_command(bench_status)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 
+from festina_hpc.daemon.admin_api import add_admin_routes
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 
@@ -54,7 +55,9 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     """Serve until ``stop`` is set (see the module docstring)."""
     await festinad.setup()
     gateway = Gateway(festinad.router, recorder, models, gateway_config or GatewayConfig())
-    runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
+    app = gateway.app()
+    add_admin_routes(app, festinad)  # /admin/*: consolidate now, drain a model (festina CLI)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
     scheduler = make_scheduler(festinad, recorder, periods)
     try:
