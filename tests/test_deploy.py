@@ -1,4 +1,4 @@
-"""deploy/: the dashboard queries only metrics festina exports, the units run as documented, slurm.conf matches the dev cluster."""
+"""deploy/: dashboard metrics are exported ones, units run as documented, slurm.conf lines are the dev cluster's."""
 
 from __future__ import annotations
 
