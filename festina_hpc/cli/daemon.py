@@ -19,7 +19,9 @@ from festina_hpc.errors import ConfigError, FestinaError
 @click.option("--host", default=None, help="Gateway bind address [config daemon.host].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Gateway port [config daemon.port].")
 @click.option("--policy", default=None, help="Policy name [config daemon.policy; default festina].")
-@click.option("--models", default=None, help="Comma-separated models to serve [config daemon.models].")
+@click.option("--models", default=None,
+              help="Comma-separated models to serve, overriding the catalogue (`festina models`) "
+                   "[else the catalogue, else config daemon.models].")
 @click.option("--db-url", default=None, metavar="URL",
               help="Database URL (default: $FESTINA_DB_URL, else the config's [db] url, else SQLite).")
 @click.option("--slurm-conf", type=click.Path(path_type=Path), default=None,
@@ -29,10 +31,12 @@ from festina_hpc.errors import ConfigError, FestinaError
 def daemon(app: AppContext, host: str | None, port: int | None, policy: str | None, models: str | None,
            db_url: str | None, slurm_conf: Path | None, verbose: bool) -> None:
     """Run festinad: the gateway, the policy's placement, scaling and consolidation, through Slurm."""
+    from festina_hpc.daemon.catalogue_models import catalogue_gateway_models
     from festina_hpc.daemon.festinad import Festinad, FestinadSettings, StoreRecorder
     from festina_hpc.daemon.gateway import GatewayConfig, gateway_models
     from festina_hpc.daemon.service import Periods, run_festinad
     from festina_hpc.db import migrate
+    from festina_hpc.db.catalogue import Catalogue
     from festina_hpc.db.engine import check_connection, make_engine, resolve_db_url
     from festina_hpc.db.store import Store
     from festina_hpc.policy.base import PolicyContext, make_policy
@@ -43,22 +47,25 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     cfg = app.config.daemon
     store = app.profile_store()
     gpu = store.gpu(cfg.gpu_type).name
-    names = [m.strip() for m in (models if models is not None else cfg.models).split(",") if m.strip()]
-    if not names:
-        names = sorted(model for g, model in store.shipped() if g == gpu)
-    if not names:
-        raise ConfigError(f"no model has a profile on {gpu}: set daemon.models")
-    slos = {m.name: m.slo for m in gateway_models(store, gpu, names, cfg.ttft_slo_multiplier,
-                                                 cfg.tbt_slo_multiplier)}
-    served = gateway_models(store, gpu, names, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier,
-                            cfg.max_prompt_tokens)
-    chosen = make_policy(policy or cfg.policy, PolicyContext(store, gpu, keep_alive_s=cfg.keep_alive_s))
-
     resolved = resolve_db_url(db_url, os.environ, app.config.db, config_source=app.config.source)
     engine = make_engine(resolved.url)
     check_connection(engine)
     migrate.upgrade(engine)  # festinad's schema is this package's: bring a new or older database up to it
     db = Store(engine)
+
+    # The catalogue names the served models and their SLOs; --models overrides it, [daemon] models bootstraps.
+    served = [] if models is not None else catalogue_gateway_models(Catalogue(engine, store).list(), store, gpu,
+                                                                     cfg.max_prompt_tokens)
+    if not served:
+        names = [m.strip() for m in (models if models is not None else cfg.models).split(",") if m.strip()]
+        if not names:
+            names = sorted(model for g, model in store.shipped() if g == gpu)
+        if not names:
+            raise ConfigError(f"no model has a profile on {gpu}: set daemon.models")
+        served = gateway_models(store, gpu, names, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier,
+                                cfg.max_prompt_tokens)
+    slos = {m.name: m.slo for m in served}
+    chosen = make_policy(policy or cfg.policy, PolicyContext(store, gpu, keep_alive_s=cfg.keep_alive_s))
 
     conf = slurm_conf or (Path(os.environ["SLURM_CONF"]) if os.environ.get("SLURM_CONF") else None)
     slurm = make_slurm_client(cfg.slurm_backend, conf, timeout_s=cfg.slurm_timeout_s)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from festina_hpc.cli.admin import completion, consolidate, decisions, nodes
 from festina_hpc.cli.bench import bench
 from festina_hpc.cli.common import AppContext
 from festina_hpc.cli.config_cmd import config_group
@@ -20,9 +21,11 @@ from festina_hpc.cli.daemon import daemon
 from festina_hpc.cli.db import db_group
 from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.energy import energy
+from festina_hpc.cli.models import models
 from festina_hpc.cli.profiles import profiles
 from festina_hpc.cli.serve import serve
 from festina_hpc.cli.sim import demo, sim
+from festina_hpc.cli.status import bench_status, status
 from festina_hpc.config import load_config
 from festina_hpc.errors import FestinaError
 
@@ -50,6 +53,13 @@ cli.add_command(db_group)
 cli.add_command(serve)
 cli.add_command(daemon)
 cli.add_command(energy)
+cli.add_command(models)
+cli.add_command(status)
+cli.add_command(consolidate)
+cli.add_command(nodes)
+cli.add_command(decisions)
+cli.add_command(completion)
+bench.add_command(bench_status)
 
 
 def main(argv: list[str] | None = None) -> int:

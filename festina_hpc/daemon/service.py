@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 
+from festina_hpc.daemon.admin_api import add_admin_routes
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.metrics import FanOut, FestinadMetrics, RequestWindow
@@ -59,6 +60,7 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig())
     app = gateway.app()
     FestinadMetrics(festinad, window, festinad.store.engine).mount(app)
+    add_admin_routes(app, festinad)  # /admin/*: consolidate now, drain a model (festina CLI)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
     scheduler = make_scheduler(festinad, recorder, periods)

@@ -7,6 +7,8 @@ Three groups of tables:
 - append-only records, written in batches: ``requests``, ``energy_samples`` (with
   ``energy_sample_shares``, an optional split of a sample over the GPU's instances) and
   ``decisions`` (the audit trail of what the policy decided and why);
+- the model catalogue, ``catalogue_models``: what festinad serves, on which profile, with which SLOs
+  (managed by ``festina models``);
 - totals and rollups, maintained at ingest: ``job_energy``, ``instance_energy``, ``energy_cursors``,
   ``model_energy_hourly``, ``account_energy_daily`` and ``node_energy_hourly``.
 
@@ -310,6 +312,35 @@ class Decision(Base):
     node_id: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text, default="")
     details: Mapped[dict[str, Any]]  # the action's fields as JSON
+
+
+class CatalogueModel(Base):
+    """A served model in the catalogue: its profile, engine, SLOs and scaling bounds (``festina models``)."""
+
+    __tablename__ = "catalogue_models"
+    __table_args__ = (
+        UniqueConstraint("profile", "gpu_type"),
+        CheckConstraint("engine IN ('vllm', 'emulated')", name="engine_known"),
+        CheckConstraint("ttft_slo_s > 0", name="ttft_slo_s_positive"),
+        CheckConstraint("tbt_slo_s > 0", name="tbt_slo_s_positive"),
+        CheckConstraint("min_instances >= 0", name="min_instances_non_negative"),
+        CheckConstraint("max_instances IS NULL OR max_instances >= min_instances", name="max_instances_range"),
+        CheckConstraint("keep_alive_s IS NULL OR keep_alive_s >= 0", name="keep_alive_s_non_negative"),
+    )
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the name clients send
+    profile: Mapped[str] = mapped_column(String(255))  # a profile model name, canonical
+    gpu_type: Mapped[str] = mapped_column(String(64))  # a profile GPU name, canonical
+    engine: Mapped[str] = mapped_column(String(16))  # "vllm" or "emulated"
+    engine_args: Mapped[str] = mapped_column(Text, default="")  # extra engine arguments, shell words
+    ttft_slo_s: Mapped[float] = mapped_column(Double)
+    tbt_slo_s: Mapped[float] = mapped_column(Double)
+    min_instances: Mapped[int] = mapped_column(Integer, default=0)
+    max_instances: Mapped[int | None] = mapped_column(Integer)  # None: no bound
+    keep_alive_s: Mapped[float | None] = mapped_column(Double)  # None: festinad's default
+    account: Mapped[str] = mapped_column(String(255), default="")  # Slurm account of its serving jobs
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 # -- rollups, maintained at ingest (festina_hpc/db/ingest.py) in the transaction of each batch ----------------

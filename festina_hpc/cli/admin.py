@@ -1,0 +1,199 @@
+"""``festina consolidate``, ``festina nodes drain|resume``, ``festina decisions`` and ``festina completion``.
+
+Thin: consolidation is festinad's (``festina_hpc/daemon/admin_api.py``), nodes are Slurm's
+(``SlurmClient.drain/resume``), the audit trail is the database's (``Store.decisions``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from click.shell_completion import get_completion_class
+
+from festina_hpc.admin import client
+from festina_hpc.cli.admin_options import festinad_url, festinad_url_option, slurm_client, slurm_conf_option
+from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
+from festina_hpc.cli.db import db_url_option, open_engine
+from festina_hpc.db.models import DECISION_KINDS
+from festina_hpc.db.store import Store
+from festina_hpc.errors import FestinaError
+
+
+def _print_plan(plan: dict[str, Any], applied: bool) -> None:
+    if not plan.get("plan_id"):
+        click.echo("nothing to consolidate now")
+        return
+    verb = "applied" if applied else "would apply"
+    click.echo(f"plan {plan['plan_id']} ({plan['reason']}): {verb} {plan['actions']} action(s)")
+    for m in plan["migrations"]:
+        click.echo(f"  migrate instance {m['instance_id']} ({m['model']}, job {m['slurm_job_id']}) "
+                   f"{m['from_node']} -> {m['to_node']} GPU {m['to_gpu_indexes']} at SM {m['sm_pct']:g}%")
+    for node in plan["power_off"]:
+        click.echo(f"  power off {node} (left to Slurm's power saving)")
+    for node in plan["power_on"]:
+        click.echo(f"  power on {node}")
+    click.echo(f"  requeues (job replaced on its new node): {len(plan['requeues'])}")
+    click.echo(f"  nodes freed: {', '.join(plan['nodes_freed']) or 'none'}")
+    click.echo(f"  energy saved over {plan['horizon_s']:g} s: {plan['energy_saved_j'] / 3.6e6:.3f} kWh "
+               f"({plan['energy_saved_j']:.0f} J; migrations cost {plan['migration_cost_j']:.0f} J)")
+    if applied:
+        click.echo(f"  migrations done: {plan['migrations_done']}, failed: {plan['migrations_failed']}")
+
+
+_CONSOLIDATE_EXAMPLES = """
+\b
+Examples:
+  festina consolidate --dry-run                 # the plan now, with its plan id
+  festina consolidate --apply --plan-id 3f2a9c0d1e4b   # carry out exactly that plan
+  festina consolidate --apply --json            # the plan now, carried out
+"""
+
+
+@click.command("consolidate", epilog=_CONSOLIDATE_EXAMPLES)
+@click.option("--dry-run/--apply", "dry_run", default=True, show_default=True,
+              help="Print the plan the policy would carry out now, or carry it out through festinad.")
+@click.option("--plan-id", default=None, help="With --apply: the plan --dry-run printed (refused if stale or applied).")
+@festinad_url_option
+@json_option
+@pass_app
+def consolidate(app: AppContext, dry_run: bool, plan_id: str | None, festinad_url: str | None,
+                as_json: bool) -> None:
+    """Consolidation now: migrations, requeues, nodes freed, energy saved over the policy's horizon."""
+    url = _url(app, festinad_url)
+    if dry_run:
+        if plan_id is not None:
+            raise click.UsageError("--plan-id goes with --apply")
+        plan = client.call(url, "GET", "/admin/consolidate")
+    else:
+        if plan_id is None:
+            current = client.call(url, "GET", "/admin/consolidate")
+            if not current.get("plan_id"):
+                raise FestinaError("nothing to consolidate now: nothing done")
+            plan_id = str(current["plan_id"])
+        plan = client.call(url, "POST", "/admin/consolidate", {"plan_id": plan_id})
+    if as_json:
+        echo_json(plan)
+    else:
+        _print_plan(plan, applied=not dry_run)
+
+
+def _url(app: AppContext, option: str | None) -> str:
+    return festinad_url(app, option)
+
+
+@click.group("nodes")
+def nodes() -> None:
+    """Slurm nodes: drain (no new jobs) and resume.
+
+    \b
+    Examples:
+      festina nodes drain gpu07 --reason "NVLink errors, ticket 4711"
+      festina nodes resume gpu07
+    """
+
+
+def _known_node(app: AppContext, slurm_conf: Path | None, node: str) -> Any:
+    slurm = slurm_client(app, slurm_conf)
+    names = sorted(n.name for n in slurm.list_nodes())
+    if node not in names:
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+        raise FestinaError(f"node = {node!r} is not a Slurm node (known: {shown or 'none'})")
+    return slurm
+
+
+@nodes.command("drain")
+@click.argument("node")
+@click.option("--reason", required=True, help="Why (Slurm shows it in `sinfo -R`).")
+@slurm_conf_option
+@pass_app
+def drain(app: AppContext, node: str, reason: str, slurm_conf: Path | None) -> None:
+    """Drain NODE: running jobs finish, no new ones start; festinad stops placing there."""
+    if not reason.strip():
+        raise FestinaError("reason = '' must say why the node is drained")
+    _known_node(app, slurm_conf, node).drain(node, reason)
+    click.echo(f"drained {node}: {reason}")
+
+
+@nodes.command("resume")
+@click.argument("node")
+@click.option("--reason", default="", help="Noted in the output (Slurm clears the drain reason).")
+@slurm_conf_option
+@pass_app
+def resume(app: AppContext, node: str, reason: str, slurm_conf: Path | None) -> None:
+    """Resume NODE after a drain."""
+    _known_node(app, slurm_conf, node).resume(node)
+    click.echo(f"resumed {node}" + (f": {reason}" if reason else ""))
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """An ISO date or date-time (UTC without an offset), or a span back from now: 30s, 10m, 2h, 7d."""
+    match = _RELATIVE.match(value.strip())
+    if match:
+        return now - timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FestinaError(f"--since = {value!r} is not an ISO date-time or a span such as 10m, 2h, 7d") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@click.command("decisions", epilog="""
+\b
+Examples:
+  festina decisions --since 1h
+  festina decisions --since 2026-03-01T12:00 --kind migration --json
+""")
+@click.option("--since", default="1h", show_default=True, help="ISO date-time (UTC) or a span back: 30s, 10m, 2h, 7d.")
+@click.option("--kind", type=click.Choice(DECISION_KINDS), default=None, help="Only this kind.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@db_url_option
+@json_option
+@pass_app
+def decisions(app: AppContext, since: str, kind: str | None, limit: int, db_url: str | None, as_json: bool) -> None:
+    """The audit trail: placements, setting changes, scaling, migrations, power, each with its reason."""
+    start = parse_since(since, datetime.now(UTC))
+    engine, _ = open_engine(app, db_url)
+    try:
+        store = Store(engine)
+        store.check_schema()
+        rows = store.decisions(since=start, kind=kind, limit=limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json({"since": start.isoformat(), "decisions": [
+            {"id": r.id, "decided_at": r.decided_at.isoformat(), "kind": r.kind, "action": r.action, "model": r.model,
+             "instance_id": r.instance_id, "gpu_id": r.gpu_id, "node_id": r.node_id, "reason": r.reason,
+             "details": r.details} for r in rows]})
+        return
+    if not rows:
+        click.echo(f"no decisions since {start.isoformat(timespec='seconds')}")
+    for r in rows:
+        ids = " ".join(f"{k}={v}" for k, v in (("model", r.model), ("instance", r.instance_id),
+                                                ("gpu", r.gpu_id), ("node", r.node_id)) if v is not None)
+        click.echo(f"{r.decided_at.isoformat(timespec='seconds')} {r.kind:9} {r.action:15} {ids}  -- {r.reason}")
+
+
+@click.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    Examples:
+      eval "$(festina completion bash)"                       # this shell
+      festina completion bash > /etc/bash_completion.d/festina
+      festina completion fish > ~/.config/fish/completions/festina.fish
+    """
+    from festina_hpc.cli.main import cli
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the three choices are click's built-in shells
+    click.echo(cls(cli, {}, "festina", "_FESTINA_COMPLETE").source())

@@ -1,0 +1,187 @@
+"""festinad's internal admin API: the consolidation plan now, applying exactly that plan, draining a model.
+
+Mounted on the gateway's app by ``run_festinad`` (``add_admin_routes``) and used by
+``festina consolidate`` and ``festina models remove --drain``:
+
+- ``GET /admin/consolidate``: the plan ``policy.consolidate()`` returns for the live view now,
+  summarised (migrations, the serving jobs they replace, nodes freed, energy saved over the
+  policy's horizon) with a ``plan_id``, a digest of its actions;
+- ``POST /admin/consolidate {"plan_id": ...}``: recomputes the plan and carries it out only
+  if it is still the one named (409 otherwise: stale, or nothing to do), and never twice
+  (409 naming when it was applied; the applied ids are also looked up in the decisions,
+  whose reasons carry them, so a restarted festinad refuses them too). Every action is
+  recorded in ``decisions`` by ``Festinad.execute``;
+- ``POST /admin/drain-model {"model": ...}``: stops (drains, then cancels) the model's instances.
+
+Live consolidation moves an instance by start-then-cancel (see ``Festinad._migrate``), so a
+"requeue" here is the source job replaced by a new one on the target node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+
+from festina_hpc.daemon.festinad import Festinad
+from festina_hpc.policy.types import InstancePhase, Migrate, Plan, PowerOff, PowerOn
+
+APPLIED_MARK = "admin apply, plan "
+LOOKBACK = timedelta(days=7)  # how far back the decisions are searched for an applied plan id
+
+
+def plan_id(plan: Plan) -> str:
+    """A short digest of the plan's actions (view ids), stable while the plan is the same."""
+    text = json.dumps([repr(a) for a in plan.actions])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _horizon_figures(festinad: Festinad) -> tuple[float, float, float]:
+    """(horizon_s, node static W, GPU idle W) of the policy, where it has them (festina's consolidator does)."""
+    from festina_hpc.policy import festina as festina_policy
+
+    horizon_s = float(getattr(festina_policy, "CONSOLIDATION_HORIZON_S", 0.0))
+    context = festinad.policy.context
+    node_w = float(getattr(context, "node_static_w", 0.0))
+    spec = getattr(festinad.policy, "gpu_spec", None)
+    idle_w = float(getattr(spec, "idle_w", 0.0))
+    return horizon_s, node_w, idle_w
+
+
+def summarise(festinad: Festinad, plan: Plan) -> dict[str, Any]:
+    """The plan as the admin reads it: what moves where, which nodes empty, and the energy it saves."""
+    view = festinad.view
+    names = festinad.node_names
+    migrations = []
+    moving_from: dict[int, set[int]] = {}
+    for action in plan.actions:
+        if not isinstance(action, Migrate):
+            continue
+        inst = view.live.get(action.instance_id)
+        source_node = inst.node if inst is not None else None
+        target_node = view.gpu(action.gpus[0]).node if action.gpus else None
+        if source_node is not None:
+            moving_from.setdefault(source_node, set()).add(action.instance_id)
+        migrations.append({
+            "instance_id": action.instance_id, "model": inst.model if inst else None,
+            "from_node": names[source_node] if source_node is not None else None,
+            "to_node": names[target_node] if target_node is not None else None,
+            "to_gpu_indexes": [list(view.node(view.gpu(g).node).gpus).index(g) for g in action.gpus],
+            "sm_pct": action.sm_pct,
+            "slurm_job_id": inst.slurm_job_id if inst else None})
+    freed = []
+    for node, moving in moving_from.items():
+        on_node = {i for g in view.node(node).gpus for i in view.gpu(g).instances}
+        if on_node <= moving:
+            freed.append(node)
+    powered_off = [a.node for a in plan.actions if isinstance(a, PowerOff)]
+    horizon_s, node_w, idle_w = _horizon_figures(festinad)
+    saved_j = sum(horizon_s * (node_w + len(view.node(n).gpus) * idle_w) for n in {*freed, *powered_off})
+    load_energy = getattr(festinad.policy, "_load_energy_j", None)
+    cost_j = 0.0
+    if callable(load_energy):
+        for m in migrations:
+            if m["model"] is not None:
+                cost_j += float(load_energy(view.model(str(m["model"]))))
+    return {
+        "plan_id": plan_id(plan) if plan else None,
+        "reason": plan.reason,
+        "actions": len(plan.actions),
+        "migrations": migrations,
+        "requeues": [{"slurm_job_id": m["slurm_job_id"], "from_node": m["from_node"], "to_node": m["to_node"]}
+                     for m in migrations if m["slurm_job_id"] is not None],
+        "power_off": [names[n] for n in powered_off],
+        "power_on": [names[a.node] for a in plan.actions if isinstance(a, PowerOn)],
+        "nodes_freed": sorted({names[n] for n in (*freed, *powered_off)}),
+        "horizon_s": horizon_s,
+        "energy_saved_j": round(saved_j - cost_j, 1),
+        "energy_saved_gross_j": round(saved_j, 1),
+        "migration_cost_j": round(cost_j, 1),
+    }
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+class AdminApi:
+    """The handlers (see the module docstring); one apply at a time."""
+
+    def __init__(self, festinad: Festinad) -> None:
+        self.festinad = festinad
+        self._applied: dict[str, str] = {}  # plan id -> when (ISO)
+        self._lock = asyncio.Lock()
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/consolidate", self.get_plan)
+        app.router.add_post("/admin/consolidate", self.apply)
+        app.router.add_post("/admin/drain-model", self.drain_model)
+
+    async def get_plan(self, request: web.Request) -> web.Response:
+        plan = self.festinad.policy.consolidate(self.festinad.view)
+        return web.json_response(summarise(self.festinad, plan))
+
+    def _applied_at(self, wanted: str) -> str | None:
+        if wanted in self._applied:
+            return self._applied[wanted]
+        store = self.festinad.store
+        since = self.festinad._now() - LOOKBACK
+        for row in store.decisions(since=since, limit=100_000):
+            if f"{APPLIED_MARK}{wanted}" in row.reason:
+                return row.decided_at.isoformat(timespec="seconds")
+        return None
+
+    async def apply(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        wanted = body.get("plan_id") if isinstance(body, dict) else None
+        if not isinstance(wanted, str) or not wanted:
+            return _error(400, f"plan_id = {wanted!r} must be the plan_id that --dry-run printed")
+        async with self._lock:
+            when = self._applied_at(wanted)
+            if when is not None:
+                return _error(409, f"plan {wanted} was already applied at {when}: nothing done "
+                                   "(run `festina consolidate --dry-run` for the plan now)")
+            plan = self.festinad.policy.consolidate(self.festinad.view)
+            if not plan:
+                return _error(409, f"plan {wanted} is not the plan now: the policy has nothing to consolidate; "
+                                   "nothing done")
+            current = plan_id(plan)
+            if current != wanted:
+                return _error(409, f"plan {wanted} is stale: the policy now proposes plan {current}; nothing done "
+                                   "(review it with `festina consolidate --dry-run`)")
+            summary = summarise(self.festinad, plan)
+            self._applied[wanted] = self.festinad._now().isoformat(timespec="seconds")
+            await self.festinad.execute(replace(plan, reason=f"{plan.reason} ({APPLIED_MARK}{wanted})"))
+        moved = [m for m in summary["migrations"] if m["instance_id"] not in self.festinad.view.live]
+        summary["applied"] = True
+        summary["migrations_done"] = len(moved)
+        summary["migrations_failed"] = len(summary["migrations"]) - len(moved)
+        return web.json_response(summary)
+
+    async def drain_model(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            return _error(400, f"model = {model!r} must name a model")
+        instances = [i for i in self.festinad.view.live.values()
+                     if i.model == model and i.phase is not InstancePhase.STOPPED]
+        for inst in instances:
+            await self.festinad.stop_instance(inst, "model removed from the catalogue")
+        return web.json_response({"model": model, "stopped": sorted(i.id for i in instances)})
+
+
+def add_admin_routes(app: web.Application, festinad: Festinad) -> AdminApi:
+    api = AdminApi(festinad)
+    api.routes(app)
+    return api

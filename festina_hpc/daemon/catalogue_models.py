@@ -1,0 +1,30 @@
+"""What festinad serves when the model catalogue names its models: gateway models with the catalogue's SLOs.
+
+The catalogue (``festina models``) is the source of served models and SLOs; ``--models`` and
+``[daemon] models`` remain a bootstrap and an override (see ``festina_hpc/cli/daemon.py``).
+A catalogued model is served under its profile's canonical name (the name its instances are
+recorded under), with the catalogue name as one more alias clients may send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from festina_hpc.daemon.gateway import GatewayModel
+from festina_hpc.db.catalogue import CatalogueEntry
+from festina_hpc.policy.types import Slo
+from festina_hpc.profiles.store import ProfileStore
+
+
+def catalogue_gateway_models(entries: Sequence[CatalogueEntry], profiles: ProfileStore, gpu_type: str,
+                             max_prompt_tokens: int = 0) -> list[GatewayModel]:
+    """The gateway models of the entries on ``gpu_type`` (entries on other GPU types are not served here)."""
+    served = []
+    for entry in entries:
+        if entry.gpu_type != gpu_type:
+            continue
+        spec = profiles.model(entry.profile)
+        limit = min(max_prompt_tokens or spec.max_context_tokens, spec.max_context_tokens)
+        aliases = tuple(dict.fromkeys(a for a in (entry.name, spec.hf_name, *spec.aliases) if a != spec.name))
+        served.append(GatewayModel(spec.name, Slo(entry.ttft_slo_s, entry.tbt_slo_s), aliases, limit))
+    return served

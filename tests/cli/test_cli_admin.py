@@ -1,0 +1,85 @@
+"""``festina nodes``, ``festina decisions``, ``festina completion`` and consolidate's refusals without festinad."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from festina_hpc.cli.admin import parse_since
+from festina_hpc.db.engine import make_engine
+from festina_hpc.db.store import Store
+from festina_hpc.devcluster import DevClusterConfig
+from festina_hpc.errors import FestinaError
+from festina_hpc.policy.types import Plan, PowerOff
+from tests.cli.conftest import Festina
+
+
+def test_decisions_lists_the_audit_trail(festina: Festina, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    assert festina("db", "upgrade", "--db-url", url).code == 0
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    Store(engine).record_plan(Plan((PowerOff(3),), "power off empty nodes"), at=now - timedelta(minutes=5))
+    Store(engine).record_plan(Plan((PowerOff(4),), "old"), at=now - timedelta(days=2))
+    engine.dispose()
+    text = festina("decisions", "--since", "1h", "--db-url", url).out
+    assert "power_off" in text and "node=3" in text and "-- power off empty nodes" in text and "node=4" not in text
+    data = json.loads(festina("decisions", "--since", "3d", "--kind", "power", "--json", "--db-url", url).out)
+    assert [d["node_id"] for d in data["decisions"]] == [4, 3]
+    bad = festina("decisions", "--since", "last tuesday", "--db-url", url)
+    assert bad.code == 2 and "--since = 'last tuesday'" in bad.err
+    assert festina("decisions", "--kind", "nap", "--db-url", url).code == 2
+
+
+def test_parse_since() -> None:
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert parse_since("90m", now) == now - timedelta(minutes=90)
+    assert parse_since("2026-03-01T10:00", now) == datetime(2026, 3, 1, 10, tzinfo=UTC)
+    with pytest.raises(FestinaError):
+        parse_since("soon", now)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts(festina: Festina, shell: str) -> None:
+    result = festina("completion", shell)
+    assert result.code == 0 and "_FESTINA_COMPLETE" in result.out
+
+
+def test_bash_completion_completes_commands() -> None:
+    env = {"_FESTINA_COMPLETE": "bash_complete", "COMP_WORDS": "festina mod", "COMP_CWORD": "1", "PATH": "/usr/bin"}
+    import sys
+    out = subprocess.run([sys.executable, "-c", "from festina_hpc.cli.main import cli; cli(prog_name='festina')"],
+                         env=env, capture_output=True, text=True, check=False).stdout
+    assert "plain,models" in out
+
+
+def test_consolidate_without_festinad_is_one_line(festina: Festina) -> None:
+    result = festina("consolidate", "--dry-run", "--festinad-url", "http://127.0.0.1:9")
+    assert result.code == 2 and "festinad does not answer at http://127.0.0.1:9" in result.err
+    assert festina("consolidate", "--plan-id", "abc", "--festinad-url", "http://127.0.0.1:9").code == 2
+
+
+def test_help_texts_carry_examples(festina: Festina) -> None:
+    for argv in (["models", "add"], ["status"], ["consolidate"], ["decisions"], ["nodes"], ["completion"]):
+        assert "Examples:" in festina(*argv, "--help").out, argv
+
+
+@pytest.mark.slurm
+def test_nodes_drain_and_resume_on_the_dev_cluster(festina: Festina, slurm_cluster: DevClusterConfig,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))
+    unknown = festina("nodes", "drain", "nope", "--reason", "test")
+    assert unknown.code == 2 and "node = 'nope' is not a Slurm node (known: n1, n2, n3, n4)" in unknown.err
+    assert festina("nodes", "resume", "nope").code == 2
+    assert "Missing option '--reason'" in festina("nodes", "drain", "n3").err
+    try:
+        assert festina("nodes", "drain", "n3", "--reason", "festina-admin-test").code == 0
+        sinfo = subprocess.run(["sinfo", "-h", "-R", "-N", "-o", "%N %E"], capture_output=True, text=True, check=True,
+                               env={"SLURM_CONF": str(slurm_cluster.slurm_conf), "PATH": "/usr/bin"}).stdout
+        assert "n3 festina-admin-test" in sinfo
+    finally:
+        assert festina("nodes", "resume", "n3").code == 0
