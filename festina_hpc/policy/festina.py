@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
@@ -138,6 +138,7 @@ class FestinaPolicy(Policy):
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
         self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], int | None] = {}
+        self._full_speed_cache: dict[tuple[str, int, str, int, int, float, int], float] = {}
         self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
@@ -204,15 +205,16 @@ class FestinaPolicy(Policy):
         full_speed = sm_pct >= 100.0 and clock_mhz == max_clock  # placement asks at full speed: one estimate
         # The tail counts only where full speed can meet it: where it cannot, the few-token requests
         # behind a chunk miss at any clock, and the rest need only the mean.
-        tail_full_s = self._tbt_s(table, load.model, load.batch, load.rate_per_s, 100.0, max_clock, chunk_tokens)
+        tail_full_s = self._at_full_speed(("tbt", chunk_tokens), load, lambda: self._tbt_s(
+            table, load.model, load.batch, load.rate_per_s, 100.0, max_clock, chunk_tokens))
         tail = tail_full_s <= limit_s
         step_s = tail_full_s if full_speed and tail else self._tbt_s(
             table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens, tail)
         if step_s > limit_s:
             return False
-        # TTFT must hold even at the limit set by the strictest (short-prompt) SLO, or as near to
-        # it as the GPU can get at full speed: a request never asks for more than max settings give.
-        floor_s = self._ttft_s(table, load, 100.0, max_clock, PREFILL_CHUNK_TOKENS)
+        # The best TTFT any setting gives: the engine's chunk at full speed.
+        floor_s = self._at_full_speed(("ttft", PREFILL_CHUNK_TOKENS), load, lambda: self._ttft_s(
+            table, load, 100.0, max_clock, PREFILL_CHUNK_TOKENS))
         same = full_speed and chunk_tokens == PREFILL_CHUNK_TOKENS
         ttft_s = floor_s if same else self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
         if ttft_slo_s is not None:  # a placement question: the request's own target must hold
@@ -220,6 +222,16 @@ class FestinaPolicy(Policy):
         # For the controller: when even full speed misses the target, only full speed will do.
         typical_slo_s = model.slo.ttft_for(int(self.stats.prompt_tokens(load.model)))
         return ttft_s <= max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
+
+    def _at_full_speed(self, what: tuple[str, int], load: Load, estimate: Callable[[], float]) -> float:
+        """A full-speed estimate for the load, memoised: every share and clock the controller tries
+        compares against the same one."""
+        key = (*what, load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1),
+               self.stats_epoch)
+        value = self._full_speed_cache.get(key)
+        if value is None:
+            value = self._full_speed_cache[key] = estimate()
+        return value
 
     def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int,
                 chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
@@ -249,6 +261,7 @@ class FestinaPolicy(Policy):
         if self._placed % 512 == 0:
             self.stats_epoch += 1
             self._slo_cache.clear()
+            self._full_speed_cache.clear()
         model = view.model(request.model)
         instances = view.instances_of(request.model)
         target = self._safe_fullest(request, view, model, self._looked_at(request, view, instances))
