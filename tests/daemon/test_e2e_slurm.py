@@ -215,11 +215,18 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
 exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model mistral-7b \\
     --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {small_port} --sm-pct 20 --time-scale 0.5
 """)
-        subprocess.run(["sbatch", "--parsable", str(small)], check=True, capture_output=True, text=True,
-                       env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}, cwd=log.parent)
+        small_job = int(subprocess.run(["sbatch", "--parsable", str(small)], check=True, capture_output=True,
+                                       text=True, env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)},
+                                       cwd=log.parent).stdout.strip().split(";")[0])
         used_nodes.add(spare_node)
-        # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
         db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
+        # Adopted once it runs (its node may first have to resume from power saving: 15-25 s).
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and small_job not in {
+                i.slurm_job_id for i in db.load_live_state().instances}:
+            await asyncio.sleep(1)
+        assert small_job in {i.slurm_job_id for i in db.load_live_state().instances}, log.read_text()[-3000:]
+        # Consolidation evacuates the least loaded node (start on the target, scancel the source) ...
         since = datetime.now(UTC) - timedelta(hours=1)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not db.decisions(since=since, kind="migration"):
