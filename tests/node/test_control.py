@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from festina_hpc.gpu.base import Workload
+from festina_hpc.node.config import NodeConfig, NodePaths
 from festina_hpc.node.control import GpuActivity, LocalController, ServerReport, parse_health
 from festina_hpc.node.errors import NodeError, NodeInputError
 from festina_hpc.node.hookenv import Directives, JobContext
-from festina_hpc.node.main import DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS, _simulated_activity, _simulated_workloads
+from festina_hpc.node.main import (
+    DEFAULT_BATCH,
+    DEFAULT_CONTEXT_TOKENS,
+    Invocation,
+    _simulated_activity,
+    _simulated_workloads,
+    build_node,
+)
+from festina_hpc.node.simulated import PersistentSimulatedGpu
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import GpuSettings
 from festina_hpc.profiles.store import ProfileStore
@@ -181,3 +194,39 @@ def test_simulated_power_follows_what_the_servers_report_and_attribution_still_s
     delta = [n.gpu.energy_j(i) - start_j[i] for i in (0, 1)]
     assert energy[11] == pytest.approx(delta[0], rel=1e-6)
     assert energy[21] + energy[22] == pytest.approx(delta[1], rel=1e-6)
+
+
+class _IdleHealth(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"model": MODEL, "running": 0, "waiting": 0, "pending_prompt_tokens": 0}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test server
+        pass
+
+
+@pytest.fixture
+def idle_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _IdleHealth)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_simulated_node_wires_the_activity_into_its_controller(tmp_path: Path, idle_server: int) -> None:
+    cfg = NodeConfig(state_dir=str(tmp_path / "state"), gpu_backend="simulated", profiles_dir=str(REPO_PROFILES))
+    agent, ctl = build_node(Invocation(cfg, "n1", {}, "simulated"), with_controller=True)
+    assert ctl is not None
+    agent.prolog(serving_job(11, 0, idle_server))
+    # Another process's view of the node's simulated GPUs, as the hooks and metrics have: the state file.
+    backend = PersistentSimulatedGpu(NodePaths.of(cfg, "n1").simulated_file, ProfileStore(REPO_PROFILES), GPU, 2)
+    assert backend.power_w(0) > backend.spec.idle_w  # the job change's fixed default
+    ctl.step(agent)
+    assert backend.power_w(0) == pytest.approx(backend.spec.idle_w)  # its server reported idle over HTTP
+    agent.epilog(serving_job(11, 0, idle_server))
