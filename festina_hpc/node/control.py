@@ -17,6 +17,11 @@ id), calls the policy, and carries the ``GpuSettings`` out in three steps:
 3. what was applied is recorded as a decision (the database, when the node
    has one; keys are Slurm job ids).
 
+After the agent's tick, the controller hands each GPU's jobs and their reports
+to an optional ``activity`` callback: on a node without GPUs, festina-node wires it
+to the simulated backend so that its power follows what the servers report
+(idle, prefill, decode) instead of a fixed workload.
+
 Nothing here trusts a server: its answer is type-checked, and the PID it
 reports is used for MPS only when ``/proc`` shows that process belongs to the
 job. A server that does not answer, a policy that raises, a setting that
@@ -242,6 +247,10 @@ class NodeLocalView:
 # -- the controller -------------------------------------------------------------------------------------------
 
 
+GpuActivity = Callable[[int, Sequence[tuple[JobOnGpu, ServerReport | None]]], None]
+"""Told, per GPU index, each job on it and its server's report this tick (None: no port, or no answer)."""
+
+
 class DecisionSink(Protocol):
     """Where applied settings are recorded (the database)."""
 
@@ -263,7 +272,8 @@ class LocalController:
 
     def __init__(self, policy: Policy, store: ProfileStore, gpu_type: str, servers: ModelServers, *,
                  slo_for: Callable[[str], Slo], owns_pid: Callable[[int, int], bool] = job_owns_pid,
-                 decisions: DecisionSink | None = None, clock: Callable[[], float] = time.time):
+                 decisions: DecisionSink | None = None, clock: Callable[[], float] = time.time,
+                 activity: GpuActivity | None = None):
         self._policy = policy
         self._store = store
         self._spec = store.gpu(gpu_type)
@@ -272,6 +282,7 @@ class LocalController:
         self._owns_pid = owns_pid
         self._decisions = decisions
         self._clock = clock
+        self._activity = activity
         self._models: dict[str, ModelInfo] = {}
 
     def _model_info(self, name: str) -> ModelInfo | None:
@@ -354,9 +365,23 @@ class LocalController:
             if settings is not None:
                 decided[gpu.id] = settings
         tick = agent.control_tick()
-        told = self._tell_servers(agent.status(), reports, decided)
+        in_force = agent.status()
+        # After the tick: a share change there re-announces the GPU's jobs (the agent's jobs_changed), which
+        # would otherwise overwrite the activity; and the shares handed on are those now in force.
+        self._report_activity(in_force, reports)
+        told = self._tell_servers(in_force, reports, decided)
         self._record(agent.node, view, tick, decided, told)
         return ControlReport(tick, decided, told, tuple(unreachable))
+
+    def _report_activity(self, state: NodeState, reports: Mapping[int, ServerReport]) -> None:
+        """Hand every GPU's jobs and their reports to the activity callback; a failure is logged, not raised."""
+        if self._activity is None:
+            return
+        for index, rec in sorted(state.gpus.items()):
+            try:
+                self._activity(index, [(job, reports.get(job.job_id)) for job in rec.jobs])
+            except Exception:  # noqa: BLE001 - fail open: reporting activity must not stop the control of GPUs
+                logger.exception("GPU %d: activity not reported", index)
 
     def _tell_servers(self, state: NodeState, reports: Mapping[int, ServerReport],
                       decided: Mapping[int, GpuSettings]) -> dict[int, dict[str, float | int]]:

@@ -31,7 +31,7 @@ from festina_hpc.errors import FestinaError, GpuError, GpuLostError
 from festina_hpc.gpu.base import GpuBackend, MpsControl, Workload
 from festina_hpc.node.agent import EnergySink, JobsChanged, NodeAgent, TickReport, task_prolog_lines
 from festina_hpc.node.config import CONFIG_NAME, NodeConfig, NodePaths, load_node_config
-from festina_hpc.node.control import DecisionSink, LocalController
+from festina_hpc.node.control import DecisionSink, GpuActivity, LocalController, ServerReport
 from festina_hpc.node.errors import NodeError
 from festina_hpc.node.hookenv import job_context
 from festina_hpc.node.state import JobOnGpu, StateFile, as_plain
@@ -64,21 +64,73 @@ def find_config(option: Path | None, env: Mapping[str, str]) -> Path | None:
     return None
 
 
+DEFAULT_BATCH = 16  # the fixed decode batch a job is assumed to run until (or unless) its server reports
+DEFAULT_CONTEXT_TOKENS = 1024
+
+
+def _model_of(store: Any, default_model: str, *names: str | None, gpu: str | None = None) -> str:
+    """The first of ``names`` the profiles know (with a table on ``gpu``, if given), else ``default_model``."""
+    for name in names:
+        if name is None:
+            continue
+        try:
+            store.model(name)
+            if gpu is not None:
+                store.table(gpu, name)
+            return name
+        except FestinaError:
+            continue
+    return default_model
+
+
+def _default_workload(store: Any, default_model: str, job: JobOnGpu) -> Workload:
+    return Workload(_model_of(store, default_model, job.model), "decode", batch=DEFAULT_BATCH,
+                    context_tokens=DEFAULT_CONTEXT_TOKENS, sm_pct=job.sm_pct)
+
+
 def _simulated_workloads(backend: Any, store: Any, default_model: str) -> JobsChanged:
     """Tells a simulated GPU what its jobs run: a decode batch of the job's model at its SM share."""
 
     def changed(index: int, jobs: Sequence[JobOnGpu]) -> None:
-        workloads = []
-        for job in jobs:
-            model = job.model or default_model
-            try:
-                store.model(model)
-            except FestinaError:
-                model = default_model
-            workloads.append(Workload(model, "decode", batch=16, context_tokens=1024, sm_pct=job.sm_pct))
-        backend.set_workloads(index, workloads)
+        backend.set_workloads(index, [_default_workload(store, default_model, job) for job in jobs])
 
     return changed
+
+
+def _simulated_activity(backend: Any, store: Any, gpu_type: str, default_model: str) -> GpuActivity:
+    """Tells a simulated GPU what its jobs' servers report doing, so that its power follows their load.
+
+    An idle server (nothing running, no prompt pending) adds no workload: with none, the GPU draws idle
+    power. Pending prompts are a prefill of them (batch 1), else a decode step of the running batch. A job
+    whose server did not answer (or that serves nothing) keeps the fixed default, as on a job change.
+    Batch and context are capped at the table's grid, so that the KV cache of an outsized report is not
+    counted against the GPU's memory; lookups clamp there anyway.
+    """
+    gpu = store.gpu(gpu_type).name
+
+    def workload(job: JobOnGpu, report: ServerReport | None) -> Workload | None:
+        if report is None:
+            return _default_workload(store, default_model, job)
+        if report.running == 0 and report.pending_prompt_tokens == 0:
+            return None
+        model = _model_of(store, default_model, report.model, job.model, gpu=gpu)
+        table = store.table(gpu, model)
+        max_batch = int(table.bounds("batch")[1])
+        max_context = int(table.bounds("context_tokens")[1])
+        if report.pending_prompt_tokens > 0:
+            return Workload(model, "prefill", batch=1, context_tokens=min(report.pending_prompt_tokens, max_context),
+                            sm_pct=job.sm_pct)
+        return Workload(model, "decode", batch=min(report.running, max_batch),
+                        context_tokens=min(DEFAULT_CONTEXT_TOKENS, max_context), sm_pct=job.sm_pct)
+
+    def activity(index: int, jobs: Sequence[tuple[JobOnGpu, ServerReport | None]]) -> None:
+        # A prolog between the controller's read of the state and this call may have added a job that is
+        # missing here: only the simulated power is off, until the next tick (attribution splits the counter
+        # by SM share, whatever the workloads).
+        workloads = [w for job, report in jobs if (w := workload(job, report)) is not None]
+        backend.set_workloads(index, workloads)
+
+    return activity
 
 
 def build_agent(inv: Invocation) -> NodeAgent:
@@ -103,6 +155,7 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
     backend: GpuBackend | None = None
     mps: MpsControl | None = None
     jobs_changed: JobsChanged | None = None
+    activity: GpuActivity | None = None
     gpu_type = cfg.simulated_type
     if name in ("nvml", "auto"):
         try:
@@ -122,6 +175,7 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
         sim = PersistentSimulatedGpu(paths.simulated_file, store, cfg.simulated_type, cfg.simulated_count)
         backend, mps = sim, PersistentSimulatedMps(paths.node_dir / "simulated-mps.json", cfg.simulated_count)
         jobs_changed = _simulated_workloads(sim, store, cfg.default_model)
+        activity = _simulated_activity(sim, store, cfg.simulated_type, cfg.default_model)
     slurm_conf = cfg.slurm_conf or inv.env.get("SLURM_CONF", "")
     slurm = CliSlurmClient(Path(slurm_conf) if slurm_conf else None, timeout_s=20.0)
     sink: EnergySink | None = None
@@ -136,10 +190,11 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
                       slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s)
     if not with_controller or not cfg.control_policy:
         return agent, None
-    return agent, build_controller(cfg, store, gpu_type, decisions)
+    return agent, build_controller(cfg, store, gpu_type, decisions, activity)
 
 
-def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None) -> LocalController:
+def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None,
+                     activity: GpuActivity | None = None) -> LocalController:
     """The local controller: the configured policy over the profiles, model servers over HTTP."""
     from festina_hpc.node.control import HttpModelServers
     from festina_hpc.policy.base import PolicyContext, make_policy
@@ -152,7 +207,7 @@ def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: Deci
         return default_slo(store, gpu, model, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier)
 
     return LocalController(policy, store, gpu, HttpModelServers(cfg.server_timeout_s), slo_for=slo_for,
-                           decisions=decisions)
+                           decisions=decisions, activity=activity)
 
 
 def _gpu_config(cfg: NodeConfig) -> Any:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from festina_hpc.node.control import LocalController, ServerReport, parse_health
+from festina_hpc.gpu.base import Workload
+from festina_hpc.node.config import NodeConfig, NodePaths
+from festina_hpc.node.control import GpuActivity, LocalController, ServerReport, parse_health
 from festina_hpc.node.errors import NodeError, NodeInputError
 from festina_hpc.node.hookenv import Directives, JobContext
+from festina_hpc.node.main import (
+    DEFAULT_BATCH,
+    DEFAULT_CONTEXT_TOKENS,
+    Invocation,
+    _simulated_activity,
+    _simulated_workloads,
+    build_node,
+)
+from festina_hpc.node.simulated import PersistentSimulatedGpu
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import GpuSettings
 from festina_hpc.profiles.store import ProfileStore
@@ -54,11 +69,11 @@ def serving_job(job_id: int, gpu: int, port: int, mps_pct: int = 50) -> JobConte
 
 
 def controller(servers: FakeServers, decisions: FakeDecisions | None = None,
-               owns: bool = True) -> LocalController:
+               owns: bool = True, activity: GpuActivity | None = None) -> LocalController:
     store = ProfileStore(REPO_PROFILES)
     policy = make_policy("festina", PolicyContext(store, GPU))
     return LocalController(policy, store, GPU, servers, slo_for=lambda m: default_slo(store, GPU, m),
-                           owns_pid=lambda pid, job: owns, decisions=decisions)
+                           owns_pid=lambda pid, job: owns, decisions=decisions, activity=activity)
 
 
 def shares(n: SimNode, gpu: int) -> dict[int, float]:
@@ -130,3 +145,88 @@ def test_a_health_answer_of_the_emulated_server_parses() -> None:
                            "arrival_rate_per_s": 0.5, "sm_pct": 40.0, "clock_mhz": 1410, "batch_cap": 64,
                            "chunk_tokens": 512, "pid": 77, "in_flight": 3})
     assert report == ServerReport(MODEL, 2, 1, 30, 0.5, 40.0, 1410, 64, 512, 77)
+
+
+def test_simulated_power_follows_what_the_servers_report_and_attribution_still_sums(sim_node: SimNode) -> None:
+    n = sim_node
+    idle = replace(DECODING, running=0, waiting=0, pending_prompt_tokens=0, arrival_rate_per_s=0.0)
+    busy = replace(DECODING, running=128)
+    servers = FakeServers({9001: idle, 9002: busy, 9003: DECODING}, down={9003})
+    n.agent.prolog(serving_job(11, 0, 9001, mps_pct=50))
+    n.agent.prolog(serving_job(21, 1, 9002, mps_pct=50))
+    n.agent.prolog(serving_job(22, 1, 9003, mps_pct=50))
+    start_j = [n.gpu.energy_j(i) for i in (0, 1)]
+    idle_w = n.gpu.spec.idle_w
+    assert n.gpu.power_w(0) > idle_w  # the job-change path's fixed decode batch, before any server reported
+    store = ProfileStore(REPO_PROFILES)
+    ctl = controller(servers, activity=_simulated_activity(n.gpu, store, GPU, MODEL))
+    readings = []
+    for _ in range(3):
+        ctl.step(n.agent)
+        n.clock.advance(5.0)
+        readings.append([n.gpu.energy_j(i) for i in (0, 1)])
+    assert n.gpu.workloads(0) == ()
+    assert n.gpu.power_w(0) == pytest.approx(idle_w)  # an idle server: the GPU draws idle power
+    # The silent server keeps the default workload; the busy one decodes its running batch, drawing more.
+    by_job = {w.batch: w for w in n.gpu.workloads(1)}
+    assert by_job[DEFAULT_BATCH] == Workload(MODEL, "decode", DEFAULT_BATCH, DEFAULT_CONTEXT_TOKENS,
+                                             by_job[DEFAULT_BATCH].sm_pct)
+    assert by_job[128].phase == "decode"
+    # More than the fixed default draws at the clock and shares the policy has put in force meanwhile.
+    busy_w = n.gpu.power_w(1)
+    _simulated_workloads(n.gpu, store, MODEL)(1, n.state.read().gpu(1).jobs)
+    assert busy_w > n.gpu.power_w(1) > idle_w
+    # Pending prompts are a prefill of them (one sequence, its context capped by the table's grid).
+    servers.reports[9001] = PREFILL_BURST
+    ctl.step(n.agent)
+    (prefill,) = n.gpu.workloads(0)
+    assert (prefill.phase, prefill.batch) == ("prefill", 1) and prefill.context_tokens <= 40000
+    assert n.gpu.power_w(0) > idle_w
+    # The counters stay monotone; each epilog's energy is the job's share of its GPU's counter delta.
+    flat = [start_j, *readings]
+    assert all(b >= a for before, after in zip(flat, flat[1:]) for a, b in zip(before, after))
+    n.clock.advance(5.0)
+    energy: dict[int, float] = {}
+    for job, gpu, port in ((11, 0, 9001), (21, 1, 9002), (22, 1, 9003)):
+        record = n.agent.epilog(serving_job(job, gpu, port))
+        assert record is not None
+        energy[job] = record.energy_j
+    delta = [n.gpu.energy_j(i) - start_j[i] for i in (0, 1)]
+    assert energy[11] == pytest.approx(delta[0], rel=1e-6)
+    assert energy[21] + energy[22] == pytest.approx(delta[1], rel=1e-6)
+
+
+class _IdleHealth(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"model": MODEL, "running": 0, "waiting": 0, "pending_prompt_tokens": 0}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test server
+        pass
+
+
+@pytest.fixture
+def idle_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _IdleHealth)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_simulated_node_wires_the_activity_into_its_controller(tmp_path: Path, idle_server: int) -> None:
+    cfg = NodeConfig(state_dir=str(tmp_path / "state"), gpu_backend="simulated", profiles_dir=str(REPO_PROFILES))
+    agent, ctl = build_node(Invocation(cfg, "n1", {}, "simulated"), with_controller=True)
+    assert ctl is not None
+    agent.prolog(serving_job(11, 0, idle_server))
+    # Another process's view of the node's simulated GPUs, as the hooks and metrics have: the state file.
+    backend = PersistentSimulatedGpu(NodePaths.of(cfg, "n1").simulated_file, ProfileStore(REPO_PROFILES), GPU, 2)
+    assert backend.power_w(0) > backend.spec.idle_w  # the job change's fixed default
+    ctl.step(agent)
+    assert backend.power_w(0) == pytest.approx(backend.spec.idle_w)  # its server reported idle over HTTP
+    agent.epilog(serving_job(11, 0, idle_server))
