@@ -6,9 +6,10 @@ catalogue; requests name the catalogue names. Operate: ``festina status --json``
 models' instances and their SLO attainment; ``festina consolidate --dry-run`` prints a plan
 that frees a node, ``--apply --plan-id`` carries it out through festinad (the node ends with no
 instance and no festina job) and the same plan applied again is refused with nothing done;
-``festina decisions`` lists the placements, the adoption and the admin's migration with its
-plan id. The CLI runs in-process (``main(argv)``, what the console script calls) with the
-config and ``SLURM_CONF`` in the environment, as an admin's shell has them.
+``festina decisions`` lists the adoptions and the admin's migration with its plan id, and
+``festina status`` then shows the freed node powered off by Slurm's power saving.
+The CLI runs in-process (``main(argv)``, what the console script calls) with the config and
+``SLURM_CONF`` in the environment, as an admin's shell has them.
 
 A consolidation move is made certain: two users' serving jobs from the documented sbatch
 template, llama with ``--gres=mps:50`` on n1 and mistral with ``mps:20`` on n2, run before
@@ -213,6 +214,11 @@ keep_alive_s = 600.0
         assert f"plan {plan['plan_id']} (" in dry and f"nodes freed: {', '.join(plan['nodes_freed'])}" in dry
         for move in plan["migrations"]:
             assert f"{move['from_node']} -> {move['to_node']}" in dry
+        # --dry-run did nothing; a plan id that is not the plan now is refused, nothing done.
+        on_source = {i["id"]: i["node"] for i in _instances(festina.json("status"))}
+        assert all(on_source.get(m["instance_id"]) == m["from_node"] for m in plan["migrations"]), on_source
+        code, out, err = festina("consolidate", "--apply", "--plan-id", "000000000000")
+        assert code == 2 and "is stale: the policy now proposes plan " + plan["plan_id"] in err, (out, err)
         code, out, err = festina("consolidate", "--apply", "--plan-id", plan["plan_id"])
         assert code == 0, (out, err, log.read_text()[-4000:])
         assert f"plan {plan['plan_id']} (" in out and "applied" in out
@@ -249,6 +255,10 @@ keep_alive_s = 600.0
         listing = festina.ok("decisions", "--since", "1h")
         assert f"admin apply, plan {plan['plan_id']}" in listing and "migration" in listing
         assert len(listing.strip().splitlines()) == len(trail)
+
+        # The emptied node is suspended by Slurm's power saving after SuspendTime ("Operate"): status shows it off.
+        _until("a freed node powered off", lambda: any(
+            not n["powered"] for n in festina.json("status")["nodes"] if n["name"] in freed), 60, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
