@@ -171,7 +171,8 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
             ([r for r in results if r[0] != "ok"],
              [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = _festina_jobs(slurm)
-        assert len(jobs) >= 4, jobs  # three instances + the user's job
+        # Three models served, the user's job (adopted, even while its node resumes) perhaps serving llama.
+        assert len(jobs) >= 3, jobs
         used_nodes = {n for j in jobs.values() for n in j.nodes}
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
         assert set(MODELS) <= models_in_jobs
