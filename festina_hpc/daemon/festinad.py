@@ -82,6 +82,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _COMMENT = re.compile(r"festina:(?P<fields>[A-Za-z0-9_.=,/-]+)")
 LIVE_JOB_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED"})
+# States in which a job holds its nodes and GRES: a user's serving job in one is adopted. CONFIGURING is a job
+# whose node Slurm's power saving is still resuming: its MPS share is already taken there, so festinad must
+# count it before it places anything (else it overcommits the node and its own job pends behind the user's).
+ALLOCATED_JOB_STATES = frozenset({"RUNNING", "CONFIGURING"})
 
 
 class StartFailed(FestinaError):
@@ -502,7 +506,7 @@ class Festinad:
                 log.warning("job %d of instance %s is not festinad's any more: cancelled (orphan)", job.job_id, label)
                 await self._cancel(job.job_id)
                 continue
-            if job.state == "RUNNING":
+            if job.state in ALLOCATED_JOB_STATES:
                 self._adopt(job, fields)
         for instance_id in list(self._unattached):
             self._unattached.discard(instance_id)
@@ -537,7 +541,7 @@ class Festinad:
         self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s))
 
     def _adopt(self, job: SlurmJob, fields: Mapping[str, str]) -> None:
-        """Take a user's running serving job into the view: the policy routes to it like any other."""
+        """Take a user's running (or starting) serving job into the view: the policy routes to it like any other."""
         model = fields["model"]
         port = fields.get("port", "")
         try:

@@ -1,5 +1,39 @@
-"""The daemon tests serve through the simulated servers of tests/serve and share its fixtures."""
+"""The daemon tests serve through the simulated servers of tests/serve and share its fixtures.
+
+``power_cluster`` is the live tests' own dev cluster (tests/daemon/test_e2e_slurm.py and
+test_admin_guide_walk.py): four nodes that may all power down, on free ports, one per module so
+one test's powered-off nodes and leftover jobs never meet another's.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from festina_hpc.devcluster import DevClusterConfig, free_ports, missing_binaries
+from festina_hpc.devcluster import down as devcluster_down
+from festina_hpc.devcluster import up as devcluster_up
 from tests.serve.conftest import store  # noqa: F401  (the shipped-profiles fixture)
+
+
+@pytest.fixture(scope="module")
+def power_cluster() -> Iterator[DevClusterConfig]:
+    if missing_binaries():
+        pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
+    if os.geteuid() != 0:
+        pytest.skip("a dev cluster runs slurmd as root")
+    base = Path(tempfile.mkdtemp(prefix="festina-e2e-", dir="/tmp"))
+    ctld = free_ports(1, start=21000)
+    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
+                           power_save_nodes=4, suspend_time_s=6, cluster_name="festina-e2e")
+    devcluster_up(cfg)
+    try:
+        yield cfg
+    finally:
+        devcluster_down(base)
+        shutil.rmtree(base, ignore_errors=True)

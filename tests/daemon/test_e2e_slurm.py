@@ -9,7 +9,7 @@ and Slurm's power saving suspends it (the power-state file says ``off``);
 festinad is SIGKILLed with requests in flight and restarted: every request
 got its answer or an error reply, and afterwards every festina job in Slurm
 is an instance festinad holds (no orphan). A cluster of its own, whose every
-node may power down, on free ports.
+node may power down, on free ports (``power_cluster`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +30,7 @@ import pytest
 
 from festina_hpc.db.engine import make_engine
 from festina_hpc.db.store import Store
-from festina_hpc.devcluster import DevClusterConfig, free_ports, missing_binaries
-from festina_hpc.devcluster import down as devcluster_down
-from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.devcluster import DevClusterConfig, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
 from festina_hpc.slurm.types import FINISHED_JOB_STATES
 
@@ -43,24 +38,6 @@ pytestmark = pytest.mark.slurm
 
 MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-7b")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def power_cluster() -> Iterator[DevClusterConfig]:
-    if missing_binaries():
-        pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
-    if os.geteuid() != 0:
-        pytest.skip("a dev cluster runs slurmd as root")
-    base = Path(tempfile.mkdtemp(prefix="festina-e2e-", dir="/tmp"))
-    ctld = free_ports(1, start=21000)
-    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
-                           power_save_nodes=4, suspend_time_s=6, cluster_name="festina-e2e")
-    devcluster_up(cfg)
-    try:
-        yield cfg
-    finally:
-        devcluster_down(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
@@ -199,7 +176,8 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
             ([r for r in results if r[0] != "ok"],
              [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = _festina_jobs(slurm)
-        assert len(jobs) >= 4, jobs  # three instances + the user's job
+        # Three models served, the user's job (adopted, even while its node resumes) perhaps serving llama.
+        assert len(jobs) >= 3, jobs
         used_nodes = {n for j in jobs.values() for n in j.nodes}
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
         assert set(MODELS) <= models_in_jobs

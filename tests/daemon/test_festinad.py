@@ -293,6 +293,29 @@ def test_restart_takes_jobs_back_adopts_user_jobs_and_cancels_orphans(store: Pro
     asyncio.run(main())
 
 
+def test_a_user_job_on_a_resuming_node_is_adopted_before_anything_is_placed(store: ProfileStore,
+                                                                          db: Store) -> None:
+    # A user's serving job whose node Slurm's power saving is still resuming is CONFIGURING: its MPS share
+    # is already taken on that node. Found by the admin-guide walk on the dev cluster: festinad ignored it
+    # until it ran, placed two whole-GPU instances on the same 2-GPU node, and its own job pended behind it.
+    slurm = FakeSlurm(store)
+    user = SlurmJob(7, "mine", "CONFIGURING", "None", ("n1",), (Gres("mps", None, 50),), (),
+                    "festina:model=mistral-7b,instance=alice-1,port=1", "alice", "", "gpu")
+    slurm.jobs[7] = user
+
+    async def main() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            (inst,) = festinad.view.live.values()
+            assert inst.slurm_job_id == 7 and inst.phase is InstancePhase.LOADING  # ready once it answers
+            n1 = festinad.view.node(festinad.node_names.index("n1"))
+            assert sorted(festinad.view.gpu(g).sm_pct_allocated for g in n1.gpus) == [0.0, 50.0]
+        finally:
+            await festinad.close()
+
+    asyncio.run(main())
+
+
 def test_parse_comment() -> None:
     assert parse_comment("festina:model=m,instance=3,port=9") == {"model": "m", "instance": "3", "port": "9"}
     assert parse_comment("something else") is None
