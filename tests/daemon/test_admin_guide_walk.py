@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ import pytest
 from festina_hpc.cli.main import main
 from festina_hpc.devcluster import DevClusterConfig, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
-from tests.daemon.test_e2e_slurm import _ask, _festina_jobs, _festinad, _wait_http
+from tests.daemon.live import ask, festina_jobs, festinad, user_job, wait_http
 
 pytestmark = pytest.mark.slurm
 
@@ -92,26 +91,6 @@ def _instances(status: dict[str, Any]) -> list[dict[str, Any]]:
             for inst in gpu["instances"]]
 
 
-def _user_job(cfg: DevClusterConfig, tmp: Path, name: str, model: str, node: str, mps: int) -> int:
-    """A user's serving job from the documented sbatch template, tagged for festinad to adopt."""
-    port = free_ports(1, start=24200 + 10 * mps)
-    script = tmp / f"{name}.sbatch"
-    script.write_text(f"""#!/bin/bash
-#SBATCH --job-name={name}
-#SBATCH --comment=festina:model={model},instance={name},port={port}
-#SBATCH --gres=mps:{mps}
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --nodelist={node}
-#SBATCH --output={tmp}/{name}-%j.out
-exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model {model} \\
-    --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {port} --sm-pct {mps} --time-scale 0.5
-""")
-    out = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True,
-                         cwd=tmp, env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}).stdout
-    return int(out.strip().split(";")[0])
-
-
 def _slurm_state(cfg: DevClusterConfig) -> str:
     """Jobs (with why they pend) and each node's GRES use: what an assertion needs to say why a job did not run."""
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
@@ -123,7 +102,7 @@ def _slurm_state(cfg: DevClusterConfig) -> str:
 
 async def _requests(url: str, per_model: int) -> list[tuple[str, Any]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        asks = [_ask(session, url, name, stream=i % 2 == 0) for i in range(per_model) for name in PROFILES]
+        asks = [ask(session, url, name, stream=i % 2 == 0) for i in range(per_model) for name in PROFILES]
         return list(await asyncio.gather(*asks))
 
 
@@ -174,14 +153,14 @@ keep_alive_s = 600.0
 
     # Two users' serving jobs (see the module docstring), allocated before festinad starts (their nodes may still be
     # resuming: festinad counts their shares before it places anything).
-    first_user = _user_job(cfg, tmp_path, "user-1", "llama-3.1-8b", "n1", 50)
-    small_user = _user_job(cfg, tmp_path, "user-2", "mistral-7b", "n2", 20)
+    first_user = user_job(cfg, tmp_path, "user-1", "llama-3.1-8b", "n1", 50)
+    small_user = user_job(cfg, tmp_path, "user-2", "mistral-7b", "n2", 20)
     users = {first_user, small_user}
     _until("the users' jobs allocated", lambda: all(
         (job := slurm.get_job(j)) is not None and job.state in ("RUNNING", "CONFIGURING") for j in users), 30, log)
-    proc = _festinad(config, cfg, log)
+    proc = festinad(config, cfg, log)
     try:
-        asyncio.run(_wait_http(url, 60))
+        asyncio.run(wait_http(url, 60))
         _until("the users' jobs adopted and ready", lambda: users <= {
             i["slurm_job_id"] for i in _instances(festina.json("status")) if i["phase"] == "ready"}, 60, log)
         # -- Operate: requests under the catalogue names, then `festina status --json` --------------------------
@@ -234,7 +213,7 @@ keep_alive_s = 600.0
         def emptied() -> dict[str, Any] | None:
             status = festina.json("status")
             on_freed = [i for i in _instances(status) if i["node"] in freed]
-            in_slurm = [j for j in _festina_jobs(slurm).values() if freed & set(j.nodes)]
+            in_slurm = [j for j in festina_jobs(slurm).values() if freed & set(j.nodes)]
             return status if not on_freed and not in_slurm else None
 
         status = _until("the freed nodes empty", emptied, 30, log)
@@ -265,5 +244,5 @@ keep_alive_s = 600.0
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for job in _festina_jobs(slurm):
+        for job in festina_jobs(slurm):
             slurm.cancel(job)

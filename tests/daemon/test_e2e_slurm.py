@@ -15,7 +15,6 @@ node may power down, on free ports (``power_cluster`` in conftest.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -32,61 +31,11 @@ from festina_hpc.db.engine import make_engine
 from festina_hpc.db.store import Store
 from festina_hpc.devcluster import DevClusterConfig, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
-from festina_hpc.slurm.types import FINISHED_JOB_STATES
+from tests.daemon.live import ask, festina_jobs, festinad, power, user_job, wait_http
 
 pytestmark = pytest.mark.slurm
 
 MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-7b")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
-    env.pop("FESTINA_CONFIG", None)
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "festina_hpc.cli.main", "--config", str(config), "daemon",
-                                 "-v"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-async def _wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s")
-
-
-async def _ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False) -> tuple[str, Any]:
-    """("ok", body) for a complete answer, ("error", status or exception) for an error reply."""
-    body = {"model": model, "prompt": "hello festina", "max_tokens": 6, "stream": stream}
-    try:
-        async with session.post(f"{url}/v1/completions", json=body) as resp:
-            data = await resp.read()
-            if resp.status != 200:
-                return "error", resp.status
-            if stream:
-                return ("ok", data) if data.rstrip().endswith(b"data: [DONE]") else ("error", "cut stream")
-            return "ok", json.loads(data)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        return "error", type(exc).__name__
-
-
-def _power(cfg: DevClusterConfig, node: str) -> str:
-    path = cfg.base_dir / "power" / node
-    return path.read_text().strip() if path.exists() else "on"
-
-
-def _festina_jobs(slurm: CliSlurmClient) -> dict[int, Any]:
-    return {j.job_id: j for j in slurm.list_jobs()
-            if j.comment.startswith("festina:") and j.state not in FINISHED_JOB_STATES}
-
-
 # A real cluster with power saving and periodic consolidation races on timing (a node resuming in
 # 15-25 s, moves every 3 s): it passed 8 of 9 runs here, the miss most likely a node that never stayed
 # empty long enough to be suspended within the wait. One rerun keeps CI honest without hiding a
@@ -138,16 +87,16 @@ exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model ll
     --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {user_port} --sm-pct 50 --time-scale 0.5
 """)
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
-    user_job = int(subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
+    user_job_id = int(subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
                                   text=True, env=env, cwd=tmp_path).stdout.strip().split(";")[0])
 
-    proc = _festinad(config, cfg, log)
+    proc = festinad(config, cfg, log)
     try:
-        asyncio.run(_first_run(url, slurm, user_job, cfg, log))
+        asyncio.run(_first_run(url, slurm, user_job_id, cfg, log))
         # kill -9 mid-run with requests in flight: each gets an answer or an error, none hangs.
         outcomes = asyncio.run(_kill_mid_run(url, proc))
         assert all(kind in ("ok", "error") for kind, _ in outcomes)
-        proc = _festinad(config, cfg, log)
+        proc = festinad(config, cfg, log)
         asyncio.run(_after_restart(url, slurm, db_path))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -155,13 +104,13 @@ exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model ll
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for job in _festina_jobs(slurm):
+        for job in festina_jobs(slurm):
             slurm.cancel(job)
     print(log.read_text()[-3000:])
 
 
-async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClusterConfig, log: Path) -> None:
-    await _wait_http(url, 30)
+async def _first_run(url: str, slurm: CliSlurmClient, user_job_id: int, cfg: DevClusterConfig, log: Path) -> None:
+    await wait_http(url, 30)
     timeout = aiohttp.ClientTimeout(total=90)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         # Bad input gets a clear answer while the daemon serves.
@@ -170,12 +119,12 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         async with session.post(f"{url}/v1/completions", data=b"{not json") as resp:
             assert resp.status == 400
         # Three models from zero: every request answered.
-        asks = [_ask(session, url, m, stream=i % 2 == 0) for i in range(2) for m in MODELS]
+        asks = [ask(session, url, m, stream=i % 2 == 0) for i in range(2) for m in MODELS]
         results = await asyncio.gather(*asks)
         assert [kind for kind, _ in results] == ["ok"] * len(asks), \
             ([r for r in results if r[0] != "ok"],
              [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
-        jobs = _festina_jobs(slurm)
+        jobs = festina_jobs(slurm)
         # Three models served, the user's job (adopted, even while its node resumes) perhaps serving llama.
         assert len(jobs) >= 3, jobs
         used_nodes = {n for j in jobs.values() for n in j.nodes}
@@ -185,22 +134,7 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job: int, cfg: DevClu
         # concurrent first placements took (which node the adopted job shares), there is now a node
         # whose one instance fits beside the others, so consolidation has something to do.
         spare_node = next(n for n in cfg.node_names if n not in used_nodes)
-        small_port = free_ports(1, start=24100)
-        small = log.parent / "small-serve.sbatch"
-        small.write_text(f"""#!/bin/bash
-#SBATCH --job-name=my-small
-#SBATCH --comment=festina:model=mistral-7b,instance=user-2,port={small_port}
-#SBATCH --gres=mps:20
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --nodelist={spare_node}
-#SBATCH --output={log.parent}/small-%j.out
-exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model mistral-7b \\
-    --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {small_port} --sm-pct 20 --time-scale 0.5
-""")
-        small_job = int(subprocess.run(["sbatch", "--parsable", str(small)], check=True, capture_output=True,
-                                       text=True, env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)},
-                                       cwd=log.parent).stdout.strip().split(";")[0])
+        small_job = user_job(cfg, log.parent, "user-2", "mistral-7b", spare_node, 20)
         used_nodes.add(spare_node)
         db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
         # Adopted once it runs (its node may first have to resume from power saving: 15-25 s).
@@ -220,19 +154,19 @@ exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model mi
         # ... and the node it emptied, now idle, is suspended by Slurm's power saving.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
-                _power(cfg, n) == "off" and not any(n in j.nodes for j in _festina_jobs(slurm).values())
+                power(cfg, n) == "off" and not any(n in j.nodes for j in festina_jobs(slurm).values())
                 for n in cfg.node_names if n in used_nodes):
             await asyncio.sleep(1)
-        assert any(_power(cfg, n) == "off" for n in used_nodes), (used_nodes, source_jobs)
+        assert any(power(cfg, n) == "off" for n in used_nodes), (used_nodes, source_jobs)
         # The model of the moved job is still served.
-        kind, _ = await _ask(session, url, "llama-3.1-8b")
+        kind, _ = await ask(session, url, "llama-3.1-8b")
         assert kind == "ok"
 
 
 async def _kill_mid_run(url: str, proc: subprocess.Popen[bytes]) -> list[tuple[str, Any]]:
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        asks = [asyncio.ensure_future(_ask(session, url, m, stream=True)) for m in MODELS for _ in range(3)]
+        asks = [asyncio.ensure_future(ask(session, url, m, stream=True)) for m in MODELS for _ in range(3)]
         await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -240,14 +174,14 @@ async def _kill_mid_run(url: str, proc: subprocess.Popen[bytes]) -> list[tuple[s
 
 
 async def _after_restart(url: str, slurm: CliSlurmClient, db_path: Path) -> None:
-    await _wait_http(url, 30)
+    await wait_http(url, 30)
     timeout = aiohttp.ClientTimeout(total=90)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        results = await asyncio.gather(*(_ask(session, url, m) for m in MODELS))
+        results = await asyncio.gather(*(ask(session, url, m) for m in MODELS))
         assert [kind for kind, _ in results] == ["ok"] * len(MODELS), results
     await asyncio.sleep(3)  # one reconcile
     live = Store(make_engine(f"sqlite:///{db_path}")).load_live_state()
     held = {i.slurm_job_id for i in live.instances}
-    running = set(_festina_jobs(slurm))
+    running = set(festina_jobs(slurm))
     assert running <= held, f"orphaned jobs: {running - held}"
     assert len(live.instances) >= len(MODELS)
