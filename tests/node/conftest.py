@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports, missing_binaries
+from festina_hpc.devcluster import down as devcluster_down
+from festina_hpc.devcluster import up as devcluster_up
 from festina_hpc.gpu.simulated import ManualClock
 from festina_hpc.node.agent import NodeAgent
 from festina_hpc.node.config import NodeConfig, NodePaths
@@ -66,3 +75,32 @@ def sim_node(tmp_path: Path) -> Iterator[SimNode]:
     yield node
     for index in range(2):
         mps.stop(index)
+
+
+@contextmanager
+def live_node_cluster(prefix: str, nodes: int, ctld_start: int, node_config: str) -> Iterator[DevClusterConfig]:
+    """A dev cluster of the test module's own (``nodes`` nodes of one GPU, no power saving, this
+    checkout's hooks) with ``festina-node serve`` running for n1 on the dev cluster's node config
+    plus ``node_config`` lines; stopped, each node reset and the folder removed afterwards."""
+    if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
+        pytest.skip("needs Slurm, root and an installed festina-node")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    ctld = free_ports(1, start=ctld_start)
+    cfg = DevClusterConfig(base_dir=base, nodes=nodes, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
+                           slurmd_port=free_ports(nodes, start=ctld + 1))
+    devcluster_up(cfg)
+    toml = base / "etc" / "festina-node.toml"
+    toml.write_text(toml.read_text() + node_config)
+    exe = str(festina_node_executable())
+    service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
+                               stderr=(base / "log" / "festina-node-n1.log").open("w"),
+                               env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)})
+    try:
+        yield cfg
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=15)
+        for node in cfg.node_names:
+            subprocess.run([exe, "--config", str(toml), "--node", node, "reset"], capture_output=True, check=False)
+        devcluster_down(base)
+        shutil.rmtree(base, ignore_errors=True)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports, missing_binaries
-from festina_hpc.devcluster import down as devcluster_down
-from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
+from tests.node.conftest import live_node_cluster
 
 MODEL = "llama-3.1-8b"
 GPU_TYPE = "h100-sxm-80gb"
@@ -30,29 +27,9 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[DevClusterConfig, CliSlurmClient]]:
     """A cluster of its own (2 nodes, 1 GPU each, no power saving), so the hooks are this checkout's."""
-    if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
-        pytest.skip("needs Slurm, root and an installed festina-node")
-    base = Path(tempfile.mkdtemp(prefix="festina-node-", dir="/tmp"))
-    ctld = free_ports(1, start=21000)
-    cfg = DevClusterConfig(base_dir=base, nodes=2, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
-                           slurmd_port=free_ports(2, start=ctld + 1))
-    devcluster_up(cfg)
-    toml = base / "etc" / "festina-node.toml"
     # A short hold before a lower clock, so the controller's first choice shows within the tests' deadlines.
-    toml.write_text(toml.read_text() + "control_period_s = 0.5\nclock_min_interval_s = 1.0\n")
-    exe = str(festina_node_executable())
-    service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
-                               stderr=(base / "log" / "festina-node-n1.log").open("w"),
-                               env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)})
-    try:
+    with live_node_cluster("festina-node-", 2, 21000, "control_period_s = 0.5\nclock_min_interval_s = 1.0\n") as cfg:
         yield cfg, CliSlurmClient(cfg.slurm_conf)
-    finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=10)
-        for node in cfg.node_names:
-            subprocess.run([exe, "--config", str(toml), "--node", node, "reset"], capture_output=True, check=False)
-        devcluster_down(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def sbatch(cfg: DevClusterConfig, *args: str) -> int:

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports, missing_binaries
-from festina_hpc.devcluster import down as devcluster_down
-from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.devcluster import DevClusterConfig, free_ports
+from tests.node.conftest import live_node_cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -31,29 +26,10 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[DevClusterConfig, int]]:
     """One node, one GPU, this checkout's hooks, and festina-node serving metrics and writing AdminComments."""
-    if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
-        pytest.skip("needs Slurm, root and an installed festina-node")
-    base = Path(tempfile.mkdtemp(prefix="festina-nm-", dir="/tmp"))
-    ctld = free_ports(1, start=24000)
-    cfg = DevClusterConfig(base_dir=base, nodes=1, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
-                           slurmd_port=free_ports(1, start=ctld + 1))
-    devcluster_up(cfg)
-    metrics_port = free_ports(1, start=ctld + 10)
-    toml = base / "etc" / "festina-node.toml"
-    toml.write_text(toml.read_text() + f"control_period_s = 0.5\nadmin_comment_period_s = 0.5\n"
-                                       f"metrics_port = {metrics_port}\n")
-    exe = str(festina_node_executable())
-    service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
-                               stderr=(base / "log" / "festina-node-n1.log").open("w"),
-                               env={**os.environ, "SLURM_CONF": str(cfg.slurm_conf)})
-    try:
+    metrics_port = free_ports(1, start=24010)
+    with live_node_cluster("festina-nm-", 1, 24000, "control_period_s = 0.5\nadmin_comment_period_s = 0.5\n"
+                                                    f"metrics_port = {metrics_port}\n") as cfg:
         yield cfg, metrics_port
-    finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=15)
-        subprocess.run([exe, "--config", str(toml), "--node", "n1", "reset"], capture_output=True, check=False)
-        devcluster_down(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def wait_for(what: str, check: Callable[[], object], timeout_s: float = 30.0) -> object:
