@@ -151,8 +151,7 @@ class LiveCluster:
         self.model_info: dict[str, ModelInfo] = {}
         for name, slo in slos.items():
             m = store.model(name)
-            tp = m.tp_on(spec.name)
-            self.model_info[m.name] = ModelInfo(m.name, tp, m.weights_bytes / tp, m.kv_bytes_per_token / tp, slo)
+            self.model_info[m.name] = ModelInfo.on_gpu(m, spec.name, slo)
         self.node_list = [LiveNode(n, range(n * gpus_per_node, (n + 1) * gpus_per_node)) for n in range(nodes)]
         self.gpu_list = [LiveGpu(g, n.id, spec.max_clock_mhz) for n in self.node_list for g in n.gpus]
         self.live: dict[int, LiveInstance] = {}

@@ -291,9 +291,7 @@ class LocalController:
             try:
                 spec = self._store.model(name)
                 self._store.table(self._spec.name, spec.name)
-                tp = spec.tp_on(self._spec.name)
-                self._models[name] = ModelInfo(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp,
-                                               self._slo_for(spec.name))
+                self._models[name] = ModelInfo.on_gpu(spec, self._spec.name, self._slo_for(spec.name))
             except FestinaError as exc:
                 logger.warning("model %s: not controlled here: %s", name, exc)
                 return None

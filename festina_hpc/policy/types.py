@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from festina_hpc.profiles.specs import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class ModelInfo:
     weights_bytes_per_gpu: float
     kv_bytes_per_token_per_gpu: float
     slo: Slo
+
+    @classmethod
+    def on_gpu(cls, spec: ModelSpec, gpu_type: str, slo: Slo) -> ModelInfo:
+        """The model as a policy sees it on ``gpu_type``: weights and KV split over its tensor-parallel GPUs."""
+        tp = spec.tp_on(gpu_type)
+        return cls(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp, slo)
 
 
 class InstanceView(Protocol):

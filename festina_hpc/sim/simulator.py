@@ -126,9 +126,7 @@ class Simulation:
         self.tables = {}
         for name in sorted({r.model for r in requests} | set(slos)):
             spec = store.model(name)
-            tp = spec.tp_on(self._gpu_type)
-            self.model_info[spec.name] = ModelInfo(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp,
-                                               slos[spec.name])
+            self.model_info[spec.name] = ModelInfo.on_gpu(spec, self._gpu_type, slos[spec.name])
             self.tables[spec.name] = store.table(self._gpu_type, spec.name)
         self.records = [RequestRecord(r) for r in requests]
         self.live: dict[int, SimInstance] = {}

@@ -137,10 +137,8 @@ class FakeView:
         self._nodes = [FakeNode(n, tuple(range(n * gpus_per_node, (n + 1) * gpus_per_node))) for n in range(nodes)]
         self._models: dict[str, ModelInfo] = {}
         for name in models:
-            spec = STORE.model(name)
-            tp = spec.tp_on(GPU)
             slo = slos[name] if slos is not None else make_slo(name)
-            self._models[name] = ModelInfo(name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp, slo)
+            self._models[name] = ModelInfo.on_gpu(STORE.model(name), GPU, slo)
         self._instances: dict[int, FakeInstance] = {}
         self.model_rates = dict(model_rates or {})
 
