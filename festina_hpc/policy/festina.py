@@ -187,6 +187,7 @@ class FestinaPolicy(Policy):
         self._typicals: dict[str, Typical] = {}
         self._latencies: dict[tuple[str, str, int, float, float, int], float] = {}
         self._speeds: dict[tuple[str, int, float, float, int], Speeds] = {}
+        self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
         self._short: set[str] = set()  # models that placement found without a safe instance
@@ -374,10 +375,14 @@ class FestinaPolicy(Policy):
         tried fullest first, so the SLO check (the costly part) runs until the first safe one."""
         need = request.prompt_tokens + self._typical(request.model).output_tokens
         ttft_slo_s = model.slo.ttft_for(request.prompt_tokens)
+        # A queue that full speed cannot prefill within the SLO rules an instance out at once.
+        longest_queue = ttft_slo_s / self._fastest_s_per_token(view, request.model)
         for inst in sorted(candidates, key=self._fullness, reverse=True):
             if inst.phase > InstancePhase.READY:
                 continue
             if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+                continue
+            if inst.pending_prompt_tokens + request.prompt_tokens > longest_queue:
                 continue
             gpu = view.gpu(inst.gpus[0])
             # The controller can raise the clock to the max and give the instance the GPU's free share.
@@ -387,6 +392,17 @@ class FestinaPolicy(Policy):
             if self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz, ttft_slo_s):
                 return inst
         return None
+
+    def _fastest_s_per_token(self, view: ClusterView, model: str) -> float:
+        """The least prefill time per prompt token any setting and chunk gives (full speed, the
+        cheapest prompt length per token): a lower bound on any queue's prefill."""
+        fastest = self._fastest.get(model)
+        if fastest is None:
+            table, clock = self._table(view, model), self.gpu_spec.max_clock_mhz
+            fastest = self._fastest[model] = min(
+                self._latency_s(table, "prefill", 1, tokens, 100.0, clock) / tokens
+                for tokens in range(PENDING_QUANTUM, PREFILL_CHUNK_TOKENS + 1, PENDING_QUANTUM))
+        return fastest
 
     @staticmethod
     def _fullness(inst: InstanceView) -> float:
