@@ -134,7 +134,11 @@ class Munge:
         """The credential's UID and payload; ``AuthRefused`` with unmunge's reason (invalid, expired, replayed)."""
         done = self._run(self._argv(self.unmunge, "--numeric", "--keys=UID"), credential.encode())
         if done.returncode != 0:
-            raise AuthRefused(f"MUNGE credential refused: {_last_line(done.stderr).removeprefix('unmunge: Error: ')}")
+            # unmunge prints no error for these three; it only exits with the status.
+            reason = _CREDENTIAL_STATUS.get(done.returncode) or _last_line(done.stderr).removeprefix("unmunge: Error: ")
+            if done.returncode < FIRST_CREDENTIAL_STATUS:  # munged unreachable, out of memory: not the sender's fault
+                raise NodeError(f"unmunge failed: {reason}")
+            raise AuthRefused(f"MUNGE credential refused: {reason}")
         # Metadata lines, one blank line, then the payload as it was given.
         head, sep, payload = done.stdout.partition(b"\n\n")
         fields = dict(line.split(b":", 1) for line in head.splitlines() if b":" in line)
@@ -142,6 +146,12 @@ class Munge:
         if not sep or not uid.isdigit():
             raise AuthRefused("MUNGE credential refused: unmunge gave no UID")
         return Decoded(int(uid), payload)
+
+
+# unmunge's exit status is munge_err_t: 1..7 are local failures (munged's socket, a timeout), 8 and up say
+# what is wrong with the credential.
+FIRST_CREDENTIAL_STATUS = 8
+_CREDENTIAL_STATUS = {15: "Expired credential", 16: "Rewound credential", 17: "Replayed credential"}
 
 
 def _last_line(data: bytes) -> str:

@@ -104,3 +104,27 @@ def live_node_cluster(prefix: str, nodes: int, ctld_start: int, node_config: str
             subprocess.run([exe, "--config", str(toml), "--node", node, "reset"], capture_output=True, check=False)
         devcluster_down(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def private_munged(prefix: str = "festina-munge-") -> Iterator[Path]:
+    """A munged of the test's own (its own key, its own socket); yields the socket path, stops it by pid after."""
+    if shutil.which("munged") is None or shutil.which("mungekey") is None or shutil.which("unmunge") is None:
+        pytest.skip("needs munge (munged, mungekey, munge, unmunge)")
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o711)  # 700 makes munged warn that the socket is inaccessible
+    key, sock, pid_file = folder / "munge.key", folder / "munge.socket", folder / "munged.pid"
+    subprocess.run(["mungekey", "-c", "-k", str(key), "-b", "1024"], check=True, capture_output=True)
+    key.chmod(0o600)
+    # --force: munged refuses to run as root otherwise.
+    subprocess.run(["munged", "--force", "-S", str(sock), f"--key-file={key}", f"--pid-file={pid_file}",
+                    f"--log-file={folder / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"],
+                   check=True, capture_output=True)
+    try:
+        yield sock
+    finally:
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
