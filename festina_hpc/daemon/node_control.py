@@ -14,10 +14,15 @@ import json
 import socket
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from festina_hpc.errors import FestinaError
-from festina_hpc.node.auth import ControlMessage, Signer
+from festina_hpc.config import NodeControlConfig
+from festina_hpc.errors import ConfigError, FestinaError
+from festina_hpc.node.auth import ControlMessage, Munge, MungeSigner, SecretSigner, Signer, load_secret
+
+# What an admin may ask festinad to do on a node (festina-node itself serves more to local root).
+ADMIN_OPS = ("lock_clocks", "reset_clocks", "set_settings", "drain_instance", "status")
 
 
 class NodeControlError(FestinaError):
@@ -84,3 +89,19 @@ class NodeControlClient:
 
     def status(self, node: str) -> Any:
         return self.call(node, "status")
+
+
+def node_control_from_config(cfg: NodeControlConfig, address_of: Callable[[str], str]) -> NodeControlClient | None:
+    """The client ``[node_control]`` asks for, or None when its port is 0; a readable secret file is refused."""
+    if not cfg.port:
+        return None
+    if cfg.port > 65535:
+        raise ConfigError(f"node_control.port = {cfg.port} must be in 0..65535 (0 = off)")
+    signer: Signer
+    if cfg.auth == "secret":
+        if not cfg.secret_file:
+            raise ConfigError("node_control.auth = 'secret' needs node_control.secret_file")
+        signer = SecretSigner(load_secret(Path(cfg.secret_file)))
+    else:
+        signer = MungeSigner(Munge(cfg.munge_socket))
+    return NodeControlClient(signer, cfg.port, timeout_s=cfg.timeout_s, address_of=address_of)

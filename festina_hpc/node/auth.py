@@ -163,7 +163,10 @@ def _last_line(data: bytes) -> str:
 
 
 class Signer(Protocol):
-    scheme: str
+    @property
+    def scheme(self) -> str:
+        """``munge`` or ``secret``: what the node must be configured for."""
+        ...
 
     def sign(self, message: ControlMessage) -> str:
         """The credential for exactly this message."""
