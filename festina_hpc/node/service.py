@@ -9,6 +9,13 @@ one JSON line, ``{"op": ..., "args": {...}}``; the answer is one JSON line,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. Every
 argument is type-checked before it reaches the agent; nothing reaches a shell.
 
+festinad on the head node reaches the same ops over TCP (``NetworkControlServer``,
+``[node] control_port``, off by default): there no kernel vouches for the caller,
+so each message carries a credential (``node/auth.py``: MUNGE as festinad's user,
+or an HMAC under a shared key) bound to the op, its arguments, this node, the time
+and a nonce; a forged, replayed, stale or misdirected one is logged and refused
+before anything runs.
+
 The control loop runs in the same process: every ``control_period_s`` it
 runs the local controller (``node/control.py``: the policy's ``control()``
 per GPU over what the model servers report, then ``NodeAgent.control_tick``:
