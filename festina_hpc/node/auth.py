@@ -64,7 +64,7 @@ class ControlMessage:
 
     @classmethod
     def new(cls, op: str, args: Mapping[str, Any], node: str, now_unix_s: float) -> ControlMessage:
-        return cls(op, dict(args), node, now_unix_s, secrets.token_hex(16))
+        return cls(op, dict(args), node, float(now_unix_s), secrets.token_hex(16))
 
     def canonical(self) -> bytes:
         """What the credential covers: compact JSON with sorted keys, the same bytes on both sides."""
