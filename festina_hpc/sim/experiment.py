@@ -63,6 +63,7 @@ class Experiment:
         cluster = self.cluster
         context = PolicyContext(store, cluster.gpu_type, keep_alive_s=self.keep_alive_s,
                                 node_static_w=cluster.node_static_w_per_gpu * cluster.gpus_per_node,
+                                node_wake_s=cluster.node_wake_s,
                                 load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs)
         policy = make_policy(policy_name, context)
         return Simulation(self.cluster, store, policy, self.requests, self.slos).run()
