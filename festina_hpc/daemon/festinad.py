@@ -63,11 +63,15 @@ from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.db.store import GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
 from festina_hpc.errors import FestinaError
 from festina_hpc.policy.base import Policy
+from festina_hpc.policy.limits import Refusal, limit_plan, upkeep
 from festina_hpc.policy.types import (
+    NO_LIMITS,
     Action,
     InstancePhase,
     Migrate,
+    ModelLimits,
     NodePower,
+    Placement,
     Plan,
     PowerOff,
     PowerOn,
@@ -113,6 +117,19 @@ class FestinadSettings:
     job_poll_s: float = 1.0  # Slurm's view of a starting job (each is a command)
     health_timeout_s: float = 2.0
     time_limit: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """An operator's settings of one model (its catalogue entry): bounds festinad enforces on every plan
+    (``policy/limits.py``) and how its serving jobs are launched."""
+
+    limits: ModelLimits = NO_LIMITS
+    engine_args: str = ""  # extra engine arguments, shell words (serve/launch.py splits them; never a shell)
+    account: str = ""  # Slurm account its jobs are charged to (#SBATCH --account); "" = the submitter's
+
+
+REFUSAL_RECORD_S = 10.0  # at most one recorded refused placement per model in this many seconds
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -198,8 +215,10 @@ class Festinad:
     def __init__(self, policy: Policy, profiles: ProfileStore, slurm: SlurmClient, store: Store,
                  slos: Mapping[str, Slo], settings: FestinadSettings = FestinadSettings(),
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 slurm_retry: SlurmRetry | None = None, node_control: NodeControlClient | None = None):
+                 slurm_retry: SlurmRetry | None = None, node_control: NodeControlClient | None = None,
+                 model_options: Mapping[str, ModelOptions] | None = None):
         self.policy = policy
+        self.model_options = dict(model_options or {})  # canonical model name -> the catalogue's settings
         self.profiles = profiles
         self.slurm = slurm
         self.store = store
@@ -222,6 +241,8 @@ class Festinad:
         self._session: aiohttp.ClientSession | None = None
         self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
         self.node_control = node_control  # signed requests to festina-node ([node_control]); None = off
+        self._refusal_recorded: dict[str, float] = {}  # model -> when its last refused placement was recorded
+        self._unmet: tuple[str, ...] = ()  # catalogue bounds that found no room, as last logged
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -269,10 +290,11 @@ class Festinad:
             raise FestinaError("Slurm reports no node with GPUs (gres gpu); festinad has nowhere to serve")
         gpus_per_node = max(n.gpus_total for n in nodes)
         self.node_names = [n.name for n in nodes]
+        limits = {name: o.limits for name, o in self.model_options.items()}
         self.cluster = LiveCluster(self.profiles, self.policy.context.gpu_type, self.slos, nodes=len(nodes),
-                                   gpus_per_node=gpus_per_node, clock=self._clock)
+                                   gpus_per_node=gpus_per_node, clock=self._clock, limits=limits)
         self._router = PolicyRouter(self.policy, self.cluster, self._start_instance, self._stop_ready,
-                                    new_instance_id=self._new_instance_id)
+                                    new_instance_id=self._new_instance_id, on_refused=self._placement_refused)
         node_ids = self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON,
                                                        gpus_per_node) for n in nodes])
         gpu_ids = self.store.upsert_gpus([GpuRecord(n.name, i, self.view.gpu_type)
@@ -334,8 +356,10 @@ class Festinad:
         node = self.node_names[launch.node]
         port = self.port_of(launch.instance_id)
         s = self.settings
+        options = self.model_options.get(launch.model, ModelOptions())
         serve = serve_spec(self.profiles, launch.model, launch.gpu_type, port, host="0.0.0.0", sm_pct=launch.sm_pct,
-                           batch_cap=launch.batch_cap, memory_fraction=launch.memory_fraction)
+                           batch_cap=launch.batch_cap, memory_fraction=launch.memory_fraction,
+                           engine_args=options.engine_args)
         argv = simulated_argv(serve, list(s.festina_argv), s.serve_time_scale) if s.engine == "emulated" \
             else vllm_argv(serve)
         tp = len(launch.gpus)
@@ -346,7 +370,8 @@ class Festinad:
         spec = ServingJobSpec(model=launch.model, instance_id=str(launch.instance_id), command=tuple(argv),
                               output_path=str(Path(s.job_output_dir) / f"festina-serve-{launch.instance_id}-%j.out"),
                               nodelist=(node,), comment=job_comment(launch.model, launch.instance_id, port),
-                              partition=s.partition, time_limit=s.time_limit, **share)  # type: ignore[arg-type]
+                              partition=s.partition, account=options.account or None, time_limit=s.time_limit,
+                              **share)  # type: ignore[arg-type]
         host = self.node_address.get(node) or node
         return spec, f"http://{host}:{port}"
 
@@ -532,6 +557,17 @@ class Festinad:
         await self._poll_load()
         self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON, n.gpus_total)
                                  for n in nodes if n.name in self.node_names])
+        await self.keep_bounds()
+
+    async def keep_bounds(self) -> None:
+        """What the catalogue's bounds call for: start a model's missing ``min_instances``, stop a model idle
+        past its own ``keep_alive_s`` (run at start-up and every reconcile)."""
+        kept = upkeep(self.view)
+        if kept.unmet != self._unmet:
+            for problem in kept.unmet:
+                log.warning("catalogue bound not met: %s", problem)
+            self._unmet = kept.unmet
+        await self.execute(kept.plan)
 
     def _apply_nodes(self, nodes: Sequence[SlurmNode]) -> None:
         listed = {n.name: n for n in nodes}
@@ -622,7 +658,14 @@ class Festinad:
         await self.execute(self.policy.consolidate(self.view))
 
     async def execute(self, plan: Plan) -> None:
-        """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest)."""
+        """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest).
+
+        The catalogue's bounds apply first: an action they refuse is recorded with ``refused: <why>`` as its
+        reason and not carried out."""
+        limited = limit_plan(plan, self.view)
+        for refusal in limited.refused:
+            self._record_refusal(refusal, plan.reason)
+        plan = limited.plan
         if not plan:
             return
         self._record_plan(Plan(tuple(self._to_db(a) for a in plan.actions), plan.reason))
@@ -670,6 +713,23 @@ class Festinad:
             await self.stop_instance(source, f"migrated to instance {target.id}: {reason}")
         finally:
             self._busy.discard(source.id)
+
+    def _record_refusal(self, refusal: Refusal, reason: str) -> None:
+        log.info("%s (%s) refused: %s", type(refusal.decision).__name__, reason, refusal.reason)
+        decision = refusal.decision
+        if isinstance(decision, StartInstance | StopInstance | Migrate | PowerOff | PowerOn):
+            self.store.record_plan(Plan((self._to_db(decision),), f"refused: {refusal.reason} ({reason})"),
+                                   at=self._now())
+
+    def _placement_refused(self, model: str, refusal: Refusal, instead: Placement) -> None:
+        """A request's start refused by the bounds: recorded (at most once per model per ``REFUSAL_RECORD_S``)
+        as the placement carried out instead, with why."""
+        now = self._clock()
+        if now - self._refusal_recorded.get(model, -REFUSAL_RECORD_S) < REFUSAL_RECORD_S:
+            return
+        self._refusal_recorded[model] = now
+        log.info("start of %s refused: %s", model, refusal.reason)
+        self.store.record_placement(model, instead, at=self._now(), reason=f"start refused: {refusal.reason}")
 
     def _record_plan(self, plan: Plan) -> None:
         self.store.record_plan(plan, at=self._now())

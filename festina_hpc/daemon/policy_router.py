@@ -29,11 +29,15 @@ from dataclasses import dataclass
 
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import Policy
+from festina_hpc.policy.limits import Refusal, limit_placement
 from festina_hpc.policy.types import (
+    NO_LIMITS,
     Drop,
     InstancePhase,
     ModelInfo,
+    ModelLimits,
     NodePower,
+    Placement,
     Request,
     Route,
     Slo,
@@ -142,16 +146,19 @@ class LiveCluster:
     """festinad's instances on ``nodes`` x ``gpus_per_node`` GPUs of one type; a ``ClusterView``."""
 
     def __init__(self, store: ProfileStore, gpu_type: str, slos: Mapping[str, Slo], nodes: int = 1,
-                 gpus_per_node: int = 8, clock: Callable[[], float] = time.monotonic):
+                 gpus_per_node: int = 8, clock: Callable[[], float] = time.monotonic,
+                 limits: Mapping[str, ModelLimits] | None = None):
         spec = store.gpu(gpu_type)
         self.spec = spec
         self._gpu_type = spec.name
         self._clock = clock
         self._t0 = clock()
         self.model_info: dict[str, ModelInfo] = {}
+        bounds = dict(limits or {})
         for name, slo in slos.items():
             m = store.model(name)
-            self.model_info[m.name] = ModelInfo.on_gpu(m, spec.name, slo)
+            bound = bounds.get(m.name, bounds.get(name, NO_LIMITS))
+            self.model_info[m.name] = ModelInfo.on_gpu(m, spec.name, slo, bound)
         self.node_list = [LiveNode(n, range(n * gpus_per_node, (n + 1) * gpus_per_node)) for n in range(nodes)]
         self.gpu_list = [LiveGpu(g, n.id, spec.max_clock_mhz) for n in self.node_list for g in n.gpus]
         self.live: dict[int, LiveInstance] = {}
@@ -261,8 +268,11 @@ class PolicyRouter:
 
     def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
                  stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256,
-                 new_instance_id: Callable[[StartInstance], int] | None = None):
+                 new_instance_id: Callable[[StartInstance], int] | None = None,
+                 on_refused: Callable[[str, Refusal, Placement], None] | None = None):
         self.policy = policy
+        # Told of each start the catalogue's bounds refused (model, what and why, the placement instead).
+        self.on_refused = on_refused
         self.cluster = cluster
         self.start_instance = start_instance
         self.stop_instance = stop_instance
@@ -281,7 +291,9 @@ class PolicyRouter:
         view = self.cluster
         view.note_arrival(model)
         request = Request(next(self._request_ids), view.now_s, model, prompt_tokens, self.expected_output_tokens)
-        decision = self.policy.place(request, view)
+        decision, refused = limit_placement(self.policy.place(request, view), view)
+        if refused is not None and self.on_refused is not None:
+            self.on_refused(model, refused, decision)
         if isinstance(decision, Drop):
             raise NoInstance(f"no capacity for {model}: {decision.reason}")
         if isinstance(decision, StartInstance):
