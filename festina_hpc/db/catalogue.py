@@ -122,10 +122,10 @@ def validate_entry(entry: CatalogueEntry, profiles: ProfileStore) -> CatalogueEn
         split_engine_args(entry.engine_args, entry.engine)
     except EngineArgsError as exc:
         raise _bad(name, "engine_args", entry.engine_args, exc.what) from None
-    if entry.engine == "emulated" and unknown_emulated_args(entry.engine_args):
-        raise _bad(name, "engine_args", entry.engine_args,
-                   f"has flags the emulated engine does not take ({', '.join(unknown_emulated_args(entry.engine_args))}; "
-                   f"it takes {', '.join(EMULATED_ENGINE_FLAGS)})")
+    unknown = unknown_emulated_args(entry.engine_args) if entry.engine == "emulated" else []
+    if unknown:
+        raise _bad(name, "engine_args", entry.engine_args, f"has flags the emulated engine does not take "
+                   f"({', '.join(unknown)}; it takes {', '.join(EMULATED_ENGINE_FLAGS)})")
     _number(name, "ttft_slo_s", entry.ttft_slo_s, positive=True)
     _number(name, "tbt_slo_s", entry.tbt_slo_s, positive=True)
     _integer(name, "min_instances", entry.min_instances)

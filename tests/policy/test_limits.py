@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from festina_hpc.policy.limits import limit_placement, limit_plan, upkeep
@@ -17,7 +18,18 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
-from tests.policy.conftest import FakeInstance, FakeView, make_policy_for, request
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.simulator import Simulation
+from tests.policy.conftest import (
+    STORE,
+    FakeInstance,
+    FakeView,
+    bursts,
+    make_policy_for,
+    request,
+    simulation,
+    slos_for,
+)
 
 M = "llama-3.1-8b"
 OTHER = "mistral-7b"
@@ -146,3 +158,17 @@ def test_a_policy_placement_is_limited_end_to_end() -> None:
     placement = make_policy_for("vllm").place(request(M), view)
     assert isinstance(placement, StartInstance)
     assert limit_placement(placement, view)[0] == Route(1)
+
+
+def test_the_simulator_applies_the_same_bounds() -> None:
+    rng = np.random.default_rng(7)
+    requests = bursts(rng, {M: 4.0}, burst_s=30.0, gap_s=600.0, count=2)
+    policy = "serverlessllm"  # scales to zero after 60 s idle, so each burst cold-starts without bounds
+    free = simulation(policy, requests).run()
+    assert free.cold_starts >= 2
+    cluster = ClusterConfig(nodes=1, gpus_per_node=8)
+    sim = Simulation(cluster, STORE, make_policy_for(policy), requests, slos_for({M}),
+                     limits={M: ModelLimits(min_instances=1, max_instances=1)})
+    kept = sim.run()
+    assert kept.cold_starts == 1 and kept.invalid_decisions == 0  # one kept through the gap, never a second
+    assert kept.requests_completed == len(requests)

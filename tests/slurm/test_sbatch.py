@@ -17,8 +17,9 @@ MPS_JOB = ServingJobSpec(model="llama-3.1-8b", instance_id="i3",
                          output_path="/var/log/festina/%j.out", mps_pct=25, nodelist=("n1",), exclude=("n2", "n3"))
 GPU_JOB = ServingJobSpec(model="meta-llama/Llama-3.1-70B", instance_id="big-0",
                          command=("python3", "-m", "server", "--say", "it's here"), output_path="/srv/out/%j.out",
-                         gpus=2, gpu_type="h100", job_name="big", comment="festina:model=70b", partition="gpu", account="ml-team",
-                         time_limit="1-00:00:00", hold=True, env=(("FESTINA_PORT", "8200"), ("HF_HOME", "/m x")))
+                         gpus=2, gpu_type="h100", job_name="big", comment="festina:model=70b", partition="gpu",
+                         account="ml-team", time_limit="1-00:00:00", hold=True,
+                         env=(("FESTINA_PORT", "8200"), ("HF_HOME", "/m x")))
 
 
 @pytest.mark.parametrize(("name", "spec"), [("mps_job.sbatch", MPS_JOB), ("gpu_job.sbatch", GPU_JOB)])
