@@ -57,7 +57,7 @@ import aiohttp
 
 from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
-from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter
+from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter, runs_as_mps
 from festina_hpc.daemon.records import CompletionRecord
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.db.store import GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
@@ -83,6 +83,7 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.launch import serve_spec, simulated_argv, vllm_argv
 from festina_hpc.slurm.client import SlurmClient
 from festina_hpc.slurm.errors import SlurmError, SlurmInputError
+from festina_hpc.slurm.parse import gres_indices
 from festina_hpc.slurm.types import FINISHED_JOB_STATES, PowerState, ServingJobSpec, SlurmJob, SlurmNode
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class Festinad:
         # A share of one GPU: MPS (Slurm sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). A whole GPU, or several:
         # gpu gres (measured here: a second mps:100 job on a node with two free GPUs stays pending).
         pct = round(launch.sm_pct)
-        share = {"mps_pct": max(1, pct)} if tp == 1 and pct < 100 else {"gpus": tp}
+        share = {"mps_pct": max(1, pct)} if runs_as_mps(tp, launch.sm_pct) else {"gpus": tp}
         spec = ServingJobSpec(model=launch.model, instance_id=str(launch.instance_id), command=tuple(argv),
                               output_path=str(Path(s.job_output_dir) / f"festina-serve-{launch.instance_id}-%j.out"),
                               nodelist=(node,), comment=job_comment(launch.model, launch.instance_id, port),
@@ -524,6 +525,8 @@ class Festinad:
                 await self._cancel(job.job_id)
                 self._forget(inst, f"node {job.nodes[0]} disappeared")
                 continue
+            if job.state in ALLOCATED_JOB_STATES:
+                self._follow_slurm_gpus(inst, job)
             if job.state == "PENDING" and inst.phase is InstancePhase.READY and inst.id not in self._busy:
                 # Requeued behind festinad's back (a node failure, an admin): loading again until it answers.
                 inst.phase = InstancePhase.LOADING
@@ -584,6 +587,29 @@ class Festinad:
             up = n is not None and n.state != "down" and not silent and not n.drained
             view_node.power = NodePower.ON if up else NodePower.OFF
 
+    def slurm_gpus(self, job: SlurmJob) -> tuple[int, ...] | None:
+        """The view GPUs Slurm gave ``job`` (its allocated GRES index on its first node), or None when
+        Slurm does not say (pending, no ``gres_detail``, a node festinad does not serve)."""
+        if not job.nodes or not job.gres_detail or job.nodes[0] not in self.node_names:
+            return None
+        node = self.view.node(self.node_names.index(job.nodes[0]))
+        given = gres_indices(job.gres_detail[0])
+        indices = given.get("gpu") or given.get("mps") or ()
+        if not indices or any(i >= len(node.gpus) for i in indices):
+            return None
+        return tuple(node.gpus[i] for i in indices)
+
+    def _follow_slurm_gpus(self, inst: LiveInstance, job: SlurmJob) -> None:
+        """Put the instance where Slurm runs it: Slurm, not festina, picks the GPU of an MPS job (22.05 puts a
+        node's MPS jobs on one GPU), so the room the policy sees per GPU is the room Slurm will grant."""
+        gpus = self.slurm_gpus(job)
+        if gpus is None or gpus == inst.gpus or len(gpus) != len(inst.gpus):
+            return
+        log.info("instance %d: Slurm runs job %d on GPU(s) %s, not %s as planned: the view follows", inst.id,
+                 job.job_id, gpus, inst.gpus)
+        self.view.move(inst, gpus)
+        self.store.update_instance(inst.id, gpu_ids=[self._gpu_db[g] for g in gpus])
+
     def _attach(self, inst: LiveInstance, job: SlurmJob, fields: Mapping[str, str]) -> None:
         self._unattached.discard(inst.id)
         inst.slurm_job_id = self._job_of[inst.id] = job.job_id
@@ -609,13 +635,19 @@ class Festinad:
         mps = sum(g.count for g in job.gres if g.name == "mps")
         sm_pct = float(min(100, mps)) if mps else 100.0
         info = self.view.model(canonical)
-        gpus = [g for g in self.view.node(node).gpus
-                if self.view.gpu(g).sm_pct_allocated + sm_pct <= 100 + 1e-6]
-        if len(gpus) < info.tp:
-            log.warning("job %d (%s) does not fit festinad's view of %s: not adopted", job.job_id, canonical,
-                        job.nodes[0])
-            return
-        chosen = tuple(sorted(gpus, key=lambda g: -self.view.gpu(g).sm_pct_allocated)[:info.tp])
+        # Where Slurm says it runs; while it does not say (a job still configuring), where Slurm puts MPS jobs.
+        chosen = self.slurm_gpus(job)
+        if chosen is None and mps and info.tp == 1:
+            mps_gpu = self.view.mps_gpu(node)
+            chosen = (mps_gpu,) if mps_gpu is not None else None
+        if chosen is None:
+            gpus = [g for g in self.view.node(node).gpus
+                    if self.view.gpu(g).sm_pct_allocated + sm_pct <= 100 + 1e-6]
+            if len(gpus) < info.tp:
+                log.warning("job %d (%s) does not fit festinad's view of %s: not adopted", job.job_id, canonical,
+                            job.nodes[0])
+                return
+            chosen = tuple(sorted(gpus, key=lambda g: -self.view.gpu(g).sm_pct_allocated)[:info.tp])
         free = min(1.0 - self.view.gpu(g).memory_fraction_allocated for g in chosen)
         usable = self.view.spec.memory_bytes * 0.9
         fraction = min(free, max(0.05, 1.5 * info.weights_bytes_per_gpu / usable))
@@ -630,7 +662,7 @@ class Festinad:
         instance_id = self.store.create_instance(canonical, [self._gpu_db[g] for g in chosen], at=self._now(),
                                                  sm_pct=sm_pct, batch_cap=256, memory_fraction=decision.memory_fraction,
                                                  slurm_job_id=job.job_id, endpoint_url=url)
-        inst = self.view.add(decision, instance_id)
+        inst = self.view.add(decision, instance_id, shared=bool(mps))
         inst.slurm_job_id = self._job_of[instance_id] = job.job_id
         self._record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"))
         log.info("adopted job %d (%s on %s, %s) as instance %d", job.job_id, canonical, job.nodes[0], url,

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -365,6 +366,39 @@ def test_catalogue_bounds_engine_args_and_account_are_honoured(store: ProfileSto
             assert [i.model for i in festinad.view.live.values()] == ["llama-3.1-8b"]
             await _until_ready(festinad.view.instances_of("llama-3.1-8b")[0], servers)
             assert [s.model for s, _ in slurm.started] == ["llama-3.1-8b", "mistral-7b", "llama-3.1-8b"]
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    servers = Servers(store, slurm)
+    asyncio.run(main())
+
+
+def test_the_view_follows_the_gpu_slurm_gave_an_mps_job(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def main() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            await festinad.execute(Plan((StartInstance("llama-3.1-8b", (0,), sm_pct=40, memory_fraction=0.3),),
+                                        "test: a share"))
+            (first,) = festinad.view.live.values()
+            await _until_ready(first, servers)
+            (spec, job_id), = slurm.started
+            assert spec.mps_pct == 40 and first.gpus == (0,)
+            # Slurm, not festina, picks the GPU of an MPS job: this one landed on the node's second GPU.
+            slurm.jobs[job_id] = replace(slurm.jobs[job_id], gres_detail=("mps:40(IDX:1)",))
+            await festinad.reconcile()
+            assert first.gpus == (1,) and [g.sm_pct_allocated for g in festinad.view.gpus()[:2]] == [0.0, 40.0]
+            (row,) = db.load_live_state().instances
+            assert row.gpus == (festinad._gpu_db[1],)
+            # A share asked on the empty GPU 0, where Slurm would not put it: it runs there as a whole GPU.
+            await festinad.execute(Plan((StartInstance("mistral-7b", (0,), sm_pct=30, memory_fraction=0.3),),
+                                        "test: a second share"))
+            second = festinad.view.instances_of("mistral-7b")[0]
+            await _until_ready(second, servers)
+            assert second.gpus == (0,) and second.sm_pct == 100.0
+            assert (slurm.started[-1][0].gpus, slurm.started[-1][0].mps_pct) == (1, None)
         finally:
             await festinad.close()
             await servers.stack.aclose()
