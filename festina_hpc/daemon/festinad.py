@@ -130,7 +130,9 @@ class ModelOptions:
     account: str = ""  # Slurm account its jobs are charged to (#SBATCH --account); "" = the submitter's
 
 
-REFUSAL_RECORD_S = 10.0  # at most one recorded refused placement per model in this many seconds
+# A bound refuses the same decision every tick while the load lasts: the same refusal is recorded at most once
+# in this many seconds (the log has each).
+REFUSAL_RECORD_S = 60.0
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -242,7 +244,7 @@ class Festinad:
         self._session: aiohttp.ClientSession | None = None
         self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
         self.node_control = node_control  # signed requests to festina-node ([node_control]); None = off
-        self._refusal_recorded: dict[str, float] = {}  # model -> when its last refused placement was recorded
+        self._refusal_recorded: dict[str, float] = {}  # refusal reason -> when it was last recorded
         self._unmet: tuple[str, ...] = ()  # catalogue bounds that found no room, as last logged
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -525,6 +527,9 @@ class Festinad:
                 await self._cancel(job.job_id)
                 self._forget(inst, f"node {job.nodes[0]} disappeared")
                 continue
+            if job.gres:
+                # What the job holds, not what the view assumed (a restored adopted mps:100 job is a share).
+                inst.shared = any(g.name == "mps" for g in job.gres)
             if job.state in ALLOCATED_JOB_STATES:
                 self._follow_slurm_gpus(inst, job)
             if job.state == "PENDING" and inst.phase is InstancePhase.READY and inst.id not in self._busy:
@@ -746,22 +751,27 @@ class Festinad:
         finally:
             self._busy.discard(source.id)
 
+    def _first_in_a_while(self, why: str) -> bool:
+        """Whether a refusal for ``why`` is to be recorded (not recorded in the last ``REFUSAL_RECORD_S``)."""
+        now = self._clock()
+        if now - self._refusal_recorded.get(why, -REFUSAL_RECORD_S) < REFUSAL_RECORD_S:
+            return False
+        self._refusal_recorded[why] = now
+        return True
+
     def _record_refusal(self, refusal: Refusal, reason: str) -> None:
         log.info("%s (%s) refused: %s", type(refusal.decision).__name__, reason, refusal.reason)
         decision = refusal.decision
-        if isinstance(decision, StartInstance | StopInstance | Migrate | PowerOff | PowerOn):
+        if isinstance(decision, StartInstance | StopInstance | Migrate | PowerOff | PowerOn) \
+                and self._first_in_a_while(refusal.reason):
             self.store.record_plan(Plan((self._to_db(decision),), f"refused: {refusal.reason} ({reason})"),
                                    at=self._now())
 
     def _placement_refused(self, model: str, refusal: Refusal, instead: Placement) -> None:
-        """A request's start refused by the bounds: recorded (at most once per model per ``REFUSAL_RECORD_S``)
-        as the placement carried out instead, with why."""
-        now = self._clock()
-        if now - self._refusal_recorded.get(model, -REFUSAL_RECORD_S) < REFUSAL_RECORD_S:
-            return
-        self._refusal_recorded[model] = now
+        """A request's start refused by the bounds: recorded as the placement carried out instead, with why."""
         log.info("start of %s refused: %s", model, refusal.reason)
-        self.store.record_placement(model, instead, at=self._now(), reason=f"start refused: {refusal.reason}")
+        if self._first_in_a_while(refusal.reason):
+            self.store.record_placement(model, instead, at=self._now(), reason=f"start refused: {refusal.reason}")
 
     def _record_plan(self, plan: Plan) -> None:
         self.store.record_plan(plan, at=self._now())
