@@ -91,18 +91,15 @@ class _Counts:
 
     def __init__(self, view: ClusterView):
         self.view = view
-        self._counts: Counter[str] = Counter()
-        self._known: set[str] = set()
+        self._counts: dict[str, int] = {}
 
     def __getitem__(self, model: str) -> int:
-        if model not in self._known:
-            self._known.add(model)
-            self._counts[model] += len(serving(self.view.instances_of(model)))
+        if model not in self._counts:
+            self._counts[model] = len(serving(self.view.instances_of(model)))
         return self._counts[model]
 
     def add(self, model: str, delta: int) -> None:
-        self[model]  # noqa: B018 - fills in the model's count first
-        self._counts[model] += delta
+        self._counts[model] = self[model] + delta
 
 
 def _start_refusal(start: StartInstance, view: ClusterView, counts: _Counts) -> str | None:

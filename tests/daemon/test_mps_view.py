@@ -20,7 +20,9 @@ from festina_hpc.daemon.policy_router import LiveCluster, runs_as_mps
 from festina_hpc.daemon.routing import NoInstance
 from festina_hpc.policy.types import StartInstance
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.slurm.parse import gres_indices, parse_squeue_json
 from tests.serve.conftest import GPU, MODEL
+from tests.slurm.conftest import SAMPLES
 
 
 def in_loop(test: Callable[[LiveCluster], None], store: ProfileStore, gpus_per_node: int = 2) -> None:
@@ -92,4 +94,28 @@ def test_an_adopted_mps_100_job_is_a_share(store: ProfileStore) -> None:
         with pytest.raises(NoInstance, match="overfilled GPU 1"):
             view.check(view.slurm_fit(share(1)))
         assert view.slurm_fit(share(0)).sm_pct == 100.0  # the other GPU: only as a whole GPU
+    in_loop(check, store)
+
+
+def test_the_view_agrees_with_slurm_on_captured_jobs(store: ProfileStore) -> None:
+    # squeue --json on the dev cluster (a node of two GPUs): mps:30, gpu:1, mps:30, then mps:50. Slurm put both
+    # shares on GPU 0 and the whole GPU on GPU 1; the mps:50 pends ("Resources"): GPU 0 has 40 left and GPU 1
+    # is held as a whole GPU.
+    jobs = parse_squeue_json((SAMPLES / "devcluster_squeue_mps_one_gpu.json").read_text())
+
+    def check(view: LiveCluster) -> None:
+        for job in jobs:
+            if job.state != "RUNNING":
+                continue
+            given = gres_indices(job.gres_detail[0])
+            mps = sum(g.count for g in job.gres if g.name == "mps")
+            gpus = given.get("mps") or given.get("gpu") or ()
+            view.add(StartInstance(MODEL, gpus, sm_pct=float(mps or 100), memory_fraction=0.3), job.job_id)
+        assert view.mps_gpu(0) == 0
+        (pending,) = [j for j in jobs if j.state == "PENDING"]
+        assert pending.reason == "Resources" and pending.gres[0].count == 50
+        for asked in (0, 1):  # wherever the policy asks it, festinad does not submit what Slurm would pend
+            with pytest.raises(NoInstance):
+                view.check(view.slurm_fit(share(asked, sm_pct=50.0, memory_fraction=0.05)))
+        assert view.slurm_fit(share(1, sm_pct=40.0, memory_fraction=0.05)).gpus == (0,)  # what Slurm would run
     in_loop(check, store)

@@ -107,6 +107,15 @@ def test_devcluster_mps_jobs_share_one_gpu_by_their_gres_detail() -> None:
     assert parse.job_from_oneliner(parse.parse_oneliner(line)).gres_detail == ("mps:25(IDX:0)",)
 
 
+def test_devcluster_one_mps_gpu_per_node_sample() -> None:
+    # mps:30, gpu:1, mps:30, mps:50 on one node of two GPUs, submitted with --account=probeacct
+    jobs = parse.parse_squeue_json(sample("devcluster_squeue_mps_one_gpu.json"))
+    assert [(j.state, j.gres_detail) for j in jobs] == [
+        ("RUNNING", ("mps:30(IDX:0)",)), ("RUNNING", ("gpu:h100:1(IDX:1)",)), ("RUNNING", ("mps:30(IDX:0)",)),
+        ("PENDING", ())]
+    assert {j.account for j in jobs} == {"probeacct"} and jobs[3].reason == "Resources"
+
+
 def test_mps_used_is_summed_from_jobs_not_taken_from_sinfo() -> None:
     nodes = parse.parse_sinfo_json(sample("devcluster_sinfo.json"))
     jobs = parse.parse_squeue_json(sample("devcluster_squeue.json"))
