@@ -17,7 +17,11 @@ address, which the database and the job's comment both hold.
   ``sbatch``, comment ``festina:model=M,instance=LABEL,port=P``); one of
   festinad's own (numeric instance label) that the database no longer holds
   is cancelled (no orphan); nodes that Slurm powered down or lost are off in
-  the view; every ready instance's ``/health`` gives its queue to the view.
+  the view; every ready instance's ``/health`` gives its queue to the view;
+  an instance whose job Slurm ran on other GPUs than planned (Slurm picks the
+  GPU of an MPS job) moves there in the view; then the catalogue's bounds are
+  kept (``keep_bounds``: missing ``min_instances`` started, a model idle past
+  its own ``keep_alive_s`` stopped).
 - ``scale_tick()`` and ``consolidate_tick()`` run the policy's ``scale()`` and
   ``consolidate()`` and carry the plan out: ``StartInstance`` submits a job,
   ``StopInstance`` drains then ``scancel``s, ``Migrate`` starts the target,
@@ -25,7 +29,10 @@ address, which the database and the job's comment both hold.
   policy routes to the target) and stops the source; ``PowerOff``/``PowerOn``
   need nothing (Slurm's power saving suspends idle nodes and resumes a node a
   job is sent to); ``MoveQueued`` has no live counterpart (queues live in the
-  serving jobs). Every plan is recorded with its reason.
+  serving jobs). Every plan is recorded with its reason. Placements and plans
+  pass the catalogue's per-model bounds first (``policy/limits.py``); what they
+  refuse is recorded as ``refused: <why>``. A share (MPS) start is fitted to
+  where Slurm will put it (``LiveCluster.slurm_fit``).
 
 Per-GPU ``control()`` (clock, MPS share, batch cap) is not run here: it needs
 the GPU's own counters and root, so it belongs to the node controller
