@@ -188,7 +188,7 @@ class FestinaPolicy(Policy):
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
         self._typicals: dict[str, Typical] = {}
-        self._latencies: dict[tuple[str, str, int, float, float, int], float] = {}
+        self._lookups: dict[tuple[str, str, int, float, float, int], tuple[float, float]] = {}
         self._speeds: dict[tuple[str, int, float, float, int], Speeds] = {}
         self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
         self._placed = 0
@@ -222,18 +222,23 @@ class FestinaPolicy(Policy):
         fresh = {model: Typical.of(self.stats, model) for model in self._typicals}
         if any(fresh[m].drifted_from(t) for m, t in self._typicals.items()):
             self._typicals = fresh
-            self._latencies.clear()
+            self._lookups.clear()
             self._speeds.clear()
 
     def _latency_s(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
                    clock_mhz: int) -> float:
+        return self._lookup(table, phase, batch, tokens, sm_pct, clock_mhz)[0]
+
+    def _lookup(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
+                clock_mhz: int) -> tuple[float, float]:
+        """(latency_s, power_w) of one step, memoised."""
         key = (table.model, phase, batch, tokens, sm_pct, clock_mhz)
-        value = self._latencies.get(key)
+        value = self._lookups.get(key)
         if value is None:
-            if len(self._latencies) >= MEMO_LIMIT:
-                self._latencies.clear()
-            value = self._latencies[key] = table.lookup(phase, max(1, batch), tokens, sm_pct, clock_mhz,
-                                                        clamp=True).latency_s
+            if len(self._lookups) >= MEMO_LIMIT:
+                self._lookups.clear()
+            hit = table.lookup(phase, max(1, batch), tokens, sm_pct, clock_mhz, clamp=True)
+            value = self._lookups[key] = (hit.latency_s, hit.power_w)
         return value
 
     def _speeds_of(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
@@ -526,9 +531,9 @@ class FestinaPolicy(Policy):
             if load.batch == 0:
                 continue
             table = self._table(view, load.model)
-            hit = table.lookup("decode", load.batch, self._typical(load.model).decode_context_tokens,
-                               shares[load.instance_id], clock, clamp=True)
-            total += hit.power_w - idle_w
+            _, power_w = self._lookup(table, "decode", load.batch, self._typical(load.model).decode_context_tokens,
+                                      shares[load.instance_id], clock)
+            total += power_w - idle_w
         return total
 
     def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
