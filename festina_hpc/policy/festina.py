@@ -33,7 +33,8 @@ constant-time profile lookups:
   lower the clock only by two or more table steps, change a share only by 10
   points or more, raise at once when a target would be missed.
 - **Consolidation** (``consolidate``): every period, the least-loaded powered
-  node is evacuated when every instance on it fits elsewhere on powered nodes
+  node (or, when it cannot be, the next least loaded) is evacuated when every
+  instance on it fits elsewhere on powered nodes
   with every co-resident still meeting its SLO (the control solver is the
   check) and the static and idle energy saved over a horizon exceeds the
   migrations' cold starts; nodes empty for as long as waking one takes (ski
@@ -72,6 +73,7 @@ from festina_hpc.policy.types import (
     Migrate,
     ModelInfo,
     NodePower,
+    NodeView,
     Placement,
     Plan,
     PowerOff,
@@ -97,6 +99,7 @@ TAIL_BUSY = 0.05  # prefill busy share from which a request's TBT is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
+EVACUATION_TRIES = 2  # least loaded nodes a consolidation tries to empty, in turn
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
 SPARE_SHARE = 0.25  # and this share of the GPUs in use
 SCALE_OUT_AFTER_S = 10.0  # a model lacking room this long (two scale ticks) gets another instance
@@ -154,6 +157,15 @@ class Typical:
     def drifted_from(self, other: Typical) -> bool:
         return any(abs(a - b) > TYPICAL_DRIFT * b for a, b in ((self.prompt_tokens, other.prompt_tokens),
                    (self.long_prompt_tokens, other.long_prompt_tokens), (self.output_tokens, other.output_tokens)))
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """A GPU as a consolidation plan sees it: what its residents and the plan's moves leave."""
+
+    memory_free: float  # fraction of the GPU's memory
+    sm_pct_used: float  # SM shares held (residents now, and moves planned onto it)
+    loads: tuple[Load, ...]  # what the control solver must keep within SLOs there
 
 
 @dataclass(frozen=True)
@@ -676,6 +688,9 @@ class FestinaPolicy(Policy):
         return Plan(tuple(migrations), "evacuate the least loaded node") if migrations else Plan()
 
     def _evacuation(self, view: ClusterView) -> list[Migrate]:
+        """Moves that empty one node: the least loaded one that can be emptied of the
+        EVACUATION_TRIES least loaded (the least loaded alone may have nowhere to go, say when
+        the busier nodes are full, while a busier one fits into it and the rest)."""
         nodes = [n for n in view.nodes() if n.power is NodePower.ON and any(view.gpu(g).instances for g in n.gpus)]
         if len(nodes) < 2:
             return []
@@ -683,12 +698,21 @@ class FestinaPolicy(Policy):
             return []  # one round of moves at a time
         load = {n.id: sum(view.instance(i).running + view.instance(i).waiting + 1
                           for g in n.gpus for i in view.gpu(g).instances) for n in nodes}
-        source = min(nodes, key=lambda n: load[n.id])
+        # Hypothetical state of the powered GPUs, built once for every try.
+        room = {g: GpuRoom(1.0 - view.gpu(g).memory_fraction_allocated, view.gpu(g).sm_pct_allocated,
+                           tuple(self._loads(view.gpu(g), view)))
+                for n in nodes for g in n.gpus}
+        for source in sorted(nodes, key=lambda n: load[n.id])[:EVACUATION_TRIES]:
+            plan = self._emptying(view, source, {g: r for g, r in room.items() if g not in source.gpus})
+            if plan:
+                return plan
+        return []
+
+    def _emptying(self, view: ClusterView, source: NodeView, room: dict[int, GpuRoom]) -> list[Migrate]:
+        """Moves of every instance on ``source`` into ``room`` within SLOs, when the energy saved
+        over the horizon repays them; else none (no partial moves)."""
         moving = sorted({i for g in source.gpus for i in view.gpu(g).instances},
                         key=lambda i: -view.model(view.instance(i).model).tp)
-        # Hypothetical state of the other nodes' GPUs: memory and SM room, loads per GPU.
-        room = {g: (1.0 - view.gpu(g).memory_fraction_allocated, list(self._loads(view.gpu(g), view)))
-                for n in nodes if n.id != source.id for g in n.gpus}
         plan: list[Migrate] = []
         for instance_id in moving:
             inst = view.instance(instance_id)
@@ -697,7 +721,7 @@ class FestinaPolicy(Policy):
             model = view.model(inst.model)
             target = self._fit(view, model, inst, room)
             if target is None:
-                return []  # the node cannot be emptied within SLOs: no partial moves
+                return []  # the node cannot be emptied within SLOs
             gpus, fraction, share = target
             plan.append(Migrate(inst.id, gpus, sm_pct=share, memory_fraction=fraction))
         saved_j = CONSOLIDATION_HORIZON_S * (self.context.node_static_w
@@ -712,32 +736,33 @@ class FestinaPolicy(Policy):
         return self._load_s(model) * model.tp * (self.gpu_spec.idle_w + 30.0)
 
     def _fit(self, view: ClusterView, model: ModelInfo, inst: InstanceView,
-             room: dict[int, tuple[float, list[Load]]]) -> tuple[tuple[int, ...], float, float] | None:
+             room: dict[int, GpuRoom]) -> tuple[tuple[int, ...], float, float] | None:
         """GPUs (same node) where the instance fits with every co-resident's SLO kept; updates ``room``."""
         fraction = inst.memory_fraction
         moved = dataclasses.replace(self.load_of(inst), instance_id=-1 - inst.id)
         by_node: dict[int, list[int]] = {}
-        for g, (mem_free, _) in room.items():
-            if mem_free + 1e-9 >= fraction:
+        for g, gpu_room in room.items():
+            if gpu_room.memory_free + 1e-9 >= fraction:
                 by_node.setdefault(view.gpu(g).node, []).append(g)
         # Prefer the fullest GPUs that still fit (best fit keeps other GPUs empty).
-        for gpus in sorted(by_node.values(), key=lambda gs: min(room[g][0] for g in gs)):
-            gpus.sort(key=lambda g: room[g][0])
+        for gpus in sorted(by_node.values(), key=lambda gs: min(room[g].memory_free for g in gs)):
+            gpus.sort(key=lambda g: room[g].memory_free)
             chosen: list[int] = []
-            share = 100.0
+            share = 0.0
             for g in gpus:
-                solved = self.solve(view, [*room[g][1], moved])
-                # The move must fit beside the residents' current shares: they shrink only later.
-                if solved is None or solved.sm_pct[moved.instance_id] > 100.0 - view.gpu(g).sm_pct_allocated:
+                solved = self.solve(view, [*room[g].loads, moved])
+                # The move must fit beside what the GPU holds now and what this plan already moved
+                # there, at their shares: residents shrink only later.
+                if solved is None or solved.sm_pct[moved.instance_id] > 100.0 - room[g].sm_pct_used:
                     continue
-                share = min(share, solved.sm_pct[moved.instance_id])
+                share = max(share, solved.sm_pct[moved.instance_id])  # one share serves all its GPUs
                 chosen.append(g)
                 if len(chosen) == model.tp:
                     break
-            if len(chosen) == model.tp:
+            if len(chosen) == model.tp and all(share <= 100.0 - room[g].sm_pct_used for g in chosen):
                 for g in chosen:
-                    mem_free, loads = room[g]
-                    room[g] = (mem_free - fraction, [*loads, moved])
+                    room[g] = GpuRoom(room[g].memory_free - fraction, room[g].sm_pct_used + share,
+                                      (*room[g].loads, moved))
                 return tuple(chosen), fraction, share
         return None
 

@@ -87,12 +87,16 @@ exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model ll
     --gpu-type h100-sxm-80gb --host 0.0.0.0 --port {user_port} --sm-pct 50 --time-scale 0.5
 """)
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
-    user_job_id = int(subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
-                                  text=True, env=env, cwd=tmp_path).stdout.strip().split(";")[0])
+    subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, env=env, cwd=tmp_path)
+
+    # A second user's small job on another node. Every node has two GPUs and the first requests
+    # start at most one more instance beside them, so whichever node ends up the lighter, its
+    # instances fit on the other's free GPU: consolidation always has a move to make.
+    small_job = user_job(cfg, tmp_path, "user-2", "mistral-7b", "n1", 20)
 
     proc = festinad(config, cfg, log)
     try:
-        asyncio.run(_first_run(url, slurm, user_job_id, cfg, log))
+        asyncio.run(_first_run(url, slurm, small_job, cfg, log))
         # kill -9 mid-run with requests in flight: each gets an answer or an error, none hangs.
         outcomes = asyncio.run(_kill_mid_run(url, proc))
         assert all(kind in ("ok", "error") for kind, _ in outcomes)
@@ -109,7 +113,7 @@ exec {sys.executable} -m festina_hpc.cli.main serve --engine emulated --model ll
     print(log.read_text()[-3000:])
 
 
-async def _first_run(url: str, slurm: CliSlurmClient, user_job_id: int, cfg: DevClusterConfig, log: Path) -> None:
+async def _first_run(url: str, slurm: CliSlurmClient, small_job: int, cfg: DevClusterConfig, log: Path) -> None:
     await wait_http(url, 30)
     timeout = aiohttp.ClientTimeout(total=90)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -130,14 +134,9 @@ async def _first_run(url: str, slurm: CliSlurmClient, user_job_id: int, cfg: Dev
         used_nodes = {n for j in jobs.values() for n in j.nodes}
         models_in_jobs = {j.comment.split("model=")[1].split(",")[0] for j in jobs.values()}
         assert set(MODELS) <= models_in_jobs
-        # A second user's small job alone on a node festina does not use: whatever layout the
-        # concurrent first placements took (which node the adopted job shares), there is now a node
-        # whose one instance fits beside the others, so consolidation has something to do.
-        spare_node = next(n for n in cfg.node_names if n not in used_nodes)
-        small_job = user_job(cfg, log.parent, "user-2", "mistral-7b", spare_node, 20)
-        used_nodes.add(spare_node)
         db = Store(make_engine(f"sqlite:///{log.parent / 'festina.db'}"))
-        # Adopted once it runs (its node may first have to resume from power saving: 15-25 s).
+        # The second user's job is adopted once it runs (its node may first have to resume from
+        # power saving: 15-25 s).
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and small_job not in {
                 i.slurm_job_id for i in db.load_live_state().instances}:

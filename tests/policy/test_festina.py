@@ -176,6 +176,39 @@ def test_a_consolidation_that_would_push_a_co_resident_past_its_slo_is_rejected(
     assert not any(isinstance(a, Migrate) for a in plan.actions), plan
 
 
+def test_when_the_least_loaded_node_has_nowhere_to_go_the_next_one_is_emptied_into_it() -> None:
+    """2-GPU nodes, as on the dev cluster. Node 0 full (a light instance on each GPU, whole), node 1
+    one idle instance on a fifth of GPU 2: node 1, the least loaded, cannot move into node 0, but
+    node 0 fits into node 1, every SLO kept and no GPU's shares past 100, the plan's own moves
+    counted."""
+    view = FakeView(nodes=2, gpus_per_node=2, models=(MODEL,), slos=SLOS)
+    for g in (0, 1):
+        view.add(FakeInstance(g, MODEL, (g,), memory_fraction=0.5, running=1, arrival_rate_per_s=0.1))
+    view.add(FakeInstance(2, MODEL, (2,), sm_pct=20, memory_fraction=0.3))
+    moves = [a for a in festina().consolidate(view).actions if isinstance(a, Migrate)]
+    assert sorted(m.instance_id for m in moves) == [0, 1]
+    for g in (2, 3):
+        landing = [m for m in moves if m.gpus == (g,)]
+        assert sum(m.sm_pct for m in landing) + view.gpu(g).sm_pct_allocated <= 100.0
+        assert sum(m.memory_fraction for m in landing) + view.gpu(g).memory_fraction_allocated <= 1.0 + 1e-9
+
+
+def test_moves_planned_onto_one_gpu_leave_its_shares_within_100() -> None:
+    """Node 0 full (two instances sharing GPU 0, a whole-GPU one on GPU 1), node 1 one idle
+    instance on a fifth of GPU 2. Alone, each of node 0's instances would take more than half of
+    an empty GPU at its lowest-power clock; two moved onto GPU 3 fit only at a higher clock, with
+    smaller shares than the first move was given. Every plan keeps the shares it hands out on a
+    GPU, with what is there, within 100 (it was 130)."""
+    view = FakeView(nodes=2, gpus_per_node=2, models=(MODEL,), slos=SLOS)
+    for i in (0, 1):
+        view.add(FakeInstance(i, MODEL, (0,), sm_pct=50, memory_fraction=0.3, running=1, arrival_rate_per_s=0.1))
+    view.add(FakeInstance(2, MODEL, (1,), memory_fraction=0.6, running=1, arrival_rate_per_s=0.1))
+    view.add(FakeInstance(3, MODEL, (2,), sm_pct=20, memory_fraction=0.3))
+    moves = [a for a in festina().consolidate(view).actions if isinstance(a, Migrate)]
+    for g in range(4):
+        assert sum(m.sm_pct for m in moves if g in m.gpus) + view.gpu(g).sm_pct_allocated <= 100.0, moves
+
+
 def test_a_consolidation_that_keeps_every_slo_moves_the_least_loaded_node() -> None:
     light = FakeInstance(7, MODEL, (7,), sm_pct=50, memory_fraction=0.5, running=8, arrival_rate_per_s=0.5)
     plan = festina().consolidate(two_node_view(light))
