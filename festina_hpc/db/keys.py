@@ -174,7 +174,8 @@ class KeyRing:
 
     def _canonical_models(self, session: Session, names: Sequence[str]) -> list[str]:
         """The gateway names (profile canonical) of catalogue names, profile names or their aliases."""
-        catalogue = dict(session.execute(select(CatalogueModel.name, CatalogueModel.profile)).tuples().all())
+        catalogue = {name: profile for name, profile in
+                     session.execute(select(CatalogueModel.name, CatalogueModel.profile))}
         canonical: list[str] = []
         for name in names:
             if name in catalogue:
@@ -185,9 +186,9 @@ class KeyRing:
                         raise UnknownProfileError(name)
                     resolved = self.profiles.model(name).name
                 except UnknownProfileError:
-                    known = ", ".join(sorted(catalogue)) or "none catalogued; `festina models list`"
-                    raise ApiKeyError(f"models = {name!r} is not a known model (catalogue: {known}; or a profile "
-                                    "model of `festina profiles list`)") from None
+                    known = ", ".join(sorted(catalogue)) or "none"
+                    raise ApiKeyError(f"models = {name!r} is not a known model: neither catalogued ({known}) nor a "
+                                      "profile model (`festina profiles list`)") from None
             if resolved not in canonical:
                 canonical.append(resolved)
         return canonical
