@@ -100,8 +100,8 @@ class MemoryKeys:
         self.keys: dict[str, KeyInfo] = {}
 
     def add(self, user_name: str, account: str, models: tuple[str, ...] = (), rate_limit_per_s: float | None = None,
-            expires_at: datetime | None = None) -> str:
-        token = new_token()
+            expires_at: datetime | None = None, token: str | None = None) -> str:
+        token = token or new_token()
         self.keys[hash_token(token)] = KeyInfo(len(self.keys) + 1, token[:PREFIX_CHARS], user_name, account, models,
                                                rate_limit_per_s, datetime.now(UTC), expires_at, None)
         return token

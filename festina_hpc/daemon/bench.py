@@ -9,6 +9,15 @@ upstream, interleaved so drift hits both alike: p50 and p99 of the gateway's
 request times minus the same percentiles of the direct ones. Throughput is
 requests/s with ``concurrency`` requests in flight, both paths. Each mode
 (streamed, not streamed) is measured; a request returns ``tokens`` tokens.
+
+Authentication is measured side by side in the same run: a second gateway
+process requires an API key (``festina_hpc.daemon.auth``, keys in memory, so
+the figure is the gateway's own cost: header check, SHA-256, the key cache
+and a token bucket, as festinad runs them between its database lookups).
+Every request carries the key, to both gateways. Their throughputs are
+measured in alternating rounds and the median of each is reported, so a
+burst of load from elsewhere on the machine does not land on one side only;
+``auth_throughput_ratio`` is authenticated / open requests/s.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import statistics
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -24,15 +34,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from festina_hpc.daemon.auth import AuthConfig, Authenticator, MemoryKeys
 from festina_hpc.daemon.gateway import Gateway, GatewayModel
 from festina_hpc.daemon.records import MemoryRecorder
 from festina_hpc.daemon.routing import StaticRouter
+from festina_hpc.db.keys import new_token
 from festina_hpc.policy.types import Slo
 from festina_hpc.serve import openai
 from festina_hpc.serve.engine import filler_token
 from festina_hpc.serve.server import running_app
 
 BENCH_MODEL = "llama-3.1-8b"
+BENCH_RATE_PER_S = 1e9  # the key's rate limit: checked on every request, never reached
+ROUNDS = 3  # alternating throughput rounds per gateway
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -68,16 +82,21 @@ def stub_upstream(tokens: int) -> web.Application:
     return app
 
 
-def bench_gateway_app(upstream_url: str) -> web.Application:
-    """The gateway as the benchmark runs it (issue 9 adds auth here)."""
+def bench_gateway_app(upstream_url: str, token: str | None = None) -> web.Application:
+    """The gateway as the benchmark runs it; with ``token``, requiring that API key."""
     model = GatewayModel(BENCH_MODEL, Slo(ttft_s=1.0, tbt_s=1.0))
-    return Gateway(StaticRouter({BENCH_MODEL: [upstream_url]}), MemoryRecorder(), [model]).app()
+    auth = None
+    if token is not None:
+        keys = MemoryKeys()
+        keys.add("bench", "bench", rate_limit_per_s=BENCH_RATE_PER_S, token=token)
+        auth = Authenticator(keys, AuthConfig(require_keys=True))
+    return Gateway(StaticRouter({BENCH_MODEL: [upstream_url]}), MemoryRecorder(), [model], auth=auth).app()
 
 
 def _serve_child(kind: str, arg: Any, conn: Connection) -> None:
     """Child process: serve the stub upstream or the gateway until the parent closes the pipe."""
     async def main() -> None:
-        app = stub_upstream(arg) if kind == "upstream" else bench_gateway_app(arg)
+        app = stub_upstream(arg) if kind == "upstream" else bench_gateway_app(*arg)
         async with running_app(app) as url:
             conn.send(url)
             await asyncio.get_running_loop().run_in_executor(None, _wait_closed, conn)
@@ -137,22 +156,30 @@ async def _throughput(session: aiohttp.ClientSession, url: str, body: dict[str, 
     return requests / (time.perf_counter() - start)
 
 
-async def _measure(upstream: str, gateway: str, requests: int, concurrency: int, tokens: int,
-                   stream: bool) -> dict[str, Any]:
+async def _measure(upstream: str, gateway: str, gateway_auth: str, token: str, requests: int, concurrency: int,
+                   tokens: int, stream: bool) -> dict[str, Any]:
     body = {"model": BENCH_MODEL, "prompt": "a short benchmark prompt", "max_tokens": tokens, "stream": stream}
-    direct_url, gateway_url = f"{upstream}/v1/completions", f"{gateway}/v1/completions"
+    direct_url = f"{upstream}/v1/completions"
+    gateway_url, auth_url = f"{gateway}/v1/completions", f"{gateway_auth}/v1/completions"
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(min(200, requests)):  # warm up connections and code paths on both sides
-            await _one(session, gateway_url, body, stream)
-            await _one(session, direct_url, body, stream)
+    # Every request carries the key, so the two gateways differ only in checking it.
+    async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {token}"}) as session:
+        for _ in range(min(200, requests)):  # warm up connections and code paths on every side
+            for url in (gateway_url, auth_url, direct_url):
+                await _one(session, url, body, stream)
         direct: list[float] = []
         through: list[float] = []
+        through_auth: list[float] = []
         for _ in range(requests):
             direct.append(await _one(session, direct_url, body, stream))
             through.append(await _one(session, gateway_url, body, stream))
+            through_auth.append(await _one(session, auth_url, body, stream))
         rps_direct = await _throughput(session, direct_url, body, stream, requests, concurrency)
-        rps_gateway = await _throughput(session, gateway_url, body, stream, requests, concurrency)
+        rounds: dict[str, list[float]] = {gateway_url: [], auth_url: []}
+        for i in range(2 * ROUNDS):
+            url = (gateway_url, auth_url)[i % 2]
+            rounds[url].append(await _throughput(session, url, body, stream, requests, concurrency))
+    rps_gateway, rps_auth = statistics.median(rounds[gateway_url]), statistics.median(rounds[auth_url])
 
     def us(seconds: float) -> float:
         return seconds * 1e6
@@ -162,27 +189,36 @@ async def _measure(upstream: str, gateway: str, requests: int, concurrency: int,
         "requests": requests,
         "concurrency": concurrency,
         "requests_per_s_gateway": rps_gateway,
+        "requests_per_s_gateway_auth": rps_auth,
         "requests_per_s_direct": rps_direct,
+        "auth_throughput_ratio": rps_auth / rps_gateway,
         "latency_p50_us_gateway": us(percentile(through, 50)),
+        "latency_p50_us_gateway_auth": us(percentile(through_auth, 50)),
         "latency_p50_us_direct": us(percentile(direct, 50)),
         "added_latency_p50_us": us(percentile(through, 50) - percentile(direct, 50)),
         "added_latency_p99_us": us(percentile(through, 99) - percentile(direct, 99)),
+        "added_latency_p50_us_auth": us(percentile(through_auth, 50) - percentile(direct, 50)),
+        "added_latency_p99_us_auth": us(percentile(through_auth, 99) - percentile(direct, 99)),
     }
 
 
 def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int = 8,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The benchmark's figures as one JSON-able object (see the module docstring)."""
+    token = new_token()
     upstream = _Child("upstream", tokens)
     try:
-        gateway = _Child("gateway", upstream.url)
+        gateway = _Child("gateway", (upstream.url, None))
+        gateway_auth = _Child("gateway", (upstream.url, token))
         try:
             rows = []
             for stream in (True, False):
                 if progress:
                     progress(f"measuring {'streamed' if stream else 'non-streamed'} requests")
-                rows.append(asyncio.run(_measure(upstream.url, gateway.url, requests, concurrency, tokens, stream)))
+                rows.append(asyncio.run(_measure(upstream.url, gateway.url, gateway_auth.url, token, requests,
+                                                 concurrency, tokens, stream)))
         finally:
+            gateway_auth.close()
             gateway.close()
     finally:
         upstream.close()
@@ -191,7 +227,10 @@ def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int =
     return {"benchmark": "gateway", "req_per_s": head["requests_per_s_gateway"],
             "overhead_p50_ms": head["added_latency_p50_us"] / 1000.0,
             "overhead_p99_ms": head["added_latency_p99_us"] / 1000.0,
-            "tokens_per_request": tokens, "auth": False, "modes": rows,
-            "setup": "stub upstream, gateway and load generator in three processes on one machine"}
-
-
+            "req_per_s_auth": head["requests_per_s_gateway_auth"],
+            "auth_throughput_ratio": head["auth_throughput_ratio"],
+            "overhead_p50_ms_auth": head["added_latency_p50_us_auth"] / 1000.0,
+            "overhead_p99_ms_auth": head["added_latency_p99_us_auth"] / 1000.0,
+            "tokens_per_request": tokens, "auth": "both: an open gateway and one requiring the key, side by side",
+            "throughput_rounds": ROUNDS, "modes": rows,
+            "setup": "stub upstream, two gateways and the load generator in four processes on one machine"}
