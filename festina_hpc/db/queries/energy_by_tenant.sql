@@ -13,7 +13,7 @@
 --
 -- Columns: account, user_name, requests, tokens, energy_j, energy_kwh, energy_per_token_j
 WITH served AS (
-    SELECT instance_id, hour_at, SUM(tokens) AS tokens
+    SELECT instance_id, hour_at, CAST(SUM(tokens) AS DOUBLE PRECISION) AS tokens
     FROM tenant_tokens_hourly
     WHERE hour_at >= :since AND hour_at < :until
     GROUP BY instance_id, hour_at
@@ -35,11 +35,11 @@ charged AS (
 )
 SELECT account,
        user_name,
-       SUM(requests) AS requests,
-       SUM(tokens) AS tokens,
+       CAST(SUM(requests) AS BIGINT) AS requests,
+       CAST(SUM(tokens) AS BIGINT) AS tokens,
        SUM(energy_j) AS energy_j,
        SUM(energy_j) / 3600000.0 AS energy_kwh,
-       CASE WHEN SUM(tokens) > 0 THEN SUM(energy_j) / SUM(tokens) END AS energy_per_token_j
+       CASE WHEN SUM(tokens) > 0 THEN SUM(energy_j) / CAST(SUM(tokens) AS DOUBLE PRECISION) END AS energy_per_token_j
 FROM charged
 GROUP BY account, user_name
 ORDER BY SUM(energy_j) DESC, account, user_name
