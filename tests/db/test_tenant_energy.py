@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
+from festina_hpc.daemon.auth import DbEnergyUsage
 from festina_hpc.db.accounting import run_query
 from festina_hpc.db.models import RequestRecord
 from festina_hpc.db.store import EnergyReading, JobRecord, RequestOutcome, Store
@@ -85,3 +86,9 @@ def test_requests_keep_their_key(shared_gpu: Engine) -> None:
     with shared_gpu.connect() as connection:
         keys = connection.execute(select(RequestRecord.account, RequestRecord.api_key_id)).all()
     assert {(account, key) for account, key in keys} == {("proj1", 1), ("proj2", 2)}
+
+
+def test_quota_usage_reads_the_tenant_split(shared_gpu: Engine) -> None:
+    used = DbEnergyUsage(shared_gpu).energy_by_account_j(T0)
+    assert used == pytest.approx({"proj1": 4525.0, "proj2": 3075.0, "svc": 1000.0})
+    assert DbEnergyUsage(shared_gpu).energy_by_account_j(at(24 * 60)) == {}
