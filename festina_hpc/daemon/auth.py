@@ -40,6 +40,7 @@ from typing import Protocol
 from sqlalchemy import Engine
 
 from festina_hpc.db.keys import PREFIX_CHARS, KeyInfo, hash_token, looks_like_token, new_token
+from festina_hpc.errors import FestinaError
 from festina_hpc.serve import openai
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,12 @@ class Authenticator:
         now_s = self._clock()
         cached = self._cache.get(key_hash)
         if cached is None or now_s - cached[0] >= self.config.key_cache_ttl_s:
-            info = await asyncio.to_thread(self.keys.find, key_hash)
+            try:
+                info = await asyncio.to_thread(self.keys.find, key_hash)
+            except FestinaError as exc:  # fail closed: no key is served unchecked
+                log.error("cannot look up API key %s...: %s", token[:PREFIX_CHARS], exc)
+                raise openai.ApiError(503, "cannot check the API key now; try again", error_type="service_unavailable",
+                                      headers={"Retry-After": "5"}) from None
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             cached = (now_s, _tenant(info) if info is not None else None,

@@ -16,6 +16,7 @@ from festina_hpc.daemon.bench import stub_upstream
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint
+from festina_hpc.db.errors import DatabaseUnavailable
 from festina_hpc.policy.types import Slo
 from festina_hpc.serve.server import running_app
 
@@ -240,3 +241,19 @@ def test_over_quota_deprioritized_waits_behind_normal_requests(keys: MemoryKeys)
 def test_token_bucket(rate_per_s: float, times_s: list[float], expected: list[float]) -> None:
     bucket = TokenBucket(rate_per_s, 0.0)
     assert [bucket.take(t) for t in times_s] == expected
+
+
+def test_a_key_store_that_fails_is_503_not_served(keys: MemoryKeys) -> None:
+    token = keys.add("alice", "proj1")
+
+    def broken(key_hash: str) -> None:
+        raise DatabaseUnavailable("database sqlite:///gone.db does not answer")
+
+    keys.find = broken  # type: ignore[method-assign, assignment]
+
+    async def scenario(session: aiohttp.ClientSession, gw: str) -> Any:
+        return await post(session, gw, headers=bearer(token))
+
+    (status, answer, headers), recorder, router = serve(keys, scenario)
+    assert (status, headers["Retry-After"]) == (503, "5") and "cannot check the API key" in answer["error"]["message"]
+    assert router.routed == [] and recorder.records == []
