@@ -143,6 +143,17 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class NodeControlConfig:
+    """festinad's signed channel to festina-node (``[node] control_port`` on the nodes; see docs/admin-guide.md)."""
+
+    port: int = 0  # the nodes' control_port; 0 = festinad does not control nodes directly
+    auth: str = "munge"  # munge (credentials as festinad's user) | secret (HMAC under secret_file)
+    secret_file: str = ""  # mode 600: the same key as the nodes' control_secret_file
+    munge_socket: str = ""  # munged's socket; "" = munge's default
+    timeout_s: float = 10.0  # one request to one node
+
+
+@dataclass(frozen=True)
 class SloOverride:
     """``[slo."<model>"]``: a model's TTFT and TBT SLOs in seconds."""
 
@@ -160,12 +171,14 @@ class Config:
     db: DbConfig = field(default_factory=DbConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    node_control: NodeControlConfig = field(default_factory=NodeControlConfig)
     source: str = "<defaults>"
 
 
 _SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig, "sim": SimConfig,
                                    "cluster": ClusterConfig, "db": DbConfig,
-                                   "daemon": DaemonConfig, "gateway": GatewaySettings}
+                                   "daemon": DaemonConfig, "node_control": NodeControlConfig,
+                                   "gateway": GatewaySettings}
 
 # Allowed values per (section, key), beyond the type check.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -174,6 +187,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("daemon", "engine"): ("emulated", "vllm"),
     ("daemon", "slurm_backend"): ("auto", "cli", "pyslurm"),
     ("gateway", "over_quota"): ("refuse", "deprioritize"),
+    ("node_control", "auth"): ("munge", "secret"),
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
                                     ("sim", "ttft_slo_multiplier"), ("sim", "tbt_slo_multiplier")}
@@ -183,6 +197,8 @@ _POSITIVE |= {("daemon", k) for k in ("port", "slurm_timeout_s", "serve_time_sca
                                       "scale_timeout_s", "start_timeout_s", "reconcile_period_s",
                                       "ttft_slo_multiplier", "tbt_slo_multiplier")}
 _NON_NEGATIVE |= {("gateway", "key_cache_ttl_s"), ("gateway", "quota_refresh_s")}
+_POSITIVE |= {("node_control", "timeout_s")}
+_NON_NEGATIVE |= {("node_control", "port")}
 _NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "consolidate_period_s",
                                           "keep_alive_s", "max_prompt_tokens")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is off.

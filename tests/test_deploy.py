@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from festina_hpc.accounting.metrics import GpuFigures, MetricsSnapshot, ModelFigures, build_registry
 from festina_hpc.config import load_config
 from festina_hpc.devcluster import DevClusterConfig, render_gres_conf, render_slurm_conf
+from festina_hpc.node.config import load_node_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -44,6 +45,8 @@ def test_example_configs_load(tmp_path: Path) -> None:
     config = load_config(DEPLOY / "festina.toml")
     assert config.daemon.engine == "vllm" and config.daemon.port == 8000
     assert tomllib.loads((DEPLOY / "festina-node.toml").read_text())["node"]["service_user"] == "festina"
+    node = load_node_config(DEPLOY / "festina-node.toml")
+    assert node.control_port == config.node_control.port > 0 and node.control_auth == config.node_control.auth
 
 
 def _settings(text: str) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""``festina consolidate``, ``festina nodes drain|resume``, ``festina decisions`` and ``festina completion``.
+"""``festina consolidate``, ``festina nodes ...``, ``festina decisions`` and ``festina completion``.
 
 Thin: consolidation is festinad's (``festina_hpc/daemon/admin_api.py``), nodes are Slurm's
-(``SlurmClient.drain/resume``), the audit trail is the database's (``Store.decisions``).
+(``SlurmClient.drain/resume``) except a GPU's clock and an instance's drain, which festinad
+sends to the node signed (``/admin/node-control``), and the audit trail is the database's
+(``Store.decisions``).
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ def _url(app: AppContext, option: str | None) -> str:
 
 @click.group("nodes")
 def nodes() -> None:
-    """Slurm nodes: drain (no new jobs) and resume.
+    """Slurm nodes: drain (no new jobs) and resume; a GPU's clock and an instance's drain through festinad.
 
     \b
     Examples:
       festina nodes drain gpu07 --reason "NVLink errors, ticket 4711"
       festina nodes resume gpu07
+      festina nodes set-clock gpu07 0 1410      # lock GPU 0 of gpu07 at 1410 MHz
+      festina nodes reset-clock gpu07 0
+      festina nodes drain-instance gpu07 0 4711 # job 4711's model server drains, then exits
     """
 
 
@@ -127,6 +132,48 @@ def resume(app: AppContext, node: str, reason: str, slurm_conf: Path | None) -> 
     """Resume NODE after a drain."""
     _known_node(app, slurm_conf, node).resume(node)
     click.echo(f"resumed {node}" + (f": {reason}" if reason else ""))
+
+
+def _node_control(app: AppContext, festinad_url_opt: str | None, node: str, op: str, args: dict[str, Any]) -> Any:
+    """festinad signs and sends it (``POST /admin/node-control``): festina-node takes such requests from no one else."""
+    answer = client.call(festinad_url(app, festinad_url_opt), "POST", "/admin/node-control",
+                         {"node": node, "op": op, "args": args}, timeout_s=60.0)
+    return answer.get("result")
+
+
+@nodes.command("set-clock")
+@click.argument("node")
+@click.argument("gpu", type=click.IntRange(min=0))
+@click.argument("clock_mhz", type=click.IntRange(min=1))
+@festinad_url_option
+@pass_app
+def set_clock(app: AppContext, node: str, gpu: int, clock_mhz: int, festinad_url: str | None) -> None:
+    """Lock GPU index GPU of NODE at CLOCK_MHZ (the GPU rounds to a clock it supports)."""
+    locked = _node_control(app, festinad_url, node, "lock_clocks", {"gpu": gpu, "clock_mhz": clock_mhz})
+    click.echo(f"{node} GPU {gpu}: clock locked at {locked} MHz")
+
+
+@nodes.command("reset-clock")
+@click.argument("node")
+@click.argument("gpu", type=click.IntRange(min=0))
+@festinad_url_option
+@pass_app
+def reset_clock(app: AppContext, node: str, gpu: int, festinad_url: str | None) -> None:
+    """Give GPU index GPU of NODE its default clocks back."""
+    _node_control(app, festinad_url, node, "reset_clocks", {"gpu": gpu})
+    click.echo(f"{node} GPU {gpu}: default clocks")
+
+
+@nodes.command("drain-instance")
+@click.argument("node")
+@click.argument("gpu", type=click.IntRange(min=0))
+@click.argument("job_id", type=click.IntRange(min=1))
+@festinad_url_option
+@pass_app
+def drain_instance(app: AppContext, node: str, gpu: int, job_id: int, festinad_url: str | None) -> None:
+    """Drain the model server of Slurm job JOB_ID on GPU index GPU of NODE: it finishes its requests, then exits."""
+    pid = _node_control(app, festinad_url, node, "drain_instance", {"gpu": gpu, "job_id": job_id})
+    click.echo(f"{node} GPU {gpu}: job {job_id}'s server (pid {pid}) is draining")
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

@@ -35,6 +35,7 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     from festina_hpc.daemon.catalogue_models import catalogue_gateway_models
     from festina_hpc.daemon.festinad import Festinad, FestinadSettings, StoreRecorder
     from festina_hpc.daemon.gateway import GatewayConfig, gateway_models
+    from festina_hpc.daemon.node_control import node_control_from_config
     from festina_hpc.daemon.service import Periods, run_festinad
     from festina_hpc.db import migrate
     from festina_hpc.db.catalogue import Catalogue
@@ -76,6 +77,9 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
                                 partition=cfg.partition or None, start_timeout_s=cfg.start_timeout_s,
                                 drain_timeout_s=cfg.drain_timeout_s)
     festinad = Festinad(chosen, store, slurm, db, slos, settings)
+    # Where a node listens is Slurm's NodeAddr, learnt at setup; the name where Slurm gives none.
+    festinad.node_control = node_control_from_config(app.config.node_control,
+                                                     lambda node: festinad.node_address.get(node) or node)
     recorder = StoreRecorder(db)
     periods = Periods(reconcile_s=cfg.reconcile_period_s, scale_s=cfg.scale_period_s or chosen.scale_period_s,
                       consolidate_s=cfg.consolidate_period_s or chosen.consolidate_period_s)

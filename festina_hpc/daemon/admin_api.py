@@ -1,4 +1,4 @@
-"""festinad's internal admin API: the consolidation plan now, applying exactly that plan, draining a model.
+"""festinad's internal admin API: the consolidation plan now, applying exactly that plan, draining a model, nodes.
 
 Mounted on the gateway's app by ``run_festinad`` (``add_admin_routes``) and used by
 ``festina consolidate`` and ``festina models remove --drain``:
@@ -12,6 +12,9 @@ Mounted on the gateway's app by ``run_festinad`` (``add_admin_routes``) and used
   whose reasons carry them, so a restarted festinad refuses them too). Every action is
   recorded in ``decisions`` by ``Festinad.execute``;
 - ``POST /admin/drain-model {"model": ...}``: stops (drains, then cancels) the model's instances.
+- ``POST /admin/node-control {"node": ..., "op": ..., "args": {...}}``: one signed request to that
+  node's festina-node (``Festinad.control_node``: lock or reset a GPU's clock, set SM shares, drain an
+  instance, status); 503 when ``[node_control]`` is off, 502 when the node refused or failed it.
 
 Live consolidation moves an instance by start-then-cancel (see ``Festinad._migrate``), so a
 "requeue" here is the source job replaced by a new one on the target node.
@@ -29,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from festina_hpc.daemon.festinad import Festinad
+from festina_hpc.daemon.node_control import ADMIN_OPS, NodeControlError
 from festina_hpc.policy.types import InstancePhase, Migrate, Plan, PowerOff, PowerOn
 
 APPLIED_MARK = "admin apply, plan "
@@ -121,6 +125,7 @@ class AdminApi:
         app.router.add_get("/admin/consolidate", self.get_plan)
         app.router.add_post("/admin/consolidate", self.apply)
         app.router.add_post("/admin/drain-model", self.drain_model)
+        app.router.add_post("/admin/node-control", self.node_control)
 
     async def get_plan(self, request: web.Request) -> web.Response:
         plan = self.festinad.policy.consolidate(self.festinad.view)
@@ -179,6 +184,29 @@ class AdminApi:
         for inst in instances:
             await self.festinad.stop_instance(inst, "model removed from the catalogue")
         return web.json_response({"model": model, "stopped": sorted(i.id for i in instances)})
+
+
+    async def node_control(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        node, op, args = body.get("node"), body.get("op"), body.get("args", {})
+        if not isinstance(node, str) or node not in self.festinad.node_names:
+            return _error(400, f"node = {node!r} is not a node of the cluster")
+        if op not in ADMIN_OPS:
+            return _error(400, f"op = {op!r} is not one of {', '.join(ADMIN_OPS)}")
+        if not isinstance(args, dict):
+            return _error(400, "args must be a JSON object")
+        if self.festinad.node_control is None:
+            return _error(503, "festinad has no channel to the nodes: set [node_control] port")
+        try:
+            result = await self.festinad.control_node(node, op, args)
+        except NodeControlError as exc:
+            return _error(502, str(exc))
+        return web.json_response({"node": node, "op": op, "result": result})
 
 
 def add_admin_routes(app: web.Application, festinad: Festinad) -> AdminApi:

@@ -29,7 +29,10 @@ address, which the database and the job's comment both hold.
 
 Per-GPU ``control()`` (clock, MPS share, batch cap) is not run here: it needs
 the GPU's own counters and root, so it belongs to the node controller
-(``festina-node``, issue 6), which calls the same policy method.
+(``festina-node``, issue 6), which calls the same policy method. What
+festinad itself asks of a node (an admin's clock or share, draining an
+instance) goes through ``control_node``: a signed request to the node's
+control port (``daemon/node_control.py``), refused there unless genuine.
 
 Slurm calls run in a worker thread with the client's timeout and are retried
 with exponential back-off (``SlurmRetry``); a Slurm that stays broken fails
@@ -53,6 +56,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from festina_hpc.daemon.metrics import DecisionRate
+from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
 from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter
 from festina_hpc.daemon.records import CompletionRecord
 from festina_hpc.daemon.routing import Endpoint, NoInstance
@@ -195,7 +199,7 @@ class Festinad:
     def __init__(self, policy: Policy, profiles: ProfileStore, slurm: SlurmClient, store: Store,
                  slos: Mapping[str, Slo], settings: FestinadSettings = FestinadSettings(),
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 slurm_retry: SlurmRetry | None = None):
+                 slurm_retry: SlurmRetry | None = None, node_control: NodeControlClient | None = None):
         self.policy = policy
         self.profiles = profiles
         self.slurm = slurm
@@ -218,6 +222,7 @@ class Festinad:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
+        self.node_control = node_control  # signed requests to festina-node ([node_control]); None = off
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -454,6 +459,17 @@ class Festinad:
             inst.ready.exception()
         self.store.set_phase(inst.id, InstancePhase.STOPPED, at=self._now())
         log.info("instance %d of %s stopped: %s", inst.id, inst.model, reason)
+
+    async def control_node(self, node: str, op: str, args: Mapping[str, Any]) -> Any:
+        """One signed request to ``node``'s festina-node (clock, shares, drain an instance); its result.
+
+        ``NodeControlError`` when [node_control] is off, the node refuses, or it does not answer.
+        """
+        if self.node_control is None:
+            raise NodeControlError("festinad has no channel to the nodes: set [node_control] port")
+        result = await asyncio.to_thread(self.node_control.call, node, op, args)
+        log.info("node %s: %s %s done", node, op, dict(args))
+        return result
 
     # -- reconcile ---------------------------------------------------------------------------------------
 

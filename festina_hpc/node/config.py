@@ -18,6 +18,7 @@ from typing import Any
 
 from festina_hpc.config import GPU_BACKENDS
 from festina_hpc.errors import ConfigError
+from festina_hpc.node.auth import SCHEMES
 
 CONFIG_NAME = "festina-node.toml"
 # Paths end up in the job environment (TaskProlog "export" lines, which Slurm parses itself): keep them one word.
@@ -51,6 +52,15 @@ class NodeConfig:
     # Running jobs' energy into their Slurm AdminComment this often; 0 = never. Slurm refuses it once a job
     # ended (already in the Epilog), so the last value written while it ran is the one that stays.
     admin_comment_period_s: float = 30.0
+    # festinad's channel to this node (festina_hpc/node/auth.py): the control socket's ops over TCP, each message
+    # signed. 0 = off. Only festinad_user (by MUNGE credential) or root may send them.
+    control_port: int = 0
+    control_addr: str = "0.0.0.0"  # the head node must reach it; every message is authenticated
+    control_auth: str = "munge"  # munge | secret (HMAC-SHA256 under control_secret_file, where MUNGE is missing)
+    control_secret_file: str = ""  # mode 600, owned by root; the same key as festinad's [node_control]
+    festinad_user: str = "festina"  # the user festinad runs as: the one non-root MUNGE uid accepted
+    control_window_s: float = 30.0  # a message older (or newer) than this is refused; nonces are kept this long
+    munge_socket: str = ""  # munged's socket; "" = munge's default (/run/munge/munge.socket.2)
 
 
 def load_node_config(path: Path | None) -> NodeConfig:
@@ -92,8 +102,15 @@ def node_config_from_mapping(raw: Any, source: str) -> NodeConfig:
     for key in ("clock_min_interval_s", "admin_comment_period_s"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{source}: node.{key} must not be negative")
-    if not 0 <= cfg.metrics_port <= 65535:
-        raise ConfigError(f"{source}: node.metrics_port = {cfg.metrics_port} must be in 0..65535 (0 = off)")
+    for key in ("metrics_port", "control_port"):
+        if not 0 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"{source}: node.{key} = {getattr(cfg, key)} must be in 0..65535 (0 = off)")
+    if cfg.control_auth not in SCHEMES:
+        raise ConfigError(f"{source}: node.control_auth = {cfg.control_auth!r} is not one of {', '.join(SCHEMES)}")
+    if cfg.control_port and cfg.control_auth == "secret" and not cfg.control_secret_file:
+        raise ConfigError(f"{source}: node.control_auth = 'secret' needs node.control_secret_file")
+    if cfg.control_window_s <= 0:
+        raise ConfigError(f"{source}: node.control_window_s = {cfg.control_window_s!r} must be positive")
     for key in ("state_dir", "mps_dir", "socket_path"):
         value = getattr(cfg, key)
         if value and not _SAFE_PATH.fullmatch(value):

@@ -264,13 +264,31 @@ def run_hook(inv: Invocation, hook: str, out: Any = None, *, build: Callable[[In
     return 0
 
 
-def _allowed_uids(service_user: str) -> frozenset[int]:
+def _allowed_uids(service_user: str, what: str = "the control socket") -> frozenset[int]:
     uids = {0}
     try:
         uids.add(pwd.getpwnam(service_user).pw_uid)
     except KeyError:
-        logger.warning("service user %r does not exist; only root may use the control socket", service_user)
+        logger.warning("user %r does not exist; only root may use %s", service_user, what)
     return frozenset(uids)
+
+
+def build_network_server(inv: Invocation, agent: NodeAgent) -> Any:
+    """festinad's signed channel (``[node] control_port``), or None when off; a bad secret file stops the start."""
+    from festina_hpc.node.auth import Munge, Verifier, load_secret
+    from festina_hpc.node.service import NetworkControlServer
+
+    cfg = inv.config
+    if not cfg.control_port:
+        return None
+    key = load_secret(Path(cfg.control_secret_file)) if cfg.control_auth == "secret" else None
+    verifier = Verifier(inv.node, cfg.control_auth, key=key, munge=Munge(cfg.munge_socket),
+                        allowed_uids=_allowed_uids(cfg.festinad_user, "the network control port"),
+                        window_s=cfg.control_window_s)
+    try:
+        return NetworkControlServer((cfg.control_addr, cfg.control_port), agent, verifier)
+    except OSError as exc:
+        raise NodeError(f"control port {cfg.control_addr}:{cfg.control_port}: {exc.strerror or exc}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -305,7 +323,8 @@ for _hook in ("prolog", "epilog", "task-prolog"):  # see HOOKS
 @click.option("--once", is_flag=True, help="One control tick, then exit.")
 @click.pass_obj
 def serve(inv: Invocation, once: bool) -> None:
-    """The root-owned service: control socket (root and the service user only) and the control loop."""
+    """The root-owned service: control socket (root and the service user only), festinad's signed control port
+    (if configured) and the control loop."""
     from festina_hpc.node.service import ControlLoop, ControlServer
 
     agent, controller = build_node(inv, with_controller=True)
@@ -314,22 +333,32 @@ def serve(inv: Invocation, once: bool) -> None:
         click.echo(json.dumps({"node": inv.node, **_tick_summary(loop.tick())}))
         return
     paths = NodePaths.of(inv.config, inv.node)
+    network = build_network_server(inv, agent)
     server = ControlServer(paths.socket, agent, _allowed_uids(inv.config.service_user))
     stopped = threading.Event()
 
     def stop(_signum: int, _frame: Any) -> None:
         stopped.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
+        if network is not None:
+            threading.Thread(target=network.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     loop.start()
     outputs = _start_outputs(inv, agent)
+    if network is not None:
+        threading.Thread(target=network.serve_forever, kwargs={"poll_interval": 0.2}, name="festina-node-network",
+                         daemon=True).start()
+        logger.info("festina-node %s: festinad's control on %s:%d (%s)", inv.node, inv.config.control_addr,
+                    inv.config.control_port, inv.config.control_auth)
     logger.info("festina-node %s: serving on %s, control every %g s (policy %s)", inv.node, paths.socket,
                 inv.config.control_period_s, inv.config.control_policy or "none: settings only on request")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if network is not None:
+            network.server_close()
         outputs.stop()
         loop.stop()
         server.server_close()

@@ -9,6 +9,13 @@ one JSON line, ``{"op": ..., "args": {...}}``; the answer is one JSON line,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. Every
 argument is type-checked before it reaches the agent; nothing reaches a shell.
 
+festinad on the head node reaches the same ops over TCP (``NetworkControlServer``,
+``[node] control_port``, off by default): there no kernel vouches for the caller,
+so each message carries a credential (``node/auth.py``: MUNGE as festinad's user,
+or an HMAC under a shared key) bound to the op, its arguments, this node, the time
+and a nonce; a forged, replayed, stale or misdirected one is logged and refused
+before anything runs.
+
 The control loop runs in the same process: every ``control_period_s`` it
 runs the local controller (``node/control.py``: the policy's ``control()``
 per GPU over what the model servers report, then ``NodeAgent.control_tick``:
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import socketserver
 import struct
@@ -32,7 +40,8 @@ from typing import Any
 
 from festina_hpc.errors import FestinaError
 from festina_hpc.node.agent import NodeAgent, TickReport
-from festina_hpc.node.control import LocalController
+from festina_hpc.node.auth import AuthRefused, ControlMessage, Verifier
+from festina_hpc.node.control import LocalController, job_owns_pid
 from festina_hpc.node.errors import AccessDenied, NodeError, NodeInputError
 from festina_hpc.node.state import as_plain
 
@@ -77,6 +86,21 @@ def _settings(agent: NodeAgent, args: Mapping[str, Any]) -> None:
     agent.request_settings(_int(args, "gpu"), None if clock is None else _int(args, "clock_mhz"), shares)
 
 
+def _drain_instance(agent: NodeAgent, args: Mapping[str, Any]) -> int:
+    """SIGTERM to a job's model server, which then drains: /health 503, no new requests, in-flight ones finish.
+
+    Only a pid the control loop saw the job's server report, and that still runs in that job, is signalled.
+    """
+    gpu, job_id = _int(args, "gpu"), _int(args, "job_id")
+    job = agent.status().gpu(gpu).job(job_id)
+    if job is None:
+        raise NodeInputError(f"GPU {gpu}: job {job_id} does not run on this GPU")
+    if job.server_pid is None or not job_owns_pid(job.server_pid, job_id):
+        raise NodeError(f"GPU {gpu} job {job_id}: no model server of this job is known to drain")
+    os.kill(job.server_pid, signal.SIGTERM)
+    return job.server_pid
+
+
 OPERATIONS: dict[str, Callable[[NodeAgent, Mapping[str, Any]], Any]] = {
     "status": lambda agent, args: as_plain(agent.status()),
     "lock_clocks": lambda agent, args: agent.lock_clock(_int(args, "gpu"), _int(args, "clock_mhz")),
@@ -85,6 +109,7 @@ OPERATIONS: dict[str, Callable[[NodeAgent, Mapping[str, Any]], Any]] = {
     "mps_start": lambda agent, args: agent.mps_start(_int(args, "gpu")),
     "mps_stop": lambda agent, args: agent.mps_stop(_int(args, "gpu")),
     "set_settings": _settings,
+    "drain_instance": _drain_instance,
     "control_tick": lambda agent, args: {k: v for k, v in asdict(agent.control_tick()).items() if k != "readings"},
 }
 
@@ -93,17 +118,22 @@ def handle_request(agent: NodeAgent, line: bytes) -> dict[str, Any]:
     """The answer to one request line from an allowed caller."""
     try:
         request = json.loads(line)
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            raise NodeInputError("a request is a JSON object with an \"op\"")
-        op = OPERATIONS.get(request["op"])
+    except ValueError as exc:
+        return {"ok": False, "error": f"not a JSON request: {exc}"}
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        return {"ok": False, "error": "a request is a JSON object with an \"op\""}
+    return dispatch(agent, request["op"], request.get("args", {}))
+
+
+def dispatch(agent: NodeAgent, op_name: str, args: Any) -> dict[str, Any]:
+    """The answer to one checked caller's ``op``: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...}``."""
+    try:
+        op = OPERATIONS.get(op_name)
         if op is None:
-            raise NodeInputError(f"unknown op {request['op'][:40]!r} (known: {', '.join(sorted(OPERATIONS))})")
-        args = request.get("args", {})
+            raise NodeInputError(f"unknown op {op_name[:40]!r} (known: {', '.join(sorted(OPERATIONS))})")
         if not isinstance(args, dict):
             raise NodeInputError("args must be a JSON object")
         return {"ok": True, "result": op(agent, args)}
-    except ValueError as exc:
-        return {"ok": False, "error": f"not a JSON request: {exc}"}
     except FestinaError as exc:
         return {"ok": False, "error": str(exc)}
 
@@ -141,6 +171,61 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _answer(self, answer: dict[str, Any]) -> None:
         self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+
+class NetworkControlServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The same ops over TCP for festinad on the head node; each message must carry a valid credential.
+
+    A refused message (forged, replayed, stale, another node's) changes nothing: it is logged with
+    the peer's address and answered with the reason, and no op runs.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], agent: NodeAgent, verifier: Verifier):
+        self.agent = agent
+        self.verifier = verifier
+        super().__init__(address, _NetworkHandler)
+
+
+class _NetworkHandler(socketserver.StreamRequestHandler):
+    server: NetworkControlServer
+    timeout = 10.0  # a peer that connects and says nothing does not hold a thread for long
+
+    def handle(self) -> None:
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        try:
+            line = self.rfile.readline(MAX_REQUEST_BYTES)
+        except OSError:
+            return
+        op = "?"
+        try:
+            try:
+                raw = json.loads(line)
+            except ValueError:
+                raise AuthRefused("not a JSON message") from None
+            message, scheme, credential = ControlMessage.from_wire(raw)
+            op = message.op
+            self.server.verifier.verify(message, scheme, credential)
+        except AuthRefused as exc:
+            logger.warning("network control: refused op %.40r from %s: %s", op, peer, exc)
+            self._answer({"ok": False, "error": f"refused: {exc}"})
+            return
+        except NodeError as exc:  # unmunge could not run: refuse, but say it is ours
+            logger.error("network control: cannot check op %.40r from %s: %s", op, peer, exc)
+            self._answer({"ok": False, "error": f"refused: cannot check the credential: {exc}"})
+            return
+        answer = dispatch(self.server.agent, message.op, message.args)
+        logger.info("network control: %s: %s %s -> %s", peer, message.op, json.dumps(message.args)[:200],
+                    "ok" if answer["ok"] else answer["error"])
+        self._answer(answer)
+
+    def _answer(self, answer: dict[str, Any]) -> None:
+        try:
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass  # the peer left; the op (if any) ran and was logged
 
 
 def request(path: Path, op: str, args: Mapping[str, Any] | None = None, timeout_s: float = 30.0) -> Any:

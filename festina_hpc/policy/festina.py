@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     PREFILL_CHUNK_TOKENS,
     TokenStats,
-    chunked_prefill_s,
     free_gpu_group,
     sampled,
     serving,
@@ -99,6 +98,10 @@ SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a nod
 SPARE_SHARE = 0.25  # and this share of the GPUs in use
 NODE_EMPTY_S = 300.0  # a node must be empty this long before it is powered off
 SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
+PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
+TYPICAL_REFRESH = 256  # placements between looks at the learnt request lengths
+TYPICAL_DRIFT = 0.05  # relative move of a typical length that replaces the frozen one
+MEMO_LIMIT = 200_000  # entries per memo before it starts over
 
 
 @dataclass(frozen=True)
@@ -112,13 +115,57 @@ class Solution:
 
 @dataclass(frozen=True)
 class Load:
-    """What the controller plans for: an instance's model, batch, queue and current share."""
+    """What the controller plans for: an instance's model, batch, queue and arrival rate.
+
+    The queue is rounded up to PENDING_QUANTUM tokens and the rate up to 0.1 per second: the
+    estimates are memoised on these, and rounding up keeps them on the safe side."""
 
     instance_id: int
     model: str
     batch: int  # sequences it runs (admitted plus queued)
     pending_tokens: int  # prompt tokens to prefill before a new request's first token, its own included
     rate_per_s: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pending_tokens", -(-self.pending_tokens // PENDING_QUANTUM) * PENDING_QUANTUM)
+        object.__setattr__(self, "rate_per_s", math.ceil(round(self.rate_per_s * 10, 6)) / 10)
+
+
+@dataclass(frozen=True)
+class Typical:
+    """A model's request lengths as the estimates plan with them."""
+
+    prompt_tokens: float  # mean
+    long_prompt_tokens: float  # p90
+    output_tokens: float  # mean
+
+    @classmethod
+    def of(cls, stats: TokenStats, model: str) -> Typical:
+        return cls(stats.prompt_tokens(model), stats.prompt_quantile(model, 0.9), stats.output_tokens(model))
+
+    @property
+    def decode_context_tokens(self) -> float:
+        """Mean KV context of a decoding sequence: its prompt plus half its output."""
+        return self.prompt_tokens + self.output_tokens / 2
+
+    def drifted_from(self, other: Typical) -> bool:
+        return any(abs(a - b) > TYPICAL_DRIFT * b for a, b in ((self.prompt_tokens, other.prompt_tokens),
+                   (self.long_prompt_tokens, other.long_prompt_tokens), (self.output_tokens, other.output_tokens)))
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What a load of one (model, batch, arrival rate) gets at one SM share and clock: every
+    input of its SLO checks but the queue, per prefill chunk of CHUNKS (see ``_speeds_at``)."""
+
+    tbt_mean_s: float  # time between tokens, on average
+    tbt_tail_s: tuple[float, ...]  # and at the tail (a step carrying a long prompt's chunk)
+    chunk_step_s: tuple[float, ...]  # a step that prefills a whole chunk while decoding the batch
+    extra_s: float  # what decoding the batch adds to a prefill step
+    arrival_s: tuple[float, ...]  # the step a new request may arrive during (0 when prefills are rare)
+    table: ProfileTable
+    sm_pct: float
+    clock_mhz: int
 
 
 @register
@@ -137,14 +184,20 @@ class FestinaPolicy(Policy):
         self._fill: dict[str, int] = {}  # model -> the instance being filled
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
-        self._slo_cache: dict[tuple[str, int, int, float, float, int, float | None, int], int | None] = {}
-        self._full_speed_cache: dict[tuple[str, int, str, int, int, float, int], float] = {}
-        self.stats_epoch = 0  # bumped when the learnt prompt lengths move, to refresh the memo
+        self._typicals: dict[str, Typical] = {}
+        self._latencies: dict[tuple[str, str, int, float, float, int], float] = {}
+        self._speeds: dict[tuple[str, int, float, float, int], Speeds] = {}
+        self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
         self._short: set[str] = set()  # models that placement found without a safe instance
 
     # -- profile lookups --------------------------------------------------------------------------
+    # Estimates are memoised. They depend on few distinct points: integer batches, the
+    # controller's shares and the table's clocks, arrival rates in steps of 0.1/s, each model's
+    # typical lengths (frozen between refreshes, see ``_refresh_typical``) and queues rounded up to
+    # PENDING_QUANTUM tokens. Everything but the queue is one ``Speeds`` entry, and the queue enters
+    # by arithmetic, so an SLO check is a few dictionary hits whatever the cluster's size.
 
     def _table(self, view: ClusterView, model: str) -> ProfileTable:
         table = self._tables.get(model)
@@ -152,27 +205,79 @@ class FestinaPolicy(Policy):
             table = self._tables[model] = self.store.table(view.gpu_type, model)
         return table
 
-    def _tbt_s(self, table: ProfileTable, model: str, batch: int, rate_per_s: float, sm_pct: float,
-               clock_mhz: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS, tail: bool = True) -> float:
-        """The time between tokens to plan for, at the tail.
+    def _typical(self, model: str) -> Typical:
+        """The model's request lengths the estimates plan with (frozen between refreshes)."""
+        typical = self._typicals.get(model)
+        if typical is None:
+            typical = self._typicals[model] = Typical.of(self.stats, model)
+        return typical
 
-        Decode steps stretched by the prefill chunks interleaved with them (busy share r x p). When
-        chunks come often (TAIL_BUSY of the time or more), a request with few tokens may see one in
-        most of its steps: then a step that carries a chunk (of a long, p90, prompt) is the tail.
-        ``tail=False`` plans for the mean only."""
-        context = self.stats.decode_context_tokens(model)
-        step = table.lookup("decode", max(1, batch), context, sm_pct, clock_mhz, clamp=True).latency_s
-        prefill = table.lookup("prefill", 1, self.stats.prompt_tokens(model), sm_pct, clock_mhz, clamp=True)
-        busy = rate_per_s * prefill.latency_s
-        mean_s = step / max(0.05, 1.0 - busy)
-        if busy < TAIL_BUSY or not tail:
-            return mean_s
-        chunk = min(self.stats.prompt_quantile(model, 0.9), chunk_tokens)
-        return max(mean_s, step + table.lookup("prefill", 1, chunk, sm_pct, clock_mhz, clamp=True).latency_s)
+    def _refresh_typical(self) -> None:
+        """Take the learnt lengths when one has moved by TYPICAL_DRIFT or more; the memos then
+        start over. Small drifts keep the memos (and their hits)."""
+        fresh = {model: Typical.of(self.stats, model) for model in self._typicals}
+        if any(fresh[m].drifted_from(t) for m, t in self._typicals.items()):
+            self._typicals = fresh
+            self._latencies.clear()
+            self._speeds.clear()
 
-    def _prefill_s(self, table: ProfileTable, prompts: int, prompt_tokens: float, sm_pct: float,
+    def _latency_s(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
                    clock_mhz: int) -> float:
-        return table.lookup("prefill", max(1, prompts), prompt_tokens, sm_pct, clock_mhz, clamp=True).latency_s
+        key = (table.model, phase, batch, tokens, sm_pct, clock_mhz)
+        value = self._latencies.get(key)
+        if value is None:
+            if len(self._latencies) >= MEMO_LIMIT:
+                self._latencies.clear()
+            value = self._latencies[key] = table.lookup(phase, max(1, batch), tokens, sm_pct, clock_mhz,
+                                                        clamp=True).latency_s
+        return value
+
+    def _speeds_of(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
+        key = (load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz)
+        speeds = self._speeds.get(key)
+        if speeds is None:
+            if len(self._speeds) >= MEMO_LIMIT:
+                self._speeds.clear()
+            speeds = self._speeds[key] = self._speeds_at(self._table(view, load.model), load, sm_pct, clock_mhz)
+        return speeds
+
+    def _speeds_at(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
+        """The load's step times at one share and clock, for each of CHUNKS.
+
+        Time between tokens: decode steps stretched by the prefills interleaved with them (busy
+        share r x p); when prefills come often (TAIL_BUSY of the time or more), a request with few
+        tokens may see a chunk in most of its steps: then a step that carries a chunk (of a long,
+        p90, prompt) is its tail.
+
+        Time to first token (``Speeds.ttft_s``): every prompt token ahead of a new request and its
+        own, in chunks, each step also decoding the batch (what the batch adds over a batch of
+        one), after the step running when it arrives (a chunk of a long prompt) when prefills keep
+        the instance busy often enough (1% of the time) to matter at the p99."""
+        typical = self._typical(load.model)
+        context = typical.decode_context_tokens
+        step_s = self._latency_s(table, "decode", load.batch, context, sm_pct, clock_mhz)
+        typical_prefill_s = self._latency_s(table, "prefill", 1, typical.prompt_tokens, sm_pct, clock_mhz)
+        busy = load.rate_per_s * typical_prefill_s
+        extra_s = 0.0
+        if load.batch > 1:
+            extra_s = max(0.0, step_s - self._latency_s(table, "decode", 1, context, sm_pct, clock_mhz))
+        tails, chunk_steps, arrivals = [], [], []
+        for chunk in CHUNKS:
+            long_s = self._latency_s(table, "prefill", 1, min(typical.long_prompt_tokens, chunk), sm_pct, clock_mhz)
+            tails.append(step_s + long_s if busy >= TAIL_BUSY else 0.0)
+            chunk_steps.append(self._latency_s(table, "prefill", 1, chunk, sm_pct, clock_mhz) + extra_s)
+            arrivals.append(long_s if busy >= 0.01 else 0.0)
+        mean_s = step_s / max(0.05, 1.0 - busy)
+        return Speeds(mean_s, tuple(max(mean_s, t) for t in tails), tuple(chunk_steps), extra_s, tuple(arrivals),
+                      table, sm_pct, clock_mhz)
+
+    def _ttft_s(self, speeds: Speeds, pending_tokens: int, chunk_index: int) -> float:
+        full, rest = divmod(max(1, pending_tokens), CHUNKS[chunk_index])
+        ttft_s = full * speeds.chunk_step_s[chunk_index] + speeds.arrival_s[chunk_index]
+        if rest:
+            rest_s = self._latency_s(speeds.table, "prefill", 1, rest, speeds.sm_pct, speeds.clock_mhz)
+            ttft_s += rest_s + speeds.extra_s
+        return ttft_s
 
     def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
                    ttft_slo_s: float | None = None) -> bool:
@@ -182,86 +287,37 @@ class FestinaPolicy(Policy):
     def _chunk_for(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
                    ttft_slo_s: float | None = None) -> int | None:
         """The largest prefill chunk with which the load keeps its SLOs at this share and clock, or
-        None (memoised: loads recur). Smaller chunks shorten the steps decoding sequences wait in,
-        at the cost of more steps (more per-step overhead) for every prompt.
+        None. Smaller chunks shorten the steps decoding sequences wait in, at the cost of more
+        steps (more per-step overhead) for every prompt.
 
         ``ttft_slo_s`` is a placement question: the TTFT SLO that must hold for the request being
         placed (or a typical one), at the settings asked about. Without it, the controller's
         question: the SLO of the typical prompt that the load adds to its queue, with its margin,
         or full speed where even full speed misses it."""
-        key = (load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1), sm_pct, clock_mhz,
-               ttft_slo_s, self.stats_epoch)
-        if key not in self._slo_cache:
-            self._slo_cache[key] = next((c for c in CHUNKS if self._meets_slo_with(
-                view, load, sm_pct, clock_mhz, ttft_slo_s, c)), None)
-        return self._slo_cache[key]
-
-    def _meets_slo_with(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
-                        ttft_slo_s: float | None, chunk_tokens: int) -> bool:
         model = view.model(load.model)
-        table = self._table(view, load.model)
         limit_s = SLO_MARGIN * model.slo.tbt_s
-        max_clock = self.gpu_spec.max_clock_mhz
-        full_speed = sm_pct >= 100.0 and clock_mhz == max_clock  # placement asks at full speed: one estimate
-        # The tail counts only where full speed can meet it: where it cannot, the few-token requests
-        # behind a chunk miss at any clock, and the rest need only the mean.
-        tail_full_s = self._at_full_speed(("tbt", chunk_tokens), load, lambda: self._tbt_s(
-            table, load.model, load.batch, load.rate_per_s, 100.0, max_clock, chunk_tokens))
-        tail = tail_full_s <= limit_s
-        step_s = tail_full_s if full_speed and tail else self._tbt_s(
-            table, load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz, chunk_tokens, tail)
-        if step_s > limit_s:
-            return False
-        # The best TTFT any setting gives: the engine's chunk at full speed.
-        floor_s = self._at_full_speed(("ttft", PREFILL_CHUNK_TOKENS), load, lambda: self._ttft_s(
-            table, load, 100.0, max_clock, PREFILL_CHUNK_TOKENS))
-        same = full_speed and chunk_tokens == PREFILL_CHUNK_TOKENS
-        ttft_s = floor_s if same else self._ttft_s(table, load, sm_pct, clock_mhz, chunk_tokens)
-        if ttft_slo_s is not None:  # a placement question: the request's own target must hold
-            return ttft_s <= ttft_slo_s
-        # For the controller: when even full speed misses the target, only full speed will do.
-        typical_slo_s = model.slo.ttft_for(int(self.stats.prompt_tokens(load.model)))
-        return ttft_s <= max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
-
-    def _at_full_speed(self, what: tuple[str, int], load: Load, estimate: Callable[[], float]) -> float:
-        """A full-speed estimate for the load, memoised: every share and clock the controller tries
-        compares against the same one."""
-        key = (*what, load.model, load.batch, load.pending_tokens // 256, round(load.rate_per_s, 1),
-               self.stats_epoch)
-        value = self._full_speed_cache.get(key)
-        if value is None:
-            value = self._full_speed_cache[key] = estimate()
-        return value
-
-    def _ttft_s(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int,
-                chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> float:
-        """A new request's wait, planned for the tail: every prompt token ahead of it and its own,
-        in chunks, after the step running when it arrives (a chunk of a long (p90) prompt) when
-        prefills keep the instance busy often enough (1% of the time) to matter at the p99."""
-        queue_s = chunked_prefill_s(table, load.pending_tokens, sm_pct, clock_mhz, chunk_tokens)
-        if load.batch > 1:
-            # Every chunk's step also decodes the batch: what the batch adds over a batch of one.
-            steps = math.ceil(max(1, load.pending_tokens) / chunk_tokens)
-            context = self.stats.decode_context_tokens(load.model)
-            batch_s = table.lookup("decode", load.batch, context, sm_pct, clock_mhz, clamp=True).latency_s
-            single_s = table.lookup("decode", 1, context, sm_pct, clock_mhz, clamp=True).latency_s
-            queue_s += steps * max(0.0, batch_s - single_s)
-        prefill_busy = load.rate_per_s * self._prefill_s(table, 1, self.stats.prompt_tokens(load.model), sm_pct,
-                                                         clock_mhz)
-        if prefill_busy < 0.01:
-            return queue_s
-        long_prompt = min(self.stats.prompt_quantile(load.model, 0.9), chunk_tokens)
-        return queue_s + self._prefill_s(table, 1, long_prompt, sm_pct, clock_mhz)
+        full = self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz)
+        speeds = self._speeds_of(view, load, sm_pct, clock_mhz)
+        if ttft_slo_s is None:
+            # The best TTFT any setting gives: the engine's chunk at full speed.
+            floor_s = self._ttft_s(full, load.pending_tokens, 0)
+            typical_slo_s = model.slo.ttft_for(int(self._typical(load.model).prompt_tokens))
+            ttft_slo_s = max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
+        for i, chunk in enumerate(CHUNKS):
+            # The tail counts only where full speed can meet it: where it cannot, the few-token
+            # requests behind a chunk miss at any clock, and the rest need only the mean.
+            step_s = speeds.tbt_tail_s[i] if full.tbt_tail_s[i] <= limit_s else speeds.tbt_mean_s
+            if step_s <= limit_s and self._ttft_s(speeds, load.pending_tokens, i) <= ttft_slo_s:
+                return chunk
+        return None
 
     # -- placement --------------------------------------------------------------------------------
 
     def place(self, request: Request, view: ClusterView) -> Placement:
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
         self._placed += 1
-        if self._placed % 512 == 0:
-            self.stats_epoch += 1
-            self._slo_cache.clear()
-            self._full_speed_cache.clear()
+        if self._placed % TYPICAL_REFRESH == 0:
+            self._refresh_typical()
         model = view.model(request.model)
         instances = view.instances_of(request.model)
         target = self._safe_fullest(request, view, model, self._looked_at(request, view, instances))
@@ -292,10 +348,9 @@ class FestinaPolicy(Policy):
         best = min(ready, key=lambda i: i.pending_prompt_tokens, default=None)
         if best is None:
             return None
-        table = self._table(view, request.model)
         load = Load(best.id, best.model, best.running + best.waiting + 1,
                     best.pending_prompt_tokens + request.prompt_tokens, best.arrival_rate_per_s)
-        wait_s = self._ttft_s(table, load, 100.0, self.gpu_spec.max_clock_mhz)
+        wait_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz), load.pending_tokens, 0)
         return best if wait_s < self._load_s(model) else None
 
     def _looked_at(self, request: Request, view: ClusterView,
@@ -316,29 +371,45 @@ class FestinaPolicy(Policy):
 
     def _safe_fullest(self, request: Request, view: ClusterView, model: ModelInfo,
                       candidates: Sequence[InstanceView]) -> InstanceView | None:
-        best: InstanceView | None = None
-        best_load = -1.0
-        need = request.prompt_tokens + self.stats.output_tokens(request.model)
-        for inst in candidates:
+        """The fullest candidate that takes the request within its SLOs and KV room. Candidates are
+        tried fullest first, so the SLO check (the costly part) runs until the first safe one."""
+        need = request.prompt_tokens + self._typical(request.model).output_tokens
+        ttft_slo_s = model.slo.ttft_for(request.prompt_tokens)
+        # A queue that full speed cannot prefill within the SLO rules an instance out at once.
+        longest_queue = ttft_slo_s / self._fastest_s_per_token(view, request.model)
+        for inst in sorted(candidates, key=self._fullness, reverse=True):
             if inst.phase > InstancePhase.READY:
                 continue
             if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+                continue
+            if inst.pending_prompt_tokens + request.prompt_tokens > longest_queue:
                 continue
             gpu = view.gpu(inst.gpus[0])
             # The controller can raise the clock to the max and give the instance the GPU's free share.
             share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
             load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
                         inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
-            if not self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz,
-                                   model.slo.ttft_for(request.prompt_tokens)):
-                continue
-            # A loading instance with room beats starting yet another one: its wait is the same.
-            fullness = (inst.running + inst.waiting) / inst.batch_cap
-            if inst.phase is InstancePhase.LOADING:
-                fullness -= 1.0  # only when no ready instance is safe
-            if fullness > best_load:
-                best, best_load = inst, fullness
-        return best
+            if self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz, ttft_slo_s):
+                return inst
+        return None
+
+    def _fastest_s_per_token(self, view: ClusterView, model: str) -> float:
+        """The least prefill time per prompt token any setting and chunk gives (full speed, the
+        cheapest prompt length per token): a lower bound on any queue's prefill."""
+        fastest = self._fastest.get(model)
+        if fastest is None:
+            table, clock = self._table(view, model), self.gpu_spec.max_clock_mhz
+            fastest = self._fastest[model] = min(
+                self._latency_s(table, "prefill", 1, tokens, 100.0, clock) / tokens
+                for tokens in range(PENDING_QUANTUM, PREFILL_CHUNK_TOKENS + 1, PENDING_QUANTUM))
+        return fastest
+
+    @staticmethod
+    def _fullness(inst: InstanceView) -> float:
+        """Sequences per batch slot; a loading instance ranks below every ready one (it is taken
+        only when no ready instance is safe: its wait is the same as a new instance's)."""
+        fullness = (inst.running + inst.waiting) / inst.batch_cap
+        return fullness - 1.0 if inst.phase is InstancePhase.LOADING else fullness
 
     def _memory_fraction(self, view: ClusterView, model: ModelInfo) -> float:
         """Memory to reserve per GPU: weights plus KV for TARGET_SEQUENCES typical sequences.
@@ -348,7 +419,8 @@ class FestinaPolicy(Policy):
         if model.tp > 1:
             return 1.0
         usable = self.gpu_spec.memory_bytes * USABLE_MEMORY_FRAC
-        kv_tokens = TARGET_SEQUENCES * (self.stats.prompt_tokens(model.name) + self.stats.output_tokens(model.name))
+        typical = self._typical(model.name)
+        kv_tokens = TARGET_SEQUENCES * (typical.prompt_tokens + typical.output_tokens)
         need = (model.weights_bytes_per_gpu + kv_tokens * model.kv_bytes_per_token_per_gpu) / usable
         return min(1.0, math.ceil(need * 20) / 20)  # in 5% steps, so fractions pack cleanly
 
@@ -402,7 +474,7 @@ class FestinaPolicy(Policy):
     def load_of(self, inst: InstanceView) -> Load:
         """What the controller plans for: the instance's sequences and a typical request arriving."""
         return Load(inst.id, inst.model, inst.running + inst.waiting,
-                    inst.pending_prompt_tokens + int(self.stats.prompt_tokens(inst.model)), inst.arrival_rate_per_s)
+                    inst.pending_prompt_tokens + int(self._typical(inst.model).prompt_tokens), inst.arrival_rate_per_s)
 
     def _loads(self, gpu: GpuView, view: ClusterView) -> list[Load]:
         return [self.load_of(view.instance(i)) for i in gpu.instances
@@ -450,7 +522,7 @@ class FestinaPolicy(Policy):
             if load.batch == 0:
                 continue
             table = self._table(view, load.model)
-            hit = table.lookup("decode", load.batch, self.stats.decode_context_tokens(load.model),
+            hit = table.lookup("decode", load.batch, self._typical(load.model).decode_context_tokens,
                                shares[load.instance_id], clock, clamp=True)
             total += hit.power_w - idle_w
         return total

@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +78,12 @@ def sim_node(tmp_path: Path) -> Iterator[SimNode]:
 
 
 @contextmanager
-def live_node_cluster(prefix: str, nodes: int, ctld_start: int, node_config: str) -> Iterator[DevClusterConfig]:
+def live_node_cluster(prefix: str, nodes: int, ctld_start: int,
+                      node_config: str | Callable[[DevClusterConfig], str]) -> Iterator[DevClusterConfig]:
     """A dev cluster of the test module's own (``nodes`` nodes of one GPU, no power saving, this
     checkout's hooks) with ``festina-node serve`` running for n1 on the dev cluster's node config
-    plus ``node_config`` lines; stopped, each node reset and the folder removed afterwards."""
+    plus ``node_config`` lines (or those a function of the cluster returns); stopped, each node reset
+    and the folder removed afterwards."""
     if missing_binaries() or os.geteuid() != 0 or festina_node_executable() is None:
         pytest.skip("needs Slurm, root and an installed festina-node")
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -90,7 +92,7 @@ def live_node_cluster(prefix: str, nodes: int, ctld_start: int, node_config: str
                            slurmd_port=free_ports(nodes, start=ctld + 1))
     devcluster_up(cfg)
     toml = base / "etc" / "festina-node.toml"
-    toml.write_text(toml.read_text() + node_config)
+    toml.write_text(toml.read_text() + (node_config(cfg) if callable(node_config) else node_config))
     exe = str(festina_node_executable())
     service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
                                stderr=(base / "log" / "festina-node-n1.log").open("w"),
@@ -104,3 +106,27 @@ def live_node_cluster(prefix: str, nodes: int, ctld_start: int, node_config: str
             subprocess.run([exe, "--config", str(toml), "--node", node, "reset"], capture_output=True, check=False)
         devcluster_down(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def private_munged(prefix: str = "festina-munge-") -> Iterator[Path]:
+    """A munged of the test's own (its own key, its own socket); yields the socket path, stops it by pid after."""
+    if shutil.which("munged") is None or shutil.which("mungekey") is None or shutil.which("unmunge") is None:
+        pytest.skip("needs munge (munged, mungekey, munge, unmunge)")
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o711)  # 700 makes munged warn that the socket is inaccessible
+    key, sock, pid_file = folder / "munge.key", folder / "munge.socket", folder / "munged.pid"
+    subprocess.run(["mungekey", "-c", "-k", str(key), "-b", "1024"], check=True, capture_output=True)
+    key.chmod(0o600)
+    # --force: munged refuses to run as root otherwise.
+    subprocess.run(["munged", "--force", "-S", str(sock), f"--key-file={key}", f"--pid-file={pid_file}",
+                    f"--log-file={folder / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"],
+                   check=True, capture_output=True)
+    try:
+        yield sock
+    finally:
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
