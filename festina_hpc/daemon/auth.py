@@ -4,8 +4,9 @@
 (user and Slurm account, the attribution every request record carries): no key where keys are
 required, a malformed, unknown, revoked or expired key are all 401. Where keys are optional (a
 lab cluster that runs open) a request without a key is served as the configured default tenant,
-and a request with a bad key is still 401: a wrong key is a mistake to report, not a reason to
-serve someone as anonymous. ``admit`` then checks the model (403 when the key does not allow
+and so is one whose bearer value is not a festina key at all (``unused``: OpenAI clients must send
+something); a request with a bad festina key (``fk_...``) is still 401: a wrong key is a mistake
+to report, not a reason to serve someone as anonymous. ``admit`` then checks the model (403 when the key does not allow
 it), the account's energy quota and the key's rate (429 with Retry-After).
 
 Keys are looked up by hash through a ``KeyLookup`` (the database's ``KeyRing``) and cached in
@@ -39,7 +40,7 @@ from typing import Protocol
 
 from sqlalchemy import Engine
 
-from festina_hpc.db.keys import PREFIX_CHARS, KeyInfo, hash_token, looks_like_token, new_token
+from festina_hpc.db.keys import PREFIX_CHARS, TOKEN_PREFIX, KeyInfo, hash_token, looks_like_token, new_token
 from festina_hpc.errors import FestinaError
 from festina_hpc.serve import openai
 
@@ -181,13 +182,16 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of a request's ``Authorization`` header, or a 401 ``ApiError``."""
-        if authorization is None:
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        # OpenAI clients must send some key ("unused", "EMPTY"): on an open gateway a bearer value that
+        # does not claim to be a festina key counts as none. One that does (fk_...) must be valid.
+        if authorization is None or (not self.config.require_keys and scheme.lower() == "bearer"
+                                     and not token.startswith(TOKEN_PREFIX)):
             if self.config.require_keys:
                 raise _unauthorized("this gateway needs an API key: send 'Authorization: Bearer fk_...' "
                                     "(`festina keys create` issues one)")
             return self._default
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
         if scheme.lower() != "bearer" or not looks_like_token(token):
             raise _unauthorized("the Authorization header is not 'Bearer fk_...' with a festina API key")
         key_hash = hash_token(token)

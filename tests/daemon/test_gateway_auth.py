@@ -99,6 +99,7 @@ def keys() -> MemoryKeys:
 @pytest.mark.parametrize("case, status, code", [
     ("no key", 401, "invalid_api_key"),
     ("not a bearer token", 401, "invalid_api_key"),
+    ("not a festina key", 401, "invalid_api_key"),
     ("unknown key", 401, "invalid_api_key"),
     ("revoked key", 401, "invalid_api_key"),
     ("expired key", 401, "invalid_api_key"),
@@ -112,8 +113,8 @@ def test_refused_requests_get_their_status_and_are_not_served(keys: MemoryKeys, 
     expired = keys.add("alice", "proj1", expires_at=datetime.now(UTC) - timedelta(seconds=1))
     mistral_only = keys.add("bob", "proj2", models=(MISTRAL,))
     headers = {"no key": {}, "not a bearer token": {"Authorization": f"Basic {good}"},
-               "unknown key": bearer("fk_" + "x" * 43), "revoked key": bearer(revoked),
-               "expired key": bearer(expired), "key for another model": bearer(mistral_only)}[case]
+               "not a festina key": bearer("unused"), "unknown key": bearer("fk_" + "x" * 43),
+               "revoked key": bearer(revoked), "expired key": bearer(expired), "key for another model": bearer(mistral_only)}[case]
 
     async def scenario(session: aiohttp.ClientSession, gw: str) -> Any:
         return await post(session, gw, headers=headers), await post(session, gw, headers=bearer(good))
@@ -169,12 +170,13 @@ def test_served_requests_carry_their_tenant(keys: MemoryKeys) -> None:
 def test_an_open_gateway_serves_keyless_requests_as_its_default_tenant_but_refuses_bad_keys(
         keys: MemoryKeys) -> None:
     async def scenario(session: aiohttp.ClientSession, gw: str) -> Any:
-        return (await post(session, gw))[0], (await post(session, gw, headers=bearer("fk_" + "y" * 43)))[0]
+        return [(await post(session, gw, headers=headers))[0] for headers in [
+            {}, bearer("unused"),  # what an OpenAI client sends without a key: no key
+            bearer("fk_" + "y" * 43), bearer("fk_short"), {"Authorization": "Basic fk_x"}]]
 
-    (keyless, bad), recorder, _ = serve(keys, scenario, require_keys=False, default_user="lab",
-                                        default_account="open")
-    assert (keyless, bad) == (200, 401)
-    assert [(r.user_name, r.account, r.api_key_id) for r in recorder.records] == [("lab", "open", None)]
+    statuses, recorder, _ = serve(keys, scenario, require_keys=False, default_user="lab", default_account="open")
+    assert statuses == [200, 200, 401, 401, 401]
+    assert [(r.user_name, r.account, r.api_key_id) for r in recorder.records] == [("lab", "open", None)] * 2
 
 
 def test_revocation_takes_effect_within_the_key_cache_ttl(keys: MemoryKeys) -> None:
