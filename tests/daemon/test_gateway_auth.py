@@ -114,7 +114,8 @@ def test_refused_requests_get_their_status_and_are_not_served(keys: MemoryKeys, 
     mistral_only = keys.add("bob", "proj2", models=(MISTRAL,))
     headers = {"no key": {}, "not a bearer token": {"Authorization": f"Basic {good}"},
                "not a festina key": bearer("unused"), "unknown key": bearer("fk_" + "x" * 43),
-               "revoked key": bearer(revoked), "expired key": bearer(expired), "key for another model": bearer(mistral_only)}[case]
+               "revoked key": bearer(revoked), "expired key": bearer(expired),
+               "key for another model": bearer(mistral_only)}[case]
 
     async def scenario(session: aiohttp.ClientSession, gw: str) -> Any:
         return await post(session, gw, headers=headers), await post(session, gw, headers=bearer(good))
