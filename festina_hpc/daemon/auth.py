@@ -178,6 +178,7 @@ class Authenticator:
         self._used_j: Mapping[str, float] = {}
         self._used_day: int | None = None  # the UTC day _used_j counts
         self._used_read_s = -math.inf
+        self._reading = False  # a usage read is in flight
         self._default = Tenant(config.default_user, config.default_account)
 
     async def authenticate(self, authorization: str | None) -> Tenant:
@@ -245,13 +246,19 @@ class Authenticator:
         wall_s = self._wall()
         day = int(wall_s // 86_400)
         now_s = self._clock()
-        if day != self._used_day or now_s - self._used_read_s >= self.config.quota_refresh_s:
+        stale = day != self._used_day or now_s - self._used_read_s >= self.config.quota_refresh_s
+        if stale and not self._reading:
+            # One read at a time: requests that arrive meanwhile use the figures before it.
+            self._reading = True
             since = datetime.fromtimestamp(day * 86_400, UTC)
             try:
                 self._used_j = await asyncio.to_thread(self.usage.energy_by_account_j, since)
-                self._used_day, self._used_read_s = day, now_s
+                self._used_day = day
             except Exception:  # an unreadable usage must not stop the gateway: the last figures stand
                 log.exception("could not read the accounts' energy for quotas")
+            finally:
+                self._used_read_s = now_s  # after a failure too: retried a period later, not per request
+                self._reading = False
         used_j = self._used_j.get(tenant.account, 0.0) if self._used_day == day else 0.0
         if used_j < quota_j:
             return Priority.NORMAL

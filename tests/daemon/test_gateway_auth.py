@@ -11,13 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from festina_hpc.daemon.auth import AuthConfig, Authenticator, MemoryKeys, TokenBucket
+from festina_hpc.daemon.auth import AuthConfig, Authenticator, MemoryKeys, Tenant, TokenBucket
 from festina_hpc.daemon.bench import stub_upstream
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint
 from festina_hpc.db.errors import DatabaseUnavailable
 from festina_hpc.policy.types import Slo
+from festina_hpc.serve.openai import ApiError
 from festina_hpc.serve.server import running_app
 
 LLAMA, MISTRAL = "llama-3.1-8b", "mistral-7b"
@@ -58,7 +59,7 @@ class FixedUsage:
         self.used_j = dict(used_j)
 
     def energy_by_account_j(self, since: datetime) -> Mapping[str, float]:
-        return self.used_j
+        return dict(self.used_j)  # what the database said then
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -260,3 +261,42 @@ def test_a_key_store_that_fails_is_503_not_served(keys: MemoryKeys) -> None:
     (status, answer, headers), recorder, router = serve(keys, scenario)
     assert (status, headers["Retry-After"]) == (503, "5") and "cannot check the API key" in answer["error"]["message"]
     assert router.routed == [] and recorder.records == []
+
+
+def test_quota_usage_is_reread_each_refresh_period_and_each_new_day(keys: MemoryKeys) -> None:
+    usage = FixedUsage({"proj1": 100.0})
+    reads: list[datetime] = []
+    read = usage.energy_by_account_j
+
+    def counted(since: datetime) -> Mapping[str, float]:
+        reads.append(since)
+        return read(since)
+
+    usage.energy_by_account_j = counted  # type: ignore[method-assign]
+    clock, wall = Clock(), [86_400 * 20_000 + 3600.0]  # 01:00 UTC on some day
+    auth = Authenticator(keys, AuthConfig(account_energy_quota_j_per_day={"proj1": 1000.0}, quota_refresh_s=60.0),
+                         usage, clock=clock, wall_clock=lambda: wall[0])
+    tenant = Tenant("alice", "proj1", key_id=1)
+
+    async def admit() -> int:
+        try:
+            await auth.admit(tenant, LLAMA)
+            return 200
+        except ApiError as exc:
+            return exc.status
+
+    async def scenario() -> list[int]:
+        statuses = [await admit()]
+        usage.used_j["proj1"] = 2000.0  # over, but not yet read
+        clock.now_s += 30
+        statuses.append(await admit())
+        clock.now_s += 30  # the period is up
+        statuses.append(await admit())
+        wall[0] += 86_400  # a new UTC day: read again at once, counting from its 00:00
+        usage.used_j["proj1"] = 0.0
+        statuses.append(await admit())
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 429, 200]
+    day = datetime.fromtimestamp(86_400 * 20_000, UTC)
+    assert reads == [day, day, day + timedelta(days=1)]
