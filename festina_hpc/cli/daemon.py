@@ -32,7 +32,7 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
            db_url: str | None, slurm_conf: Path | None, verbose: bool) -> None:
     """Run festinad: the gateway, the policy's placement, scaling and consolidation, through Slurm."""
     from festina_hpc.daemon.auth import AuthConfig, Authenticator, DbEnergyUsage
-    from festina_hpc.daemon.catalogue_models import catalogue_gateway_models
+    from festina_hpc.daemon.catalogue_models import catalogue_gateway_models, catalogue_model_options
     from festina_hpc.daemon.festinad import Festinad, FestinadSettings, StoreRecorder
     from festina_hpc.daemon.gateway import GatewayConfig, gateway_models
     from festina_hpc.daemon.node_control import node_control_from_config
@@ -57,8 +57,10 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     db = Store(engine)
 
     # The catalogue names the served models and their SLOs; --models overrides it, [daemon] models bootstraps.
-    served = [] if models is not None else catalogue_gateway_models(Catalogue(engine, store).list(), store, gpu,
-                                                                     cfg.max_prompt_tokens)
+    entries = [] if models is not None else Catalogue(engine, store).list()
+    served = catalogue_gateway_models(entries, store, gpu, cfg.max_prompt_tokens)
+    # Bounds, engine arguments and accounts are the catalogue's; --models and [daemon] models have none.
+    options = catalogue_model_options(entries, store, gpu) if served else {}
     if not served:
         names = [m.strip() for m in (models if models is not None else cfg.models).split(",") if m.strip()]
         if not names:
@@ -76,7 +78,7 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
                                 job_output_dir=cfg.job_output_dir or "/tmp", serve_port_base=cfg.serve_port_base,
                                 partition=cfg.partition or None, start_timeout_s=cfg.start_timeout_s,
                                 drain_timeout_s=cfg.drain_timeout_s)
-    festinad = Festinad(chosen, store, slurm, db, slos, settings)
+    festinad = Festinad(chosen, store, slurm, db, slos, settings, model_options=options)
     # Where a node listens is Slurm's NodeAddr, learnt at setup; the name where Slurm gives none.
     festinad.node_control = node_control_from_config(app.config.node_control,
                                                      lambda node: festinad.node_address.get(node) or node)

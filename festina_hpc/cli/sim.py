@@ -28,8 +28,9 @@ def experiment_options(func: F) -> F:
                                                     "or a shipped one: azure-code, azure-conv."),
         click.option("--models", type=click.IntRange(min=1), default=None,
                      help="The first N models of the default mix [config: sim.models]."),
-        click.option("--model-mix", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                     help="File naming the models, one per line, optional ',weight'."),
+        click.option("--model-mix", default=None,
+                     help="File naming the models, one per line ('name[ = base model][, weight]'), or a "
+                          "shipped mix: eight-on-one-node."),
         click.option("--popularity", default=None, help="zipf:S or uniform [config: sim.popularity]."),
         click.option("--seed", type=int, default=None),
         click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,

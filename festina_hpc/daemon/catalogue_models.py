@@ -3,16 +3,18 @@
 The catalogue (``festina models``) is the source of served models and SLOs; ``--models`` and
 ``[daemon] models`` remain a bootstrap and an override (see ``festina_hpc/cli/daemon.py``).
 A catalogued model is served under its profile's canonical name (the name its instances are
-recorded under), with the catalogue name as one more alias clients may send.
+recorded under), with the catalogue name as one more alias clients may send. Its scaling bounds,
+engine arguments and Slurm account become festinad's ``ModelOptions`` of that model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from festina_hpc.daemon.festinad import ModelOptions
 from festina_hpc.daemon.gateway import GatewayModel
 from festina_hpc.db.catalogue import CatalogueEntry
-from festina_hpc.policy.types import Slo
+from festina_hpc.policy.types import ModelLimits, Slo
 from festina_hpc.profiles.store import ProfileStore
 
 
@@ -28,3 +30,11 @@ def catalogue_gateway_models(entries: Sequence[CatalogueEntry], profiles: Profil
         aliases = tuple(dict.fromkeys(a for a in (entry.name, spec.hf_name, *spec.aliases) if a != spec.name))
         served.append(GatewayModel(spec.name, Slo(entry.ttft_slo_s, entry.tbt_slo_s), aliases, limit))
     return served
+
+
+def catalogue_model_options(entries: Sequence[CatalogueEntry], profiles: ProfileStore,
+                            gpu_type: str) -> dict[str, ModelOptions]:
+    """festinad's options of the entries on ``gpu_type``, by canonical profile name (what instances run)."""
+    return {profiles.model(e.profile).name: ModelOptions(
+        limits=ModelLimits(e.min_instances, e.max_instances, e.keep_alive_s),
+        engine_args=e.engine_args, account=e.account) for e in entries if e.gpu_type == gpu_type}

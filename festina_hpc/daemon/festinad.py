@@ -17,7 +17,11 @@ address, which the database and the job's comment both hold.
   ``sbatch``, comment ``festina:model=M,instance=LABEL,port=P``); one of
   festinad's own (numeric instance label) that the database no longer holds
   is cancelled (no orphan); nodes that Slurm powered down or lost are off in
-  the view; every ready instance's ``/health`` gives its queue to the view.
+  the view; every ready instance's ``/health`` gives its queue to the view;
+  an instance whose job Slurm ran on other GPUs than planned (Slurm picks the
+  GPU of an MPS job) moves there in the view; then the catalogue's bounds are
+  kept (``keep_bounds``: missing ``min_instances`` started, a model idle past
+  its own ``keep_alive_s`` stopped).
 - ``scale_tick()`` and ``consolidate_tick()`` run the policy's ``scale()`` and
   ``consolidate()`` and carry the plan out: ``StartInstance`` submits a job,
   ``StopInstance`` drains then ``scancel``s, ``Migrate`` starts the target,
@@ -25,7 +29,10 @@ address, which the database and the job's comment both hold.
   policy routes to the target) and stops the source; ``PowerOff``/``PowerOn``
   need nothing (Slurm's power saving suspends idle nodes and resumes a node a
   job is sent to); ``MoveQueued`` has no live counterpart (queues live in the
-  serving jobs). Every plan is recorded with its reason.
+  serving jobs). Every plan is recorded with its reason. Placements and plans
+  pass the catalogue's per-model bounds first (``policy/limits.py``); what they
+  refuse is recorded as ``refused: <why>``. A share (MPS) start is fitted to
+  where Slurm will put it (``LiveCluster.slurm_fit``).
 
 Per-GPU ``control()`` (clock, MPS share, batch cap) is not run here: it needs
 the GPU's own counters and root, so it belongs to the node controller
@@ -57,17 +64,21 @@ import aiohttp
 
 from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
-from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter
+from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter, runs_as_mps
 from festina_hpc.daemon.records import CompletionRecord
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.db.store import GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
 from festina_hpc.errors import FestinaError
 from festina_hpc.policy.base import Policy
+from festina_hpc.policy.limits import Refusal, limit_plan, upkeep
 from festina_hpc.policy.types import (
+    NO_LIMITS,
     Action,
     InstancePhase,
     Migrate,
+    ModelLimits,
     NodePower,
+    Placement,
     Plan,
     PowerOff,
     PowerOn,
@@ -79,6 +90,7 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.launch import serve_spec, simulated_argv, vllm_argv
 from festina_hpc.slurm.client import SlurmClient
 from festina_hpc.slurm.errors import SlurmError, SlurmInputError
+from festina_hpc.slurm.parse import gres_indices
 from festina_hpc.slurm.types import FINISHED_JOB_STATES, PowerState, ServingJobSpec, SlurmJob, SlurmNode
 
 log = logging.getLogger(__name__)
@@ -113,6 +125,21 @@ class FestinadSettings:
     job_poll_s: float = 1.0  # Slurm's view of a starting job (each is a command)
     health_timeout_s: float = 2.0
     time_limit: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """An operator's settings of one model (its catalogue entry): bounds festinad enforces on every plan
+    (``policy/limits.py``) and how its serving jobs are launched."""
+
+    limits: ModelLimits = NO_LIMITS
+    engine_args: str = ""  # extra engine arguments, shell words (serve/launch.py splits them; never a shell)
+    account: str = ""  # Slurm account its jobs are charged to (#SBATCH --account); "" = the submitter's
+
+
+# A bound refuses the same decision every tick while the load lasts: the same refusal is recorded at most once
+# in this many seconds (the log has each).
+REFUSAL_RECORD_S = 60.0
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -199,8 +226,10 @@ class Festinad:
     def __init__(self, policy: Policy, profiles: ProfileStore, slurm: SlurmClient, store: Store,
                  slos: Mapping[str, Slo], settings: FestinadSettings = FestinadSettings(),
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 slurm_retry: SlurmRetry | None = None, node_control: NodeControlClient | None = None):
+                 slurm_retry: SlurmRetry | None = None, node_control: NodeControlClient | None = None,
+                 model_options: Mapping[str, ModelOptions] | None = None):
         self.policy = policy
+        self.model_options = dict(model_options or {})  # canonical model name -> the catalogue's settings
         self.profiles = profiles
         self.slurm = slurm
         self.store = store
@@ -223,6 +252,8 @@ class Festinad:
         self._session: aiohttp.ClientSession | None = None
         self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
         self.node_control = node_control  # signed requests to festina-node ([node_control]); None = off
+        self._refusal_recorded: dict[str, float] = {}  # refusal reason -> when it was last recorded
+        self._unmet: tuple[str, ...] = ()  # catalogue bounds that found no room, as last logged
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -270,10 +301,11 @@ class Festinad:
             raise FestinaError("Slurm reports no node with GPUs (gres gpu); festinad has nowhere to serve")
         gpus_per_node = max(n.gpus_total for n in nodes)
         self.node_names = [n.name for n in nodes]
+        limits = {name: o.limits for name, o in self.model_options.items()}
         self.cluster = LiveCluster(self.profiles, self.policy.context.gpu_type, self.slos, nodes=len(nodes),
-                                   gpus_per_node=gpus_per_node, clock=self._clock)
+                                   gpus_per_node=gpus_per_node, clock=self._clock, limits=limits)
         self._router = PolicyRouter(self.policy, self.cluster, self._start_instance, self._stop_ready,
-                                    new_instance_id=self._new_instance_id)
+                                    new_instance_id=self._new_instance_id, on_refused=self._placement_refused)
         node_ids = self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON,
                                                        gpus_per_node) for n in nodes])
         gpu_ids = self.store.upsert_gpus([GpuRecord(n.name, i, self.view.gpu_type)
@@ -335,19 +367,22 @@ class Festinad:
         node = self.node_names[launch.node]
         port = self.port_of(launch.instance_id)
         s = self.settings
+        options = self.model_options.get(launch.model, ModelOptions())
         serve = serve_spec(self.profiles, launch.model, launch.gpu_type, port, host="0.0.0.0", sm_pct=launch.sm_pct,
-                           batch_cap=launch.batch_cap, memory_fraction=launch.memory_fraction)
+                           batch_cap=launch.batch_cap, memory_fraction=launch.memory_fraction,
+                           engine_args=options.engine_args)
         argv = simulated_argv(serve, list(s.festina_argv), s.serve_time_scale) if s.engine == "emulated" \
             else vllm_argv(serve)
         tp = len(launch.gpus)
         # A share of one GPU: MPS (Slurm sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). A whole GPU, or several:
         # gpu gres (measured here: a second mps:100 job on a node with two free GPUs stays pending).
         pct = round(launch.sm_pct)
-        share = {"mps_pct": max(1, pct)} if tp == 1 and pct < 100 else {"gpus": tp}
+        share = {"mps_pct": max(1, pct)} if runs_as_mps(tp, launch.sm_pct) else {"gpus": tp}
         spec = ServingJobSpec(model=launch.model, instance_id=str(launch.instance_id), command=tuple(argv),
                               output_path=str(Path(s.job_output_dir) / f"festina-serve-{launch.instance_id}-%j.out"),
                               nodelist=(node,), comment=job_comment(launch.model, launch.instance_id, port),
-                              partition=s.partition, time_limit=s.time_limit, **share)  # type: ignore[arg-type]
+                              partition=s.partition, account=options.account or None, time_limit=s.time_limit,
+                              **share)  # type: ignore[arg-type]
         host = self.node_address.get(node) or node
         return spec, f"http://{host}:{port}"
 
@@ -500,6 +535,11 @@ class Festinad:
                 await self._cancel(job.job_id)
                 self._forget(inst, f"node {job.nodes[0]} disappeared")
                 continue
+            if job.gres:
+                # What the job holds, not what the view assumed (a restored adopted mps:100 job is a share).
+                inst.shared = any(g.name == "mps" for g in job.gres)
+            if job.state in ALLOCATED_JOB_STATES:
+                self._follow_slurm_gpus(inst, job)
             if job.state == "PENDING" and inst.phase is InstancePhase.READY and inst.id not in self._busy:
                 # Requeued behind festinad's back (a node failure, an admin): loading again until it answers.
                 inst.phase = InstancePhase.LOADING
@@ -533,6 +573,17 @@ class Festinad:
         await self._poll_load()
         self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON, n.gpus_total)
                                  for n in nodes if n.name in self.node_names])
+        await self.keep_bounds()
+
+    async def keep_bounds(self) -> None:
+        """What the catalogue's bounds call for: start a model's missing ``min_instances``, stop a model idle
+        past its own ``keep_alive_s`` (run at start-up and every reconcile)."""
+        kept = upkeep(self.view)
+        if kept.unmet != self._unmet:
+            for problem in kept.unmet:
+                log.warning("catalogue bound not met: %s", problem)
+            self._unmet = kept.unmet
+        await self.execute(kept.plan)
 
     def _apply_nodes(self, nodes: Sequence[SlurmNode]) -> None:
         listed = {n.name: n for n in nodes}
@@ -548,6 +599,29 @@ class Festinad:
             silent = n is not None and "NOT_RESPONDING" in n.flags and n.power_state is PowerState.ON
             up = n is not None and n.state != "down" and not silent and not n.drained
             view_node.power = NodePower.ON if up else NodePower.OFF
+
+    def slurm_gpus(self, job: SlurmJob) -> tuple[int, ...] | None:
+        """The view GPUs Slurm gave ``job`` (its allocated GRES index on its first node), or None when
+        Slurm does not say (pending, no ``gres_detail``, a node festinad does not serve)."""
+        if not job.nodes or not job.gres_detail or job.nodes[0] not in self.node_names:
+            return None
+        node = self.view.node(self.node_names.index(job.nodes[0]))
+        given = gres_indices(job.gres_detail[0])
+        indices = given.get("gpu") or given.get("mps") or ()
+        if not indices or any(i >= len(node.gpus) for i in indices):
+            return None
+        return tuple(node.gpus[i] for i in indices)
+
+    def _follow_slurm_gpus(self, inst: LiveInstance, job: SlurmJob) -> None:
+        """Put the instance where Slurm runs it: Slurm, not festina, picks the GPU of an MPS job (22.05 puts a
+        node's MPS jobs on one GPU), so the room the policy sees per GPU is the room Slurm will grant."""
+        gpus = self.slurm_gpus(job)
+        if gpus is None or gpus == inst.gpus or len(gpus) != len(inst.gpus):
+            return
+        log.info("instance %d: Slurm runs job %d on GPU(s) %s, not %s as planned: the view follows", inst.id,
+                 job.job_id, gpus, inst.gpus)
+        self.view.move(inst, gpus)
+        self.store.update_instance(inst.id, gpu_ids=[self._gpu_db[g] for g in gpus])
 
     def _attach(self, inst: LiveInstance, job: SlurmJob, fields: Mapping[str, str]) -> None:
         self._unattached.discard(inst.id)
@@ -574,13 +648,19 @@ class Festinad:
         mps = sum(g.count for g in job.gres if g.name == "mps")
         sm_pct = float(min(100, mps)) if mps else 100.0
         info = self.view.model(canonical)
-        gpus = [g for g in self.view.node(node).gpus
-                if self.view.gpu(g).sm_pct_allocated + sm_pct <= 100 + 1e-6]
-        if len(gpus) < info.tp:
-            log.warning("job %d (%s) does not fit festinad's view of %s: not adopted", job.job_id, canonical,
-                        job.nodes[0])
-            return
-        chosen = tuple(sorted(gpus, key=lambda g: -self.view.gpu(g).sm_pct_allocated)[:info.tp])
+        # Where Slurm says it runs; while it does not say (a job still configuring), where Slurm puts MPS jobs.
+        chosen = self.slurm_gpus(job)
+        if chosen is None and mps and info.tp == 1:
+            mps_gpu = self.view.mps_gpu(node)
+            chosen = (mps_gpu,) if mps_gpu is not None else None
+        if chosen is None:
+            gpus = [g for g in self.view.node(node).gpus
+                    if self.view.gpu(g).sm_pct_allocated + sm_pct <= 100 + 1e-6]
+            if len(gpus) < info.tp:
+                log.warning("job %d (%s) does not fit festinad's view of %s: not adopted", job.job_id, canonical,
+                            job.nodes[0])
+                return
+            chosen = tuple(sorted(gpus, key=lambda g: -self.view.gpu(g).sm_pct_allocated)[:info.tp])
         free = min(1.0 - self.view.gpu(g).memory_fraction_allocated for g in chosen)
         usable = self.view.spec.memory_bytes * 0.9
         fraction = min(free, max(0.05, 1.5 * info.weights_bytes_per_gpu / usable))
@@ -595,7 +675,7 @@ class Festinad:
         instance_id = self.store.create_instance(canonical, [self._gpu_db[g] for g in chosen], at=self._now(),
                                                  sm_pct=sm_pct, batch_cap=256, memory_fraction=decision.memory_fraction,
                                                  slurm_job_id=job.job_id, endpoint_url=url)
-        inst = self.view.add(decision, instance_id)
+        inst = self.view.add(decision, instance_id, shared=bool(mps))
         inst.slurm_job_id = self._job_of[instance_id] = job.job_id
         self._record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"))
         log.info("adopted job %d (%s on %s, %s) as instance %d", job.job_id, canonical, job.nodes[0], url,
@@ -623,7 +703,14 @@ class Festinad:
         await self.execute(self.policy.consolidate(self.view))
 
     async def execute(self, plan: Plan) -> None:
-        """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest)."""
+        """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest).
+
+        The catalogue's bounds apply first: an action they refuse is recorded with ``refused: <why>`` as its
+        reason and not carried out."""
+        limited = limit_plan(plan, self.view)
+        for refusal in limited.refused:
+            self._record_refusal(refusal, plan.reason)
+        plan = limited.plan
         if not plan:
             return
         self._record_plan(Plan(tuple(self._to_db(a) for a in plan.actions), plan.reason))
@@ -671,6 +758,28 @@ class Festinad:
             await self.stop_instance(source, f"migrated to instance {target.id}: {reason}")
         finally:
             self._busy.discard(source.id)
+
+    def _first_in_a_while(self, why: str) -> bool:
+        """Whether a refusal for ``why`` is to be recorded (not recorded in the last ``REFUSAL_RECORD_S``)."""
+        now = self._clock()
+        if now - self._refusal_recorded.get(why, -REFUSAL_RECORD_S) < REFUSAL_RECORD_S:
+            return False
+        self._refusal_recorded[why] = now
+        return True
+
+    def _record_refusal(self, refusal: Refusal, reason: str) -> None:
+        log.info("%s (%s) refused: %s", type(refusal.decision).__name__, reason, refusal.reason)
+        decision = refusal.decision
+        if isinstance(decision, StartInstance | StopInstance | Migrate | PowerOff | PowerOn) \
+                and self._first_in_a_while(refusal.reason):
+            self.store.record_plan(Plan((self._to_db(decision),), f"refused: {refusal.reason} ({reason})"),
+                                   at=self._now())
+
+    def _placement_refused(self, model: str, refusal: Refusal, instead: Placement) -> None:
+        """A request's start refused by the bounds: recorded as the placement carried out instead, with why."""
+        log.info("start of %s refused: %s", model, refusal.reason)
+        if self._first_in_a_while(refusal.reason):
+            self.store.record_placement(model, instead, at=self._now(), reason=f"start refused: {refusal.reason}")
 
     def _record_plan(self, plan: Plan) -> None:
         self.store.record_plan(plan, at=self._now())

@@ -25,15 +25,19 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import Policy
+from festina_hpc.policy.limits import Refusal, limit_placement
 from festina_hpc.policy.types import (
+    NO_LIMITS,
     Drop,
     InstancePhase,
     ModelInfo,
+    ModelLimits,
     NodePower,
+    Placement,
     Request,
     Route,
     Slo,
@@ -44,6 +48,13 @@ from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simulator assumes
 DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
+
+
+def runs_as_mps(tp: int, sm_pct: float) -> bool:
+    """Whether an instance's job asks Slurm for an MPS share (``--gres=mps:K``) rather than whole GPUs
+    (``--gres=gpu:N``): a share of one GPU. A whole GPU is gpu gres, so it leaves the node's MPS GPU free
+    (Slurm 22.05 puts every MPS job of a node on one GPU: an mps:100 job there pends a second one)."""
+    return tp == 1 and round(sm_pct) < 100
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class LiveInstance:
         self.sm_pct = sm_pct
         self.batch_cap = batch_cap
         self.memory_fraction = memory_fraction
+        self.shared = runs_as_mps(len(gpus), sm_pct)  # its job holds an MPS share (else whole GPUs)
         self.kv_capacity_tokens = kv_capacity_tokens
         self.kv_tokens_reserved = 0
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
@@ -142,16 +154,19 @@ class LiveCluster:
     """festinad's instances on ``nodes`` x ``gpus_per_node`` GPUs of one type; a ``ClusterView``."""
 
     def __init__(self, store: ProfileStore, gpu_type: str, slos: Mapping[str, Slo], nodes: int = 1,
-                 gpus_per_node: int = 8, clock: Callable[[], float] = time.monotonic):
+                 gpus_per_node: int = 8, clock: Callable[[], float] = time.monotonic,
+                 limits: Mapping[str, ModelLimits] | None = None):
         spec = store.gpu(gpu_type)
         self.spec = spec
         self._gpu_type = spec.name
         self._clock = clock
         self._t0 = clock()
         self.model_info: dict[str, ModelInfo] = {}
+        bounds = dict(limits or {})
         for name, slo in slos.items():
             m = store.model(name)
-            self.model_info[m.name] = ModelInfo.on_gpu(m, spec.name, slo)
+            bound = bounds.get(m.name, bounds.get(name, NO_LIMITS))
+            self.model_info[m.name] = ModelInfo.on_gpu(m, spec.name, slo, bound)
         self.node_list = [LiveNode(n, range(n * gpus_per_node, (n + 1) * gpus_per_node)) for n in range(nodes)]
         self.gpu_list = [LiveGpu(g, n.id, spec.max_clock_mhz) for n in self.node_list for g in n.gpus]
         self.live: dict[int, LiveInstance] = {}
@@ -209,22 +224,81 @@ class LiveCluster:
         rate, since = self._model_rate[model]
         self._model_rate[model] = (decayed_rate(rate, since, now) + math.log(2) / RATE_HALF_LIFE_S, now)
 
-    def add(self, decision: StartInstance, instance_id: int) -> LiveInstance:
-        """Allocate a new (loading) instance; ``NoInstance`` when the decision does not fit."""
+    def add(self, decision: StartInstance, instance_id: int, shared: bool | None = None) -> LiveInstance:
+        """Allocate a new (loading) instance; ``NoInstance`` when the decision does not fit. ``shared``: its
+        job holds an MPS share (default: as ``runs_as_mps`` says; an adopted user's mps:100 job is shared)."""
         info, gpus, nodes = self.check(decision)
         usable = self.spec.memory_bytes * USABLE_MEMORY_FRAC
         kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
                         / info.kv_bytes_per_token_per_gpu)
         inst = LiveInstance(instance_id, info, gpus, nodes.pop(), decision.sm_pct, decision.batch_cap,
                             decision.memory_fraction, max(0, kv_tokens), self.now_s)
+        if shared is not None:
+            inst.shared = shared
         self.live[inst.id] = inst
         self._by_model[inst.model].append(inst)
-        for g in gpus:
-            gpu = self.gpu_list[g]
-            gpu.instances.append(inst.id)
-            gpu.sm_pct_allocated += inst.sm_pct
-            gpu.memory_fraction_allocated += inst.memory_fraction
+        self._allocate(inst, +1)
         return inst
+
+    def _allocate(self, inst: LiveInstance, sign: int) -> None:
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            if sign > 0:
+                gpu.instances.append(inst.id)
+            else:
+                gpu.instances.remove(inst.id)
+            gpu.sm_pct_allocated += sign * inst.sm_pct
+            gpu.memory_fraction_allocated += sign * inst.memory_fraction
+
+    def move(self, inst: LiveInstance, gpus: tuple[int, ...]) -> None:
+        """Put the instance on ``gpus`` (where Slurm says its job runs), unchecked: the view follows Slurm."""
+        self._allocate(inst, -1)
+        inst.gpus = gpus
+        inst.node = self.gpu_list[gpus[0]].node
+        self._allocate(inst, +1)
+
+    # -- Slurm's MPS placement ----------------------------------------------------------------------
+
+    def mps_gpu(self, node: int) -> int | None:
+        """The GPU of ``node`` where Slurm 22.05 puts the node's MPS jobs: the one they already share (all
+        land on one GPU; festinad cannot choose it), else the lowest free GPU (Slurm's pick; the job's
+        allocated GRES index corrects the view once it runs), else None (every GPU held as a whole GPU)."""
+        gpus = [self.gpu_list[g] for g in self.node_list[node].gpus]
+        shared = [g for g in gpus if any(self.live[i].shared for i in g.instances)]
+        if shared:
+            return max(shared, key=lambda g: (g.sm_pct_allocated, -g.id)).id
+        return next((g.id for g in gpus if not g.instances), None)
+
+    def slurm_fit(self, decision: StartInstance) -> StartInstance:
+        """``decision`` as Slurm will carry it out; ``NoInstance`` when it cannot.
+
+        A whole-GPU start is as asked. An MPS share goes where Slurm puts the node's MPS jobs
+        (``mps_gpu``): kept when the policy chose that GPU or the node has no MPS job yet (an empty
+        GPU there is as good as the one chosen); on an empty GPU that is not the MPS GPU it runs as a
+        whole GPU (alone there, as the policy planned, with every SM); moved to the MPS GPU when the
+        policy meant to share another, busy GPU and the MPS GPU has the room; else refused.
+        """
+        if not runs_as_mps(len(decision.gpus), decision.sm_pct) or not decision.gpus:
+            return decision
+        (g,) = decision.gpus
+        if not 0 <= g < len(self.gpu_list):
+            return decision  # check() refuses it
+        m = self.mps_gpu(self.gpu_list[g].node)
+        if m == g:
+            return decision
+        if m is not None and not self.gpu_list[m].instances:
+            return replace(decision, gpus=(m,))
+        if not self.gpu_list[g].instances:
+            return replace(decision, sm_pct=100.0)
+        if m is not None and self._fits(m, decision):
+            return replace(decision, gpus=(m,))
+        raise NoInstance(f"Slurm puts MPS jobs of node {self.gpu_list[g].node} on GPU {m}, which has no room "
+                         f"for {decision.model} at {decision.sm_pct:g}% SMs (GPU {g} was asked)")
+
+    def _fits(self, g: int, decision: StartInstance) -> bool:
+        gpu = self.gpu_list[g]
+        return (gpu.sm_pct_allocated + decision.sm_pct <= 100 + 1e-6
+                and gpu.memory_fraction_allocated + decision.memory_fraction <= 1 + 1e-6)
 
     def check(self, decision: StartInstance) -> tuple[ModelInfo, tuple[int, ...], set[int]]:
         """``NoInstance`` unless ``decision`` fits: the model, its GPUs (distinct, one node) and their room."""
@@ -238,9 +312,7 @@ class LiveCluster:
         if len(nodes) != 1:
             raise NoInstance(f"policy gave {decision.model} GPUs {gpus} on several nodes")
         for g in gpus:
-            gpu = self.gpu_list[g]
-            if gpu.sm_pct_allocated + decision.sm_pct > 100 + 1e-6 or \
-                    gpu.memory_fraction_allocated + decision.memory_fraction > 1 + 1e-6:
+            if not self._fits(g, decision):
                 raise NoInstance(f"policy overfilled GPU {g} with {decision.model}")
         return info, gpus, nodes
 
@@ -249,11 +321,7 @@ class LiveCluster:
             return
         inst.phase = InstancePhase.STOPPED
         self._by_model[inst.model].remove(inst)
-        for g in inst.gpus:
-            gpu = self.gpu_list[g]
-            gpu.instances.remove(inst.id)
-            gpu.sm_pct_allocated -= inst.sm_pct
-            gpu.memory_fraction_allocated -= inst.memory_fraction
+        self._allocate(inst, -1)
 
 
 class PolicyRouter:
@@ -261,8 +329,11 @@ class PolicyRouter:
 
     def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
                  stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256,
-                 new_instance_id: Callable[[StartInstance], int] | None = None):
+                 new_instance_id: Callable[[StartInstance], int] | None = None,
+                 on_refused: Callable[[str, Refusal, Placement], None] | None = None):
         self.policy = policy
+        # Told of each start the catalogue's bounds refused (model, what and why, the placement instead).
+        self.on_refused = on_refused
         self.cluster = cluster
         self.start_instance = start_instance
         self.stop_instance = stop_instance
@@ -281,7 +352,9 @@ class PolicyRouter:
         view = self.cluster
         view.note_arrival(model)
         request = Request(next(self._request_ids), view.now_s, model, prompt_tokens, self.expected_output_tokens)
-        decision = self.policy.place(request, view)
+        decision, refused = limit_placement(self.policy.place(request, view), view)
+        if refused is not None and self.on_refused is not None:
+            self.on_refused(model, refused, decision)
         if isinstance(decision, Drop):
             raise NoInstance(f"no capacity for {model}: {decision.reason}")
         if isinstance(decision, StartInstance):
@@ -336,6 +409,7 @@ class PolicyRouter:
             self.cluster.remove(victim)
             if self.stop_instance is not None:
                 self._spawn(self.stop_instance(victim.id, victim.endpoint))
+        decision = self.cluster.slurm_fit(decision)
         self.cluster.check(decision)
         inst = self.cluster.add(decision, self._new_id(decision))
         launch = InstanceLaunch(inst.id, inst.model, self.cluster.gpu_type, inst.node, inst.gpus, inst.sm_pct,

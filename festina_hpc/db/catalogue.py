@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import builtins
 import math
-import shlex
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -33,8 +33,10 @@ from festina_hpc.db.store import utc_now
 from festina_hpc.errors import FestinaError, UnknownProfileError
 from festina_hpc.policy.types import InstancePhase
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.launch import EMULATED_ENGINE_FLAGS, EngineArgsError, split_engine_args, unknown_emulated_args
 
 ENGINES = ("vllm", "emulated")
+_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]+")  # a Slurm account name, as it goes on an #SBATCH line
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/:")
 
 
@@ -117,9 +119,13 @@ def validate_entry(entry: CatalogueEntry, profiles: ProfileStore) -> CatalogueEn
     if entry.engine not in ENGINES:
         raise _bad(name, "engine", entry.engine, f"must be one of {', '.join(ENGINES)}")
     try:
-        shlex.split(entry.engine_args)
-    except ValueError as exc:
-        raise _bad(name, "engine_args", entry.engine_args, f"is not valid shell words ({exc})") from None
+        split_engine_args(entry.engine_args, entry.engine)
+    except EngineArgsError as exc:
+        raise _bad(name, "engine_args", entry.engine_args, exc.what) from None
+    unknown = unknown_emulated_args(entry.engine_args) if entry.engine == "emulated" else []
+    if unknown:
+        raise _bad(name, "engine_args", entry.engine_args, f"has flags the emulated engine does not take "
+                   f"({', '.join(unknown)}; it takes {', '.join(EMULATED_ENGINE_FLAGS)})")
     _number(name, "ttft_slo_s", entry.ttft_slo_s, positive=True)
     _number(name, "tbt_slo_s", entry.tbt_slo_s, positive=True)
     _integer(name, "min_instances", entry.min_instances)
@@ -130,6 +136,8 @@ def validate_entry(entry: CatalogueEntry, profiles: ProfileStore) -> CatalogueEn
     _number(name, "keep_alive_s", entry.keep_alive_s, positive=False, optional=True)
     if len(entry.account) > 255:
         raise _bad(name, "account", entry.account[:40] + "...", "is longer than 255 characters")
+    if entry.account and not _ACCOUNT.fullmatch(entry.account):
+        raise _bad(name, "account", entry.account, "may only hold letters, digits and _ . -")
     return replace(entry, profile=profile, gpu_type=gpu)
 
 

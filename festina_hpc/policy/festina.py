@@ -18,7 +18,9 @@ constant-time profile lookups:
   controller can give: max clock and the GPU's free share) is within its own
   SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
   model that keeps missing takes the GPUs of an idle instance of a model that
-  has room elsewhere (capacity follows the load).
+  has room elsewhere (capacity follows the load). ``scale`` adds an instance
+  only for a shortage that lasts SCALE_OUT_AFTER_S: a moment's queue is served
+  sooner by the ready instances than by a cold start.
 - **Local control** (``control``): per GPU, the joint choice of the one clock
   and each co-resident instance's SM share and prefill chunk that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
@@ -34,7 +36,8 @@ constant-time profile lookups:
   node is evacuated when every instance on it fits elsewhere on powered nodes
   with every co-resident still meeting its SLO (the control solver is the
   check) and the static and idle energy saved over a horizon exceeds the
-  migrations' cold starts; nodes empty for NODE_EMPTY_S are powered off while a
+  migrations' cold starts; nodes empty for as long as waking one takes (ski
+  rental: by then staying on has cost what a wake costs) are powered off while a
   headroom of empty GPUs (SPARE_SHARE of those in use) stays powered, and a node
   is woken when the headroom runs low. ``scale`` stops extra instances idle for
   SCALE_IN_IDLE_S so that nodes can empty.
@@ -96,7 +99,7 @@ USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' defau
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
 SPARE_SHARE = 0.25  # and this share of the GPUs in use
-NODE_EMPTY_S = 300.0  # a node must be empty this long before it is powered off
+SCALE_OUT_AFTER_S = 10.0  # a model lacking room this long (two scale ticks) gets another instance
 SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
 PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
 TYPICAL_REFRESH = 256  # placements between looks at the learnt request lengths
@@ -191,6 +194,7 @@ class FestinaPolicy(Policy):
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
         self._short: set[str] = set()  # models that placement found without a safe instance
+        self._pressed_since: dict[str, float] = {}  # model -> since when it lacks room (short or no spare)
 
     # -- profile lookups --------------------------------------------------------------------------
     # Estimates are memoised. They depend on few distinct points: integer batches, the
@@ -594,13 +598,20 @@ class FestinaPolicy(Policy):
                     continue
             short = model.name in self._short
             self._short.discard(model.name)
-            if short or not any(self._has_spare(view, i) for i in instances):
+            if not short and any(self._has_spare(view, i) for i in instances):
+                self._pressed_since.pop(model.name, None)
+                continue
+            # Scale out on a shortage that lasts: a moment's queue is served sooner by the ready
+            # instances than by a cold start, and an instance started for it holds GPUs long after.
+            since = self._pressed_since.setdefault(model.name, view.now_s)
+            if view.now_s - since >= SCALE_OUT_AFTER_S:
                 start = self._where_to_start(view, model)
                 if start is None and short:
                     start = self._by_eviction(view, model, evicted)
                 if start is not None:
                     evicted.update(start.evict)
                     actions.append(start)
+                    self._pressed_since.pop(model.name, None)
         return Plan(tuple(actions), "scale")
 
     def _by_eviction(self, view: ClusterView, model: ModelInfo, evicted: set[int]) -> StartInstance | None:
@@ -645,7 +656,7 @@ class FestinaPolicy(Policy):
             if node.power is NodePower.ON and all(not view.gpu(g).instances for g in node.gpus):
                 since = self._empty_since.setdefault(node.id, view.now_s)
                 # Only a node empty for a while and not needed for headroom goes off.
-                if view.now_s - since >= NODE_EMPTY_S and free_elsewhere - len(node.gpus) >= spare:
+                if view.now_s - since >= self.context.node_wake_s and free_elsewhere - len(node.gpus) >= spare:
                     actions.append(PowerOff(node.id))
                     free_elsewhere -= len(node.gpus)
             else:

@@ -67,6 +67,19 @@ class NodePower(IntEnum):
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """An operator's bounds on a model's instances (the catalogue's), enforced by the driver on any
+    policy's decisions (``policy/limits.py``); the defaults bound nothing."""
+
+    min_instances: int = 0  # kept serving even when idle: never stopped below, started when missing
+    max_instances: int | None = None  # no plan starts more; None: no bound
+    keep_alive_s: float | None = None  # idle seconds before the model scales to zero; None: the policy's own
+
+
+NO_LIMITS = ModelLimits()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a policy needs to know of a model on this cluster's GPU type."""
 
@@ -75,12 +88,13 @@ class ModelInfo:
     weights_bytes_per_gpu: float
     kv_bytes_per_token_per_gpu: float
     slo: Slo
+    limits: ModelLimits = NO_LIMITS
 
     @classmethod
-    def on_gpu(cls, spec: ModelSpec, gpu_type: str, slo: Slo) -> ModelInfo:
+    def on_gpu(cls, spec: ModelSpec, gpu_type: str, slo: Slo, limits: ModelLimits = NO_LIMITS) -> ModelInfo:
         """The model as a policy sees it on ``gpu_type``: weights and KV split over its tensor-parallel GPUs."""
         tp = spec.tp_on(gpu_type)
-        return cls(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp, slo)
+        return cls(spec.name, tp, spec.weights_bytes / tp, spec.kv_bytes_per_token / tp, slo, limits)
 
 
 class InstanceView(Protocol):

@@ -9,6 +9,7 @@ type. Names resolve case-insensitively through each entry's aliases, so
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ class Catalog:
         self.gpus = dict(gpus)
         self.models = dict(models)
         self._gpu_names = self._index(self.gpus)
+        self._variants: dict[str, str] = {}  # variant model -> the shipped model whose profile it uses
         self._model_names = self._index(self.models)
 
     @classmethod
@@ -171,6 +173,28 @@ class Catalog:
             return self.gpus[self._gpu_names[name.lower()]]
         except KeyError:
             raise UnknownProfileError(f"unknown gpu {name!r} (known: {', '.join(sorted(self.gpus))})") from None
+
+    def add_variant(self, name: str, profile: str) -> ModelSpec:
+        """Serve ``name`` as a model of its own (a fine-tune of ``profile``, say) with the specs and
+        profile tables of ``profile``: the same physics, its own instances, traffic and SLOs."""
+        base = self.model(profile)
+        base_name = self._variants.get(base.name, base.name)
+        existing = self._model_names.get(name.lower())
+        if existing is not None:
+            if existing == name and self._variants.get(name) == base_name:
+                return self.models[name]
+            raise ProfileError(f"model {name!r} is already {existing!r} (a shipped model, alias or variant): "
+                               f"a variant needs a name of its own")
+        spec = dataclasses.replace(self.models[base_name], name=name, aliases=())
+        self.models[name] = spec
+        self._model_names[name.lower()] = name
+        self._variants[name] = base_name
+        return spec
+
+    def profile_of(self, name: str) -> str:
+        """The model whose profile tables ``name`` uses: itself, or a variant's base."""
+        model = self.model(name).name
+        return self._variants.get(model, model)
 
     def model(self, name: str) -> ModelSpec:
         try:

@@ -63,7 +63,8 @@ class ProfileStore:
                       if table_path(self.dir, gpu, model).is_file())
 
     def table(self, gpu: str, model: str) -> ProfileTable:
-        gpu_name, model_name = self.gpu(gpu).name, self.model(model).name
+        """The profile table of ``model`` on ``gpu`` (a variant's is its base model's)."""
+        gpu_name, model_name = self.gpu(gpu).name, self.catalog.profile_of(model)
         key = (gpu_name, model_name)
         if key not in self._tables:
             path = table_path(self.dir, gpu_name, model_name)

@@ -13,10 +13,18 @@ controller through NVML; neither is a vLLM flag. The batch cap maps to
 ``--max-num-seqs`` and the instance's memory fraction to
 ``--gpu-memory-utilization`` (vLLM's fraction of the whole GPU). The Slurm
 submit (another module) wraps one of these argv lists in its batch script.
+
+A catalogue entry's ``engine_args`` (``festina models add --engine-args``) are
+shell words split with ``shlex`` into extra argv words, never run by a shell
+(``split_engine_args``): vLLM gets them all, except the flags festina sets from the
+plan (``VLLM_MANAGED_FLAGS``, refused); the emulated engine takes the subset it
+knows (``EMULATED_ENGINE_FLAGS``) and ignores the rest, so an entry written
+for vLLM still runs emulated on a development cluster.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from festina_hpc.errors import FestinaError
@@ -24,6 +32,58 @@ from festina_hpc.profiles.store import ProfileStore
 
 ENGINES = ("emulated", "simulated", "vllm")  # "simulated" is the old name of "emulated"
 USABLE_MEMORY_FRAC = 0.9  # of a GPU for weights and KV cache: vLLM's default gpu_memory_utilization
+# vLLM flags festina sets from the plan and the port it picks: an entry's engine_args may not set them.
+VLLM_MANAGED_FLAGS = ("--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp",
+                      "--max-num-seqs", "--gpu-memory-utilization")
+# `festina serve --engine emulated` flags an entry's engine_args may set (each takes one value).
+EMULATED_ENGINE_FLAGS = ("--chunk-tokens", "--drain-s")
+
+
+class EngineArgsError(FestinaError):
+    """An entry's engine_args cannot be split into words, or set what festina sets itself."""
+
+    def __init__(self, text: str, what: str):
+        super().__init__(f"engine_args = {text!r} {what}")
+        self.what = what  # e.g. "sets --port, which festina sets itself"
+
+
+def _flag(word: str) -> str:
+    """``--max_num_seqs=8`` -> ``--max-num-seqs`` (vLLM's parser takes either spelling)."""
+    return word.split("=", 1)[0].replace("_", "-") if word.startswith("-") else ""
+
+
+def split_engine_args(text: str, engine: str) -> tuple[str, ...]:
+    """The words of ``text`` that ``engine`` gets (see the module docstring); ``EngineArgsError`` when
+    ``text`` is not shell words (an unbalanced quote) or sets a flag festina manages."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise EngineArgsError(text, f"is not valid shell words ({exc})") from None
+    managed = sorted({_flag(w) for w in words} & set(VLLM_MANAGED_FLAGS))
+    if managed:
+        raise EngineArgsError(text, f"sets {', '.join(managed)}, which festina sets itself")
+    if engine == "vllm":
+        return tuple(words)
+    kept: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if _flag(word) in EMULATED_ENGINE_FLAGS:
+            if "=" in word:
+                kept.append(word)
+            elif i + 1 < len(words):
+                kept += [word, words[i + 1]]
+                i += 1
+        i += 1
+    return tuple(kept)
+
+
+def unknown_emulated_args(text: str) -> list[str]:
+    """The flags of ``text`` the emulated engine ignores (``festina models add`` refuses them for an
+    emulated entry)."""
+    words = shlex.split(text)
+    known = set(split_engine_args(text, "emulated"))
+    return [w for w in words if w.startswith("-") and w not in known]
 
 
 @dataclass(frozen=True)
@@ -40,14 +100,16 @@ class ServeSpec:
     clock_mhz: int = 0  # 0: the GPU's max clock
     batch_cap: int = 256
     memory_fraction: float = 1.0  # of the GPU's usable memory, as in StartInstance
+    engine_args: str = ""  # the catalogue entry's extra engine arguments, shell words (see split_engine_args())
 
 
 def serve_spec(store: ProfileStore, model: str, gpu_type: str, port: int, *, host: str = "0.0.0.0",
                sm_pct: float = 100.0, clock_mhz: int = 0, batch_cap: int = 256,
-               memory_fraction: float = 1.0) -> ServeSpec:
+               memory_fraction: float = 1.0, engine_args: str = "") -> ServeSpec:
     m, g = store.model(model), store.gpu(gpu_type)
     return ServeSpec(model=m.name, hf_name=m.hf_name, gpu_type=g.name, port=port, host=host, tp=m.tp_on(g.name),
-                     sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap, memory_fraction=memory_fraction)
+                     sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap, memory_fraction=memory_fraction,
+                     engine_args=engine_args)
 
 
 def simulated_argv(spec: ServeSpec, festina: str | list[str] = "festina", time_scale: float = 1.0) -> list[str]:
@@ -61,13 +123,14 @@ def simulated_argv(spec: ServeSpec, festina: str | list[str] = "festina", time_s
         argv += ["--clock-mhz", str(spec.clock_mhz)]
     if time_scale != 1.0:
         argv += ["--time-scale", f"{time_scale:g}"]
-    return argv
+    return argv + list(split_engine_args(spec.engine_args, "emulated"))
 
 
 def vllm_argv(spec: ServeSpec, vllm: str = "vllm") -> list[str]:
     return [vllm, "serve", spec.hf_name, "--served-model-name", spec.model, "--host", spec.host,
             "--port", str(spec.port), "--tensor-parallel-size", str(spec.tp), "--max-num-seqs", str(spec.batch_cap),
-            "--gpu-memory-utilization", f"{spec.memory_fraction * USABLE_MEMORY_FRAC:.4g}"]
+            "--gpu-memory-utilization", f"{spec.memory_fraction * USABLE_MEMORY_FRAC:.4g}",
+            *split_engine_args(spec.engine_args, "vllm")]
 
 
 def serving_argv(spec: ServeSpec, engine: str) -> list[str]:

@@ -27,6 +27,7 @@ from festina_hpc.sim.workload import (
     build_requests,
     default_slo,
     load_trace,
+    model_mix_path,
     parse_popularity,
     read_model_mix,
     shipped_trace,
@@ -40,7 +41,7 @@ class ExperimentOptions:
 
     trace: str  # a CSV path, or a shipped trace name (azure-code, azure-conv)
     models: int | None = None
-    model_mix: Path | None = None
+    model_mix: Path | str | None = None  # a file, or the name of a shipped mix
     popularity: str | None = None
     seed: int | None = None
     rate_scale: float | None = None
@@ -63,6 +64,7 @@ class Experiment:
         cluster = self.cluster
         context = PolicyContext(store, cluster.gpu_type, keep_alive_s=self.keep_alive_s,
                                 node_static_w=cluster.node_static_w_per_gpu * cluster.gpus_per_node,
+                                node_wake_s=cluster.node_wake_s,
                                 load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs)
         policy = make_policy(policy_name, context)
         return Simulation(self.cluster, store, policy, self.requests, self.slos).run()
@@ -91,7 +93,11 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
         gpus_per_node=options.gpus_per_node or config.cluster.gpus_per_node,
         gpu_type=store.gpu(options.gpu or config.cluster.gpu_type).name)
     if options.model_mix is not None:
-        names, weights = split_model_mix(read_model_mix(options.model_mix))
+        mix = read_model_mix(model_mix_path(options.model_mix))
+        for entry in mix:
+            if entry.profile is not None:
+                store.catalog.add_variant(entry.name, entry.profile)
+        names, weights = split_model_mix(mix)
         models = [store.model(m).name for m in names]
     else:
         count = options.models or sim.models

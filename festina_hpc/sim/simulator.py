@@ -20,7 +20,9 @@ import numpy as np
 
 from festina_hpc.errors import FestinaError
 from festina_hpc.policy.base import Policy
+from festina_hpc.policy.limits import bounded, limit_placement, limit_plan, upkeep
 from festina_hpc.policy.types import (
+    NO_LIMITS,
     Action,
     ClusterView,
     Drop,
@@ -28,6 +30,7 @@ from festina_hpc.policy.types import (
     InstancePhase,
     Migrate,
     ModelInfo,
+    ModelLimits,
     MoveQueued,
     NodePower,
     Placement,
@@ -108,7 +111,7 @@ class Simulation:
     """One run of ``policy`` over ``requests``; ``run()`` returns the ``SimResult``."""
 
     def __init__(self, config: ClusterConfig, store: ProfileStore, policy: Policy, requests: Sequence[Request],
-                 slos: Mapping[str, Slo]):
+                 slos: Mapping[str, Slo], limits: Mapping[str, ModelLimits] | None = None):
         self.config = config
         self.store = store
         self.policy = policy
@@ -126,11 +129,14 @@ class Simulation:
         self.tables = {}
         for name in sorted({r.model for r in requests} | set(slos)):
             spec = store.model(name)
-            self.model_info[spec.name] = ModelInfo.on_gpu(spec, self._gpu_type, slos[spec.name])
+            # The catalogue's bounds, applied to the policy's decisions as festinad applies them (policy/limits.py).
+            bound = (limits or {}).get(spec.name, NO_LIMITS)
+            self.model_info[spec.name] = ModelInfo.on_gpu(spec, self._gpu_type, slos[spec.name], bound)
             self.tables[spec.name] = store.table(self._gpu_type, spec.name)
         self.records = [RequestRecord(r) for r in requests]
         self.live: dict[int, SimInstance] = {}
         self._by_model: dict[str, list[SimInstance]] = {m: [] for m in self.model_info}
+        self._bounded = bounded(self)
         self._model_rate: dict[str, tuple[float, float]] = {m: (0.0, 0.0) for m in self.model_info}
         self._next_instance = 0
         self._now = 0.0
@@ -241,6 +247,8 @@ class Simulation:
             return [*events, *self._again(e, self.config.control_period_s)]
         if kind is EventKind.SCALE_TICK:
             events = self._execute(self.policy.scale(self))
+            if self._bounded:
+                events += self._execute(upkeep(self).plan)
             return [*events, *self._again(e, self.policy.scale_period_s)]
         if kind is EventKind.CONSOLIDATE_TICK:
             events = self._execute(self.policy.consolidate(self))
@@ -268,6 +276,8 @@ class Simulation:
         """Ask the policy where an outstanding request goes, and carry that out."""
         r = record.request
         decision: Placement = self.policy.place(r, self)
+        if self._bounded:
+            decision = limit_placement(decision, self)[0]
         events: list[Event] = []
         if isinstance(decision, StartInstance):
             if decision.model != r.model:
@@ -616,6 +626,8 @@ class Simulation:
     # -- plans and control ------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> list[Event]:
+        if self._bounded:
+            plan = limit_plan(plan, self).plan
         events: list[Event] = []
         for action in plan.actions:
             try:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from festina_hpc.profiles.specs import ModelSpec
 from festina_hpc.profiles.store import ProfileStore
 
 TRACES_DIR = Path(__file__).resolve().parent / "traces"
+MIXES_DIR = Path(__file__).resolve().parent / "mixes"  # shipped model-mix files, <name>.txt
 SHIPPED_TRACES: tuple[tuple[str, str], ...] = (
     ("azure-code", "azure_2023_code.csv"),
     ("azure-conv", "azure_2023_conv.csv"),
@@ -296,13 +298,34 @@ def load_trace(path: Path | str) -> Trace:
 # ---------------------------------------------------------------- models and popularity
 
 
-def read_model_mix(path: Path | str) -> list[tuple[str, float | None]]:
+def model_mix_path(name_or_path: Path | str) -> Path:
+    """A model-mix file: a path, or the name of a shipped one (``festina_hpc/sim/mixes/<name>.txt``)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix:
+        return path
+    shipped = MIXES_DIR / f"{name_or_path}.txt"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in MIXES_DIR.glob("*.txt")))
+    raise TraceError(f"model mix {str(name_or_path)!r} is neither a file nor a shipped mix (shipped: {names})")
+
+
+class MixEntry(NamedTuple):
+    """One line of a model-mix file."""
+
+    name: str
+    weight: float | None = None
+    profile: str | None = None  # a variant's base model (``name = profile``), whose profile it uses
+
+
+def read_model_mix(path: Path | str) -> list[MixEntry]:
     """Read a model-mix file: one model per line, optionally ``name, weight``; ``#`` starts a comment.
 
-    Either every model has a weight (a positive number; relative, need not sum
-    to 1) or none does (then the popularity spec decides). The order is the
-    popularity rank. Names are not checked here: pass them through the
-    ``ProfileStore`` that will serve them.
+    ``name = profile`` serves a model of its own (a fine-tune, say) with the
+    profile of a shipped model (``Catalog.add_variant``). Either every model has
+    a weight (a positive number; relative, need not sum to 1) or none does (then
+    the popularity spec decides). The order is the popularity rank. Names are not
+    checked here: pass them through the ``ProfileStore`` that will serve them.
     """
     path = Path(path)
     try:
@@ -311,7 +334,7 @@ def read_model_mix(path: Path | str) -> list[tuple[str, float | None]]:
         raise TraceError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise TraceError(f"{path}: not UTF-8 text") from None
-    mix: list[tuple[str, float | None]] = []
+    mix: list[MixEntry] = []
     first_line: dict[str, int] = {}
     weighted_line: int | None = None
     plain_line: int | None = None
@@ -322,9 +345,11 @@ def read_model_mix(path: Path | str) -> list[tuple[str, float | None]]:
         parts = [part.strip() for part in content.split(",")]
         if len(parts) > 2:
             raise TraceError(f"{path}: line {line}: expected 'model' or 'model, weight', got {content!r}")
-        name = parts[0]
+        name, _, profile = (part.strip() for part in parts[0].partition("="))
         if not name:
             raise TraceError(f"{path}: line {line}: model name is empty")
+        if "=" in parts[0] and not profile:
+            raise TraceError(f"{path}: line {line}: expected 'name = profile' for a variant, got {parts[0]!r}")
         if name.lower() in first_line:
             raise TraceError(f"{path}: line {line}: model {name} is already listed on line {first_line[name.lower()]}")
         first_line[name.lower()] = line
@@ -342,16 +367,16 @@ def read_model_mix(path: Path | str) -> list[tuple[str, float | None]]:
         if weighted_line is not None and plain_line is not None:
             raise TraceError(f"{path}: line {line}: give a weight on every line or on none "
                              f"(line {weighted_line} has one, line {plain_line} has none)")
-        mix.append((name, weight))
+        mix.append(MixEntry(name, weight, profile or None))
     if not mix:
         raise TraceError(f"{path}: no models listed")
     return mix
 
 
-def split_model_mix(mix: Sequence[tuple[str, float | None]]) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+def split_model_mix(mix: Sequence[MixEntry]) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
     """(model names, weights or None) from ``read_model_mix``'s list, ready for ``build_requests``."""
-    names = tuple(name for name, _ in mix)
-    weights = [weight for _, weight in mix]
+    names = tuple(entry.name for entry in mix)
+    weights = [entry.weight for entry in mix]
     if all(weight is None for weight in weights):
         return names, None
     if any(weight is None for weight in weights):

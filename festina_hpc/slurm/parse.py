@@ -105,6 +105,26 @@ def _expand_one(pattern: str) -> list[str]:
     return out
 
 
+def gres_indices(detail: str) -> dict[str, tuple[int, ...]]:
+    """Which devices of its node a job was given, per GRES name, from one ``gres_detail`` entry (squeue
+    --json) or ``GRES=`` (``scontrol -d``): ``gpu:h100:2(IDX:0-1)`` -> ``{"gpu": (0, 1)}``,
+    ``mps:25(IDX:1)`` -> ``{"mps": (1,)}``; ``IDX:N/A`` gives ``()``."""
+    out: dict[str, tuple[int, ...]] = {}
+    if not detail or detail.strip() in _NULLS:
+        return out
+    for item in _split_top_level(detail.strip(), ","):
+        match = re.fullmatch(r"([A-Za-z_]+)[^(]*\(IDX:([^)]*)\)", item.strip())
+        if match is None:
+            continue
+        found: list[int] = []
+        for part in match[2].split(","):
+            first, _, last = part.partition("-")
+            if first.isdigit() and (not last or last.isdigit()):
+                found.extend(range(int(first), int(last or first) + 1))
+        out[match[1]] = tuple(dict.fromkeys(out.get(match[1], ()) + tuple(found)))
+    return out
+
+
 def parse_gres(text: str) -> tuple[Gres, ...]:
     """A node's GRES string, configured or used: ``gpu:h100:2(IDX:0-1),mps:h100:0(IDX:N/A)``."""
     if text is None or text.strip() in _NULLS:

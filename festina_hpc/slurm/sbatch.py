@@ -75,6 +75,8 @@ def render_script(spec: ServingJobSpec) -> str:
         lines.append(f"#SBATCH --exclude={','.join(validate.node_names(spec.exclude, 'exclude'))}")
     if spec.partition:
         lines.append(f"#SBATCH --partition={validate.safe_text(spec.partition, 'partition')}")
+    if spec.account:
+        lines.append(f"#SBATCH --account={validate.safe_text(spec.account, 'account')}")
     if spec.time_limit:
         if not _TIME_LIMIT.fullmatch(spec.time_limit):
             raise SlurmInputError(f"time limit {spec.time_limit!r} is not in Slurm's [D-]HH:MM:SS form")

@@ -130,6 +130,7 @@ class ServingJobSpec:
     job_name: str | None = None  # default: festina-<model>-<instance>
     comment: str | None = None  # default: festina:model=<model>,instance=<instance>
     partition: str | None = None
+    account: str | None = None  # --account: whose allocation the job is charged to; default the submitter's
     time_limit: str | None = None  # Slurm's format, e.g. "1-00:00:00"; default: the partition's
     hold: bool = False  # submit held (sbatch --hold)
     env: tuple[tuple[str, str], ...] = field(default=())  # extra exported variables, in order

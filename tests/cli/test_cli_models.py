@@ -43,6 +43,8 @@ def test_add_list_show_update_remove(festina: Festina, db: str) -> None:
     ("--gpu-type", "tpu", "gpu_type = 'tpu' is not a known GPU type"),
     ("--engine", "tgi", "Invalid value for '--engine': 'tgi' is not one of 'vllm', 'emulated'"),
     ("--engine-args", "'open", "engine_args = \"'open\" is not valid shell words"),
+    ("--engine-args", "--port 9", "engine_args = '--port 9' sets --port, which festina sets itself"),
+    ("--account", "a;b", "account = 'a;b' may only hold letters"),
     ("--ttft-slo-s", "fast", "Invalid value for '--ttft-slo-s': 'fast' is not a valid float"),
     ("--ttft-slo-s", "0", "ttft_slo_s = 0.0 must be positive"),
     ("--ttft-slo-s", "inf", "ttft_slo_s = inf is not a finite number"),
@@ -66,6 +68,13 @@ def test_bad_add_field(festina: Festina, db: str, option: str, value: str, messa
     assert result.err.startswith("festina: error: ") and message in result.err
     assert len(result.err.strip().splitlines()) == 1
     assert json.loads(festina("models", "list", "--json").out)["models"] == []  # nothing half-done
+
+
+def test_update_with_unbalanced_quotes_is_one_line_naming_the_field(festina: Festina, db: str) -> None:
+    assert festina(*ADD).code == 0
+    result = festina("models", "update", "llama8b", "--engine-args", "--max-model-len \"8192")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "engine_args = '--max-model-len \"8192' is not valid shell words" in result.err
 
 
 def test_bad_name_and_duplicates(festina: Festina, db: str) -> None:

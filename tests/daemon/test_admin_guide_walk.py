@@ -43,8 +43,8 @@ from tests.daemon.live import ask, festina_jobs, festinad, user_job, wait_http
 
 pytestmark = pytest.mark.slurm
 
-# The guide's "Configure" lines, verbatim (festinad serves the profile; engine and account are the catalogue's
-# record for the admin: the dev cluster's serving jobs run the emulated engine of festinad's config).
+# The guide's "Configure" lines, verbatim (festinad serves the profile; the dev cluster's serving jobs run the
+# emulated engine of festinad's config, which ignores the vLLM --max-model-len; the account goes on the jobs).
 ADD_LLAMA = ["models", "add", "llama8b", "--profile", "llama-3.1-8b", "--gpu-type", "h100", "--engine", "vllm",
              "--engine-args", "--max-model-len 8192", "--ttft-slo-s", "1.0", "--tbt-slo-s", "0.1",
              "--max-instances", "4", "--account", "llm"]

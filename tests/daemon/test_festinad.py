@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ import pytest
 from sqlalchemy import text
 
 from festina_hpc.daemon.auth import AuthConfig, Authenticator
-from festina_hpc.daemon.festinad import Festinad, FestinadSettings, SlurmRetry, StoreRecorder, parse_comment
+from festina_hpc.daemon.festinad import (
+    Festinad,
+    FestinadSettings,
+    ModelOptions,
+    SlurmRetry,
+    StoreRecorder,
+    parse_comment,
+)
 from festina_hpc.daemon.gateway import Gateway, gateway_models
 from festina_hpc.db import migrate
 from festina_hpc.db.accounting import run_query
@@ -29,7 +37,7 @@ from festina_hpc.db.engine import make_engine
 from festina_hpc.db.keys import KeyRing
 from festina_hpc.db.store import EnergyReading, Store
 from festina_hpc.policy.base import PolicyContext, make_policy
-from festina_hpc.policy.types import InstancePhase, Plan, StopInstance
+from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, StartInstance, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import SimulatedEngine
 from festina_hpc.serve.server import make_app, running_app
@@ -135,13 +143,14 @@ def _free_port_base(span: int = 16) -> int:
     raise RuntimeError("no free port range below 32768")
 
 
-async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store) -> Festinad:
+async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store,
+                    model_options: dict[str, ModelOptions] | None = None) -> Festinad:
     policy = make_policy("festina", PolicyContext(store, GPU))
     slos = {m.name: m.slo for m in gateway_models(store, GPU, MODELS)}
     settings = FestinadSettings(serve_port_base=_free_port_base(), start_timeout_s=10, drain_timeout_s=1,
                                 health_poll_s=0.02, job_poll_s=0.05)
     festinad = Festinad(policy, store, slurm, db, slos, settings,
-                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01))
+                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01), model_options=model_options)
     await festinad.setup()
     return festinad
 
@@ -319,6 +328,87 @@ def test_a_user_job_on_a_resuming_node_is_adopted_before_anything_is_placed(stor
         finally:
             await festinad.close()
 
+    asyncio.run(main())
+
+
+async def _until_ready(inst: Any, servers: Servers) -> None:
+    for _ in range(500):
+        await servers.pump()
+        if inst.phase is InstancePhase.READY:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"instance {inst.id} never turned ready")
+
+
+def test_catalogue_bounds_engine_args_and_account_are_honoured(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+    options = {"llama-3.1-8b": ModelOptions(ModelLimits(min_instances=1), account="ml-team",
+                                            engine_args="--chunk-tokens 512 --max-model-len 8192"),
+               "mistral-7b": ModelOptions(ModelLimits(max_instances=1))}
+
+    async def main() -> None:
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        festinad = await _festinad(store, slurm, db, options)  # setup reconciles: the minimum starts at once
+        try:
+            (kept,) = festinad.view.live.values()
+            await _until_ready(kept, servers)
+            (spec, _), = slurm.started
+            assert spec.model == "llama-3.1-8b" and spec.account == "ml-team"
+            assert "--chunk-tokens 512" in " ".join(spec.command) and "--max-model-len" not in spec.command
+            await festinad.execute(Plan((StopInstance(kept.id),), "test: scale to zero"))
+            assert kept.id in festinad.view.live and not slurm.cancelled  # min_instances keeps it
+            free = [g.id for g in festinad.view.gpus() if not g.instances]
+            await festinad.execute(Plan((StartInstance("mistral-7b", (free[0],)),), "test"))
+            await festinad.execute(Plan((StartInstance("mistral-7b", (free[1],)),), "test: second"))
+            assert len(festinad.view.instances_of("mistral-7b")) == 1  # max_instances = 1
+            reasons = [d.reason for d in db.decisions(since=since) if d.reason.startswith("refused")]
+            assert reasons == ["refused: llama-3.1-8b: min_instances = 1 keeps instance "
+                               f"{kept.id} (test: scale to zero)",
+                               "refused: mistral-7b: max_instances = 1 reached (test: second)"]
+            await _until_ready(festinad.view.instances_of("mistral-7b")[0], servers)
+            slurm.jobs.clear()  # every job gone: the minimum is started again
+            await festinad.reconcile()
+            assert [i.model for i in festinad.view.live.values()] == ["llama-3.1-8b"]
+            await _until_ready(festinad.view.instances_of("llama-3.1-8b")[0], servers)
+            assert [s.model for s, _ in slurm.started] == ["llama-3.1-8b", "mistral-7b", "llama-3.1-8b"]
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    servers = Servers(store, slurm)
+    asyncio.run(main())
+
+
+def test_the_view_follows_the_gpu_slurm_gave_an_mps_job(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def main() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            await festinad.execute(Plan((StartInstance("llama-3.1-8b", (0,), sm_pct=40, memory_fraction=0.3),),
+                                        "test: a share"))
+            (first,) = festinad.view.live.values()
+            await _until_ready(first, servers)
+            (spec, job_id), = slurm.started
+            assert spec.mps_pct == 40 and first.gpus == (0,)
+            # Slurm, not festina, picks the GPU of an MPS job: this one landed on the node's second GPU.
+            slurm.jobs[job_id] = replace(slurm.jobs[job_id], gres_detail=("mps:40(IDX:1)",))
+            await festinad.reconcile()
+            assert first.gpus == (1,) and [g.sm_pct_allocated for g in festinad.view.gpus()[:2]] == [0.0, 40.0]
+            (row,) = db.load_live_state().instances
+            assert row.gpus == (festinad._gpu_db[1],)
+            # A share asked on the empty GPU 0, where Slurm would not put it: it runs there as a whole GPU.
+            await festinad.execute(Plan((StartInstance("mistral-7b", (0,), sm_pct=30, memory_fraction=0.3),),
+                                        "test: a second share"))
+            second = festinad.view.instances_of("mistral-7b")[0]
+            await _until_ready(second, servers)
+            assert second.gpus == (0,) and second.sm_pct == 100.0
+            assert (slurm.started[-1][0].gpus, slurm.started[-1][0].mps_pct) == (1, None)
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    servers = Servers(store, slurm)
     asyncio.run(main())
 
 

@@ -60,6 +60,12 @@ def test_add_canonicalises_and_lists(catalogue: Catalogue) -> None:
     ("max zero", {"max_instances": 0}, "max_instances = 0 must be at least 1"),
     ("keep alive negative", {"keep_alive_s": -5.0}, "keep_alive_s = -5.0 must be non-negative"),
     ("account not text", {"account": 7}, "account = 7 is not text"),
+    ("account with space", {"account": "ml team"}, "account = 'ml team' may only hold letters, digits and _ . -"),
+    ("engine args set the port", {"engine_args": "--port=9 --max-model-len 8192"},
+     "engine_args = '--port=9 --max-model-len 8192' sets --port, which festina sets itself"),
+    ("engine args set the batch cap", {"engine_args": "--max_num_seqs 8"}, "sets --max-num-seqs"),
+    ("emulated engine args it does not take", {"engine": "emulated", "engine_args": "--max-model-len 8192"},
+     "has flags the emulated engine does not take (--max-model-len; it takes --chunk-tokens, --drain-s)"),
 ])
 def test_bad_entries_are_refused_naming_the_field(catalogue: Catalogue, case: str, overrides: dict[str, Any],
                                                   message: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pytest
 
-from festina_hpc.policy.festina import FestinaPolicy, Load
+from festina_hpc.policy.festina import SCALE_OUT_AFTER_S, FestinaPolicy, Load
 from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
 from festina_hpc.sim.engine import Event
@@ -192,7 +192,7 @@ def ready_instance(sim: Simulation, model: str, gpus: tuple[int, ...], memory_fr
 
 def evacuation_run(node0_memory_fraction: float) -> tuple[Simulation, list[Request]]:
     """Two nodes: node 0 serves two instances, node 1 one on half of GPU 8; light traffic for 700 s
-    (an emptied node goes off only after NODE_EMPTY_S)."""
+    (an emptied node goes off only after a node wake time)."""
     requests = poisson_requests(np.random.default_rng(0), {MODEL: 0.5}, 700.0)
     sim = CheckedSimulation(ClusterConfig(nodes=2, gpus_per_node=8), STORE, festina(), requests, {MODEL: SLOS[MODEL]})
     ready_instance(sim, MODEL, (0,), node0_memory_fraction)
@@ -261,14 +261,40 @@ def test_placement_finds_the_one_safe_instance_among_many_overloaded(spare_gpus:
 def test_placement_does_not_call_an_instance_safe_because_full_speed_is_the_best_it_can_do() -> None:
     """A queue no setting can clear within the TTFT SLO is not safe for a new request: with free
     GPUs and a queue that still beats a cold start, the request waits there but the model is
-    marked short, so the next scale() starts the missing instance."""
+    marked short, so scale() starts the missing instance once the shortage has lasted
+    SCALE_OUT_AFTER_S (a moment's shortage starts nothing)."""
     view = fake_view()
     queued = view.add(FakeInstance(0, MODEL, (0,), running=8, waiting=12, arrival_rate_per_s=2.0))
     policy = festina()
     assert policy.place(request(0), view) == Route(queued.id)
-    started = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert not policy.scale(view).actions
+    started = _scale_while_short(policy, view)
     assert [a.model for a in started] == [MODEL]
     assert started[0].gpus != queued.gpus
+
+
+def test_a_shortage_that_passes_starts_no_instance() -> None:
+    view = fake_view()
+    queued = view.add(FakeInstance(0, MODEL, (0,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    policy = festina()
+    policy.place(request(0), view)
+    assert not policy.scale(view).actions
+    queued.running, queued.waiting, queued.arrival_rate_per_s = 2, 0, 0.2  # the burst is served
+    view.now_s += SCALE_OUT_AFTER_S
+    assert not policy.scale(view).actions
+    queued.running, queued.waiting, queued.arrival_rate_per_s = 8, 12, 2.0  # a new one starts the clock again
+    policy.place(request(1), view)
+    view.now_s += SCALE_OUT_AFTER_S / 2
+    assert not policy.scale(view).actions
+
+
+def _scale_while_short(policy: FestinaPolicy, view: FakeView) -> list[StartInstance]:
+    """What scale() starts after SCALE_OUT_AFTER_S more of the same shortage (a request placed
+    before each tick finds no safe instance)."""
+    policy.scale(view)
+    view.now_s += SCALE_OUT_AFTER_S
+    policy.place(request(1), view)
+    return [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
 
 
 def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a_model_with_room() -> None:
@@ -282,7 +308,7 @@ def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a
     idle = view.add(FakeInstance(7, "mistral-7b", (7,)))
     policy = festina()
     policy.place(request(0), view)
-    starts = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    starts = _scale_while_short(policy, view)
     assert starts == [StartInstance(MODEL, (7,), sm_pct=100.0, memory_fraction=starts[0].memory_fraction,
                                     evict=(idle.id,))]
 
@@ -292,4 +318,4 @@ def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a
     view.add(FakeInstance(7, "mistral-7b", (7,)))  # idle, but mistral-7b's only instance
     policy = festina()
     policy.place(request(0), view)
-    assert not any(isinstance(a, StartInstance) for a in policy.scale(view).actions)
+    assert not _scale_while_short(policy, view)

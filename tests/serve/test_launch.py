@@ -6,7 +6,7 @@ import pytest
 
 from festina_hpc.errors import FestinaError
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.serve.launch import serve_spec, serving_argv
+from festina_hpc.serve.launch import EngineArgsError, serve_spec, serving_argv, split_engine_args
 
 
 def test_simulated_argv(store: ProfileStore) -> None:
@@ -27,3 +27,31 @@ def test_vllm_argv_loads_the_hf_model_under_festinas_name(store: ProfileStore) -
 def test_unknown_engine(store: ProfileStore) -> None:
     with pytest.raises(FestinaError, match="engine = 'sglang'"):
         serving_argv(serve_spec(store, "llama-3.1-8b", "h100", 1), "sglang")
+
+
+def test_engine_args_follow_the_vllm_argv_as_words(store: ProfileStore) -> None:
+    spec = serve_spec(store, "llama-3.1-8b", "h100", 8003,
+                      engine_args="--max-model-len 8192 --override-generation-config '{\"temperature\": 0}'")
+    assert serving_argv(spec, "vllm")[-4:] == ["--max-model-len", "8192", "--override-generation-config",
+                                               '{"temperature": 0}']
+
+
+def test_the_emulated_engine_takes_its_subset_and_ignores_the_rest(store: ProfileStore) -> None:
+    spec = serve_spec(store, "llama-3.1-8b", "h100", 8004,
+                      engine_args="--max-model-len 8192 --chunk-tokens 512 --enforce-eager --drain-s=2")
+    assert serving_argv(spec, "emulated")[-3:] == ["--chunk-tokens", "512", "--drain-s=2"]
+
+
+@pytest.mark.parametrize(("case", "text", "message"), [
+    ("unbalanced quote", "--max-model-len '8192", "is not valid shell words (No closing quotation)"),
+    ("a flag festina sets", "--gpu-memory-utilization 0.5", "sets --gpu-memory-utilization"),
+    ("underscore spelling", "--served_model_name=x", "sets --served-model-name"),
+    ("a shell string is only words", "; rm -rf /", None),
+])
+def test_engine_args_are_split_never_run(case: str, text: str, message: str | None) -> None:
+    if message is None:
+        assert split_engine_args(text, "vllm") == (";", "rm", "-rf", "/"), case  # argv words, no shell
+        return
+    with pytest.raises(EngineArgsError, match=None) as info:
+        split_engine_args(text, "vllm")
+    assert message in str(info.value), case

@@ -9,28 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from festina_hpc.config import default_profiles_dir
-from festina_hpc.errors import TraceError
+from festina_hpc.config import default_profiles_dir, load_config
+from festina_hpc.errors import ProfileError, TraceError, UnknownProfileError
 from festina_hpc.profiles.specs import Catalog
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.workload import (
     DEFAULT_MODEL_MIX,
     FAST_LOAD,
     STANDARD_LOAD,
     UNIFORM,
     ColdStartModel,
+    MixEntry,
     Popularity,
     Trace,
     assign_models,
     build_requests,
     default_slo,
     load_trace,
+    model_mix_path,
     parse_popularity,
     read_model_mix,
     shipped_trace,
     split_model_mix,
 )
-from tests.conftest import synthetic_point
+from tests.conftest import REPO_PROFILES, synthetic_point
 
 ALIBABA_LOADS = Path("/work/shared/data/alibaba_gentd26_genai_serving/cluster-trace-v2026-GenAI/"
                      "basemodel_update_latency_anon.csv")
@@ -203,12 +206,52 @@ def test_default_model_mix_names_shipped_models() -> None:
 
 def test_read_model_mix(tmp_path: Path) -> None:
     path = write(tmp_path / "mix.txt", "# models\nllama-3.1-8b\n\n  mistral-7b  # second\nllama-3.1-70b\n")
-    assert read_model_mix(path) == [("llama-3.1-8b", None), ("mistral-7b", None), ("llama-3.1-70b", None)]
+    assert read_model_mix(path) == [MixEntry("llama-3.1-8b"), MixEntry("mistral-7b"), MixEntry("llama-3.1-70b")]
     weighted = write(tmp_path / "w.txt", "llama-3.1-8b, 3\nmistral-7b,1.5 # less\n")
     mix = read_model_mix(weighted)
-    assert mix == [("llama-3.1-8b", 3.0), ("mistral-7b", 1.5)]
+    assert mix == [MixEntry("llama-3.1-8b", 3.0), MixEntry("mistral-7b", 1.5)]
     assert split_model_mix(mix) == (("llama-3.1-8b", "mistral-7b"), (3.0, 1.5))
     assert split_model_mix(read_model_mix(path)) == (MIX3, None)
+    variants = write(tmp_path / "v.txt", "llama-3.1-8b, 2\nsupport-bot = llama-3.1-8b , 1\n")
+    assert read_model_mix(variants) == [MixEntry("llama-3.1-8b", 2.0), MixEntry("support-bot", 1.0, "llama-3.1-8b")]
+
+
+def test_a_variant_is_a_model_of_its_own_with_its_base_models_profile() -> None:
+    store = ProfileStore(REPO_PROFILES)
+    spec = store.catalog.add_variant("support-bot", "Meta-Llama-3.1-8B-Instruct")
+    base = store.model("llama-3.1-8b")
+    assert spec.name == "support-bot" and store.model("Support-Bot") is spec
+    assert (spec.params_b, spec.tp) == (base.params_b, base.tp)
+    assert store.table("h100", "support-bot") is store.table("h100", "llama-3.1-8b")
+    assert store.catalog.add_variant("support-bot", "llama-3.1-8b") is spec  # again: the same variant
+    assert ("h100-sxm-80gb", "support-bot") not in store.shipped()
+    for name, profile in (("mistral-7b", "llama-3.1-8b"), ("support-bot", "mistral-7b")):
+        with pytest.raises(ProfileError, match=f"model '{name}' is already"):
+            store.catalog.add_variant(name, profile)
+    with pytest.raises(UnknownProfileError, match="unknown model 'nope'"):
+        store.catalog.add_variant("x", "nope")
+
+
+def test_shipped_model_mixes_resolve_by_name(tmp_path: Path) -> None:
+    mix = read_model_mix(model_mix_path("eight-on-one-node"))
+    assert len(mix) == 8 and sum(entry.profile is not None for entry in mix) == 3
+    store = ProfileStore(REPO_PROFILES)
+    for entry in mix:  # every model fits one H100: a dedicated baseline can serve all eight on a node
+        assert store.model(entry.profile or entry.name).tp_on("h100-sxm-80gb") == 1
+    assert model_mix_path(tmp_path) == tmp_path
+    with pytest.raises(TraceError, match="'nope' is neither a file nor a shipped mix .shipped: eight-on-one-node"):
+        model_mix_path("nope")
+
+
+def test_a_model_mix_with_variants_runs_each_as_its_own_model(tmp_path: Path) -> None:
+    mix = write(tmp_path / "mix.txt", "llama-3.1-8b\nsupport-bot = llama-3.1-8b\n")
+    store = ProfileStore(REPO_PROFILES)
+    experiment = build_experiment(load_config(None), store, ExperimentOptions(
+        trace="azure-conv", model_mix=mix, duration_s=120.0, nodes=1))
+    assert {r.model for r in experiment.requests} == {"llama-3.1-8b", "support-bot"}
+    assert experiment.slos["support-bot"] == experiment.slos["llama-3.1-8b"]
+    result = experiment.run(store, "vllm")
+    assert set(result.per_model) == {"llama-3.1-8b", "support-bot"} and result.requests_dropped == 0
 
 
 @pytest.mark.parametrize("text,line,needle", [
@@ -221,6 +264,7 @@ def test_read_model_mix(tmp_path: Path) -> None:
     ("a, 1, 2\n", 1, "expected"),
     (", 1\n", 1, "empty"),
     ("a\n# c\nA\n", 3, "already listed on line 1"),
+    ("a =\n", 1, "'name = profile'"),
     ("# nothing\n\n", None, "no models"),
 ])
 def test_bad_model_mix(tmp_path: Path, text: str, line: int | None, needle: str) -> None:

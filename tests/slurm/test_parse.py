@@ -82,6 +82,40 @@ def test_devcluster_squeue_sample_has_gres_detail_and_held_job() -> None:
     assert jobs["held"].held and jobs["held"].excluded_nodes == ("n1",)
 
 
+@pytest.mark.parametrize(("detail", "expected"), [
+    ("mps:25(IDX:0)", {"mps": (0,)}),
+    ("mps:40(IDX:1)", {"mps": (1,)}),
+    ("gpu:h100:2(IDX:0-1)", {"gpu": (0, 1)}),
+    ("gpu:h100:2(IDX:0,2)", {"gpu": (0, 2)}),
+    ("gpu:h100:3(IDX:0-1,3)", {"gpu": (0, 1, 3)}),
+    ("gpu:1(IDX:N/A)", {"gpu": ()}),
+    ("gpu:h100:1(IDX:0),mps:0(IDX:N/A)", {"gpu": (0,), "mps": ()}),
+    ("", {}),
+    ("(null)", {}),
+])
+def test_gres_indices(detail: str, expected: dict[str, tuple[int, ...]]) -> None:
+    assert parse.gres_indices(detail) == expected
+
+
+def test_devcluster_mps_jobs_share_one_gpu_by_their_gres_detail() -> None:
+    # Two MPS jobs on n1 (25% and 30%): Slurm put both on GPU 0, the other GPU stays empty.
+    jobs = {j.name: j for j in parse.parse_squeue_json(sample("devcluster_squeue.json"))}
+    assert [parse.gres_indices(jobs[n].gres_detail[0]) for n in ("mps25", "mps30", "gpu2")] == \
+        [{"mps": (0,)}, {"mps": (0,)}, {"gpu": (0, 1)}]
+    line = ("JobId=2 JobName=mps25 JobState=RUNNING NodeList=n1 TresPerNode=gres:mps:25 "
+            "Nodes=n1 CPU_IDs=0 Mem=1000 GRES=mps:25(IDX:0)")
+    assert parse.job_from_oneliner(parse.parse_oneliner(line)).gres_detail == ("mps:25(IDX:0)",)
+
+
+def test_devcluster_one_mps_gpu_per_node_sample() -> None:
+    # mps:30, gpu:1, mps:30, mps:50 on one node of two GPUs, submitted with --account=probeacct
+    jobs = parse.parse_squeue_json(sample("devcluster_squeue_mps_one_gpu.json"))
+    assert [(j.state, j.gres_detail) for j in jobs] == [
+        ("RUNNING", ("mps:30(IDX:0)",)), ("RUNNING", ("gpu:h100:1(IDX:1)",)), ("RUNNING", ("mps:30(IDX:0)",)),
+        ("PENDING", ())]
+    assert {j.account for j in jobs} == {"probeacct"} and jobs[3].reason == "Resources"
+
+
 def test_mps_used_is_summed_from_jobs_not_taken_from_sinfo() -> None:
     nodes = parse.parse_sinfo_json(sample("devcluster_sinfo.json"))
     jobs = parse.parse_squeue_json(sample("devcluster_squeue.json"))

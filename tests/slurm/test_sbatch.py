@@ -18,7 +18,8 @@ MPS_JOB = ServingJobSpec(model="llama-3.1-8b", instance_id="i3",
 GPU_JOB = ServingJobSpec(model="meta-llama/Llama-3.1-70B", instance_id="big-0",
                          command=("python3", "-m", "server", "--say", "it's here"), output_path="/srv/out/%j.out",
                          gpus=2, gpu_type="h100", job_name="big", comment="festina:model=70b", partition="gpu",
-                         time_limit="1-00:00:00", hold=True, env=(("FESTINA_PORT", "8200"), ("HF_HOME", "/m x")))
+                         account="ml-team", time_limit="1-00:00:00", hold=True,
+                         env=(("FESTINA_PORT", "8200"), ("HF_HOME", "/m x")))
 
 
 @pytest.mark.parametrize(("name", "spec"), [("mps_job.sbatch", MPS_JOB), ("gpu_job.sbatch", GPU_JOB)])
@@ -45,6 +46,8 @@ def test_script_matches_golden_file(name: str, spec: ServingJobSpec) -> None:
     ("same node twice", {"exclude": ("n2", "n2")}, "names a node twice"),
     ("spaces in comment", {"comment": "a comment"}, "comment 'a comment'"),
     ("bad time", {"time_limit": "1 day"}, "time limit"),
+    ("account with a space", {"account": "ml team"}, "account 'ml team'"),
+    ("account with a newline", {"account": "a\n#SBATCH --uid=0"}, "account"),
     ("bad env name", {"env": (("lower", "x"),)}, "environment variable name"),
 ])
 def test_bad_fields_are_refused(case: str, changes: dict[str, object], message: str) -> None:
