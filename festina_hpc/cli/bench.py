@@ -160,7 +160,8 @@ def bench_gateway(requests: int, concurrency: int, tokens: int, as_json: bool) -
     click.echo(f"streamed: {figures['req_per_s']:,.0f} req/s through the gateway, {figures['req_per_s_auth']:,.0f} "
                f"with auth (ratio {figures['auth_throughput_ratio']:.3f}); added latency "
                f"p50 {figures['overhead_p50_ms']:.3f} ms, p99 {figures['overhead_p99_ms']:.3f} ms "
-               f"(with auth {figures['overhead_p50_ms_auth']:.3f} ms, {figures['overhead_p99_ms_auth']:.3f} ms)")
+               f"(with auth {figures['overhead_p50_ms_auth']:.3f} ms, {figures['overhead_p99_ms_auth']:.3f} ms); "
+               f"key check and admission {figures['auth_cost_us_per_request']:.1f} us per request")
 
 
 @bench.command("db")

@@ -25,3 +25,4 @@ def test_bench_gateway_json(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
         assert row["auth_throughput_ratio"] == row["requests_per_s_gateway_auth"] / row["requests_per_s_gateway"]
     assert figures["req_per_s_auth"] == figures["modes"][0]["requests_per_s_gateway_auth"]
     assert figures["auth_throughput_ratio"] == figures["modes"][0]["auth_throughput_ratio"]
+    assert 0 < figures["auth_cost_us_per_request"] < 1000
