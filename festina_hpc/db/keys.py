@@ -10,7 +10,7 @@ one fast hash keeps the lookup an index probe on ``key_hash``.
 A key may name the models it can call (canonical profile names; none: every model), a request
 rate and an expiry; revoking sets ``revoked_at`` (keys are never deleted, so request rows keep
 naming who sent them). ``KeyRing`` validates every input first and names the field and value in
-a ``ApiKeyError`` before anything is written.
+an ``ApiKeyError`` before anything is written.
 """
 
 from __future__ import annotations
