@@ -18,9 +18,12 @@ Every request carries the key, to both gateways. Their throughputs are
 measured in alternating rounds and the median of each is reported, so a
 burst of load from elsewhere on the machine does not land on one side only;
 ``auth_throughput_ratio`` is authenticated / open requests/s. On a machine
-others share, that ratio still wanders by several percent either way, so
-``auth_cost_us_per_request`` adds the noise-free figure: the time one
-request's key check and admission take, measured in this process.
+others share, that ratio still wanders by several percent either way, so two
+steadier figures come with it: ``auth_cpu_ratio``, the open gateway's CPU
+time per request over the authenticating one's in the same rounds (what a
+CPU-bound gateway's throughput ratio is), and ``auth_cost_us_per_request``,
+the time one request's key check and admission take, measured in this
+process.
 """
 
 from __future__ import annotations
@@ -108,8 +111,10 @@ def _serve_child(kind: str, arg: Any, conn: Connection) -> None:
 
 
 def _wait_closed(conn: Connection) -> None:
+    """Answer the parent's "cpu" asks with this process's CPU seconds until it closes the pipe."""
     try:
-        conn.recv()
+        while conn.recv() == "cpu":
+            conn.send(time.process_time())
     except EOFError:
         pass
 
@@ -125,6 +130,11 @@ class _Child:
             self.close()
             raise RuntimeError(f"bench {kind} did not start")
         self.url: str = self._conn.recv()
+
+    def cpu_s(self) -> float:
+        """The child's CPU time so far (user + system, all its threads)."""
+        self._conn.send("cpu")
+        return float(self._conn.recv())
 
     def close(self) -> None:
         self._conn.close()
@@ -159,30 +169,35 @@ async def _throughput(session: aiohttp.ClientSession, url: str, body: dict[str, 
     return requests / (time.perf_counter() - start)
 
 
-async def _measure(upstream: str, gateway: str, gateway_auth: str, token: str, requests: int, concurrency: int,
-                   tokens: int, stream: bool) -> dict[str, Any]:
+async def _measure(upstream: str, gateway: _Child, gateway_auth: _Child, token: str, requests: int,
+                   concurrency: int, tokens: int, stream: bool) -> dict[str, Any]:
     body = {"model": BENCH_MODEL, "prompt": "a short benchmark prompt", "max_tokens": tokens, "stream": stream}
     direct_url = f"{upstream}/v1/completions"
-    gateway_url, auth_url = f"{gateway}/v1/completions", f"{gateway_auth}/v1/completions"
+    urls = {gateway: f"{gateway.url}/v1/completions", gateway_auth: f"{gateway_auth.url}/v1/completions"}
     connector = aiohttp.TCPConnector(limit=0)
     # Every request carries the key, so the two gateways differ only in checking it.
     async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {token}"}) as session:
         for _ in range(min(200, requests)):  # warm up connections and code paths on every side
-            for url in (gateway_url, auth_url, direct_url):
+            for url in (*urls.values(), direct_url):
                 await _one(session, url, body, stream)
         direct: list[float] = []
-        through: list[float] = []
-        through_auth: list[float] = []
-        for _ in range(requests):
+        latency: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
+        for i in range(requests):
             direct.append(await _one(session, direct_url, body, stream))
-            through.append(await _one(session, gateway_url, body, stream))
-            through_auth.append(await _one(session, auth_url, body, stream))
+            # Alternating which gateway goes first: the second of a pair runs a little slower.
+            for child in (gateway, gateway_auth) if i % 2 == 0 else (gateway_auth, gateway):
+                latency[child].append(await _one(session, urls[child], body, stream))
         rps_direct = await _throughput(session, direct_url, body, stream, requests, concurrency)
-        rounds: dict[str, list[float]] = {gateway_url: [], auth_url: []}
+        rounds: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
+        cpu_us: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
         for i in range(2 * ROUNDS):
-            url = (gateway_url, auth_url)[i % 2]
-            rounds[url].append(await _throughput(session, url, body, stream, requests, concurrency))
-    rps_gateway, rps_auth = statistics.median(rounds[gateway_url]), statistics.median(rounds[auth_url])
+            child = (gateway, gateway_auth)[i % 2]
+            cpu_before_s = child.cpu_s()
+            rounds[child].append(await _throughput(session, urls[child], body, stream, requests, concurrency))
+            cpu_us[child].append((child.cpu_s() - cpu_before_s) / requests * 1e6)
+    rps_gateway, rps_auth = statistics.median(rounds[gateway]), statistics.median(rounds[gateway_auth])
+    cpu_gateway_us, cpu_auth_us = statistics.median(cpu_us[gateway]), statistics.median(cpu_us[gateway_auth])
+    through, through_auth = latency[gateway], latency[gateway_auth]
 
     def us(seconds: float) -> float:
         return seconds * 1e6
@@ -195,6 +210,10 @@ async def _measure(upstream: str, gateway: str, gateway_auth: str, token: str, r
         "requests_per_s_gateway_auth": rps_auth,
         "requests_per_s_direct": rps_direct,
         "auth_throughput_ratio": rps_auth / rps_gateway,
+        "cpu_us_per_request_gateway": cpu_gateway_us,
+        "cpu_us_per_request_gateway_auth": cpu_auth_us,
+        # A gateway that is CPU-bound serves in inverse proportion to its CPU per request.
+        "auth_cpu_ratio": cpu_gateway_us / cpu_auth_us,
         "latency_p50_us_gateway": us(percentile(through, 50)),
         "latency_p50_us_gateway_auth": us(percentile(through_auth, 50)),
         "latency_p50_us_direct": us(percentile(direct, 50)),
@@ -235,7 +254,7 @@ def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int =
             for stream in (True, False):
                 if progress:
                     progress(f"measuring {'streamed' if stream else 'non-streamed'} requests")
-                rows.append(asyncio.run(_measure(upstream.url, gateway.url, gateway_auth.url, token, requests,
+                rows.append(asyncio.run(_measure(upstream.url, gateway, gateway_auth, token, requests,
                                                  concurrency, tokens, stream)))
         finally:
             gateway_auth.close()
@@ -249,6 +268,7 @@ def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int =
             "overhead_p99_ms": head["added_latency_p99_us"] / 1000.0,
             "req_per_s_auth": head["requests_per_s_gateway_auth"],
             "auth_throughput_ratio": head["auth_throughput_ratio"],
+            "auth_cpu_ratio": head["auth_cpu_ratio"],
             "overhead_p50_ms_auth": head["added_latency_p50_us_auth"] / 1000.0,
             "overhead_p99_ms_auth": head["added_latency_p99_us_auth"] / 1000.0,
             "auth_cost_us_per_request": auth_cost_us(),

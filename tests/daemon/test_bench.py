@@ -26,3 +26,5 @@ def test_bench_gateway_json(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
     assert figures["req_per_s_auth"] == figures["modes"][0]["requests_per_s_gateway_auth"]
     assert figures["auth_throughput_ratio"] == figures["modes"][0]["auth_throughput_ratio"]
     assert 0 < figures["auth_cost_us_per_request"] < 1000
+    assert figures["auth_cpu_ratio"] == figures["modes"][0]["auth_cpu_ratio"] > 0
+    assert figures["modes"][0]["cpu_us_per_request_gateway_auth"] > 0
