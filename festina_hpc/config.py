@@ -129,6 +129,20 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]``: who may send festinad's gateway requests (``festina keys``), and accounts' energy quotas."""
+
+    require_keys: bool = False  # False: an open gateway; keyless requests go to default_user/default_account
+    default_user: str = ""
+    default_account: str = ""
+    key_cache_ttl_s: float = 10.0  # a revoked key is refused within this long
+    # [gateway.account_energy_quota_j_per_day]: account = J of GPU energy per UTC day (none: no quota)
+    account_energy_quota_j_per_day: Mapping[str, float] = field(default_factory=dict)
+    over_quota: str = "refuse"  # or "deprioritize"
+    quota_refresh_s: float = 60.0  # the accounts' energy is re-read at most this often
+
+
+@dataclass(frozen=True)
 class NodeControlConfig:
     """festinad's signed channel to festina-node (``[node] control_port`` on the nodes; see docs/admin-guide.md)."""
 
@@ -156,13 +170,15 @@ class Config:
     slo: Mapping[str, SloOverride] = field(default_factory=dict)
     db: DbConfig = field(default_factory=DbConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     node_control: NodeControlConfig = field(default_factory=NodeControlConfig)
     source: str = "<defaults>"
 
 
 _SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig, "sim": SimConfig,
                                    "cluster": ClusterConfig, "db": DbConfig,
-                                   "daemon": DaemonConfig, "node_control": NodeControlConfig}
+                                   "daemon": DaemonConfig, "node_control": NodeControlConfig,
+                                   "gateway": GatewaySettings}
 
 # Allowed values per (section, key), beyond the type check.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -170,6 +186,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gpu", "backend"): GPU_BACKENDS,
     ("daemon", "engine"): ("emulated", "vllm"),
     ("daemon", "slurm_backend"): ("auto", "cli", "pyslurm"),
+    ("gateway", "over_quota"): ("refuse", "deprioritize"),
     ("node_control", "auth"): ("munge", "secret"),
 }
 _POSITIVE: set[tuple[str, str]] = {("gpu", "simulated_count"), ("sim", "models"), ("sim", "rate_scale"),
@@ -179,6 +196,7 @@ _NON_NEGATIVE: set[tuple[str, str]] = {("sim", "duration_s"), ("sim", "keep_aliv
 _POSITIVE |= {("daemon", k) for k in ("port", "slurm_timeout_s", "serve_time_scale", "serve_port_base",
                                       "scale_timeout_s", "start_timeout_s", "reconcile_period_s",
                                       "ttft_slo_multiplier", "tbt_slo_multiplier")}
+_NON_NEGATIVE |= {("gateway", "key_cache_ttl_s"), ("gateway", "quota_refresh_s")}
 _POSITIVE |= {("node_control", "timeout_s")}
 _NON_NEGATIVE |= {("node_control", "port")}
 _NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "consolidate_period_s",
@@ -226,8 +244,28 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         if name not in _SECTION_TYPES:
             known = ", ".join(sorted([*_SECTION_TYPES, "slo"]))
             raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
+        if name == "gateway" and isinstance(value, Mapping) and _QUOTAS in value:
+            quotas = _quotas(source, value[_QUOTAS])
+            section = _build_section(source, name, GatewaySettings, {k: v for k, v in value.items() if k != _QUOTAS})
+            built[name] = dataclasses.replace(section, account_energy_quota_j_per_day=quotas)
+            continue
         built[name] = _build_section(source, name, _SECTION_TYPES[name], value)
     return Config(**built, source=source)
+
+
+_QUOTAS = "account_energy_quota_j_per_day"
+
+
+def _quotas(source: str, raw: Any) -> dict[str, float]:
+    """``[gateway.account_energy_quota_j_per_day]``: account = positive joules per day."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: gateway.{_QUOTAS} must be a table of account = joules per day, got {raw!r}")
+    quotas = {}
+    for account, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+            raise ConfigError(f'{source}: gateway.{_QUOTAS}."{account}" = {value!r} must be a positive number of J')
+        quotas[str(account)] = float(value)
+    return quotas
 
 
 def _slo_overrides(source: str, raw: Any) -> dict[str, SloOverride]:

@@ -138,25 +138,32 @@ def bench_policy(app: AppContext, policy: str, gpu_counts: str, decisions: int, 
               help="Tokens per answer from the stub upstream.")
 @json_option
 def bench_gateway(requests: int, concurrency: int, tokens: int, as_json: bool) -> None:
-    """Gateway throughput and added latency (p50/p99) over requests sent straight to the instance."""
+    """Gateway throughput and added latency (p50/p99) over direct requests, open and requiring an API key."""
     from festina_hpc.daemon.bench import run_gateway_bench
 
     figures = run_gateway_bench(requests, concurrency, tokens)
     if as_json:
         echo_json(figures)
         return
-    table = Table(title=f"Gateway vs direct to a stub instance ({tokens} tokens per answer, auth off)")
-    for column in ("mode", "requests", "concurrency", "req/s gateway", "req/s direct", "p50 us gateway",
-                   "p50 us direct", "added p50 us", "added p99 us"):
+    table = Table(title=f"Gateway (open, and requiring an API key) vs direct to a stub instance "
+                        f"({tokens} tokens per answer)")
+    for column in ("mode", "requests", "concurrency", "req/s gateway", "req/s with auth", "auth ratio", "CPU ratio",
+                   "req/s direct", "added p50 us", "added p99 us", "added p50 us auth", "added p99 us auth"):
         table.add_column(column, justify="right")
     for row in figures["modes"]:
         table.add_row(row["mode"], f"{row['requests']:,}", str(row["concurrency"]),
-                      f"{row['requests_per_s_gateway']:,.0f}", f"{row['requests_per_s_direct']:,.0f}",
-                      f"{row['latency_p50_us_gateway']:,.0f}", f"{row['latency_p50_us_direct']:,.0f}",
-                      f"{row['added_latency_p50_us']:,.0f}", f"{row['added_latency_p99_us']:,.0f}")
+                      f"{row['requests_per_s_gateway']:,.0f}", f"{row['requests_per_s_gateway_auth']:,.0f}",
+                      f"{row['auth_throughput_ratio']:.3f}", f"{row['auth_cpu_ratio']:.3f}",
+                      f"{row['requests_per_s_direct']:,.0f}",
+                      f"{row['added_latency_p50_us']:,.0f}", f"{row['added_latency_p99_us']:,.0f}",
+                      f"{row['added_latency_p50_us_auth']:,.0f}", f"{row['added_latency_p99_us_auth']:,.0f}")
     Console().print(table)
-    click.echo(f"streamed: {figures['req_per_s']:,.0f} req/s through the gateway; added latency "
-               f"p50 {figures['overhead_p50_ms']:.3f} ms, p99 {figures['overhead_p99_ms']:.3f} ms")
+    click.echo(f"streamed: {figures['req_per_s']:,.0f} req/s through the gateway, {figures['req_per_s_auth']:,.0f} "
+               f"with auth (ratio {figures['auth_throughput_ratio']:.3f}; CPU per request ratio "
+               f"{figures['auth_cpu_ratio']:.3f}); added latency "
+               f"p50 {figures['overhead_p50_ms']:.3f} ms, p99 {figures['overhead_p99_ms']:.3f} ms "
+               f"(with auth {figures['overhead_p50_ms_auth']:.3f} ms, {figures['overhead_p99_ms_auth']:.3f} ms); "
+               f"key check and admission {figures['auth_cost_us_per_request']:.1f} us per request")
 
 
 @bench.command("db")

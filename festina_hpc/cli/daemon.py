@@ -31,6 +31,7 @@ from festina_hpc.errors import ConfigError, FestinaError
 def daemon(app: AppContext, host: str | None, port: int | None, policy: str | None, models: str | None,
            db_url: str | None, slurm_conf: Path | None, verbose: bool) -> None:
     """Run festinad: the gateway, the policy's placement, scaling and consolidation, through Slurm."""
+    from festina_hpc.daemon.auth import AuthConfig, Authenticator, DbEnergyUsage
     from festina_hpc.daemon.catalogue_models import catalogue_gateway_models, catalogue_model_options
     from festina_hpc.daemon.festinad import Festinad, FestinadSettings, StoreRecorder
     from festina_hpc.daemon.gateway import GatewayConfig, gateway_models
@@ -39,6 +40,7 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     from festina_hpc.db import migrate
     from festina_hpc.db.catalogue import Catalogue
     from festina_hpc.db.engine import check_connection, make_engine, resolve_db_url
+    from festina_hpc.db.keys import KeyRing
     from festina_hpc.db.store import Store
     from festina_hpc.policy.base import PolicyContext, make_policy
     from festina_hpc.slurm.factory import make_slurm_client
@@ -83,6 +85,15 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     recorder = StoreRecorder(db)
     periods = Periods(reconcile_s=cfg.reconcile_period_s, scale_s=cfg.scale_period_s or chosen.scale_period_s,
                       consolidate_s=cfg.consolidate_period_s or chosen.consolidate_period_s)
+    gw = app.config.gateway
+    auth = Authenticator(KeyRing(engine, store), AuthConfig(
+        require_keys=gw.require_keys, default_user=gw.default_user, default_account=gw.default_account,
+        key_cache_ttl_s=gw.key_cache_ttl_s, account_energy_quota_j_per_day=gw.account_energy_quota_j_per_day,
+        over_quota=gw.over_quota, quota_refresh_s=gw.quota_refresh_s), DbEnergyUsage(engine))
+    if not gw.require_keys:
+        logging.getLogger("festinad").warning(
+            "the gateway is open ([gateway] require_keys = false): requests without a key are served as %s/%s",
+            gw.default_user or "''", gw.default_account or "''")
     bind_host = host or cfg.host
     bind_port = port or cfg.port
 
@@ -97,7 +108,7 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
             sys.stdout.flush()
 
         await run_festinad(festinad, recorder, served, bind_host, bind_port, stop, periods,
-                           GatewayConfig(scale_timeout_s=cfg.scale_timeout_s), on_ready=ready)
+                           GatewayConfig(scale_timeout_s=cfg.scale_timeout_s), on_ready=ready, auth=auth)
         click.echo("festinad: stopped")
 
     try:

@@ -52,7 +52,8 @@ def energy() -> None:
 
 @energy.command("report")
 @click.option("--by", "by", type=click.Choice(sorted(REPORTS)), required=True,
-              help="job: top jobs; model: energy per token; user; account: per day; node: idle energy; day.")
+              help="job: top jobs; model: energy per token; user; account: per day (by Slurm job owner); "
+                   "tenant: per API key's account and user (gateway requests); node: idle energy; day.")
 @since_option
 @until_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Jobs at most (--by job).")

@@ -21,6 +21,7 @@ from festina_hpc.cli.daemon import daemon
 from festina_hpc.cli.db import db_group
 from festina_hpc.cli.dev_cluster import dev_cluster
 from festina_hpc.cli.energy import energy
+from festina_hpc.cli.keys import keys
 from festina_hpc.cli.models import models
 from festina_hpc.cli.profiles import profiles
 from festina_hpc.cli.serve import serve
@@ -54,6 +55,7 @@ cli.add_command(serve)
 cli.add_command(daemon)
 cli.add_command(energy)
 cli.add_command(models)
+cli.add_command(keys)
 cli.add_command(status)
 cli.add_command(consolidate)
 cli.add_command(nodes)

@@ -15,8 +15,18 @@ its 400/413/422/429/503 answers pass through. Each request ends as one
 ``CompletionRecord`` handed to the injected ``Recorder``, with its SLO
 outcome against the model's ``Slo``.
 
+With an ``Authenticator`` (``festina_hpc.daemon.auth``) every request is first
+tied to a tenant by its API key (401 without a valid one where keys are
+required), then admitted for its model (403), its account's energy quota and
+its key's rate (429); a refused request reaches no instance and leaves no
+record. The tenant's user, account and key go into the request's record. A
+request whose account is over its quota under ``over_quota = "deprioritize"``
+waits for the router until no normal-priority request is waiting there, so in
+a busy period the others go first; its wait counts against ``scale_timeout_s``.
+
 ``GET /v1/models`` lists the models the daemon knows (whether or not an
-instance runs: a request for one starts it). ``GET /health`` answers 200.
+instance runs: a request for one starts it), with keys only those the key
+allows. ``GET /health`` answers 200 without a key.
 """
 
 from __future__ import annotations
@@ -26,13 +36,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from festina_hpc.daemon.auth import Authenticator, Priority, Tenant
 from festina_hpc.daemon.records import CompletionRecord, Outcome, Recorder
 from festina_hpc.daemon.routing import Endpoint, NoInstance, Router
 from festina_hpc.policy.types import Slo
@@ -107,15 +119,43 @@ class _Timing:
         self.chunks += 1
 
 
+class _PriorityGate:
+    """Low-priority requests go to the router only while no normal-priority request waits there."""
+
+    def __init__(self) -> None:
+        self.waiting = 0  # normal-priority requests waiting for the router
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    @contextmanager
+    def normal(self) -> Iterator[None]:
+        self.waiting += 1
+        self._clear.clear()
+        try:
+            yield
+        finally:
+            self.waiting -= 1
+            if not self.waiting:
+                self._clear.set()
+
+    async def low(self) -> None:
+        while self.waiting:
+            await self._clear.wait()
+
+
 class Gateway:
-    """Build with a router, a recorder and the known models; ``app()`` is the aiohttp application."""
+    """Build with a router, a recorder and the known models; ``app()`` is the aiohttp application.
+
+    ``auth``: None serves everyone unattributed (the benchmark's baseline, tests)."""
 
     def __init__(self, router: Router, recorder: Recorder, models: Sequence[GatewayModel],
                  config: GatewayConfig = GatewayConfig(), clock: Callable[[], float] = time.perf_counter,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, auth: Authenticator | None = None):
         self.router = router
         self.recorder = recorder
         self.config = config
+        self.auth = auth
+        self._gate = _PriorityGate()
         self.models = {m.name: m for m in models}
         self._names = {alias.lower(): m for m in models for alias in (m.name, *m.aliases)}
         self._clock = clock
@@ -142,7 +182,14 @@ class Gateway:
     # -- small routes --------------------------------------------------------------------------------
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response(openai.model_list(sorted(self.models), self._created_s))
+        tenant = await self._tenant(request)
+        names = sorted(name for name in self.models if tenant is None or tenant.allows(name))
+        return web.json_response(openai.model_list(names, self._created_s))
+
+    async def _tenant(self, request: web.Request) -> Tenant | None:
+        if self.auth is None:
+            return None
+        return await self.auth.authenticate(request.headers.get("Authorization"))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "models": len(self.models)})
@@ -152,22 +199,26 @@ class Gateway:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         start_s = self._clock()
         arrival_unix_s = self._wall()
+        tenant = await self._tenant(request)  # before the body is read: no key, no work
         req = openai.parse_completion(await request.read())
         model = self._names.get(req.model.lower())
         if model is None:
-            raise openai.unknown_model(req.model, sorted(self.models))
+            known = sorted(name for name in self.models if tenant is None or tenant.allows(name))
+            raise openai.unknown_model(req.model, known)
         if model.max_prompt_tokens is not None and req.prompt_tokens > model.max_prompt_tokens:
             # Refused here, before a cold start is paid for a request no instance would take.
             raise openai.ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model.name} takes at most "
                                        f"{model.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+        priority = Priority.NORMAL
+        if self.auth is not None and tenant is not None:
+            priority = await self.auth.admit(tenant, model.name)
 
         def record(outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
                    timing: _Timing | None = None) -> None:
-            self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing)
+            self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing, tenant)
 
         try:
-            endpoint = await asyncio.wait_for(self.router.route(model.name, req.prompt_tokens),
-                                              self.config.scale_timeout_s)
+            endpoint = await asyncio.wait_for(self._route(model, req, priority), self.config.scale_timeout_s)
         except (TimeoutError, NoInstance) as exc:
             route_s = self._clock() - start_s
             record(Outcome.NO_INSTANCE, 503, None, route_s)
@@ -180,6 +231,13 @@ class Gateway:
             return await self._proxy(request, req, model, endpoint, record, route_s)
         finally:
             self.router.done(endpoint)
+
+    async def _route(self, model: GatewayModel, req: openai.CompletionRequest, priority: Priority) -> Endpoint:
+        if priority is Priority.LOW:
+            await self._gate.low()
+            return await self.router.route(model.name, req.prompt_tokens)
+        with self._gate.normal():
+            return await self.router.route(model.name, req.prompt_tokens)
 
     async def _proxy(self, request: web.Request, req: openai.CompletionRequest, model: GatewayModel,
                      endpoint: Endpoint, record: Callable[..., None], route_s: float) -> web.StreamResponse:
@@ -253,7 +311,7 @@ class Gateway:
 
     def _record(self, model: GatewayModel, req: openai.CompletionRequest, arrival_unix_s: float, start_s: float,
                 outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
-                timing: _Timing | None) -> None:
+                timing: _Timing | None, tenant: Tenant | None) -> None:
         end_s = self._clock()
         prompt_tokens, output_tokens = _tokens(timing, req) if timing else (req.prompt_tokens, 0)
         ttft_s = tbt_mean_s = tbt_max_s = None
@@ -270,7 +328,8 @@ class Gateway:
             endpoint=endpoint.url if endpoint else None, instance_id=endpoint.instance_id if endpoint else None,
             prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_s=ttft_s, tbt_mean_s=tbt_mean_s,
             tbt_max_s=tbt_max_s, e2e_s=end_s - start_s, route_s=route_s, ttft_slo_s=ttft_slo_s,
-            tbt_slo_s=model.slo.tbt_s, slo_met=met)
+            tbt_slo_s=model.slo.tbt_s, slo_met=met, user_name=tenant.user_name if tenant else "",
+            account=tenant.account if tenant else "", api_key_id=tenant.key_id if tenant else None)
         try:
             self.recorder.record(rec)
         except Exception:  # a failing recorder must not fail the request it records

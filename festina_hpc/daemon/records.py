@@ -39,6 +39,9 @@ class CompletionRecord:
     ttft_slo_s: float
     tbt_slo_s: float
     slo_met: bool  # OK, TTFT within its SLO and mean TBT within its SLO
+    user_name: str = ""  # the tenant it is attributed to (its API key's, or the open gateway's default)
+    account: str = ""
+    api_key_id: int | None = None  # None: no key (an open gateway, or no authentication)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

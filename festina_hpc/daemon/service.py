@@ -23,6 +23,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 
 from festina_hpc.daemon.admin_api import add_admin_routes
+from festina_hpc.daemon.auth import Authenticator
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.metrics import FanOut, FestinadMetrics, RequestWindow
@@ -53,11 +54,13 @@ def make_scheduler(festinad: Festinad, recorder: StoreRecorder, periods: Periods
 async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list[GatewayModel], host: str,
                        port: int, stop: asyncio.Event, periods: Periods,
                        gateway_config: GatewayConfig | None = None,
-                       on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0) -> None:
-    """Serve until ``stop`` is set (see the module docstring)."""
+                       on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0,
+                       auth: Authenticator | None = None) -> None:
+    """Serve until ``stop`` is set (see the module docstring); ``auth`` checks keys (None: everyone is served)."""
     await festinad.setup()
     window = RequestWindow()
-    gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig())
+    gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig(),
+                      auth=auth)
     app = gateway.app()
     FestinadMetrics(festinad, window, festinad.store.engine).mount(app)
     add_admin_routes(app, festinad)  # /admin/*: consolidate now, drain a model (festina CLI)

@@ -32,6 +32,7 @@ REPORTS = {
     "model": "energy_per_token_per_model",
     "user": "energy_by_user",
     "account": "energy_by_account_day",
+    "tenant": "energy_by_tenant",
     "node": "idle_energy_per_node",
     "day": "energy_by_day",
 }

@@ -8,6 +8,8 @@ reading that closes it:
 
 - ``job_energy`` / ``instance_energy``: the share of each instance, to it and to its Slurm job;
 - ``model_energy_hourly``: the instances' shares, per model per UTC hour;
+- ``instance_energy_hourly``: each instance's share per UTC hour (what the tenant report splits over
+  the requests the instance served in that hour);
 - ``account_energy_daily``: the instances' shares, per Slurm account and user (of the instance's
   job; "" when it has none) per UTC day;
 - ``node_energy_hourly``: the whole difference, per node per hour, and the part no share claimed
@@ -52,6 +54,7 @@ from festina_hpc.db.models import (
     EnergySample,
     Gpu,
     InstanceEnergy,
+    InstanceEnergyHourly,
     JobEnergy,
     ModelEnergyHourly,
     ModelInstance,
@@ -142,6 +145,7 @@ class BatchPlan:
     energy_j: float = 0.0
     node_hour: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (node, hour) -> [energy, idle]
     model_hour: dict[tuple[str, int], float] = field(default_factory=dict)
+    instance_hour: dict[tuple[int, int], float] = field(default_factory=dict)
     account_day: dict[tuple[str, str, int], float] = field(default_factory=dict)
     instances: dict[int, list[Any]] = field(default_factory=dict)  # id -> [energy_j, from_at, to_at]
     jobs: dict[int, list[Any]] = field(default_factory=dict)
@@ -161,6 +165,7 @@ def plan_batch(readings: Sequence[EnergyReading], node_of: Mapping[int, int], in
     plan = BatchPlan([], 0, {gpu: cursors.get(gpu) for gpu in gpus}, {})
     stored = plan.stored
     node_hour, model_hour, account_day = plan.node_hour, plan.model_hour, plan.account_day
+    instance_hour = plan.instance_hour
     instance_totals, job_totals = plan.instances, plan.jobs
     energy_j = 0.0
     current_gpu = -1
@@ -193,6 +198,8 @@ def plan_batch(readings: Sequence[EnergyReading], node_of: Mapping[int, int], in
                 model, job_id, account, user = instances[instance_id]
                 key = (model, hour)
                 model_hour[key] = model_hour.get(key, 0.0) + part_j
+                instance_key = (instance_id, hour)
+                instance_hour[instance_key] = instance_hour.get(instance_key, 0.0) + part_j
                 day_key = (account, user, hour // 24)
                 account_day[day_key] = account_day.get(day_key, 0.0) + part_j
                 _add_total(instance_totals, instance_id, part_j, previous_at, at)
@@ -403,6 +410,9 @@ def _write_rollups(connection: Connection, rollups: BatchPlan, now: datetime) ->
     add_to(ModelEnergyHourly, [{"model": model, "hour_at": _bucket(hour, HOUR_S), "energy_j": energy_j}
                                for (model, hour), energy_j in rollups.model_hour.items()],
            ["model", "hour_at"], ["energy_j"])
+    add_to(InstanceEnergyHourly, [{"instance_id": instance, "hour_at": _bucket(hour, HOUR_S), "energy_j": energy_j}
+                                  for (instance, hour), energy_j in rollups.instance_hour.items()],
+           ["instance_id", "hour_at"], ["energy_j"])
     add_to(AccountEnergyDaily, [
         {"account": account, "user_name": user, "day_at": _bucket(day, DAY_S), "energy_j": energy_j}
         for (account, user, day), energy_j in rollups.account_day.items()], ["account", "user_name", "day_at"],

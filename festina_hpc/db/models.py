@@ -9,8 +9,10 @@ Three groups of tables:
   ``decisions`` (the audit trail of what the policy decided and why);
 - the model catalogue, ``catalogue_models``: what festinad serves, on which profile, with which SLOs
   (managed by ``festina models``);
+- the gateway's tenants, ``api_keys``: one row per issued key, its hash only (``festina keys``);
 - totals and rollups, maintained at ingest: ``job_energy``, ``instance_energy``, ``energy_cursors``,
-  ``model_energy_hourly``, ``account_energy_daily`` and ``node_energy_hourly``.
+  ``model_energy_hourly``, ``account_energy_daily``, ``node_energy_hourly``, and the two that split
+  an instance's energy over the tenants it served, ``instance_energy_hourly`` and ``tenant_tokens_hourly``.
 
 The integer ids of ``nodes``, ``gpus`` and ``model_instances`` are the ids the daemon hands
 the policy (``NodeView.id``, ``GpuView.id``, ``InstanceView.id``), so a decision names rows
@@ -206,6 +208,9 @@ class RequestRecord(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     external_id: Mapped[str | None] = mapped_column(String(128), index=True)  # the gateway's request id
+    # The key it came with (None: an open gateway's keyless request, or not from the gateway). No
+    # foreign key: keys are revoked, never deleted, and a request row outlives any cleanup of them.
+    api_key_id: Mapped[int | None] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(255))
     # None for a request that was dropped before it reached an instance.
     instance_id: Mapped[int | None] = mapped_column(ForeignKey("model_instances.id", ondelete="SET NULL"))
@@ -343,6 +348,27 @@ class CatalogueModel(Base):
     updated_at: Mapped[datetime]
 
 
+class ApiKey(Base):
+    """A gateway key issued to a user and Slurm account (``festina keys``); the token itself is never stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("rate_limit_per_s IS NULL OR rate_limit_per_s > 0", name="rate_limit_per_s_positive"),
+        Index(None, "account"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the token, hex
+    prefix: Mapped[str] = mapped_column(String(16))  # the token's first characters, to recognise it in a list
+    user_name: Mapped[str] = mapped_column(String(255))
+    account: Mapped[str] = mapped_column(String(255))
+    models: Mapped[str] = mapped_column(Text, default="")  # comma-separated canonical names; "" = every model
+    rate_limit_per_s: Mapped[float | None] = mapped_column(Double)  # None: no limit
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]  # None: never
+    revoked_at: Mapped[datetime | None]
+
+
 # -- rollups, maintained at ingest (festina_hpc/db/ingest.py) in the transaction of each batch ----------------
 #
 # Energy over a span is the difference of two readings of one GPU's counter; a rollup row adds up
@@ -406,3 +432,38 @@ class NodeEnergyHourly(Base):
     day_at: Mapped[datetime]
     energy_j: Mapped[float] = mapped_column(Double)
     idle_energy_j: Mapped[float] = mapped_column(Double)
+
+
+class InstanceEnergyHourly(Base):
+    """GPU energy attributed to a model instance (its shares) per UTC hour: what its tenants split."""
+
+    __tablename__ = "instance_energy_hourly"
+    __table_args__ = (CheckConstraint("energy_j >= 0", name="energy_j_non_negative"), Index(None, "hour_at"))
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("model_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(primary_key=True)
+    energy_j: Mapped[float] = mapped_column(Double)
+
+
+class TenantTokensHourly(Base):
+    """Tokens (prompt + output) an instance processed per tenant (account, user) per UTC hour of arrival.
+
+    Maintained as request records are written (``Store.record_requests``); the tenant report
+    splits ``instance_energy_hourly`` by these (``db/queries/energy_by_tenant.sql``).
+    """
+
+    __tablename__ = "tenant_tokens_hourly"
+    __table_args__ = (
+        CheckConstraint("tokens >= 0", name="tokens_non_negative"),
+        CheckConstraint("requests >= 0", name="requests_non_negative"),
+        Index(None, "hour_at"),
+    )
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("model_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    account: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(Integer)

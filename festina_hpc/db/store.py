@@ -39,6 +39,7 @@ from festina_hpc.db import migrate
 from festina_hpc.db.engine import first_line, mask_url, unavailable
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import (
+    HOUR_S,
     BatchPlan,
     BatchResult,
     Cursor,
@@ -62,6 +63,7 @@ from festina_hpc.db.models import (
     Node,
     RequestRecord,
     SlurmJob,
+    TenantTokensHourly,
 )
 from festina_hpc.db.validation import check_integer as _integer
 from festina_hpc.db.validation import check_not_before as _not_before
@@ -148,6 +150,7 @@ class RequestOutcome:
     mean_tbt_s: float | None = None
     max_tbt_s: float | None = None
     external_id: str | None = None  # the gateway's request id
+    api_key_id: int | None = None  # the gateway key it came with (None: none sent, or not from the gateway)
 
 
 # -- what the store gives back ----------------------------------------------------------------
@@ -555,6 +558,7 @@ class Store:
             _text(where, "account", r.account)
             _text(where, "external_id", r.external_id, max_len=128, optional=True)
             _integer(where, "instance_id", r.instance_id, optional=True)
+            _integer(where, "api_key_id", r.api_key_id, optional=True)
             _integer(where, "prompt_tokens", r.prompt_tokens)
             _integer(where, "output_tokens", r.output_tokens)
             if not isinstance(r.slo_met, bool):
@@ -569,8 +573,18 @@ class Store:
         if not outcomes:
             return 0
         rows = [_fields(r) for r in outcomes]
+        tenant_rows = _tenant_tokens(outcomes)
         with self._transaction("record_requests") as session:
             session.execute(insert(_table(RequestRecord)), rows)
+            if tenant_rows:
+                # In the same transaction: the tenant split never counts a request the table lacks.
+                table = _table(TenantTokensHourly)
+                dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+                stmt = dialect.insert(table)
+                session.execute(stmt.on_conflict_do_update(
+                    index_elements=["instance_id", "account", "user_name", "hour_at"],
+                    set_={"tokens": table.c.tokens + stmt.excluded.tokens,
+                          "requests": table.c.requests + stmt.excluded.requests}), tenant_rows)
         return len(rows)
 
     def record_energy(self, readings: Sequence[EnergyReading]) -> int:
@@ -791,6 +805,26 @@ def _chunks(items: Iterable[EnergyReading], size: int) -> Iterator[list[EnergyRe
 
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
+
+
+def _tenant_tokens(outcomes: Sequence[RequestOutcome]) -> list[dict[str, Any]]:
+    """Rows for ``tenant_tokens_hourly``: tokens and requests per (instance, account, user, hour of arrival).
+
+    Prompt and output tokens count alike: the share of an instance's energy a request is charged
+    is its share of the tokens the instance processed in that hour (prefill and decode both burn it).
+    Requests that reached no instance used no instance energy and are left out.
+    """
+    sums: dict[tuple[int, str, str, int], list[int]] = {}
+    for r in outcomes:
+        if r.instance_id is None:
+            continue
+        key = (r.instance_id, r.account, r.user_name, int(r.arrival_at.timestamp() // HOUR_S))
+        total = sums.setdefault(key, [0, 0])
+        total[0] += r.prompt_tokens + r.output_tokens
+        total[1] += 1
+    return [{"instance_id": instance, "account": account, "user_name": user,
+             "hour_at": datetime.fromtimestamp(hour * HOUR_S, UTC), "tokens": tokens, "requests": requests}
+            for (instance, account, user, hour), (tokens, requests) in sums.items()]
 
 
 def _fields(record: Any) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def report(festina: Festina, url: str, *args: str) -> dict[str, Any]:
     ("model", {"model": "llama-3.1-8b", "energy_j": 9400.0, "output_tokens": 470, "energy_per_output_token_j": 20.0}),
     ("user", {"user_name": "alice", "account": "proj1", "energy_j": 9000.0}),
     ("account", {"account": "proj1", "day_at": "2026-03-01T00:00:00+00:00", "energy_j": 9000.0}),
+    # A's 1800 J of hour 12 to alice's 4 requests, its 7200 J of hour 13 (no requests) to its job's proj1/alice.
+    ("tenant", {"account": "proj1", "user_name": "alice", "requests": 4, "tokens": 600, "energy_j": 9000.0}),
     ("node", {"node": "n01", "energy_j": 10800.0, "idle_energy_j": 900.0}),
     ("day", {"day_at": "2026-03-01T00:00:00+00:00", "energy_j": 12600.0, "idle_energy_j": 2400.0}),
 ])

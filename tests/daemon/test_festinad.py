@@ -19,7 +19,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import text
 
+from festina_hpc.daemon.auth import AuthConfig, Authenticator
 from festina_hpc.daemon.festinad import (
     Festinad,
     FestinadSettings,
@@ -30,8 +32,10 @@ from festina_hpc.daemon.festinad import (
 )
 from festina_hpc.daemon.gateway import Gateway, gateway_models
 from festina_hpc.db import migrate
+from festina_hpc.db.accounting import run_query
 from festina_hpc.db.engine import make_engine
-from festina_hpc.db.store import Store
+from festina_hpc.db.keys import KeyRing
+from festina_hpc.db.store import EnergyReading, Store
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, StartInstance, StopInstance
 from festina_hpc.profiles.store import ProfileStore
@@ -165,9 +169,10 @@ async def _serve(festinad: Festinad, servers: Servers, store: ProfileStore) -> A
         yield url
 
 
-async def _ask(session: aiohttp.ClientSession, url: str, servers: Servers, **body: Any) -> tuple[int, Any]:
+async def _ask(session: aiohttp.ClientSession, url: str, servers: Servers, headers: dict[str, str] | None = None,
+               **body: Any) -> tuple[int, Any]:
     task = asyncio.ensure_future(session.post(f"{url}/v1/completions",
-                                              json={"prompt": "hi", "max_tokens": 3, **body}))
+                                              json={"prompt": "hi", "max_tokens": 3, **body}, headers=headers))
     while not task.done():
         await servers.pump()  # a job "starts" its server once festinad submitted it
         await asyncio.sleep(0.01)
@@ -405,6 +410,52 @@ def test_the_view_follows_the_gpu_slurm_gave_an_mps_job(store: ProfileStore, db:
 
     servers = Servers(store, slurm)
     asyncio.run(main())
+
+
+def test_tenants_requests_reach_the_database_and_split_their_gpus_energy(store: ProfileStore, db: Store) -> None:
+    """Two keys' requests on one instance: each record names its key's user and account, and the GPU's
+    energy over the hour is charged to the two accounts by their tokens, summing to the GPU's energy."""
+    slurm = FakeSlurm(store)
+    ring = KeyRing(db.engine, store)
+    alice, _ = ring.create("alice", "proj1")
+    bob, _ = ring.create("bob", "proj2", ["llama-3.1-8b"])
+    recorder = StoreRecorder(db)
+
+    async def scenario() -> None:
+        servers = Servers(store, slurm)
+        festinad = await _festinad(store, slurm, db)
+        auth = Authenticator(ring, AuthConfig(key_cache_ttl_s=0.0))
+        gateway = Gateway(festinad.router, recorder, gateway_models(store, GPU, MODELS), auth=auth)
+        try:
+            async with running_app(gateway.app()) as url, aiohttp.ClientSession() as session:
+                for token, model, expected in [(alice, "llama-3.1-8b", 200), (bob, "llama-3.1-8b", 200),
+                                               (alice, "llama-3.1-8b", 200), (bob, "mistral-7b", 403)]:
+                    status, body = await _ask(session, url, servers, {"Authorization": f"Bearer {token}"},
+                                              model=model, max_tokens=3 if token == alice else 6)
+                    assert status == expected, body
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    asyncio.run(scenario())
+    assert recorder.flush() == 3
+    requests = run_query(db.engine, "slo_attainment_per_model").as_dicts()
+    assert sum(r["requests"] for r in requests) == 3  # the 403 reached no instance and left no record
+    (instance,) = db.load_live_state().instances
+    (gpu,) = instance.gpus
+    with db.engine.connect() as connection:
+        arrivals = connection.execute(text("SELECT MIN(arrival_at) FROM requests")).scalar_one()
+        tokens = dict(connection.execute(text(
+            "SELECT account, SUM(prompt_tokens + output_tokens) FROM requests GROUP BY account")).all())
+    hour = (arrivals if not isinstance(arrivals, str) else datetime.fromisoformat(arrivals)).replace(
+        minute=0, second=0, microsecond=0, tzinfo=UTC)
+    db.record_energy([EnergyReading(gpu, hour + timedelta(seconds=1), 100.0),
+                      EnergyReading(gpu, hour + timedelta(seconds=2), 1300.0, shares={instance.id: 1.0})])
+    charged = {r["account"]: r["energy_j"] for r in run_query(db.engine, "energy_by_tenant").as_dicts()}
+    total_tokens = tokens["proj1"] + tokens["proj2"]
+    assert charged == pytest.approx({"proj1": 1200.0 * tokens["proj1"] / total_tokens,
+                                     "proj2": 1200.0 * tokens["proj2"] / total_tokens})
+    assert sum(charged.values()) == pytest.approx(1200.0)
 
 
 def test_parse_comment() -> None:

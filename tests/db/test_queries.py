@@ -30,7 +30,7 @@ from tests.db import accounting_fixture as fx
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_QUERIES = {"energy_by_account_day", "energy_by_model_hour", "energy_per_token_per_model",
                     "slo_attainment_per_model", "top_jobs_by_energy", "idle_energy_per_node", "energy_by_user",
-                    "energy_by_day", "power_per_node_hour"}
+                    "energy_by_day", "power_per_node_hour", "energy_by_tenant"}
 
 
 @pytest.fixture
