@@ -229,12 +229,12 @@ class FestinaPolicy(Policy):
         return typical
 
     def _refresh_typical(self) -> None:
-        """Take the learnt lengths when one has moved by TYPICAL_DRIFT or more; the memos then
-        start over. Small drifts keep the memos (and their hits)."""
+        """Take the learnt lengths when one has moved by TYPICAL_DRIFT or more; the estimates then
+        start over (the profile lookups stay: they do not depend on them). Small drifts keep the
+        estimates and their hits."""
         fresh = {model: Typical.of(self.stats, model) for model in self._typicals}
         if any(fresh[m].drifted_from(t) for m, t in self._typicals.items()):
             self._typicals = fresh
-            self._lookups.clear()
             self._speeds.clear()
 
     def _latency_s(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
