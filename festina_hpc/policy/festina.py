@@ -315,15 +315,11 @@ class FestinaPolicy(Policy):
         placed (or a typical one), at the settings asked about. Without it, the controller's
         question: the SLO of the typical prompt that the load adds to its queue, with its margin,
         or full speed where even full speed misses it."""
-        model = view.model(load.model)
-        limit_s = SLO_MARGIN * model.slo.tbt_s
+        limit_s = SLO_MARGIN * view.model(load.model).slo.tbt_s
         full = self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz)
         speeds = self._speeds_of(view, load, sm_pct, clock_mhz)
         if ttft_slo_s is None:
-            # The best TTFT any setting gives: the engine's chunk at full speed.
-            floor_s = self._ttft_s(full, load.pending_tokens, 0)
-            typical_slo_s = model.slo.ttft_for(int(self._typical(load.model).prompt_tokens))
-            ttft_slo_s = max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
+            ttft_slo_s = self._control_ttft_s(view, load)
         for i, chunk in enumerate(CHUNKS):
             # The tail counts only where full speed can meet it: where it cannot, the few-token
             # requests behind a chunk miss at any clock, and the rest need only the mean.
@@ -331,6 +327,13 @@ class FestinaPolicy(Policy):
             if step_s <= limit_s and self._ttft_s(speeds, load.pending_tokens, i) <= ttft_slo_s:
                 return chunk
         return None
+
+    def _control_ttft_s(self, view: ClusterView, load: Load) -> float:
+        """The TTFT the controller holds a load to: its typical prompt's SLO with a margin, or the
+        best any setting gives (the engine's chunk at full speed) where that misses it anyway."""
+        floor_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz), load.pending_tokens, 0)
+        typical_slo_s = view.model(load.model).slo.ttft_for(int(self._typical(load.model).prompt_tokens))
+        return max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
 
     # -- placement --------------------------------------------------------------------------------
 
@@ -504,11 +507,12 @@ class FestinaPolicy(Policy):
     def solve(self, view: ClusterView, loads: Sequence[Load]) -> Solution | None:
         """The lowest-power clock, SM shares and prefill chunks meeting every load's SLO, or None."""
         best: tuple[float, Solution] | None = None
+        targets = {load.instance_id: self._control_ttft_s(view, load) for load in loads}  # clock-independent
         for clock in self._clocks:
             shares: dict[int, float] = {}
             chunks: dict[int, int] = {}
             for load in loads:
-                least = self._least_share(view, load, clock)
+                least = self._least_share(view, load, clock, targets[load.instance_id])
                 if least is None:
                     break
                 shares[load.instance_id], chunks[load.instance_id] = least
@@ -520,19 +524,20 @@ class FestinaPolicy(Policy):
                     best = (power, Solution(clock, shares, chunks))
         return None if best is None else best[1]
 
-    def _least_share(self, view: ClusterView, load: Load, clock: int) -> tuple[float, int] | None:
-        """The least SM share (by bisection: SLOs only get easier with more share) and its chunk."""
-        if self._chunk_for(view, load, 100.0, clock) is None:
+    def _least_share(self, view: ClusterView, load: Load, clock: int, ttft_s: float) -> tuple[float, int] | None:
+        """The least SM share keeping the load's SLOs (``ttft_s`` the TTFT it is held to) and its
+        chunk, by bisection: SLOs only get easier with more share."""
+        chunk = self._chunk_for(view, load, 100.0, clock, ttft_s)
+        if chunk is None:
             return None
-        lo, hi = 0, len(SHARES) - 1  # SHARES[hi] meets the SLO; find the first that does
+        lo, hi = 0, len(SHARES) - 1  # SHARES[hi] meets the SLO (with ``chunk``); find the first that does
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._chunk_for(view, load, SHARES[mid], clock) is not None:
-                hi = mid
+            found = self._chunk_for(view, load, SHARES[mid], clock, ttft_s)
+            if found is not None:
+                hi, chunk = mid, found
             else:
                 lo = mid + 1
-        chunk = self._chunk_for(view, load, SHARES[lo], clock)
-        assert chunk is not None
         return float(SHARES[lo]), chunk
 
     def _dynamic_power_w(self, view: ClusterView, loads: Sequence[Load], shares: dict[int, float],
