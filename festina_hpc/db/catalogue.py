@@ -16,18 +16,16 @@ from __future__ import annotations
 import builtins
 import math
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from festina_hpc.db.engine import first_line, mask_url
-from festina_hpc.db.errors import DatabaseError
+from festina_hpc.db.engine import transaction
 from festina_hpc.db.models import CatalogueModel, ModelInstance
 from festina_hpc.db.store import utc_now
 from festina_hpc.errors import FestinaError, UnknownProfileError
@@ -157,14 +155,8 @@ class Catalogue:
         self._clock = clock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
-    @contextmanager
-    def _transaction(self, operation: str) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except DBAPIError as exc:
-            raise DatabaseError(f"database {mask_url(self.engine.url)}: {operation} failed: "
-                                f"{first_line(exc)}") from None
+    def _transaction(self, operation: str) -> AbstractContextManager[Session]:
+        return transaction(self._sessions, self.engine.url, operation)
 
     def add(self, entry: CatalogueEntry) -> CatalogueEntry:
         """Store a new entry; refused when its name, or its profile on its GPU type, is catalogued."""

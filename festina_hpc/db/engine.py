@@ -13,7 +13,8 @@ password masked.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
 
 from festina_hpc.config import DbConfig
 from festina_hpc.db.errors import DatabaseError, DatabaseUnavailable
@@ -156,3 +158,14 @@ def first_line(exc: BaseException) -> str:
     inner = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(inner).__name__
+
+
+@contextmanager
+def transaction(sessions: sessionmaker[Session], url: URL, operation: str) -> Iterator[Session]:
+    """A session in one transaction (committed on leaving, rolled back on an error); a database
+    error becomes a one-line ``DatabaseError`` naming the database and the operation."""
+    try:
+        with sessions.begin() as session:
+            yield session
+    except DBAPIError as exc:
+        raise DatabaseError(f"database {mask_url(url)}: {operation} failed: {first_line(exc)}") from None

@@ -18,18 +18,16 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, or_, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from festina_hpc.db.engine import first_line, mask_url
-from festina_hpc.db.errors import DatabaseError
+from festina_hpc.db.engine import transaction
 from festina_hpc.db.models import ApiKey, CatalogueModel
 from festina_hpc.db.store import utc_now
 from festina_hpc.errors import FestinaError, UnknownProfileError
@@ -142,14 +140,8 @@ class KeyRing:
         self._clock = clock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
-    @contextmanager
-    def _transaction(self, operation: str) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except DBAPIError as exc:
-            raise DatabaseError(f"database {mask_url(self.engine.url)}: {operation} failed: "
-                                f"{first_line(exc)}") from None
+    def _transaction(self, operation: str) -> AbstractContextManager[Session]:
+        return transaction(self._sessions, self.engine.url, operation)
 
     def create(self, user_name: str, account: str, models: Sequence[str] = (), rate_limit_per_s: float | None = None,
                expires_at: datetime | None = None) -> tuple[str, KeyInfo]:
