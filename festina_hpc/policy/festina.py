@@ -408,14 +408,17 @@ class FestinaPolicy(Policy):
                 continue
             if inst.pending_prompt_tokens + request.prompt_tokens > longest_queue:
                 continue
-            gpu = view.gpu(inst.gpus[0])
-            # The controller can raise the clock to the max and give the instance the GPU's free share.
-            share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
             load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
                         inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
-            if self._meets_slo(view, load, share, self.gpu_spec.max_clock_mhz, ttft_slo_s):
+            if self._meets_slo(view, load, self._reachable_share(view, inst), self.gpu_spec.max_clock_mhz,
+                               ttft_slo_s):
                 return inst
         return None
+
+    @staticmethod
+    def _reachable_share(view: ClusterView, inst: InstanceView) -> float:
+        """The SM share the controller can give the instance: its own and what its GPU has free."""
+        return min(100.0, inst.sm_pct + max(0.0, 100.0 - view.gpu(inst.gpus[0]).sm_pct_allocated))
 
     def _fastest_s_per_token(self, view: ClusterView, model: str) -> float:
         """The least prefill time per prompt token any setting and chunk gives (full speed, the
@@ -658,12 +661,11 @@ class FestinaPolicy(Policy):
 
     def _has_spare(self, view: ClusterView, inst: InstanceView) -> bool:
         """Room at full speed for 30% more load than now, SLOs kept (the placement check's estimate)."""
-        gpu = view.gpu(inst.gpus[0])
-        share = min(100.0, inst.sm_pct + max(0.0, 100.0 - gpu.sm_pct_allocated))
         now = self.load_of(inst)
         grown = Load(inst.id, inst.model, int(now.batch * 1.3) + 2, int(now.pending_tokens * 1.3),
                      now.rate_per_s * 1.3)
-        return self._meets_slo(view, grown, share, self.gpu_spec.max_clock_mhz, view.model(inst.model).slo.ttft_s)
+        return self._meets_slo(view, grown, self._reachable_share(view, inst), self.gpu_spec.max_clock_mhz,
+                               view.model(inst.model).slo.ttft_s)
 
     def consolidate(self, view: ClusterView) -> Plan:
         if not self.uses_consolidation:
