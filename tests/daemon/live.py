@@ -22,6 +22,22 @@ from festina_hpc.slurm.types import FINISHED_JOB_STATES
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def daemon_config(tmp: Path, port: int, serve_port_base: int, **daemon: float | str) -> Path:
+    """``tmp``/festina.toml for a festinad under test: SQLite in ``tmp``, the emulated engine as Slurm
+    jobs through the CLI backend, short timeouts and periods; ``daemon`` sets other [daemon] keys."""
+    settings: dict[str, float | str] = {
+        "host": "127.0.0.1", "port": port, "slurm_backend": "cli", "slurm_timeout_s": 20.0, "engine": "emulated",
+        "serve_time_scale": 0.5, "job_output_dir": str(tmp), "serve_port_base": serve_port_base,
+        "scale_timeout_s": 60.0, "start_timeout_s": 60.0, "drain_timeout_s": 5.0, "scale_period_s": 2.0,
+        "keep_alive_s": 600.0, **daemon}
+    db_url = f"sqlite:///{tmp / 'festina.db'}"
+    lines = ["[db]", f"url = {json.dumps(db_url)}", "[daemon]",
+             *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
+    path = tmp / "festina.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
     env.pop("FESTINA_CONFIG", None)

@@ -39,7 +39,7 @@ import pytest
 from festina_hpc.cli.main import main
 from festina_hpc.devcluster import DevClusterConfig, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
-from tests.daemon.live import ask, festina_jobs, festinad, user_job, wait_http
+from tests.daemon.live import ask, daemon_config, festina_jobs, festinad, user_job, wait_http
 
 pytestmark = pytest.mark.slurm
 
@@ -111,27 +111,8 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
     cfg = power_cluster
     slurm = CliSlurmClient(cfg.slurm_conf)
     port = free_ports(1, start=23100)
-    config = tmp_path / "festina.toml"
-    config.write_text(f"""
-[db]
-url = "sqlite:///{tmp_path / 'festina.db'}"
-[daemon]
-host = "127.0.0.1"
-port = {port}
-slurm_backend = "cli"
-slurm_timeout_s = 20.0
-engine = "emulated"
-serve_time_scale = 0.5
-job_output_dir = "{tmp_path}"
-serve_port_base = {free_ports(1, start=25100)}
-scale_timeout_s = 60.0
-start_timeout_s = 60.0
-drain_timeout_s = 5.0
-reconcile_period_s = 1.0
-scale_period_s = 2.0
-consolidate_period_s = 3600.0
-keep_alive_s = 600.0
-""")
+    config = daemon_config(tmp_path, port, free_ports(1, start=25100), reconcile_period_s=1.0,
+                           consolidate_period_s=3600.0)
     # The admin's shell: /etc/festina/festina.toml and Slurm's own config, here the test's.
     monkeypatch.setenv("FESTINA_CONFIG", str(config))
     monkeypatch.setenv("SLURM_CONF", str(cfg.slurm_conf))

@@ -31,7 +31,7 @@ from festina_hpc.db.engine import make_engine
 from festina_hpc.db.store import Store
 from festina_hpc.devcluster import DevClusterConfig, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
-from tests.daemon.live import ask, festina_jobs, festinad, power, user_job, wait_http
+from tests.daemon.live import ask, daemon_config, festina_jobs, festinad, power, user_job, wait_http
 
 pytestmark = pytest.mark.slurm
 
@@ -47,28 +47,8 @@ def test_festinad_end_to_end(power_cluster: DevClusterConfig, tmp_path: Path) ->
     port = free_ports(1, start=23000)
     user_port = free_ports(1, start=24000)
     db_path = tmp_path / "festina.db"
-    config = tmp_path / "festina.toml"
-    config.write_text(f"""
-[db]
-url = "sqlite:///{db_path}"
-[daemon]
-host = "127.0.0.1"
-port = {port}
-models = "{','.join(MODELS)}"
-slurm_backend = "cli"
-slurm_timeout_s = 20.0
-engine = "emulated"
-serve_time_scale = 0.5
-job_output_dir = "{tmp_path}"
-serve_port_base = {free_ports(1, start=25000)}
-scale_timeout_s = 60.0
-start_timeout_s = 60.0
-drain_timeout_s = 5.0
-reconcile_period_s = 2.0
-scale_period_s = 2.0
-consolidate_period_s = 3.0
-keep_alive_s = 600.0
-""")
+    config = daemon_config(tmp_path, port, free_ports(1, start=25000), models=",".join(MODELS),
+                           reconcile_period_s=2.0, consolidate_period_s=3.0)
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "festinad.log"
 
