@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,3 +39,13 @@ def festina(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 def config_path(tmp_path: Path, profiles_dir: Path) -> Path:
     """A config whose profiles folder is the test tables."""
     return write_config(tmp_path / "festina.toml", f'[profiles]\ndir = "{profiles_dir}"\n')
+
+
+def with_option(argv: Sequence[str], option: str, value: str) -> list[str]:
+    """``argv`` with ``option`` set to ``value``: replaced where it is given, else appended."""
+    changed = list(argv)
+    if option in changed:
+        changed[changed.index(option) + 1] = value
+    else:
+        changed += [option, value]
+    return changed

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, select
 
 from festina_hpc.db.keys import KeyRing, hash_token, looks_like_token
 from festina_hpc.db.models import ApiKey
-from tests.cli.conftest import Festina
+from tests.cli.conftest import Festina, with_option
 
 CREATE = ("keys", "create", "--user", "alice", "--account", "proj1")
 
@@ -70,11 +70,7 @@ def test_create_list_revoke(festina: Festina, db: str) -> None:
     ("--account", "", "account = '' must be 1-255 characters"),
 ])
 def test_bad_create_input(festina: Festina, db: str, option: str, value: str, message: str) -> None:
-    argv = list(CREATE)
-    if option in argv:
-        argv[argv.index(option) + 1] = value
-    else:
-        argv += [option, value]
+    argv = with_option(CREATE, option, value)
     result = festina(*argv)
     assert result.code == 2
     assert result.err.startswith(f"festina: error: {message}") and result.err.count("\n") == 1, result.err

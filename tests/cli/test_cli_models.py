@@ -10,7 +10,7 @@ import pytest
 from festina_hpc.daemon.catalogue_models import catalogue_gateway_models
 from festina_hpc.db.catalogue import CatalogueEntry
 from festina_hpc.profiles.store import ProfileStore
-from tests.cli.conftest import Festina
+from tests.cli.conftest import Festina, with_option
 
 SHIPPED = Path(__file__).resolve().parents[2] / "profiles"
 ADD = ("models", "add", "llama8b", "--profile", "llama-3.1-8b", "--gpu-type", "h100", "--engine", "vllm",
@@ -58,11 +58,7 @@ def test_add_list_show_update_remove(festina: Festina, db: str) -> None:
     ("--keep-alive-s", "-3", "keep_alive_s = -3.0 must be non-negative"),
 ])
 def test_bad_add_field(festina: Festina, db: str, option: str, value: str, message: str) -> None:
-    argv = list(ADD)
-    if option in argv:
-        argv[argv.index(option) + 1] = value
-    else:
-        argv += [option, value]
+    argv = with_option(ADD, option, value)
     result = festina(*argv)
     assert result.code == 2
     assert result.err.startswith("festina: error: ") and message in result.err
