@@ -126,6 +126,10 @@ def idle_for_s(inst: InstanceView, now_s: float) -> float:
     return max(0.0, now_s - inst.last_busy_s)
 
 
+SHORT_OUTPUT_TOKENS = 8  # a request this short has too few steps to average a prefill step away
+SHORT_OUTPUT_WEIGHT = 0.005  # the share is a mean over a few hundred requests (a share is noisier than a length)
+
+
 class TokenStats:
     """Per-model running means of prompt and output lengths, learnt from the requests a policy places.
 
@@ -138,6 +142,7 @@ class TokenStats:
         self.weight = weight
         self._initial = (prompt_tokens, output_tokens)
         self._means: dict[str, tuple[float, float]] = {}
+        self._short: dict[str, float] = {}  # model -> share of requests with SHORT_OUTPUT_TOKENS or fewer
         self._window = window
         self._prompts: dict[str, deque[int]] = {}
         self._quantiles: dict[tuple[str, float], tuple[int, float]] = {}  # (model, q) -> (count at, value)
@@ -147,8 +152,12 @@ class TokenStats:
         prompt, output = self._means.get(model, self._initial)
         w = self.weight
         self._means[model] = (prompt + w * (prompt_tokens - prompt), output + w * (output_tokens - output))
+        self._counts[model] = count = self._counts.get(model, 0) + 1
+        # The mean of every request seen until there are enough for the moving mean's weight.
+        weight = max(SHORT_OUTPUT_WEIGHT, 1.0 / count)
+        short = self._short.get(model, 0.0)
+        self._short[model] = short + weight * ((output_tokens <= SHORT_OUTPUT_TOKENS) - short)
         self._prompts.setdefault(model, deque(maxlen=self._window)).append(prompt_tokens)
-        self._counts[model] = self._counts.get(model, 0) + 1
 
     def prompt_quantile(self, model: str, q: float) -> float:
         """The ``q`` quantile of the model's recent prompt lengths (re-computed every 1/8 window of requests).
@@ -172,6 +181,11 @@ class TokenStats:
 
     def output_tokens(self, model: str) -> float:
         return self._means.get(model, self._initial)[1]
+
+    def short_output_share(self, model: str) -> float:
+        """The share of the model's requests that generate SHORT_OUTPUT_TOKENS or fewer: those whose
+        mean time between tokens one long prefill step among their few can spoil."""
+        return self._short.get(model, 0.0)
 
     def decode_context_tokens(self, model: str) -> float:
         """Mean KV context of a decoding sequence: its prompt plus half its output."""

@@ -21,17 +21,29 @@ constant-time profile lookups:
   has room elsewhere (capacity follows the load). ``scale`` adds an instance
   only for a shortage that lasts SCALE_OUT_AFTER_S: a moment's queue is served
   sooner by the ready instances than by a cold start.
+- **Burst capacity** (``scale``): prompts come in bursts (in the code trace,
+  one request in ten comes with 20x the mean rate within a TTFT SLO), and a
+  burst that meets too few instances queues past every TTFT SLO long before a
+  cold start helps. Each
+  model's recent bursts (the prompt tokens that arrived within one TTFT SLO
+  before each request, ``BurstMeter``) set how many instances it keeps: added
+  greedily across models where one more instance drains the most requests'
+  bursts in time per GPU it holds, until BURST_ATTAINMENT of them are.
 - **Local control** (``control``): per GPU, the joint choice of the one clock
   and each co-resident instance's SM share and prefill chunk that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
-  decode step at its batch (stretched by prefill interruptions, and the step
-  that carries a prefill chunk where full speed can meet that tail), TTFT from
-  the queued prompt tokens in chunks, so a prefill burst raises clock or share
-  within one tick and decode-only GPUs run slow. Exact over the table's clocks and SM
-  shares in steps of 10%: for each clock, the least share per instance by
-  bisection; cost O(clocks x instances x log shares) lookups. Hysteresis:
-  lower the clock only by two or more table steps, change a share only by 10
-  points or more, raise at once when a target would be missed.
+  decode step at its batch (stretched by prefill interruptions, and, where
+  requests of a few tokens meet prefills often, the step that carries a
+  prefill chunk: then the chunk shrinks), TTFT from the queued prompt tokens
+  in chunks, so a prefill burst raises clock or share within one tick and
+  decode-only GPUs run slow. Exact over the table's clocks and SM shares in
+  steps of 10%: for each clock, the least share per instance by bisection;
+  cost O(clocks x instances x log shares) lookups. Where no setting keeps
+  every SLO, the GPU runs flat out, the instances that can keep theirs get
+  their least shares, and every chunk keeps TBT where it can (a long chunk
+  spoils a token of every sequence decoding; a queue, only those waiting).
+  Hysteresis: lower the clock only by two or more table steps, change a share
+  only by 10 points or more, raise at once when a target would be missed.
 - **Consolidation** (``consolidate``): every period, the least-loaded powered
   node (or, when it cannot be, the next least loaded) is evacuated when every
   instance on it fits elsewhere on powered nodes
@@ -52,8 +64,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
@@ -95,19 +110,54 @@ SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS
 CHUNKS = (PREFILL_CHUNK_TOKENS, 1024, 512)
 MIN_START_SHARE = 30.0
 WIDE_LOOK = 16  # instances looked at before starting a new one
-TAIL_BUSY = 0.05  # prefill busy share from which a request's TBT is planned for a chunk-carrying step
+TAIL_MISSES = 0.002  # share of requests meeting a chunk step among too few tokens, above which it is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
 EVACUATION_TRIES = 2  # least loaded nodes a consolidation tries to empty, in turn
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
-SPARE_SHARE = 0.25  # and this share of the GPUs in use
+SPARE_SHARE = 0.1  # and this share of the GPUs in use
 SCALE_OUT_AFTER_S = 10.0  # a model lacking room this long (two scale ticks) gets another instance
 SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
+BURST_MEMORY_S = 900.0  # the bursts that capacity is provisioned for are this recent
+BURST_ATTAINMENT = 0.995  # share of requests whose burst the instances can drain in time
+BURST_DRAIN_WINDOWS = 1.75  # a window's tokens are prefilled within this many windows
 PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
 TYPICAL_REFRESH = 256  # placements between looks at the learnt request lengths
 TYPICAL_DRIFT = 0.05  # relative move of a typical length that replaces the frozen one
 MEMO_LIMIT = 200_000  # entries per memo before it starts over
+
+
+class BurstMeter:
+    """A model's bursts: before each request, the prompt tokens that arrived within one window (the
+    model's TTFT SLO), kept for the requests of the last BURST_MEMORY_S. The code trace's prompts
+    come in bursts many times its mean rate: a burst that meets too few instances queues past
+    every TTFT SLO long before a cold start could help, so prefill capacity is provisioned for
+    the bursts seen (``FestinaPolicy._burst_instances``)."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._window: deque[tuple[float, int]] = deque()  # arrivals within the window
+        self._tokens = 0  # their prompt tokens
+        self._seen: deque[tuple[float, int]] = deque()  # (arrival, tokens in the window before it)
+        self._sorted: np.ndarray | None = None
+
+    def observe(self, now_s: float, prompt_tokens: int) -> None:
+        self._window.append((now_s, prompt_tokens))
+        self._tokens += prompt_tokens
+        while self._window[0][0] < now_s - self.window_s:
+            self._tokens -= self._window.popleft()[1]
+        self._seen.append((now_s, self._tokens))
+        self._sorted = None
+
+    def bursts(self, now_s: float) -> np.ndarray:
+        """The window sums of the requests of the last BURST_MEMORY_S, sorted."""
+        while self._seen and self._seen[0][0] < now_s - BURST_MEMORY_S:
+            self._seen.popleft()
+            self._sorted = None
+        if self._sorted is None:
+            self._sorted = np.sort(np.fromiter((tokens for _, tokens in self._seen), dtype=float))
+        return self._sorted
 
 
 @dataclass(frozen=True)
@@ -144,10 +194,12 @@ class Typical:
     prompt_tokens: float  # mean
     long_prompt_tokens: float  # p90
     output_tokens: float  # mean
+    short_output_share: float  # of requests too short to average a prefill step away
 
     @classmethod
     def of(cls, stats: TokenStats, model: str) -> Typical:
-        return cls(stats.prompt_tokens(model), stats.prompt_quantile(model, 0.9), stats.output_tokens(model))
+        return cls(stats.prompt_tokens(model), stats.prompt_quantile(model, 0.9), stats.output_tokens(model),
+                   stats.short_output_share(model))
 
     @property
     def decode_context_tokens(self) -> float:
@@ -155,8 +207,10 @@ class Typical:
         return self.prompt_tokens + self.output_tokens / 2
 
     def drifted_from(self, other: Typical) -> bool:
-        return any(abs(a - b) > TYPICAL_DRIFT * b for a, b in ((self.prompt_tokens, other.prompt_tokens),
-                   (self.long_prompt_tokens, other.long_prompt_tokens), (self.output_tokens, other.output_tokens)))
+        return (any(abs(a - b) > TYPICAL_DRIFT * b for a, b in (
+            (self.prompt_tokens, other.prompt_tokens), (self.long_prompt_tokens, other.long_prompt_tokens),
+            (self.output_tokens, other.output_tokens)))
+            or abs(self.short_output_share - other.short_output_share) > TYPICAL_DRIFT)
 
 
 @dataclass(frozen=True)
@@ -197,6 +251,7 @@ class FestinaPolicy(Policy):
         super().__init__(context)
         self.stats = TokenStats()
         self._fill: dict[str, int] = {}  # model -> the instance being filled
+        self._bursts: dict[str, BurstMeter] = {}
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
         self._typicals: dict[str, Typical] = {}
@@ -266,9 +321,10 @@ class FestinaPolicy(Policy):
         """The load's step times at one share and clock, for each of CHUNKS.
 
         Time between tokens: decode steps stretched by the prefills interleaved with them (busy
-        share r x p); when prefills come often (TAIL_BUSY of the time or more), a request with few
-        tokens may see a chunk in most of its steps: then a step that carries a chunk (of a long,
-        p90, prompt) is its tail.
+        share r x p). A request of a few tokens (SHORT_OUTPUT_TOKENS or fewer) averages nothing
+        away: one step that carries a chunk (of a long, p90, prompt) among its few spoils its TBT.
+        Where such requests meet prefills often enough (short share x busy share of TAIL_MISSES or
+        more), that step is the TBT tail to plan for.
 
         Time to first token (``Speeds.ttft_s``): every prompt token ahead of a new request and its
         own, in chunks, each step also decoding the batch (what the batch adds over a batch of
@@ -285,7 +341,7 @@ class FestinaPolicy(Policy):
         tails, chunk_steps, arrivals = [], [], []
         for chunk in CHUNKS:
             long_s = self._latency_s(table, "prefill", 1, min(typical.long_prompt_tokens, chunk), sm_pct, clock_mhz)
-            tails.append(step_s + long_s if busy >= TAIL_BUSY else 0.0)
+            tails.append(step_s + long_s if busy * typical.short_output_share >= TAIL_MISSES else 0.0)
             chunk_steps.append(self._latency_s(table, "prefill", 1, chunk, sm_pct, clock_mhz) + extra_s)
             arrivals.append(long_s if busy >= 0.01 else 0.0)
         mean_s = step_s / max(0.05, 1.0 - busy)
@@ -320,10 +376,12 @@ class FestinaPolicy(Policy):
         speeds = self._speeds_of(view, load, sm_pct, clock_mhz)
         if ttft_slo_s is None:
             ttft_slo_s = self._control_ttft_s(view, load)
+        # The tail counts only where full speed can meet it with the smallest chunk: where it
+        # cannot, the few-token requests behind a chunk miss at any setting, and the rest need
+        # only the mean.
+        tail_counts = full.tbt_tail_s[-1] <= limit_s
         for i, chunk in enumerate(CHUNKS):
-            # The tail counts only where full speed can meet it: where it cannot, the few-token
-            # requests behind a chunk miss at any clock, and the rest need only the mean.
-            step_s = speeds.tbt_tail_s[i] if full.tbt_tail_s[i] <= limit_s else speeds.tbt_mean_s
+            step_s = speeds.tbt_tail_s[i] if tail_counts else speeds.tbt_mean_s
             if step_s <= limit_s and self._ttft_s(speeds, load.pending_tokens, i) <= ttft_slo_s:
                 return chunk
         return None
@@ -343,6 +401,10 @@ class FestinaPolicy(Policy):
         if self._placed % TYPICAL_REFRESH == 0:
             self._refresh_typical()
         model = view.model(request.model)
+        burst = self._bursts.get(model.name)
+        if burst is None:
+            burst = self._bursts[model.name] = BurstMeter(model.slo.ttft_s)
+        burst.observe(view.now_s, request.prompt_tokens)
         instances = view.instances_of(request.model)
         target = self._safe_fullest(request, view, model, self._looked_at(request, view, instances))
         if target is None and len(instances) > 4:
@@ -527,6 +589,29 @@ class FestinaPolicy(Policy):
                     best = (power, Solution(clock, shares, chunks))
         return None if best is None else best[1]
 
+    def _overloaded(self, view: ClusterView, loads: Sequence[Load]) -> Solution:
+        """Best effort where no setting keeps every SLO: full clock; a load that can keep its SLOs
+        there gets its least share, the others split what is left (all scaled down to fit); each
+        gets the largest chunk whose steps keep its TBT SLO at its share. TBT comes first: a chunk
+        too long spoils a token of every sequence decoding, a queue only the requests waiting."""
+        clock = self.gpu_spec.max_clock_mhz
+        least = {load.instance_id: self._least_share(view, load, clock, self._control_ttft_s(view, load))
+                 for load in loads}
+        wanting = [i for i, found in least.items() if found is None]
+        held = sum(found[0] for found in least.values() if found is not None)
+        rest = max(SHARES[0], (100.0 - held) / len(wanting)) if wanting else 0.0
+        shares = {i: rest if found is None else found[0] for i, found in least.items()}
+        scale = min(1.0, 100.0 / sum(shares.values()))
+        shares = {i: max(1.0, math.floor(share * scale)) for i, share in shares.items()}
+        chunks = {load.instance_id: self._tbt_chunk(view, load, shares[load.instance_id], clock) for load in loads}
+        return Solution(clock, shares, chunks)
+
+    def _tbt_chunk(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> int:
+        """The largest prefill chunk whose steps keep the load's TBT SLO, else the smallest."""
+        speeds = self._speeds_of(view, load, sm_pct, clock_mhz)
+        limit_s = view.model(load.model).slo.tbt_s
+        return next((chunk for chunk, tail_s in zip(CHUNKS, speeds.tbt_tail_s) if tail_s <= limit_s), CHUNKS[-1])
+
     def _least_share(self, view: ClusterView, load: Load, clock: int, ttft_s: float) -> tuple[float, int] | None:
         """The least SM share keeping the load's SLOs (``ttft_s`` the TTFT it is held to) and its
         chunk, by bisection: SLOs only get easier with more share."""
@@ -562,15 +647,9 @@ class FestinaPolicy(Policy):
         loads = self._loads(gpu, view)
         if not loads:
             return None
-        solved = self.solve(view, loads)
-        if solved is None:  # overloaded: everything it has
-            clock = self.gpu_spec.max_clock_mhz
-            fair = 100.0 / len(loads)
-            shares = {load.instance_id: fair for load in loads}
-            chunks = {load.instance_id: PREFILL_CHUNK_TOKENS for load in loads}
-        else:
-            # Least shares: what is left stays free for another model to co-locate here.
-            clock, shares, chunks = solved.clock_mhz, solved.sm_pct, solved.chunk_tokens
+        # Least shares: what is left stays free for another model to co-locate here.
+        solved = self.solve(view, loads) or self._overloaded(view, loads)
+        clock, shares, chunks = solved.clock_mhz, solved.sm_pct, solved.chunk_tokens
         clock = self._with_hysteresis(gpu.clock_mhz, clock)
         changed = {i: s for i, s in shares.items() if abs(s - self._current_share(view, i)) >= 10}
         # Shrink shares first so a grown share always finds room.
@@ -595,14 +674,17 @@ class FestinaPolicy(Policy):
     def scale(self, view: ClusterView) -> Plan:
         """Scale out ahead of need; scale in what packing left idle; scale to zero quiet models.
 
-        A model whose every instance is within 30% of its SLO limit gets one more instance now,
-        so the next burst does not wait for a cold start. An idle instance draws no power of its
-        own, but it holds GPUs that keep a node on: with consolidation, instances idle for the
-        SCALE_IN_IDLE_S are stopped while another instance of the model has spare room (packing sends
-        new requests to the fullest safe instance, so the extra ones drain and go idle).
+        A model gets one more instance when its every instance is within 30% of its SLO limit, or
+        when it has fewer than its recent bursts need (``_burst_instances``), for as long as
+        SCALE_OUT_AFTER_S: the next burst does not wait for a cold start. An idle instance draws no
+        power of its own, but it holds GPUs that keep a node on: with consolidation, instances idle
+        for SCALE_IN_IDLE_S are stopped while another instance of the model has spare room and the
+        bursts do not need them (packing sends new requests to the fullest safe instance, so the
+        extra ones drain and go idle).
         """
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()
+        need = self._burst_instances(view)
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
@@ -618,10 +700,11 @@ class FestinaPolicy(Policy):
                 idle = [i for i in instances if not i.running and not i.waiting
                         and view.now_s - i.last_busy_s > SCALE_IN_IDLE_S]
                 busy = [i for i in instances if i not in idle]
-                if idle and busy and any(self._has_spare(view, i) for i in busy):
+                if (idle and busy and any(self._has_spare(view, i) for i in busy)
+                        and len(instances) > need.get(model.name, 0)):
                     actions.append(StopInstance(idle[-1].id))  # the newest idle one: one per tick
                     continue
-            short = model.name in self._short
+            short = model.name in self._short or len(instances) < need.get(model.name, 0)
             self._short.discard(model.name)
             if not short and any(self._has_spare(view, i) for i in instances):
                 self._pressed_since.pop(model.name, None)
@@ -632,22 +715,67 @@ class FestinaPolicy(Policy):
             if view.now_s - since >= SCALE_OUT_AFTER_S:
                 start = self._where_to_start(view, model)
                 if start is None and short:
-                    start = self._by_eviction(view, model, evicted)
+                    start = self._by_eviction(view, model, evicted, need)
                 if start is not None:
                     evicted.update(start.evict)
                     actions.append(start)
                     self._pressed_since.pop(model.name, None)
         return Plan(tuple(actions), "scale")
 
-    def _by_eviction(self, view: ClusterView, model: ModelInfo, evicted: set[int]) -> StartInstance | None:
+    def _burst_instances(self, view: ClusterView) -> dict[str, int]:
+        """Instances each model needs for its recent bursts, chosen across models.
+
+        A request's burst is drained in time by n instances when the tokens that arrived within
+        its model's window (one TTFT SLO) before it take n instances at full speed at most
+        BURST_DRAIN_WINDOWS windows (the first of them meets its own SLO, the last one arrives a
+        window later). Instances are added greedily where they make the most requests' bursts
+        drain in time per GPU held (a 70B model at TP4 pays four), until BURST_ATTAINMENT of all
+        recent requests are: burst capacity goes where it buys the most SLO per watt."""
+        counts: dict[str, np.ndarray] = {}
+        capacity: dict[str, float] = {}  # tokens one instance drains in time
+        cost: dict[str, float] = {}
+        for name, meter in self._bursts.items():
+            bursts = meter.bursts(view.now_s)
+            if not len(bursts):
+                continue
+            model = view.model(name)
+            table = self._table(view, name)
+            tokens_per_s = PREFILL_CHUNK_TOKENS / self._latency_s(table, "prefill", 1, PREFILL_CHUNK_TOKENS, 100.0,
+                                                                  self.gpu_spec.max_clock_mhz)
+            counts[name] = bursts
+            capacity[name] = tokens_per_s * BURST_DRAIN_WINDOWS * meter.window_s
+            cost[name] = model.tp * self._memory_fraction(view, model)
+        total = sum(len(b) for b in counts.values())
+        if not total:
+            return {}
+
+        def drained(name: str, n: int) -> int:  # requests whose burst n instances drain in time
+            return int(np.searchsorted(counts[name], n * capacity[name], side="right"))
+
+        need = {name: 1 for name in counts}
+        met = sum(drained(name, 1) for name in counts)
+        while met < BURST_ATTAINMENT * total:
+            name = max(counts, key=lambda m: (drained(m, need[m] + 1) - drained(m, need[m])) / cost[m])
+            gain = drained(name, need[name] + 1) - drained(name, need[name])
+            if gain <= 0:
+                break
+            need[name] += 1
+            met += gain
+        return need
+
+    def _by_eviction(self, view: ClusterView, model: ModelInfo, evicted: set[int],
+                     need: dict[str, int]) -> StartInstance | None:
         """Room for a model that keeps missing its SLOs on a full cluster: an idle instance of
-        another model that has spare room elsewhere gives up its GPUs (those it holds alone).
-        Capacity follows the load instead of staying with whichever model scaled out first."""
+        another model that has spare room elsewhere, and more instances than its bursts need,
+        gives up its GPUs (those it holds alone). Capacity follows the load instead of staying
+        with whichever model scaled out first."""
         fraction = self._memory_fraction(view, model)
         for other in view.models():
             if other.name == model.name:
                 continue
             instances = serving(view.instances_of(other.name))
+            if len(instances) <= need.get(other.name, 0):
+                continue
             for victim in instances:
                 if (victim.id in evicted or victim.phase is not InstancePhase.READY or victim.running
                         or victim.waiting or len(victim.gpus) < model.tp
@@ -664,8 +792,9 @@ class FestinaPolicy(Policy):
         now = self.load_of(inst)
         grown = Load(inst.id, inst.model, int(now.batch * 1.3) + 2, int(now.pending_tokens * 1.3),
                      now.rate_per_s * 1.3)
+        typical_slo_s = view.model(inst.model).slo.ttft_for(int(self._typical(inst.model).prompt_tokens))
         return self._meets_slo(view, grown, self._reachable_share(view, inst), self.gpu_spec.max_clock_mhz,
-                               view.model(inst.model).slo.ttft_s)
+                               typical_slo_s)
 
     def consolidate(self, view: ClusterView) -> Plan:
         if not self.uses_consolidation:

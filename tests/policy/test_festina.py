@@ -15,8 +15,17 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pytest
 
-from festina_hpc.policy.festina import SCALE_OUT_AFTER_S, FestinaPolicy, Load
-from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance
+from festina_hpc.policy.common import SHORT_OUTPUT_TOKENS, TokenStats
+from festina_hpc.policy.festina import (
+    BURST_MEMORY_S,
+    SCALE_IN_IDLE_S,
+    SCALE_OUT_AFTER_S,
+    SLO_MARGIN,
+    BurstMeter,
+    FestinaPolicy,
+    Load,
+)
+from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import Simulation
@@ -82,6 +91,66 @@ def test_a_prefill_burst_raises_a_slowed_gpus_clock_within_one_tick() -> None:
     inst.waiting = 64
     settings = policy.control(view.gpu(0), view)
     assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > decode_only.clock_mhz
+
+
+def chunk_step_s(policy: FestinaPolicy, load: Load, sm_pct: float, clock_mhz: int, chunk_tokens: int) -> float:
+    """A step that prefills a whole chunk while decoding the load's batch (what the engine runs)."""
+    table = STORE.table(GPU, load.model)
+    context = policy._typical(load.model).decode_context_tokens
+    return (table.lookup("prefill", 1, chunk_tokens, sm_pct, clock_mhz, clamp=True).latency_s
+            + table.lookup("decode", load.batch, context, sm_pct, clock_mhz, clamp=True).latency_s)
+
+
+def observed(policy: FestinaPolicy, output_tokens: int, prompt_tokens: int = 1024, count: int = 200) -> FestinaPolicy:
+    """The policy after ``count`` requests of these lengths (what it learns its workload from)."""
+    for _ in range(count):
+        policy.stats.observe(MODEL, prompt_tokens, output_tokens)
+    return policy
+
+
+def test_short_requests_get_a_chunk_whose_steps_keep_their_tbt() -> None:
+    """Requests of a few tokens average nothing away: one step that carries a 2048-token chunk
+    (longer than the 8B model's TBT SLO even at full speed) spoils their TBT. Where most requests
+    are that short, the controller picks settings whose chunk-carrying step keeps the TBT SLO
+    (a smaller chunk); where requests are long, the mean is what matters, and it saves power."""
+    limit_s = SLO_MARGIN * SLOS[MODEL].tbt_s
+    steps = {}
+    for output_tokens in (4, 256):
+        view = fake_view()
+        inst = view.add(FakeInstance(0, MODEL, (0,), running=16, arrival_rate_per_s=2.0))
+        policy = observed(festina(), output_tokens)
+        load = policy.load_of(inst)
+        solved = policy.solve(view, [load])
+        assert solved is not None
+        steps[output_tokens] = chunk_step_s(policy, load, solved.sm_pct[0], solved.clock_mhz, solved.chunk_tokens[0])
+    assert chunk_step_s(policy, load, 100.0, MAX_CLOCK_MHZ, 2048) > limit_s  # the premise
+    assert steps[4] <= limit_s < steps[256]
+
+
+def test_an_overloaded_gpu_runs_flat_out_and_keeps_tbt_before_queues() -> None:
+    """No setting keeps both co-residents' SLOs: the GPU runs at its max clock, the light instance
+    keeps the least share that keeps its SLOs, the overloaded one takes the rest. The light one's
+    chunk keeps its steps within the TBT SLO; the overloaded one, whose batch no chunk keeps
+    within it, takes the smallest (not the engine's 2048 tokens, which were given before)."""
+    view = fake_view()
+    heavy = view.add(FakeInstance(0, MODEL, (0,), sm_pct=50, memory_fraction=0.5, running=64, waiting=200,
+                                  arrival_rate_per_s=4.0))
+    light_one = view.add(FakeInstance(1, MODEL, (0,), sm_pct=50, memory_fraction=0.5, running=4,
+                                      arrival_rate_per_s=0.5))
+    policy = observed(festina(), output_tokens=4)
+    assert policy.solve(view, [policy.load_of(heavy), policy.load_of(light_one)]) is None
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz == MAX_CLOCK_MHZ
+    shares = {i: settings.sm_pct.get(i, view.instance(i).sm_pct) for i in (0, 1)}
+    assert sum(shares.values()) <= 100.0
+    light_load = policy.load_of(light_one)
+    least = policy._least_share(view, light_load, MAX_CLOCK_MHZ, policy._control_ttft_s(view, light_load))
+    assert least is not None and least[0] == shares[1]
+    limit_s = SLOS[MODEL].tbt_s
+    assert chunk_step_s(policy, light_load, shares[1], MAX_CLOCK_MHZ, settings.chunk_tokens[1]) <= limit_s
+    heavy_load = policy.load_of(heavy)
+    assert all(chunk_step_s(policy, heavy_load, shares[0], MAX_CLOCK_MHZ, c) > limit_s for c in (2048, 1024, 512))
+    assert settings.chunk_tokens[0] == 512
 
 
 def test_the_planned_clock_never_falls_as_the_queue_grows() -> None:
@@ -352,3 +421,111 @@ def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a
     policy = festina()
     policy.place(request(0), view)
     assert not _scale_while_short(policy, view)
+
+
+def test_an_instance_with_room_for_its_models_typical_long_prompts_starts_no_other() -> None:
+    """Spare room is judged against the SLO of the model's typical prompt (3,000 tokens here), not
+    the SLO of a 1,024-token one, which no prompt of 3,000 tokens meets: a lightly loaded
+    instance has room, and scale() starts nothing (it used to start an instance every
+    SCALE_OUT_AFTER_S on a long-prompt trace)."""
+    view = fake_view()
+    inst = view.add(FakeInstance(0, MODEL, (0,), running=2, arrival_rate_per_s=0.3, prompt_tokens_each=3000))
+    policy = observed(festina(), output_tokens=30, prompt_tokens=3000)
+    assert policy._has_spare(view, inst)
+    for _ in range(4):
+        assert not policy.scale(view).actions
+        view.now_s += SCALE_OUT_AFTER_S / 2
+
+
+# -- provisioning for bursts -----------------------------------------------------------------------------
+
+
+def test_a_burst_meter_sums_the_prompt_tokens_of_one_window_before_each_request() -> None:
+    meter = BurstMeter(window_s=0.3)
+    for now_s, tokens in ((0.0, 100), (0.1, 200), (0.35, 400), (1.0, 800)):
+        meter.observe(now_s, tokens)
+    assert list(meter.bursts(1.0)) == [100.0, 300.0, 600.0, 800.0]
+    assert list(meter.bursts(0.5 + BURST_MEMORY_S)) == [800.0]  # older requests are forgotten
+
+
+def fed(arrivals: Iterable[tuple[float, str]], models: Sequence[str] = (MODEL,)) -> tuple[FestinaPolicy, FakeView]:
+    """A policy that placed 2,000-token requests arriving at these times onto one instance per model."""
+    view = fake_view(models=models)
+    for g, model in enumerate(models):
+        view.add(FakeInstance(g, model, (g,)))
+    policy = festina()
+    for rid, (now_s, model) in enumerate(arrivals):
+        view.now_s = now_s
+        policy.place(Request(rid, now_s, model, 2000, 30), view)
+    return policy, view
+
+
+def bursty(model: str = MODEL, bursts: int = 30) -> list[tuple[float, str]]:
+    """20 requests within 0.2 s every 10 s: 2 per second on average."""
+    return [(k * 10.0 + j * 0.01, model) for k in range(bursts) for j in range(20)]
+
+
+def steady(model: str = MODEL, seconds: int = 300) -> list[tuple[float, str]]:
+    return [(k * 0.5, model) for k in range(2 * seconds)]
+
+
+def test_bursty_traffic_is_given_instances_for_its_bursts_and_steady_traffic_at_the_same_rate_is_not() -> None:
+    """Each burst is 40,000 prompt tokens within the 8B model's TTFT SLO (0.22 s): one instance
+    needs about 1.6 s for it, so the bursts need several instances to be drained in time. The
+    same rate arriving evenly needs one."""
+    policy, view = fed(bursty())
+    assert policy._burst_instances(view)[MODEL] >= 4
+    policy, view = fed(steady())
+    assert policy._burst_instances(view) == {MODEL: 1}
+
+
+def test_scale_starts_the_instances_bursts_need_and_keeps_them_while_idle() -> None:
+    policy, view = fed(bursty())
+    assert policy._has_spare(view, view.instance(0))  # room for the mean load: the bursts alone ask
+    policy.scale(view)
+    view.now_s += SCALE_OUT_AFTER_S
+    starts = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert [a.model for a in starts] == [MODEL]
+
+    need = policy._burst_instances(view)[MODEL]
+    # One more instance than the bursts need, the extra ones idle long enough to stop: one stops.
+    # As many as they need: none does.
+    assert stopped_after_idle(instances=need + 1) == 1
+    assert stopped_after_idle(instances=need) == 0
+
+
+def stopped_after_idle(instances: int) -> int:
+    """Instances scale() stops after the bursts above, of ``instances`` (one busy, with spare room,
+    the others idle for longer than SCALE_IN_IDLE_S)."""
+    policy, view = fed(bursty())
+    view.instance(0).running = 2
+    for g in range(1, instances):
+        view.add(FakeInstance(g, MODEL, (g,)))
+    view.now_s += SCALE_IN_IDLE_S + 1
+    return sum(1 for a in policy.scale(view).actions if isinstance(a, StopInstance))
+
+
+def test_an_instance_that_a_models_bursts_need_is_not_evicted_for_another_model() -> None:
+    """As in the eviction test above, but mistral-7b's traffic comes in bursts that need both its
+    instances: its idle one stays, and MODEL's shortage waits."""
+    policy, _ = fed(bursty("mistral-7b", bursts=30), models=("mistral-7b",))
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    view.now_s = 300.0
+    for g in range(6):
+        view.add(FakeInstance(g, MODEL, (g,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    view.add(FakeInstance(6, "mistral-7b", (6,), running=2, arrival_rate_per_s=0.2))
+    view.add(FakeInstance(7, "mistral-7b", (7,)))
+    assert policy._burst_instances(view)["mistral-7b"] >= 2
+    policy.place(request(0), view)
+    assert not _scale_while_short(policy, view)
+
+
+def test_the_share_of_short_requests_is_learnt_from_the_first_request_on() -> None:
+    stats = TokenStats()
+    assert stats.short_output_share(MODEL) == 0.0  # nothing seen: no tail to plan for
+    for output_tokens in (4, SHORT_OUTPUT_TOKENS, 100):
+        stats.observe(MODEL, 1024, output_tokens)
+    assert stats.short_output_share(MODEL) == pytest.approx(2 / 3)  # the mean of the first requests
+    for _ in range(2000):
+        stats.observe(MODEL, 1024, 100)
+    assert stats.short_output_share(MODEL) < 0.01  # then a moving mean: old requests fade
