@@ -149,14 +149,15 @@ class TokenStats:
         self._counts: dict[str, int] = {}
 
     def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
+        self._counts[model] = count = self._counts.get(model, 0) + 1
         prompt, output = self._means.get(model, self._initial)
         w = self.weight
         self._means[model] = (prompt + w * (prompt_tokens - prompt), output + w * (output_tokens - output))
-        self._counts[model] = count = self._counts.get(model, 0) + 1
-        # The mean of every request seen until there are enough for the moving mean's weight.
-        weight = max(SHORT_OUTPUT_WEIGHT, 1.0 / count)
+        # The share is the mean of every request seen until there are enough for its moving mean's
+        # weight: it has no prior to start from.
+        w = max(SHORT_OUTPUT_WEIGHT, 1.0 / count)
         short = self._short.get(model, 0.0)
-        self._short[model] = short + weight * ((output_tokens <= SHORT_OUTPUT_TOKENS) - short)
+        self._short[model] = short + w * ((output_tokens <= SHORT_OUTPUT_TOKENS) - short)
         self._prompts.setdefault(model, deque(maxlen=self._window)).append(prompt_tokens)
 
     def prompt_quantile(self, model: str, q: float) -> float:

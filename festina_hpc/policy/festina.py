@@ -173,8 +173,9 @@ class Solution:
 class Load:
     """What the controller plans for: an instance's model, batch, queue and arrival rate.
 
-    The queue is rounded up to PENDING_QUANTUM tokens and the rate up to 0.1 per second: the
-    estimates are memoised on these, and rounding up keeps them on the safe side."""
+    The queue is rounded up to PENDING_QUANTUM tokens, and the batch and rate up to a grid of
+    eight steps per doubling (of 1 sequence and 0.1 per second below eight of them): the estimates
+    are memoised on these, and rounding up keeps them on the safe side."""
 
     instance_id: int
     model: str
@@ -184,7 +185,16 @@ class Load:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pending_tokens", -(-self.pending_tokens // PENDING_QUANTUM) * PENDING_QUANTUM)
-        object.__setattr__(self, "rate_per_s", math.ceil(round(self.rate_per_s * 10, 6)) / 10)
+        object.__setattr__(self, "batch", int(_ceil_to_grid(self.batch, 1)))
+        object.__setattr__(self, "rate_per_s", _ceil_to_grid(self.rate_per_s, 0.1))
+
+
+def _ceil_to_grid(value: float, step: float) -> float:
+    """``value`` rounded up to a multiple of ``step`` up to 8 steps, then to eight steps per
+    doubling (at most 12.5% up)."""
+    if value > 8 * step:
+        step *= 2 ** math.floor(math.log2(value / (8 * step)))
+    return math.ceil(round(value / step, 6)) * step
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,7 @@ class FestinaPolicy(Policy):
         self._tables: dict[str, ProfileTable] = {}
         self._typicals: dict[str, Typical] = {}
         self._lookups: dict[tuple[str, str, int, float, float, int], tuple[float, float]] = {}
-        self._speeds: dict[tuple[str, int, float, float, int], Speeds] = {}
+        self._speeds: dict[str, dict[tuple[int, float, float, int], Speeds]] = {}  # per model
         self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
         self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
@@ -284,13 +294,14 @@ class FestinaPolicy(Policy):
         return typical
 
     def _refresh_typical(self) -> None:
-        """Take the learnt lengths when one has moved by TYPICAL_DRIFT or more; the estimates then
-        start over (the profile lookups stay: they do not depend on them). Small drifts keep the
-        estimates and their hits."""
-        fresh = {model: Typical.of(self.stats, model) for model in self._typicals}
-        if any(fresh[m].drifted_from(t) for m, t in self._typicals.items()):
-            self._typicals = fresh
-            self._speeds.clear()
+        """Take a model's learnt lengths when one has moved by TYPICAL_DRIFT or more; its estimates
+        then start over (the profile lookups stay: they do not depend on them). Small drifts keep
+        the estimates and their hits."""
+        for model, typical in self._typicals.items():
+            fresh = Typical.of(self.stats, model)
+            if fresh.drifted_from(typical):
+                self._typicals[model] = fresh
+                self._speeds.pop(model, None)
 
     def _latency_s(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
                    clock_mhz: int) -> float:
@@ -309,12 +320,13 @@ class FestinaPolicy(Policy):
         return value
 
     def _speeds_of(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
-        key = (load.model, load.batch, load.rate_per_s, sm_pct, clock_mhz)
-        speeds = self._speeds.get(key)
+        memo = self._speeds.setdefault(load.model, {})
+        key = (load.batch, load.rate_per_s, sm_pct, clock_mhz)
+        speeds = memo.get(key)
         if speeds is None:
-            if len(self._speeds) >= MEMO_LIMIT:
-                self._speeds.clear()
-            speeds = self._speeds[key] = self._speeds_at(self._table(view, load.model), load, sm_pct, clock_mhz)
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            speeds = memo[key] = self._speeds_at(self._table(view, load.model), load, sm_pct, clock_mhz)
         return speeds
 
     def _speeds_at(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
@@ -480,7 +492,8 @@ class FestinaPolicy(Policy):
     @staticmethod
     def _reachable_share(view: ClusterView, inst: InstanceView) -> float:
         """The SM share the controller can give the instance: its own and what its GPU has free."""
-        return min(100.0, inst.sm_pct + max(0.0, 100.0 - view.gpu(inst.gpus[0]).sm_pct_allocated))
+        share = min(100.0, inst.sm_pct + max(0.0, 100.0 - view.gpu(inst.gpus[0]).sm_pct_allocated))
+        return max(SHARES[0], share - share % SHARES[0])  # down to the controller's grid (memo keys stay few)
 
     def _fastest_s_per_token(self, view: ClusterView, model: str) -> float:
         """The least prefill time per prompt token any setting and chunk gives (full speed, the

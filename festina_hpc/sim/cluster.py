@@ -168,6 +168,43 @@ class SimGpu:
         return self.energy_active_j + self.energy_idle_j + self.energy_cold_start_j + self.energy_migration_j
 
 
+class RecordQueue(deque[RequestRecord]):
+    """Requests waiting for admission, with their prompt tokens summed as they come and go (a
+    policy reads ``pending_prompt_tokens`` on every placement: it must not cost a pass over the
+    queue)."""
+
+    def __init__(self, records: Iterable[RequestRecord] = ()):
+        super().__init__()
+        self.prompt_tokens = 0
+        self.extend(records)
+
+    def append(self, record: RequestRecord) -> None:
+        super().append(record)
+        self.prompt_tokens += record.request.prompt_tokens
+
+    def appendleft(self, record: RequestRecord) -> None:
+        super().appendleft(record)
+        self.prompt_tokens += record.request.prompt_tokens
+
+    def extend(self, records: Iterable[RequestRecord]) -> None:
+        for record in records:
+            self.append(record)
+
+    def pop(self) -> RequestRecord:  # type: ignore[override]  # deque.pop takes no index
+        record = super().pop()
+        self.prompt_tokens -= record.request.prompt_tokens
+        return record
+
+    def popleft(self) -> RequestRecord:
+        record = super().popleft()
+        self.prompt_tokens -= record.request.prompt_tokens
+        return record
+
+    def clear(self) -> None:
+        super().clear()
+        self.prompt_tokens = 0
+
+
 class SimInstance:
     """A model instance; attribute names follow ``InstanceView``."""
 
@@ -190,7 +227,7 @@ class SimInstance:
         self.last_busy_s = now_s
         self._rate = 0.0
         self._rate_s = now_s
-        self.queue: deque[RequestRecord] = deque()  # waiting for admission
+        self.queue = RecordQueue()  # waiting for admission
         # Decoding sequences: a heap of (step at which it finishes, request id, record).
         self._decoding: list[tuple[int, int, RequestRecord]] = []
         self.step_count = 0
@@ -203,6 +240,7 @@ class SimInstance:
         self.version = 0
         # Admitted requests still prefilling: [record, prompt tokens left], in order.
         self.prefill_queue: deque[list[Any]] = deque()
+        self._prefill_tokens = 0  # prompt tokens left in the prefill queue
         self.chunk: list[tuple[RequestRecord, int]] = []  # what the current step prefills
         self.step_decoding = 0  # sequences the current step decodes
         self.chunk_tokens = 1 << 30  # prompt tokens a step may prefill; the cluster's budget until set
@@ -223,7 +261,7 @@ class SimInstance:
 
     @property
     def pending_prompt_tokens(self) -> int:
-        return sum(r.request.prompt_tokens for r in self.queue) + sum(e[1] for e in self.prefill_queue)
+        return self.queue.prompt_tokens + self._prefill_tokens
 
     @property
     def arrival_rate_per_s(self) -> float:
@@ -250,6 +288,7 @@ class SimInstance:
                 break  # wait for room; a lone request too big for the cache runs anyway (truncated by vLLM)
             record = self.queue.popleft()
             self.prefill_queue.append([record, r.prompt_tokens])
+            self._prefill_tokens += r.prompt_tokens
             self.kv_tokens_reserved += need
             admitted += 1
 
@@ -270,6 +309,7 @@ class SimInstance:
         for _, take in self.chunk:
             entry = self.prefill_queue[0]
             entry[1] -= take
+            self._prefill_tokens -= take
             if entry[1] <= 0:
                 self.prefill_queue.popleft()
                 done.append(entry[0])

@@ -47,6 +47,30 @@ def test_move_queued_takes_the_latest_arrivals_in_order() -> None:
     assert not source.queue and sim.request_migrations == 5
 
 
+def test_pending_prompt_tokens_follow_the_queue_and_the_prefills_as_they_move() -> None:
+    """The instance keeps its queued and prefilling prompt tokens as a running sum (placement reads
+    it for every candidate): it matches the sum over its requests after every kind of change."""
+    sim = simulation("vllm", [request()])
+    inst = _ready(sim, StartInstance("llama-3.1-8b", (0,)))
+    other = _ready(sim, StartInstance("llama-3.1-8b", (1,)))
+
+    def counted(i: SimInstance) -> int:
+        return sum(r.request.prompt_tokens for r in i.queue) + sum(left for _, left in i.prefill_queue)
+
+    inst.queue.extend(RequestRecord(request(rid=i, prompt_tokens=100 * i)) for i in range(1, 9))
+    inst.queue.appendleft(RequestRecord(request(rid=9, prompt_tokens=7)))
+    inst.queue.pop()
+    inst.queue.popleft()
+    sim._apply(MoveQueued(inst.id, other.id, 2))
+    assert inst.pending_prompt_tokens == counted(inst) == 100 + 200 + 300 + 400 + 500
+    inst.admit()
+    inst.chunk = inst.take_chunk(250)
+    inst.finish_chunk()
+    assert inst.pending_prompt_tokens == counted(inst) == 1500 - 250
+    other.queue.extend(inst.take_queue())
+    assert inst.pending_prompt_tokens == counted(inst) and other.pending_prompt_tokens == counted(other)
+
+
 def test_move_queued_starts_an_idle_target() -> None:
     sim = simulation("vllm", [request()])
     source, _ = sim._start(StartInstance("llama-3.1-8b", (0,)))
