@@ -436,7 +436,10 @@ class FestinaPolicy(Policy):
         if candidates:  # nowhere to grow: the least bad instance rather than a drop
             self._short.add(request.model)  # scale() may free room by evicting an idle instance
             return Route(min(candidates, key=lambda i: (i.running + i.waiting) / i.batch_cap).id)
-        return Drop("no capacity for a new instance")
+        # No instance at all on a full cluster: an idle one of a model with room makes way now
+        # (scale() only grows models that have an instance).
+        evicting = self._by_eviction(view, model, set(), self._burst_instances(view))
+        return evicting if evicting is not None else Drop("no capacity for a new instance")
 
     def _sooner_than_a_cold_start(self, request: Request, view: ClusterView, model: ModelInfo,
                                   instances: Sequence[InstanceView]) -> InstanceView | None:

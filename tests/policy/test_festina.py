@@ -529,3 +529,16 @@ def test_the_share_of_short_requests_is_learnt_from_the_first_request_on() -> No
     for _ in range(2000):
         stats.observe(MODEL, 1024, 100)
     assert stats.short_output_share(MODEL) < 0.01  # then a moving mean: old requests fade
+
+
+def test_a_model_with_no_instance_on_a_full_cluster_takes_an_idle_one_rather_than_dropping() -> None:
+    """Every GPU holds a mistral-7b instance, one of them idle: a request for a model with no
+    instance evicts the idle one for its own (scale() only grows models that have one; it was a
+    drop, request after request)."""
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    for g in range(7):
+        view.add(FakeInstance(g, "mistral-7b", (g,), running=2, arrival_rate_per_s=0.2))
+    idle = view.add(FakeInstance(7, "mistral-7b", (7,)))
+    start = festina().place(request(0), view)
+    assert isinstance(start, StartInstance)
+    assert (start.model, start.gpus, start.evict) == (MODEL, (7,), (idle.id,))
