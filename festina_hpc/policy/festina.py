@@ -24,11 +24,11 @@ constant-time profile lookups:
 - **Burst capacity** (``scale``): prompts come in bursts (in the code trace,
   one request in ten comes with 20x the mean rate within a TTFT SLO), and a
   burst that meets too few instances queues past every TTFT SLO long before a
-  cold start helps. Each
-  model's recent bursts (the prompt tokens that arrived within one TTFT SLO
-  before each request, ``BurstMeter``) set how many instances it keeps: added
-  greedily across models where one more instance drains the most requests'
-  bursts in time per GPU it holds, until BURST_ATTAINMENT of them are.
+  cold start helps. Each model's recent bursts (the prompt tokens that arrived
+  within one TTFT SLO before each request, ``BurstMeter``) set how many
+  instances it keeps: added greedily across models where one more instance
+  drains the most requests' bursts in time per GPU it holds, until
+  BURST_ATTAINMENT of them are.
 - **Local control** (``control``): per GPU, the joint choice of the one clock
   and each co-resident instance's SM share and prefill chunk that draws the
   least power while every instance keeps its SLO with a margin: TBT from a
@@ -121,7 +121,7 @@ SCALE_OUT_AFTER_S = 10.0  # a model lacking room this long (two scale ticks) get
 SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
 BURST_MEMORY_S = 900.0  # the bursts that capacity is provisioned for are this recent
 BURST_ATTAINMENT = 0.995  # share of requests whose burst the instances can drain in time
-BURST_DRAIN_WINDOWS = 1.75  # a window's tokens are prefilled within this many windows
+BURST_DRAIN_WINDOWS = 1.75  # a window's tokens are prefilled within this many windows (see _burst_instances)
 PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
 TYPICAL_REFRESH = 256  # placements between looks at the learnt request lengths
 TYPICAL_DRIFT = 0.05  # relative move of a typical length that replaces the frozen one
@@ -130,10 +130,8 @@ MEMO_LIMIT = 200_000  # entries per memo before it starts over
 
 class BurstMeter:
     """A model's bursts: before each request, the prompt tokens that arrived within one window (the
-    model's TTFT SLO), kept for the requests of the last BURST_MEMORY_S. The code trace's prompts
-    come in bursts many times its mean rate: a burst that meets too few instances queues past
-    every TTFT SLO long before a cold start could help, so prefill capacity is provisioned for
-    the bursts seen (``FestinaPolicy._burst_instances``)."""
+    model's TTFT SLO), kept for the requests of the last BURST_MEMORY_S; what
+    ``FestinaPolicy._burst_instances`` provisions prefill capacity for. O(1) per request."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
@@ -743,8 +741,9 @@ class FestinaPolicy(Policy):
 
         A request's burst is drained in time by n instances when the tokens that arrived within
         its model's window (one TTFT SLO) before it take n instances at full speed at most
-        BURST_DRAIN_WINDOWS windows (the first of them meets its own SLO, the last one arrives a
-        window later). Instances are added greedily where they make the most requests' bursts
+        BURST_DRAIN_WINDOWS windows: the last of them arrives a window after the first and has
+        its own SLO, at least a window, so two windows, less a quarter for what routing leaves
+        unbalanced between instances. Instances are added greedily where they make the most requests' bursts
         drain in time per GPU held (a 70B model at TP4 pays four), until BURST_ATTAINMENT of all
         recent requests are: burst capacity goes where it buys the most SLO per watt."""
         counts: dict[str, np.ndarray] = {}
