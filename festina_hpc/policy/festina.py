@@ -527,15 +527,18 @@ class FestinaPolicy(Policy):
         need = (model.weights_bytes_per_gpu + kv_tokens * model.kv_bytes_per_token_per_gpu) / usable
         return min(1.0, math.ceil(need * 20) / 20)  # in 5% steps, so fractions pack cleanly
 
-    def _where_to_start(self, view: ClusterView, model: ModelInfo) -> StartInstance | None:
+    def _where_to_start(self, view: ClusterView, model: ModelInfo,
+                        taken: frozenset[int] = frozenset()) -> StartInstance | None:
+        """Where a new instance adds the least energy; GPUs in ``taken`` (a start earlier in the same
+        plan) are left alone."""
         fraction = self._memory_fraction(view, model)
-        shared = self._colocation(view, model, fraction)
+        shared = self._colocation(view, model, fraction, taken)
         if shared is not None:
             return StartInstance(model.name, shared[0], sm_pct=shared[1], memory_fraction=fraction)
-        free = free_gpu_group(view, model.tp, nodes_first=self._busy_nodes(view))
+        free = free_gpu_group(view, model.tp, nodes_first=self._busy_nodes(view), exclude=taken)
         if free is not None:
             return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
-        off = [n for n in view.nodes() if n.power is NodePower.OFF]
+        off = [n for n in view.nodes() if n.power is NodePower.OFF and not taken.intersection(n.gpus)]
         if not off:
             return None
         return StartInstance(model.name, tuple(off[0].gpus[:model.tp]), sm_pct=100.0, memory_fraction=fraction)
@@ -547,7 +550,8 @@ class FestinaPolicy(Policy):
             counts[inst.node] = counts.get(inst.node, 0) + 1
         return sorted((n for n in counts if view.node(n).power is NodePower.ON), key=lambda n: -counts[n])
 
-    def _colocation(self, view: ClusterView, model: ModelInfo, fraction: float) -> tuple[tuple[int, ...], float] | None:
+    def _colocation(self, view: ClusterView, model: ModelInfo, fraction: float,
+                    taken: frozenset[int] = frozenset()) -> tuple[tuple[int, ...], float] | None:
         """Best-fit GPUs on one powered node with room for ``fraction`` of memory and a share."""
         if fraction >= 1.0:
             return None
@@ -556,7 +560,7 @@ class FestinaPolicy(Policy):
             roomy = []
             for g in view.node(node).gpus:
                 gpu = view.gpu(g)
-                if not gpu.instances:
+                if not gpu.instances or g in taken:
                     continue
                 mem_free = 1.0 - gpu.memory_fraction_allocated
                 sm_free = 100.0 - gpu.sm_pct_allocated
@@ -665,17 +669,17 @@ class FestinaPolicy(Policy):
         solved = self.solve(view, loads) or self._overloaded(view, loads)
         clock, shares, chunks = solved.clock_mhz, solved.sm_pct, solved.chunk_tokens
         clock = self._with_hysteresis(gpu.clock_mhz, clock)
-        changed = {i: s for i, s in shares.items() if abs(s - self._current_share(view, i)) >= 10}
+        current = {i: view.instance(i).sm_pct for i in shares}
+        changed = {i: s for i, s in shares.items() if abs(s - current[i]) >= 10}
+        if sum(changed.get(i, current[i]) for i in shares) > 100.0:
+            # A grown share needs the room of shrinks too small to make alone.
+            changed.update({i: s for i, s in shares.items() if s < current[i]})
         # Shrink shares first so a grown share always finds room.
-        ordered = dict(sorted(changed.items(), key=lambda kv: kv[1] - self._current_share(view, kv[0])))
+        ordered = dict(sorted(changed.items(), key=lambda kv: kv[1] - current[kv[0]]))
         new_chunks = {i: c for i, c in chunks.items() if c != view.instance(i).chunk_tokens}
         if clock == gpu.clock_mhz and not ordered and not new_chunks:
             return None
         return GpuSettings(clock_mhz=clock, sm_pct=ordered, chunk_tokens=new_chunks)
-
-    @staticmethod
-    def _current_share(view: ClusterView, instance_id: int) -> float:
-        return view.instance(instance_id).sm_pct
 
     def _with_hysteresis(self, current: int, wanted: int) -> int:
         if wanted >= current:
@@ -698,6 +702,7 @@ class FestinaPolicy(Policy):
         """
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()
+        taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan
         need = self._burst_instances(view)
         for model in view.models():
             instances = serving(view.instances_of(model.name))
@@ -727,11 +732,12 @@ class FestinaPolicy(Policy):
             # instances than by a cold start, and an instance started for it holds GPUs long after.
             since = self._pressed_since.setdefault(model.name, view.now_s)
             if view.now_s - since >= SCALE_OUT_AFTER_S:
-                start = self._where_to_start(view, model)
+                start = self._where_to_start(view, model, frozenset(taken))
                 if start is None and short:
                     start = self._by_eviction(view, model, evicted, need)
                 if start is not None:
                     evicted.update(start.evict)
+                    taken.update(start.gpus)
                     actions.append(start)
                     self._pressed_since.pop(model.name, None)
         return Plan(tuple(actions), "scale")

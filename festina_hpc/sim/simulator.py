@@ -285,6 +285,7 @@ class Simulation:
             try:
                 inst, events = self._start(decision)
             except InvalidDecision:
+                self.invalid_decisions += 1
                 return self._drop(record, "invalid start")
             decision = Route(inst.id)
         if isinstance(decision, Drop):
@@ -444,12 +445,8 @@ class Simulation:
                migration_of: int | None = None) -> tuple[SimInstance, list[Event]]:
         name = decision.model if isinstance(decision, StartInstance) else model
         assert name is not None
-        try:
-            evicted = self._evictees(decision.evict if isinstance(decision, StartInstance) else ())
-            node = self._check_start(decision, name, evicted)
-        except InvalidDecision:
-            self.invalid_decisions += 1
-            raise
+        evicted = self._evictees(decision.evict if isinstance(decision, StartInstance) else ())
+        node = self._check_start(decision, name, evicted)
         for victim in evicted:
             self._remove(victim)
         info = self.model_info[name]
@@ -638,11 +635,7 @@ class Simulation:
 
     def _apply(self, action: Action) -> list[Event]:
         if isinstance(action, StartInstance):
-            try:
-                return self._start(action)[1]
-            except InvalidDecision:
-                self.invalid_decisions -= 1  # counted once, by _execute
-                raise
+            return self._start(action)[1]
         if isinstance(action, StopInstance):
             inst = self.live.get(action.instance_id)
             if inst is None:
@@ -652,11 +645,7 @@ class Simulation:
             source = self.live.get(action.instance_id)
             if source is None or source.phase is not InstancePhase.READY:
                 raise InvalidDecision(f"instance {action.instance_id} is not serving")
-            try:
-                return self._start(action, model=source.model, migration_of=source.id)[1]
-            except InvalidDecision:
-                self.invalid_decisions -= 1
-                raise
+            return self._start(action, model=source.model, migration_of=source.id)[1]
         if isinstance(action, MoveQueued):
             return self._move_queued(action)
         if isinstance(action, PowerOff):

@@ -24,6 +24,7 @@ from festina_hpc.policy.festina import (
     BurstMeter,
     FestinaPolicy,
     Load,
+    Solution,
 )
 from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
@@ -542,3 +543,33 @@ def test_a_model_with_no_instance_on_a_full_cluster_takes_an_idle_one_rather_tha
     start = festina().place(request(0), view)
     assert isinstance(start, StartInstance)
     assert (start.model, start.gpus, start.evict) == (MODEL, (7,), (idle.id,))
+
+
+def test_two_models_scaling_out_in_one_tick_are_not_given_the_same_gpu() -> None:
+    """Both models keep missing and one GPU is free: scale() starts one of them there, not both
+    (the second start used to be refused by the cluster)."""
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    for g in range(6):
+        view.add(FakeInstance(g, MODEL, (g,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    view.add(FakeInstance(6, "mistral-7b", (6,), running=8, waiting=12, arrival_rate_per_s=2.0))
+    policy = festina()
+    policy.place(Request(0, 0.0, "mistral-7b", 512, 128), view)
+    policy.scale(view)
+    view.now_s += SCALE_OUT_AFTER_S
+    policy.place(Request(1, view.now_s, "mistral-7b", 512, 128), view)
+    starts = _scale_while_short(policy, view)
+    assert [a.gpus for a in starts] == [(7,)]
+
+
+def test_a_share_grown_past_what_is_free_takes_the_room_of_a_small_shrink_too() -> None:
+    """The solution shrinks one co-resident by less than the hysteresis step and grows the other
+    by more: both changes are made, so the GPU's shares stay within 100 (the grow alone was
+    refused by the cluster)."""
+    view = fake_view()
+    view.add(FakeInstance(0, MODEL, (0,), sm_pct=30, memory_fraction=0.5, running=4, arrival_rate_per_s=0.5))
+    view.add(FakeInstance(1, MODEL, (0,), sm_pct=60, memory_fraction=0.5, running=4, arrival_rate_per_s=0.5))
+    policy = festina()
+    policy.solve = lambda view, loads: Solution(MAX_CLOCK_MHZ, {0: 28.0, 1: 72.0}, {0: 512, 1: 512})  # type: ignore[method-assign]
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.sm_pct == {0: 28.0, 1: 72.0}
+    assert list(settings.sm_pct) == [0, 1]  # the shrink first
