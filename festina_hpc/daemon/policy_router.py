@@ -48,6 +48,7 @@ from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simulator assumes
 DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
+READY_POLL_S = 1.0  # how often a request waiting on a start looks for another ready instance
 
 
 def runs_as_mps(tp: int, sm_pct: float) -> bool:
@@ -367,17 +368,37 @@ class PolicyRouter:
             if found is None or found.phase > InstancePhase.READY or found.model != model:
                 raise NoInstance(f"policy routed {model} to instance {decision.instance_id}, which cannot take it")
             inst = found
+        self._hold(inst, prompt_tokens)
+        while True:
+            try:
+                # Shielded: the gateway's timeout cancels this wait, never the start itself.
+                return await asyncio.wait_for(asyncio.shield(inst.ready), READY_POLL_S)
+            except TimeoutError:
+                # A start can stay pending in Slurm (a job festinad did not know of took the GPU)
+                # while another instance of the model is ready (adopted, or started meanwhile):
+                # the request goes there rather than wait for a start it need not wait for.
+                other = self._ready_instance(model)
+                if other is None:
+                    continue
+                self._release(inst.id, prompt_tokens)
+                self._hold(other, prompt_tokens)
+                inst = other
+            except BaseException:
+                self._release(inst.id, prompt_tokens)
+                raise
+
+    def _hold(self, inst: LiveInstance, prompt_tokens: int) -> None:
+        """Count a request against ``inst`` until the gateway reports it done."""
         inst.in_flight += 1
         inst.pending_prompt_tokens += prompt_tokens
-        inst.last_busy_s = view.now_s
-        inst.note_arrival(view.now_s)
+        inst.last_busy_s = self.cluster.now_s
+        inst.note_arrival(self.cluster.now_s)
         self._prompts.setdefault(inst.id, []).append(prompt_tokens)
-        try:
-            # Shielded: the gateway's timeout cancels this wait, never the start itself.
-            return await asyncio.shield(inst.ready)
-        except BaseException:
-            self._release(inst.id, prompt_tokens)
-            raise
+
+    def _ready_instance(self, model: str) -> LiveInstance | None:
+        """The least loaded ready instance of ``model``, if any."""
+        ready = [i for i in self.cluster.instances_of(model) if i.phase is InstancePhase.READY]
+        return min(ready, key=lambda i: i.load, default=None)
 
     def done(self, endpoint: Endpoint) -> None:
         if endpoint.instance_id is not None:

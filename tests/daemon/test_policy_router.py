@@ -9,11 +9,11 @@ from typing import Any
 import aiohttp
 
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
-from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, PolicyRouter
+from festina_hpc.daemon.policy_router import READY_POLL_S, InstanceLaunch, LiveCluster, PolicyRouter
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint
 from festina_hpc.policy.base import PolicyContext, make_policy
-from festina_hpc.policy.types import InstancePhase
+from festina_hpc.policy.types import InstancePhase, StartInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
 from festina_hpc.serve.server import running_app, simulated_server
@@ -105,3 +105,32 @@ def test_failed_start_gives_503_and_frees_the_gpu(store: ProfileStore) -> None:
     (status, answer, _), router = asyncio.run(scenario())
     assert status == 503 and "invalid partition" in answer["error"]["message"]
     assert list(router.cluster.instances()) == [] and sorted(router.cluster.free_gpus()) == [0, 1]
+
+
+def test_a_request_waiting_on_a_start_takes_another_instance_that_turns_ready(store: ProfileStore) -> None:
+    """The start the request waits for hangs (its Slurm job stays pending: a job festinad did not
+    know of took the GPU); meanwhile another instance of the model turns ready (an adopted user's
+    job). The request goes there within a poll rather than wait out the gateway's timeout."""
+    async def scenario() -> tuple[MemoryRecorder, int]:
+        async with AsyncExitStack() as stack:
+            router = make_router(store, InProcessStarter(store, stack, load_s=60.0))
+            recorder = MemoryRecorder()
+            gateway = Gateway(router, recorder, gateway_models(store, GPU, [MODEL]), GatewayConfig(scale_timeout_s=20))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                waiting = asyncio.ensure_future(post(session, gw))
+                await asyncio.sleep(0.2)
+                (hung,) = router.cluster.instances()
+                free = [g for g in (0, 1) if g not in hung.gpus]
+                other = router.cluster.add(StartInstance(MODEL, (free[0],)), instance_id=99)
+                engine = SimulatedEngine(store, MODEL, GPU, EngineSettings())
+                other.endpoint = Endpoint(await stack.enter_async_context(simulated_server(engine)), other.id)
+                other.phase = InstancePhase.READY
+                other.ready.set_result(other.endpoint)
+                status, _, _ = await waiting
+                await router.close()
+            return recorder, status
+
+    recorder, status = asyncio.run(scenario())
+    (record,) = recorder.records
+    assert status == 200 and record.outcome is Outcome.OK and record.instance_id == 99
+    assert record.route_s < 0.2 + 2 * READY_POLL_S
