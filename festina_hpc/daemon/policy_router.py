@@ -368,6 +368,7 @@ class PolicyRouter:
             if found is None or found.phase > InstancePhase.READY or found.model != model:
                 raise NoInstance(f"policy routed {model} to instance {decision.instance_id}, which cannot take it")
             inst = found
+        inst.note_arrival(view.now_s)
         self._hold(inst, prompt_tokens)
         while True:
             try:
@@ -392,7 +393,6 @@ class PolicyRouter:
         inst.in_flight += 1
         inst.pending_prompt_tokens += prompt_tokens
         inst.last_busy_s = self.cluster.now_s
-        inst.note_arrival(self.cluster.now_s)
         self._prompts.setdefault(inst.id, []).append(prompt_tokens)
 
     def _ready_instance(self, model: str) -> LiveInstance | None:
