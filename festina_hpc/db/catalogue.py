@@ -17,15 +17,14 @@ import builtins
 import math
 import re
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from festina_hpc.db.engine import transaction
+from festina_hpc.db.engine import Transactions
 from festina_hpc.db.models import CatalogueModel, ModelInstance
 from festina_hpc.db.store import utc_now
 from festina_hpc.errors import FestinaError, UnknownProfileError
@@ -153,10 +152,7 @@ class Catalogue:
         self.engine = engine
         self.profiles = profiles
         self._clock = clock
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-
-    def _transaction(self, operation: str) -> AbstractContextManager[Session]:
-        return transaction(self._sessions, self.engine.url, operation)
+        self._transaction = Transactions(engine)
 
     def add(self, entry: CatalogueEntry) -> CatalogueEntry:
         """Store a new entry; refused when its name, or its profile on its GPU type, is catalogued."""

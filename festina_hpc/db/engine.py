@@ -160,12 +160,19 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(inner).__name__
 
 
-@contextmanager
-def transaction(sessions: sessionmaker[Session], url: URL, operation: str) -> Iterator[Session]:
-    """A session in one transaction (committed on leaving, rolled back on an error); a database
-    error becomes a one-line ``DatabaseError`` naming the database and the operation."""
-    try:
-        with sessions.begin() as session:
-            yield session
-    except DBAPIError as exc:
-        raise DatabaseError(f"database {mask_url(url)}: {operation} failed: {first_line(exc)}") from None
+class Transactions:
+    """Sessions over one engine, each in one transaction (committed on leaving, rolled back on an
+    error); a database error becomes a one-line ``DatabaseError`` naming the database and the
+    operation. The catalogue and the key ring open theirs through one."""
+
+    def __init__(self, engine: Engine):
+        self._url = engine.url
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def __call__(self, operation: str) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except DBAPIError as exc:
+            raise DatabaseError(f"database {mask_url(self._url)}: {operation} failed: {first_line(exc)}") from None

@@ -19,15 +19,14 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, or_, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from festina_hpc.db.engine import transaction
+from festina_hpc.db.engine import Transactions
 from festina_hpc.db.models import ApiKey, CatalogueModel
 from festina_hpc.db.store import utc_now
 from festina_hpc.errors import FestinaError, UnknownProfileError
@@ -138,10 +137,7 @@ class KeyRing:
         self.engine = engine
         self.profiles = profiles
         self._clock = clock
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-
-    def _transaction(self, operation: str) -> AbstractContextManager[Session]:
-        return transaction(self._sessions, self.engine.url, operation)
+        self._transaction = Transactions(engine)
 
     def create(self, user_name: str, account: str, models: Sequence[str] = (), rate_limit_per_s: float | None = None,
                expires_at: datetime | None = None) -> tuple[str, KeyInfo]:
