@@ -123,7 +123,6 @@ BURST_MEMORY_S = 900.0  # the bursts that capacity is provisioned for are this r
 BURST_ATTAINMENT = 0.995  # share of requests whose burst the instances can drain in time
 BURST_DRAIN_WINDOWS = 1.75  # a window's tokens are prefilled within this many windows (see _burst_instances)
 PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
-TYPICAL_REFRESH = 256  # placements between looks at the learnt request lengths
 TYPICAL_DRIFT = 0.05  # relative move of a typical length that replaces the frozen one
 MEMO_LIMIT = 200_000  # entries per memo before it starts over
 
@@ -167,9 +166,10 @@ class Solution:
     chunk_tokens: dict[int, int]  # instance id -> prefill chunk
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Load:
-    """What the controller plans for: an instance's model, batch, queue and arrival rate.
+    """What the controller plans for: an instance's model, batch, queue and arrival rate (a value:
+    not changed once made; not frozen, which would make every one built cost twice as much).
 
     The queue is rounded up to PENDING_QUANTUM tokens, and the batch and rate up to a grid of
     eight steps per doubling (of 1 sequence and 0.1 per second below eight of them): the estimates
@@ -182,9 +182,9 @@ class Load:
     rate_per_s: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pending_tokens", -(-self.pending_tokens // PENDING_QUANTUM) * PENDING_QUANTUM)
-        object.__setattr__(self, "batch", int(_ceil_to_grid(self.batch, 1)))
-        object.__setattr__(self, "rate_per_s", _ceil_to_grid(self.rate_per_s, 0.1))
+        self.pending_tokens = -(-self.pending_tokens // PENDING_QUANTUM) * PENDING_QUANTUM
+        self.batch = int(_ceil_to_grid(self.batch, 1))
+        self.rate_per_s = _ceil_to_grid(self.rate_per_s, 0.1)
 
 
 def _ceil_to_grid(value: float, step: float) -> float:
@@ -231,6 +231,28 @@ class GpuRoom:
 
 
 @dataclass(frozen=True)
+class StepTimes:
+    """A model's step times at one SM share and clock for its typical lengths, read off its profile
+    once (``FestinaPolicy._read_step_times``): every SLO estimate is then list indexing.
+
+    The table is multilinear, so along one axis it is piecewise linear between grid points: lookups
+    at the batch (and prompt-length) grid points and a linear interpolation between them give the
+    lookup's own answer at every batch (and length)."""
+
+    decode_s: list[float]  # a decode step at the typical context, by batch - 1 (up to the table's largest)
+    decode_power_w: list[float]  # board power while it runs, likewise
+    prefill_s: list[float]  # prefill of k * PENDING_QUANTUM prompt tokens, by k, up to the largest chunk
+    typical_prefill_s: float  # of the typical (mean) prompt
+    long_prefill_s: tuple[float, ...]  # of the long (p90) prompt's first chunk, per chunk of CHUNKS
+
+    def decode_step_s(self, batch: int) -> float:
+        return self.decode_s[min(max(batch, 1), len(self.decode_s)) - 1]
+
+    def decode_step_power_w(self, batch: int) -> float:
+        return self.decode_power_w[min(max(batch, 1), len(self.decode_power_w)) - 1]
+
+
+@dataclass(frozen=True)
 class Speeds:
     """What a load of one (model, batch, arrival rate) gets at one SM share and clock: every
     input of its SLO checks but the queue, per prefill chunk of CHUNKS (see ``_speeds_at``)."""
@@ -240,9 +262,7 @@ class Speeds:
     chunk_step_s: tuple[float, ...]  # a step that prefills a whole chunk while decoding the batch
     extra_s: float  # what decoding the batch adds to a prefill step
     arrival_s: tuple[float, ...]  # the step a new request may arrive during (0 when prefills are rare)
-    table: ProfileTable
-    sm_pct: float
-    clock_mhz: int
+    steps: StepTimes  # at the same share and clock (what a queue's last partial chunk takes)
 
 
 @register
@@ -263,10 +283,9 @@ class FestinaPolicy(Policy):
         self._clocks = sorted(self.gpu_spec.table_clocks_mhz)
         self._tables: dict[str, ProfileTable] = {}
         self._typicals: dict[str, Typical] = {}
-        self._lookups: dict[tuple[str, str, int, float, float, int], tuple[float, float]] = {}
+        self._step_times: dict[str, dict[tuple[float, int], StepTimes]] = {}  # per model, by (share, clock)
         self._speeds: dict[str, dict[tuple[int, float, float, int], Speeds]] = {}  # per model
         self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
-        self._placed = 0
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
         self._short: set[str] = set()  # models that placement found without a safe instance
         self._pressed_since: dict[str, float] = {}  # model -> since when it lacks room (short or no spare)
@@ -275,47 +294,63 @@ class FestinaPolicy(Policy):
     # Estimates are memoised. They depend on few distinct points: integer batches, the
     # controller's shares and the table's clocks, arrival rates in steps of 0.1/s, each model's
     # typical lengths (frozen between refreshes, see ``_refresh_typical``) and queues rounded up to
-    # PENDING_QUANTUM tokens. Everything but the queue is one ``Speeds`` entry, and the queue enters
-    # by arithmetic, so an SLO check is a few dictionary hits whatever the cluster's size.
+    # PENDING_QUANTUM tokens. A model's profile is read once per share and clock (``StepTimes``),
+    # everything but the queue is one ``Speeds`` entry built from it by arithmetic, and the queue
+    # enters by arithmetic too, so an SLO check is a few dictionary hits whatever the cluster's size.
 
-    def _table(self, view: ClusterView, model: str) -> ProfileTable:
+    def _table(self, model: str) -> ProfileTable:
         table = self._tables.get(model)
         if table is None:
-            table = self._tables[model] = self.store.table(view.gpu_type, model)
+            table = self._tables[model] = self.store.table(self.context.gpu_type, model)
         return table
 
     def _typical(self, model: str) -> Typical:
         """The model's request lengths the estimates plan with (frozen between refreshes)."""
         typical = self._typicals.get(model)
-        if typical is None:
-            typical = self._typicals[model] = Typical.of(self.stats, model)
-        return typical
+        return typical if typical is not None else self._plan_with(model, Typical.of(self.stats, model))
 
     def _refresh_typical(self) -> None:
-        """Take a model's learnt lengths when one has moved by TYPICAL_DRIFT or more; its estimates
-        then start over (the profile lookups stay: they do not depend on them). Small drifts keep
-        the estimates and their hits."""
-        for model, typical in self._typicals.items():
+        """Take a model's learnt lengths when one has moved by TYPICAL_DRIFT or more (on scale
+        ticks: off the request path). Small drifts keep the estimates and their hits."""
+        for model, typical in list(self._typicals.items()):
             fresh = Typical.of(self.stats, model)
             if fresh.drifted_from(typical):
-                self._typicals[model] = fresh
-                self._speeds.pop(model, None)
+                self._plan_with(model, fresh)
 
-    def _latency_s(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
-                   clock_mhz: int) -> float:
-        return self._lookup(table, phase, batch, tokens, sm_pct, clock_mhz)[0]
+    def _plan_with(self, model: str, typical: Typical) -> Typical:
+        """Plan the model's estimates with ``typical`` from now on: they start over, and its step
+        times at full clock (what placement reads, at every share) are read at once."""
+        self._typicals[model] = typical
+        self._speeds.pop(model, None)
+        self._step_times[model] = {}
+        for share in SHARES:
+            self._steps(model, float(share), self.gpu_spec.max_clock_mhz)
+        return typical
 
-    def _lookup(self, table: ProfileTable, phase: str, batch: int, tokens: float, sm_pct: float,
-                clock_mhz: int) -> tuple[float, float]:
-        """(latency_s, power_w) of one step, memoised."""
-        key = (table.model, phase, batch, tokens, sm_pct, clock_mhz)
-        value = self._lookups.get(key)
-        if value is None:
-            if len(self._lookups) >= MEMO_LIMIT:
-                self._lookups.clear()
-            hit = table.lookup(phase, max(1, batch), tokens, sm_pct, clock_mhz, clamp=True)
-            value = self._lookups[key] = (hit.latency_s, hit.power_w)
-        return value
+    def _steps(self, model: str, sm_pct: float, clock_mhz: int) -> StepTimes:
+        memo = self._step_times.setdefault(model, {})
+        steps = memo.get((sm_pct, clock_mhz))
+        if steps is None:
+            steps = memo[sm_pct, clock_mhz] = self._read_step_times(self._table(model), self._typical(model),
+                                                                    sm_pct, clock_mhz)
+        return steps
+
+    @staticmethod
+    def _read_step_times(table: ProfileTable, typical: Typical, sm_pct: float, clock_mhz: int) -> StepTimes:
+        """``StepTimes`` from one lookup per batch and prompt-length grid point (see there)."""
+        batches, lengths = table.axes[0], table.axes[1]
+        decode = [table.lookup("decode", b, typical.decode_context_tokens, sm_pct, clock_mhz, clamp=True)
+                  for b in batches]
+        every_batch = np.arange(1, int(batches[-1]) + 1)
+        prefill = [table.lookup("prefill", 1, n, sm_pct, clock_mhz, clamp=True).latency_s for n in lengths]
+        quanta = np.arange(0, CHUNKS[0] + 1, PENDING_QUANTUM)
+        long_prompts = [min(typical.long_prompt_tokens, chunk) for chunk in CHUNKS]
+        return StepTimes(
+            decode_s=np.interp(every_batch, batches, [d.latency_s for d in decode]).tolist(),
+            decode_power_w=np.interp(every_batch, batches, [d.power_w for d in decode]).tolist(),
+            prefill_s=np.interp(quanta, lengths, prefill).tolist(),
+            typical_prefill_s=float(np.interp(typical.prompt_tokens, lengths, prefill)),
+            long_prefill_s=tuple(np.interp(long_prompts, lengths, prefill).tolist()))
 
     def _speeds_of(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
         memo = self._speeds.setdefault(load.model, {})
@@ -324,11 +359,11 @@ class FestinaPolicy(Policy):
         if speeds is None:
             if len(memo) >= MEMO_LIMIT:
                 memo.clear()
-            speeds = memo[key] = self._speeds_at(self._table(view, load.model), load, sm_pct, clock_mhz)
+            speeds = memo[key] = self._speeds_at(self._steps(load.model, sm_pct, clock_mhz), load)
         return speeds
 
-    def _speeds_at(self, table: ProfileTable, load: Load, sm_pct: float, clock_mhz: int) -> Speeds:
-        """The load's step times at one share and clock, for each of CHUNKS.
+    def _speeds_at(self, steps: StepTimes, load: Load) -> Speeds:
+        """The load's step times at one share and clock (those of ``steps``), for each of CHUNKS.
 
         Time between tokens: decode steps stretched by the prefills interleaved with them (busy
         share r x p). A request of a few tokens (SHORT_OUTPUT_TOKENS or fewer) averages nothing
@@ -340,30 +375,24 @@ class FestinaPolicy(Policy):
         own, in chunks, each step also decoding the batch (what the batch adds over a batch of
         one), after the step running when it arrives (a chunk of a long prompt) when prefills keep
         the instance busy often enough (1% of the time) to matter at the p99."""
-        typical = self._typical(load.model)
-        context = typical.decode_context_tokens
-        step_s = self._latency_s(table, "decode", load.batch, context, sm_pct, clock_mhz)
-        typical_prefill_s = self._latency_s(table, "prefill", 1, typical.prompt_tokens, sm_pct, clock_mhz)
-        busy = load.rate_per_s * typical_prefill_s
-        extra_s = 0.0
-        if load.batch > 1:
-            extra_s = max(0.0, step_s - self._latency_s(table, "decode", 1, context, sm_pct, clock_mhz))
+        step_s = steps.decode_step_s(load.batch)
+        busy = load.rate_per_s * steps.typical_prefill_s
+        extra_s = max(0.0, step_s - steps.decode_s[0]) if load.batch > 1 else 0.0
+        tail = busy * self._typical(load.model).short_output_share >= TAIL_MISSES
         tails, chunk_steps, arrivals = [], [], []
-        for chunk in CHUNKS:
-            long_s = self._latency_s(table, "prefill", 1, min(typical.long_prompt_tokens, chunk), sm_pct, clock_mhz)
-            tails.append(step_s + long_s if busy * typical.short_output_share >= TAIL_MISSES else 0.0)
-            chunk_steps.append(self._latency_s(table, "prefill", 1, chunk, sm_pct, clock_mhz) + extra_s)
+        for chunk, long_s in zip(CHUNKS, steps.long_prefill_s):
+            tails.append(step_s + long_s if tail else 0.0)
+            chunk_steps.append(steps.prefill_s[chunk // PENDING_QUANTUM] + extra_s)
             arrivals.append(long_s if busy >= 0.01 else 0.0)
         mean_s = step_s / max(0.05, 1.0 - busy)
         return Speeds(mean_s, tuple(max(mean_s, t) for t in tails), tuple(chunk_steps), extra_s, tuple(arrivals),
-                      table, sm_pct, clock_mhz)
+                      steps)
 
     def _ttft_s(self, speeds: Speeds, pending_tokens: int, chunk_index: int) -> float:
         full, rest = divmod(max(1, pending_tokens), CHUNKS[chunk_index])
         ttft_s = full * speeds.chunk_step_s[chunk_index] + speeds.arrival_s[chunk_index]
         if rest:
-            rest_s = self._latency_s(speeds.table, "prefill", 1, rest, speeds.sm_pct, speeds.clock_mhz)
-            ttft_s += rest_s + speeds.extra_s
+            ttft_s += speeds.steps.prefill_s[-(-rest // PENDING_QUANTUM)] + speeds.extra_s
         return ttft_s
 
     def _meets_slo(self, view: ClusterView, load: Load, sm_pct: float, clock_mhz: int,
@@ -407,23 +436,23 @@ class FestinaPolicy(Policy):
 
     def place(self, request: Request, view: ClusterView) -> Placement:
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
-        self._placed += 1
-        if self._placed % TYPICAL_REFRESH == 0:
-            self._refresh_typical()
         model = view.model(request.model)
         burst = self._bursts.get(model.name)
         if burst is None:
             burst = self._bursts[model.name] = BurstMeter(model.slo.ttft_s)
         burst.observe(view.now_s, request.prompt_tokens)
         instances = view.instances_of(request.model)
-        target = self._safe_fullest(request, view, model, self._looked_at(request, view, instances))
+        looked = self._looked_at(request, view, instances)
+        target = self._safe_fullest(request, view, model, looked)
         if target is None and len(instances) > 4:
             # Before paying a cold start, a bounded wider look (the newest first: they have room).
-            target = self._safe_fullest(request, view, model, instances[-1:-WIDE_LOOK - 1:-1])
+            seen = {i.id for i in looked}
+            target = self._safe_fullest(request, view, model,
+                                        [i for i in instances[-1:-WIDE_LOOK - 1:-1] if i.id not in seen])
         if target is not None:
             self._fill[request.model] = target.id
             return Route(target.id)
-        fallback = self._sooner_than_a_cold_start(request, view, model, instances)
+        fallback = self._sooner_than_a_cold_start(request, view, model, looked)
         if fallback is not None:
             self._short.add(request.model)  # scale() adds the instance it lacks, off the request's path
             return Route(fallback.id)
@@ -440,10 +469,10 @@ class FestinaPolicy(Policy):
         return evicting if evicting is not None else Drop("no capacity for a new instance")
 
     def _sooner_than_a_cold_start(self, request: Request, view: ClusterView, model: ModelInfo,
-                                  instances: Sequence[InstanceView]) -> InstanceView | None:
-        """The least-loaded ready instance looked at, if its queue serves the request sooner than a
-        new instance could load: a request never waits for a cold start it need not wait for."""
-        ready = [i for i in self._looked_at(request, view, instances) if i.phase is InstancePhase.READY]
+                                  looked: Sequence[InstanceView]) -> InstanceView | None:
+        """The least-loaded ready instance ``looked`` at, if its queue serves the request sooner than
+        a new instance could load: a request never waits for a cold start it need not wait for."""
+        ready = [i for i in looked if i.phase is InstancePhase.READY]
         best = min(ready, key=lambda i: i.pending_prompt_tokens, default=None)
         if best is None:
             return None
@@ -474,19 +503,23 @@ class FestinaPolicy(Policy):
         tried fullest first, so the SLO check (the costly part) runs until the first safe one."""
         need = request.prompt_tokens + self._typical(request.model).output_tokens
         ttft_slo_s = model.slo.ttft_for(request.prompt_tokens)
-        # A queue that full speed cannot prefill within the SLO rules an instance out at once.
         longest_queue = ttft_slo_s / self._fastest_s_per_token(view, request.model)
-        for inst in sorted(candidates, key=self._fullness, reverse=True):
+        # The cheap checks first (KV room, and a queue that full speed cannot prefill within the
+        # SLO), then the SLO check on what pass them, fullest first.
+        open_: list[tuple[float, int, int, InstanceView]] = []
+        for inst in candidates:
             if inst.phase > InstancePhase.READY:
                 continue
-            if inst.kv_tokens_reserved + (inst.waiting + 1) * need > inst.kv_capacity_tokens:
+            waiting = inst.waiting
+            pending = inst.pending_prompt_tokens + request.prompt_tokens
+            if inst.kv_tokens_reserved + (waiting + 1) * need > inst.kv_capacity_tokens or pending > longest_queue:
                 continue
-            if inst.pending_prompt_tokens + request.prompt_tokens > longest_queue:
-                continue
-            load = Load(inst.id, inst.model, inst.running + inst.waiting + 1,
-                        inst.pending_prompt_tokens + request.prompt_tokens, inst.arrival_rate_per_s)
-            if self._meets_slo(view, load, self._reachable_share(view, inst), self.gpu_spec.max_clock_mhz,
-                               ttft_slo_s):
+            open_.append((self._fullness(inst), inst.running + waiting + 1, pending, inst))
+        open_.sort(key=lambda entry: entry[0], reverse=True)
+        clock = self.gpu_spec.max_clock_mhz
+        for _, batch, pending, inst in open_:
+            load = Load(inst.id, inst.model, batch, pending, inst.arrival_rate_per_s)
+            if self._meets_slo(view, load, self._reachable_share(view, inst), clock, ttft_slo_s):
                 return inst
         return None
 
@@ -501,10 +534,8 @@ class FestinaPolicy(Policy):
         cheapest prompt length per token): a lower bound on any queue's prefill."""
         fastest = self._fastest.get(model)
         if fastest is None:
-            table, clock = self._table(view, model), self.gpu_spec.max_clock_mhz
-            fastest = self._fastest[model] = min(
-                self._latency_s(table, "prefill", 1, tokens, 100.0, clock) / tokens
-                for tokens in range(PENDING_QUANTUM, PREFILL_CHUNK_TOKENS + 1, PENDING_QUANTUM))
+            prefill_s = self._steps(model, 100.0, self.gpu_spec.max_clock_mhz).prefill_s
+            fastest = self._fastest[model] = min(s / (k * PENDING_QUANTUM) for k, s in enumerate(prefill_s) if k)
         return fastest
 
     @staticmethod
@@ -653,10 +684,8 @@ class FestinaPolicy(Policy):
         for load in loads:
             if load.batch == 0:
                 continue
-            table = self._table(view, load.model)
-            _, power_w = self._lookup(table, "decode", load.batch, self._typical(load.model).decode_context_tokens,
-                                      shares[load.instance_id], clock)
-            total += power_w - idle_w
+            steps = self._steps(load.model, shares[load.instance_id], clock)
+            total += steps.decode_step_power_w(load.batch) - idle_w
         return total
 
     def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
@@ -700,6 +729,7 @@ class FestinaPolicy(Policy):
         bursts do not need them (packing sends new requests to the fullest safe instance, so the
         extra ones drain and go idle).
         """
+        self._refresh_typical()
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()
         taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan
@@ -760,9 +790,8 @@ class FestinaPolicy(Policy):
             if not len(bursts):
                 continue
             model = view.model(name)
-            table = self._table(view, name)
-            tokens_per_s = PREFILL_CHUNK_TOKENS / self._latency_s(table, "prefill", 1, PREFILL_CHUNK_TOKENS, 100.0,
-                                                                  self.gpu_spec.max_clock_mhz)
+            full = self._steps(name, 100.0, self.gpu_spec.max_clock_mhz)
+            tokens_per_s = PREFILL_CHUNK_TOKENS / full.prefill_s[PREFILL_CHUNK_TOKENS // PENDING_QUANTUM]
             counts[name] = bursts
             capacity[name] = tokens_per_s * BURST_DRAIN_WINDOWS * meter.window_s
             cost[name] = model.tp * self._memory_fraction(view, model)

@@ -25,6 +25,7 @@ from festina_hpc.policy.festina import (
     FestinaPolicy,
     Load,
     Solution,
+    Typical,
 )
 from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
@@ -162,6 +163,25 @@ def test_the_planned_clock_never_falls_as_the_queue_grows() -> None:
         solved = policy.solve(view, [Load(0, MODEL, 32 + waiting, (waiting + 1) * 1024, 1.0)])
         clocks.append(MAX_CLOCK_MHZ if solved is None else solved.clock_mhz)  # control() runs flat out when None
     assert clocks == sorted(clocks)
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-2-70b"])
+def test_step_times_read_off_the_grid_points_are_the_tables_own_lookups(model: str) -> None:
+    table = STORE.table(GPU, model)
+    typical = Typical(prompt_tokens=1500.0, long_prompt_tokens=3700.0, output_tokens=300.0, short_output_share=0.01)
+    for sm_pct in (10.0, 40.0, 70.0, 100.0):
+        for clock_mhz in (MIN_TABLE_CLOCK_MHZ, MAX_CLOCK_MHZ):
+            steps = FestinaPolicy._read_step_times(table, typical, sm_pct, clock_mhz)
+            for batch in (1, 3, 5, 48, 100, 511, 4096):  # between grid points, and past the largest (clamped)
+                decode = table.lookup("decode", batch, typical.decode_context_tokens, sm_pct, clock_mhz, clamp=True)
+                assert steps.decode_step_s(batch) == pytest.approx(decode.latency_s, rel=1e-12)
+                assert steps.decode_step_power_w(batch) == pytest.approx(decode.power_w, rel=1e-12)
+            prefills = {tokens: table.lookup("prefill", 1, tokens, sm_pct, clock_mhz, clamp=True).latency_s
+                        for tokens in (128, 384, 896, 2048, 1500.0)}
+            for k in (1, 3, 7, 16):
+                assert steps.prefill_s[k] == pytest.approx(prefills[128 * k], rel=1e-12)
+            assert steps.typical_prefill_s == pytest.approx(prefills[1500.0], rel=1e-12)
+            assert steps.long_prefill_s[0] == pytest.approx(prefills[2048], rel=1e-12)  # the p90 prompt's first chunk
 
 
 # -- co-location in the simulator ------------------------------------------------------------------------
