@@ -12,8 +12,10 @@ constant-time profile lookups:
   a ready queue that serves the request sooner than a cold start takes it (and
   ``scale`` adds the missing instance); otherwise an instance starts where its
   marginal energy, cold start included, is least: co-located on a powered GPU
-  with memory and SM headroom (best fit), else on empty GPUs of a node already
-  serving, else on an empty node that is on, else a node is woken. Safe means
+  with memory and SM headroom (best fit), else on empty GPUs of a node that is
+  on (the fewest that fit, serving nodes first), else a node is woken. Where
+  there is headroom is indexed on scale ticks (``Headroom``), so a start too
+  looks at a few candidates whatever the cluster's size. Safe means
   the request's predicted TTFT (its queue ahead in chunks, at the settings the
   controller can give: max clock and the GPU's free share) is within its own
   SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
@@ -65,7 +67,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +76,6 @@ from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     PREFILL_CHUNK_TOKENS,
     TokenStats,
-    free_gpu_group,
     sampled,
     serving,
 )
@@ -113,6 +114,7 @@ WIDE_LOOK = 16  # instances looked at before starting a new one
 TAIL_MISSES = 0.002  # share of requests meeting a chunk step among too few tokens, above which it is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
+MEMORY_STEP = 0.05  # instances reserve memory in these steps of a GPU's, so fractions pack cleanly
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
 EVACUATION_TRIES = 2  # least loaded nodes a consolidation tries to empty, in turn
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
@@ -230,6 +232,91 @@ class GpuRoom:
     loads: tuple[Load, ...]  # what the control solver must keep within SLOs there
 
 
+@dataclass
+class Headroom:
+    """Where new instances can go, as the last scale tick saw the cluster, indexed so that a start
+    looks at a few candidates instead of the whole cluster: GPUs with room for a co-resident by
+    the memory they have free, and powered nodes by how many empty GPUs they have. Every
+    candidate is checked against the live cluster when used (a change since rules it out), and
+    the starts made between ticks are added as they are made."""
+
+    shared: dict[int, list[int]]  # free memory in MEMORY_STEPs -> GPUs holding instances with room for another
+    open_nodes: dict[int, list[int]]  # empty GPUs -> nodes that are on (serving ones first, most loaded first)
+    waking_nodes: list[int]
+    off_nodes: list[int]
+
+    @classmethod
+    def of(cls, view: ClusterView) -> Headroom:
+        """The cluster's headroom now: one look over every instance and node (on scale ticks)."""
+        counts: dict[int, int] = {}
+        for inst in view.instances():
+            counts[inst.node] = counts.get(inst.node, 0) + 1
+        on = sorted((n.id for n in view.nodes() if n.power is NodePower.ON), key=lambda n: -counts.get(n, 0))
+        room = cls({}, {}, [n.id for n in view.nodes() if n.power is NodePower.WAKING],
+                   [n.id for n in view.nodes() if n.power is NodePower.OFF])
+        for node in on:
+            empty = 0
+            for g in view.node(node).gpus:
+                gpu = view.gpu(g)
+                if not gpu.instances:
+                    empty += 1
+                elif 100.0 - gpu.sm_pct_allocated >= MIN_START_SHARE:
+                    room.shared.setdefault(_memory_steps(1.0 - gpu.memory_fraction_allocated), []).append(g)
+            if empty:
+                room.open_nodes.setdefault(empty, []).append(node)
+        return room
+
+    def colocation(self, view: ClusterView, fraction: float, taken: Collection[int]) -> tuple[int, float] | None:
+        """The GPU (holding instances) left with the least free memory once ``fraction`` of it is
+        taken (best fit), and the SM share it has free."""
+        for steps in range(_memory_steps(fraction), round(1 / MEMORY_STEP) + 1):
+            for g in self.shared.get(steps, ()):
+                gpu = view.gpu(g)
+                sm_free = 100.0 - gpu.sm_pct_allocated
+                if (gpu.instances and g not in taken and view.node(gpu.node).power is NodePower.ON
+                        and 1.0 - gpu.memory_fraction_allocated + 1e-9 >= fraction and sm_free >= MIN_START_SHARE):
+                    return g, sm_free
+        return None
+
+    def empty_gpus(self, view: ClusterView, tp: int, taken: Collection[int]) -> tuple[int, ...] | None:
+        """``tp`` empty GPUs on one powered node: of the nodes that are on, one with the fewest
+        empty GPUs that fit (serving nodes first), else a waking one."""
+        for nodes in [self.open_nodes.get(count, []) for count in range(tp, max(self.open_nodes, default=0) + 1)]:
+            for node in nodes:
+                if view.node(node).power is NodePower.ON:
+                    free = [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in taken]
+                    if len(free) >= tp:
+                        return tuple(free[:tp])
+        for node in self.waking_nodes:
+            free = [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in taken]
+            if view.node(node).power is NodePower.WAKING and len(free) >= tp:
+                return tuple(free[:tp])
+        return None
+
+    def off_node(self, view: ClusterView, taken: Collection[int]) -> NodeView | None:
+        """A node that is off, to wake."""
+        return next((view.node(n) for n in self.off_nodes if view.node(n).power is NodePower.OFF
+                     and not any(g in taken for g in view.node(n).gpus)), None)
+
+    def note_start(self, view: ClusterView, start: StartInstance) -> None:
+        """What a start made between ticks leaves: room beside it, or fewer empty GPUs on its node."""
+        gpu = view.gpu(start.gpus[0])
+        if gpu.instances:
+            left = 1.0 - gpu.memory_fraction_allocated - start.memory_fraction
+            self.shared.setdefault(_memory_steps(left), []).append(gpu.id)
+        else:
+            empty = sum(1 for g in view.node(gpu.node).gpus if not view.gpu(g).instances) - len(start.gpus)
+            if empty:
+                self.open_nodes.setdefault(empty, []).insert(0, gpu.node)
+            if start.memory_fraction < 1.0:
+                self.shared.setdefault(_memory_steps(1.0 - start.memory_fraction), []).append(gpu.id)
+
+
+def _memory_steps(fraction: float) -> int:
+    """A memory fraction in whole MEMORY_STEPs, rounded down."""
+    return math.floor(fraction / MEMORY_STEP + 1e-9)
+
+
 @dataclass(frozen=True)
 class StepTimes:
     """A model's step times at one SM share and clock for its typical lengths, read off its profile
@@ -287,6 +374,7 @@ class FestinaPolicy(Policy):
         self._speeds: dict[str, dict[tuple[int, float, float, int], Speeds]] = {}  # per model
         self._fastest: dict[str, float] = {}  # model -> least prefill seconds per prompt token
         self._empty_since: dict[int, float] = {}  # node -> since when it holds no instance
+        self._headroom: Headroom | None = None  # rebuilt on every scale tick
         self._short: set[str] = set()  # models that placement found without a safe instance
         self._pressed_since: dict[str, float] = {}  # model -> since when it lacks room (short or no spare)
 
@@ -458,6 +546,7 @@ class FestinaPolicy(Policy):
             return Route(fallback.id)
         start = self._where_to_start(view, model)
         if start is not None:
+            self._room(view).note_start(view, start)
             return start
         candidates = serving(instances)
         if candidates:  # nowhere to grow: the least bad instance rather than a drop
@@ -556,56 +645,32 @@ class FestinaPolicy(Policy):
         typical = self._typical(model.name)
         kv_tokens = TARGET_SEQUENCES * (typical.prompt_tokens + typical.output_tokens)
         need = (model.weights_bytes_per_gpu + kv_tokens * model.kv_bytes_per_token_per_gpu) / usable
-        return min(1.0, math.ceil(need * 20) / 20)  # in 5% steps, so fractions pack cleanly
+        steps = round(1 / MEMORY_STEP)
+        return min(1.0, math.ceil(need * steps) / steps)
 
     def _where_to_start(self, view: ClusterView, model: ModelInfo,
                         taken: frozenset[int] = frozenset()) -> StartInstance | None:
-        """Where a new instance adds the least energy; GPUs in ``taken`` (a start earlier in the same
-        plan) are left alone."""
+        """Where a new instance adds the least energy: beside another on a GPU with room, else on
+        empty GPUs of a node that is on, else a node is woken (from ``Headroom``, a few candidates
+        whatever the cluster's size); GPUs in ``taken`` (a start earlier in the same plan) are
+        left alone. A tensor-parallel instance takes its GPUs whole (see ``_memory_fraction``)."""
+        room = self._room(view)
         fraction = self._memory_fraction(view, model)
-        shared = self._colocation(view, model, fraction, taken)
+        shared = room.colocation(view, fraction, taken) if fraction < 1.0 else None
         if shared is not None:
-            return StartInstance(model.name, shared[0], sm_pct=shared[1], memory_fraction=fraction)
-        free = free_gpu_group(view, model.tp, nodes_first=self._busy_nodes(view), exclude=taken)
+            return StartInstance(model.name, (shared[0],), sm_pct=shared[1], memory_fraction=fraction)
+        free = room.empty_gpus(view, model.tp, taken)
         if free is not None:
             return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
-        off = [n for n in view.nodes() if n.power is NodePower.OFF and not taken.intersection(n.gpus)]
-        if not off:
+        off = room.off_node(view, taken)
+        if off is None:
             return None
-        return StartInstance(model.name, tuple(off[0].gpus[:model.tp]), sm_pct=100.0, memory_fraction=fraction)
+        return StartInstance(model.name, tuple(off.gpus[:model.tp]), sm_pct=100.0, memory_fraction=fraction)
 
-    def _busy_nodes(self, view: ClusterView) -> list[int]:
-        """Powered nodes that already serve, most loaded first: new work packs onto them."""
-        counts: dict[int, int] = {}
-        for inst in view.instances():
-            counts[inst.node] = counts.get(inst.node, 0) + 1
-        return sorted((n for n in counts if view.node(n).power is NodePower.ON), key=lambda n: -counts[n])
-
-    def _colocation(self, view: ClusterView, model: ModelInfo, fraction: float,
-                    taken: frozenset[int] = frozenset()) -> tuple[tuple[int, ...], float] | None:
-        """Best-fit GPUs on one powered node with room for ``fraction`` of memory and a share."""
-        if fraction >= 1.0:
-            return None
-        best: tuple[float, tuple[int, ...], float] | None = None
-        for node in self._busy_nodes(view):
-            roomy = []
-            for g in view.node(node).gpus:
-                gpu = view.gpu(g)
-                if not gpu.instances or g in taken:
-                    continue
-                mem_free = 1.0 - gpu.memory_fraction_allocated
-                sm_free = 100.0 - gpu.sm_pct_allocated
-                if mem_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE:
-                    roomy.append((mem_free, sm_free, g))
-            if len(roomy) < model.tp:
-                continue
-            roomy.sort()
-            group = roomy[:model.tp]
-            slack = sum(m for m, _, _ in group) - model.tp * fraction
-            share = min(s for _, s, _ in group)
-            if best is None or slack < best[0]:
-                best = (slack, tuple(g for _, _, g in group), share)
-        return None if best is None else (best[1], best[2])
+    def _room(self, view: ClusterView) -> Headroom:
+        if self._headroom is None:
+            self._headroom = Headroom.of(view)
+        return self._headroom
 
     # -- local control ----------------------------------------------------------------------------
 
@@ -730,6 +795,7 @@ class FestinaPolicy(Policy):
         extra ones drain and go idle).
         """
         self._refresh_typical()
+        self._headroom = Headroom.of(view)
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()
         taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan

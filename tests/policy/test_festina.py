@@ -444,6 +444,71 @@ def test_a_model_short_of_capacity_on_a_full_cluster_takes_an_idle_instance_of_a
     assert not _scale_while_short(policy, view)
 
 
+OTHER = "mistral-7b"
+
+
+def test_a_new_instance_goes_beside_the_co_resident_it_fits_best() -> None:
+    view = fake_view(models=(MODEL, OTHER))
+    policy = festina()
+    fraction = policy._memory_fraction(view, view.model(MODEL))
+    free = {0: fraction - 0.05, 1: fraction + 0.2, 2: fraction + 0.05, 3: fraction}  # GPU -> memory left free
+    for g, memory_free in free.items():
+        view.add(FakeInstance(g, OTHER, (g,), sm_pct=80 if g == 3 else 50, memory_fraction=1.0 - memory_free))
+    for g in range(4, 8):
+        view.add(FakeInstance(g, OTHER, (g,)))
+    policy.scale(view)
+    # GPU 3 would fit exactly but has 20% of its SMs free, fewer than a new instance starts with.
+    assert policy.place(request(0), view) == StartInstance(MODEL, (2,), sm_pct=50.0, memory_fraction=fraction)
+
+
+class CountingView(FakeView):
+    """Counts the GPUs and nodes a policy reads."""
+
+    reads = 0
+
+    def gpu(self, gpu_id: int):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().gpu(gpu_id)
+
+    def node(self, node_id: int):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().node(node_id)
+
+
+@pytest.mark.parametrize("co_located", [True, False])
+def test_a_start_reads_as_few_gpus_on_a_large_cluster_as_on_a_small_one(co_located: bool) -> None:
+    """Starting an instance looks at a few candidates, not the whole cluster: on 8 and 128 busy
+    nodes (each with one GPU that has room beside its instance, or that is empty), the request that
+    needs a start reads as many GPUs and nodes."""
+    reads = {}
+    for nodes in (8, 128):
+        view = CountingView(nodes=nodes, models=(MODEL, OTHER), slos=SLOS)
+        for g in range(nodes * 8):
+            if g % 8 != 7:
+                view.add(FakeInstance(g, OTHER, (g,)))
+            elif co_located:
+                view.add(FakeInstance(g, OTHER, (g,), sm_pct=50, memory_fraction=0.5))
+        policy = festina()
+        policy.scale(view)  # the tick that takes the cluster's headroom
+        view.reads = 0
+        decision = policy.place(request(0), view)
+        assert isinstance(decision, StartInstance) and decision.gpus == (7,), decision
+        reads[nodes] = view.reads
+    assert reads[128] <= reads[8], reads
+
+
+def test_a_start_between_scale_ticks_is_room_for_the_next_one() -> None:
+    view = fake_view(models=(MODEL, OTHER))
+    policy = festina()
+    policy.scale(view)  # an empty node
+    first = policy.place(request(0, OTHER), view)
+    assert isinstance(first, StartInstance) and first.memory_fraction <= 0.5
+    # The driver starts it, and the controller gives it half the SMs.
+    view.add(FakeInstance(0, OTHER, first.gpus, sm_pct=50, memory_fraction=first.memory_fraction))
+    second = policy.place(request(1), view)
+    assert isinstance(second, StartInstance) and second.gpus == first.gpus, (first, second)
+
+
 def test_an_instance_with_room_for_its_models_typical_long_prompts_starts_no_other() -> None:
     """Spare room is judged against the SLO of the model's typical prompt (3,000 tokens here), not
     the SLO of a 1,024-token one, which no prompt of 3,000 tokens meets: a lightly loaded
