@@ -281,8 +281,8 @@ class Headroom:
     def empty_gpus(self, view: ClusterView, tp: int, taken: Collection[int]) -> tuple[int, ...] | None:
         """``tp`` empty GPUs on one powered node: of the nodes that are on, one with the fewest
         empty GPUs that fit (serving nodes first), else a waking one."""
-        for nodes in [self.open_nodes.get(count, []) for count in range(tp, max(self.open_nodes, default=0) + 1)]:
-            for node in nodes:
+        for count in range(tp, max(self.open_nodes, default=0) + 1):
+            for node in self.open_nodes.get(count, ()):
                 if view.node(node).power is NodePower.ON:
                     free = [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in taken]
                     if len(free) >= tp:
