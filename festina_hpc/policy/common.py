@@ -25,6 +25,11 @@ from festina_hpc.profiles.table import ProfileTable
 TYPICAL_CONTEXT_TOKENS = 1024
 
 
+def empty_gpus_on(view: ClusterView, node: int, exclude: Collection[int] = ()) -> list[int]:
+    """The node's GPUs that hold no instance, less those in ``exclude``, by id."""
+    return [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in exclude]
+
+
 def free_gpu_group(view: ClusterView, tp: int, nodes_first: Iterable[int] = (),
                    exclude: Collection[int] = ()) -> tuple[int, ...] | None:
     """``tp`` free GPUs on one node, or None: nodes in ``nodes_first`` first, then nodes that are
@@ -35,7 +40,7 @@ def free_gpu_group(view: ClusterView, tp: int, nodes_first: Iterable[int] = (),
     with the cluster while free GPUs are plentiful.
     """
     for n in nodes_first:
-        free = [g for g in view.node(n).gpus if not view.gpu(g).instances and g not in exclude]
+        free = empty_gpus_on(view, n, exclude)
         if len(free) >= tp and view.node(n).power is not NodePower.OFF:
             return tuple(free[:tp])
     waking: dict[int, list[int]] = {}

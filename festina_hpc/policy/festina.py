@@ -76,6 +76,7 @@ from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     PREFILL_CHUNK_TOKENS,
     TokenStats,
+    empty_gpus_on,
     sampled,
     serving,
 )
@@ -284,11 +285,11 @@ class Headroom:
         for count in range(tp, max(self.open_nodes, default=0) + 1):
             for node in self.open_nodes.get(count, ()):
                 if view.node(node).power is NodePower.ON:
-                    free = [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in taken]
+                    free = empty_gpus_on(view, node, taken)
                     if len(free) >= tp:
                         return tuple(free[:tp])
         for node in self.waking_nodes:
-            free = [g for g in view.node(node).gpus if not view.gpu(g).instances and g not in taken]
+            free = empty_gpus_on(view, node, taken)
             if view.node(node).power is NodePower.WAKING and len(free) >= tp:
                 return tuple(free[:tp])
         return None
@@ -305,7 +306,7 @@ class Headroom:
             left = 1.0 - gpu.memory_fraction_allocated - start.memory_fraction
             self.shared.setdefault(_memory_steps(left), []).append(gpu.id)
         else:
-            empty = sum(1 for g in view.node(gpu.node).gpus if not view.gpu(g).instances) - len(start.gpus)
+            empty = len(empty_gpus_on(view, gpu.node)) - len(start.gpus)
             if empty:
                 self.open_nodes.setdefault(empty, []).insert(0, gpu.node)
             if start.memory_fraction < 1.0:
@@ -517,8 +518,11 @@ class FestinaPolicy(Policy):
         """The TTFT the controller holds a load to: its typical prompt's SLO with a margin, or the
         best any setting gives (the engine's chunk at full speed) where that misses it anyway."""
         floor_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz), load.pending_tokens, 0)
-        typical_slo_s = view.model(load.model).slo.ttft_for(int(self._typical(load.model).prompt_tokens))
-        return max(TTFT_MARGIN * typical_slo_s, floor_s * (1 + 1e-9))
+        return max(TTFT_MARGIN * self._typical_ttft_slo_s(view, load.model), floor_s * (1 + 1e-9))
+
+    def _typical_ttft_slo_s(self, view: ClusterView, model: str) -> float:
+        """The TTFT SLO of the model's typical prompt (SLOs grow with the prompt's length)."""
+        return view.model(model).slo.ttft_for(int(self._typical(model).prompt_tokens))
 
     # -- placement --------------------------------------------------------------------------------
 
@@ -908,9 +912,8 @@ class FestinaPolicy(Policy):
         now = self.load_of(inst)
         grown = Load(inst.id, inst.model, int(now.batch * 1.3) + 2, int(now.pending_tokens * 1.3),
                      now.rate_per_s * 1.3)
-        typical_slo_s = view.model(inst.model).slo.ttft_for(int(self._typical(inst.model).prompt_tokens))
         return self._meets_slo(view, grown, self._reachable_share(view, inst), self.gpu_spec.max_clock_mhz,
-                               typical_slo_s)
+                               self._typical_ttft_slo_s(view, inst.model))
 
     def consolidate(self, view: ClusterView) -> Plan:
         if not self.uses_consolidation:
