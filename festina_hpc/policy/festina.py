@@ -834,7 +834,7 @@ class FestinaPolicy(Policy):
             if view.now_s - since >= SCALE_OUT_AFTER_S:
                 start = self._where_to_start(view, model, frozenset(taken))
                 if start is None and short:
-                    start = self._by_eviction(view, model, evicted, need)
+                    start = self._by_eviction(view, model, evicted, need, taken)
                 if start is not None:
                     evicted.update(start.evict)
                     taken.update(start.gpus)
@@ -884,28 +884,55 @@ class FestinaPolicy(Policy):
         return need
 
     def _by_eviction(self, view: ClusterView, model: ModelInfo, evicted: set[int],
-                     need: dict[str, int]) -> StartInstance | None:
+                     need: dict[str, int], taken: Collection[int] = ()) -> StartInstance | None:
         """Room for a model that keeps missing its SLOs on a full cluster: an idle instance of
         another model that has spare room elsewhere, and more instances than its bursts need,
-        gives up its GPUs (those it holds alone). Capacity follows the load instead of staying
-        with whichever model scaled out first."""
+        gives up its place. Capacity follows the load instead of staying with whichever model
+        scaled out first. A model with no instance at all comes before another's burst capacity:
+        then an idle instance of any model that keeps another one makes way (else every request
+        of it is dropped until some model scales in)."""
         fraction = self._memory_fraction(view, model)
+        starving = not serving(view.instances_of(model.name))
+        fallback: StartInstance | None = None
         for other in view.models():
             if other.name == model.name:
                 continue
             instances = serving(view.instances_of(other.name))
-            if len(instances) <= need.get(other.name, 0):
+            surplus = len(instances) > need.get(other.name, 0)
+            spared = starving and len(instances) > 1  # one can make way for a model with none
+            if not surplus and not spared:
                 continue
             for victim in instances:
                 if (victim.id in evicted or victim.phase is not InstancePhase.READY or victim.running
-                        or victim.waiting or len(victim.gpus) < model.tp
-                        or any(tuple(view.gpu(g).instances) != (victim.id,) for g in victim.gpus)):
+                        or victim.waiting):
+                    continue
+                start = self._in_place_of(view, model, fraction, victim, taken)
+                if start is None:
                     continue
                 rest = [i for i in instances if i.id != victim.id and i.id not in evicted]
-                if rest and any(self._has_spare(view, i) for i in rest):
-                    return StartInstance(model.name, tuple(victim.gpus[:model.tp]), sm_pct=100.0,
-                                         memory_fraction=fraction, evict=(victim.id,))
-        return None
+                if surplus and rest and any(self._has_spare(view, i) for i in rest):
+                    return start
+                if spared and fallback is None:
+                    fallback = start
+        return fallback
+
+    @staticmethod
+    def _in_place_of(view: ClusterView, model: ModelInfo, fraction: float, victim: InstanceView,
+                     taken: Collection[int]) -> StartInstance | None:
+        """A start of ``model`` on ``victim``'s GPUs once it is gone, where the memory and SM
+        share it leaves (with its co-residents') fit one."""
+        fits = []
+        for g in victim.gpus:
+            gpu = view.gpu(g)
+            memory_free = 1.0 - gpu.memory_fraction_allocated + victim.memory_fraction
+            sm_free = 100.0 - gpu.sm_pct_allocated + victim.sm_pct
+            if g not in taken and memory_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE:
+                fits.append((g, sm_free))
+        if len(fits) < model.tp:
+            return None
+        fits = fits[:model.tp]
+        return StartInstance(model.name, tuple(g for g, _ in fits), sm_pct=min(sm for _, sm in fits),
+                             memory_fraction=fraction, evict=(victim.id,))
 
     def _has_spare(self, view: ClusterView, inst: InstanceView) -> bool:
         """Room at full speed for 30% more load than now, SLOs kept (the placement check's estimate)."""

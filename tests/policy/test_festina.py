@@ -27,7 +27,7 @@ from festina_hpc.policy.festina import (
     Solution,
     Typical,
 )
-from festina_hpc.policy.types import Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
+from festina_hpc.policy.types import Drop, Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import Simulation
@@ -628,6 +628,45 @@ def test_a_model_with_no_instance_on_a_full_cluster_takes_an_idle_one_rather_tha
     start = festina().place(request(0), view)
     assert isinstance(start, StartInstance)
     assert (start.model, start.gpus, start.evict) == (MODEL, (7,), (idle.id,))
+
+
+def test_a_model_with_no_instance_comes_before_the_burst_capacity_of_another() -> None:
+    """As above, but mistral-7b's bursts need both its instances: a model with no instance at all
+    still takes the idle one (its every request was dropped, for an hour of the code trace on one
+    node, while the bursts' second instance sat idle)."""
+    policy, _ = fed(bursty("mistral-7b", bursts=30), models=("mistral-7b",))
+    view = fake_view(models=(MODEL, "mistral-7b"))
+    view.now_s = 300.0
+    for g in range(7):
+        view.add(FakeInstance(g, "llama-2-13b" if g < 6 else "mistral-7b", (g,), running=2))
+    idle = view.add(FakeInstance(7, "mistral-7b", (7,)))
+    assert policy._burst_instances(view)["mistral-7b"] >= 2
+    start = policy.place(request(0), view)
+    assert isinstance(start, StartInstance)
+    assert (start.model, start.gpus, start.evict) == (MODEL, (7,), (idle.id,))
+
+
+def test_an_eviction_makes_room_beside_a_co_resident_and_never_takes_a_models_last_instance() -> None:
+    """Every GPU's SM shares are taken, by busy instances but on GPU 7, where an idle mistral-7b
+    instance (its model has another) sits beside a busy llama-2-7b one: evicting it leaves the
+    memory and share a new instance needs, so the start goes there with that share. Had the idle
+    instance been its model's last, nothing is evicted and the request is dropped."""
+    def full_view(idle_model: str) -> tuple[FakeView, FakeInstance]:
+        view = fake_view(models=(MODEL, "mistral-7b", "llama-2-7b", "llama-2-13b", "mistral-nemo-12b"))
+        for g in range(6):
+            view.add(FakeInstance(g, "llama-2-13b", (g,), running=2))
+        view.add(FakeInstance(6, "mistral-7b", (6,), running=2))
+        view.add(FakeInstance(7, "llama-2-7b", (7,), running=2, sm_pct=50.0, memory_fraction=0.5))
+        return view, view.add(FakeInstance(8, idle_model, (7,), sm_pct=50.0, memory_fraction=0.5))
+
+    view, idle = full_view("mistral-7b")
+    start = festina().place(request(0), view)
+    assert isinstance(start, StartInstance)
+    assert start.memory_fraction <= 0.5
+    assert (start.model, start.gpus, start.sm_pct, start.evict) == (MODEL, (7,), 50.0, (idle.id,))
+
+    view, _ = full_view("mistral-nemo-12b")  # its model's only instance
+    assert isinstance(festina().place(request(0), view), Drop)
 
 
 def test_two_models_scaling_out_in_one_tick_are_not_given_the_same_gpu() -> None:
