@@ -1,9 +1,10 @@
-"""``festina sim``: run, compare and bound policies on a trace; ``festina demo``."""
+"""``festina sim``: run, compare, sweep and bound policies on a trace; ``festina demo``."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,44 +18,53 @@ from festina_hpc.cli.common import AppContext, pass_app
 from festina_hpc.policy.base import policy_names
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.simulator import SimResult
+from festina_hpc.sim.sweep import DEFAULT_SLO_TARGET, headline, run_sweep, write_sweep
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def experiment_options(func: F) -> F:
-    """The options every ``sim`` command shares; unset ones come from the config's [sim]/[cluster]."""
-    options = [
-        click.option("--trace", required=True, help="CSV trace (TIMESTAMP, ContextTokens, GeneratedTokens[, model]) "
-                                                    "or a shipped one: azure-code, azure-conv."),
-        click.option("--models", type=click.IntRange(min=1), default=None,
-                     help="The first N models of the default mix [config: sim.models]."),
-        click.option("--model-mix", default=None,
-                     help="File naming the models, one per line ('name[ = base model][, weight]'), or a "
-                          "shipped mix: eight-on-one-node."),
-        click.option("--popularity", default=None, help="zipf:S or uniform [config: sim.popularity]."),
-        click.option("--seed", type=int, default=None),
-        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="2.0 replays the trace twice as fast."),
-        click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Only requests arriving in the first S seconds (after scaling)."),
-        click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Superpose N copies of the trace (independent model draws): N x the load on the "
-                          "trace's own timeline, where --rate-scale compresses it."),
-        click.option("--nodes", type=click.IntRange(min=1), default=None),
-        click.option("--gpus-per-node", type=click.IntRange(min=1), default=None),
-        click.option("--gpu", default=None, help="GPU type or alias, e.g. h100 [config: cluster.gpu_type]."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Folder for the results."),
-    ]
-    for option in reversed(options):
-        func = option(func)
+def experiment_options(func: F, without: Collection[str] = ()) -> F:
+    """The options every ``sim`` command shares (but those named in ``without``); unset ones come
+    from the config's [sim]/[cluster]."""
+    options = {
+        "trace": click.option("--trace", required=True,
+                              help="CSV trace (TIMESTAMP, ContextTokens, GeneratedTokens[, model]) or a shipped "
+                                   "one: azure-code, azure-conv."),
+        "models": click.option("--models", type=click.IntRange(min=1), default=None,
+                               help="The first N models of the default mix [config: sim.models]."),
+        "model_mix": click.option("--model-mix", default=None,
+                                  help="File naming the models, one per line ('name[ = base model][, weight]'), "
+                                       "or a shipped mix: eight-on-one-node."),
+        "popularity": click.option("--popularity", default=None, help="zipf:S or uniform [config: sim.popularity]."),
+        "seed": click.option("--seed", type=int, default=None),
+        "rate_scale": click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+                                   help="2.0 replays the trace twice as fast."),
+        "duration_s": click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None,
+                                   help="Only requests arriving in the first S seconds (after scaling)."),
+        "copies": click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
+                               help="Superpose N copies of the trace (independent model draws): N x the load on "
+                                    "the trace's own timeline, where --rate-scale compresses it."),
+        "nodes": click.option("--nodes", type=click.IntRange(min=1), default=None),
+        "gpus_per_node": click.option("--gpus-per-node", type=click.IntRange(min=1), default=None),
+        "gpu": click.option("--gpu", default=None, help="GPU type or alias, e.g. h100 [config: cluster.gpu_type]."),
+        "out_dir": click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                                help="Folder for the results."),
+    }
+    for name, option in reversed(options.items()):
+        if name not in without:
+            func = option(func)
     return func
+
+
+def varied_options(func: F) -> F:
+    """The experiment options but those a sweep varies (--seed, --rate-scale)."""
+    return experiment_options(func, without=("seed", "rate_scale"))
 
 
 def _options(kwargs: dict[str, Any]) -> ExperimentOptions:
     return ExperimentOptions(**{k: kwargs[k] for k in ("trace", "models", "model_mix", "popularity", "seed",
                                                         "rate_scale", "duration_s", "nodes", "gpus_per_node",
-                                                        "gpu", "copies")})
+                                                        "gpu", "copies") if k in kwargs})
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -140,6 +150,70 @@ def compare_cmd(app: AppContext, policies: str, out_dir: Path, **kwargs: Any) ->
     """Run policies on the identical workload; writes comparison.json, comparison.md and plots."""
     _, markdown = run_comparison(app, _policies(policies), _options(kwargs), out_dir, Console())
     click.echo(f"wrote {markdown}, comparison.json and plots in {out_dir}")
+
+
+def _number_list(kind: Callable[[str], Any], param: str, low: float, open_low: bool = False) -> Callable[..., Any]:
+    """A click callback parsing "a,b,c" into a list of ``kind``, each at least (or above) ``low``."""
+    def parse(ctx: click.Context, p: click.Parameter, text: str) -> list[Any]:
+        values = []
+        for item in (t.strip() for t in text.split(",")):
+            try:
+                value = kind(item)
+            except ValueError:
+                raise click.BadParameter(f"{item!r} is not a number", param_hint=param) from None
+            if value < low or (open_low and value == low):
+                raise click.BadParameter(f"{item} must be {'above' if open_low else 'at least'} {low:g}",
+                                         param_hint=param)
+            values.append(value)
+        if len(set(values)) != len(values):
+            raise click.BadParameter(f"{text!r} repeats a value", param_hint=param)
+        return values
+    return parse
+
+
+@sim.command("sweep")
+@click.option("--policies", required=True, help="Comma-separated policy names.")
+@click.option("--rate-scales", default="0.5,1,2", show_default=True,
+              callback=_number_list(float, "'--rate-scales'", 0.0, open_low=True),
+              help="Comma-separated trace rate scales (2 replays the trace twice as fast).")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_number_list(int, "'--seeds'", 0),
+              help="Comma-separated seeds: each is its own draw of models onto the trace's requests.")
+@click.option("--reference", default="vllm", show_default=True,
+              help="The policy every energy is divided by, on the same workload.")
+@click.option("--slo-target", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SLO_TARGET, show_default=True,
+              help="SLO attainment the baselines must meet at the operating scale.")
+@click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="CPU count",
+              help="Workloads simulated at once, one process each.")
+@varied_options
+@pass_app
+def sweep_cmd(app: AppContext, policies: str, rate_scales: list[float], seeds: list[int], reference: str,
+              slo_target: float, jobs: int, out_dir: Path, **kwargs: Any) -> None:
+    """Policies over trace rates and seeds; writes sweep.json, sweep.md and sweep.png.
+
+    The headline is read at the operating scale: the busiest rate at which the best baseline
+    still meets --slo-target on average over the seeds."""
+    names = _policies(policies)
+    if reference not in names:
+        raise click.BadParameter(f"{reference!r} is not among --policies", param_hint="'--reference'")
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("simulating", total=len(rate_scales) * len(seeds) * (len(names) + 1))
+        result = run_sweep(app.config, _options(kwargs), names, rate_scales, seeds, reference, slo_target, jobs,
+                           advance=lambda: progress.advance(task))
+    paths = write_sweep(result, out_dir)
+    table = Table(title=f"Load sweep (x {reference}: same workload, mean over {len(seeds)} seeds)", box=box.SIMPLE)
+    for column in ("scale", "policy", "kWh", f"x {reference}", "range", "x bound", "SLO", "worst", "drops"):
+        table.add_column(column, justify="left" if column == "policy" else "right", no_wrap=column == "policy")
+    operating = result.operating_scale()
+    for s in result.summaries():
+        table.add_row(f"{s.rate_scale:g}" + (" *" if s.rate_scale == operating else ""), s.policy,
+                      f"{s.energy_kwh_mean:.3f}", f"{s.x_reference_mean:.3f}",
+                      f"{s.x_reference_min:.2f}-{s.x_reference_max:.2f}", f"{s.x_bound_mean:.2f}",
+                      f"{s.slo_mean:.4f}", f"{s.slo_min:.4f}", str(s.dropped))
+    console.print(table)
+    for line in headline(result):
+        console.print(line, highlight=False)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 @sim.command("bound")

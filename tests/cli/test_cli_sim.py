@@ -59,3 +59,37 @@ def test_unknown_policy_lists_the_known_ones(festina: Festina, tmp_path: Path) -
     assert "unknown policy 'nope' (known: dynamollm, festina, festina-control, festina-placement, llumnix, " \
            "muxserve, serverlessllm, vllm" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_sweep_runs_every_policy_on_every_rate_and_seed_in_worker_processes(festina: Festina, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = festina("sim", "sweep", "--policies", "vllm,festina", "--trace", "azure-conv", "--models", "2",
+                     "--nodes", "1", "--duration-s", "120", "--rate-scales", "1,2", "--seeds", "0,3", "--jobs", "2",
+                     "--out", str(out))
+    assert result.code == 0, result.err
+    data = json.loads((out / "sweep.json").read_text())
+    cells = {(p["rate_scale"], p["seed"], p["policy"]) for p in data["points"]}
+    assert cells == {(s, seed, p) for s in (1.0, 2.0) for seed in (0, 3) for p in ("vllm", "festina")}
+    bounds = {(b["rate_scale"], b["seed"]): b["energy_j"] for b in data["bounds_j"]}
+    assert all(0 < bounds[p["rate_scale"], p["seed"]] <= p["energy_j"] for p in data["points"])
+    vllm = [s for s in data["summary"] if s["policy"] == "vllm"]
+    assert [s["x_reference_mean"] for s in vllm] == [1.0, 1.0]
+    assert data["workload"]["models"] == ["llama-3.1-8b", "mistral-7b"] and "seed" not in data["workload"]
+    assert (out / "sweep.png").stat().st_size > 0 and "# Load sweep" in (out / "sweep.md").read_text()
+    assert "Operating rate scale" in result.out or "no operating point" in result.out
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--rate-scales", "0,1", "'--rate-scales': 0 must be above 0"),
+    ("--rate-scales", "1,fast", "'--rate-scales': 'fast' is not a number"),
+    ("--seeds", "1,1", "'--seeds': '1,1' repeats a value"),
+    ("--reference", "dynamollm", "'--reference': 'dynamollm' is not among --policies"),
+])
+def test_sweep_bad_input_is_a_one_line_error_naming_the_option(festina: Festina, tmp_path: Path, option: str,
+                                                               value: str, message: str) -> None:
+    result = festina("sim", "sweep", "--policies", "vllm,festina", "--trace", "azure-conv", option, value,
+                     "--out", str(tmp_path / "o"))
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.err
+    assert not (tmp_path / "o").exists()
