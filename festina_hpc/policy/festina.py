@@ -121,6 +121,7 @@ EVACUATION_TRIES = 2  # least loaded nodes a consolidation tries to empty, in tu
 SPARE_GPUS = 2  # powered empty GPUs kept for bursts at least; fewer wakes a node
 SPARE_SHARE = 0.1  # and this share of the GPUs in use
 SCALE_OUT_AFTER_S = 10.0  # a model lacking room this long (two scale ticks) gets another instance
+QUIET_KEEP_ALIVES = 10  # an instance idle for this many keep-alives is quiet: stopped, not moved, when its node empties
 SCALE_IN_IDLE_S = 300.0  # an extra instance idle this long is stopped (sooner churns cold starts)
 BURST_MEMORY_S = 900.0  # the bursts that capacity is provisioned for are this recent
 BURST_ATTAINMENT = 0.995  # share of requests whose burst the instances can drain in time
@@ -788,7 +789,7 @@ class FestinaPolicy(Policy):
     # -- scaling and consolidation ----------------------------------------------------------------
 
     def scale(self, view: ClusterView) -> Plan:
-        """Scale out ahead of need; scale in what packing left idle; scale to zero quiet models.
+        """Scale out ahead of need; scale in what packing left idle.
 
         A model gets one more instance when its every instance is within 30% of its SLO limit, or
         when it has fewer than its recent bursts need (``_burst_instances``), for as long as
@@ -796,7 +797,9 @@ class FestinaPolicy(Policy):
         power of its own, but it holds GPUs that keep a node on: with consolidation, instances idle
         for SCALE_IN_IDLE_S are stopped while another instance of the model has spare room and the
         bursts do not need them (packing sends new requests to the fullest safe instance, so the
-        extra ones drain and go idle).
+        extra ones drain and go idle). A quiet model's last instance is not stopped here: on a node
+        that stays on it holds no energy, and stopping it costs its next request a cold start. It
+        goes when its node is emptied (``_emptying``) or its GPU is wanted (``_by_eviction``).
         """
         self._refresh_typical()
         self._headroom = Headroom.of(view)
@@ -807,10 +810,6 @@ class FestinaPolicy(Policy):
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
-                continue
-            quiet_s = 10 * self.context.keep_alive_s
-            if all(view.now_s - i.last_busy_s > quiet_s and not i.running and not i.waiting for i in instances):
-                actions.extend(StopInstance(i.id) for i in instances)
                 continue
             if any(i.phase is InstancePhase.LOADING for i in instances):
                 self._short.discard(model.name)  # capacity is on its way
@@ -889,8 +888,8 @@ class FestinaPolicy(Policy):
         another model that has spare room elsewhere, and more instances than its bursts need,
         gives up its place. Capacity follows the load instead of staying with whichever model
         scaled out first. A model with no instance at all comes before another's burst capacity:
-        then an idle instance of any model that keeps another one makes way (else every request
-        of it is dropped until some model scales in)."""
+        then an idle instance of any model that keeps another one makes way, or a quiet model's
+        last (else every request of it is dropped until some model scales in)."""
         fraction = self._memory_fraction(view, model)
         starving = not serving(view.instances_of(model.name))
         fallback: StartInstance | None = None
@@ -899,12 +898,13 @@ class FestinaPolicy(Policy):
                 continue
             instances = serving(view.instances_of(other.name))
             surplus = len(instances) > need.get(other.name, 0)
-            spared = starving and len(instances) > 1  # one can make way for a model with none
-            if not surplus and not spared:
-                continue
             for victim in instances:
                 if (victim.id in evicted or victim.phase is not InstancePhase.READY or victim.running
                         or victim.waiting):
+                    continue
+                # A model with none comes before another's second instance, or a quiet model's last.
+                spared = starving and (len(instances) > 1 or self._quiet(view, victim))
+                if not surplus and not spared:
                     continue
                 start = self._in_place_of(view, model, fraction, victim, taken)
                 if start is None:
@@ -933,6 +933,11 @@ class FestinaPolicy(Policy):
         fits = fits[:model.tp]
         return StartInstance(model.name, tuple(g for g, _ in fits), sm_pct=min(sm for _, sm in fits),
                              memory_fraction=fraction, evict=(victim.id,))
+
+    def _quiet(self, view: ClusterView, inst: InstanceView) -> bool:
+        """Idle for QUIET_KEEP_ALIVES keep-alives: its model has gone quiet, for now."""
+        return (not inst.running and not inst.waiting
+                and view.now_s - inst.last_busy_s > QUIET_KEEP_ALIVES * self.context.keep_alive_s)
 
     def _has_spare(self, view: ClusterView, inst: InstanceView) -> bool:
         """Room at full speed for 30% more load than now, SLOs kept (the placement check's estimate)."""
@@ -969,7 +974,7 @@ class FestinaPolicy(Policy):
         migrations = self._evacuation(view)
         return Plan(tuple(migrations), "evacuate the least loaded node") if migrations else Plan()
 
-    def _evacuation(self, view: ClusterView) -> list[Migrate]:
+    def _evacuation(self, view: ClusterView) -> list[Migrate | StopInstance]:
         """Moves that empty one node: the least loaded one that can be emptied of the
         EVACUATION_TRIES least loaded (the least loaded alone may have nowhere to go, say when
         the busier nodes are full, while a busier one fits into it and the rest)."""
@@ -990,16 +995,20 @@ class FestinaPolicy(Policy):
                 return plan
         return []
 
-    def _emptying(self, view: ClusterView, source: NodeView, room: dict[int, GpuRoom]) -> list[Migrate]:
-        """Moves of every instance on ``source`` into ``room`` within SLOs, when the energy saved
-        over the horizon repays them; else none (no partial moves)."""
+    def _emptying(self, view: ClusterView, source: NodeView,
+                  room: dict[int, GpuRoom]) -> list[Migrate | StopInstance]:
+        """Moves of every instance on ``source`` into ``room`` within SLOs (quiet ones are stopped),
+        when the energy saved over the horizon repays them; else none (no partial moves)."""
         moving = sorted({i for g in source.gpus for i in view.gpu(g).instances},
                         key=lambda i: -view.model(view.instance(i).model).tp)
-        plan: list[Migrate] = []
+        plan: list[Migrate | StopInstance] = []
         for instance_id in moving:
             inst = view.instance(instance_id)
             if inst.phase is not InstancePhase.READY:
                 return []
+            if self._quiet(view, inst):
+                plan.append(StopInstance(inst.id))  # scaled to zero rather than moved: nothing to repay
+                continue
             model = view.model(inst.model)
             target = self._fit(view, model, inst, room)
             if target is None:
@@ -1008,7 +1017,8 @@ class FestinaPolicy(Policy):
             plan.append(Migrate(inst.id, gpus, sm_pct=share, memory_fraction=fraction))
         saved_j = CONSOLIDATION_HORIZON_S * (self.context.node_static_w
                                              + len(source.gpus) * self.gpu_spec.idle_w)
-        cost_j = sum(self._load_energy_j(view.model(view.instance(m.instance_id).model)) for m in plan)
+        cost_j = sum(self._load_energy_j(view.model(view.instance(m.instance_id).model))
+                     for m in plan if isinstance(m, Migrate))
         return plan if saved_j > cost_j else []
 
     def _load_s(self, model: ModelInfo) -> float:

@@ -18,6 +18,7 @@ import pytest
 from festina_hpc.policy.common import SHORT_OUTPUT_TOKENS, TokenStats
 from festina_hpc.policy.festina import (
     BURST_MEMORY_S,
+    QUIET_KEEP_ALIVES,
     SCALE_IN_IDLE_S,
     SCALE_OUT_AFTER_S,
     SLO_MARGIN,
@@ -246,7 +247,7 @@ def test_models_outnumbering_gpus_share_them_rather_than_being_dropped() -> None
 def two_node_view(resident: FakeInstance) -> FakeView:
     """Node 0: seven busy instances on whole GPUs and ``resident`` on half of GPU 7; node 1: one light
     instance on half of GPU 8, the least-loaded node, which fits nowhere but beside ``resident``."""
-    view = fake_view(nodes=2)
+    view = fake_view(nodes=2, models=(MODEL, "mistral-7b"))
     for g in range(7):
         view.add(FakeInstance(g, MODEL, (g,), running=16, arrival_rate_per_s=1.0))
     view.add(resident)
@@ -305,6 +306,23 @@ def test_a_consolidation_that_keeps_every_slo_moves_the_least_loaded_node() -> N
     assert [(a.instance_id, a.gpus, a.memory_fraction) for a in plan.actions if isinstance(a, Migrate)] == [
         (8, (7,), 0.5)]
     assert len(plan.actions) == 1
+
+
+def test_an_evacuation_stops_the_quiet_instances_it_would_move_and_a_node_that_stays_on_keeps_them() -> None:
+    """As above, with a quiet mistral-7b instance beside the light one on node 1: emptying node 1
+    stops it rather than moving it (a cold start for nothing). A quiet instance on node 0, which
+    stays on, is kept: stopping it would save no energy and cost its next request a cold start."""
+    light = FakeInstance(7, MODEL, (7,), sm_pct=50, memory_fraction=0.5, running=8, arrival_rate_per_s=0.5)
+    view = two_node_view(light)
+    quiet = view.add(FakeInstance(9, "mistral-7b", (9,), memory_fraction=0.4))
+    view.now_s = QUIET_KEEP_ALIVES * 60.0 + 1.0  # the default keep-alive, 60 s, times QUIET_KEEP_ALIVES
+    policy = festina()
+    plan = policy.consolidate(view)
+    assert [(type(a), a.instance_id) for a in plan.actions] == [(Migrate, 8), (StopInstance, quiet.id)]
+    assert not policy.scale(view).actions
+
+    view.now_s -= 2.0  # not yet quiet: it would have to move, and node 0 has no room for it
+    assert not festina().consolidate(view).actions
 
 
 def ready_instance(sim: Simulation, model: str, gpus: tuple[int, ...], memory_fraction: float) -> SimInstance:
@@ -667,6 +685,20 @@ def test_an_eviction_makes_room_beside_a_co_resident_and_never_takes_a_models_la
 
     view, _ = full_view("mistral-nemo-12b")  # its model's only instance
     assert isinstance(festina().place(request(0), view), Drop)
+
+
+def test_a_model_with_no_instance_takes_the_gpu_of_a_quiet_models_last_instance() -> None:
+    """Every GPU busy but GPU 7, whose mistral-7b instance is its model's last: it makes way once
+    its model has been quiet for QUIET_KEEP_ALIVES keep-alives (what scaling to zero would have
+    done), not before."""
+    view = fake_view(models=(MODEL, "mistral-7b", "llama-2-13b"))
+    for g in range(7):
+        view.add(FakeInstance(g, "llama-2-13b", (g,), running=2))
+    quiet = view.add(FakeInstance(7, "mistral-7b", (7,)))
+    assert isinstance(festina().place(request(0), view), Drop)
+    view.now_s = QUIET_KEEP_ALIVES * 60.0 + 1.0
+    start = festina().place(request(0), view)
+    assert isinstance(start, StartInstance) and start.evict == (quiet.id,)
 
 
 def test_two_models_scaling_out_in_one_tick_are_not_given_the_same_gpu() -> None:
