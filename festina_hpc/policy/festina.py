@@ -48,13 +48,16 @@ constant-time profile lookups:
   only by 10 points or more, raise at once when a target would be missed.
 - **Consolidation** (``consolidate``): every period, the least-loaded powered
   node (or, when it cannot be, the next least loaded) is evacuated when every
-  instance on it fits elsewhere on powered nodes
-  with every co-resident still meeting its SLO (the control solver is the
-  check) and the static and idle energy saved over a horizon exceeds the
-  migrations' cold starts; nodes empty for as long as waking one takes (ski
-  rental: by then staying on has cost what a wake costs) are powered off while a
-  headroom of empty GPUs (SPARE_SHARE of those in use) stays powered, and a node
-  is woken when the headroom runs low. ``scale`` stops extra instances idle for
+  instance on it fits elsewhere on powered nodes with every co-resident still
+  meeting its SLO (the control solver is the check) and the static and idle
+  energy saved over a horizon exceeds the migrations' cold starts; instances
+  idle for QUIET_KEEP_ALIVES keep-alives are stopped rather than moved (a
+  model is scaled to zero only where that lets a node go off: elsewhere its
+  instance holds no energy, and stopping it costs its next request a cold
+  start). Nodes empty for as long as waking one takes (ski rental: by then
+  staying on has cost what a wake costs) are powered off while a headroom of
+  empty GPUs (SPARE_SHARE of those in use) stays powered, and a node is woken
+  when the headroom runs low. ``scale`` stops extra instances idle for
   SCALE_IN_IDLE_S so that nodes can empty.
 
 The ablation variants ``festina-placement`` (placement only: max clock, shares
@@ -971,11 +974,11 @@ class FestinaPolicy(Policy):
             off = [n for n in view.nodes() if n.power is NodePower.OFF]
             if off:
                 return Plan((PowerOn(off[0].id),), "headroom")
-        migrations = self._evacuation(view)
-        return Plan(tuple(migrations), "evacuate the least loaded node") if migrations else Plan()
+        moves = self._evacuation(view)
+        return Plan(tuple(moves), "evacuate the least loaded node") if moves else Plan()
 
     def _evacuation(self, view: ClusterView) -> list[Migrate | StopInstance]:
-        """Moves that empty one node: the least loaded one that can be emptied of the
+        """Moves (and stops) that empty one node: the least loaded one that can be emptied of the
         EVACUATION_TRIES least loaded (the least loaded alone may have nowhere to go, say when
         the busier nodes are full, while a busier one fits into it and the rest)."""
         nodes = [n for n in view.nodes() if n.power is NodePower.ON and any(view.gpu(g).instances for g in n.gpus)]
