@@ -20,9 +20,11 @@ constant-time profile lookups:
   controller can give: max clock and the GPU's free share) is within its own
   SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
   model that keeps missing takes the GPUs of an idle instance of a model that
-  has room elsewhere (capacity follows the load). ``scale`` adds an instance
-  only for a shortage that lasts SCALE_OUT_AFTER_S: a moment's queue is served
-  sooner by the ready instances than by a cold start.
+  has room elsewhere (capacity follows the load), and a model with no instance
+  that of any idle model's second instance or a quiet model's last. ``scale``
+  deploys every model once at its first tick, where whole GPUs hold them all,
+  and adds an instance only for a shortage that lasts SCALE_OUT_AFTER_S: a
+  moment's queue is served sooner by the ready instances than by a cold start.
 - **Burst capacity** (``scale``): prompts come in bursts (in the code trace,
   one request in ten comes with 20x the mean rate within a TTFT SLO), and a
   burst that meets too few instances queues past every TTFT SLO long before a
@@ -382,6 +384,7 @@ class FestinaPolicy(Policy):
         self._headroom: Headroom | None = None  # rebuilt on every scale tick
         self._short: set[str] = set()  # models that placement found without a safe instance
         self._pressed_since: dict[str, float] = {}  # model -> since when it lacks room (short or no spare)
+        self._deployed = False  # every model got its first instance (at the first scale tick)
 
     # -- profile lookups --------------------------------------------------------------------------
     # Estimates are memoised. They depend on few distinct points: integer batches, the
@@ -810,6 +813,7 @@ class FestinaPolicy(Policy):
         evicted: set[int] = set()
         taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan
         need = self._burst_instances(view)
+        actions += self._first_instances(view, taken)
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
@@ -843,6 +847,27 @@ class FestinaPolicy(Policy):
                     actions.append(start)
                     self._pressed_since.pop(model.name, None)
         return Plan(tuple(actions), "scale")
+
+    def _first_instances(self, view: ClusterView, taken: set[int]) -> list[StartInstance]:
+        """Each model's first instance, at the first scale tick, the widest first, where
+        ``_where_to_start`` puts it: the first requests, often a burst, then find a warm instance
+        instead of a cold start (the serving baselines deploy up front too). Only where the
+        powered GPUs hold one instance of every model at full share: a model left out would find
+        every GPU's SMs taken by idle instances. Once: a model scaled to zero later starts again on
+        its next request."""
+        if self._deployed:
+            return []
+        self._deployed = True
+        waiting = [m for m in sorted(view.models(), key=lambda m: -m.tp) if not serving(view.instances_of(m.name))]
+        if sum(m.tp for m in waiting) > sum(1 for _ in view.free_gpus()):
+            return []
+        starts = []
+        for model in waiting:
+            start = self._where_to_start(view, model, frozenset(taken))
+            if start is not None:
+                taken.update(start.gpus)
+                starts.append(start)
+        return starts
 
     def _burst_instances(self, view: ClusterView) -> dict[str, int]:
         """Instances each model needs for its recent bursts, chosen across models.

@@ -234,6 +234,26 @@ def test_co_located_models_never_exceed_memory_or_sm_shares(policy: str, models:
 SMALL_MODELS = [m for m in DEFAULT_MODEL_MIX if STORE.model(m).tp_on(GPU) == 1]  # five of them
 
 
+def test_every_model_is_deployed_at_the_first_scale_tick_where_whole_gpus_hold_them_all() -> None:
+    """Five single-GPU models and a 70B at TP4 on two 8-GPU nodes: the first tick starts one
+    instance of each, the 70B first (four GPUs of one node), each on GPUs of its own, so the first
+    requests meet a warm instance. Later ticks deploy nothing more. Where the GPUs are too few
+    for all, none is deployed up front (a model left out would find every GPU's SMs taken)."""
+    models = (*SMALL_MODELS, "llama-3.1-70b")
+    view = fake_view(nodes=2, models=models)
+    policy = festina()
+    starts = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert [s.model for s in starts] == ["llama-3.1-70b", *SMALL_MODELS]
+    assert len(set(starts[0].gpus)) == 4 and len({view.gpu(g).node for g in starts[0].gpus}) == 1
+    assert len({g for s in starts for g in s.gpus}) == 9
+    for s in starts:
+        view.add(FakeInstance(100 + len(list(view.instances())), s.model, s.gpus, memory_fraction=s.memory_fraction))
+    assert not policy.scale(view).actions
+
+    few = FakeView(nodes=1, gpus_per_node=4, models=SMALL_MODELS, slos=SLOS)
+    assert not festina().scale(few).actions
+
+
 def test_models_outnumbering_gpus_share_them_rather_than_being_dropped() -> None:
     sim, _ = run_checked(SMALL_MODELS, rate_per_s=0.2, duration_s=120.0)
     result = sim.run()
