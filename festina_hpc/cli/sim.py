@@ -183,7 +183,7 @@ def _number_list(kind: Callable[[str], Any], param: str, low: float, open_low: b
 @click.option("--slo-target", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SLO_TARGET, show_default=True,
               help="SLO attainment the baselines must meet at the operating scale.")
 @click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="CPU count",
-              help="Workloads simulated at once, one process each.")
+              help="Runs (one policy on one workload) simulated at once, one process each.")
 @varied_options
 @pass_app
 def sweep_cmd(app: AppContext, policies: str, rate_scales: list[float], seeds: list[int], reference: str,

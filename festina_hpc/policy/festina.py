@@ -20,11 +20,12 @@ constant-time profile lookups:
   controller can give: max clock and the GPU's free share) is within its own
   SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
   model that keeps missing takes the GPUs of an idle instance of a model that
-  has room elsewhere (capacity follows the load), and a model with no instance
-  that of any idle model's second instance or a quiet model's last. ``scale``
-  deploys every model once at its first tick, where whole GPUs hold them all,
-  and adds an instance only for a shortage that lasts SCALE_OUT_AFTER_S: a
-  moment's queue is served sooner by the ready instances than by a cold start.
+  has room elsewhere (capacity follows the load); a model with no instance
+  takes an idle instance of a model that keeps another, or a quiet model's
+  last. ``scale`` deploys every model once at its first tick, where whole GPUs
+  hold them all, and adds an instance only for a shortage that lasts
+  SCALE_OUT_AFTER_S: a moment's queue is served sooner by the ready instances
+  than by a cold start.
 - **Burst capacity** (``scale``): prompts come in bursts (in the code trace,
   one request in ten comes with 20x the mean rate within a TTFT SLO), and a
   burst that meets too few instances queues past every TTFT SLO long before a
