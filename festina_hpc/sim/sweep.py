@@ -237,6 +237,8 @@ def write_sweep(sweep: Sweep, out_dir: Path) -> list[Path]:
     operating = sweep.operating_scale()
     for ax in (energy_ax, slo_ax):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sweep.rate_scales, [f"{x:g}" for x in sweep.rate_scales])
+        ax.minorticks_off()
         ax.set_xlabel("trace rate scale")
         ax.grid(True, alpha=0.3)
         if operating is not None:
