@@ -804,9 +804,10 @@ class FestinaPolicy(Policy):
         power of its own, but it holds GPUs that keep a node on: with consolidation, instances idle
         for SCALE_IN_IDLE_S are stopped while another instance of the model has spare room and the
         bursts do not need them (packing sends new requests to the fullest safe instance, so the
-        extra ones drain and go idle). A quiet model's last instance is not stopped here: on a node
-        that stays on it holds no energy, and stopping it costs its next request a cold start. It
-        goes when its node is emptied (``_emptying``) or its GPU is wanted (``_by_eviction``).
+        extra ones drain and go idle), where more than one node is powered (one alone never goes
+        off). A quiet model's last instance is not stopped here: on a node that stays on it holds
+        no energy, and stopping it costs its next request a cold start. It goes when its node is
+        emptied (``_emptying``) or its GPU is wanted (``_by_eviction``).
         """
         self._refresh_typical()
         self._headroom = Headroom.of(view)
@@ -815,6 +816,8 @@ class FestinaPolicy(Policy):
         taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan
         need = self._burst_instances(view)
         actions += self._first_instances(view, taken)
+        # Scaling in pays only where it can let a node go off: never with one node powered.
+        scale_in = self.uses_consolidation and sum(1 for n in view.nodes() if n.power is not NodePower.OFF) > 1
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
@@ -822,7 +825,7 @@ class FestinaPolicy(Policy):
             if any(i.phase is InstancePhase.LOADING for i in instances):
                 self._short.discard(model.name)  # capacity is on its way
                 continue
-            if self.uses_consolidation and len(instances) > 1:
+            if scale_in and len(instances) > 1:
                 idle = [i for i in instances if not i.running and not i.waiting
                         and view.now_s - i.last_busy_s > SCALE_IN_IDLE_S]
                 busy = [i for i in instances if i not in idle]

@@ -572,9 +572,10 @@ def test_a_burst_meter_sums_the_prompt_tokens_of_one_window_before_each_request(
     assert list(meter.bursts(0.5 + BURST_MEMORY_S)) == [800.0]  # older requests are forgotten
 
 
-def fed(arrivals: Iterable[tuple[float, str]], models: Sequence[str] = (MODEL,)) -> tuple[FestinaPolicy, FakeView]:
+def fed(arrivals: Iterable[tuple[float, str]], models: Sequence[str] = (MODEL,),
+        nodes: int = 1) -> tuple[FestinaPolicy, FakeView]:
     """A policy that placed 2,000-token requests arriving at these times onto one instance per model."""
-    view = fake_view(models=models)
+    view = fake_view(nodes=nodes, models=models)
     for g, model in enumerate(models):
         view.add(FakeInstance(g, model, (g,)))
     policy = festina()
@@ -613,15 +614,16 @@ def test_scale_starts_the_instances_bursts_need_and_keeps_them_while_idle() -> N
 
     need = policy._burst_instances(view)[MODEL]
     # One more instance than the bursts need, the extra ones idle long enough to stop: one stops.
-    # As many as they need: none does.
+    # As many as they need: none does. With one node powered, none does either: it never goes off.
     assert stopped_after_idle(instances=need + 1) == 1
     assert stopped_after_idle(instances=need) == 0
+    assert stopped_after_idle(instances=need + 1, nodes=1) == 0
 
 
-def stopped_after_idle(instances: int) -> int:
+def stopped_after_idle(instances: int, nodes: int = 2) -> int:
     """Instances scale() stops after the bursts above, of ``instances`` (one busy, with spare room,
-    the others idle for longer than SCALE_IN_IDLE_S)."""
-    policy, view = fed(bursty())
+    the others idle for longer than SCALE_IN_IDLE_S) on node 0 of ``nodes`` powered ones."""
+    policy, view = fed(bursty(), nodes=nodes)
     view.instance(0).running = 2
     for g in range(1, instances):
         view.add(FakeInstance(g, MODEL, (g,)))
