@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from festina_hpc.errors import ConfigError
+from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.sim.cluster import ClusterConfig
 
 GPU_BACKENDS = ("auto", "nvml", "simulated")
@@ -45,6 +46,10 @@ class ProfilesConfig:
 
     def resolved_dir(self) -> Path:
         return Path(self.dir) if self.dir else default_profiles_dir()
+
+    def open_store(self) -> ProfileStore:
+        """The profile store this section names."""
+        return ProfileStore(self.resolved_dir(), clamp=self.out_of_range == "clamp")
 
 
 def default_db_url() -> str:

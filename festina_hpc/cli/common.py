@@ -23,8 +23,7 @@ class AppContext:
 
     def profile_store(self) -> ProfileStore:
         if self._store is None:
-            cfg = self.config.profiles
-            self._store = ProfileStore(cfg.resolved_dir(), clamp=cfg.out_of_range == "clamp")
+            self._store = self.config.profiles.open_store()
         return self._store
 
 

@@ -282,7 +282,7 @@ class Headroom:
                 gpu = view.gpu(g)
                 sm_free = 100.0 - gpu.sm_pct_allocated
                 if (gpu.instances and g not in taken and view.node(gpu.node).power is NodePower.ON
-                        and 1.0 - gpu.memory_fraction_allocated + 1e-9 >= fraction and sm_free >= MIN_START_SHARE):
+                        and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction)):
                     return g, sm_free
         return None
 
@@ -318,6 +318,11 @@ class Headroom:
                 self.open_nodes.setdefault(empty, []).insert(0, gpu.node)
             if start.memory_fraction < 1.0:
                 self.shared.setdefault(_memory_steps(1.0 - start.memory_fraction), []).append(gpu.id)
+
+
+def _fits_beside(memory_free: float, sm_free: float, fraction: float) -> bool:
+    """Whether a GPU with this memory and SM share free takes a new instance of ``fraction``."""
+    return memory_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE
 
 
 def _memory_steps(fraction: float) -> int:
@@ -810,14 +815,14 @@ class FestinaPolicy(Policy):
         emptied (``_emptying``) or its GPU is wanted (``_by_eviction``).
         """
         self._refresh_typical()
-        self._headroom = Headroom.of(view)
+        room = self._headroom = Headroom.of(view)
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()
         taken: set[int] = set()  # GPUs this plan starts instances on: one start per GPU per plan
         need = self._burst_instances(view)
         actions += self._first_instances(view, taken)
         # Scaling in pays only where it can let a node go off: never with one node powered.
-        scale_in = self.uses_consolidation and sum(1 for n in view.nodes() if n.power is not NodePower.OFF) > 1
+        scale_in = self.uses_consolidation and len(view.nodes()) - len(room.off_nodes) > 1
         for model in view.models():
             instances = serving(view.instances_of(model.name))
             if not instances:
@@ -958,7 +963,7 @@ class FestinaPolicy(Policy):
             gpu = view.gpu(g)
             memory_free = 1.0 - gpu.memory_fraction_allocated + victim.memory_fraction
             sm_free = 100.0 - gpu.sm_pct_allocated + victim.sm_pct
-            if g not in taken and memory_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE:
+            if g not in taken and _fits_beside(memory_free, sm_free, fraction):
                 fits.append((g, sm_free))
         if len(fits) < model.tp:
             return None

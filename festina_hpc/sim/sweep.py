@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from festina_hpc.config import Config
-from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.report import J_PER_KWH, is_baseline
 
@@ -121,7 +120,7 @@ def _cell(config: Config, options: ExperimentOptions, policy: str | None) -> Poi
     worker process: everything it needs is built here from picklable arguments."""
     from festina_hpc.sim.bound import energy_lower_bound
 
-    store = ProfileStore(config.profiles.resolved_dir(), clamp=config.profiles.out_of_range == "clamp")
+    store = config.profiles.open_store()
     experiment = build_experiment(config, store, options)
     if policy is None:
         return energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos).energy_j
@@ -140,8 +139,8 @@ def run_sweep(config: Config, options: ExperimentOptions, policies: Sequence[str
         raise ValueError(f"reference = {reference!r} is not among the policies ({', '.join(policies)})")
     cells = [(dataclasses.replace(options, rate_scale=scale, seed=seed), policy)
              for scale in rate_scales for seed in seeds for policy in [*policies, None]]
-    store = ProfileStore(config.profiles.resolved_dir(), clamp=config.profiles.out_of_range == "clamp")
-    workload = dict(build_experiment(config, store, cells[0][0]).resolved)  # bad input fails here, at once
+    # Bad input fails here, at once.
+    workload = dict(build_experiment(config, config.profiles.open_store(), cells[0][0]).resolved)
     for key in ("rate_scale", "seed", "requests"):
         workload.pop(key, None)
     outcomes: dict[tuple[ExperimentOptions, str | None], Point | float] = {}
