@@ -117,6 +117,7 @@ SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS
 # clock; each prompt then takes more steps (more per-step overhead), which the TTFT check weighs.
 CHUNKS = (PREFILL_CHUNK_TOKENS, 1024, 512)
 MIN_START_SHARE = 30.0
+ROOMY_SHARE = 50.0  # a co-located start with less SM share comes after an empty GPU (see _where_to_start)
 WIDE_LOOK = 16  # instances looked at before starting a new one
 TAIL_MISSES = 0.002  # share of requests meeting a chunk step among too few tokens, above which it is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
@@ -274,14 +275,16 @@ class Headroom:
                 room.open_nodes.setdefault(empty, []).append(node)
         return room
 
-    def colocation(self, view: ClusterView, fraction: float, taken: Collection[int]) -> tuple[int, float] | None:
-        """The GPU (holding instances) left with the least free memory once ``fraction`` of it is
-        taken (best fit), and the SM share it has free."""
+    def colocation(self, view: ClusterView, fraction: float, taken: Collection[int],
+                   least_share: float = MIN_START_SHARE) -> tuple[int, float] | None:
+        """The GPU (holding instances, ``least_share`` of its SMs free) left with the least free
+        memory once ``fraction`` of it is taken (best fit), and the SM share it has free."""
         for steps in range(_memory_steps(fraction), round(1 / MEMORY_STEP) + 1):
             for g in self.shared.get(steps, ()):
                 gpu = view.gpu(g)
                 sm_free = 100.0 - gpu.sm_pct_allocated
                 if (gpu.instances and g not in taken and view.node(gpu.node).power is NodePower.ON
+                        and sm_free >= least_share
                         and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction)):
                     return g, sm_free
         return None
@@ -669,16 +672,26 @@ class FestinaPolicy(Policy):
                         taken: frozenset[int] = frozenset()) -> StartInstance | None:
         """Where a new instance adds the least energy: beside another on a GPU with room, else on
         empty GPUs of a node that is on, else a node is woken (from ``Headroom``, a few candidates
-        whatever the cluster's size); GPUs in ``taken`` (a start earlier in the same plan) are
-        left alone. A tensor-parallel instance takes its GPUs whole (see ``_memory_fraction``)."""
+        whatever the cluster's size). A model's first instance takes any room beside another: its
+        controller grows its share as its load needs, and the empty GPUs stay for models to come.
+        A further one is capacity its model lacks, which a third of a GPU's SMs hardly adds (on 8
+        nodes with the code trace such starts left bursts short): it goes beside another only with
+        ROOMY_SHARE free, else on an empty GPU (its idle power is paid already), and takes a
+        smaller share only rather than wake a node. GPUs in ``taken`` (a start earlier in the same
+        plan) are left alone. A tensor-parallel instance takes its GPUs whole (see
+        ``_memory_fraction``)."""
         room = self._room(view)
         fraction = self._memory_fraction(view, model)
-        shared = room.colocation(view, fraction, taken) if fraction < 1.0 else None
+        wanted_share = ROOMY_SHARE if serving(view.instances_of(model.name)) else MIN_START_SHARE
+        shared = room.colocation(view, fraction, taken, wanted_share) if fraction < 1.0 else None
+        if shared is None:
+            free = room.empty_gpus(view, model.tp, taken)
+            if free is not None:
+                return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
+            if wanted_share > MIN_START_SHARE and fraction < 1.0:
+                shared = room.colocation(view, fraction, taken)
         if shared is not None:
             return StartInstance(model.name, (shared[0],), sm_pct=shared[1], memory_fraction=fraction)
-        free = room.empty_gpus(view, model.tp, taken)
-        if free is not None:
-            return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
         off = room.off_node(view, taken)
         if off is None:
             return None

@@ -499,6 +499,25 @@ def test_a_new_instance_goes_beside_the_co_resident_it_fits_best() -> None:
     assert policy.place(request(0), view) == StartInstance(MODEL, (2,), sm_pct=50.0, memory_fraction=fraction)
 
 
+@pytest.mark.parametrize(("co_resident_sm_pct", "empty_gpu", "first", "expected_gpu"),
+                         [(50, True, False, 0), (60, True, False, 7), (60, False, False, 0), (60, True, True, 0)])
+def test_a_further_instance_takes_an_empty_gpu_before_a_small_share_beside_another(
+        co_resident_sm_pct: float, empty_gpu: bool, first: bool, expected_gpu: int) -> None:
+    """Half a GPU's SMs free beside a co-resident is room for a model's further instance; 40% comes
+    after an empty GPU of a node that is on, and still before waking a node. A model's first
+    instance takes the 40% and leaves the empty GPU to models to come."""
+    view = fake_view(nodes=2, models=(MODEL, OTHER))
+    view.node(1).power = NodePower.OFF
+    view.add(FakeInstance(0, OTHER, (0,), sm_pct=co_resident_sm_pct, memory_fraction=0.5))
+    for g in range(1, 7 if empty_gpu else 8):
+        view.add(FakeInstance(g, OTHER if first or g > 1 else MODEL, (g,)))
+    policy = festina()
+    policy.scale(view)
+    start = policy._where_to_start(view, view.model(MODEL))
+    assert start is not None and start.gpus == (expected_gpu,), start
+    assert start.sm_pct == (100.0 if expected_gpu == 7 else 100.0 - co_resident_sm_pct)
+
+
 class CountingView(FakeView):
     """Counts the GPUs and nodes a policy reads."""
 
