@@ -275,17 +275,20 @@ class Headroom:
                 room.open_nodes.setdefault(empty, []).append(node)
         return room
 
-    def colocation(self, view: ClusterView, fraction: float, taken: Collection[int],
+    def colocation(self, view: ClusterView, model: str, fraction: float, taken: Collection[int],
                    least_share: float = MIN_START_SHARE) -> tuple[int, float] | None:
-        """The GPU (holding instances, ``least_share`` of its SMs free) left with the least free
-        memory once ``fraction`` of it is taken (best fit), and the SM share it has free."""
+        """The GPU (holding instances of other models, ``least_share`` of its SMs free) left with
+        the least free memory once ``fraction`` of it is taken (best fit), and the SM share it has
+        free. Not beside the model's own instance: a second one there adds no compute that the
+        first could not take by growing its share."""
         for steps in range(_memory_steps(fraction), round(1 / MEMORY_STEP) + 1):
             for g in self.shared.get(steps, ()):
                 gpu = view.gpu(g)
                 sm_free = 100.0 - gpu.sm_pct_allocated
                 if (gpu.instances and g not in taken and view.node(gpu.node).power is NodePower.ON
                         and sm_free >= least_share
-                        and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction)):
+                        and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction)
+                        and all(view.instance(i).model != model for i in gpu.instances)):
                     return g, sm_free
         return None
 
@@ -683,13 +686,13 @@ class FestinaPolicy(Policy):
         room = self._room(view)
         fraction = self._memory_fraction(view, model)
         wanted_share = ROOMY_SHARE if serving(view.instances_of(model.name)) else MIN_START_SHARE
-        shared = room.colocation(view, fraction, taken, wanted_share) if fraction < 1.0 else None
+        shared = room.colocation(view, model.name, fraction, taken, wanted_share) if fraction < 1.0 else None
         if shared is None:
             free = room.empty_gpus(view, model.tp, taken)
             if free is not None:
                 return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
             if wanted_share > MIN_START_SHARE and fraction < 1.0:
-                shared = room.colocation(view, fraction, taken)
+                shared = room.colocation(view, model.name, fraction, taken)
         if shared is not None:
             return StartInstance(model.name, (shared[0],), sm_pct=shared[1], memory_fraction=fraction)
         off = room.off_node(view, taken)

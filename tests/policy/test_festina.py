@@ -518,6 +518,19 @@ def test_a_further_instance_takes_an_empty_gpu_before_a_small_share_beside_anoth
     assert start.sm_pct == (100.0 if expected_gpu == 7 else 100.0 - co_resident_sm_pct)
 
 
+def test_a_further_instance_never_goes_beside_its_own_models_instance() -> None:
+    """Half of GPU 0 is free beside the model's own instance: a second one there adds no compute
+    (the first can grow its share), so the start takes the empty GPU 7."""
+    view = fake_view(models=(MODEL, OTHER))
+    view.add(FakeInstance(0, MODEL, (0,), sm_pct=50, memory_fraction=0.4))
+    for g in range(1, 7):
+        view.add(FakeInstance(g, OTHER, (g,)))
+    policy = festina()
+    policy.scale(view)
+    start = policy._where_to_start(view, view.model(MODEL))
+    assert start is not None and start.gpus == (7,), start
+
+
 class CountingView(FakeView):
     """Counts the GPUs and nodes a policy reads."""
 
