@@ -145,26 +145,34 @@ class BurstMeter:
 
     def __init__(self, window_s: float):
         self.window_s = window_s
-        self._window: deque[tuple[float, int]] = deque()  # arrivals within the window
-        self._tokens = 0  # their prompt tokens
-        self._seen: deque[tuple[float, int]] = deque()  # (arrival, tokens in the window before it)
+        # Times and token counts in parallel deques of plain numbers, not of tuples: nothing the
+        # garbage collector tracks is made per request (its passes would land on placements).
+        self._window_s: deque[float] = deque()  # arrivals within the window
+        self._window_tokens: deque[int] = deque()  # and their prompt tokens
+        self._tokens = 0  # summed
+        self._seen_s: deque[float] = deque()  # arrivals of the last BURST_MEMORY_S
+        self._seen_tokens: deque[int] = deque()  # the tokens in the window before each
         self._sorted: np.ndarray | None = None
 
     def observe(self, now_s: float, prompt_tokens: int) -> None:
-        self._window.append((now_s, prompt_tokens))
+        self._window_s.append(now_s)
+        self._window_tokens.append(prompt_tokens)
         self._tokens += prompt_tokens
-        while self._window[0][0] < now_s - self.window_s:
-            self._tokens -= self._window.popleft()[1]
-        self._seen.append((now_s, self._tokens))
+        while self._window_s[0] < now_s - self.window_s:
+            self._window_s.popleft()
+            self._tokens -= self._window_tokens.popleft()
+        self._seen_s.append(now_s)
+        self._seen_tokens.append(self._tokens)
         self._sorted = None
 
     def bursts(self, now_s: float) -> np.ndarray:
         """The window sums of the requests of the last BURST_MEMORY_S, sorted."""
-        while self._seen and self._seen[0][0] < now_s - BURST_MEMORY_S:
-            self._seen.popleft()
+        while self._seen_s and self._seen_s[0] < now_s - BURST_MEMORY_S:
+            self._seen_s.popleft()
+            self._seen_tokens.popleft()
             self._sorted = None
         if self._sorted is None:
-            self._sorted = np.sort(np.fromiter((tokens for _, tokens in self._seen), dtype=float))
+            self._sorted = np.sort(np.fromiter(self._seen_tokens, dtype=float))
         return self._sorted
 
 
