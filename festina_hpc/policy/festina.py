@@ -690,15 +690,18 @@ class FestinaPolicy(Policy):
         ROOMY_SHARE free, else on an empty GPU (its idle power is paid already), and takes a
         smaller share only rather than wake a node. GPUs in ``taken`` (a start earlier in the same
         plan) are left alone. A tensor-parallel instance takes its GPUs whole (see
-        ``_memory_fraction``)."""
+        ``_memory_fraction``); so does every instance starting on an empty GPU without the local
+        controller (the ablation's): no share shrinks then, so nothing could ever join it, and
+        the memory kept for a co-resident would be KV room lost."""
         room = self._room(view)
         fraction = self._memory_fraction(view, model)
+        alone = fraction if self.uses_control else 1.0  # memory of a start with all of a GPU's SMs
         wanted_share = ROOMY_SHARE if serving(view.instances_of(model.name)) else MIN_START_SHARE
         shared = room.colocation(view, model.name, fraction, taken, wanted_share) if fraction < 1.0 else None
         if shared is None:
             free = room.empty_gpus(view, model.tp, taken)
             if free is not None:
-                return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=fraction)
+                return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=alone)
             if wanted_share > MIN_START_SHARE and fraction < 1.0:
                 shared = room.colocation(view, model.name, fraction, taken)
         if shared is not None:
@@ -706,7 +709,7 @@ class FestinaPolicy(Policy):
         off = room.off_node(view, taken)
         if off is None:
             return None
-        return StartInstance(model.name, tuple(off.gpus[:model.tp]), sm_pct=100.0, memory_fraction=fraction)
+        return StartInstance(model.name, tuple(off.gpus[:model.tp]), sm_pct=100.0, memory_fraction=alone)
 
     def _room(self, view: ClusterView) -> Headroom:
         if self._headroom is None:

@@ -531,6 +531,21 @@ def test_a_further_instance_never_goes_beside_its_own_models_instance() -> None:
     assert start is not None and start.gpus == (7,), start
 
 
+def test_without_the_controller_a_start_on_an_empty_gpu_takes_its_memory_whole() -> None:
+    """With control, an instance alone on a GPU keeps memory for a co-resident its shrinking share
+    will make room for; without (the ablation's placement alone) no share shrinks, so nothing
+    could join it and the memory is its KV room."""
+    starts = {}
+    for name in ("festina", "festina-placement"):
+        view = fake_view(models=(MODEL, OTHER))
+        policy = festina(name)
+        policy.scale(view)
+        start = policy._where_to_start(view, view.model(MODEL))
+        assert start is not None and start.sm_pct == 100.0, start
+        starts[name] = start.memory_fraction
+    assert starts["festina"] < 1.0 and starts["festina-placement"] == 1.0, starts
+
+
 class CountingView(FakeView):
     """Counts the GPUs and nodes a policy reads."""
 
