@@ -294,8 +294,7 @@ class Headroom:
                 gpu = view.gpu(g)
                 sm_free = 100.0 - gpu.sm_pct_allocated
                 if (gpu.instances and g not in taken and view.node(gpu.node).power is NodePower.ON
-                        and sm_free >= least_share
-                        and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction)
+                        and _fits_beside(1.0 - gpu.memory_fraction_allocated, sm_free, fraction, least_share)
                         and all(view.instance(i).model != model for i in gpu.instances)):
                     return g, sm_free
         return None
@@ -334,9 +333,11 @@ class Headroom:
                 self.shared.setdefault(_memory_steps(1.0 - start.memory_fraction), []).append(gpu.id)
 
 
-def _fits_beside(memory_free: float, sm_free: float, fraction: float) -> bool:
-    """Whether a GPU with this memory and SM share free takes a new instance of ``fraction``."""
-    return memory_free + 1e-9 >= fraction and sm_free >= MIN_START_SHARE
+def _fits_beside(memory_free: float, sm_free: float, fraction: float,
+                 least_share: float = MIN_START_SHARE) -> bool:
+    """Whether a GPU with this memory and SM share free takes a new instance of ``fraction``
+    starting with ``least_share`` of its SMs at least."""
+    return memory_free + 1e-9 >= fraction and sm_free >= least_share
 
 
 def _memory_steps(fraction: float) -> int:
