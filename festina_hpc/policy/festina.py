@@ -572,11 +572,19 @@ class FestinaPolicy(Policy):
         if target is not None:
             self._fill[request.model] = target.id
             return Route(target.id)
-        fallback = self._sooner_than_a_cold_start(request, view, model, looked)
+        fallback = self._sooner_than(request, view, looked, self._load_s(model))
         if fallback is not None:
             self._short.add(request.model)  # scale() adds the instance it lacks, off the request's path
             return Route(fallback.id)
         start = self._where_to_start(view, model)
+        node_wait_s = self._node_wait_s(view, view.gpu(start.gpus[0]).node) if start is not None else 0.0
+        if node_wait_s:
+            # The start waits for a node: an instance that serves sooner takes the request (and
+            # scale() wakes the node for the capacity), rather than each request waking another.
+            sooner = self._sooner_than(request, view, looked, node_wait_s + self._load_s(model))
+            if sooner is not None:
+                self._short.add(request.model)
+                return Route(sooner.id)
         if start is not None:
             self._room(view).note_start(view, start)
             return start
@@ -589,18 +597,37 @@ class FestinaPolicy(Policy):
         evicting = self._by_eviction(view, model, set(), self._burst_instances(view))
         return evicting if evicting is not None else Drop("no capacity for a new instance")
 
-    def _sooner_than_a_cold_start(self, request: Request, view: ClusterView, model: ModelInfo,
-                                  looked: Sequence[InstanceView]) -> InstanceView | None:
-        """The least-loaded ready instance ``looked`` at, if its queue serves the request sooner than
-        a new instance could load: a request never waits for a cold start it need not wait for."""
+    def _sooner_than(self, request: Request, view: ClusterView, looked: Sequence[InstanceView],
+                     wait_s: float) -> InstanceView | None:
+        """The instance ``looked`` at that serves the request soonest, if sooner than ``wait_s`` (what
+        a new instance would wait): a request never waits for a cold start it need not wait for.
+        Of the ready ones, the least queued serves soonest; a loading one on a waking node serves
+        after the wake and its load (one on a node that is on serves as soon as a new instance)."""
+        best: InstanceView | None = None
         ready = [i for i in looked if i.phase is InstancePhase.READY]
-        best = min(ready, key=lambda i: i.pending_prompt_tokens, default=None)
-        if best is None:
-            return None
-        load = Load(best.id, best.model, best.running + best.waiting + 1,
-                    best.pending_prompt_tokens + request.prompt_tokens, best.arrival_rate_per_s)
-        wait_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz), load.pending_tokens, 0)
-        return best if wait_s < self._load_s(model) else None
+        queued = min(ready, key=lambda i: i.pending_prompt_tokens, default=None)
+        if queued is not None:
+            load = Load(queued.id, queued.model, queued.running + queued.waiting + 1,
+                        queued.pending_prompt_tokens + request.prompt_tokens, queued.arrival_rate_per_s)
+            serves_in_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz),
+                                       load.pending_tokens, 0)
+            if serves_in_s < wait_s:
+                best, wait_s = queued, serves_in_s
+        for inst in looked:
+            if inst.phase is InstancePhase.LOADING and view.node(inst.node).power is NodePower.WAKING:
+                serves_in_s = self._node_wait_s(view, inst.node) + self._load_s(view.model(inst.model))
+                if serves_in_s <= wait_s:  # as soon as a new instance: this one holds no new GPUs
+                    best, wait_s = inst, serves_in_s
+        return best
+
+    def _node_wait_s(self, view: ClusterView, node_id: int) -> float:
+        """Until a node serves: nothing for one that is on, the rest of a wake for a waking one."""
+        node = view.node(node_id)
+        if node.power is NodePower.ON:
+            return 0.0
+        if node.power is NodePower.WAKING and math.isfinite(node.ready_at_s):
+            return max(0.0, node.ready_at_s - view.now_s)
+        return self.context.node_wake_s
 
     def _looked_at(self, request: Request, view: ClusterView,
                    instances: Sequence[InstanceView]) -> list[InstanceView]:
@@ -631,6 +658,8 @@ class FestinaPolicy(Policy):
         for inst in candidates:
             if inst.phase > InstancePhase.READY:
                 continue
+            if inst.phase is InstancePhase.LOADING and view.node(inst.node).power is not NodePower.ON:
+                continue  # it waits for its node to wake: minutes, not a load's seconds
             waiting = inst.waiting
             pending = inst.pending_prompt_tokens + request.prompt_tokens
             if inst.kv_tokens_reserved + (waiting + 1) * need > inst.kv_capacity_tokens or pending > longest_queue:
@@ -662,7 +691,8 @@ class FestinaPolicy(Policy):
     @staticmethod
     def _fullness(inst: InstanceView) -> float:
         """Sequences per batch slot; a loading instance ranks below every ready one (it is taken
-        only when no ready instance is safe: its wait is the same as a new instance's)."""
+        only when no ready instance is safe: on a node that is on, its wait is a new instance's;
+        one whose node is still waking is not called safe, see ``_sooner_than``)."""
         fullness = (inst.running + inst.waiting) / inst.batch_cap
         return fullness - 1.0 if inst.phase is InstancePhase.LOADING else fullness
 

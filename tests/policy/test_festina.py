@@ -10,6 +10,7 @@ built by starting instances directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -28,7 +29,17 @@ from festina_hpc.policy.festina import (
     Solution,
     Typical,
 )
-from festina_hpc.policy.types import Drop, Migrate, NodePower, Request, Route, Slo, StartInstance, StopInstance
+from festina_hpc.policy.types import (
+    Drop,
+    InstancePhase,
+    Migrate,
+    NodePower,
+    Request,
+    Route,
+    Slo,
+    StartInstance,
+    StopInstance,
+)
 from festina_hpc.sim.cluster import ClusterConfig, SimInstance
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import Simulation
@@ -432,6 +443,27 @@ def test_placement_does_not_call_an_instance_safe_because_full_speed_is_the_best
     started = _scale_while_short(policy, view)
     assert [a.model for a in started] == [MODEL]
     assert started[0].gpus != queued.gpus
+
+
+@pytest.mark.parametrize("queued_elsewhere", [True, False])
+def test_a_request_waits_for_a_waking_node_only_where_nothing_serves_it_sooner(queued_elsewhere: bool) -> None:
+    """Node 0 is full; a MODEL instance loads on node 1, which wakes for two more minutes. A
+    request goes to a ready instance whose queue serves it in seconds rather than to the loading
+    one (it was called safe: its queue is empty); with no ready instance, to the loading one
+    rather than to another start that waits for a node too."""
+    view = fake_view(nodes=3, models=(MODEL, "mistral-7b"))
+    view.node(1).power, view.node(1).ready_at_s = NodePower.WAKING, 120.0
+    view.node(2).power = NodePower.OFF
+    if queued_elsewhere:  # a 25-second queue: longer than a cold start on a powered GPU, shorter than a wake
+        queued = view.add(FakeInstance(0, MODEL, (0,), running=8, waiting=600, arrival_rate_per_s=2.0))
+    else:
+        view.add(FakeInstance(0, "mistral-7b", (0,), running=2))
+    for g in range(1, 8):
+        view.add(FakeInstance(g, "mistral-7b", (g,), running=2))
+    loading = view.add(FakeInstance(8, MODEL, (8,), phase=InstancePhase.LOADING, ready_at_s=math.inf))
+    policy = festina()
+    for rid in range(8):
+        assert policy.place(request(rid), view) == Route(queued.id if queued_elsewhere else loading.id), rid
 
 
 def test_a_shortage_that_passes_starts_no_instance() -> None:
