@@ -287,8 +287,11 @@ class Headroom:
                    least_share: float = MIN_START_SHARE) -> tuple[int, float] | None:
         """The GPU (holding instances of other models, ``least_share`` of its SMs free) left with
         the least free memory once ``fraction`` of it is taken (best fit), and the SM share it has
-        free. Not beside the model's own instance: a second one there adds no compute that the
-        first could not take by growing its share."""
+        free; None for an instance that takes its GPUs whole (``fraction`` 1). Not beside the
+        model's own instance: a second one there adds no compute that the first could not take by
+        growing its share."""
+        if fraction >= 1.0:
+            return None
         for steps in range(_memory_steps(fraction), round(1 / MEMORY_STEP) + 1):
             for g in self.shared.get(steps, ()):
                 gpu = view.gpu(g)
@@ -727,13 +730,14 @@ class FestinaPolicy(Policy):
         room = self._room(view)
         fraction = self._memory_fraction(view, model)
         alone = fraction if self.uses_control else 1.0  # memory of a start with all of a GPU's SMs
-        wanted_share = ROOMY_SHARE if serving(view.instances_of(model.name)) else MIN_START_SHARE
-        shared = room.colocation(view, model.name, fraction, taken, wanted_share) if fraction < 1.0 else None
+        further = any(i.phase <= InstancePhase.READY for i in view.instances_of(model.name))
+        wanted_share = ROOMY_SHARE if further else MIN_START_SHARE
+        shared = room.colocation(view, model.name, fraction, taken, wanted_share)
         if shared is None:
             free = room.empty_gpus(view, model.tp, taken)
             if free is not None:
                 return StartInstance(model.name, free, sm_pct=100.0, memory_fraction=alone)
-            if wanted_share > MIN_START_SHARE and fraction < 1.0:
+            if further:
                 shared = room.colocation(view, model.name, fraction, taken)
         if shared is not None:
             return StartInstance(model.name, (shared[0],), sm_pct=shared[1], memory_fraction=fraction)
