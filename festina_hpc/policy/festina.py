@@ -13,7 +13,9 @@ constant-time profile lookups:
   ``scale`` adds the missing instance); otherwise an instance starts where its
   marginal energy, cold start included, is least: co-located on a powered GPU
   with memory and SM headroom (best fit), else on empty GPUs of a node that is
-  on (the fewest that fit, serving nodes first), else a node is woken. Where
+  on (the fewest that fit, serving nodes first), else a node is woken (a start
+  that waits for a node's wake yields to any instance that serves sooner, a
+  loading one on a waking node included: it is never called safe). Where
   there is headroom is indexed on scale ticks (``Headroom``), so a start too
   looks at a few candidates whatever the cluster's size. Safe means
   the request's predicted TTFT (its queue ahead in chunks, at the settings the
