@@ -454,7 +454,7 @@ def test_a_request_waits_for_a_waking_node_only_where_nothing_serves_it_sooner(q
     view = fake_view(nodes=3, models=(MODEL, "mistral-7b"))
     view.node(1).power, view.node(1).ready_at_s = NodePower.WAKING, 120.0
     view.node(2).power = NodePower.OFF
-    if queued_elsewhere:  # a 25-second queue: longer than a cold start on a powered GPU, shorter than a wake
+    if queued_elsewhere:  # a minute's queue: longer than a cold start on a powered GPU, shorter than the wake
         queued = view.add(FakeInstance(0, MODEL, (0,), running=8, waiting=600, arrival_rate_per_s=2.0))
     else:
         view.add(FakeInstance(0, "mistral-7b", (0,), running=2))
