@@ -619,11 +619,16 @@ class FestinaPolicy(Policy):
             if serves_in_s < wait_s:
                 best, wait_s = queued, serves_in_s
         for inst in looked:
-            if inst.phase is InstancePhase.LOADING and view.node(inst.node).power is NodePower.WAKING:
+            if self._waits_for_its_node(view, inst):
                 serves_in_s = self._node_wait_s(view, inst.node) + self._load_s(view.model(inst.model))
                 if serves_in_s <= wait_s:  # as soon as a new instance: this one holds no new GPUs
                     best, wait_s = inst, serves_in_s
         return best
+
+    @staticmethod
+    def _waits_for_its_node(view: ClusterView, inst: InstanceView) -> bool:
+        """A loading instance whose node is not on yet: it serves after the wake, not a load."""
+        return inst.phase is InstancePhase.LOADING and view.node(inst.node).power is not NodePower.ON
 
     def _node_wait_s(self, view: ClusterView, node_id: int) -> float:
         """Until a node serves: nothing for one that is on, the rest of a wake for a waking one."""
@@ -663,8 +668,8 @@ class FestinaPolicy(Policy):
         for inst in candidates:
             if inst.phase > InstancePhase.READY:
                 continue
-            if inst.phase is InstancePhase.LOADING and view.node(inst.node).power is not NodePower.ON:
-                continue  # it waits for its node to wake: minutes, not a load's seconds
+            if self._waits_for_its_node(view, inst):
+                continue  # minutes of a wake, not a load's seconds
             waiting = inst.waiting
             pending = inst.pending_prompt_tokens + request.prompt_tokens
             if inst.kv_tokens_reserved + (waiting + 1) * need > inst.kv_capacity_tokens or pending > longest_queue:
