@@ -26,6 +26,7 @@ from festina_hpc.sim.cluster import ClusterConfig
 
 GPU_BACKENDS = ("auto", "nvml", "simulated")
 OUT_OF_RANGE_MODES = ("error", "clamp")
+POWER_SAVING_MODES = ("slurm", "none")
 
 
 def default_profiles_dir() -> Path:
@@ -85,6 +86,11 @@ class GpuConfig:
     # GPU type and count of the simulated backend (a profile GPU name).
     simulated_type: str = "h100-sxm-80gb"
     simulated_count: int = 2
+    # Whether the serving engine can change a running instance's SM share. An MPS client's
+    # active-thread percentage is fixed when its CUDA context is created (NVIDIA), so by default a
+    # different share is a new instance at that share (start, shift traffic, stop the old one).
+    # True only where a site's engine has its own mechanism for it.
+    live_share_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ _SECTION_TYPES: dict[str, type] = {"profiles": ProfilesConfig, "gpu": GpuConfig,
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("profiles", "out_of_range"): OUT_OF_RANGE_MODES,
     ("gpu", "backend"): GPU_BACKENDS,
+    ("cluster", "power_saving"): POWER_SAVING_MODES,
     ("daemon", "engine"): ("emulated", "vllm"),
     ("daemon", "slurm_backend"): ("auto", "cli", "pyslurm"),
     ("gateway", "over_quota"): ("refuse", "deprioritize"),
@@ -208,8 +215,8 @@ _NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "
                                           "keep_alive_s", "max_prompt_tokens")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is off.
 _POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
-              if f.type in ("int", "float") and f.name != "node_off_w"}
-_NON_NEGATIVE |= {("cluster", "node_off_w")}
+              if f.type in ("int", "float") and f.name != "standby_w"}
+_NON_NEGATIVE |= {("cluster", "standby_w")}
 
 
 def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:

@@ -38,11 +38,14 @@ class PolicyContext:
     gpu_type: str
     keep_alive_s: float = 60.0  # scale-to-zero policies stop an instance idle this long
     node_static_w: float = 1200.0  # non-GPU power of a powered node, for consolidation decisions
-    node_wake_s: float = 180.0  # power-on to serving-ready of a node (Slurm's ResumeTimeout covers it)
+    resume_time_s: float = 300.0  # power-on to serving-ready of a node (Slurm's ResumeTimeout covers it)
     # Cold start of an instance: engine start plus weights per GPU over the load bandwidth (the
     # cluster's figures; these defaults are the standard loader of sim/workload.py).
     load_init_s: float = 10.0
     load_gbs: float = 2.5
+    # Whether a running instance's SM share can change in place ([gpu] live_share_change); when
+    # not, the driver carries out a share change in GpuSettings as a new instance at that share.
+    live_share_change: bool = False
 
 
 class Policy(ABC):

@@ -637,7 +637,7 @@ class FestinaPolicy(Policy):
             return 0.0
         if node.power is NodePower.WAKING and math.isfinite(node.ready_at_s):
             return max(0.0, node.ready_at_s - view.now_s)
-        return self.context.node_wake_s
+        return self.context.resume_time_s
 
     def _looked_at(self, request: Request, view: ClusterView,
                    instances: Sequence[InstanceView]) -> list[InstanceView]:
@@ -1066,7 +1066,7 @@ class FestinaPolicy(Policy):
             if node.power is NodePower.ON and all(not view.gpu(g).instances for g in node.gpus):
                 since = self._empty_since.setdefault(node.id, view.now_s)
                 # Only a node empty for a while and not needed for headroom goes off.
-                if view.now_s - since >= self.context.node_wake_s and free_elsewhere - len(node.gpus) >= spare:
+                if view.now_s - since >= self.context.resume_time_s and free_elsewhere - len(node.gpus) >= spare:
                     actions.append(PowerOff(node.id))
                     free_elsewhere -= len(node.gpus)
             else:

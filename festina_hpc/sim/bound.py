@@ -61,7 +61,7 @@ separate charges:
    arrival plus the model's least prefill latency plus output_tokens - 1 least decode steps.
    While such intervals are open, their models' weights are in GPU memory: at least
    max(tp, ceil(sum of weights / usable memory per GPU)) GPUs, so that many whole nodes, each
-   drawing its static power and the idle power of all its GPUs. Off nodes draw node_off_w up to
+   drawing its static power and the idle power of all its GPUs. Off nodes draw standby_w up to
    the last arrival or earliest possible completion.
 3. Loads and migrations (cold_start_j, migration_j): 0. A policy may start every instance
    before its first request and never move one, and a load's power can hide under the TDP cap
@@ -144,15 +144,17 @@ def energy_lower_bound(requests: Sequence[Request], store: ProfileStore, config:
     horizon_s = max([r.arrival_s for r in requests] + [end for _, end, _ in intervals], default=0.0)
     gpn = config.gpus_per_node
     on_w = gpn * (spec.idle_w + config.node_static_w_per_gpu)
-    off_w = config.node_off_w
+    off_w = config.standby_w
     if off_w <= on_w:
         idle_j = gpn * spec.idle_w * node_s
-        static_j = (gpn * config.node_static_w_per_gpu - off_w) * node_s + config.nodes * off_w * horizon_s
+        static_j = gpn * config.node_static_w_per_gpu * node_s
+        standby_j = off_w * (config.nodes * horizon_s - node_s)
     else:  # a node that draws more off than on: every node-second costs at least the on power
         idle_j = gpn * spec.idle_w * config.nodes * horizon_s
         static_j = gpn * config.node_static_w_per_gpu * config.nodes * horizon_s
+        standby_j = 0.0
     parts = {"gpu_active_j": active_j, "gpu_idle_j": idle_j, "cold_start_j": 0.0, "migration_j": 0.0,
-             "node_static_j": static_j}
+             "share_restart_j": 0.0, "node_static_j": static_j, "standby_j": standby_j}
     return Bound(energy_j=sum(parts.values()), energy_parts_j=parts, requests_total=len(requests),
                  generated_tokens=sum(r.output_tokens for r in requests),
                  horizon_s=horizon_s, in_flight_s=in_flight_s, node_hours_powered=node_s / 3600,

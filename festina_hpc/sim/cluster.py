@@ -62,8 +62,16 @@ class ClusterConfig:
     # well over 1 kW. Taken as 150 W per GPU slot (1.2 kW for 8 GPUs), an assumption to set
     # per site in [cluster].
     node_static_w_per_gpu: float = 150.0
-    node_off_w: float = 0.0  # a powered-off node (BMC standby ignored)
-    node_wake_s: float = 180.0  # power-on to slurmd registered (BIOS, OS boot, driver load)
+    # Slurm's power saving, given to every policy alike (outside the policies): "slurm" suspends a
+    # node idle (no instance, nothing loading) for suspend_time_s (slurm.conf SuspendTime) and
+    # resumes a suspended node a start needs; "none" keeps idle nodes on (a policy may still power
+    # nodes off itself).
+    power_saving: str = "slurm"
+    suspend_time_s: float = 300.0  # SuspendTime as many sites set it
+    # Power-on to slurmd registered and serving (BIOS/POST, OS boot, driver load; Slurm's
+    # ResumeTimeout must cover it): several minutes on server-class GPU nodes.
+    resume_time_s: float = 300.0
+    standby_w: float = 30.0  # a suspended (powered-off) node: BMC and standby rails (CALIBRATION.md)
     usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
     # Tokens per step, decode tokens plus a prefill chunk (vLLM's max_num_batched_tokens with
     # chunked prefill); a prefill chunk gets at least min_prefill_chunk of them.
@@ -81,6 +89,7 @@ class ClusterConfig:
     # The local controller runs every period for GPUs whose load changed, and at once when a
     # request lands on a GPU below its max clock.
     control_period_s: float = 1.0
+    clock_change_s: float = 0.05  # a locked-clock change takes effect this long after it is asked for
 
 
 @dataclass

@@ -58,16 +58,19 @@ class Experiment:
     slos: dict[str, Slo]
     cluster: ClusterConfig
     keep_alive_s: float
+    live_share_change: bool = False  # [gpu]: whether a running instance's SM share can change in place
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def run(self, store: ProfileStore, policy_name: str) -> SimResult:
         cluster = self.cluster
         context = PolicyContext(store, cluster.gpu_type, keep_alive_s=self.keep_alive_s,
                                 node_static_w=cluster.node_static_w_per_gpu * cluster.gpus_per_node,
-                                node_wake_s=cluster.node_wake_s,
-                                load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs)
+                                resume_time_s=cluster.resume_time_s,
+                                load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs,
+                                live_share_change=self.live_share_change)
         policy = make_policy(policy_name, context)
-        return Simulation(self.cluster, store, policy, self.requests, self.slos).run()
+        return Simulation(self.cluster, store, policy, self.requests, self.slos,
+                          live_share_change=self.live_share_change).run()
 
     def write_config(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,6 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
         "copies": options.copies, "warmup_s": sim.warmup_s,
         "cluster": dataclasses.asdict(cluster), "keep_alive_s": sim.keep_alive_s,
         "slos": {m: dataclasses.asdict(s) for m, s in slos.items()}, "profiles_dir": str(store.dir),
-        "config_file": config.source,
+        "live_share_change": config.gpu.live_share_change, "config_file": config.source,
     }
-    return Experiment(requests, slos, cluster, sim.keep_alive_s, resolved)
+    return Experiment(requests, slos, cluster, sim.keep_alive_s, config.gpu.live_share_change, resolved)

@@ -61,6 +61,15 @@ SAMPLE_PERIOD_S = 10.0  # power-over-time resolution of the result
 DRAIN_LIMIT_S = 3600.0  # after the last arrival, requests still unfinished by then count as dropped
 
 
+# The parts of a run's energy (SimResult.energy_parts_j), in J: GPU serving (dynamic), GPU idle
+# (powered, nothing running), loads of cold starts, of migrations and of share restarts (GPU idle
+# included where the GPU did nothing else), the static power of powered nodes, and the standby
+# power of suspended ones.
+ENERGY_PARTS = ("gpu_active_j", "gpu_idle_j", "cold_start_j", "migration_j", "share_restart_j",
+                "node_static_j", "standby_j")
+NODE_ENERGY_PARTS = ("node_static_j", "standby_j")
+
+
 class InvalidDecision(FestinaError):
     """A policy decision that the cluster cannot carry out."""
 
@@ -92,6 +101,8 @@ class SimResult:
     sim_time_s: float
     sim_wall_s: float
     events: int
+    share_restarts: int = 0  # instances restarted at another SM share (a running MPS client's share is fixed)
+    clock_changes: int = 0  # GPU clock changes carried out
     drop_reasons: dict[str, int] = field(default_factory=dict)
     clamped_lookups: int = 0
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -101,9 +112,15 @@ class SimResult:
     def energy_per_token_j(self) -> float:
         return self.energy_j / self.generated_tokens if self.generated_tokens else math.inf
 
+    @property
+    def gpu_energy_j(self) -> float:
+        """What the GPUs drew (serving, idle, loads of every kind): the total less the nodes' own power."""
+        return sum(j for part, j in self.energy_parts_j.items() if part not in NODE_ENERGY_PARTS)
+
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["energy_per_token_j"] = self.energy_per_token_j
+        data["gpu_energy_j"] = self.gpu_energy_j
         return data
 
 
@@ -111,8 +128,10 @@ class Simulation:
     """One run of ``policy`` over ``requests``; ``run()`` returns the ``SimResult``."""
 
     def __init__(self, config: ClusterConfig, store: ProfileStore, policy: Policy, requests: Sequence[Request],
-                 slos: Mapping[str, Slo], limits: Mapping[str, ModelLimits] | None = None):
+                 slos: Mapping[str, Slo], limits: Mapping[str, ModelLimits] | None = None,
+                 live_share_change: bool = False):
         self.config = config
+        self.live_share_change = live_share_change  # [gpu]: whether a running instance's SM share can change
         self.store = store
         self.policy = policy
         self.spec = store.gpu(config.gpu_type)
@@ -145,6 +164,8 @@ class Simulation:
         self._outstanding = 0
         self._arrivals_left = len(requests)
         self.cold_starts = 0
+        self.share_restarts = 0
+        self.clock_changes = 0
         self.migrations = 0
         self.request_migrations = 0
         self.invalid_decisions = 0
@@ -584,7 +605,7 @@ class Simulation:
             return []
         self._integrate_node(node)
         node.power = NodePower.WAKING
-        node.ready_at_s = self._now + self.config.node_wake_s
+        node.ready_at_s = self._now + self.config.resume_time_s
         for g in node.gpus:
             gpu = self.gpu_list[g]
             gpu.integrate(self._now)
@@ -736,8 +757,7 @@ class Simulation:
     # -- measuring --------------------------------------------------------------------------------
 
     def _total_energy_j(self) -> tuple[float, dict[str, float]]:
-        parts = {"gpu_active_j": 0.0, "gpu_idle_j": 0.0, "cold_start_j": 0.0, "migration_j": 0.0,
-                 "node_static_j": 0.0}
+        parts = dict.fromkeys(ENERGY_PARTS, 0.0)
         for gpu in self.gpu_list:
             gpu.integrate(self._now)
             parts["gpu_active_j"] += gpu.energy_active_j
@@ -747,8 +767,8 @@ class Simulation:
         static_w = self.config.node_static_w_per_gpu * self.config.gpus_per_node
         for node in self.node_list:
             self._integrate_node(node)
-            parts["node_static_j"] += static_w * node.powered_s + self.config.node_off_w * (
-                self._now - node.powered_s)
+            parts["node_static_j"] += static_w * node.powered_s
+            parts["standby_j"] += self.config.standby_w * (self._now - node.powered_s)
         return sum(parts.values()), parts
 
     def _sample(self) -> None:
@@ -794,6 +814,7 @@ class Simulation:
             gpu_hours_powered=gpu_powered_s / 3600, node_hours_powered=sum(n.powered_s for n in self.node_list) / 3600,
             migrations=self.migrations, request_migrations=self.request_migrations,
             cold_starts=self.cold_starts, invalid_decisions=self.invalid_decisions,
+            share_restarts=self.share_restarts, clock_changes=self.clock_changes,
             sim_time_s=self._now, sim_wall_s=wall_s, events=self.events.handled,
             drop_reasons=dict(self.drop_reasons), clamped_lookups=self.clamped_lookups, per_model=per_model,
             power_timeline=self._timeline)

@@ -35,7 +35,7 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.profiles.table import PHASES, ProfileTable
 from festina_hpc.sim.bound import METHOD, energy_lower_bound, token_energy_floor_j
 from festina_hpc.sim.cluster import ClusterConfig
-from festina_hpc.sim.simulator import SimResult, Simulation
+from festina_hpc.sim.simulator import ENERGY_PARTS, SimResult, Simulation
 from tests.sim.conftest import MODELS, poisson_requests, slos
 
 STORE = ProfileStore(default_profiles_dir())
@@ -318,8 +318,8 @@ def test_powered_nodes_count_whole_nodes_for_tp_and_for_weights() -> None:
 def test_off_nodes_draw_their_standby_power_over_the_horizon() -> None:
     model = "llama-3.1-8b"
     requests = [Request(0, 0.0, model, 100, 1), Request(1, 50.0, model, 100, 1)]
-    plain = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3), slos([model]))
-    standby = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, node_off_w=20.0), slos([model]))
+    plain = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=0.0), slos([model]))
+    standby = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=20.0), slos([model]))
     extra_j = standby.energy_j - plain.energy_j
     # Every node draws 20 W for the horizon; the powered node-seconds draw it in place of it.
     assert extra_j == pytest.approx(20.0 * (3 * plain.horizon_s - plain.node_hours_powered * 3600))
@@ -335,8 +335,7 @@ def test_bound_as_dict_is_json_and_adds_up() -> None:
     assert data["energy_j"] == pytest.approx(sum(data["energy_parts_j"].values()))
     assert data["method"] == METHOD
     assert data["policy"] == "bound"
-    assert set(data["energy_parts_j"]) == {"gpu_active_j", "gpu_idle_j", "node_static_j", "cold_start_j",
-                                           "migration_j"}
+    assert set(data["energy_parts_j"]) == set(ENERGY_PARTS)
     assert data["per_model"]["llama-2-13b"]["requests"] == 0  # listed for its SLO, no traffic
     assert data["generated_tokens"] == sum(r.output_tokens for r in requests)
     assert sum(m["requests"] for m in data["per_model"].values()) == len(requests)

@@ -101,6 +101,8 @@ def test_energy_is_the_integral_of_power_for_one_request() -> None:
         + (decode.power_w - spec.idle_w) * 10 * decode.latency_s,
         "node_static_j": config.node_static_w_per_gpu * end_s,
         "migration_j": 0.0,
+        "share_restart_j": 0.0,
+        "standby_j": 0.0,
     }
     assert result.energy_parts_j == pytest.approx(expected, rel=1e-9)
     assert result.energy_j == pytest.approx(sum(expected.values()), rel=1e-12)
