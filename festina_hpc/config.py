@@ -213,10 +213,12 @@ _POSITIVE |= {("node_control", "timeout_s")}
 _NON_NEGATIVE |= {("node_control", "port")}
 _NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "consolidate_period_s",
                                           "keep_alive_s", "max_prompt_tokens")}
-# Every number of the cluster's physical figures must be positive, except the power of a node that is off.
+# Every number of the cluster's physical figures must be positive, except the power of a node that is
+# off and the count of nodes power saving leaves alone.
+_ZERO_OK = ("standby_w", "suspend_exc_nodes")
 _POSITIVE |= {("cluster", f.name) for f in dataclasses.fields(ClusterConfig)
-              if f.type in ("int", "float") and f.name != "standby_w"}
-_NON_NEGATIVE |= {("cluster", "standby_w")}
+              if f.type in ("int", "float") and f.name not in _ZERO_OK}
+_NON_NEGATIVE |= {("cluster", name) for name in _ZERO_OK}
 
 
 def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, pass_app
+from festina_hpc.config import POWER_SAVING_MODES
 from festina_hpc.policy.base import policy_names
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.simulator import SimResult
@@ -47,6 +48,10 @@ def experiment_options(func: F, without: Collection[str] = ()) -> F:
         "nodes": click.option("--nodes", type=click.IntRange(min=1), default=None),
         "gpus_per_node": click.option("--gpus-per-node", type=click.IntRange(min=1), default=None),
         "gpu": click.option("--gpu", default=None, help="GPU type or alias, e.g. h100 [config: cluster.gpu_type]."),
+        "power_saving": click.option("--power-saving", type=click.Choice(POWER_SAVING_MODES), default=None,
+                                     help="Slurm's power saving for every policy: 'slurm' suspends a node idle "
+                                          "for cluster.suspend_time_s, 'none' keeps idle nodes on "
+                                          "[config: cluster.power_saving]."),
         "out_dir": click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
                                 help="Folder for the results."),
     }
@@ -64,7 +69,7 @@ def varied_options(func: F) -> F:
 def _options(kwargs: dict[str, Any]) -> ExperimentOptions:
     return ExperimentOptions(**{k: kwargs[k] for k in ("trace", "models", "model_mix", "popularity", "seed",
                                                         "rate_scale", "duration_s", "nodes", "gpus_per_node",
-                                                        "gpu", "copies") if k in kwargs})
+                                                        "gpu", "copies", "power_saving") if k in kwargs})
 
 
 def _write_json(path: Path, data: Any) -> None:

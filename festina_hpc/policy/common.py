@@ -31,13 +31,16 @@ def empty_gpus_on(view: ClusterView, node: int, exclude: Collection[int] = ()) -
 
 
 def free_gpu_group(view: ClusterView, tp: int, nodes_first: Iterable[int] = (),
-                   exclude: Collection[int] = ()) -> tuple[int, ...] | None:
+                   exclude: Collection[int] = (), wake: bool = True) -> tuple[int, ...] | None:
     """``tp`` free GPUs on one node, or None: nodes in ``nodes_first`` first, then nodes that are
-    on, then waking ones, each by id. Powered-off nodes and GPUs in ``exclude`` (already chosen
-    by the same plan) are not considered.
+    on, then waking ones, each by id, then (with ``wake``) the GPUs of a node that is off, by id:
+    a start there resumes it, as Slurm resumes a suspended node a job is sent to (with power
+    saving, every node left idle is off after a while, and a policy that never woke one could no
+    longer grow). GPUs in ``exclude`` (already chosen by the same plan) are not considered.
 
     Walks the free GPUs lazily and stops at the first node that fits, so the cost does not grow
-    with the cluster while free GPUs are plentiful.
+    with the cluster while free GPUs are plentiful; only a cluster with no powered room left is
+    looked over for a node that is off.
     """
     for n in nodes_first:
         free = empty_gpus_on(view, n, exclude)
@@ -60,6 +63,12 @@ def free_gpu_group(view: ClusterView, tp: int, nodes_first: Iterable[int] = (),
     for group in waking.values():
         if len(group) >= tp:
             return tuple(group[:tp])
+    if wake:
+        for off in view.nodes():
+            if off.power is NodePower.OFF:
+                free = empty_gpus_on(view, off.id, exclude)
+                if len(free) >= tp:
+                    return tuple(free[:tp])
     return None
 
 

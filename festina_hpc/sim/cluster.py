@@ -65,13 +65,18 @@ class ClusterConfig:
     # Slurm's power saving, given to every policy alike (outside the policies): "slurm" suspends a
     # node idle (no instance, nothing loading) for suspend_time_s (slurm.conf SuspendTime) and
     # resumes a suspended node a start needs; "none" keeps idle nodes on (a policy may still power
-    # nodes off itself).
+    # nodes off itself). See the simulator's module docstring and CALIBRATION.md "Cluster figures".
     power_saving: str = "slurm"
-    suspend_time_s: float = 300.0  # SuspendTime as many sites set it
-    # Power-on to slurmd registered and serving (BIOS/POST, OS boot, driver load; Slurm's
-    # ResumeTimeout must cover it): several minutes on server-class GPU nodes.
+    suspend_time_s: float = 300.0  # SuspendTime as many sites set it (OpenHPC's example slurm.conf)
+    # Power-on to slurmd registered and serving (BIOS/POST of a 2-CPU, 8-GPU server, OS boot,
+    # driver and fabric bring-up): several minutes. Slurm's ResumeTimeout defaults to 60 s, which
+    # such nodes overrun; sites set it to 300-600 s (CALIBRATION.md).
     resume_time_s: float = 300.0
-    standby_w: float = 30.0  # a suspended (powered-off) node: BMC and standby rails (CALIBRATION.md)
+    # A suspended (powered-off, still plugged in) node: its BMC, standby rails and the no-load
+    # losses of its PSUs. No vendor publishes it for an 8-GPU server: an assumption, to be measured
+    # per site at the PDU outlet with the node off (CALIBRATION.md).
+    standby_w: float = 30.0
+    suspend_exc_nodes: int = 0  # the first N nodes are never suspended (slurm.conf SuspendExcNodes)
     usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
     # Tokens per step, decode tokens plus a prefill chunk (vLLM's max_num_batched_tokens with
     # chunked prefill); a prefill chunk gets at least min_prefill_chunk of them.
@@ -109,6 +114,10 @@ class SimNode:
         self.cache: deque[str] = deque()  # models in host memory, most recent last
         self.powered_s = 0.0
         self.last_s = 0.0
+        # Power saving's idle timer: since when the node holds no instance, and the version a
+        # pending suspend event must carry (a start there, or a power change, supersedes it).
+        self.idle_since_s = 0.0
+        self.idle_version = 0
 
     def has_cached(self, model: str) -> bool:
         return model in self.cache

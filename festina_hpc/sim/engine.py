@@ -25,7 +25,10 @@ class EventKind(IntEnum):
     CONTROL_TICK = 4
     SCALE_TICK = 5
     CONSOLIDATE_TICK = 6
-    SAMPLE = 7  # power-over-time sample for the result
+    # A node idle for SuspendTime is suspended: after the ticks at the same time, so a start they
+    # plan on it keeps it up (Slurm gives a job an idle node rather than suspend it).
+    NODE_SUSPEND = 7
+    SAMPLE = 8  # power-over-time sample for the result
 
 
 @dataclass(order=True, frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from festina_hpc.config import Config
-from festina_hpc.errors import TraceError
+from festina_hpc.config import POWER_SAVING_MODES, Config
+from festina_hpc.errors import ConfigError, TraceError
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import Request, Slo
 from festina_hpc.profiles.store import ProfileStore
@@ -50,6 +50,7 @@ class ExperimentOptions:
     gpus_per_node: int | None = None
     gpu: str | None = None
     copies: int = 1  # superpose this many copies of the trace (independent model draws): copies x the load
+    power_saving: str | None = None  # "slurm" | "none": overrides [cluster] power_saving
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,15 @@ def build_experiment(config: Config, store: ProfileStore, options: ExperimentOpt
     rate_scale = sim.rate_scale if options.rate_scale is None else options.rate_scale
     duration_s = sim.duration_s if options.duration_s is None else options.duration_s
     popularity = parse_popularity(options.popularity or sim.popularity)
+    power_saving = options.power_saving or config.cluster.power_saving
+    if power_saving not in POWER_SAVING_MODES:
+        raise ConfigError(f"power_saving = {power_saving!r} must be one of {', '.join(POWER_SAVING_MODES)}")
     cluster = dataclasses.replace(
         config.cluster,
         nodes=options.nodes or config.cluster.nodes,
         gpus_per_node=options.gpus_per_node or config.cluster.gpus_per_node,
-        gpu_type=store.gpu(options.gpu or config.cluster.gpu_type).name)
+        gpu_type=store.gpu(options.gpu or config.cluster.gpu_type).name,
+        power_saving=power_saving)
     if options.model_mix is not None:
         mix = read_model_mix(model_mix_path(options.model_mix))
         for entry in mix:

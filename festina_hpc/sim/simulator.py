@@ -5,6 +5,19 @@ so the policy reads live state without copies and answers with decisions
 (data), which the simulation validates and carries out. A decision that breaks
 the cluster's rules (an instance that does not fit, a GPU on another node, a
 power-off of a busy node) is refused and counted, never half applied.
+
+Slurm's power saving runs here, outside the policy and alike for every one
+(``ClusterConfig.power_saving``): a node that holds no instance (none serving,
+draining or loading) for ``suspend_time_s`` is suspended, as slurmctld
+suspends a node idle for SuspendTime. The timer counts from when the node's
+last instance went, or from when the node came up empty; one event per idle
+spell, superseded by any start there. A suspended node draws ``standby_w``,
+its GPUs nothing, and loses its host-memory model cache; a start on its GPUs
+resumes it (``resume_time_s`` of static and GPU idle power before the
+instance loads), as Slurm resumes a node a job is sent to. A policy may power
+a node off sooner (``PowerOff``) or wake one ahead of need (``PowerOn``: the
+node then counts idle from when it is up, so it keeps a node up only by using
+it). Nodes below ``suspend_exc_nodes`` are never suspended (SuspendExcNodes).
 """
 
 from __future__ import annotations
@@ -18,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from festina_hpc.errors import FestinaError
+from festina_hpc.config import POWER_SAVING_MODES
+from festina_hpc.errors import ConfigError, FestinaError
 from festina_hpc.policy.base import Policy
 from festina_hpc.policy.limits import bounded, limit_placement, limit_plan, upkeep
 from festina_hpc.policy.types import (
@@ -107,6 +121,8 @@ class SimResult:
     clamped_lookups: int = 0
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
     power_timeline: list[tuple[float, float]] = field(default_factory=list)  # (time_s, cluster power_w)
+    node_suspends: int = 0  # nodes power saving suspended (idle for suspend_time_s)
+    node_wakes: int = 0  # nodes woken from off (by a start on them, or a policy's PowerOn)
 
     @property
     def energy_per_token_j(self) -> float:
@@ -130,6 +146,9 @@ class Simulation:
     def __init__(self, config: ClusterConfig, store: ProfileStore, policy: Policy, requests: Sequence[Request],
                  slos: Mapping[str, Slo], limits: Mapping[str, ModelLimits] | None = None,
                  live_share_change: bool = False):
+        if config.power_saving not in POWER_SAVING_MODES:
+            raise ConfigError(f"cluster.power_saving = {config.power_saving!r} must be one of "
+                              f"{', '.join(POWER_SAVING_MODES)}")
         self.config = config
         self.live_share_change = live_share_change  # [gpu]: whether a running instance's SM share can change
         self.store = store
@@ -171,6 +190,10 @@ class Simulation:
         self.invalid_decisions = 0
         self.clamped_lookups = 0
         self.drop_reasons: Counter[str] = Counter()
+        self.node_suspends = 0
+        self.node_wakes = 0
+        self._power_saving = config.power_saving == "slurm"
+        self._idle_nodes: list[SimNode] = []  # nodes left empty by the event being handled
         self._timeline: list[tuple[float, float]] = []
         self._last_sample = (0.0, 0.0)
         self._controls = type(policy).control is not Policy.control
@@ -235,6 +258,9 @@ class Simulation:
                 q.event(SAMPLE_PERIOD_S, EventKind.SAMPLE)])
         if self._controls:
             q.push([q.event(0.0, EventKind.CONTROL_TICK)])
+        if self._power_saving:
+            self._idle_nodes.extend(self.node_list)  # every node starts on and empty
+        q.push(self._idle_timers())
         last_arrival = self.records[-1].request.arrival_s if self.records else 0.0
         end_s = q.run(self._handle, until_s=last_arrival + DRAIN_LIMIT_S,
                       done=lambda: self._arrivals_left == 0 and self._outstanding == 0)
@@ -242,15 +268,23 @@ class Simulation:
         return self._result(time.perf_counter() - started)
 
     def _handle(self, e: Event) -> Iterable[Event]:
+        events = self._dispatch(e)
+        if self._idle_nodes:
+            return [*events, *self._idle_timers()]
+        return events
+
+    def _dispatch(self, e: Event) -> Iterable[Event]:
         if e.kind >= EventKind.CONTROL_TICK and self._arrivals_left == 0 and self._outstanding == 0:
-            # The run ends with its last request; a periodic tick due later (up to a policy's period)
-            # must not stretch the measured window, or energy would depend on the tick periods.
+            # The run ends with its last request; a periodic tick (or a suspend) due later must not
+            # stretch the measured window, or energy would depend on the tick periods.
             return ()
         kind = e.kind
         if kind is EventKind.STEP_DONE or kind is EventKind.INSTANCE_READY:
             inst = self.live.get(e.payload)
             if inst is None or e.version != inst.version:
                 return ()  # superseded: not an event of this run, so it does not move the clock either
+        if kind is EventKind.NODE_SUSPEND and e.version != self.node_list[e.payload].idle_version:
+            return ()  # the node was used (or powered off or on) since the timer was set
         self._now = e.time_s
         if kind is EventKind.STEP_DONE:
             return self._step_done(self.live[e.payload])
@@ -260,6 +294,9 @@ class Simulation:
             return self._instance_ready(self.live[e.payload])
         if kind is EventKind.NODE_READY:
             return self._node_ready(self.node_list[e.payload])
+        if kind is EventKind.NODE_SUSPEND:
+            self._suspend(self.node_list[e.payload])
+            return ()
         if kind is EventKind.SAMPLE:
             self._sample()
             return self._again(e, SAMPLE_PERIOD_S)
@@ -468,6 +505,7 @@ class Simulation:
         assert name is not None
         evicted = self._evictees(decision.evict if isinstance(decision, StartInstance) else ())
         node = self._check_start(decision, name, evicted)
+        node.idle_version += 1  # in use: a pending suspend is off
         for victim in evicted:
             self._remove(victim)
         info = self.model_info[name]
@@ -591,6 +629,8 @@ class Simulation:
             self._dirty.add(g)
         del self.live[inst.id]
         self._by_model[inst.model].remove(inst)
+        if self._power_saving:
+            self._idle_nodes.append(self.node_list[inst.node])  # its timer is set once the event is handled
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -600,10 +640,33 @@ class Simulation:
             node.powered_s += dt
         node.last_s = self._now
 
+    def _idle_timers(self) -> list[Event]:
+        """A suspend event for each node left empty and on by the event just handled (and only
+        those: no scan of the cluster), due suspend_time_s from now. A waking node gets its timer
+        when it is up; nodes below suspend_exc_nodes get none."""
+        events = []
+        for node in dict.fromkeys(self._idle_nodes):
+            if (node.power is NodePower.ON and node.id >= self.config.suspend_exc_nodes
+                    and not any(self.gpu_list[g].instances for g in node.gpus)):
+                node.idle_since_s = self._now
+                node.idle_version += 1
+                events.append(self.events.event(self._now + self.config.suspend_time_s, EventKind.NODE_SUSPEND,
+                                                 node.id, node.idle_version))
+        self._idle_nodes.clear()
+        return events
+
+    def _suspend(self, node: SimNode) -> None:
+        """Power saving: a node idle for suspend_time_s goes off (its timer was superseded otherwise)."""
+        if node.power is NodePower.ON and not any(self.gpu_list[g].instances for g in node.gpus):
+            self._power_off(node)
+            self.node_suspends += 1
+
     def _power_on(self, node: SimNode) -> list[Event]:
         if node.power is not NodePower.OFF:
             return []
         self._integrate_node(node)
+        self.node_wakes += 1
+        node.idle_version += 1
         node.power = NodePower.WAKING
         node.ready_at_s = self._now + self.config.resume_time_s
         for g in node.gpus:
@@ -619,6 +682,8 @@ class Simulation:
             return []
         self._integrate_node(node)
         node.power = NodePower.ON
+        if self._power_saving:
+            self._idle_nodes.append(node)  # up with nothing to load (a policy's PowerOn): idle from now
         events: list[Event] = []
         for g in node.gpus:
             for i in list(self.gpu_list[g].instances):
@@ -634,6 +699,7 @@ class Simulation:
             raise InvalidDecision(f"node {node.id} holds instances")
         self._integrate_node(node)
         node.power = NodePower.OFF
+        node.idle_version += 1
         node.cache.clear()
         for g in node.gpus:
             gpu = self.gpu_list[g]
@@ -815,6 +881,7 @@ class Simulation:
             migrations=self.migrations, request_migrations=self.request_migrations,
             cold_starts=self.cold_starts, invalid_decisions=self.invalid_decisions,
             share_restarts=self.share_restarts, clock_changes=self.clock_changes,
+            node_suspends=self.node_suspends, node_wakes=self.node_wakes,
             sim_time_s=self._now, sim_wall_s=wall_s, events=self.events.handled,
             drop_reasons=dict(self.drop_reasons), clamped_lookups=self.clamped_lookups, per_model=per_model,
             power_timeline=self._timeline)

@@ -10,7 +10,8 @@ new instance goes to a node that holds the model in host memory (the fastest
 tier short of a GPU) when one has free GPUs, else to any free GPUs. When no
 GPU is free, idle instances of other models are evicted (least recently used
 first, on the node where that frees enough GPUs) to make room, as a keep-alive
-cache does on demand. Routing is vLLM's, as ServerlessLLM serves with vLLM:
+cache does on demand; only then is a node that power saving suspended resumed
+(its resume takes minutes, an eviction costs a load). Routing is vLLM's, as ServerlessLLM serves with vLLM:
 the least-loaded instance whose predicted time between tokens with one more
 sequence stays within 80% of the TBT SLO; a new instance when all are full
 (on free GPUs, else by evicting), else the least-loaded full one queues it.
@@ -61,12 +62,16 @@ class ServerlessLlmPolicy(Policy):
             return Route(best.id)
         free_nodes = {view.gpu(g).node for g in view.free_gpus()}
         cached = sorted(n for n in free_nodes if view.node(n).has_cached(request.model))
-        gpus = free_gpu_group(view, model.tp, nodes_first=cached)
+        gpus = free_gpu_group(view, model.tp, nodes_first=cached, wake=False)
         if gpus is not None:
             return StartInstance(request.model, gpus)
         start = self._evicting_start(request.model, model.tp, view)
         if start is not None:
             return start
+        # Evicting an idle instance serves after a load; a suspended node only after its resume too.
+        gpus = free_gpu_group(view, model.tp)
+        if gpus is not None:
+            return StartInstance(request.model, gpus)
         fallback = least_loaded(candidates)
         if fallback is not None:
             return Route(fallback.id)
