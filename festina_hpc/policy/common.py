@@ -72,6 +72,11 @@ def free_gpu_group(view: ClusterView, tp: int, nodes_first: Iterable[int] = (),
     return None
 
 
+def waits_for_node(view: ClusterView, inst: InstanceView) -> bool:
+    """A loading instance whose node is not on yet: it serves only after the node's resume (minutes)."""
+    return inst.phase is InstancePhase.LOADING and view.node(inst.node).power is not NodePower.ON
+
+
 def serving(instances: Iterable[InstanceView]) -> list[InstanceView]:
     """Instances that take new requests (loading or ready, not draining)."""
     return [i for i in instances if i.phase <= InstancePhase.READY]
@@ -237,26 +242,38 @@ def route_with_room(store: ProfileStore, view: ClusterView, request: Request, ca
                     prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None
                     ) -> InstanceView | None:
     """A serving instance with room for the request, looking at O(1) of them: the ``prefer``red
-    (default: least loaded) of two ready instances sampled by request id, else the newest."""
+    (default: least loaded) of two ready instances sampled by request id, else the newest (possibly
+    still loading; one whose node is still resuming only while its model has no ready instance)."""
     choose = prefer or least_loaded
     ready = [i for i in candidates if i.phase is InstancePhase.READY]
     best = choose([i for i in sampled(ready, request.id) if has_room(store, view, request, i, clock_mhz)])
     if best is not None:
         return best
-    if candidates and has_room(store, view, request, candidates[-1], clock_mhz):
-        return candidates[-1]  # the newest instance, possibly still loading
+    newest = candidates[-1] if candidates else None
+    if (newest is not None and not (ready and waits_for_node(view, newest))
+            and has_room(store, view, request, newest, clock_mhz)):
+        return newest
     return None
 
 
 def place_on_whole_gpus(store: ProfileStore, view: ClusterView, request: Request, clock_mhz: int,
                         prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None) -> Placement:
     """The whole-GPU baselines' placement: an instance with room (``route_with_room``), else a new
-    instance on free GPUs, else the least loaded instance (it queues), else a drop."""
+    instance on free GPUs, else the least loaded instance (it queues), else a drop.
+
+    A new instance on a node that is not on serves only after the node's resume (minutes): while
+    one such start of the model is already under way, the request queues at the least loaded
+    ready instance instead (as a router queues at the running replicas while the autoscaler's new
+    one boots) rather than wait for the resume or wake yet another node."""
     candidates = serving(view.instances_of(request.model))
     target = route_with_room(store, view, request, candidates, clock_mhz, prefer)
     if target is not None:
         return Route(target.id)
     gpus = free_gpu_group(view, view.model(request.model).tp)
+    if gpus is not None and view.node(view.gpu(gpus[0]).node).power is not NodePower.ON:
+        ready = least_loaded(i for i in candidates if i.phase is InstancePhase.READY)
+        if ready is not None and any(waits_for_node(view, i) for i in candidates):
+            return Route(ready.id)
     if gpus is not None:
         return StartInstance(request.model, gpus)
     fallback = least_loaded(candidates)

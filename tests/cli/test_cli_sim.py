@@ -93,3 +93,30 @@ def test_sweep_bad_input_is_a_one_line_error_naming_the_option(festina: Festina,
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ("run", "--policy", "vllm"), ("compare", "--policies", "vllm"), ("bound",),
+    ("sweep", "--policies", "vllm", "--rate-scales", "1", "--seeds", "0", "--jobs", "1"),
+])
+@pytest.mark.parametrize("mode", ["none", "slurm"])
+def test_cli_power_saving_overrides_the_config(festina: Festina, tmp_path: Path, command: tuple[str, ...],
+                                               mode: str) -> None:
+    """Every sim command takes --power-saving over [cluster] power_saving (the config says the other)."""
+    config = tmp_path / "festina.toml"
+    config.write_text(f'[cluster]\npower_saving = "{"slurm" if mode == "none" else "none"}"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    result = festina("--config", str(config), "sim", *command, "--trace", "azure-code", "--models", "2",
+                     "--duration-s", "20", "--power-saving", mode, "--out", str(out))
+    assert result.code == 0, result.err
+    if command[0] == "sweep":
+        resolved = json.loads((out / "sweep.json").read_text())["workload"]
+    else:
+        resolved = json.loads((out / "config.json").read_text())
+    assert resolved["cluster"]["power_saving"] == mode
+
+
+def test_cli_refuses_an_unknown_power_saving_mode(festina: Festina, tmp_path: Path) -> None:
+    result = festina("sim", "run", "--policy", "vllm", "--trace", "azure-code", "--power-saving", "always",
+                     "--out", str(tmp_path))
+    assert result.code == 2 and "--power-saving" in result.err
