@@ -10,6 +10,40 @@ if TYPE_CHECKING:
     from festina_hpc.profiles.calibrate import CalibrationReport
 
 
+# Figures of the simulated cluster that are not GPU profiles ([cluster] in the config,
+# festina_hpc/sim/cluster.py): kept here so that every physical figure's source is in one file.
+CLUSTER_FIGURES = """## Cluster figures
+
+Figures of the simulated cluster that no profile holds (`[cluster]` in the config,
+`festina_hpc/sim/cluster.py`), with where each comes from.
+
+- **Power saving** (`power_saving = "slurm"`, `suspend_time_s = 300`, `suspend_exc_nodes = 0`):
+  Slurm's own mechanism (slurm.conf `SuspendTime`, `ResumeTimeout`, `SuspendExcNodes`;
+  https://slurm.schedmd.com/power_save.html), applied to every policy alike: a node with no
+  instance for `SuspendTime` is suspended, a job sent to a suspended node resumes it. 300 s is the
+  `SuspendTime` of OpenHPC's example slurm.conf for an elastic cluster (PEARC'20 tutorial,
+  `SuspendTime=300`, `ResumeTimeout=600`) and of other published examples; `"none"` keeps idle
+  nodes on (the comparison without the platform's power saving).
+- **Resume time** (`resume_time_s = 300`): from power-on to slurmd registered and the node
+  serving: POST of a two-socket, eight-GPU server (memory training, the option ROMs of its NICs),
+  OS boot, the NVIDIA driver and fabric manager. That takes several minutes on server-class GPU
+  nodes, which is why sites raise Slurm's `ResumeTimeout` from its 60 s default
+  (https://slurm.schedmd.com/slurm.conf.html) to 300-600 s (OpenHPC's example: 600 s;
+  github.com/jrwellshpc/slurm_power_saving: "increase the timeouts to 10 minutes"). A site
+  measures it as the time from `scontrol update nodename=X state=power_up` to the node idle in
+  `sinfo`. While it resumes a node draws its static power and its GPUs' idle power and serves
+  nothing.
+- **Standby power** (`standby_w = 30`): a powered-off server that stays plugged in keeps its
+  baseboard management controller and standby rails on ("all core logic except for the service
+  processor is shut down", Lenovo System x / IBM x3250 manuals; fans may keep running), and its
+  power supplies have no-load losses (4-6 PSUs on an 8-GPU server). No vendor publishes the figure
+  for an 8-GPU node; 30 W is an assumption (a BMC draws a few to about 10 W, the rest is standby
+  rails and PSU losses). Measure it per site at the PDU outlets with the node powered off (a
+  metered PDU reads it directly) and set `[cluster] standby_w`. A suspended node's GPUs draw
+  nothing and its host-memory model cache is lost.
+"""
+
+
 def _pct(value: float) -> str:
     return f"{value:.1%}"
 
@@ -85,5 +119,5 @@ def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
     for check in report.sanity:
         out.append(f"| {check['gpu']} | {check['clock_70pct_mhz']} | {check['decode_latency_change']:+.1%} | "
                    f"{check['decode_power_change']:+.1%} | {check['prefill_latency_ratio_sm50']:.2f} |")
-    out += ["", "## Tables written", ""] + [f"- `{t}`" for t in report.tables] + [""]
+    out += ["", CLUSTER_FIGURES.rstrip("\n"), "", "## Tables written", ""] + [f"- `{t}`" for t in report.tables] + [""]
     return "\n".join(out)

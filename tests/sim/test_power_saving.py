@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from festina_hpc.config import load_config
+from festina_hpc.config import default_profiles_dir, load_config
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.common import free_gpu_group, place_on_whole_gpus, route_with_room, waits_for_node
 from festina_hpc.policy.types import (
@@ -23,6 +23,7 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.profiles.calibration_doc import CLUSTER_FIGURES
 from festina_hpc.sim.cluster import ClusterConfig, SimNode
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.simulator import SimResult, Simulation
@@ -208,3 +209,14 @@ def test_baselines_power_idle_nodes_off_on_the_code_trace() -> None:
     assert slurm.node_hours_powered < 0.9 * 6 * slurm.sim_time_s / 3600
     assert none.node_hours_powered == pytest.approx(6 * none.sim_time_s / 3600)
     assert slurm.energy_j < none.energy_j and slurm.slo_attainment >= none.slo_attainment - 0.01
+
+
+def test_the_power_saving_figures_are_sourced_in_calibration_md() -> None:
+    """The shipped CALIBRATION.md holds the section its renderer writes, naming every power-saving figure."""
+    shipped = (Path(default_profiles_dir()) / "CALIBRATION.md").read_text(encoding="utf-8")
+    assert CLUSTER_FIGURES in shipped
+    defaults = ClusterConfig()
+    for name in ("power_saving", "suspend_time_s", "resume_time_s", "standby_w", "suspend_exc_nodes"):
+        assert f"`{name} = " in CLUSTER_FIGURES, name
+    assert f"`resume_time_s = {defaults.resume_time_s:g}`" in CLUSTER_FIGURES
+    assert f"`standby_w = {defaults.standby_w:g}`" in CLUSTER_FIGURES
