@@ -115,9 +115,16 @@ def test_outputs_off_by_default() -> None:
     assert (cfg.metrics_port, cfg.metrics_addr, cfg.admin_comment_period_s) == (0, "127.0.0.1", 30.0)
 
 
+def test_live_share_change_is_off_by_default_and_a_boolean() -> None:
+    assert node_config_from_mapping({}, "t").live_share_change is False
+    assert node_config_from_mapping({"live_share_change": True}, "t").live_share_change is True
+
+
 @pytest.mark.parametrize("raw, words", [
     ({"metrics_port": 70000}, "node.metrics_port = 70000 must be in 0..65535"),
     ({"metrics_port": "9400"}, "node.metrics_port must be int"),
+    ({"live_share_change": "yes"}, "node.live_share_change must be bool, got 'yes'"),
+    ({"metrics_port": True}, "node.metrics_port must be int, got True"),
     ({"admin_comment_period_s": -1}, "node.admin_comment_period_s must not be negative"),
 ])
 def test_bad_output_settings_are_refused(raw: dict[str, object], words: str, tmp_path: Path) -> None:
