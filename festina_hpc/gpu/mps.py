@@ -154,12 +154,27 @@ class NvidiaMps:
         daemon = self._running(index, operation)
         self._invoke(index, daemon, operation, [], stdin=f"set_default_active_thread_percentage {pct}\n")
 
+    def server_pids(self, index: int) -> tuple[int, ...]:
+        """The PIDs of the MPS servers (``nvidia-cuda-mps-server``) GPU ``index``'s daemon runs now."""
+        operation = "list MPS servers"
+        daemon = self._running(index, operation)
+        return tuple(int(word) for word in self._invoke(index, daemon, operation, [], stdin="get_server_list\n").split()
+                     if word.isdigit())
+
     def set_active_thread_pct(self, index: int, server_pid: int, pct: int) -> None:
-        """Share of the clients MPS server ``server_pid`` (not a client) creates from now on; running ones keep it."""
+        """Share of the clients MPS server ``server_pid`` creates from now on; running ones keep theirs.
+
+        A PID that is not one of the daemon's servers (a CUDA client's, such as a model server's) is
+        refused before anything is set: nothing changes a running client's share.
+        """
         check_server_pid(index, server_pid)
         check_active_thread_pct(index, pct)
         operation = f"set active thread percentage of server {server_pid}"
         daemon = self._running(index, operation)
+        servers = self.server_pids(index)
+        if server_pid not in servers:
+            raise GpuError(f"GPU {index}: {operation}: pid {server_pid} is not an MPS server of this GPU (servers: "
+                           f"{', '.join(map(str, servers)) or 'none'}); a client's share is fixed when it starts")
         self._invoke(index, daemon, operation, [], stdin=f"set_active_thread_percentage {server_pid} {pct}\n")
 
     def stop(self, index: int) -> None:
