@@ -24,9 +24,9 @@ percentage is fixed when its CUDA context is created (the task prolog's
 ``set_active_thread_percentage`` reaches only clients created later. So a
 share asked for a running job is kept as its *wanted* share
 (``JobOnGpu.desired_sm_pct`` in the state file, which ``festina-node status``
-and festinad's ``status`` request show, logged once per change): festinad
-carries it out by starting a new instance at that share and stopping this
-one. Only where the site's engine has its own mechanism ([node]
+and festinad's ``status`` request show, logged once per change), which
+festinad is to carry out by starting a new instance at that share and
+stopping this one. Only where the site's engine has its own mechanism ([node]
 ``live_share_change``, as [gpu] ``live_share_change``) does the tick put a
 wanted share in force in the ledger, at safe points (shrinks first; grows on
 a later tick, once the shrinks are in force, and only while the shares fit
