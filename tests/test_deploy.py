@@ -47,6 +47,7 @@ def test_example_configs_load(tmp_path: Path) -> None:
     assert tomllib.loads((DEPLOY / "festina-node.toml").read_text())["node"]["service_user"] == "festina"
     node = load_node_config(DEPLOY / "festina-node.toml")
     assert node.control_port == config.node_control.port > 0 and node.control_auth == config.node_control.auth
+    assert node.live_share_change is config.gpu.live_share_change is False
 
 
 def _settings(text: str) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Prometheus metrics built from figures passed in: power and energy per GPU and per model, SLO attainment,
-decisions per second, powered nodes.
+decisions per second, powered nodes, each serving job's SM share and the one its node's controller wants.
 
 Pure: nothing here reads NVML, the database or a clock. festinad and festina-node each build a
 ``MetricsSnapshot`` from what they already hold and mount the registry on their HTTP server:
@@ -45,6 +45,18 @@ class ModelFigures:
 
 
 @dataclass(frozen=True)
+class ShareFigures:
+    """A job's MPS share on one GPU: the one it started with, and the one festina-node's controller wants."""
+
+    node: str
+    gpu_index: int
+    job_id: int
+    sm_pct: float
+    # None: none other. A running instance's share is fixed, so a wanted one takes a restart at it (festinad's).
+    wanted_sm_pct: float | None = None
+
+
+@dataclass(frozen=True)
 class MetricsSnapshot:
     gpus: tuple[GpuFigures, ...] = ()
     models: tuple[ModelFigures, ...] = ()
@@ -52,6 +64,7 @@ class MetricsSnapshot:
     decisions: int | None = None  # policy decisions so far, only grows
     powered_nodes: int | None = None
     nodes: int | None = None
+    shares: tuple[ShareFigures, ...] = ()
 
 
 def _check(where: str, value: float | None, *, high: float | None = None) -> float | None:
@@ -100,7 +113,8 @@ def _families(snapshot: MetricsSnapshot) -> list[Metric]:
             attainment.add_metric([model.model], ratio)
         if (count := _check(f"{where}.requests", model.requests)) is not None:
             requests.add_metric([model.model], count)
-    families: list[Metric] = [gpu_power, gpu_energy, model_power, model_energy, attainment, requests]
+    families: list[Metric] = [gpu_power, gpu_energy, model_power, model_energy, attainment, requests,
+                              *_share_families(snapshot.shares)]
     for name, help_text, value, kind in (
             ("festina_decisions_per_second", "Policy decisions per second.", snapshot.decisions_per_s, "gauge"),
             ("festina_decisions", "Policy decisions.", snapshot.decisions, "counter"),
@@ -111,6 +125,27 @@ def _families(snapshot: MetricsSnapshot) -> list[Metric]:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             families.append(family(name, help_text, value=checked))
     return families
+
+
+def _share_families(shares: tuple[ShareFigures, ...]) -> list[Metric]:
+    labels = ["node", "gpu", "job"]
+    share = GaugeMetricFamily("festina_job_sm_share_percent", "A serving job's MPS share, fixed at its start.",
+                              labels=labels)
+    wanted = GaugeMetricFamily("festina_job_wanted_sm_share_percent",
+                               "The MPS share festina-node's controller wants for a job instead (a restart at it).",
+                               labels=labels)
+    seen: set[tuple[str, ...]] = set()
+    for fig in shares:
+        key = [fig.node, str(fig.gpu_index), str(fig.job_id)]
+        where = f"shares[node={fig.node}, gpu={fig.gpu_index}, job={fig.job_id}]"
+        if tuple(key) in seen:
+            raise MetricsError(f"metrics: {where} appears twice")
+        seen.add(tuple(key))
+        if (pct := _check(f"{where}.sm_pct", fig.sm_pct, high=100.0)) is not None:
+            share.add_metric(key, pct)
+        if (want := _check(f"{where}.wanted_sm_pct", fig.wanted_sm_pct, high=100.0)) is not None:
+            wanted.add_metric(key, want)
+    return [share, wanted]
 
 
 class SnapshotCollector(Collector):
@@ -135,5 +170,5 @@ def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-__all__ = ["GpuFigures", "MetricsError", "MetricsSnapshot", "ModelFigures", "SnapshotCollector", "build_registry",
-           "exposition"]
+__all__ = ["GpuFigures", "MetricsError", "MetricsSnapshot", "ModelFigures", "ShareFigures", "SnapshotCollector",
+           "build_registry", "exposition"]

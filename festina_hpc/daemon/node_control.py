@@ -79,7 +79,8 @@ class NodeControlClient:
 
     def set_shares(self, node: str, gpu: int, sm_pct_by_job: Mapping[int, float],
                    clock_mhz: int | None = None) -> Any:
-        """Ask for SM shares (and a clock); the node's control loop applies them at its next tick."""
+        """Ask for SM shares (and a clock); the node applies the clock at its next tick and records each share as
+        the job's wanted one (``desired_sm_pct``): a running instance's share is fixed, so that takes a restart."""
         return self.call(node, "set_settings", {"gpu": gpu, "clock_mhz": clock_mhz,
                                                 "sm_pct": {str(job): pct for job, pct in sm_pct_by_job.items()}})
 

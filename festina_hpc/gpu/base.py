@@ -96,11 +96,15 @@ class MpsControl(Protocol):
         ...
 
     def set_default_active_thread_pct(self, index: int, pct: int) -> None:
-        """SM share for clients that connect from now on (1..100)."""
+        """SM share (1..100) of MPS servers spawned from now on: clients already running keep theirs."""
         ...
 
     def set_active_thread_pct(self, index: int, server_pid: int, pct: int) -> None:
-        """SM share of one running MPS server (by its PID)."""
+        """SM share (1..100) of the clients MPS server ``server_pid`` creates from now on.
+
+        ``server_pid`` is an ``nvidia-cuda-mps-server`` process, not a CUDA client; a client that is
+        already running keeps the share its context was created with (nothing changes that).
+        """
         ...
 
     def stop(self, index: int) -> None:

@@ -7,6 +7,19 @@ executable, which finds the daemon by the pipe directory. Commands are argv
 lists, never shell strings, and run with a timeout. The executable path and
 the function that runs it are injected, so tests check argv, environment and
 stdin with a fake runner. The input checks are shared with ``SimulatedMps``.
+
+What a share reaches: an MPS client's active-thread percentage is fixed when
+its CUDA context is created, and no command changes it for a running client.
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` in the client's environment (festina's
+task prolog sets it per job) can only lower the limit the daemon gives. The
+daemon's two commands set that limit for later starts:
+``set_default_active_thread_percentage`` for MPS servers spawned from then on
+(a GPU's default, before its jobs start), ``set_active_thread_percentage``
+for the clients one MPS server (an ``nvidia-cuda-mps-server`` PID from
+``get_server_list``, not a CUDA client's) creates from then on. One MPS server
+serves every client of a user on the GPU, so the latter cannot single out
+one instance either: festina changes an instance's share by starting a new
+instance at it.
 """
 
 from __future__ import annotations
@@ -135,16 +148,33 @@ class NvidiaMps:
         self._daemons[index] = _Daemon(Path(pipe_dir), Path(log_dir))
 
     def set_default_active_thread_pct(self, index: int, pct: int) -> None:
+        """The share of MPS servers spawned from now on, so of clients started later; running ones keep theirs."""
         check_active_thread_pct(index, pct)
         operation = "set default active thread percentage"
         daemon = self._running(index, operation)
         self._invoke(index, daemon, operation, [], stdin=f"set_default_active_thread_percentage {pct}\n")
 
+    def server_pids(self, index: int) -> tuple[int, ...]:
+        """The PIDs of the MPS servers (``nvidia-cuda-mps-server``) GPU ``index``'s daemon runs now."""
+        operation = "list MPS servers"
+        daemon = self._running(index, operation)
+        return tuple(int(word) for word in self._invoke(index, daemon, operation, [], stdin="get_server_list\n").split()
+                     if word.isdigit())
+
     def set_active_thread_pct(self, index: int, server_pid: int, pct: int) -> None:
+        """Share of the clients MPS server ``server_pid`` creates from now on; running ones keep theirs.
+
+        A PID that is not one of the daemon's servers (a CUDA client's, such as a model server's) is
+        refused before anything is set: nothing changes a running client's share.
+        """
         check_server_pid(index, server_pid)
         check_active_thread_pct(index, pct)
         operation = f"set active thread percentage of server {server_pid}"
         daemon = self._running(index, operation)
+        servers = self.server_pids(index)
+        if server_pid not in servers:
+            raise GpuError(f"GPU {index}: {operation}: pid {server_pid} is not an MPS server of this GPU (servers: "
+                           f"{', '.join(map(str, servers)) or 'none'}); a client's share is fixed when it starts")
         self._invoke(index, daemon, operation, [], stdin=f"set_active_thread_percentage {server_pid} {pct}\n")
 
     def stop(self, index: int) -> None:

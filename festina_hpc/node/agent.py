@@ -14,13 +14,24 @@ sink are protocols built in ``main()``.
 - ``task_prolog``: the ``export`` lines that point the job's CUDA at its
   GPU's MPS daemon with its share.
 - ``control_tick``: settle every busy GPU (energy samples), restart a crashed
-  MPS daemon and requeue the jobs that were its clients, and apply the
-  settings the controller asked for: a lower clock only after
-  ``clock_min_interval_s`` since the last change (a higher one at once: SLOs
-  first), SM shares only at safe points (shrinks first; grows on a later tick,
-  once the shrinks are in force, and only while the shares fit in 100%); a
-  share put in force is also set on the job's MPS server process where the
-  control loop learnt its PID (``plan_settings``).
+  MPS daemon and requeue the jobs that were its clients, and apply the clock
+  the controller asked for: a lower clock only after ``clock_min_interval_s``
+  since the last change (a higher one at once: SLOs first).
+
+A running job's SM share does not change here. An MPS client's active-thread
+percentage is fixed when its CUDA context is created (the task prolog's
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``); the control daemon's
+``set_active_thread_percentage`` reaches only clients created later. So a
+share asked for a running job is kept as its *wanted* share
+(``JobOnGpu.desired_sm_pct`` in the state file, which ``festina-node status``
+and festinad's ``status`` request show, logged once per change), which
+festinad is to carry out by starting a new instance at that share and
+stopping this one. Only where the site's engine has its own mechanism ([node]
+``live_share_change``, as [gpu] ``live_share_change``) does the tick put a
+wanted share in force in the ledger, at safe points (shrinks first; grows on
+a later tick, once the shrinks are in force, and only while the shares fit
+in 100%); the engine then hears it from the control loop's
+``POST /admin/settings``.
 
 Who asks for settings: festina-node's own local controller (``node/control.py``,
 every tick, through ``plan_settings``), or an operator over the socket
@@ -35,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from festina_hpc.errors import GpuError, GpuPermissionError
+from festina_hpc.errors import GpuPermissionError
 from festina_hpc.gpu.base import GpuBackend, MpsControl
 from festina_hpc.node.attribution import split_energy
 from festina_hpc.node.config import NodePaths
@@ -95,12 +106,12 @@ class LogSink:
 
 class SafePoints(Protocol):
     def ready(self, gpu_index: int, job_id: int) -> bool:
-        """Whether the job's model server may take a new SM share now (between steps)."""
+        """Whether the job's engine may take a new SM share now (``live_share_change`` only)."""
         ...
 
 
 class EverySafe:
-    """Every tick is a safe point: the server picks the share up with its next MPS client (its next step)."""
+    """Every tick is a safe point: an engine that changes its share itself does so between its steps."""
 
     def ready(self, gpu_index: int, job_id: int) -> bool:
         return True
@@ -114,7 +125,7 @@ class TickReport:
     mps_restarted: tuple[int, ...] = ()  # GPU indexes
     requeued: tuple[int, ...] = ()  # job ids
     clock_changes: Mapping[int, int] = field(default_factory=dict)  # GPU index -> MHz applied
-    share_changes: Mapping[int, float] = field(default_factory=dict)  # job id -> share applied
+    share_changes: Mapping[int, float] = field(default_factory=dict)  # job id -> share applied (live_share_change)
 
 
 JobsChanged = Callable[[int, Sequence[JobOnGpu]], None]
@@ -124,7 +135,10 @@ class NodeAgent:
     def __init__(self, node: str, backend: GpuBackend, mps: MpsControl, state: StateFile, paths: NodePaths, *,
                  sink: EnergySink | None = None, slurm: _Requeuer | None = None,
                  jobs_changed: JobsChanged | None = None, safe_points: SafePoints | None = None,
-                 clock_min_interval_s: float = 10.0, clock: Callable[[], float] = time.time):
+                 clock_min_interval_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 live_share_change: bool = False):
+        """``live_share_change``: the engine changes a running instance's SM share itself (see the module
+        docstring); False (the default, and MPS's rule) keeps a share asked for as the job's wanted share."""
         self.node = node
         self._backend = backend
         self._mps = mps
@@ -136,6 +150,11 @@ class NodeAgent:
         self._safe = safe_points or EverySafe()
         self._clock_min_interval_s = clock_min_interval_s
         self._clock = clock
+        self._live_share_change = live_share_change
+
+    @property
+    def live_share_change(self) -> bool:
+        return self._live_share_change
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -279,7 +298,8 @@ class NodeAgent:
                     restarted.append(index)
                     crashed_jobs += [j.job_id for j in rec.jobs if j.uses_mps]
                 rec = self._apply_clock(rec, now_s, clocks)
-                rec = self._apply_shares(rec, shares)
+                if self._live_share_change:
+                    rec = self._apply_shares(rec, shares)
                 box.state = box.state.with_gpu(rec)
                 if any(j.job_id in shares for j in rec.jobs):
                     self._notify(rec)
@@ -313,6 +333,11 @@ class NodeAgent:
         return replace(rec, clock_mhz=mhz, clock_changed_at_s=now_s, desired_clock_mhz=None)
 
     def _apply_shares(self, rec: GpuRecord, applied: dict[int, float]) -> GpuRecord:
+        """Wanted shares into the ledger, for an engine that changes its share itself (``live_share_change``).
+
+        Nothing is sent to MPS: no MPS call reaches a running client (see the module docstring); the
+        engine hears its share from the control loop's ``POST /admin/settings``.
+        """
         pending = [j for j in rec.jobs if j.desired_sm_pct is not None and j.desired_sm_pct != j.sm_pct]
         shrinks = [j for j in pending if (j.desired_sm_pct or 0) < j.sm_pct]
         # Grows wait for a tick on which no shrink is pending, so that a grown share always finds room.
@@ -326,24 +351,25 @@ class NodeAgent:
                 continue
             rec = rec.with_job(replace(job, sm_pct=job.desired_sm_pct, desired_sm_pct=None))
             applied[job.job_id] = job.desired_sm_pct
-            if job.uses_mps and job.server_pid is not None:
-                self._set_server_share(rec.index, job, job.desired_sm_pct)
         return rec
 
-    def _set_server_share(self, index: int, job: JobOnGpu, sm_pct: float) -> None:
-        """The share on the job's running MPS server; fail open (the server still paces by the new share)."""
-        assert job.server_pid is not None
-        try:
-            self._mps.attach(index, self._paths.mps_pipe_dir(index), self._paths.mps_log_dir(index))
-            self._mps.set_active_thread_pct(index, job.server_pid, max(1, min(100, round(sm_pct))))
-        except GpuError as exc:
-            logger.warning("%s GPU %d job %d: MPS share not set on pid %d: %s", self.node, index, job.job_id,
-                           job.server_pid, exc)
+    def _note_wanted(self, index: int, before: JobOnGpu, after: JobOnGpu) -> None:
+        """Log a job's wanted share once, when it changes (the controller re-plans it every tick)."""
+        wanted = after.desired_sm_pct
+        if self._live_share_change or wanted is None or wanted == before.desired_sm_pct:
+            return
+        logger.info("%s GPU %d job %d: wants an SM share of %g%% (runs at %g%%); a share is fixed when the "
+                    "instance starts, so it takes a restart at that share (festinad's)", self.node, index,
+                    after.job_id, wanted, after.sm_pct)
 
     # -- requests over the control socket ------------------------------------------------------------------------
 
     def request_settings(self, index: int, clock_mhz: int | None, sm_pct: Mapping[int, float]) -> None:
-        """Ask for a clock and SM shares on GPU ``index``; the control loop applies them (rate limits, safe points)."""
+        """Ask for a clock and SM shares on GPU ``index``; the control loop applies the clock (rate limits).
+
+        A share becomes the job's wanted share (the module docstring), put in force by the tick only
+        with ``live_share_change``.
+        """
         self._check_gpu(index)
         if clock_mhz is not None and (isinstance(clock_mhz, bool) or not isinstance(clock_mhz, int)
                                       or clock_mhz <= 0):
@@ -361,7 +387,9 @@ class NodeAgent:
             for job_id, pct in sm_pct.items():
                 job = rec.job(job_id)
                 assert job is not None
-                rec = rec.with_job(replace(job, desired_sm_pct=float(pct)))
+                asked = replace(job, desired_sm_pct=None if float(pct) == job.sm_pct else float(pct))
+                self._note_wanted(index, job, asked)
+                rec = rec.with_job(asked)
             if clock_mhz is not None:
                 rec = replace(rec, desired_clock_mhz=clock_mhz)
             box.state = box.state.with_gpu(rec)
@@ -371,10 +399,12 @@ class NodeAgent:
         """The local controller's wish for GPU ``index``; replaces whatever was pending there.
 
         ``clock_mhz`` None keeps the clock in force; a job missing from ``sm_pct`` keeps its share.
-        Unlike ``request_settings`` it never refuses: jobs gone since the controller looked are
+        A share other than the job's is its wanted share (the module docstring), never put in force
+        here. Unlike ``request_settings`` it never refuses: jobs gone since the controller looked are
         skipped, and grows are cut to the room the other jobs' shares leave once the shrinks are
         in force (jobs the controller does not steer count too), so shares never sum above 100.
-        ``server_pids`` are MPS client processes already checked to belong to their jobs.
+        ``server_pids`` are model server processes already checked to belong to their jobs (what
+        ``drain_instance`` signals).
         """
         self._check_gpu(index)
         with self._state.transaction() as box:
@@ -389,8 +419,10 @@ class NodeAgent:
                 room -= wanted[i]
             for job in rec.jobs:
                 pct = wanted.get(job.job_id)
-                rec = rec.with_job(replace(job, desired_sm_pct=None if pct == job.sm_pct else pct,
-                                           server_pid=server_pids.get(job.job_id, job.server_pid)))
+                planned = replace(job, desired_sm_pct=None if pct == job.sm_pct else pct,
+                                  server_pid=server_pids.get(job.job_id, job.server_pid))
+                self._note_wanted(index, job, planned)
+                rec = rec.with_job(planned)
             rec = replace(rec, desired_clock_mhz=None if clock_mhz == rec.clock_mhz else clock_mhz)
             box.state = box.state.with_gpu(rec)
 

@@ -46,6 +46,10 @@ class NodeConfig:
     ttft_slo_multiplier: float = 5.0  # the models' SLOs, as festinad's [daemon] defaults
     tbt_slo_multiplier: float = 5.0
     server_timeout_s: float = 1.0  # a model server's /health or /admin/settings answer
+    # As [gpu] live_share_change: whether the serving engine changes a running instance's SM share
+    # itself. False (MPS: a client's share is fixed when its CUDA context is created): a share the
+    # controller wants is recorded as the job's wanted share, for festinad to restart the instance at.
+    live_share_change: bool = False
     slurm_conf: str = ""  # "" = $SLURM_CONF of the caller
     metrics_port: int = 0  # Prometheus /metrics of the service (power, energy per GPU and model); 0 = off
     metrics_addr: str = "127.0.0.1"  # where the metrics port listens; "0.0.0.0" lets a remote Prometheus in
@@ -89,7 +93,7 @@ def node_config_from_mapping(raw: Any, source: str) -> NodeConfig:
         expected = type(fields[key].default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{source}: node.{key} must be {expected.__name__}, got {value!r}")
         values[key] = value
     cfg = NodeConfig(**values)

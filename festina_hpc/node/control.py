@@ -8,14 +8,22 @@ node's GPUs and those instances (``NodeLocalView``; instance id = Slurm job
 id), calls the policy, and carries the ``GpuSettings`` out in three steps:
 
 1. the clock and SM shares go to ``NodeAgent.plan_settings``; the agent's
-   tick puts them in force under its rules (a lower clock only after the hold
-   time, a higher one at once; shares at safe points, shrinks first, never
-   summing above 100) and sets a share on the job's MPS server process;
-2. each model server is told the settings now in force and the policy's batch
+   tick puts the clock in force under its rules (a lower clock only after the
+   hold time, a higher one at once);
+2. each model server is told the clock now in force and the policy's batch
    cap and prefill chunk (``POST /admin/settings``) whenever what it reports
    differs, so a lost message is re-sent on the next tick;
 3. what was applied is recorded as a decision (the database, when the node
    has one; keys are Slurm job ids).
+
+A running instance's SM share stays the one it started with: an MPS client's
+share is fixed when its CUDA context is created, so the policy is built with
+``PolicyContext(live_share_change=False)`` (``[node] live_share_change``) and
+a share it asks for that differs from the running one is kept as the job's
+wanted share in the node's state (``desired_sm_pct``, logged once per
+change), for festinad to restart the instance at. Only with
+``live_share_change`` (a site engine with its own mechanism) does the agent
+put shares in force at safe points and the server hear ``sm_pct`` too.
 
 After the agent's tick, the controller hands each GPU's jobs and their reports
 to an optional ``activity`` callback: on a node without GPUs, festina-node wires it
@@ -23,9 +31,10 @@ to the simulated backend so that its power follows what the servers report
 (idle, prefill, decode) instead of a fixed workload.
 
 Nothing here trusts a server: its answer is type-checked, and the PID it
-reports is used for MPS only when ``/proc`` shows that process belongs to the
-job. A server that does not answer, a policy that raises, a setting that
-fails: each is logged and the tick goes on (fail open).
+reports is recorded (what ``drain_instance`` signals) only when ``/proc``
+shows that process belongs to the job. A server that does not answer, a
+policy that raises, a setting that fails: each is logged and the tick goes
+on (fail open).
 """
 
 from __future__ import annotations
@@ -274,7 +283,9 @@ class LocalController:
                  slo_for: Callable[[str], Slo], owns_pid: Callable[[int, int], bool] = job_owns_pid,
                  decisions: DecisionSink | None = None, clock: Callable[[], float] = time.time,
                  activity: GpuActivity | None = None):
+        """The policy's ``context.live_share_change`` says whether servers take a new share (module docstring)."""
         self._policy = policy
+        self._live_share_change = policy.context.live_share_change
         self._store = store
         self._spec = store.gpu(gpu_type)
         self._servers = servers
@@ -284,6 +295,10 @@ class LocalController:
         self._clock = clock
         self._activity = activity
         self._models: dict[str, ModelInfo] = {}
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
 
     def _model_info(self, name: str) -> ModelInfo | None:
         """The model as the policy knows it, None when it has no profile on this GPU (left alone)."""
@@ -383,7 +398,11 @@ class LocalController:
 
     def _tell_servers(self, state: NodeState, reports: Mapping[int, ServerReport],
                       decided: Mapping[int, GpuSettings]) -> dict[int, dict[str, float | int]]:
-        """Send each server the settings in force (and the policy's batch cap and chunk) where it differs."""
+        """Send each server the clock in force (and the policy's batch cap and chunk) where it differs.
+
+        The share goes too only with ``live_share_change``: an engine without its own mechanism refuses
+        a new one (the emulated engine answers 409), and that would refuse the clock sent with it.
+        """
         told: dict[int, dict[str, float | int]] = {}
         for index, rec in sorted(state.gpus.items()):
             settings = decided.get(index, GpuSettings())
@@ -391,7 +410,9 @@ class LocalController:
                 report = reports.get(job.job_id)
                 if report is None or job.port is None or job.job_id in told:
                     continue
-                target: dict[str, float | int] = {"sm_pct": job.sm_pct, "clock_mhz": self._clock_of(rec)}
+                target: dict[str, float | int] = {"clock_mhz": self._clock_of(rec)}
+                if self._live_share_change:
+                    target["sm_pct"] = job.sm_pct
                 if job.job_id in settings.batch_cap:
                     target["batch_cap"] = settings.batch_cap[job.job_id]
                 if job.job_id in settings.chunk_tokens:

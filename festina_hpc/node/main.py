@@ -187,7 +187,8 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
 
         sink = decisions = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
     agent = NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
-                      slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s)
+                      slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s,
+                      live_share_change=cfg.live_share_change)
     if not with_controller or not cfg.control_policy:
         return agent, None
     return agent, build_controller(cfg, store, gpu_type, decisions, activity)
@@ -201,7 +202,7 @@ def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: Deci
     from festina_hpc.sim.workload import default_slo
 
     gpu = store.gpu(gpu_type).name
-    policy = make_policy(cfg.control_policy, PolicyContext(store, gpu))
+    policy = make_policy(cfg.control_policy, PolicyContext(store, gpu, live_share_change=cfg.live_share_change))
 
     def slo_for(model: str) -> Slo:
         return default_slo(store, gpu, model, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier)
@@ -214,7 +215,7 @@ def _gpu_config(cfg: NodeConfig) -> Any:
     from festina_hpc.config import GpuConfig
 
     return GpuConfig(backend=cfg.gpu_backend, simulated_type=cfg.simulated_type,
-                     simulated_count=cfg.simulated_count)
+                     simulated_count=cfg.simulated_count, live_share_change=cfg.live_share_change)
 
 
 def _drain(inv: Invocation, reason: str) -> None:

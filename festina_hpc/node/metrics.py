@@ -9,9 +9,12 @@ its own so neither can delay the control loop.
   difference over the time between two readings, so no extra NVML read);
   per model (the job comment's ``model=``, else ``unknown``) the power of its
   jobs' SM shares and the energy of every job this exporter has seen, which
-  only grows although jobs come and go. ``start_metrics_server`` serves it
-  with prometheus_client's own small HTTP server (``metrics_port``; 0 = off,
-  bound to ``metrics_addr``, 127.0.0.1 unless the site opens it).
+  only grows although jobs come and go; per MPS job and GPU its share and,
+  where the controller wants another, that wanted share (a running
+  instance's share is fixed, so it is one for festinad to restart the
+  instance at). ``start_metrics_server`` serves it with prometheus_client's
+  own small HTTP server (``metrics_port``; 0 = off, bound to
+  ``metrics_addr``, 127.0.0.1 unless the site opens it).
 - ``CommentWriter`` writes each running job's energy so far into its Slurm
   AdminComment every ``admin_comment_period_s``. Slurm 22.05 refuses the
   update once a job has finished, and that already holds in the Epilog (the
@@ -33,7 +36,7 @@ from typing import Any, Protocol
 from prometheus_client import start_http_server
 
 from festina_hpc.accounting.admin_comment import energy_comment
-from festina_hpc.accounting.metrics import GpuFigures, MetricsSnapshot, ModelFigures, build_registry
+from festina_hpc.accounting.metrics import GpuFigures, MetricsSnapshot, ModelFigures, ShareFigures, build_registry
 from festina_hpc.node.attribution import split_energy
 from festina_hpc.node.state import NodeState
 from festina_hpc.slurm.errors import SlurmCommandError, SlurmError
@@ -79,7 +82,9 @@ class NodeMetrics:
                 energy[model] = energy.get(model, 0.0) + energy_j
             models = tuple(ModelFigures(m, model_power_w.get(m, 0.0), energy[m], None)
                            for m in sorted(energy))
-            return MetricsSnapshot(gpus=tuple(gpus), models=models)
+            shares = tuple(ShareFigures(self.node, index, j.job_id, j.sm_pct, j.desired_sm_pct)
+                           for index, rec in sorted(state.gpus.items()) for j in rec.jobs if j.uses_mps)
+            return MetricsSnapshot(gpus=tuple(gpus), models=models, shares=shares)
 
     def _update_jobs(self, state: NodeState) -> None:
         """Each running job's energy over all its GPUs; a finished job keeps the last value seen."""

@@ -33,10 +33,13 @@ class JobOnGpu:
     model: str | None = None
     instance: str | None = None
     energy_j: float = 0.0  # attributed so far
-    desired_sm_pct: float | None = None  # a share change waiting for a safe point
+    # The share the controller (or an operator) wants for it, None = its own. MPS fixes a running
+    # client's share, so this is what festinad restarts the instance at; only with live_share_change
+    # does the control tick put it in force (at a safe point).
+    desired_sm_pct: float | None = None
     uses_mps: bool = False  # a client of the GPU's MPS daemon (an --gres=mps job)
     port: int | None = None  # its model server's port on this node (job comment), for the control loop
-    server_pid: int | None = None  # its model server's process, checked to belong to the job (MPS share)
+    server_pid: int | None = None  # its model server's process, checked to belong to the job (drain_instance)
 
 
 @dataclass(frozen=True)

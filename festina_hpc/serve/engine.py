@@ -3,7 +3,9 @@
 On machines without a GPU, ``festina serve`` runs this engine in place of
 vLLM so that the gateway, the router and the node controller see the
 latencies the real GPU would give. It follows the simulator's model of vLLM
-(``sim/cluster.py``): at each step boundary it applies pending settings,
+(``sim/cluster.py``): at each step boundary it applies pending settings
+(clock, batch cap, prefill chunk; the SM share is fixed at start, see
+``EngineSettings``),
 admits waiting requests FIFO up to the batch cap, and runs one step: up to
 ``chunk_tokens`` prompt tokens of the admitted prompts prefill in one forward
 pass (chunked prefill; a prompt's first token comes at the end of the step
@@ -47,15 +49,26 @@ class SettingsError(FestinaError):
     """A setting (SM share, clock, batch cap) outside what the GPU or engine accepts."""
 
 
+class ShareFixedError(SettingsError):
+    """A new SM share for a running instance: a share is fixed when the instance starts."""
+
+
 class EngineStopped(FestinaError):
     """The engine stopped before the request finished."""
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """The control knobs the node controller sets; applied at the next step boundary."""
+    """The instance's knobs: clock, batch cap and chunk change at the next step boundary, the share never.
 
-    sm_pct: float = 100.0  # MPS active-thread percentage the instance runs with
+    An MPS client's active-thread percentage is fixed when its CUDA context is created
+    (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` in its environment, or the control daemon's default
+    then); NVIDIA offers no way to change it for a running process. So the engine takes
+    ``sm_pct`` at start only (``festina serve --sm-pct``, which festinad derives from the job's
+    MPS share), and another share means another instance.
+    """
+
+    sm_pct: float = 100.0  # MPS active-thread percentage the instance started with; fixed for its life
     clock_mhz: int = 0  # the GPU's SM clock; 0 means the GPU's max clock
     batch_cap: int = 256  # max sequences admitted at once (vLLM's max_num_seqs)
     # Prompt tokens one step may prefill (vLLM's max_num_batched_tokens with chunked prefill); the
@@ -185,8 +198,17 @@ class SimulatedEngine:
 
     def update_settings(self, sm_pct: float | None = None, clock_mhz: int | None = None,
                         batch_cap: int | None = None, chunk_tokens: int | None = None) -> EngineSettings:
-        """Validate and queue new settings for the next step boundary; returns what will apply."""
+        """Validate and queue new settings for the next step boundary; returns what will apply.
+
+        ``sm_pct`` may only repeat the share the engine started with: another one raises
+        ``ShareFixedError`` (see ``EngineSettings``) and nothing else of the call applies.
+        """
         base = self._pending or self._settings
+        if sm_pct is not None:
+            self._checked(replace(base, sm_pct=sm_pct), base)  # a malformed share is a plain SettingsError
+            if abs(float(sm_pct) - self._settings.sm_pct) > 1e-9:
+                raise ShareFixedError(f"sm_pct = {sm_pct!r}: this instance runs at {self._settings.sm_pct:g}% and "
+                                      f"an SM share is fixed at start; start a new instance at that share")
         changes = {k: v for k, v in (("sm_pct", sm_pct), ("clock_mhz", clock_mhz), ("batch_cap", batch_cap),
                                      ("chunk_tokens", chunk_tokens)) if v is not None}
         new = self._checked(replace(base, **changes), base)  # type: ignore[arg-type]

@@ -2,16 +2,19 @@
 
 Routes: ``POST /v1/completions`` (streamed as server-sent events ending with
 ``data: [DONE]``, or one JSON answer), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text) and ``POST /admin/settings`` (``sm_pct``,
-``clock_mhz``, ``batch_cap``, ``chunk_tokens``; applied at the engine's next
-step), which festina-node's control loop calls after it changed the GPU's
-clock or the instance's MPS share, or chose a new batch cap or prefill chunk.
-``/health`` carries what that loop plans with: the queue (``running``,
-``waiting``, ``pending_prompt_tokens``), ``arrival_rate_per_s``, the
-settings in force and the server's ``pid`` (its MPS client). A real
-deployment runs ``vllm serve`` instead, which speaks the same completions
-API (see ``serve/launch.py``); its settings then change through the GPU and
-vLLM's own restart, not this endpoint.
+``GET /metrics`` (Prometheus text) and ``POST /admin/settings`` (``clock_mhz``,
+``batch_cap``, ``chunk_tokens``; applied at the engine's next step), which
+festina-node's control loop calls after it changed the GPU's clock or chose a
+new batch cap or prefill chunk. ``sm_pct`` there is accepted only when it is
+the share the server started with: any other answers 409 naming it, since an
+MPS client's share is fixed when its CUDA context is created and a new share
+takes a new instance (festinad starts one). ``/health`` carries what that
+loop plans with: the queue (``running``, ``waiting``,
+``pending_prompt_tokens``), ``arrival_rate_per_s``, the settings in force and
+the server's ``pid`` (its MPS client). A real deployment runs ``vllm serve``
+instead, which speaks the same completions API (see ``serve/launch.py``); its
+settings then change through the GPU and vLLM's own restart, not this
+endpoint.
 
 The admin endpoint has no authentication yet (issue 9): bind to a host the
 head node and the node controller reach, not a public one.
@@ -38,7 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from festina_hpc.serve import openai
-from festina_hpc.serve.engine import EngineStopped, SettingsError, SimulatedEngine
+from festina_hpc.serve.engine import EngineStopped, SettingsError, ShareFixedError, SimulatedEngine
 from festina_hpc.serve.metrics import CONTENT_TYPE, engine_registry, render
 
 ENGINE_KEY = web.AppKey("engine", SimulatedEngine)
@@ -174,7 +177,8 @@ async def admin_settings(request: web.Request) -> web.Response:
                                batch_cap=body.get("batch_cap"), chunk_tokens=body.get("chunk_tokens"))
     except SettingsError as exc:
         field = str(exc).split(" ", 1)[0]
-        raise openai.ApiError(400, str(exc), param=field) from None
+        # 409: a valid share, but not this instance's (it conflicts with the running process).
+        raise openai.ApiError(409 if isinstance(exc, ShareFixedError) else 400, str(exc), param=field) from None
     return web.json_response(_settings_json(engine))
 
 

@@ -11,6 +11,7 @@ from festina_hpc.accounting.metrics import (
     MetricsError,
     MetricsSnapshot,
     ModelFigures,
+    ShareFigures,
     build_registry,
     exposition,
 )
@@ -69,8 +70,19 @@ def test_each_scrape_reads_the_current_snapshot() -> None:
     (MetricsSnapshot(decisions_per_s=float("nan")), "metrics: festina_decisions_per_second = nan must be"),
     (MetricsSnapshot(gpus=(GpuFigures("n01", 0, 1.0, 1.0), GpuFigures("n01", 0, 2.0, 2.0))),
      "metrics: gpus[node=n01, gpu=0] appears twice"),
+    (MetricsSnapshot(shares=(ShareFigures("n01", 0, 7, 50.0, 130.0),)),
+     "metrics: shares[node=n01, gpu=0, job=7].wanted_sm_pct = 130.0 must be in [0, 100]"),
 ])
 def test_bad_figures_are_refused_naming_them(snapshot: MetricsSnapshot, message: str) -> None:
     with pytest.raises(MetricsError) as info:
         exposition(build_registry(snapshot))
     assert str(info.value).startswith(message)
+
+
+def test_a_jobs_share_and_the_share_wanted_instead() -> None:
+    got = samples(MetricsSnapshot(shares=(ShareFigures("n01", 0, 7, 50.0, 30.0), ShareFigures("n01", 0, 8, 40.0))))
+    key = (("gpu", "0"), ("job", "7"), ("node", "n01"))
+    assert got[("festina_job_sm_share_percent", key)] == 50.0
+    assert got[("festina_job_wanted_sm_share_percent", key)] == 30.0
+    assert got[("festina_job_sm_share_percent", (("gpu", "0"), ("job", "8"), ("node", "n01")))] == 40.0
+    assert ("festina_job_wanted_sm_share_percent", (("gpu", "0"), ("job", "8"), ("node", "n01"))) not in got

@@ -13,14 +13,15 @@ from festina_hpc.gpu.simulated import SimulatedMps
 
 @dataclass
 class FakeRunner:
-    """Records each command; answers with ``result``."""
+    """Records each command; answers with ``answers[stdin]`` where given, else ``result``."""
 
     result: RunResult = field(default_factory=lambda: RunResult(0, "", ""))
     calls: list[tuple[list[str], dict[str, str], str, float]] = field(default_factory=list)
+    answers: dict[str, RunResult] = field(default_factory=dict)
 
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], stdin: str, timeout_s: float) -> RunResult:
         self.calls.append((list(argv), dict(env), stdin, timeout_s))
-        return self.result
+        return self.answers.get(stdin, self.result)
 
 
 def make_mps(runner: FakeRunner) -> NvidiaMps:
@@ -46,7 +47,8 @@ def test_start_runs_the_daemon_with_its_own_directories_and_gpu(tmp_path: Path) 
 
 
 def test_commands_go_on_stdin_to_the_gpus_daemon(tmp_path: Path) -> None:
-    runner = FakeRunner()
+    # 4242 is an MPS server (nvidia-cuda-mps-server): the share is for the clients it starts later.
+    runner = FakeRunner(answers={"get_server_list\n": RunResult(0, "4242\n4343\n", "")})
     mps = make_mps(runner)
     mps.start(1, tmp_path / "pipe", tmp_path / "log")
     mps.set_default_active_thread_pct(1, 40)
@@ -57,9 +59,22 @@ def test_commands_go_on_stdin_to_the_gpus_daemon(tmp_path: Path) -> None:
     pipe = str(tmp_path / "pipe")
     assert commands == [
         (["/usr/bin/nvidia-cuda-mps-control"], "set_default_active_thread_percentage 40\n", pipe),
+        (["/usr/bin/nvidia-cuda-mps-control"], "get_server_list\n", pipe),
         (["/usr/bin/nvidia-cuda-mps-control"], "set_active_thread_percentage 4242 60\n", pipe),
         (["/usr/bin/nvidia-cuda-mps-control"], "quit\n", pipe),
     ]
+
+
+def test_a_pid_that_is_not_an_mps_server_gets_no_share(tmp_path: Path) -> None:
+    """A model server's pid is a CUDA client: its share is fixed at its start, so nothing is sent for it."""
+    runner = FakeRunner(answers={"get_server_list\n": RunResult(0, "4242\n", "")})
+    mps = make_mps(runner)
+    mps.start(0, tmp_path / "pipe", tmp_path / "log")
+    with pytest.raises(GpuError, match=r"^GPU 0: set active thread percentage of server 777: pid 777 is not an MPS "
+                                       r"server of this GPU \(servers: 4242\); a client's share is fixed when it "
+                                       r"starts$"):
+        mps.set_active_thread_pct(0, 777, 30)
+    assert [stdin for _, _, stdin, _ in runner.calls[1:]] == ["get_server_list\n"]
 
 
 @pytest.mark.parametrize("pct", [0, 101, -5, 50.5, True, "50"])

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from festina_hpc.node.agent import NodeAgent
 from festina_hpc.node.errors import NodeInputError
 from tests.node.conftest import SimNode, make_job
 
@@ -82,14 +83,30 @@ def test_clock_changes_are_rate_limited_downwards_and_immediate_upwards(sim_node
     assert n.gpu.current_clock_mhz(0) == 1800
 
 
-def test_sm_shares_change_at_safe_points_shrinks_first(sim_node: SimNode) -> None:
+def test_a_requested_share_is_kept_as_wanted_and_never_changed_in_place(sim_node: SimNode) -> None:
     n = sim_node
     n.agent.prolog(make_job(41, mps_pct=60))
     n.agent.prolog(make_job(42, mps_pct=40))
     n.agent.request_settings(0, None, {41: 30, 42: 70})
-    first = n.agent.control_tick()
+    for _ in range(3):
+        assert n.agent.control_tick().share_changes == {}
+    jobs = {j.job_id: (j.sm_pct, j.desired_sm_pct) for j in n.state.read().gpu(0).jobs}
+    assert jobs == {41: (60.0, 30.0), 42: (40.0, 70.0)}  # a restart's business (festinad), shown in the state
+    daemon = n.mps.daemon(0)
+    assert daemon is not None and daemon["server_pct"] == {}
+    n.agent.request_settings(0, None, {41: 60})  # its own share again: nothing wanted any more
+    assert n.state.read().gpu(0).job(41).desired_sm_pct is None  # type: ignore[union-attr]
+
+
+def test_with_live_share_change_sm_shares_change_at_safe_points_shrinks_first(sim_node: SimNode) -> None:
+    n = sim_node
+    agent = NodeAgent("n1", n.gpu, n.mps, n.state, n.paths, clock=n.clock, live_share_change=True)
+    agent.prolog(make_job(41, mps_pct=60))
+    agent.prolog(make_job(42, mps_pct=40))
+    agent.request_settings(0, None, {41: 30, 42: 70})
+    first = agent.control_tick()
     assert first.share_changes == {41: 30.0}  # the shrink; the grow waits a tick
-    assert n.agent.control_tick().share_changes == {42: 70.0}
+    assert agent.control_tick().share_changes == {42: 70.0}
     assert sorted(j.sm_pct for j in n.state.read().gpu(0).jobs) == [30.0, 70.0]
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from festina_hpc.gpu.base import Workload
+from festina_hpc.node.agent import NodeAgent
 from festina_hpc.node.config import NodeConfig, NodePaths
 from festina_hpc.node.control import GpuActivity, LocalController, ServerReport, parse_health
 from festina_hpc.node.errors import NodeError, NodeInputError
@@ -25,8 +28,8 @@ from festina_hpc.node.main import (
     build_node,
 )
 from festina_hpc.node.simulated import PersistentSimulatedGpu
-from festina_hpc.policy.base import PolicyContext, make_policy
-from festina_hpc.policy.types import GpuSettings
+from festina_hpc.policy.base import Policy, PolicyContext, make_policy
+from festina_hpc.policy.types import ClusterView, Drop, GpuSettings, GpuView, Placement, Request
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.sim.workload import default_slo
 from tests.conftest import REPO_PROFILES
@@ -54,6 +57,8 @@ class FakeServers:
         if port in self.down:
             raise NodeError(f"port {port}: connection refused")
         self.applied.append((port, dict(settings)))
+        changed: dict[str, Any] = dict(settings)
+        self.reports[port] = replace(self.reports[port], **changed)  # reported from now on, as a server does
 
 
 @dataclass
@@ -69,48 +74,120 @@ def serving_job(job_id: int, gpu: int, port: int, mps_pct: int = 50) -> JobConte
 
 
 def controller(servers: FakeServers, decisions: FakeDecisions | None = None,
-               owns: bool = True, activity: GpuActivity | None = None) -> LocalController:
+               owns: bool = True, activity: GpuActivity | None = None, live_share_change: bool = False,
+               policy: Policy | None = None) -> LocalController:
     store = ProfileStore(REPO_PROFILES)
-    policy = make_policy("festina", PolicyContext(store, GPU))
+    policy = policy or make_policy("festina", PolicyContext(store, GPU, live_share_change=live_share_change))
     return LocalController(policy, store, GPU, servers, slo_for=lambda m: default_slo(store, GPU, m),
                            owns_pid=lambda pid, job: owns, decisions=decisions, activity=activity)
+
+
+class WantsShare(Policy):
+    """Every instance at ``sm_pct``, with a fixed clock and batch cap: a share other than the running one."""
+
+    name = "wants-share"
+
+    def __init__(self, context: PolicyContext, sm_pct: float, clock_mhz: int = 1410, batch_cap: int = 64):
+        super().__init__(context)
+        self.sm_pct, self.clock_mhz, self.batch_cap = sm_pct, clock_mhz, batch_cap
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        return Drop("not placed on a node")
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings:
+        return GpuSettings(clock_mhz=self.clock_mhz, sm_pct={i: self.sm_pct for i in gpu.instances},
+                           batch_cap={i: self.batch_cap for i in gpu.instances})
+
+
+def live_agent(n: SimNode) -> NodeAgent:
+    """The fixture's node with an engine that changes a running instance's share itself."""
+    return NodeAgent("n1", n.gpu, n.mps, n.state, n.paths, slurm=n.slurm,
+                     jobs_changed=_simulated_workloads(n.gpu, ProfileStore(REPO_PROFILES), MODEL),
+                     clock_min_interval_s=10.0, clock=n.clock, live_share_change=True)
 
 
 def shares(n: SimNode, gpu: int) -> dict[int, float]:
     return {j.job_id: j.sm_pct for j in n.state.read().gpu(gpu).jobs}
 
 
-def test_decode_only_gpu_runs_slower_than_one_with_a_prefill_burst_and_shares_fit(sim_node: SimNode) -> None:
+def test_decode_only_gpu_runs_slower_than_one_with_a_prefill_burst_and_shares_stay_as_started(
+        sim_node: SimNode) -> None:
     n = sim_node
     servers = FakeServers({9001: replace(DECODING, sm_pct=30.0), 9002: replace(DECODING, sm_pct=30.0),
                            9003: replace(PREFILL_BURST, sm_pct=30.0), 9004: replace(DECODING, sm_pct=60.0)})
     decisions = FakeDecisions()
-    for job_id, gpu, port, pct in ((11, 0, 9001, 30), (12, 0, 9002, 30), (21, 1, 9003, 30), (22, 1, 9004, 60)):
-        n.agent.prolog(serving_job(job_id, gpu, port, pct))
+    started = {11: 30.0, 12: 30.0, 21: 30.0, 22: 60.0}
+    for job_id, gpu, port in ((11, 0, 9001), (12, 0, 9002), (21, 1, 9003), (22, 1, 9004)):
+        n.agent.prolog(serving_job(job_id, gpu, port, round(started[job_id])))
     ctl = controller(servers, decisions)
-    changes = []
     for _ in range(3):
         report = ctl.step(n.agent)
-        changes.append(dict(report.tick.share_changes))
-        assert all(sum(shares(n, gpu).values()) <= 100.0 for gpu in (0, 1))
+        assert report.tick.share_changes == {}
         n.clock.advance(2.0)
     decode_mhz, burst_mhz = n.gpu.current_clock_mhz(0), n.gpu.current_clock_mhz(1)
     assert decode_mhz < burst_mhz == n.gpu.spec.max_clock_mhz
+    assert {**shares(n, 0), **shares(n, 1)} == started  # no share changes in place
+    # The servers were told the clock in force, never a share; MPS was not asked to change one.
+    told: dict[int, dict[str, float | int]] = {port: {} for port in servers.reports}
+    for port, settings in servers.applied:
+        told[port].update(settings)
+    assert told[9001]["clock_mhz"] == decode_mhz and "clock_mhz" not in told[9003]  # only what differs
+    assert not any("sm_pct" in settings for _, settings in servers.applied)
+    assert all((daemon := n.mps.daemon(gpu)) is not None and daemon["server_pct"] == {} for gpu in (0, 1))
+    recorded = {(gpu, s.clock_mhz) for _, gpu, s in decisions.recorded}
+    assert (0, decode_mhz) in recorded and not any(s.sm_pct for _, _, s in decisions.recorded)
+
+
+def test_a_share_the_policy_wants_is_recorded_as_wanted_and_never_set_on_the_running_server(
+        sim_node: SimNode, caplog: pytest.LogCaptureFixture) -> None:
+    n = sim_node
+    servers = FakeServers({9001: replace(DECODING, sm_pct=50.0)})
+    decisions = FakeDecisions()
+    n.agent.prolog(serving_job(11, 0, 9001, mps_pct=50))
+    policy = WantsShare(PolicyContext(ProfileStore(REPO_PROFILES), GPU), sm_pct=30.0)
+    ctl = controller(servers, decisions, policy=policy)
+    with caplog.at_level(logging.INFO, logger="festina_hpc.node.agent"):
+        for _ in range(3):
+            assert ctl.step(n.agent).tick.share_changes == {}
+            n.clock.advance(2.0)
+        policy.sm_pct = 40.0
+        ctl.step(n.agent)
+    (job,) = n.state.read().gpu(0).jobs
+    assert (job.sm_pct, job.desired_sm_pct, job.server_pid) == (50.0, 40.0, 4242)  # wanted, not in force
+    daemon = n.mps.daemon(0)
+    assert daemon is not None and daemon["server_pct"] == {}  # no set_active_thread_percentage on its pid
+    # Clock and batch cap are live settings: they applied; the share was never sent.
+    assert n.gpu.current_clock_mhz(0) == 1410
+    assert servers.applied == [(9001, {"clock_mhz": 1410, "batch_cap": 64})]
+    assert [s for _, _, s in decisions.recorded] == [GpuSettings(clock_mhz=1410, batch_cap={11: 64})]
+    wanted = [r.getMessage() for r in caplog.records if "wants an SM share" in r.getMessage()]
+    assert len(wanted) == 2 and "of 30% (runs at 50%)" in wanted[0] and "of 40%" in wanted[1]  # once per change
+
+
+def test_with_live_share_change_shares_change_at_safe_points_without_mps(sim_node: SimNode) -> None:
+    """A site engine with its own mechanism: the ledger takes the share (shrinks first), the server hears it."""
+    n = sim_node
+    agent = live_agent(n)
+    servers = FakeServers({9003: replace(PREFILL_BURST, sm_pct=30.0), 9004: replace(DECODING, sm_pct=60.0)})
+    agent.prolog(serving_job(21, 1, 9003, 30))
+    agent.prolog(serving_job(22, 1, 9004, 60))
+    ctl = controller(servers, live_share_change=True)
+    changes = []
+    for _ in range(3):
+        changes.append(dict(ctl.step(agent).tick.share_changes))
+        assert sum(shares(n, 1).values()) <= 100.0
+        n.clock.advance(2.0)
     # GPU 1 was full: the burst's grow waited for the other job's shrink (an earlier tick).
     assert shares(n, 1)[21] > 30 and shares(n, 1)[22] < 60
     shrunk_at = next(t for t, c in enumerate(changes) if 22 in c)
     grown_at = next(t for t, c in enumerate(changes) if 21 in c)
     assert shrunk_at < grown_at
-    # The servers were told what is in force; MPS got the shares for their (checked) pids.
     told: dict[int, dict[str, float | int]] = {port: {} for port in servers.reports}
     for port, settings in servers.applied:
         told[port].update(settings)
-    assert told[9001]["clock_mhz"] == decode_mhz and told[9001]["sm_pct"] == shares(n, 0)[11]
-    assert told[9003]["sm_pct"] == shares(n, 1)[21] and "clock_mhz" not in told[9003]  # only what differs
+    assert told[9003]["sm_pct"] == shares(n, 1)[21] and told[9004]["sm_pct"] == shares(n, 1)[22]
     daemon = n.mps.daemon(1)
-    assert daemon is not None and daemon["server_pct"]["4242"] == round(shares(n, 1)[21])
-    recorded = {(gpu, s.clock_mhz) for _, gpu, s in decisions.recorded}
-    assert (0, decode_mhz) in recorded and any(21 in s.sm_pct for _, _, s in decisions.recorded)
+    assert daemon is not None and daemon["server_pct"] == {}  # the engine's mechanism, not MPS
 
 
 def test_an_unreachable_server_is_left_alone_and_the_rest_is_controlled(sim_node: SimNode) -> None:
@@ -119,12 +196,13 @@ def test_an_unreachable_server_is_left_alone_and_the_rest_is_controlled(sim_node
     n.agent.prolog(serving_job(11, 0, 9001, mps_pct=30))
     n.agent.prolog(serving_job(12, 0, 9002, mps_pct=60))
     n.agent.prolog(JobContext(13, 0, "root", "n1", (1,), 30, Directives()))  # not a serving job: no port
-    report = controller(servers, owns=False).step(n.agent)
+    policy = WantsShare(PolicyContext(ProfileStore(REPO_PROFILES), GPU), sm_pct=80.0)
+    report = controller(servers, owns=False, policy=policy).step(n.agent)
     assert report.unreachable == (12,)
-    assert shares(n, 0)[12] == 60.0 and shares(n, 1)[13] == 30.0
-    assert 30.0 < shares(n, 0)[11] <= 40.0  # grown, but only into the room the silent job leaves
-    daemon = n.mps.daemon(0)
-    assert daemon is not None and daemon["server_pct"] == {}  # the pid was not the job's: MPS left alone
+    assert shares(n, 0) == {11: 30.0, 12: 60.0} and shares(n, 1)[13] == 30.0
+    wanted = {j.job_id: j.desired_sm_pct for j in n.state.read().gpu(0).jobs}
+    assert wanted == {11: 40.0, 12: None}  # only the room the silent job leaves
+    assert n.state.read().gpu(0).jobs[0].server_pid is None  # the pid was not the job's: not recorded
     assert {port for port, _ in servers.applied} == {9001}
 
 
@@ -230,3 +308,13 @@ def test_a_simulated_node_wires_the_activity_into_its_controller(tmp_path: Path,
     ctl.step(agent)
     assert backend.power_w(0) == pytest.approx(backend.spec.idle_w)  # its server reported idle over HTTP
     agent.epilog(serving_job(11, 0, idle_server))
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_the_node_builds_its_policy_and_agent_with_the_configured_live_share_change(tmp_path: Path,
+                                                                                   live: bool) -> None:
+    cfg = NodeConfig(state_dir=str(tmp_path / "state"), gpu_backend="simulated", profiles_dir=str(REPO_PROFILES),
+                     live_share_change=live)
+    agent, ctl = build_node(Invocation(cfg, "n1", {}, "simulated"), with_controller=True)
+    assert ctl is not None
+    assert ctl.policy.context.live_share_change is live and agent.live_share_change is live

@@ -140,36 +140,39 @@ def health(port: int) -> dict[str, object] | None:
         return None
 
 
-def test_the_control_loop_sets_clock_and_shares_and_the_servers_pace_by_them(
+def test_the_control_loop_sets_the_clock_and_keeps_the_shares_the_servers_started_with(
         cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
     """Two emulated model servers as MPS jobs on n1's GPU; festina-node's loop (0.5 s tick) runs festina's control."""
     cfg, client = cluster
     festina = str(Path(str(festina_node_executable())).parent / "festina")
     ports = [free_ports(1, start=27000), free_ports(1, start=27500)]
+    started = (40, 50)
     ids = [sbatch(cfg, "-w", "n1", f"--gres=mps:{pct}", f"--output={cfg.base_dir}/out/serve-%j.out",
                   f"--comment=festina:model={MODEL},instance=ctl{i},port={port}",
                   "--wrap", f"exec {festina} serve --engine emulated --model {MODEL} --gpu-type {GPU_TYPE} "
                             f"--host 127.0.0.1 --port {port} --sm-pct {pct} --time-scale 2")
-           for i, (pct, port) in enumerate(zip((40, 50), ports))]
+           for i, (pct, port) in enumerate(zip(started, ports))]
     try:
         def settled() -> bool:
             gpu = node_status(cfg, "n1")["gpus"]["0"]  # type: ignore[index]
             jobs = {j["job_id"]: j for j in gpu["jobs"]}
             if set(ids) - set(jobs) or gpu.get("clock_mhz") is None:
                 return False
-            assert sum(j["sm_pct"] for j in jobs.values()) <= 100
             reports = [health(port) for port in ports]
-            return all(r is not None and r["clock_mhz"] == gpu["clock_mhz"] and r["sm_pct"] == jobs[i]["sm_pct"]
-                       and jobs[i]["server_pid"] == r["pid"] for i, r in zip(ids, reports))
+            return all(r is not None and r["clock_mhz"] == gpu["clock_mhz"] and jobs[i]["server_pid"] == r["pid"]
+                       for i, r in zip(ids, reports))
 
-        wait_for("the controller's clock and shares on both servers", settled, timeout_s=45)
+        wait_for("the controller's clock on both servers", settled, timeout_s=45)
         gpu = node_status(cfg, "n1")["gpus"]["0"]  # type: ignore[index]
         assert gpu["clock_mhz"] < 1980  # two idle servers: festina runs the GPU slower than max
+        # A running instance keeps the share it started with (--gres=mps:K, --sm-pct K): in the ledger, in
+        # the server, and no MPS call tried to change it; a share the policy wants instead is only recorded.
+        jobs = sorted(gpu["jobs"], key=lambda j: j["job_id"])
+        assert [j["sm_pct"] for j in jobs] == list(started)
+        assert [health(port)["sm_pct"] for port in ports] == list(started)  # type: ignore[index]
+        assert all(j["desired_sm_pct"] is None or j["desired_sm_pct"] != j["sm_pct"] for j in jobs)
         daemons = json.loads((cfg.base_dir / "node" / "n1" / "simulated-mps.json").read_text())
-        # A share that changed since the job started (--gres=mps:K) is set on its MPS server too.
-        changed = {j["server_pid"]: round(j["sm_pct"]) for j, pct in zip(sorted(gpu["jobs"], key=lambda j: j["job_id"]),
-                                                                          (40, 50)) if j["sm_pct"] != pct}
-        assert {int(pid): pct for pid, pct in daemons["0"]["server_pct"].items()} == changed
+        assert daemons["0"]["server_pct"] == {}
         with sqlite3.connect(cfg.base_dir / "festina.db") as db:
             settings = db.execute("SELECT details FROM decisions d JOIN gpus g ON g.id = d.gpu_id JOIN nodes n "
                                   "ON n.id = g.node_id WHERE d.kind = 'setting' AND n.name = 'n1'").fetchall()

@@ -54,6 +54,16 @@ def test_snapshot_power_from_counter_deltas_and_model_energy_that_only_grows() -
                                                                         "unknown": (0.0, 250.0)}
 
 
+def test_snapshot_shows_each_mps_jobs_share_and_the_one_wanted_instead() -> None:
+    wants = JobOnGpu(job_id=1, uid=0, user="root", sm_pct=50.0, started_at_s=0.0, start_counter_j=0.0,
+                     desired_sm_pct=30.0, uses_mps=True)
+    keeps = JobOnGpu(job_id=2, uid=0, user="root", sm_pct=40.0, started_at_s=0.0, start_counter_j=0.0, uses_mps=True)
+    whole = job(3, 0.0, 100)  # a whole GPU, not an MPS client: no share to show
+    snap = NodeMetrics("n1", lambda: state(GpuRecord(0, (wants, keeps)), GpuRecord(1, (whole,)))).snapshot()
+    assert [(f.gpu_index, f.job_id, f.sm_pct, f.wanted_sm_pct) for f in snap.shares] == [(0, 1, 50.0, 30.0),
+                                                                                          (0, 2, 40.0, None)]
+
+
 def test_job_totals_sum_a_job_over_its_gpus() -> None:
     s = state(GpuRecord(0, (job(7, 10.0), job(8, 1.0))), GpuRecord(1, (job(7, 5.0),)))
     assert [(t.job_id, t.energy_j) for t in job_totals(s)] == [(7, 15.0), (8, 1.0)]
@@ -115,9 +125,16 @@ def test_outputs_off_by_default() -> None:
     assert (cfg.metrics_port, cfg.metrics_addr, cfg.admin_comment_period_s) == (0, "127.0.0.1", 30.0)
 
 
+def test_live_share_change_is_off_by_default_and_a_boolean() -> None:
+    assert node_config_from_mapping({}, "t").live_share_change is False
+    assert node_config_from_mapping({"live_share_change": True}, "t").live_share_change is True
+
+
 @pytest.mark.parametrize("raw, words", [
     ({"metrics_port": 70000}, "node.metrics_port = 70000 must be in 0..65535"),
     ({"metrics_port": "9400"}, "node.metrics_port must be int"),
+    ({"live_share_change": "yes"}, "node.live_share_change must be bool, got 'yes'"),
+    ({"metrics_port": True}, "node.metrics_port must be int, got True"),
     ({"admin_comment_period_s": -1}, "node.admin_comment_period_s must not be negative"),
 ])
 def test_bad_output_settings_are_refused(raw: dict[str, object], words: str, tmp_path: Path) -> None:

@@ -78,17 +78,18 @@ def assert_close(measured_s: float, expected_s: float) -> None:
 
 def test_ttft_and_tbt_track_the_profile_and_settings_apply(store: ProfileStore) -> None:
     prompt, outputs = 512, 6
-    fast_ttft, fast_tbt = expected_times(store, prompt, outputs)
+    fast_ttft, fast_tbt = expected_times(store, prompt, outputs, sm_pct=30)
     slow_ttft, slow_tbt = expected_times(store, prompt, outputs, sm_pct=30, clock_mhz=900)
-    assert slow_ttft > 1.5 * fast_ttft and slow_tbt > 1.1 * fast_tbt  # the settings make a measurable difference
+    assert slow_ttft > 1.5 * fast_ttft  # the clock makes a measurable difference
 
     async def scenario() -> None:
-        engine = make_engine(store, time_scale=TIME_SCALE)
+        engine = make_engine(store, time_scale=TIME_SCALE, sm_pct=30)  # the share it starts with
         async with simulated_server(engine) as url, aiohttp.ClientSession() as session:
             request = {"model": MODEL, "prompt": words(prompt), "max_tokens": outputs}
             fast = await stream(session, url, request)
             assert_close(fast.ttft_s, TIME_SCALE * fast_ttft)
             assert_close(fast.tbt_mean_s, TIME_SCALE * fast_tbt)
+            # Its own share again is no change, so it is accepted with the clock.
             async with session.post(f"{url}/admin/settings", json={"sm_pct": 30, "clock_mhz": 900}) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["pending"]["clock_mhz"] == 900
@@ -102,6 +103,40 @@ def test_ttft_and_tbt_track_the_profile_and_settings_apply(store: ProfileStore) 
                 assert resp.status == 400 and (await resp.json())["error"]["param"] == "clock_mhz"
             async with session.post(f"{url}/admin/settings", json={"power_w": 300}) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["param"] == "power_w"
+
+    run(scenario())
+
+
+def test_a_new_sm_share_is_refused_and_the_engine_keeps_its_own_while_clock_and_batch_cap_apply(
+        store: ProfileStore) -> None:
+    prompt, outputs = 512, 4
+    ttft_at_start, _ = expected_times(store, prompt, outputs, sm_pct=30, clock_mhz=900)
+    ttft_if_changed, _ = expected_times(store, prompt, outputs, sm_pct=60, clock_mhz=900)
+    assert ttft_at_start > 1.5 * ttft_if_changed  # pacing tells the two shares apart
+
+    async def scenario() -> None:
+        engine = make_engine(store, time_scale=TIME_SCALE, sm_pct=30)
+        async with simulated_server(engine) as url, aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/admin/settings", json={"sm_pct": 60, "clock_mhz": 900}) as resp:
+                assert resp.status == 409
+                error = (await resp.json())["error"]
+            assert error["param"] == "sm_pct" and "\n" not in error["message"]
+            assert error["message"].startswith("sm_pct = 60") and "fixed at start" in error["message"]
+            assert "new instance" in error["message"]
+            # Refused as a whole: the clock of the same call did not apply either.
+            async with session.get(f"{url}/admin/settings") as resp:
+                assert (await resp.json()) == {"settings": {"sm_pct": 30.0, "clock_mhz": 1980, "batch_cap": 256,
+                                                            "chunk_tokens": 2048}, "pending": None}
+            async with session.post(f"{url}/admin/settings", json={"clock_mhz": 900, "batch_cap": 8}) as resp:
+                assert resp.status == 200
+            async with session.post(f"{url}/admin/settings", json={"sm_pct": "half"}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "sm_pct"
+            got = await stream(session, url, {"model": MODEL, "prompt": words(prompt), "max_tokens": outputs})
+            assert_close(got.ttft_s, TIME_SCALE * ttft_at_start)  # paced at the share it started with
+            async with session.get(f"{url}/health") as resp:
+                health = await resp.json()
+            assert (health["sm_pct"], health["clock_mhz"], health["batch_cap"]) == (30.0, 900, 8)
+        assert engine.settings.sm_pct == 30.0
 
     run(scenario())
 
