@@ -233,7 +233,8 @@ def sweep_cmd(app: AppContext, policies: str, rate_scales: list[float], seeds: l
 @experiment_options
 @pass_app
 def bound_cmd(app: AppContext, out_dir: Path, **kwargs: Any) -> None:
-    """A lower bound on the energy any policy could spend on the workload; writes OUT/bound.json."""
+    """A lower bound on the energy any policy that meets every TTFT SLO could spend on the workload;
+    writes OUT/bound.json (each term, and how it is proven, in it)."""
     from festina_hpc.sim.bound import energy_lower_bound
 
     store = app.profile_store()
@@ -241,7 +242,8 @@ def bound_cmd(app: AppContext, out_dir: Path, **kwargs: Any) -> None:
     bound = energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos)
     experiment.write_config(out_dir)
     _write_json(out_dir / "bound.json", bound.as_dict())
-    click.echo(f"lower bound: {bound.energy_j / 3.6e6:.2f} kWh; wrote {out_dir / 'bound.json'}")
+    terms = ", ".join(f"{name.replace('_', ' ')} {j / 3.6e6:.3f}" for name, j in bound.terms_j.items())
+    click.echo(f"lower bound: {bound.energy_j / 3.6e6:.2f} kWh ({terms}); wrote {out_dir / 'bound.json'}")
 
 
 DEMO_POLICIES = ("vllm", "serverlessllm", "muxserve", "llumnix", "dynamollm", "festina")
