@@ -496,6 +496,35 @@ def test_floor_is_below_a_policy_that_resumes_and_loads_just_in_time(gap_s: floa
     assert bound.terms_j["wake_time"] > 0.0 and bound.node_hours_powered > 0.85 * result.node_hours_powered
 
 
+class FlickerPolicy(Policy):
+    """Resumes node 1 at 20 s, powers it off at 30 s while it wakes, resumes it at 40 s."""
+
+    name = "test-flicker"
+    consolidate_period_s = 10.0
+
+    def __init__(self, context: PolicyContext):
+        super().__init__(context)
+        self.seen: list[tuple[float, NodePower]] = []
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        return Drop("not served")
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        self.seen.append((view.now_s, view.node(1).power))
+        action = {10.0: PowerOff(1), 20.0: PowerOn(1), 30.0: PowerOff(1), 40.0: PowerOn(1)}.get(view.now_s)
+        return Plan((action,) if action is not None else ())
+
+
+def test_a_node_resumed_again_is_on_a_resume_time_after_its_last_resume() -> None:
+    """Term 5's premise: the first resume's readiness (at 320 s) must not bring up the node resumed
+    again at 40 s, which is on only from 340 s."""
+    policy = FlickerPolicy(PolicyContext(STORE, GPU))
+    Simulation(ClusterConfig(nodes=2), STORE, policy, [Request(0, 400.0, "llama-3.1-8b", 10, 1)],
+               slos(["llama-3.1-8b"])).run()
+    on_s = min(t for t, power in policy.seen if t > 40.0 and power is NodePower.ON)
+    assert on_s >= 40.0 + ClusterConfig().resume_time_s
+
+
 # -- the result --------------------------------------------------------------------------------
 
 
