@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from festina_hpc.profiles.specs import GpuSpec, ModelSpec
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.profiles.table import PHASES, ProfileTable
 from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.workload import ColdStartModel
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -37,8 +38,8 @@ METHOD = f"""\
 Lower bound on the energy the simulator charges any policy that serves every request of the
 workload. A run that drops requests can go below it (its drops count as SLO misses instead),
 but not below the floor of the requests it served.
-SLOs do not enter: it holds for runs that meet them or not. It is the sum of three floors on
-separate charges:
+Terms 1 to 3 hold for runs that meet SLOs or not; terms 4 and 5 for the requests that meet their
+TTFT SLO. It is the sum of these floors on separate charges:
 
 1. Tokens (gpu_active_j). Each request's prompt tokens (capped at the table's top context, the
    most one prefill step is charged for) times the model's least prefill energy per prompt
@@ -67,11 +68,54 @@ separate charges:
    before its first request and never move one, and a load's power can hide under the TDP cap
    of a co-resident instance.
 
+Two more floors hold for the requests that meet their TTFT SLO (all of them unless the caller
+names those that did, ``ttft_met``; the floor of a run that misses some is the floor with only
+the others named, every term growing with the requests named). They lengthen term 2's intervals
+and add powered nodes; they use that an instance starts only by loading its weights, that a load
+begins only on a node that is on, that a node holding an instance cannot be powered off, and that
+a node off at any time is on again only resume_time_s (R) after it was resumed.
+
+4. Loaded models. Let L be the model's least load time: the least over the simulator's loaders
+   (standard, fast, host cache) of their start time plus the weights per GPU over their
+   bandwidth. A request that meets its TTFT SLO T gets its first token at some f in
+   [a + p, a + T] (a: arrival, p: least prefill latency) from an instance I that it stays on to
+   the end (running requests never move). I was ready at f - p or before, so it began loading at
+   f - L - p or before, and its node has been on, and I has held its weights, from then to the
+   request's completion, at f + (n - 1) x d or later (n output tokens, d the least decode step).
+   As f ranges over [a + p, a + T], the span every case shares is [a + T - L - p, a + s],
+   s = p + (n - 1) x d: I's weights are in memory on a node that is on throughout it. So term
+   2's interval of such a request starts L + p - T earlier (when positive): a model asked for
+   again sooner than that after its last request cannot have been unloaded and reloaded in
+   between, and the models whose (lengthened) intervals overlap share GPU memory,
+   max(tp, ceil(sum of their weights / usable memory per GPU)) GPUs, as in term 2. Counted as
+   the powered node-seconds this adds over term 2, at on power less standby.
+5. Wake time. A node that is on at t' has been powered throughout [t' - R, t'] (or since the
+   start, when nodes are all on): after its last resume it waited R, and it was not powered off
+   in between or it would have needed a later resume. By term 4, at t' the models of the requests
+   whose span [a + T - L - p, a + s] holds t' are in memory on nodes that are on: at least k(t')
+   nodes, k counted from their weights as in term 2. So at any t at least max k(t') over
+   t' in [t, t + R] nodes are powered: each level set {{k >= j}} widened by R to the left, which
+   holds for several nodes because the j nodes on at t' are each powered over [t' - R, t'].
+   A request whose span is empty (T > L + p + s) still has its node on at f, so one node is powered
+   over [a + T - R, a + p]. Counted as the powered node-seconds this adds over terms 2 and 4.
+
 Only the total is a bound; the parts say where it comes from (the simulator books the idle
 power of a GPU that only loads as cold start, for example). Conditions: every step stays
 inside the table's batch axis (batch caps at most its top batch, 512 in the shipped tables;
 beyond it the simulator charges the time of the top batch for a bigger one), and table power
 lies between idle and TDP (true of the shipped tables; elsewhere a cruder floor is used)."""
+
+
+# What each entry of ``Bound.terms_j`` counts (bound.json's "terms"); they add up to energy_j.
+TERMS = {
+    "tokens": "term 1: prompt and decode tokens at the least energy per token (gpu_active_j)",
+    "standby": "every node's standby power over the horizon (standby_j, and the standby a powered node draws "
+               "in place of it)",
+    "in_flight": "term 2: nodes powered while requests must be in flight, at on power less standby",
+    "loaded_models": "term 4: nodes powered while a model must stay loaded for a request that meets its TTFT SLO, "
+                     "beyond term 2",
+    "wake_time": "term 5: nodes powered for the resume time before they must be on, beyond terms 2 and 4",
+}
 
 
 @dataclass(frozen=True)
@@ -87,36 +131,49 @@ class Bound:
     node_hours_powered: float  # least node-hours that must be powered
     gpu_hours_powered: float  # the GPUs of those nodes
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
+    terms_j: dict[str, float] = field(default_factory=dict)  # TERMS' keys; they add up to energy_j
+    ttft_met: int = 0  # requests taken to meet their TTFT SLO (terms 4 and 5 count only these)
     method: str = METHOD
 
     def as_dict(self) -> dict[str, Any]:
         return {"policy": "bound", "energy_j": self.energy_j, "energy_parts_j": dict(self.energy_parts_j),
-                "requests_total": self.requests_total,
+                "terms": {name: {"energy_j": j, "counts": TERMS[name]} for name, j in self.terms_j.items()},
+                "requests_total": self.requests_total, "ttft_met": self.ttft_met,
                 "generated_tokens": self.generated_tokens, "horizon_s": self.horizon_s,
                 "in_flight_s": self.in_flight_s, "node_hours_powered": self.node_hours_powered,
                 "gpu_hours_powered": self.gpu_hours_powered,
                 "per_model": {m: dict(v) for m, v in self.per_model.items()}, "method": self.method}
 
 
+Span = tuple[float, float, str]  # (start_s, end_s, model)
+
+
 def energy_lower_bound(requests: Sequence[Request], store: ProfileStore, config: ClusterConfig,
-                       slos: Mapping[str, Slo]) -> Bound:
+                       slos: Mapping[str, Slo], ttft_met: Collection[int] | None = None) -> Bound:
     """The energy floor of serving ``requests`` on ``config`` under ``store``'s profiles (see ``METHOD``).
 
-    ``slos`` is taken for the same call shape as ``Simulation``: its models are listed in
-    ``per_model`` even without traffic; the floor itself does not depend on SLOs.
+    ``ttft_met``: ids of the requests known to meet their TTFT SLO (``slos``), the only ones terms 4
+    and 5 count; None takes every request to meet it (the floor of runs that meet every TTFT SLO).
+    ``slos``' models are listed in ``per_model`` even without traffic.
     """
     spec = store.gpu(config.gpu_type)
     usable_bytes = spec.memory_bytes * config.usable_memory_frac
     names = sorted({store.model(r.model).name for r in requests} | {store.model(m).name for m in slos})
     models = {name: store.model(name) for name in names}
     tables = {name: store.table(spec.name, name) for name in names}
+    slo_of = {store.model(m).name: slo for m, slo in slos.items()}
 
     per_model: dict[str, dict[str, float]] = {}
     by_model: dict[str, list[Request]] = {name: [] for name in names}
     for r in requests:
         by_model[store.model(r.model).name].append(r)
     active_j = 0.0
-    intervals: list[tuple[float, float, str]] = []
+    resume_s = config.resume_time_s
+    held: list[Span] = []  # term 2: arrival to least completion
+    loaded: list[Span] = []  # term 4: held, started L + p - T earlier for a request that meets its TTFT
+    on: list[Span] = []  # term 4: when the request's instance's node must be on
+    one_node: list[tuple[float, float]] = []  # term 5, a request whose on-span is empty
+    met = 0
     for name in names:
         table, model = tables[name], models[name]
         mine = by_model[name]
@@ -130,58 +187,118 @@ def energy_lower_bound(requests: Sequence[Request], store: ProfileStore, config:
         # Least latencies: a multilinear interpolation never goes below its smallest corner.
         prefill_s = float(table.latency_s[PHASES.index("prefill")].min())
         step_s = float(table.latency_s[PHASES.index("decode")].min())
-        intervals.extend((r.arrival_s, r.arrival_s + prefill_s + max(0, r.output_tokens - 1) * step_s, name)
-                         for r in mine)
+        load_s = least_load_s(model, model.tp_on(spec.name), config)
+        slo = slo_of.get(name)
+        for r in mine:
+            end_s = r.arrival_s + prefill_s + max(0, r.output_tokens - 1) * step_s
+            held.append((r.arrival_s, end_s, name))
+            if slo is None or (ttft_met is not None and r.id not in ttft_met):
+                loaded.append((r.arrival_s, end_s, name))
+                continue
+            met += 1
+            ttft_s = slo.ttft_for(r.prompt_tokens)
+            on_s = r.arrival_s + ttft_s - load_s - prefill_s
+            loaded.append((min(r.arrival_s, on_s), end_s, name))
+            if on_s <= end_s:
+                on.append((on_s, end_s, name))
+            else:
+                one_node.append((r.arrival_s + ttft_s - resume_s, r.arrival_s + prefill_s))
         per_model[name] = {"requests": len(mine), "tp": table.tp, "prefill_tokens": prefill_tokens,
                            "decode_tokens": decode_tokens, "prefill_j_per_token": prefill_floor,
-                           "decode_j_per_token": decode_floor, "prefill_j": prefill_j, "decode_j": decode_j}
+                           "decode_j_per_token": decode_floor, "prefill_j": prefill_j, "decode_j": decode_j,
+                           "least_load_s": load_s, "least_prefill_s": prefill_s}
 
-    def gpus_needed(open_models: Sequence[str]) -> int:
+    def gpus_needed(open_models: Collection[str]) -> int:
         weights = sum(models[m].weights_bytes for m in open_models)
         return max(max(tables[m].tp for m in open_models), math.ceil(weights / usable_bytes))
 
-    in_flight_s, node_s = _powered_node_seconds(intervals, gpus_needed, config.gpus_per_node, config.nodes)
-    horizon_s = max([r.arrival_s for r in requests] + [end for _, end, _ in intervals], default=0.0)
     gpn = config.gpus_per_node
+    held_levels = _node_levels(held, gpus_needed, gpn, config.nodes)
+    loaded_levels = _node_levels(loaded, gpus_needed, gpn, config.nodes)
+    on_levels = _node_levels(on, gpus_needed, gpn, config.nodes)
+    in_flight_s = _measure(_union([(s, e) for s, e, _ in held]))
+    held_s = sum(_measure(level) for level in held_levels)
+    loaded_s = sum(_measure(level) for level in loaded_levels)
+    node_s = 0.0
+    for j in range(config.nodes):
+        spans = list(loaded_levels[j]) if j < len(loaded_levels) else []
+        if j < len(on_levels):
+            spans += [(s - resume_s, e) for s, e in on_levels[j]]
+        if j == 0:
+            spans += one_node
+        # Every node is on at the start: none was resumed before it.
+        node_s += _measure(_union([(max(0.0, s), e) for s, e in spans if e > max(0.0, s)]))
+    horizon_s = max([r.arrival_s for r in requests] + [end for _, end, _ in held], default=0.0)
     on_w = gpn * (spec.idle_w + config.node_static_w_per_gpu)
     off_w = config.standby_w
     if off_w <= on_w:
         idle_j = gpn * spec.idle_w * node_s
         static_j = gpn * config.node_static_w_per_gpu * node_s
         standby_j = off_w * (config.nodes * horizon_s - node_s)
+        extra_w = on_w - off_w
+        terms = {"tokens": active_j, "standby": off_w * config.nodes * horizon_s, "in_flight": extra_w * held_s,
+                 "loaded_models": extra_w * (loaded_s - held_s), "wake_time": extra_w * (node_s - loaded_s)}
     else:  # a node that draws more off than on: every node-second costs at least the on power
         idle_j = gpn * spec.idle_w * config.nodes * horizon_s
         static_j = gpn * config.node_static_w_per_gpu * config.nodes * horizon_s
         standby_j = 0.0
+        terms = {"tokens": active_j, "standby": idle_j + static_j, "in_flight": 0.0, "loaded_models": 0.0,
+                 "wake_time": 0.0}
     parts = {"gpu_active_j": active_j, "gpu_idle_j": idle_j, "cold_start_j": 0.0, "migration_j": 0.0,
              "share_restart_j": 0.0, "node_static_j": static_j, "standby_j": standby_j}
     return Bound(energy_j=sum(parts.values()), energy_parts_j=parts, requests_total=len(requests),
                  generated_tokens=sum(r.output_tokens for r in requests),
                  horizon_s=horizon_s, in_flight_s=in_flight_s, node_hours_powered=node_s / 3600,
-                 gpu_hours_powered=node_s * gpn / 3600, per_model=per_model)
+                 gpu_hours_powered=node_s * gpn / 3600, per_model=per_model, terms_j=terms, ttft_met=met)
 
 
-def _powered_node_seconds(intervals: Sequence[tuple[float, float, str]],
-                          gpus_needed: Callable[[Sequence[str]], int], gpus_per_node: int,
-                          nodes: int) -> tuple[float, float]:
-    """(seconds with an open interval, node-seconds that must be powered), by a sweep over the intervals."""
-    events = sorted([(start, 1, m) for start, _, m in intervals] + [(end, -1, m) for _, end, m in intervals],
+def least_load_s(model: ModelSpec, tp: int, config: ClusterConfig) -> float:
+    """The fastest start of an instance of ``model`` on ``tp`` GPUs: the least over the simulator's loaders."""
+    loaders = (ColdStartModel("standard", config.load_init_s, config.load_gbs),
+               ColdStartModel("fast", config.fast_load_init_s, config.fast_load_gbs),
+               ColdStartModel("host cache", config.fast_load_init_s, config.host_cache_gbs))
+    return min(loader.load_s(model.weights_bytes / tp) for loader in loaders)
+
+
+def _node_levels(spans: Sequence[Span], gpus_needed: Callable[[Collection[str]], int], gpus_per_node: int,
+                 nodes: int) -> list[list[tuple[float, float]]]:
+    """Level sets of the nodes the open spans' models need: entry j lists, in order, the disjoint
+    intervals during which at least j + 1 nodes are needed (a sweep over the spans)."""
+    events = sorted([(start, 1, m) for start, _, m in spans] + [(end, -1, m) for _, end, m in spans],
                     key=lambda e: (e[0], e[1]))
     open_count: dict[str, int] = {}
-    in_flight_s = node_s = 0.0
+    levels: list[list[tuple[float, float]]] = [[] for _ in range(nodes)]
     last_s = 0.0
     for time_s, delta, model in events:
         if open_count and time_s > last_s:
-            dt = time_s - last_s
-            in_flight_s += dt
-            node_s += dt * min(nodes, math.ceil(gpus_needed(sorted(open_count)) / gpus_per_node))
+            need = min(nodes, math.ceil(gpus_needed(open_count) / gpus_per_node))
+            for j in range(need):
+                level = levels[j]
+                if level and level[-1][1] == last_s:
+                    level[-1] = (level[-1][0], time_s)
+                else:
+                    level.append((last_s, time_s))
         last_s = time_s
         count = open_count.get(model, 0) + delta
         if count:
             open_count[model] = count
         else:
             del open_count[model]
-    return in_flight_s, node_s
+    return levels
+
+
+def _union(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _measure(intervals: Sequence[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
 
 
 def token_energy_floor_j(table: ProfileTable, phase: str, spec: GpuSpec, model: ModelSpec,

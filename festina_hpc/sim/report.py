@@ -8,8 +8,12 @@ difference from the best baseline broken down by part so that a saving
 explained by one part alone (idle power of GPUs a baseline keeps powered, for
 example) is plain to see. The floor
 from ``festina_hpc.sim.bound`` is shown where given. Festina's variants (any
-policy whose name starts with ``festina``) are compared to the best of the
-other policies, the baselines.
+policy whose name starts with ``festina``: festina and its ablations
+festina-placement, festina-control) are compared to the best baseline at equal
+SLO: the baseline (any other policy) that spent the least energy among those
+whose SLO attainment meets the target (0.99 unless told), or none. A cheaper
+baseline that misses the target is named, not compared against: energy saved by
+missing SLOs is no saving.
 """
 
 from __future__ import annotations
@@ -18,79 +22,144 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from festina_hpc.sim.bound import Bound
-from festina_hpc.sim.simulator import SimResult
+from festina_hpc.sim.simulator import ENERGY_PARTS, NODE_ENERGY_PARTS, SimResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 J_PER_KWH = 3.6e6
+DEFAULT_SLO_TARGET = 0.99  # SLO attainment a baseline must meet to be the one compared against
 # Energy parts in report order: SimResult.energy_parts_j key, label.
 PARTS = (("gpu_active_j", "GPU active"), ("gpu_idle_j", "GPU idle"), ("node_static_j", "node static"),
-         ("cold_start_j", "cold start"), ("migration_j", "migration"))
-PART_COLORS = ("#d62728", "#ff9896", "#7f7f7f", "#1f77b4", "#9467bd")
+         ("standby_j", "standby"), ("cold_start_j", "cold start"), ("migration_j", "migration"),
+         ("share_restart_j", "share restart"))
+PART_COLORS = ("#d62728", "#ff9896", "#7f7f7f", "#c7c7c7", "#1f77b4", "#9467bd", "#ff7f0e")
 
 
 def is_baseline(policy: str) -> bool:
+    """Every policy but festina and its ablations (festina-placement, festina-control)."""
     return not policy.startswith("festina")
 
 
-def best_baseline(results: Sequence[SimResult]) -> SimResult | None:
-    """The baseline that spent the least energy (of every policy when none is a baseline)."""
-    pool = [r for r in results if is_baseline(r.policy)] or list(results)
+def best_baseline(results: Sequence[SimResult], slo_target: float = DEFAULT_SLO_TARGET) -> SimResult | None:
+    """The baseline that spent the least energy of those whose SLO attainment meets ``slo_target``, or None."""
+    pool = [r for r in results if is_baseline(r.policy) and r.slo_attainment >= slo_target]
     return min(pool, key=lambda r: r.energy_j, default=None)
 
 
-def comparison_markdown(results: Sequence[SimResult], bound: Bound | None) -> str:
-    """Markdown: the summary table, the energy split, and where each policy's difference comes from."""
-    best = best_baseline(results)
+def cheaper_below_target(results: Sequence[SimResult], slo_target: float = DEFAULT_SLO_TARGET) -> list[SimResult]:
+    """Baselines that spent less than the best baseline (any energy, when there is none) but missed the target."""
+    best = best_baseline(results, slo_target)
+    return [r for r in results if is_baseline(r.policy) and r.slo_attainment < slo_target
+            and (best is None or r.energy_j < best.energy_j)]
+
+
+def comparison_json(results: Sequence[SimResult], bound: Bound | None,
+                    slo_target: float = DEFAULT_SLO_TARGET) -> dict[str, Any]:
+    """comparison.json: the best baseline by the SLO rule, festina's ratio to it, and a row per policy
+    (its ``as_dict``, every energy part present, with its ratios to the best baseline and the bound)."""
+    best = best_baseline(results, slo_target)
+    festina = next((r for r in results if r.policy == "festina"), None)
+    rows = []
+    for r in results:
+        row = r.as_dict()
+        row["energy_parts_j"] = {key: r.energy_parts_j.get(key, 0.0) for key in ENERGY_PARTS} | {
+            key: j for key, j in r.energy_parts_j.items() if key not in ENERGY_PARTS}
+        row["meets_slo_target"] = r.slo_attainment >= slo_target
+        row["x_best_baseline"] = r.energy_j / best.energy_j if best is not None and best.energy_j > 0 else None
+        row["x_bound"] = r.energy_j / bound.energy_j if bound is not None and bound.energy_j > 0 else None
+        rows.append(row)
+    return {"slo_target": slo_target, "best_baseline": best.policy if best else None,
+            "festina_vs_best_baseline": (festina.energy_j / best.energy_j
+                                         if festina is not None and best is not None and best.energy_j > 0
+                                         else None),
+            "cheaper_baselines_below_target": [r.policy for r in cheaper_below_target(results, slo_target)],
+            "bound_energy_j": bound.energy_j if bound is not None else None,
+            "results": rows}
+
+
+def comparison_markdown(results: Sequence[SimResult], bound: Bound | None,
+                        slo_target: float = DEFAULT_SLO_TARGET) -> str:
+    """Markdown: the summary tables, the energy split, and where each policy's difference comes from."""
+    best = best_baseline(results, slo_target)
     lines = ["# Policy comparison", ""]
     if results:
         first = results[0]
+        if best is not None:
+            chosen = (f"Best baseline at equal SLO: **{best.policy}**, the least energy of the baselines whose "
+                      f"SLO attainment meets {_pct(slo_target)}.")
+        else:
+            chosen = (f"Best baseline at equal SLO: **none**: no baseline's SLO attainment meets "
+                      f"{_pct(slo_target)}, so no policy is compared against one.")
+        cheaper = cheaper_below_target(results, slo_target)
+        if cheaper:
+            chosen += " Spent less but missed the target (not compared against): " + ", ".join(
+                f"{r.policy} ({_pct(r.slo_attainment)} SLO, {_kwh(r.energy_j)} kWh)" for r in cheaper) + "."
         lines.append(f"{first.requests_total} requests; every policy ran on the same workload, profiles and "
-                     f"cluster. Best baseline: **{best.policy if best else '-'}**.")
+                     f"cluster. {chosen}")
         lines.append("")
-    lines += _summary_table(results, bound, best)
+    lines += _summary_table(results, bound, best, slo_target)
     lines += ["", "SLO attainment: share of all requests (dropped and unfinished ones count as misses) whose "
               "TTFT is within the model's TTFT SLO and whose TBT, the request's mean time between tokens "
-              "(first to last token), is within the model's TBT SLO. p50/p99 are over completed requests.", ""]
-    lines += ["## Energy split", "", "kWh per part, and its share of the policy's total.", ""]
+              "(first to last token), is within the model's TBT SLO. p50/p99 are over completed requests. "
+              "GPU kWh: what the GPUs drew (the total less node static and standby power).", ""]
+    lines += ["## Latency and operations", ""]
+    lines += _operations_table(results, bound)
+    lines += ["", "## Energy split", "", "kWh per part, and its share of the policy's total.", ""]
     lines += _split_table(results, bound)
     if best is not None and len(results) > 1:
         lines += ["", f"## Difference from {best.policy} by part", "",
-                  f"kWh above (+) or below (-) {best.policy}, the best baseline; the last column names the "
-                  "part that accounts for most of the difference and its share of it.", ""]
+                  f"kWh above (+) or below (-) {best.policy}, the best baseline at equal SLO; the last column "
+                  "names the part that accounts for most of the difference and its share of it.", ""]
         lines += _difference_table(results, best)
     if bound is not None:
         lines += ["", "## Lower bound", "",
                   f"No policy that serves every request can spend less than **{_kwh(bound.energy_j)} kWh** "
-                  f"on this workload (tokens at the most efficient point of the profiles, plus the nodes "
-                  f"that must be powered while requests are in flight; loads counted as 0). "
-                  f"How it is computed: `method` in bound.json."]
+                  f"on this workload and meet every TTFT SLO (tokens at the most efficient point of the "
+                  f"profiles, plus the nodes that must be powered while requests are in flight, while models "
+                  f"must stay loaded to meet TTFT SLOs shorter than a load, and for the resume time before a "
+                  f"node must be on; loads counted as 0). By term:", ""]
+        lines += _table(["term", "kWh", "share"], [[name.replace("_", " "), _kwh(j), _share(j, bound.energy_j)]
+                                                   for name, j in bound.terms_j.items()])
+        lines += ["", "A run that misses some TTFT SLOs is bounded by the floor of the requests that met them. "
+                  "How each term is computed and proven: `method` and `terms` in bound.json."]
     return "\n".join(lines) + "\n"
 
 
-def _summary_table(results: Sequence[SimResult], bound: Bound | None, best: SimResult | None) -> list[str]:
-    header = ["policy", "energy kWh", "J/token", f"x {best.policy if best else 'best'}", "x bound",
-              "SLO att.", "TTFT att.", "TBT att.", "TTFT p50 s", "TTFT p99 s", "TBT p50 ms", "TBT p99 ms",
-              "GPU-h", "node-h", "cold starts", "migrations", "requests moved", "dropped"]
+def _summary_table(results: Sequence[SimResult], bound: Bound | None, best: SimResult | None,
+                   slo_target: float) -> list[str]:
+    header = ["policy", "energy kWh", "GPU kWh", "J/token", f"x {best.policy if best else 'best baseline'}",
+              "x bound", "SLO att.", f"meets {_pct(slo_target)}", "TTFT att.", "TBT att."]
     rows = []
     for r in results:
-        rows.append([r.policy, _kwh(r.energy_j), _num(r.energy_per_token_j, 3),
+        rows.append([r.policy, _kwh(r.energy_j), _kwh(r.gpu_energy_j), _num(r.energy_per_token_j, 3),
                      _ratio(r.energy_j, best.energy_j if best else math.nan),
                      _ratio(r.energy_j, bound.energy_j if bound else math.nan),
-                     _pct(r.slo_attainment), _pct(r.ttft_attainment), _pct(r.tbt_attainment),
-                     _num(r.ttft_p50_s, 3), _num(r.ttft_p99_s, 3), _num(r.tbt_p50_s * 1e3, 1),
-                     _num(r.tbt_p99_s * 1e3, 1), _num(r.gpu_hours_powered, 2), _num(r.node_hours_powered, 2),
-                     str(r.cold_starts), str(r.migrations), str(r.request_migrations), str(r.requests_dropped)])
+                     _pct(r.slo_attainment), "yes" if r.slo_attainment >= slo_target else "no",
+                     _pct(r.ttft_attainment), _pct(r.tbt_attainment)])
     if bound is not None:
         per_token = bound.energy_j / bound.generated_tokens if bound.generated_tokens else math.nan
-        rows.append(["*lower bound*", _kwh(bound.energy_j), _num(per_token, 3),
-                     _ratio(bound.energy_j, best.energy_j if best else math.nan), "1.00",
-                     "-", "-", "-", "-", "-", "-", "-", _num(bound.gpu_hours_powered, 2),
-                     _num(bound.node_hours_powered, 2), "-", "-", "-", "-"])
+        gpu_j = sum(j for key, j in bound.energy_parts_j.items() if key not in NODE_ENERGY_PARTS)
+        rows.append(["*lower bound*", _kwh(bound.energy_j), _kwh(gpu_j), _num(per_token, 3),
+                     _ratio(bound.energy_j, best.energy_j if best else math.nan), "1.00", "-", "-", "-", "-"])
+    return _table(header, rows)
+
+
+def _operations_table(results: Sequence[SimResult], bound: Bound | None) -> list[str]:
+    header = ["policy", "TTFT p50 s", "TTFT p99 s", "TBT p50 ms", "TBT p99 ms", "GPU-h", "node-h", "cold starts",
+              "migrations", "requests moved", "share restarts", "clock changes", "dropped"]
+    rows = []
+    for r in results:
+        rows.append([r.policy, _num(r.ttft_p50_s, 3), _num(r.ttft_p99_s, 3), _num(r.tbt_p50_s * 1e3, 1),
+                     _num(r.tbt_p99_s * 1e3, 1), _num(r.gpu_hours_powered, 2), _num(r.node_hours_powered, 2),
+                     str(r.cold_starts), str(r.migrations), str(r.request_migrations), str(r.share_restarts),
+                     str(r.clock_changes), str(r.requests_dropped)])
+    if bound is not None:
+        rows.append(["*lower bound*", "-", "-", "-", "-", _num(bound.gpu_hours_powered, 2),
+                     _num(bound.node_hours_powered, 2), "-", "-", "-", "-", "-", "-"])
     return _table(header, rows)
 
 
@@ -128,7 +197,8 @@ def _main_part(deltas: dict[str, float], total: float) -> str:
     return f"{label} ({deltas[key] / total:.0%})"
 
 
-def write_plots(results: Sequence[SimResult], out_dir: Path, bound: Bound | None = None) -> list[Path]:
+def write_plots(results: Sequence[SimResult], out_dir: Path, bound: Bound | None = None,
+                slo_target: float = DEFAULT_SLO_TARGET) -> list[Path]:
     """energy.png (stacked by part), power.png (cluster power over time), slo.png; returns their paths.
 
     Figures are drawn on their own Agg canvases, so pyplot's global state is never touched.
@@ -199,7 +269,7 @@ def write_plots(results: Sequence[SimResult], out_dir: Path, bound: Bound | None
         bars = ax.bar(xs, [100.0 * getattr(r, attr) for r in results], width=width, label=label, color=color)
         if attr == "slo_attainment":
             ax.bar_label(bars, fmt="%.1f", fontsize="small")
-    ax.axhline(99.0, color="black", linestyle=":", linewidth=1.0, label="99%")
+    ax.axhline(100.0 * slo_target, color="black", linestyle=":", linewidth=1.0, label=f"target {_pct(slo_target)}")
     ax.set_xticks(range(len(results)), names, rotation=20)
     ax.set_ylim(bottom_pct, 100.0 + 0.1 * (100.0 - bottom_pct))
     ax.set_title("SLO attainment per policy" + (f" (axis from {bottom_pct:.0f}%)" if bottom_pct else ""))
@@ -210,17 +280,19 @@ def write_plots(results: Sequence[SimResult], out_dir: Path, bound: Bound | None
     return paths
 
 
-def write_comparison(results: Sequence[SimResult], bound: Bound | None, out_dir: Path) -> list[Path]:
-    """comparison.json (the results' ``as_dict``), comparison.md, bound.json (when given) and the plots."""
+def write_comparison(results: Sequence[SimResult], bound: Bound | None, out_dir: Path,
+                     slo_target: float = DEFAULT_SLO_TARGET) -> list[Path]:
+    """comparison.json (``comparison_json``), comparison.md, bound.json (when given) and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "comparison.json", out_dir / "comparison.md"]
-    written[0].write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n", encoding="utf-8")
-    written[1].write_text(comparison_markdown(results, bound), encoding="utf-8")
+    written[0].write_text(json.dumps(comparison_json(results, bound, slo_target), indent=2) + "\n",
+                          encoding="utf-8")
+    written[1].write_text(comparison_markdown(results, bound, slo_target), encoding="utf-8")
     if bound is not None:
         path = out_dir / "bound.json"
         path.write_text(json.dumps(bound.as_dict(), indent=2) + "\n", encoding="utf-8")
         written.append(path)
-    return written + write_plots(results, out_dir, bound)
+    return written + write_plots(results, out_dir, bound, slo_target)
 
 
 def _save(fig: Figure, path: Path) -> Path:

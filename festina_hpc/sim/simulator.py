@@ -678,7 +678,8 @@ class Simulation:
         return [self.events.event(node.ready_at_s, EventKind.NODE_READY, node.id)]
 
     def _node_ready(self, node: SimNode) -> list[Event]:
-        if node.power is not NodePower.WAKING:
+        # An earlier resume's event (the node was powered off while waking, then resumed) is stale.
+        if node.power is not NodePower.WAKING or self._now < node.ready_at_s:
             return []
         self._integrate_node(node)
         node.power = NodePower.ON

@@ -61,6 +61,28 @@ def test_unknown_policy_lists_the_known_ones(festina: Festina, tmp_path: Path) -
     assert len(result.err.strip().splitlines()) == 1
 
 
+def test_compare_names_the_best_baseline_by_the_slo_target(festina: Festina, tmp_path: Path) -> None:
+    """vllm is the only baseline: it is the best one at a target of 0 and none at a target above 1 - its misses."""
+    runs = {}
+    for target in ("0", "1"):
+        out = tmp_path / target
+        result = festina("sim", "compare", "--policies", "vllm,festina", "--trace", "azure-conv", "--models", "2",
+                         "--nodes", "1", "--duration-s", "60", "--slo-target", target, "--out", str(out))
+        assert result.code == 0, result.err
+        runs[target] = json.loads((out / "comparison.json").read_text())
+    easy, hard = runs["0"], runs["1"]
+    assert easy["slo_target"] == 0.0 and easy["best_baseline"] == "vllm"
+    assert [r["policy"] for r in easy["results"]] == ["vllm", "festina"]
+    festina_j, vllm_j = (r["energy_j"] for r in reversed(easy["results"]))
+    assert easy["festina_vs_best_baseline"] == pytest.approx(festina_j / vllm_j)
+    assert all(r["x_bound"] >= 1.0 for r in easy["results"])
+    vllm = hard["results"][0]
+    assert (hard["best_baseline"] is None) == (vllm["slo_attainment"] < 1.0)
+    if hard["best_baseline"] is None:
+        assert hard["festina_vs_best_baseline"] is None
+        assert "Best baseline at equal SLO: **none**" in (tmp_path / "1" / "comparison.md").read_text()
+
+
 def test_sweep_runs_every_policy_on_every_rate_and_seed_in_worker_processes(festina: Festina, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = festina("sim", "sweep", "--policies", "vllm,festina", "--trace", "azure-conv", "--models", "2",

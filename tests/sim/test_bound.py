@@ -26,6 +26,7 @@ from festina_hpc.policy.types import (
     Placement,
     Plan,
     PowerOff,
+    PowerOn,
     Request,
     Route,
     StartInstance,
@@ -114,6 +115,56 @@ class FrugalPolicy(Policy):
                           if n.power is not NodePower.OFF and not any(view.gpu(g).instances for g in n.gpus)))
 
 
+class OraclePolicy(Policy):
+    """Knows when each burst comes: resumes node 0 just in time for its resume and a load before the
+    burst, loads the model just before it, stops it and powers every node off between bursts. It
+    meets TTFT SLOs while paying for little else: the run terms 4 and 5 must stay below."""
+
+    name = "test-oracle"
+    scale_period_s = 0.5
+    consolidate_period_s = 0.5
+
+    def __init__(self, context: PolicyContext, model: str, bursts_s: list[tuple[float, float]], resume_s: float):
+        super().__init__(context)
+        self.model, self.bursts_s, self.resume_s = model, bursts_s, resume_s
+        self.lead_s = 20.0  # a standard load (16.4 s for an 8B model) and a control period, with room to spare
+
+    def _next_burst_s(self, now_s: float) -> float:
+        """The start of the burst under way or next; inf after the last."""
+        return min((start for start, end in self.bursts_s if end >= now_s), default=math.inf)
+
+    def _busy(self, now_s: float) -> bool:
+        return any(start - self.lead_s <= now_s <= end for start, end in self.bursts_s)
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        best = least_loaded(serving(view.instances_of(request.model)))
+        if best is not None:
+            return Route(best.id)
+        return StartInstance(request.model, (0,))
+
+    def scale(self, view: ClusterView) -> Plan:
+        now_s = view.now_s
+        instances = view.instances_of(self.model)
+        if self._busy(now_s) and not instances and view.node(0).power is NodePower.ON:
+            return Plan((StartInstance(self.model, (0,)),))
+        if not self._busy(now_s):
+            return Plan(tuple(StopInstance(i.id) for i in instances
+                              if i.phase is InstancePhase.READY and i.running == 0 and i.waiting == 0))
+        return Plan(())
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        now_s = view.now_s
+        actions: list[PowerOff | PowerOn] = []
+        for node in view.nodes():
+            empty = not any(view.gpu(g).instances for g in node.gpus)
+            wanted = node.id == 0 and self._next_burst_s(now_s) - now_s <= self.resume_s + self.lead_s
+            if node.power is NodePower.OFF and wanted:
+                actions.append(PowerOn(node.id))
+            elif node.power is NodePower.ON and empty and not wanted:
+                actions.append(PowerOff(node.id))
+        return Plan(tuple(actions))
+
+
 def vllm(context: PolicyContext) -> Policy:
     return make_policy("vllm", context)
 
@@ -128,12 +179,16 @@ def frugal(context: PolicyContext) -> Policy:
 
 def check_floor(requests: list[Request], cluster: ClusterConfig,
                 policy: Callable[[PolicyContext], Policy]) -> SimResult:
-    """Run the policy; its energy is at least the floor of the requests it served (all, when it drops none)."""
+    """Run the policy; its energy is at least the floor of the requests it served (all, when it drops none),
+    terms 4 and 5 counting those that met their TTFT SLO."""
     models = sorted({r.model for r in requests})
     sim = Simulation(cluster, STORE, policy(PolicyContext(STORE, GPU)), requests, slos(models))
     result = sim.run()
+    first_token_s = {rec.request.id: rec.first_token_s for rec in sim.records}
     served = [rec.request for rec in sim.records if not rec.dropped and not math.isnan(rec.finish_s)]
-    bound = energy_lower_bound(served, STORE, cluster, slos(models))
+    targets = slos(models)
+    met = {r.id for r in served if first_token_s[r.id] - r.arrival_s <= targets[r.model].ttft_for(r.prompt_tokens)}
+    bound = energy_lower_bound(served, STORE, cluster, targets, ttft_met=met)
     assert bound.energy_j <= result.energy_j, (bound.energy_parts_j, result.energy_parts_j)
     assert bound.node_hours_powered <= result.node_hours_powered
     return result
@@ -152,6 +207,9 @@ ONE_NODE = ClusterConfig(nodes=1, gpus_per_node=8)
     ("packed: small shares, memory-tight", poisson_requests(500, 8.0, 6), ONE_NODE, packed(20, 1380, 0.02)),
     ("frugal: scale to zero, power nodes off", bursts(3, 900.0, 7), ClusterConfig(nodes=2, gpus_per_node=8),
      frugal),
+    ("frugal: bursts closer than the resume time", bursts(4, 200.0, 9), ClusterConfig(nodes=2, gpus_per_node=8),
+     frugal),
+    ("frugal: bursts, instant resume", bursts(4, 200.0, 10), ClusterConfig(nodes=2, resume_time_s=0.0), frugal),
 ])
 def test_floor_is_below_every_policy(case: str, requests: list[Request], cluster: ClusterConfig,
                                      policy: Callable[[PolicyContext], Policy]) -> None:
@@ -277,7 +335,7 @@ def test_token_floor_counts_prompts_capped_at_the_top_context() -> None:
     assert bound.per_model["llama-3.1-8b"]["decode_tokens"] == 0
 
 
-# -- term 2: powered nodes ---------------------------------------------------------------------
+# -- term 2: powered nodes (terms 4 and 5 left out: no request is taken to meet its TTFT) -------
 
 
 def least_service_s(model: str, output_tokens: int) -> float:
@@ -291,7 +349,7 @@ def test_powered_nodes_cover_the_union_of_least_service_intervals() -> None:
     first = least_service_s(model, 11)
     second_end = 0.05 + least_service_s(model, 1)
     in_flight_s = max(first, second_end) + least_service_s(model, 1)
-    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos([model]))
+    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos([model]), ttft_met=())
     assert bound.in_flight_s == pytest.approx(in_flight_s)
     assert bound.node_hours_powered * 3600 == pytest.approx(in_flight_s)
     assert bound.energy_parts_j["gpu_idle_j"] == pytest.approx(8 * SPEC.idle_w * in_flight_s)
@@ -303,13 +361,14 @@ def test_powered_nodes_count_whole_nodes_for_tp_and_for_weights() -> None:
     # llama-3.1-70b needs 4 GPUs: two 2-GPU nodes. With codellama-34b and llama-2-70b in flight too,
     # the weights need 5 GPUs: two 4-GPU nodes, where one suffices for llama-3.1-70b alone.
     alone = [Request(0, 0.0, "llama-3.1-70b", 100, 101)]
-    bound = energy_lower_bound(alone, STORE, ClusterConfig(nodes=4, gpus_per_node=2), slos(["llama-3.1-70b"]))
+    bound = energy_lower_bound(alone, STORE, ClusterConfig(nodes=4, gpus_per_node=2), slos(["llama-3.1-70b"]),
+                               ttft_met=())
     assert bound.node_hours_powered == pytest.approx(2 * bound.in_flight_s / 3600)
     together = alone + [Request(1, 0.0, "codellama-34b", 100, 101), Request(2, 0.0, "llama-2-70b", 100, 101)]
     shortest = min(least_service_s(r.model, 101) for r in together)
     longest = max(least_service_s(r.model, 101) for r in together)
     cluster = ClusterConfig(nodes=2, gpus_per_node=4)
-    bound = energy_lower_bound(together, STORE, cluster, slos(r.model for r in together))
+    bound = energy_lower_bound(together, STORE, cluster, slos(r.model for r in together), ttft_met=())
     assert bound.in_flight_s == pytest.approx(longest)
     assert bound.node_hours_powered * 3600 >= 2 * shortest - 1e-9
     assert bound.node_hours_powered * 3600 < 2 * longest
@@ -318,11 +377,152 @@ def test_powered_nodes_count_whole_nodes_for_tp_and_for_weights() -> None:
 def test_off_nodes_draw_their_standby_power_over_the_horizon() -> None:
     model = "llama-3.1-8b"
     requests = [Request(0, 0.0, model, 100, 1), Request(1, 50.0, model, 100, 1)]
-    plain = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=0.0), slos([model]))
-    standby = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=20.0), slos([model]))
+    plain = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=0.0), slos([model]), ttft_met=())
+    standby = energy_lower_bound(requests, STORE, ClusterConfig(nodes=3, standby_w=20.0), slos([model]), ttft_met=())
     extra_j = standby.energy_j - plain.energy_j
     # Every node draws 20 W for the horizon; the powered node-seconds draw it in place of it.
     assert extra_j == pytest.approx(20.0 * (3 * plain.horizon_s - plain.node_hours_powered * 3600))
+
+
+# -- terms 4 and 5: loaded models, wake time --------------------------------------------------
+
+
+def least_prefill_s(model: str) -> float:
+    return float(STORE.table(GPU, model).latency_s[0].min())
+
+
+def lead_s(model: str, cluster: ClusterConfig, prompt_tokens: int = 100) -> float:
+    """How long before its arrival a request that meets its TTFT SLO has its model loaded on a node
+    that is on: the fastest load (of the simulator's three loaders) plus the least prefill, less the SLO."""
+    spec = STORE.model(model)
+    per_gpu_gb = spec.weights_bytes / spec.tp_on(GPU) / 1e9
+    load_s = min(cluster.load_init_s + per_gpu_gb / cluster.load_gbs,
+                 cluster.fast_load_init_s + per_gpu_gb / cluster.fast_load_gbs,
+                 cluster.fast_load_init_s + per_gpu_gb / cluster.host_cache_gbs)
+    return load_s + least_prefill_s(model) - slos([model])[model].ttft_for(prompt_tokens)
+
+
+NO_WAKE = ClusterConfig(nodes=1, gpus_per_node=8, resume_time_s=0.0)
+
+
+def test_a_model_asked_for_again_sooner_than_a_reload_stays_loaded() -> None:
+    """Two one-token requests 1 s apart: term 2 counts their two prefills; a reload takes longer
+    than 1 s plus the SLO, so the model (and its node) stays up from before the first to the second."""
+    model = "llama-3.1-8b"
+    requests = [Request(0, 100.0, model, 100, 1), Request(1, 101.0, model, 100, 1)]
+    lead = lead_s(model, NO_WAKE)
+    assert 1.0 < lead < 100.0
+    bound = energy_lower_bound(requests, STORE, NO_WAKE, slos([model]))
+    assert bound.node_hours_powered * 3600 == pytest.approx(101.0 + least_prefill_s(model) - (100.0 - lead))
+    unmet = energy_lower_bound(requests, STORE, NO_WAKE, slos([model]), ttft_met=())
+    assert unmet.node_hours_powered * 3600 == pytest.approx(2 * least_prefill_s(model))  # term 2 alone
+    assert bound.terms_j["loaded_models"] == pytest.approx(
+        (bound.node_hours_powered - unmet.node_hours_powered) * 3600 * (8 * (SPEC.idle_w + 150.0) - 30.0))
+    assert bound.terms_j["wake_time"] == 0.0
+
+
+def test_models_that_must_stay_loaded_together_share_gpu_memory() -> None:
+    """Four small models asked for 0.3 s apart, one GPU per node: each alone fits a GPU (so term 2
+    needs one node), but while all four must be loaded their weights need two GPUs, two nodes."""
+    models = ("llama-3.1-8b", "llama-2-13b", "mistral-nemo-12b", "mistral-7b")
+    weights = [STORE.model(m).weights_bytes for m in models]
+    usable = SPEC.memory_bytes * 0.9
+    assert max(sum(weights) - w for w in weights) <= usable < sum(weights)
+    cluster = ClusterConfig(nodes=4, gpus_per_node=1, resume_time_s=0.0)
+    requests = [Request(k, 100.0 + 0.3 * k, m, 100, 1) for k, m in enumerate(models)]
+    windows = [(r.arrival_s - lead_s(r.model, cluster), r.arrival_s + least_prefill_s(r.model)) for r in requests]
+    all_four_s = min(end for _, end in windows) - max(start for start, _ in windows)
+    assert all_four_s > 0.0
+    union_s = max(end for _, end in windows) - min(start for start, _ in windows)
+    bound = energy_lower_bound(requests, STORE, cluster, slos(models))
+    assert bound.node_hours_powered * 3600 == pytest.approx(union_s + all_four_s)
+    assert energy_lower_bound(requests, STORE, cluster, slos(models), ttft_met=()).node_hours_powered * 3600 == (
+        pytest.approx(sum(least_prefill_s(m) for m in models)))
+
+
+@pytest.mark.parametrize("gap_s", [100.0, 1000.0])
+def test_a_node_that_must_be_on_was_resumed_a_resume_time_before(gap_s: float) -> None:
+    """A request that meets its TTFT needs its node on from lead_s before it arrives, and a node on
+    at t was powered since t - resume_time_s: two requests closer than that keep it up between them."""
+    model = "llama-3.1-8b"
+    resume_s = ONE_NODE.resume_time_s
+    requests = [Request(0, 1000.0, model, 100, 1), Request(1, 1000.0 + gap_s, model, 100, 1)]
+    up_s = resume_s + lead_s(model, ONE_NODE) + least_prefill_s(model)  # each request alone
+    bound = energy_lower_bound(requests, STORE, ONE_NODE, slos([model]))
+    expected_s = up_s + min(gap_s, up_s)
+    assert bound.node_hours_powered * 3600 == pytest.approx(expected_s)
+    assert bound.terms_j["wake_time"] > 0.0
+    # Today's floor (term 2) counted the two prefills alone.
+    assert energy_lower_bound(requests, STORE, ONE_NODE, slos([model]), ttft_met=()).node_hours_powered * 3600 == (
+        pytest.approx(2 * least_prefill_s(model)))
+
+
+def test_wake_time_counts_every_node_that_must_be_on() -> None:
+    """Two 70B models at once on 4-GPU nodes with room for one of them per node: both nodes are on
+    when they serve, so both were powered for the resume time before; a request that missed its TTFT
+    is held (term 2) but adds no wake time."""
+    models = ("llama-3.1-70b", "llama-2-70b")
+    cluster = ClusterConfig(nodes=3, gpus_per_node=4, usable_memory_frac=0.5)
+    usable = SPEC.memory_bytes * cluster.usable_memory_frac
+    assert sum(STORE.model(m).weights_bytes for m in models) > 4 * usable
+    resume_s = cluster.resume_time_s
+    requests = [Request(k, 1000.0, m, 100, 1) for k, m in enumerate(models)]
+    ends = [1000.0 + least_prefill_s(m) for m in models]
+    starts = [1000.0 - lead_s(m, cluster) - resume_s for m in models]
+    bound = energy_lower_bound(requests, STORE, cluster, slos(models))
+    both_s = min(ends) - max(starts)
+    assert bound.node_hours_powered * 3600 == pytest.approx(max(ends) - min(starts) + both_s)
+    one = energy_lower_bound(requests, STORE, cluster, slos(models), ttft_met={1})
+    # llama-2-70b's node from its wake; llama-3.1-70b's node only while both are held.
+    assert one.node_hours_powered * 3600 == pytest.approx(max(ends) - starts[1] + min(ends) - 1000.0)
+
+
+@pytest.mark.parametrize("gap_s", [400.0, 1500.0])
+def test_floor_is_below_a_policy_that_resumes_and_loads_just_in_time(gap_s: float) -> None:
+    """Bursts of one model further apart than a resume: the oracle meets the TTFTs of every burst
+    but the first (its load is under way then) with its node off between bursts; the floor, terms 4
+    and 5 counting those requests, stays below it and close to its powered node-hours."""
+    model = "llama-3.1-8b"
+    requests: list[Request] = []
+    for k in range(3):
+        requests += poisson_requests(20, 1.0, 11 + k, (model,), start_s=k * gap_s, first_id=len(requests))
+    spans = [(requests[20 * k].arrival_s, requests[20 * k + 19].arrival_s) for k in range(3)]
+    cluster = ClusterConfig(nodes=2, gpus_per_node=8)
+    result = check_floor(requests, cluster,
+                         lambda context: OraclePolicy(context, model, spans, cluster.resume_time_s))
+    assert result.requests_dropped == 0 and result.ttft_attainment > 0.6
+    assert result.node_hours_powered < 0.25  # two resumes and three bursts, not the whole run
+    bound = energy_lower_bound(requests, STORE, cluster, slos([model]))
+    assert bound.terms_j["wake_time"] > 0.0 and bound.node_hours_powered > 0.85 * result.node_hours_powered
+
+
+class FlickerPolicy(Policy):
+    """Resumes node 1 at 20 s, powers it off at 30 s while it wakes, resumes it at 40 s."""
+
+    name = "test-flicker"
+    consolidate_period_s = 10.0
+
+    def __init__(self, context: PolicyContext):
+        super().__init__(context)
+        self.seen: list[tuple[float, NodePower]] = []
+
+    def place(self, request: Request, view: ClusterView) -> Placement:
+        return Drop("not served")
+
+    def consolidate(self, view: ClusterView) -> Plan:
+        self.seen.append((view.now_s, view.node(1).power))
+        action = {10.0: PowerOff(1), 20.0: PowerOn(1), 30.0: PowerOff(1), 40.0: PowerOn(1)}.get(view.now_s)
+        return Plan((action,) if action is not None else ())
+
+
+def test_a_node_resumed_again_is_on_a_resume_time_after_its_last_resume() -> None:
+    """Term 5's premise: the first resume's readiness (at 320 s) must not bring up the node resumed
+    again at 40 s, which is on only from 340 s."""
+    policy = FlickerPolicy(PolicyContext(STORE, GPU))
+    Simulation(ClusterConfig(nodes=2), STORE, policy, [Request(0, 400.0, "llama-3.1-8b", 10, 1)],
+               slos(["llama-3.1-8b"])).run()
+    on_s = min(t for t, power in policy.seen if t > 40.0 and power is NodePower.ON)
+    assert on_s >= 40.0 + ClusterConfig().resume_time_s
 
 
 # -- the result --------------------------------------------------------------------------------
@@ -336,6 +536,9 @@ def test_bound_as_dict_is_json_and_adds_up() -> None:
     assert data["method"] == METHOD
     assert data["policy"] == "bound"
     assert set(data["energy_parts_j"]) == set(ENERGY_PARTS)
+    assert data["energy_j"] == pytest.approx(sum(t["energy_j"] for t in data["terms"].values()))
+    assert set(data["terms"]) == {"tokens", "standby", "in_flight", "loaded_models", "wake_time"}
+    assert data["ttft_met"] == len(requests)
     assert data["per_model"]["llama-2-13b"]["requests"] == 0  # listed for its SLO, no traffic
     assert data["generated_tokens"] == sum(r.output_tokens for r in requests)
     assert sum(m["requests"] for m in data["per_model"].values()) == len(requests)
