@@ -176,3 +176,11 @@ def test_the_context_idle_power_ends_with_the_instance() -> None:
     sim._now = 10.0
     sim._stop(inst)  # idle and empty: removed at once
     assert not sim.gpu(0).instances and sim.gpu(0).power_w == sim.spec.idle_w
+
+
+def test_calibration_doc_holds_the_hardware_costs_section_it_renders() -> None:
+    from festina_hpc.profiles.calibration_doc import HARDWARE_COSTS
+    from tests.conftest import REPO_PROFILES
+
+    assert HARDWARE_COSTS[0] == "## Hardware costs in the simulator"
+    assert "\n".join(HARDWARE_COSTS) in (REPO_PROFILES / "CALIBRATION.md").read_text(encoding="utf-8")
