@@ -56,8 +56,12 @@ def test_smoke_measures_both_kernels_at_two_clocks_and_resets(tmp_path: Path, sy
         assert row["predicted_slowdown"] >= 1.0
     assert nvml.devices[0].locked_mhz is None
     assert result["readings"]["sm_clock_mhz_after_reset"] == 1755
+    readings = result["readings"]  # the fake GPU draws 123.456 W whatever it does
+    assert readings["idle_w"] == pytest.approx(123.456) and readings["idle_with_context_w"] == pytest.approx(123.456)
+    assert readings["profile_idle_with_context_w"] > readings["profile_idle_w"]
     report = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in report and "prefill b=8 c=2048" in report
+    assert "idle 123.5 W without a CUDA context, 123.5 W with one held (profile: 70 W and 96 W)" in report
 
 
 def test_smoke_without_clock_permission_measures_once_at_default_clocks(tmp_path: Path,

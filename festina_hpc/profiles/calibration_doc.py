@@ -44,6 +44,52 @@ Figures of the simulated cluster that no profile holds (`[cluster]` in the confi
 """
 
 
+# The simulator's hardware costs: fixed text (sources, not fits), kept when the file is rebuilt.
+HARDWARE_COSTS: tuple[str, ...] = (
+    '## Hardware costs in the simulator',
+    '',
+    'Costs of real hardware that the tables, measured one instance at a time, do not show; the',
+    'simulator (`festina_hpc/sim/`) charges them. Each is a figure a site can re-measure.',
+    '',
+    '**Clock changes take time** (`[cluster] clock_change_s`, default 0.05 s). A locked SM clock asked',
+    'for through NVML (`nvmlDeviceSetGpuLockedClocks`) takes effect after the call itself (10-20 ms)',
+    'and the PLL and voltage ramp; Velicka, Vysocky and Riha (arXiv 2502.20075, "Methodology for GPU',
+    'Frequency Switching Latency Measurement", with the LATEST tool) measure switching latencies of',
+    'tens of milliseconds on A100 and GH200, depending mostly on the target clock. A step that starts',
+    'before the change lands runs at the old clock; a second change asked for before the first lands',
+    "replaces it; `clock_changes` in a result counts the changes carried out. Measure a site's figure",
+    'with LATEST on its GPUs.',
+    '',
+    "**HBM bandwidth is shared by co-resident instances** (no new figure: the GPU's",
+    '`memory_bandwidth_gbs` and the fitted `eff_memory`, `eff_compute`). The tables give an instance',
+    "with at least 40% of the SMs the whole GPU's bandwidth, as if alone; under MPS co-residents'",
+    "kernels run at once and contend for it. Each step's bytes (weights per GPU plus batch x context x",
+    'KV bytes per token per GPU) over its latency alone, divided by the effective bandwidth, is its',
+    'HBM load (0.23-0.44 for decode of the shipped models on H100: the fitted per-layer and',
+    "per-sequence overheads are time the HBM idles). A step's memory time stretches by 1 + the sum of",
+    "its co-residents' loads: exact when they stream all the time (two streams halve each other's",
+    'bandwidth), first order in between, never below the saturated case (combined demand over the',
+    'bandwidth), and its latency grows by smooth_max(t_compute, m t_memory) - smooth_max(t_compute,',
+    't_memory), the roofline of `physics.py`. Two equal decoders on one H100 each slow by 5-19%; a',
+    'prefill (compute-bound) by under 0.1%; an instance alone is unchanged. The stretch is fixed when',
+    'a step starts; when an idle co-resident starts a step, decode runs in flight end at their next',
+    'step boundary and start again at the new load. A stretched step keeps its dynamic energy (the',
+    'same bytes and FLOPs at lower power): contention costs GPU idle and node static time and SLO,',
+    'not extra dynamic energy. No public measurement of MPS co-located LLM decoders was found to fit',
+    'this to; `festina profiles measure` on two co-resident servers would give it.',
+    '',
+    '**A GPU holding a loaded model idles above bare idle** (`gpus.toml` `idle_with_context_w`: H100',
+    '96 W, A100 76 W). A CUDA context keeps the GPU in a higher DVFS state: Vadari (arXiv 2605.23918,',
+    '"The Model Parking Tax", 18 days of telemetry on 14 H100s and controlled runs on H100, A100 and',
+    'L40S) measures +26-50 W over bare idle on the HBM GPUs, independent of the memory allocated (under',
+    '0.02 W/GB; a real Qwen2.5-7B within 0.5 W of empty tensors). The shipped figure is the low end,',
+    '+26 W, on both. The simulator charges it to `gpu_idle_j` while a GPU holds a ready or draining',
+    "instance and serves nothing (a step's profile power counts from the bare idle: the tables were",
+    "fitted to power measured with a context held). `scripts/gpu-smoke` measures a site's figure",
+    '(NVML power with no CUDA context, then with one held idle).',
+)
+
+
 def _pct(value: float) -> str:
     return f"{value:.1%}"
 
@@ -119,5 +165,6 @@ def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
     for check in report.sanity:
         out.append(f"| {check['gpu']} | {check['clock_70pct_mhz']} | {check['decode_latency_change']:+.1%} | "
                    f"{check['decode_power_change']:+.1%} | {check['prefill_latency_ratio_sm50']:.2f} |")
-    out += ["", CLUSTER_FIGURES.rstrip("\n"), "", "## Tables written", ""] + [f"- `{t}`" for t in report.tables] + [""]
+    out += ["", CLUSTER_FIGURES.rstrip("\n"), "", *HARDWARE_COSTS, "", "## Tables written", ""]
+    out += [f"- `{t}`" for t in report.tables] + [""]
     return "\n".join(out)

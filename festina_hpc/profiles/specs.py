@@ -1,7 +1,7 @@
 """GPU and model specifications: the facts a profile is computed from.
 
-``profiles/gpus.toml`` holds per GPU type its memory, TDP, idle power and
-clocks; ``profiles/models.toml`` holds per model its architecture (from which
+``profiles/gpus.toml`` holds per GPU type its memory, TDP, idle power (bare,
+and with a CUDA context held) and clocks; ``profiles/models.toml`` holds per model its architecture (from which
 weight and KV-cache footprints follow) and its tensor parallelism per GPU
 type. Names resolve case-insensitively through each entry's aliases, so
 ``h100`` finds ``h100-sxm-80gb``.
@@ -31,6 +31,7 @@ class GpuSpec:
     memory_gib: float
     tdp_w: float
     idle_w: float
+    idle_with_context_w: float  # idle, but holding a CUDA context (a loaded model): the GPU stays in P0
     max_clock_mhz: int
     min_clock_mhz: int
     clock_step_mhz: int
@@ -86,8 +87,8 @@ class ModelSpec:
 
 _INT_FIELDS = {"memory_clock_mhz", "max_clock_mhz", "min_clock_mhz", "clock_step_mhz", "layers", "hidden",
                "heads", "kv_heads", "head_dim", "max_context_tokens"}
-_FLOAT_FIELDS = {"memory_gib", "tdp_w", "idle_w", "peak_tflops", "memory_bandwidth_gbs", "interconnect_gbs",
-                 "params_b"}
+_FLOAT_FIELDS = {"memory_gib", "tdp_w", "idle_w", "idle_with_context_w", "peak_tflops", "memory_bandwidth_gbs",
+                 "interconnect_gbs", "params_b"}
 
 T = TypeVar("T")
 
@@ -154,6 +155,9 @@ class Catalog:
     def load(cls, profiles_dir: Path) -> Catalog:
         gpus = _load(profiles_dir / "gpus.toml", GpuSpec)
         for gpu in gpus.values():
+            if gpu.idle_with_context_w < gpu.idle_w:
+                raise ProfileError(f"{profiles_dir / 'gpus.toml'}: [{gpu.name}] field idle_with_context_w must be "
+                                   f"at least idle_w ({gpu.idle_w:g}), got {gpu.idle_with_context_w:g}")
             bad = [c for c in gpu.table_clocks_mhz if c not in gpu.supported_clocks_mhz]
             if bad:
                 raise ProfileError(f"{profiles_dir / 'gpus.toml'}: [{gpu.name}] table clock {bad[0]} MHz "

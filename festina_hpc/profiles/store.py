@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from festina_hpc.errors import ProfileError, UnknownProfileError
+from festina_hpc.profiles.physics import PhysicsParams, load_params
 from festina_hpc.profiles.specs import Catalog, GpuSpec, ModelSpec
 from festina_hpc.profiles.table import ProfileTable
 
@@ -50,6 +51,15 @@ class ProfileStore:
         self.catalog = Catalog.load(profiles_dir)
         self.clamp = clamp
         self._tables: dict[tuple[str, str], ProfileTable] = {}
+        self._physics: dict[str, PhysicsParams] | None = None
+
+    def physics(self, gpu: str) -> PhysicsParams | None:
+        """The fitted physics parameters of ``gpu`` (``calibration.toml``), or None where the folder has
+        none for it (tables measured on a site's own GPUs, or a test's folder)."""
+        if self._physics is None:
+            path = self.dir / "calibration.toml"
+            self._physics = load_params(path) if path.is_file() else {}
+        return self._physics.get(self.gpu(gpu).name)
 
     def gpu(self, name: str) -> GpuSpec:
         return self.catalog.gpu(name)

@@ -17,9 +17,13 @@ request arrives. A request's TBT is its mean time between tokens (first token
 to last).
 
 Latency and power come from the profile tables at the instance's batch, mean
-context, SM share (MPS) and its GPU's clock. A GPU draws idle power plus the
-dynamic power (profile power minus idle) of every co-resident instance's
-current step, capped at TDP; powered-on nodes add a static power; waking nodes
+context, SM share (MPS) and its GPU's clock. A clock asked for takes effect
+``clock_change_s`` later. Co-resident instances share the GPU's HBM bandwidth:
+a step's memory-bound part stretches with what the co-residents stream
+(``HbmModel``). A GPU draws idle power plus the dynamic power (profile power
+minus idle) of every co-resident instance's current step, capped at TDP; a GPU
+that serves nothing but holds a loaded model (a CUDA context) draws its
+``idle_with_context_w``; powered-on nodes add a static power; waking nodes
 draw static and GPU idle power and serve nothing. Energy is integrated
 exactly over these piecewise-constant powers, split into GPU active, GPU
 idle, node static, cold starts (loading) and migrations.
@@ -36,11 +40,13 @@ from enum import IntEnum
 from typing import Any
 
 from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request
-from festina_hpc.profiles.specs import GpuSpec
+from festina_hpc.profiles.physics import SM_SATURATION, SMOOTH_MAX_K, PhysicsParams
+from festina_hpc.profiles.specs import GpuSpec, ModelSpec
 from festina_hpc.profiles.table import ProfileTable
 from festina_hpc.sim.workload import FAST_LOAD, STANDARD_LOAD
 
 RATE_HALF_LIFE_S = 60.0  # arrival-rate estimates forget with this half-life
+_NO_POWER_W = 1e-6  # dynamic power below this is float residue of steps that ended, not a step
 
 
 class Activity(IntEnum):
@@ -94,7 +100,72 @@ class ClusterConfig:
     # The local controller runs every period for GPUs whose load changed, and at once when a
     # request lands on a GPU below its max clock.
     control_period_s: float = 1.0
-    clock_change_s: float = 0.05  # a locked-clock change takes effect this long after it is asked for
+    # A locked-clock change takes effect this long after it is asked for: NVML's call costs 10-20 ms
+    # and the PLL and voltage then ramp; Velicka et al. (arXiv 2502.20075) measure GPU frequency
+    # switching latencies of tens of ms on A100 and GH200. Steps starting before then run at the old clock.
+    clock_change_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class HbmModel:
+    """HBM bandwidth shared by co-resident instances: how much a step of one model on one GPU type
+    slows when its co-residents stream HBM too.
+
+    The profile tables give each instance the whole GPU's HBM bandwidth (any SM share of at least
+    ``SM_SATURATION``), as if it were alone. Under MPS the co-residents' kernels run at once and
+    contend for the same HBM. A step's terms are those of profiles/physics.py: ``t_memory`` (the
+    bytes it reads, weights plus KV cache, over its bandwidth) and ``t_compute``, combined by the
+    roofline's smooth max. A co-resident ``j`` whose current step reads ``bytes_j`` in ``latency_j``
+    loads the HBM with ``load_j = bytes_j / (latency_j * bandwidth)``, the share of the bandwidth it
+    draws on average. While streaming, a step gets the bandwidth its co-residents leave it; with
+    their streaming independent of its own, its memory time stretches by ``1 + sum_j load_j``:
+    exact when they stream all the time (two streams halve each other's bandwidth), first order
+    in between, and never less than the combined demand over the bandwidth (the saturated case).
+    The step's latency grows by ``smooth_max(t_c, m t_m) - smooth_max(t_c, t_m)`` with
+    ``m = 1 + sum_j load_j``: a decode step (memory-bound) slows by up to that factor on its memory
+    time, a prefill (compute-bound) barely.
+
+    Approximations: a step's stretch is fixed when it starts (a decode run, one event for many
+    steps, keeps its latency to its end); to bound the error, co-residents' decode runs end at their
+    next step boundary when an idle instance starts a step, and start again at the new load; an
+    instance going idle frees bandwidth at its co-residents' next boundary only. A step's dynamic
+    energy is unchanged (the same bytes and FLOPs): the stretch lowers its dynamic power and adds
+    GPU idle and node static time, not extra dynamic energy. Multi-GPU instances take their most
+    loaded GPU (the slowest shard paces the step).
+    """
+
+    weights_bytes: float  # read by every step, per GPU
+    kv_bytes_per_token: float  # per GPU
+    flops_per_token: float  # 2 x parameters / tp
+    attention_width: float  # layers x heads x head_dim / tp (attention FLOPs per token per context token)
+    bandwidth_bps: float  # effective HBM bandwidth of one GPU: peak x eff_memory
+    flops_per_s: float  # effective tensor FLOP/s of one GPU: peak x eff_compute
+    clock_time_frac: float  # share of compute time that scales with 1/clock
+    max_clock_mhz: float
+
+    @classmethod
+    def of(cls, gpu: GpuSpec, model: ModelSpec, params: PhysicsParams | None) -> HbmModel:
+        """Without fitted parameters (a profiles folder with no calibration.toml) the peak figures
+        stand in, which understates contention (each step's own demand looks smaller)."""
+        tp = model.tp_on(gpu.name)
+        return cls(weights_bytes=model.weights_bytes / tp, kv_bytes_per_token=model.kv_bytes_per_token / tp,
+                   flops_per_token=2.0 * model.params_b * 1e9 / tp,
+                   attention_width=model.layers * model.heads * model.head_dim / tp,
+                   bandwidth_bps=gpu.memory_bandwidth_gbs * 1e9 * (params.eff_memory if params else 1.0),
+                   flops_per_s=gpu.peak_tflops * 1e12 * (params.eff_compute if params else 1.0),
+                   clock_time_frac=params.clock_time_frac if params else 1.0,
+                   max_clock_mhz=float(gpu.max_clock_mhz))
+
+    def stretch_s(self, step_bytes: float, flops: float, sm_pct: float, clock_mhz: float, others_load: float) -> float:
+        """How much longer a step takes while co-residents load the HBM by ``others_load``."""
+        s = sm_pct / 100.0
+        t_memory = step_bytes / (self.bandwidth_bps * min(1.0, s / SM_SATURATION))
+        a = self.clock_time_frac
+        t_compute = flops / (self.flops_per_s * s) * (a * self.max_clock_mhz / clock_mhz + 1.0 - a)
+        k = SMOOTH_MAX_K
+        alone = (t_compute**k + t_memory**k) ** (1.0 / k)
+        shared = (t_compute**k + ((1.0 + others_load) * t_memory) ** k) ** (1.0 / k)
+        return shared - alone
 
 
 @dataclass
@@ -140,6 +211,7 @@ class SimGpu:
         self.sm_pct_allocated = 0.0
         self.memory_fraction_allocated = 0.0
         self.powered = True
+        self.holds_context = False  # an instance is loaded and ready (or draining): a CUDA context is held
         # Energy accounting: piecewise-constant power since last_s.
         self.last_s = 0.0
         self.active_w = 0.0  # dynamic power of serving steps
@@ -155,7 +227,15 @@ class SimGpu:
     def power_w(self) -> float:
         if not self.powered:
             return 0.0
-        return min(self.spec.tdp_w, self.spec.idle_w + self.active_w + self.loading_w)
+        return min(self.spec.tdp_w, self._idle_w() + self.active_w + self.loading_w)
+
+    def _idle_w(self) -> float:
+        """The power of the GPU's idle state: with a CUDA context held and nothing running, the
+        driver keeps it in P0 (idle_with_context_w); while it serves, the profile's step power counts
+        from the bare idle (the tables were measured with a context held, so that power includes it)."""
+        if self.holds_context and self.active_w + self.loading_w <= _NO_POWER_W:
+            return self.spec.idle_with_context_w
+        return self.spec.idle_w
 
     def integrate(self, now_s: float) -> None:
         dt = now_s - self.last_s
@@ -165,7 +245,7 @@ class SimGpu:
         if not self.powered:
             return
         total_w = self.power_w
-        idle_w = self.spec.idle_w
+        idle_w = self._idle_w()
         dynamic_w = total_w - idle_w
         # Split the (possibly capped) dynamic power between serving and loading in proportion.
         raw_dynamic_w = self.active_w + self.loading_w
@@ -263,6 +343,9 @@ class SimInstance:
         self.step_decoding = 0  # sequences the current step decodes
         self.chunk_tokens = 1 << 30  # prompt tokens a step may prefill; the cluster's budget until set
         self.dynamic_w = 0.0
+        # The share of its GPUs' effective HBM bandwidth the current step draws on average (0 when
+        # idle): what it costs co-residents' memory-bound steps (HbmModel).
+        self.hbm_load = 0.0
         self.migration_of: int | None = None  # the instance this one replaces, while loading
         self.replaced_by: int | None = None
         self.pending_batch_cap: int | None = None

@@ -62,6 +62,7 @@ from festina_hpc.sim.cluster import (
     RATE_HALF_LIFE_S,
     Activity,
     ClusterConfig,
+    HbmModel,
     RequestRecord,
     SimGpu,
     SimInstance,
@@ -165,12 +166,15 @@ class Simulation:
         self._free: list[set[int]] = [set(node.gpus) for node in self.node_list]
         self.model_info: dict[str, ModelInfo] = {}
         self.tables = {}
+        self._hbm: dict[str, HbmModel] = {}
+        physics = store.physics(self._gpu_type)
         for name in sorted({r.model for r in requests} | set(slos)):
             spec = store.model(name)
             # The catalogue's bounds, applied to the policy's decisions as festinad applies them (policy/limits.py).
             bound = (limits or {}).get(spec.name, NO_LIMITS)
             self.model_info[spec.name] = ModelInfo.on_gpu(spec, self._gpu_type, slos[spec.name], bound)
             self.tables[spec.name] = store.table(self._gpu_type, spec.name)
+            self._hbm[spec.name] = HbmModel.of(self.spec, spec, physics)
         self.records = [RequestRecord(r) for r in requests]
         self.live: dict[int, SimInstance] = {}
         self._by_model: dict[str, list[SimInstance]] = {m: [] for m in self.model_info}
@@ -185,6 +189,7 @@ class Simulation:
         self.cold_starts = 0
         self.share_restarts = 0
         self.clock_changes = 0
+        self._clock_pending: dict[int, tuple[int, float]] = {}  # GPU id -> (clock asked for, when it lands)
         self.migrations = 0
         self.request_migrations = 0
         self.invalid_decisions = 0
@@ -286,6 +291,8 @@ class Simulation:
         if kind is EventKind.NODE_SUSPEND and e.version != self.node_list[e.payload].idle_version:
             return ()  # the node was used (or powered off or on) since the timer was set
         self._now = e.time_s
+        if self._clock_pending:
+            self._land_clocks()
         if kind is EventKind.STEP_DONE:
             return self._step_done(self.live[e.payload])
         if kind is EventKind.ARRIVAL:
@@ -401,8 +408,34 @@ class Simulation:
             gpu.integrate(self._now)
             gpu.active_w = max(0.0, gpu.active_w + delta)
 
+    def _share_hbm(self, inst: SimInstance, latency_s: float, power_w: float, step_bytes: float,
+                   flops: float, starting: bool, events: list[Event]) -> tuple[float, float]:
+        """The step's latency and power with the HBM bandwidth its co-residents draw (HbmModel)."""
+        hbm = self._hbm[inst.model]
+        inst.hbm_load = step_bytes / (latency_s * hbm.bandwidth_bps)  # alone: what it costs the others
+        others_load = 0.0
+        for g in inst.gpus:
+            ids = self.gpu_list[g].instances
+            if len(ids) > 1:
+                others_load = max(others_load, sum(self.live[i].hbm_load for i in ids if i != inst.id))
+                if starting:
+                    # Co-residents' decode runs were timed without this step: they end at their next
+                    # step boundary and start again at the new load (an arrival does the same).
+                    for i in ids:
+                        other = self.live[i]
+                        if i != inst.id and other.activity is Activity.DECODE:
+                            events.extend(self._interrupt(other))
+        if others_load <= 0.0:
+            return latency_s, power_w
+        clock = self.gpu_list[inst.gpus[0]].clock_mhz
+        stretched_s = latency_s + hbm.stretch_s(step_bytes, flops, inst.sm_pct, clock, others_load)
+        # The same bytes and FLOPs: the dynamic energy is the step's alone, spread over the longer step.
+        idle_w = self.spec.idle_w
+        return stretched_s, idle_w + (power_w - idle_w) * latency_s / stretched_s
+
     def _next_step(self, inst: SimInstance) -> list[Event]:
         """Start the instance's next step at a step boundary (now)."""
+        starting = inst.activity is Activity.IDLE or inst.activity is Activity.LOADING
         if inst.pending_batch_cap is not None:
             inst.batch_cap, inst.pending_batch_cap = inst.pending_batch_cap, None
         idle_w = self.spec.idle_w
@@ -418,31 +451,51 @@ class Simulation:
                          min(limit, self.config.step_token_budget - decoding))
             inst.chunk = inst.take_chunk(budget)
             tokens = sum(take for _, take in inst.chunk)
-            prefill_s, prefill_w = self._lookup(inst, "prefill", len(inst.chunk), tokens / len(inst.chunk))
+            chunk_context = tokens / len(inst.chunk)
+            prefill_s, prefill_w = self._lookup(inst, "prefill", len(inst.chunk), chunk_context)
             decode_s, decode_w = 0.0, idle_w
+            hbm = self._hbm[inst.model]
+            # The step's HBM reads and FLOPs, as profiles/physics.py counts them for the lookups.
+            step_bytes = hbm.weights_bytes + tokens * hbm.kv_bytes_per_token
+            flops = tokens * (hbm.flops_per_token + 2.0 * hbm.attention_width * chunk_context)
             if decoding:
                 # One forward pass: the chunk's prefill already pays the step overhead and reads the
                 # weights, so the decode sequences add only what their batch adds over batch 1.
                 context = inst.mean_context(0.5)
                 batch_s, decode_w = self._lookup(inst, "decode", decoding, context)
                 decode_s = max(0.0, batch_s - self._lookup(inst, "decode", 1, context)[0])
+                step_bytes += decoding * context * hbm.kv_bytes_per_token
+                flops += decoding * (hbm.flops_per_token + 4.0 * hbm.attention_width * context)
             latency_s = prefill_s + decode_s
             power_w = (prefill_w * prefill_s + decode_w * decode_s) / latency_s
+            events: list[Event] = []
+            latency_s, power_w = self._share_hbm(inst, latency_s, power_w, step_bytes, flops, starting, events)
             inst.activity = Activity.PREFILL
             inst.step_decoding = decoding
             inst.steps_planned = 1
             inst.step_latency_s = latency_s
             self._set_dynamic(inst, power_w - idle_w)
-            return [self.events.event(self._now + latency_s, EventKind.STEP_DONE, inst.id, inst.version)]
+            events.append(self.events.event(self._now + latency_s, EventKind.STEP_DONE, inst.id, inst.version))
+            return events
         if inst.decoding:
             steps = inst.steps_to_next_finish()
-            latency_s, power_w = self._lookup(inst, "decode", inst.decoding, inst.mean_context(steps / 2))
+            batch = inst.decoding
+            context = inst.mean_context(steps / 2)
+            latency_s, power_w = self._lookup(inst, "decode", batch, context)
+            hbm = self._hbm[inst.model]
+            step_bytes = hbm.weights_bytes + batch * context * hbm.kv_bytes_per_token
+            flops = batch * (hbm.flops_per_token + 4.0 * hbm.attention_width * context)
+            events = []
+            latency_s, power_w = self._share_hbm(inst, latency_s, power_w, step_bytes, flops, starting, events)
             inst.activity = Activity.DECODE
             inst.steps_planned = steps
             inst.step_latency_s = latency_s
             self._set_dynamic(inst, power_w - idle_w)
-            return [self.events.event(self._now + steps * latency_s, EventKind.STEP_DONE, inst.id, inst.version)]
+            events.append(self.events.event(self._now + steps * latency_s, EventKind.STEP_DONE, inst.id,
+                                            inst.version))
+            return events
         inst.activity = Activity.IDLE
+        inst.hbm_load = 0.0
         self._set_dynamic(inst, 0.0)
         inst.last_busy_s = self._now
         if inst.phase is InstancePhase.DRAINING:
@@ -574,6 +627,9 @@ class Simulation:
         loading = [self.live[i] for i in gpu.instances if self.live[i].activity is Activity.LOADING]
         gpu.busy_loading_only = bool(loading) and len(loading) == len(gpu.instances)
         gpu.loading_is_migration = bool(loading) and all(i.migration_of is not None for i in loading)
+        gpu.holds_context = len(loading) < len(gpu.instances) and any(
+            self.live[i].phase is InstancePhase.READY or self.live[i].phase is InstancePhase.DRAINING
+            for i in gpu.instances)
 
     def _instance_ready(self, inst: SimInstance) -> list[Event]:
         inst.phase = InstancePhase.READY
@@ -770,6 +826,14 @@ class Simulation:
             raise InvalidDecision(f"no node {node_id}")
         return self.node_list[node_id]
 
+    def _land_clocks(self) -> None:
+        """Carry out the clock changes due by now (before the event at now reads any clock)."""
+        for g, (clock, due_s) in list(self._clock_pending.items()):
+            if due_s <= self._now:
+                del self._clock_pending[g]
+                self.gpu_list[g].clock_mhz = clock
+                self.clock_changes += 1
+
     def _control_tick(self) -> list[Event]:
         dirty, self._dirty = self._dirty, set()
         for g in sorted(dirty):
@@ -778,19 +842,30 @@ class Simulation:
 
     def _control_gpu(self, gpu: SimGpu) -> None:
         if not gpu.instances:
-            gpu.clock_mhz = self.spec.max_clock_mhz  # an empty GPU goes back to default clocks
+            # An empty GPU goes back to default clocks; nothing runs on it, so the ramp costs nothing.
+            self._clock_pending.pop(gpu.id, None)
+            if gpu.clock_mhz != self.spec.max_clock_mhz:
+                gpu.clock_mhz = self.spec.max_clock_mhz
+                self.clock_changes += 1
             return
         settings = self.policy.control(gpu, self)
         if settings is not None:
             self._apply_settings(gpu, settings)
 
     def _apply_settings(self, gpu: SimGpu, settings: GpuSettings) -> None:
-        """New settings take effect at each instance's next step boundary (a safe point)."""
+        """New settings take effect at each instance's next step boundary (a safe point); a new clock
+        lands clock_change_s after it is asked for, so steps starting before then run at the old one."""
         if settings.clock_mhz is not None:
             supported = self.spec.supported_clocks_mhz
             clock = min(supported, key=lambda c: abs(c - settings.clock_mhz))  # type: ignore[operator]
-            if clock != gpu.clock_mhz:
-                gpu.clock_mhz = clock
+            pending = self._clock_pending.get(gpu.id)
+            if pending is not None and pending[0] == clock:
+                pass  # already on its way: asking again does not restart the ramp
+            elif clock == gpu.clock_mhz:
+                self._clock_pending.pop(gpu.id, None)  # back to the clock it runs at: the change is called off
+            else:
+                # A change still on its way is replaced: the GPU ramps to the latest clock asked for.
+                self._clock_pending[gpu.id] = (clock, self._now + self.config.clock_change_s)
         # Shrinking shares first lets one settings object move SMs from one instance to another.
         def growth(item: tuple[int, float]) -> float:
             inst = self.live.get(item[0])

@@ -103,7 +103,7 @@ def test_standby_energy_is_counted_and_a_suspended_nodes_gpus_draw_nothing() -> 
     gpu_powered_j = (result.energy_parts_j["gpu_idle_j"] + result.energy_parts_j["cold_start_j"]
                      + result.energy_parts_j["gpu_active_j"])
     assert gpu_powered_j < spec.tdp_w * sum(powered_s)
-    assert result.energy_parts_j["gpu_idle_j"] <= spec.idle_w * sum(powered_s) + 1e-6
+    assert result.energy_parts_j["gpu_idle_j"] <= spec.idle_with_context_w * sum(powered_s) + 1e-6
 
 
 def test_with_power_saving_none_every_node_stays_on() -> None:

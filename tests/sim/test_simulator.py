@@ -83,7 +83,8 @@ def test_same_seed_same_result_and_a_different_seed_differs() -> None:
 
 
 def test_energy_is_the_integral_of_power_for_one_request() -> None:
-    """One request, one GPU: the model deployed at 0, idle and static power all along, one prefill, decode."""
+    """One request, one GPU: the model deployed at 0, idle and static power all along, one prefill, decode;
+    loaded and waiting, the GPU draws its idle power with a CUDA context held."""
     config = ClusterConfig(nodes=1, gpus_per_node=1)
     request = Request(0, 100.0, "llama-3.1-8b", 1000, 11)
     result = simulate("vllm", [request], gpus_per_node=1)
@@ -95,7 +96,7 @@ def test_energy_is_the_integral_of_power_for_one_request() -> None:
     end_s = 100.0 + prefill.latency_s + 10 * decode.latency_s
     assert result.sim_time_s == pytest.approx(end_s, rel=1e-9)
     expected = {
-        "gpu_idle_j": spec.idle_w * (end_s - load_s),
+        "gpu_idle_j": spec.idle_with_context_w * (100.0 - load_s) + spec.idle_w * (end_s - 100.0),
         "cold_start_j": (spec.idle_w + config.load_dynamic_w) * load_s,
         "gpu_active_j": (prefill.power_w - spec.idle_w) * prefill.latency_s
         + (decode.power_w - spec.idle_w) * 10 * decode.latency_s,
