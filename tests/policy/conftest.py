@@ -22,7 +22,7 @@ from festina_hpc.sim.simulator import SimResult, Simulation
 GPU = "h100-sxm-80gb"
 STORE = ProfileStore(default_profiles_dir())
 MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-13b")
-POLICIES = ("vllm", "serverlessllm", "muxserve", "llumnix", "dynamollm")
+POLICIES = ("vllm", "vllm-autoscale", "serverlessllm", "muxserve", "llumnix", "dynamollm")
 
 
 def make_slo(model: str, scale: float = 5.0) -> Slo:

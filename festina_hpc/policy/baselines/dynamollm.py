@@ -33,7 +33,8 @@ from bisect import bisect_left
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
-    SLO_HEADROOM,
+    TBT_PLANNING,
+    TTFT_CONTROL,
     TokenStats,
     idle_for_s,
     place_on_whole_gpus,
@@ -92,11 +93,11 @@ class DynamoLlmPolicy(Policy):
         batch = max(1, inst.running + inst.waiting)
         context = self.stats.decode_context_tokens(inst.model)
         tbt_s = table.lookup("decode", batch, context, inst.sm_pct, clock_mhz, clamp=True).latency_s
-        if tbt_s > SLO_HEADROOM * slo.tbt_s:
+        if tbt_s > TBT_PLANNING * slo.tbt_s:
             return False
         prompt = self.stats.prompt_quantile(inst.model, PROMPT_QUANTILE)
         prefill_s = table.lookup("prefill", 1, prompt, inst.sm_pct, clock_mhz, clamp=True).latency_s
-        return prefill_s <= SLO_HEADROOM * slo.ttft_s
+        return prefill_s <= TTFT_CONTROL * slo.ttft_for(int(prompt))
 
     def lowest_clock_mhz(self, inst: InstanceView, view: ClusterView) -> int:
         """The lowest table clock meeting the targets (latency falls as the clock rises), else the highest."""
