@@ -12,6 +12,7 @@ from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_s
 from festina_hpc.policy.types import (
     ClusterView,
     GpuSettings,
+    GpuView,
     InstancePhase,
     MoveQueued,
     Plan,
@@ -122,8 +123,13 @@ def test_serverlessllm_serves_a_third_model_on_two_gpus_by_eviction() -> None:
 # -- muxserve ----------------------------------------------------------------------------------------
 
 
+def _muxserve(known_rates: dict[str, float] | None = None, live_share_change: bool = False) -> MuxServePolicy:
+    return MuxServePolicy(PolicyContext(STORE, GPU, known_rates_per_s=known_rates or {},
+                                        live_share_change=live_share_change))
+
+
 def test_muxserve_colocates_models_on_fewer_gpus_than_models(light_workload: list[Request]) -> None:
-    sim = simulation("muxserve", light_workload)
+    sim = simulation(_muxserve(LIGHT_RATES), light_workload)
     result = sim.run()
     assert result.requests_completed == len(light_workload)
     assert len(used_gpus(sim)) < len(LIGHT_RATES)
@@ -137,11 +143,11 @@ def test_muxserve_colocates_models_on_fewer_gpus_than_models(light_workload: lis
     assert len(used_gpus(dedicated)) == len(LIGHT_RATES)
 
 
-def test_muxserve_shares_follow_load_and_fit_the_gpu() -> None:
+def test_muxserve_shares_follow_load_and_fit_the_gpu() -> None:  # where a site has live share change
     view = FakeView()
     busy = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
     quiet = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
-    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    settings = _muxserve(live_share_change=True).control(view.gpu(0), view)
     assert isinstance(settings, GpuSettings)
     shares = settings.sm_pct
     assert shares[busy.id] > shares[quiet.id] >= 10.0
@@ -153,13 +159,13 @@ def test_muxserve_shares_swap_when_the_load_does() -> None:
     view = FakeView()
     a = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
     b = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
-    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    settings = _muxserve(live_share_change=True).control(view.gpu(0), view)
     assert settings is not None and settings.sm_pct[b.id] > settings.sm_pct[a.id]
 
 
 def test_muxserve_leaves_shares_alone_within_the_step() -> None:
     view = FakeView()
-    policy = make_policy_for("muxserve")
+    policy = _muxserve(live_share_change=True)
     view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
     view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=40.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
     first = policy.control(view.gpu(0), view)
@@ -179,6 +185,64 @@ def test_muxserve_colocates_a_new_model_on_a_used_gpu_with_room() -> None:
     second = policy.place(request("mistral-7b"), view)
     assert isinstance(second, StartInstance) and second.gpus == first.gpus
     assert second.sm_pct + first.sm_pct <= 100 and second.memory_fraction + first.memory_fraction <= 1
+
+
+@pytest.mark.parametrize("rates", [
+    {"llama-3.1-8b": 4.0, "mistral-7b": 0.3, "llama-2-13b": 0.2},
+    {"llama-3.1-8b": 0.3, "mistral-7b": 4.0, "llama-2-13b": 0.2},
+])
+def test_muxserve_places_every_model_at_its_first_scale_tick_from_known_rates(rates: dict[str, float]) -> None:
+    view = FakeView()
+    policy = _muxserve(rates)
+    plan = policy.scale(view)
+    starts = [a for a in plan.actions if isinstance(a, StartInstance)]
+    assert sorted(s.model for s in starts) == sorted(rates)  # every model, before any request
+    assert len({g for s in starts for g in s.gpus}) < len(rates)  # co-located
+    by_model = {s.model: s for s in starts}
+    for start in starts:  # a share at least the need its known rate gives, memory as its rate needs
+        assert start.sm_pct >= policy.need_pct(view, start.model, rates[start.model])
+        assert start.memory_fraction == policy.memory_fraction(view, start.model, rates[start.model])
+    for g in {g for s in starts for g in s.gpus}:
+        assert sum(s.sm_pct for s in starts if g in s.gpus) <= 100.0
+        assert sum(s.memory_fraction for s in starts if g in s.gpus) <= 1.0 + 1e-9
+    busy, quiet = sorted(("llama-3.1-8b", "mistral-7b"), key=lambda m: -rates[m])
+    if by_model[busy].gpus == by_model[quiet].gpus:
+        assert by_model[busy].sm_pct > by_model[quiet].sm_pct  # the busier model gets the larger share
+    assert not policy.scale(view)  # placed once
+
+
+def test_muxserve_without_known_rates_places_on_the_first_request() -> None:
+    policy = _muxserve()
+    view = FakeView()
+    assert not policy.scale(view)
+    assert isinstance(policy.place(request(), view), StartInstance)
+
+
+def test_muxserve_never_changes_a_running_share() -> None:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
+    view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
+    assert _muxserve().control(view.gpu(0), view) is None
+    assert _muxserve(live_share_change=True).control(view.gpu(0), view) is not None
+
+
+class ControlRecordingMuxServe(MuxServePolicy):
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self.changes: list[GpuSettings] = []
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        settings = super().control(gpu, view)
+        if settings is not None:
+            self.changes.append(settings)
+        return settings
+
+
+def test_muxserve_keeps_its_shares_through_a_run(light_workload: list[Request]) -> None:
+    policy = ControlRecordingMuxServe(PolicyContext(STORE, GPU, known_rates_per_s=LIGHT_RATES))
+    result = simulate(policy, light_workload)
+    assert result.requests_completed == len(light_workload)
+    assert policy.changes == []
 
 
 @pytest.mark.parametrize("needs,budget,expected", [

@@ -174,9 +174,9 @@ class MuxServePolicy(Policy):
             need = self.need_pct(view, model, rate)
             fraction = self.memory_fraction(view, model, rate)
             for _ in range(count):
-                gpus = self._planned_fit(view, model, tp, need, fraction, memory, needs, held)
-                if gpus is None:
-                    gpus = free_gpu_group(view, tp, exclude=memory.keys())
+                gpus = (self._planned_fit(view, model, tp, need, fraction, memory, needs, held, mixed=False)
+                        or free_gpu_group(view, tp, exclude=memory.keys())
+                        or self._planned_fit(view, model, tp, need, fraction, memory, needs, held, mixed=True))
                 if gpus is None:
                     break  # no room: the model's requests start what it needs on demand
                 for g in gpus:
@@ -184,21 +184,22 @@ class MuxServePolicy(Policy):
                     needs[g] = needs.get(g, 0.0) + need
                     held.setdefault(g, set()).add(model)
                 placed.append((model, gpus, need, fraction))
-        shares_by_gpu: dict[int, dict[int, float]] = {}
-        for g in memory:
-            residents = {k: p[2] for k, p in enumerate(placed) if g in p[1]}
-            shares_by_gpu[g] = proportional_shares(residents, 100.0, MIN_SHARE_PCT)
-        return [StartInstance(model, gpus, sm_pct=min(shares_by_gpu[g][k] for g in gpus), memory_fraction=fraction)
-                for k, (model, gpus, _, fraction) in enumerate(placed)]
+        shares = divide_sms([(gpus, need) for _, gpus, need, _ in placed])
+        return [StartInstance(model, gpus, sm_pct=share, memory_fraction=fraction)
+                for (model, gpus, _, fraction), share in zip(placed, shares, strict=True)]
 
     @staticmethod
     def _planned_fit(view: ClusterView, model: str, tp: int, need: float, fraction: float,
                      memory: dict[int, float], needs: dict[int, float],
-                     held: dict[int, set[str]]) -> tuple[int, ...] | None:
-        """``tp`` planned GPUs on one node with memory and spare need for the instance, tightest first."""
+                     held: dict[int, set[str]], mixed: bool) -> tuple[int, ...] | None:
+        """``tp`` planned GPUs on one node with memory and spare need for the instance, the tightest
+        fit in memory; with ``mixed`` False only GPUs whose residents span as many GPUs as it does
+        (an instance takes the same share on all its GPUs, so a narrow one beside a wide one caps
+        the wide one's share on every GPU it spans: free GPUs come before such a fit)."""
         fits: dict[int, list[tuple[float, int]]] = {}
         for g, used in memory.items():
-            if model not in held[g] and used + fraction <= 1.0 + 1e-9 and needs[g] + need <= 100.0:
+            if (model not in held[g] and used + fraction <= 1.0 + 1e-9 and needs[g] + need <= 100.0
+                    and (mixed or all(view.model(m).tp == tp for m in held[g]))):
                 fits.setdefault(view.gpu(g).node, []).append((1.0 - used - fraction, g))
         best: tuple[float, tuple[int, ...]] | None = None
         for group in fits.values():
@@ -243,6 +244,9 @@ class MuxServePolicy(Policy):
     def _start(self, model: str, tp: int, existing: int, view: ClusterView) -> StartInstance | None:
         rate = view.model_rate_per_s(model) / (existing + 1)  # the new instance takes its share of the load
         need = self.need_pct(view, model, rate)
+        if not self.context.live_share_change:
+            # Its share cannot grow later: it starts at least as large as the model's largest, which are full.
+            need = max([need] + [i.sm_pct for i in serving(view.instances_of(model))])
         memory = self.memory_fraction(view, model, rate)
         shared = self._colocation(model, tp, need, memory, view)
         if shared is not None:
@@ -316,6 +320,32 @@ class MuxServePolicy(Policy):
             return None
         # Every share, also those that stay: one changed but not yet applied is reserved at its new value.
         return GpuSettings(sm_pct=shares)
+
+
+def divide_sms(instances: list[tuple[tuple[int, ...], float]]) -> list[float]:
+    """Whole-percent SM shares for instances given as (GPUs, need): each GPU's SMs divided among its
+    residents in proportion to their needs (at least MIN_SHARE_PCT each, at most 100 in all).
+
+    An instance spanning several GPUs takes the same share on each, the smallest its GPUs give it;
+    it is settled first (widest first), and what it leaves on a GPU goes to that GPU's other residents.
+    """
+    left: dict[int, float] = {}
+    unsettled: dict[int, float] = {}  # GPU -> summed needs of residents not yet given a share
+    for gpus, need in instances:
+        for g in gpus:
+            left[g] = 100.0
+            unsettled[g] = unsettled.get(g, 0.0) + max(need, 1e-9)
+    shares = [0.0] * len(instances)
+    for k in sorted(range(len(instances)), key=lambda k: -len(instances[k][0])):
+        gpus, need = instances[k]
+        need = max(need, 1e-9)
+        share = min(left[g] * need / unsettled[g] for g in gpus)
+        share = float(min(100, max(math.floor(MIN_SHARE_PCT), math.floor(share + 1e-9))))
+        shares[k] = share
+        for g in gpus:
+            left[g] -= share
+            unsettled[g] -= need
+    return shares
 
 
 def proportional_shares(needs: dict[int, float], budget: float, min_share: float) -> dict[int, float]:
