@@ -152,6 +152,14 @@ class FakeView:
             gpu.memory_fraction_allocated += inst.memory_fraction
         return inst
 
+    def remove(self, instance_id: int) -> None:
+        inst = self._instances.pop(instance_id)
+        for g in inst.gpus:
+            gpu = self._gpus[g]
+            gpu.instances.remove(instance_id)
+            gpu.sm_pct_allocated -= inst.sm_pct
+            gpu.memory_fraction_allocated -= inst.memory_fraction
+
     def model(self, name: str) -> ModelInfo:
         return self._models[name]
 

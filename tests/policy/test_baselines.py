@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from festina_hpc.policy.base import PolicyContext, UnknownPolicyError, make_policy, policy_names
-from festina_hpc.policy.baselines.dynamollm import DynamoLlmPolicy
+from festina_hpc.policy.baselines.dynamollm import LOAD_MARGIN, SCALE_IN_WINDOW_S, DynamoLlmPolicy, pool_of
 from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
 from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
 from festina_hpc.policy.types import (
@@ -357,26 +359,98 @@ def test_dynamollm_raises_the_clock_at_once_when_a_target_would_break() -> None:
     policy = make_policy_for("dynamollm")
     assert isinstance(policy, DynamoLlmPolicy)
     for _ in range(200):  # long prompts: prefill at the lowest clock misses the TTFT target
-        policy.stats.observe("llama-3.1-8b", 3000, 128)
+        policy.pool_stats[-1].observe("llama-3.1-8b", 3000, 128)
     clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
-    view = _one_instance_view(clocks[0], 4)
+    view = _one_instance_view(clocks[0], 4)  # an instance it did not start: the long pool
     settings = policy.control(view.gpu(0), view)
     assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > clocks[0]
-    assert policy.meets_slo(view.instance(0), view, settings.clock_mhz)
+    margin = 1.0 + LOAD_MARGIN
+    assert policy.meets_slo(view.instance(0), view, settings.clock_mhz, margin)
     lower = clocks[clocks.index(settings.clock_mhz) - 1]
-    assert not policy.meets_slo(view.instance(0), view, lower)  # the lowest that meets them
+    assert not policy.meets_slo(view.instance(0), view, lower, margin)  # the lowest that meets them
 
 
-def test_dynamollm_keeps_a_models_last_instance_while_the_model_is_in_use() -> None:
-    policy = make_policy_for("dynamollm", keep_alive_s=60.0)
-    view = FakeView(now_s=100.0)
-    assert isinstance(policy.place(request(arrival_s=100.0), view), StartInstance)
-    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
-    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=90.0))
-    view.now_s = 200.0  # both idle past the keep-alive; the model had a request 100 s ago
-    assert policy.scale(view).actions == (StopInstance(1),)
-    view.now_s = 100.0 + 5 * 60.0 + 1.0  # silent for five keep-alives: scale to zero
-    assert set(policy.scale(view).actions) == {StopInstance(0), StopInstance(1)}
+def _place_steadily(policy: DynamoLlmPolicy, view: FakeView, rate_per_s: float, start_s: float, end_s: float,
+                    prompt_tokens: int = 3000, scale_every_s: float = 0.0) -> list[StopInstance]:
+    """Requests at ``rate_per_s`` over [start_s, end_s) through place(); scale() every ``scale_every_s``
+    seconds (0: never); the stops it asks for, carried out on the view."""
+    stops: list[StopInstance] = []
+    t, next_scale = start_s, start_s
+    while t < end_s:
+        view.now_s = t
+        policy.place(request(prompt_tokens=prompt_tokens, arrival_s=t), view)
+        if scale_every_s and t >= next_scale:
+            for action in policy.scale(view).actions:
+                if isinstance(action, StopInstance):
+                    view.remove(action.instance_id)
+                    stops.append(action)
+            next_scale += scale_every_s
+        t += 1.0 / rate_per_s
+    return stops
+
+
+def test_dynamollm_instance_count_follows_load_up_and_down() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,), running=0))  # one instance (the long pool: any length)
+    _place_steadily(policy, view, 3.0, 0.0, 5.0)  # learn the lengths at a low rate
+    capacity = policy.capacity_per_s(view, model, 2)
+    high = 2.6 * capacity
+    _place_steadily(policy, view, high, 5.0, 35.0)
+    plan = policy.scale(view)
+    starts = [a for a in plan.actions if isinstance(a, StartInstance)]
+    assert len(starts) + 1 == math.ceil(high / capacity) == 3  # up to the load at once
+    for k, start in enumerate(starts, start=1):
+        view.add(FakeInstance(k, model, start.gpus))
+    assert not policy.scale(view)  # at the count: nothing more
+    # The load falls to a third of an instance: no scale-in while the peak is in the window, nor for
+    # SCALE_IN_WINDOW_S after, then down to one instance (not zero: the model is in use).
+    low = capacity / 3
+    early = _place_steadily(policy, view, low, 35.0, 35.0 + SCALE_IN_WINDOW_S + 60.0, scale_every_s=5.0)
+    assert early == []
+    late = _place_steadily(policy, view, low, view.now_s + 1.0, view.now_s + SCALE_IN_WINDOW_S + 60.0,
+                           scale_every_s=5.0)
+    assert len(late) == 2 and len(view.instances_of(model)) == 1
+    assert not policy.scale(view)
+    # Silent for twice the window: to zero.
+    view.now_s += 2 * SCALE_IN_WINDOW_S + 20.0
+    policy.scale(view)
+    view.now_s += SCALE_IN_WINDOW_S + 10.0
+    assert policy.scale(view).actions == (StopInstance(view.instances_of(model)[0].id),)
+
+
+def test_dynamollm_pools_run_short_prompts_at_a_lower_clock_than_long_ones() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView()
+    short = policy.place(request(prompt_tokens=200, rid=0), view)
+    assert isinstance(short, StartInstance)
+    view.add(FakeInstance(0, model, short.gpus, running=24))
+    long = policy.place(request(prompt_tokens=6000, rid=1), view)
+    assert isinstance(long, StartInstance) and long.gpus != short.gpus  # its own pool's instance
+    view.add(FakeInstance(1, model, long.gpus, running=24))
+    assert (pool_of(200), pool_of(6000)) == (0, 2)
+    for k in range(300):
+        policy.place(request(prompt_tokens=150 + k % 100, rid=2 + 2 * k), view)
+        policy.place(request(prompt_tokens=5000 + 10 * k, rid=3 + 2 * k), view)
+    clocks = {}
+    for inst in (0, 1):
+        gpu = view.gpu(view.instance(inst).gpus[0])
+        settings = policy.control(gpu, view)
+        clocks[inst] = gpu.clock_mhz if settings is None or settings.clock_mhz is None else settings.clock_mhz
+    assert clocks[0] < clocks[1]
+
+
+def test_dynamollm_routes_a_short_request_to_a_longer_pool_with_room() -> None:
+    policy = make_policy_for("dynamollm")
+    view = FakeView()
+    long = policy.place(request(prompt_tokens=6000), view)
+    assert isinstance(long, StartInstance)
+    view.add(FakeInstance(0, "llama-3.1-8b", long.gpus))
+    assert policy.place(request(prompt_tokens=200, rid=1), view) == Route(0)
 
 
 def test_routes_to_an_existing_instance_with_room() -> None:
