@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from festina_hpc.policy.base import PolicyContext, UnknownPolicyError, make_policy, policy_names
+import festina_hpc.sim.experiment as experiment_module
+from festina_hpc.policy.base import Policy, PolicyContext, UnknownPolicyError, make_policy, policy_names
 from festina_hpc.policy.baselines.dynamollm import LOAD_MARGIN, SCALE_IN_WINDOW_S, DynamoLlmPolicy, pool_of
 from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
 from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
+from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s
 from festina_hpc.policy.types import (
     ClusterView,
     GpuSettings,
@@ -23,18 +25,23 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.experiment import Experiment
 from tests.policy.conftest import (
     GPU,
+    MODELS,
     POLICIES,
     STORE,
     FakeInstance,
     FakeView,
     bursts,
     make_policy_for,
+    make_slo,
     poisson_requests,
     request,
     simulate,
     simulation,
+    slos_for,
     used_gpus,
 )
 
@@ -458,3 +465,96 @@ def test_routes_to_an_existing_instance_with_room() -> None:
     view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=2))
     for name in POLICIES:
         assert make_policy_for(name).place(request(), view) == Route(0), name
+
+
+# -- vllm-autoscale ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy_extra,stopped", [(False, {0}), (True, {0, 1})])
+def test_vllm_autoscale_scales_in_idle_instances_but_keeps_one_per_model(busy_extra: bool,
+                                                                        stopped: set[int]) -> None:
+    view = FakeView(now_s=500.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=200.0))
+    view.add(FakeInstance(2, "mistral-7b", (2,), last_busy_s=100.0))  # a model's only instance: kept
+    if busy_extra:
+        view.add(FakeInstance(3, "llama-3.1-8b", (3,), running=2, last_busy_s=500.0))
+    plan = make_policy_for("vllm-autoscale", keep_alive_s=60.0).scale(view)
+    assert {a.instance_id for a in plan.actions if isinstance(a, StopInstance)} == stopped
+    assert not any(isinstance(a, StopInstance) for a in make_policy_for("vllm").scale(view).actions)
+
+
+def test_vllm_autoscale_keeps_an_instance_within_the_keep_alive() -> None:
+    view = FakeView(now_s=500.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=450.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=100.0))
+    plan = make_policy_for("vllm-autoscale", keep_alive_s=60.0).scale(view)
+    assert [a for a in plan.actions if isinstance(a, StopInstance)] == [StopInstance(1)]
+
+
+# -- the planning headroom every policy shares -------------------------------------------------------
+
+
+def _queued_for_share_of_ttft(lo: float, hi: float) -> int:
+    """Queued prompts of 1024 tokens ahead of a 512-token request that take its prefill to between
+    ``lo`` and ``hi`` of its TTFT SLO on a whole GPU at max clock."""
+    model, clock = "llama-3.1-8b", STORE.gpu(GPU).max_clock_mhz
+    slo_s = make_slo(model).ttft_for(512)
+    for waiting in range(64):
+        share = prefill_time_s(STORE, GPU, model, waiting * 1024 + 512, 100.0, clock) / slo_s
+        if lo < share < hi:
+            return waiting
+    raise AssertionError("no queue length in range")
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_baseline_plans_ttft_at_the_shared_headroom(name: str) -> None:
+    assert TTFT_PLANNING == 1.0 and TBT_PLANNING == 0.8
+    waiting = _queued_for_share_of_ttft(TBT_PLANNING + 0.02, TTFT_PLANNING - 0.02)
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), waiting=waiting))
+    # Its prefill within the TTFT SLO but past 80% of it: it still has room.
+    assert make_policy_for(name).place(request(prompt_tokens=512), view) == Route(0)
+    full = FakeView()
+    full.add(FakeInstance(0, "llama-3.1-8b", (0,), waiting=_queued_for_share_of_ttft(1.05, 2.0)))
+    assert isinstance(make_policy_for(name).place(request(prompt_tokens=512), full), StartInstance)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_baseline_plans_tbt_at_the_shared_headroom(name: str) -> None:
+    model, clock = "llama-3.1-8b", STORE.gpu(GPU).max_clock_mhz
+    tbt_slo_s = make_slo(model).tbt_s
+
+    def view_with(running: int) -> FakeView:
+        view = FakeView()
+        view.add(FakeInstance(0, model, (0,), running=running))
+        return view
+
+    def share(running: int) -> float:
+        view = view_with(running)
+        return predicted_tbt_s(STORE, GPU, view.instance(0), clock, context_tokens=512) / tbt_slo_s
+
+    over = next(r for r in range(1, 1024) if share(r) > TBT_PLANNING + 0.01)
+    assert share(over) < 1.0  # past the headroom, within the SLO
+    assert isinstance(make_policy_for(name).place(request(prompt_tokens=64), view_with(over)), StartInstance)
+
+
+# -- rates known in advance ----------------------------------------------------------------------
+
+
+def test_experiment_gives_policies_each_models_mean_rate_and_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = [request("llama-3.1-8b", prompt_tokens=100, output_tokens=10, rid=0, arrival_s=10.0),
+                request("llama-3.1-8b", prompt_tokens=300, output_tokens=30, rid=1, arrival_s=20.0),
+                request("mistral-7b", prompt_tokens=50, output_tokens=5, rid=2, arrival_s=30.0)]
+    contexts: list[PolicyContext] = []
+
+    def recording(name: str, context: PolicyContext) -> Policy:
+        contexts.append(context)
+        return make_policy(name, context)
+
+    monkeypatch.setattr(experiment_module, "make_policy", recording)
+    experiment = Experiment(requests, slos_for(MODELS), ClusterConfig(nodes=1, gpus_per_node=8), keep_alive_s=60.0)
+    experiment.run(STORE, "vllm")
+    (context,) = contexts
+    assert context.known_rates_per_s == {"llama-3.1-8b": 2 / 20.0, "mistral-7b": 1 / 20.0}
+    assert context.known_lengths == {"llama-3.1-8b": (200.0, 20.0), "mistral-7b": (50.0, 5.0)}
