@@ -41,11 +41,12 @@ planning headroom, stretched by the prefills of its arrivals (its arrival
 rate times its pool's mean prompt's prefill), and its pool's 99th-percentile
 prompt, behind the instance's queued prompts, prefills within the
 controller's TTFT target (``policy.common.TTFT_CONTROL`` of that prompt's
-TTFT SLO; DynamoLLM states its SLOs on P99 latencies). So a short pool's
-GPUs run lower clocks than a long pool's. A clock that would break either
-target is raised at once; otherwise the clock moves only when the new one is
-at least two table steps away (hysteresis against re-locking the clock on
-every batch change).
+TTFT SLO; DynamoLLM states its SLOs on P99 latencies), each load taken
+at ``1 + LOAD_MARGIN`` times its present value (a burst grows it before the
+next decision). So a short pool's GPUs run lower clocks than a long pool's.
+A clock that would break either target at the present load is raised at
+once; otherwise the clock moves only when the new one is at least two table
+steps away (hysteresis against re-locking the clock on every batch change).
 
 Simplified: re-sharding (changing a pool's tensor parallelism) is not
 modelled: tensor parallelism is the model's fixed degree. Pools are by
