@@ -251,7 +251,7 @@ def bound_cmd(app: AppContext, out_dir: Path, **kwargs: Any) -> None:
     click.echo(f"lower bound: {bound.energy_j / 3.6e6:.2f} kWh ({terms}); wrote {out_dir / 'bound.json'}")
 
 
-DEMO_POLICIES = ("vllm", "serverlessllm", "muxserve", "llumnix", "dynamollm", "festina")
+DEMO_POLICIES = ("vllm", "vllm-autoscale", "serverlessllm", "muxserve", "llumnix", "dynamollm", "festina")
 
 
 @click.command("demo")

@@ -18,7 +18,8 @@ example a last-decision time per GPU for hysteresis).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from festina_hpc.errors import FestinaError
@@ -46,6 +47,11 @@ class PolicyContext:
     # Whether a running instance's SM share can change in place ([gpu] live_share_change); when
     # not, the driver carries out a share change in GpuSettings as a new instance at that share.
     live_share_change: bool = False
+    # Per-model mean arrival rate over the whole workload, and mean (prompt, output) tokens, where
+    # known in advance (the simulator's trace; MuxServe's offline placement assumes them). Empty in
+    # the live system (festinad), where a policy measures rates as requests arrive.
+    known_rates_per_s: Mapping[str, float] = field(default_factory=dict)
+    known_lengths: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class Policy(ABC):

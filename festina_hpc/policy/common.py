@@ -167,6 +167,10 @@ class TokenStats:
         self._quantiles: dict[tuple[str, float], tuple[int, float]] = {}  # (model, q) -> (count at, value)
         self._counts: dict[str, int] = {}
 
+    def prime(self, model: str, prompt_tokens: float, output_tokens: float) -> None:
+        """Start the model's mean lengths from figures known in advance instead of the prior."""
+        self._means.setdefault(model, (prompt_tokens, output_tokens))
+
     def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
         self._counts[model] = count = self._counts.get(model, 0) + 1
         prompt, output = self._means.get(model, self._initial)
@@ -214,7 +218,15 @@ class TokenStats:
 
 
 EXPECTED_OUTPUT_TOKENS = 512  # KV room a router sets aside per request (a typical max_tokens)
-SLO_HEADROOM = 0.8  # baselines plan latency for this share of each SLO (an instance is full past it)
+# Planning headroom, one for every policy (festina and the baselines alike), as shares of each SLO:
+# placement judges an instance full when a request's predicted TTFT would pass TTFT_PLANNING of its
+# TTFT SLO (the prediction already takes the queue ahead of it, a tail) or one more sequence would
+# take the time between tokens past TBT_PLANNING of the TBT SLO (a mean, which the tail exceeds).
+# A controller choosing a clock holds a load's typical prompt to TTFT_CONTROL of its TTFT SLO: the
+# typical prompt is not the tail that arrives behind a long prefill.
+TTFT_PLANNING = 1.0
+TBT_PLANNING = 0.8
+TTFT_CONTROL = 0.8
 
 
 def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: InstanceView, clock_mhz: int) -> bool:
@@ -223,7 +235,7 @@ def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: Ins
     KV room for its queue and the request (each queued one taken as this one's size; a router does
     not know output lengths), the queued prompts and this one prefilled within the TTFT SLO's
     headroom (a loading instance's queue waits for the load either way), and a time between
-    tokens within the TBT SLO's headroom with one more sequence.
+    tokens within the TBT SLO's headroom with one more sequence (``TTFT_PLANNING`` and ``TBT_PLANNING``).
     """
     slo = view.model(request.model).slo
     need = request.prompt_tokens + EXPECTED_OUTPUT_TOKENS
@@ -232,9 +244,9 @@ def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: Ins
     if inst.phase is InstancePhase.READY:
         prefill_s = prefill_time_s(store, view.gpu_type, inst.model, inst.pending_prompt_tokens + request.prompt_tokens,
                                    inst.sm_pct, clock_mhz)
-        if prefill_s > SLO_HEADROOM * slo.ttft_for(request.prompt_tokens):
+        if prefill_s > TTFT_PLANNING * slo.ttft_for(request.prompt_tokens):
             return False
-    return predicted_tbt_s(store, view.gpu_type, inst, clock_mhz) <= SLO_HEADROOM * slo.tbt_s
+    return predicted_tbt_s(store, view.gpu_type, inst, clock_mhz) <= TBT_PLANNING * slo.tbt_s
 
 
 def route_with_room(store: ProfileStore, view: ClusterView, request: Request, candidates: Sequence[InstanceView],

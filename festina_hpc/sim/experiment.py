@@ -68,7 +68,9 @@ class Experiment:
                                 node_static_w=cluster.node_static_w_per_gpu * cluster.gpus_per_node,
                                 resume_time_s=cluster.resume_time_s,
                                 load_init_s=cluster.load_init_s, load_gbs=cluster.load_gbs,
-                                live_share_change=self.live_share_change)
+                                live_share_change=self.live_share_change,
+                                known_rates_per_s=known_rates_per_s(self.requests),
+                                known_lengths=known_lengths(self.requests))
         policy = make_policy(policy_name, context)
         return Simulation(self.cluster, store, policy, self.requests, self.slos,
                           live_share_change=self.live_share_change).run()
@@ -78,6 +80,29 @@ class Experiment:
         path = out_dir / "config.json"
         path.write_text(json.dumps(self.resolved, indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def known_rates_per_s(requests: list[Request]) -> dict[str, float]:
+    """Each model's mean arrival rate over the workload's span (first to last arrival): the rates
+    a policy that places offline (MuxServe) is given in advance."""
+    if not requests:
+        return {}
+    span_s = max(r.arrival_s for r in requests) - min(r.arrival_s for r in requests)
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r.model] = counts.get(r.model, 0) + 1
+    return {m: n / span_s if span_s > 0 else 0.0 for m, n in sorted(counts.items())}
+
+
+def known_lengths(requests: list[Request]) -> dict[str, tuple[float, float]]:
+    """Each model's mean (prompt, output) tokens over the workload."""
+    sums: dict[str, list[float]] = {}
+    for r in requests:
+        entry = sums.setdefault(r.model, [0.0, 0.0, 0.0])
+        entry[0] += r.prompt_tokens
+        entry[1] += r.output_tokens
+        entry[2] += 1
+    return {m: (p / n, o / n) for m, (p, o, n) in sorted(sums.items())}
 
 
 def trace_path(name_or_path: str) -> Path:

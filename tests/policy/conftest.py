@@ -22,7 +22,7 @@ from festina_hpc.sim.simulator import SimResult, Simulation
 GPU = "h100-sxm-80gb"
 STORE = ProfileStore(default_profiles_dir())
 MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-13b")
-POLICIES = ("vllm", "serverlessllm", "muxserve", "llumnix", "dynamollm")
+POLICIES = ("vllm", "vllm-autoscale", "serverlessllm", "muxserve", "llumnix", "dynamollm")
 
 
 def make_slo(model: str, scale: float = 5.0) -> Slo:
@@ -151,6 +151,14 @@ class FakeView:
             gpu.sm_pct_allocated += inst.sm_pct
             gpu.memory_fraction_allocated += inst.memory_fraction
         return inst
+
+    def remove(self, instance_id: int) -> None:
+        inst = self._instances.pop(instance_id)
+        for g in inst.gpus:
+            gpu = self._gpus[g]
+            gpu.instances.remove(instance_id)
+            gpu.sm_pct_allocated -= inst.sm_pct
+            gpu.memory_fraction_allocated -= inst.memory_fraction
 
     def model(self, name: str) -> ModelInfo:
         return self._models[name]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from festina_hpc.policy.base import PolicyContext, UnknownPolicyError, make_policy, policy_names
-from festina_hpc.policy.baselines.dynamollm import DynamoLlmPolicy
+import festina_hpc.sim.experiment as experiment_module
+from festina_hpc.policy.base import Policy, PolicyContext, UnknownPolicyError, make_policy, policy_names
+from festina_hpc.policy.baselines.dynamollm import LOAD_MARGIN, SCALE_IN_WINDOW_S, DynamoLlmPolicy, pool_of
 from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
 from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
+from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s
 from festina_hpc.policy.types import (
     ClusterView,
     GpuSettings,
+    GpuView,
     InstancePhase,
     MoveQueued,
     Plan,
@@ -20,18 +25,23 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.sim.cluster import ClusterConfig
+from festina_hpc.sim.experiment import Experiment
 from tests.policy.conftest import (
     GPU,
+    MODELS,
     POLICIES,
     STORE,
     FakeInstance,
     FakeView,
     bursts,
     make_policy_for,
+    make_slo,
     poisson_requests,
     request,
     simulate,
     simulation,
+    slos_for,
     used_gpus,
 )
 
@@ -122,8 +132,13 @@ def test_serverlessllm_serves_a_third_model_on_two_gpus_by_eviction() -> None:
 # -- muxserve ----------------------------------------------------------------------------------------
 
 
+def _muxserve(known_rates: dict[str, float] | None = None, live_share_change: bool = False) -> MuxServePolicy:
+    return MuxServePolicy(PolicyContext(STORE, GPU, known_rates_per_s=known_rates or {},
+                                        live_share_change=live_share_change))
+
+
 def test_muxserve_colocates_models_on_fewer_gpus_than_models(light_workload: list[Request]) -> None:
-    sim = simulation("muxserve", light_workload)
+    sim = simulation(_muxserve(LIGHT_RATES), light_workload)
     result = sim.run()
     assert result.requests_completed == len(light_workload)
     assert len(used_gpus(sim)) < len(LIGHT_RATES)
@@ -137,11 +152,11 @@ def test_muxserve_colocates_models_on_fewer_gpus_than_models(light_workload: lis
     assert len(used_gpus(dedicated)) == len(LIGHT_RATES)
 
 
-def test_muxserve_shares_follow_load_and_fit_the_gpu() -> None:
+def test_muxserve_shares_follow_load_and_fit_the_gpu() -> None:  # where a site has live share change
     view = FakeView()
     busy = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
     quiet = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
-    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    settings = _muxserve(live_share_change=True).control(view.gpu(0), view)
     assert isinstance(settings, GpuSettings)
     shares = settings.sm_pct
     assert shares[busy.id] > shares[quiet.id] >= 10.0
@@ -153,13 +168,13 @@ def test_muxserve_shares_swap_when_the_load_does() -> None:
     view = FakeView()
     a = view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
     b = view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
-    settings = make_policy_for("muxserve").control(view.gpu(0), view)
+    settings = _muxserve(live_share_change=True).control(view.gpu(0), view)
     assert settings is not None and settings.sm_pct[b.id] > settings.sm_pct[a.id]
 
 
 def test_muxserve_leaves_shares_alone_within_the_step() -> None:
     view = FakeView()
-    policy = make_policy_for("muxserve")
+    policy = _muxserve(live_share_change=True)
     view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
     view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=40.0, memory_fraction=0.4, arrival_rate_per_s=1.0))
     first = policy.control(view.gpu(0), view)
@@ -179,6 +194,64 @@ def test_muxserve_colocates_a_new_model_on_a_used_gpu_with_room() -> None:
     second = policy.place(request("mistral-7b"), view)
     assert isinstance(second, StartInstance) and second.gpus == first.gpus
     assert second.sm_pct + first.sm_pct <= 100 and second.memory_fraction + first.memory_fraction <= 1
+
+
+@pytest.mark.parametrize("rates", [
+    {"llama-3.1-8b": 4.0, "mistral-7b": 0.3, "llama-2-13b": 0.2},
+    {"llama-3.1-8b": 0.3, "mistral-7b": 4.0, "llama-2-13b": 0.2},
+])
+def test_muxserve_places_every_model_at_its_first_scale_tick_from_known_rates(rates: dict[str, float]) -> None:
+    view = FakeView()
+    policy = _muxserve(rates)
+    plan = policy.scale(view)
+    starts = [a for a in plan.actions if isinstance(a, StartInstance)]
+    assert sorted(s.model for s in starts) == sorted(rates)  # every model, before any request
+    assert len({g for s in starts for g in s.gpus}) < len(rates)  # co-located
+    by_model = {s.model: s for s in starts}
+    for start in starts:  # a share at least the need its known rate gives, memory as its rate needs
+        assert start.sm_pct >= policy.need_pct(view, start.model, rates[start.model])
+        assert start.memory_fraction == policy.memory_fraction(view, start.model, rates[start.model])
+    for g in {g for s in starts for g in s.gpus}:
+        assert sum(s.sm_pct for s in starts if g in s.gpus) <= 100.0
+        assert sum(s.memory_fraction for s in starts if g in s.gpus) <= 1.0 + 1e-9
+    busy, quiet = sorted(("llama-3.1-8b", "mistral-7b"), key=lambda m: -rates[m])
+    if by_model[busy].gpus == by_model[quiet].gpus:
+        assert by_model[busy].sm_pct > by_model[quiet].sm_pct  # the busier model gets the larger share
+    assert not policy.scale(view)  # placed once
+
+
+def test_muxserve_without_known_rates_places_on_the_first_request() -> None:
+    policy = _muxserve()
+    view = FakeView()
+    assert not policy.scale(view)
+    assert isinstance(policy.place(request(), view), StartInstance)
+
+
+def test_muxserve_never_changes_a_running_share() -> None:
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=4.0))
+    view.add(FakeInstance(1, "mistral-7b", (0,), sm_pct=50.0, memory_fraction=0.4, arrival_rate_per_s=0.1))
+    assert _muxserve().control(view.gpu(0), view) is None
+    assert _muxserve(live_share_change=True).control(view.gpu(0), view) is not None
+
+
+class ControlRecordingMuxServe(MuxServePolicy):
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self.changes: list[GpuSettings] = []
+
+    def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        settings = super().control(gpu, view)
+        if settings is not None:
+            self.changes.append(settings)
+        return settings
+
+
+def test_muxserve_keeps_its_shares_through_a_run(light_workload: list[Request]) -> None:
+    policy = ControlRecordingMuxServe(PolicyContext(STORE, GPU, known_rates_per_s=LIGHT_RATES))
+    result = simulate(policy, light_workload)
+    assert result.requests_completed == len(light_workload)
+    assert policy.changes == []
 
 
 @pytest.mark.parametrize("needs,budget,expected", [
@@ -293,26 +366,98 @@ def test_dynamollm_raises_the_clock_at_once_when_a_target_would_break() -> None:
     policy = make_policy_for("dynamollm")
     assert isinstance(policy, DynamoLlmPolicy)
     for _ in range(200):  # long prompts: prefill at the lowest clock misses the TTFT target
-        policy.stats.observe("llama-3.1-8b", 3000, 128)
+        policy.pool_stats[-1].observe("llama-3.1-8b", 3000, 128)
     clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
-    view = _one_instance_view(clocks[0], 4)
+    view = _one_instance_view(clocks[0], 4)  # an instance it did not start: the long pool
     settings = policy.control(view.gpu(0), view)
     assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > clocks[0]
-    assert policy.meets_slo(view.instance(0), view, settings.clock_mhz)
+    margin = 1.0 + LOAD_MARGIN
+    assert policy.meets_slo(view.instance(0), view, settings.clock_mhz, margin)
     lower = clocks[clocks.index(settings.clock_mhz) - 1]
-    assert not policy.meets_slo(view.instance(0), view, lower)  # the lowest that meets them
+    assert not policy.meets_slo(view.instance(0), view, lower, margin)  # the lowest that meets them
 
 
-def test_dynamollm_keeps_a_models_last_instance_while_the_model_is_in_use() -> None:
-    policy = make_policy_for("dynamollm", keep_alive_s=60.0)
-    view = FakeView(now_s=100.0)
-    assert isinstance(policy.place(request(arrival_s=100.0), view), StartInstance)
-    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
-    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=90.0))
-    view.now_s = 200.0  # both idle past the keep-alive; the model had a request 100 s ago
-    assert policy.scale(view).actions == (StopInstance(1),)
-    view.now_s = 100.0 + 5 * 60.0 + 1.0  # silent for five keep-alives: scale to zero
-    assert set(policy.scale(view).actions) == {StopInstance(0), StopInstance(1)}
+def _place_steadily(policy: DynamoLlmPolicy, view: FakeView, rate_per_s: float, start_s: float, end_s: float,
+                    prompt_tokens: int = 3000, scale_every_s: float = 0.0) -> list[StopInstance]:
+    """Requests at ``rate_per_s`` over [start_s, end_s) through place(); scale() every ``scale_every_s``
+    seconds (0: never); the stops it asks for, carried out on the view."""
+    stops: list[StopInstance] = []
+    t, next_scale = start_s, start_s
+    while t < end_s:
+        view.now_s = t
+        policy.place(request(prompt_tokens=prompt_tokens, arrival_s=t), view)
+        if scale_every_s and t >= next_scale:
+            for action in policy.scale(view).actions:
+                if isinstance(action, StopInstance):
+                    view.remove(action.instance_id)
+                    stops.append(action)
+            next_scale += scale_every_s
+        t += 1.0 / rate_per_s
+    return stops
+
+
+def test_dynamollm_instance_count_follows_load_up_and_down() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,), running=0))  # one instance (the long pool: any length)
+    _place_steadily(policy, view, 3.0, 0.0, 5.0)  # learn the lengths at a low rate
+    capacity = policy.capacity_per_s(view, model, 2)
+    high = 2.6 * capacity
+    _place_steadily(policy, view, high, 5.0, 35.0)
+    plan = policy.scale(view)
+    starts = [a for a in plan.actions if isinstance(a, StartInstance)]
+    assert len(starts) + 1 == math.ceil(high / capacity) == 3  # up to the load at once
+    for k, start in enumerate(starts, start=1):
+        view.add(FakeInstance(k, model, start.gpus))
+    assert not policy.scale(view)  # at the count: nothing more
+    # The load falls to a third of an instance: no scale-in while the peak is in the window, nor for
+    # SCALE_IN_WINDOW_S after, then down to one instance (not zero: the model is in use).
+    low = capacity / 3
+    early = _place_steadily(policy, view, low, 35.0, 35.0 + SCALE_IN_WINDOW_S + 60.0, scale_every_s=5.0)
+    assert early == []
+    late = _place_steadily(policy, view, low, view.now_s + 1.0, view.now_s + SCALE_IN_WINDOW_S + 60.0,
+                           scale_every_s=5.0)
+    assert len(late) == 2 and len(view.instances_of(model)) == 1
+    assert not policy.scale(view)
+    # Silent for twice the window: to zero.
+    view.now_s += 2 * SCALE_IN_WINDOW_S + 20.0
+    policy.scale(view)
+    view.now_s += SCALE_IN_WINDOW_S + 10.0
+    assert policy.scale(view).actions == (StopInstance(view.instances_of(model)[0].id),)
+
+
+def test_dynamollm_pools_run_short_prompts_at_a_lower_clock_than_long_ones() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView()
+    short = policy.place(request(prompt_tokens=200, rid=0), view)
+    assert isinstance(short, StartInstance)
+    view.add(FakeInstance(0, model, short.gpus, running=24))
+    long = policy.place(request(prompt_tokens=6000, rid=1), view)
+    assert isinstance(long, StartInstance) and long.gpus != short.gpus  # its own pool's instance
+    view.add(FakeInstance(1, model, long.gpus, running=24))
+    assert (pool_of(200), pool_of(6000)) == (0, 2)
+    for k in range(300):
+        policy.place(request(prompt_tokens=150 + k % 100, rid=2 + 2 * k), view)
+        policy.place(request(prompt_tokens=5000 + 10 * k, rid=3 + 2 * k), view)
+    clocks = {}
+    for inst in (0, 1):
+        gpu = view.gpu(view.instance(inst).gpus[0])
+        settings = policy.control(gpu, view)
+        clocks[inst] = gpu.clock_mhz if settings is None or settings.clock_mhz is None else settings.clock_mhz
+    assert clocks[0] < clocks[1]
+
+
+def test_dynamollm_routes_a_short_request_to_a_longer_pool_with_room() -> None:
+    policy = make_policy_for("dynamollm")
+    view = FakeView()
+    long = policy.place(request(prompt_tokens=6000), view)
+    assert isinstance(long, StartInstance)
+    view.add(FakeInstance(0, "llama-3.1-8b", long.gpus))
+    assert policy.place(request(prompt_tokens=200, rid=1), view) == Route(0)
 
 
 def test_routes_to_an_existing_instance_with_room() -> None:
@@ -320,3 +465,96 @@ def test_routes_to_an_existing_instance_with_room() -> None:
     view.add(FakeInstance(0, "llama-3.1-8b", (0,), running=2))
     for name in POLICIES:
         assert make_policy_for(name).place(request(), view) == Route(0), name
+
+
+# -- vllm-autoscale ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy_extra,stopped", [(False, {0}), (True, {0, 1})])
+def test_vllm_autoscale_scales_in_idle_instances_but_keeps_one_per_model(busy_extra: bool,
+                                                                        stopped: set[int]) -> None:
+    view = FakeView(now_s=500.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=100.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=200.0))
+    view.add(FakeInstance(2, "mistral-7b", (2,), last_busy_s=100.0))  # a model's only instance: kept
+    if busy_extra:
+        view.add(FakeInstance(3, "llama-3.1-8b", (3,), running=2, last_busy_s=500.0))
+    plan = make_policy_for("vllm-autoscale", keep_alive_s=60.0).scale(view)
+    assert {a.instance_id for a in plan.actions if isinstance(a, StopInstance)} == stopped
+    assert not any(isinstance(a, StopInstance) for a in make_policy_for("vllm").scale(view).actions)
+
+
+def test_vllm_autoscale_keeps_an_instance_within_the_keep_alive() -> None:
+    view = FakeView(now_s=500.0)
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), last_busy_s=450.0))
+    view.add(FakeInstance(1, "llama-3.1-8b", (1,), last_busy_s=100.0))
+    plan = make_policy_for("vllm-autoscale", keep_alive_s=60.0).scale(view)
+    assert [a for a in plan.actions if isinstance(a, StopInstance)] == [StopInstance(1)]
+
+
+# -- the planning headroom every policy shares -------------------------------------------------------
+
+
+def _queued_for_share_of_ttft(lo: float, hi: float) -> int:
+    """Queued prompts of 1024 tokens ahead of a 512-token request that take its prefill to between
+    ``lo`` and ``hi`` of its TTFT SLO on a whole GPU at max clock."""
+    model, clock = "llama-3.1-8b", STORE.gpu(GPU).max_clock_mhz
+    slo_s = make_slo(model).ttft_for(512)
+    for waiting in range(64):
+        share = prefill_time_s(STORE, GPU, model, waiting * 1024 + 512, 100.0, clock) / slo_s
+        if lo < share < hi:
+            return waiting
+    raise AssertionError("no queue length in range")
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_baseline_plans_ttft_at_the_shared_headroom(name: str) -> None:
+    assert TTFT_PLANNING == 1.0 and TBT_PLANNING == 0.8
+    waiting = _queued_for_share_of_ttft(TBT_PLANNING + 0.02, TTFT_PLANNING - 0.02)
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,), waiting=waiting))
+    # Its prefill within the TTFT SLO but past 80% of it: it still has room.
+    assert make_policy_for(name).place(request(prompt_tokens=512), view) == Route(0)
+    full = FakeView()
+    full.add(FakeInstance(0, "llama-3.1-8b", (0,), waiting=_queued_for_share_of_ttft(1.05, 2.0)))
+    assert isinstance(make_policy_for(name).place(request(prompt_tokens=512), full), StartInstance)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_baseline_plans_tbt_at_the_shared_headroom(name: str) -> None:
+    model, clock = "llama-3.1-8b", STORE.gpu(GPU).max_clock_mhz
+    tbt_slo_s = make_slo(model).tbt_s
+
+    def view_with(running: int) -> FakeView:
+        view = FakeView()
+        view.add(FakeInstance(0, model, (0,), running=running))
+        return view
+
+    def share(running: int) -> float:
+        view = view_with(running)
+        return predicted_tbt_s(STORE, GPU, view.instance(0), clock, context_tokens=512) / tbt_slo_s
+
+    over = next(r for r in range(1, 1024) if share(r) > TBT_PLANNING + 0.01)
+    assert share(over) < 1.0  # past the headroom, within the SLO
+    assert isinstance(make_policy_for(name).place(request(prompt_tokens=64), view_with(over)), StartInstance)
+
+
+# -- rates known in advance ----------------------------------------------------------------------
+
+
+def test_experiment_gives_policies_each_models_mean_rate_and_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = [request("llama-3.1-8b", prompt_tokens=100, output_tokens=10, rid=0, arrival_s=10.0),
+                request("llama-3.1-8b", prompt_tokens=300, output_tokens=30, rid=1, arrival_s=20.0),
+                request("mistral-7b", prompt_tokens=50, output_tokens=5, rid=2, arrival_s=30.0)]
+    contexts: list[PolicyContext] = []
+
+    def recording(name: str, context: PolicyContext) -> Policy:
+        contexts.append(context)
+        return make_policy(name, context)
+
+    monkeypatch.setattr(experiment_module, "make_policy", recording)
+    experiment = Experiment(requests, slos_for(MODELS), ClusterConfig(nodes=1, gpus_per_node=8), keep_alive_s=60.0)
+    experiment.run(STORE, "vllm")
+    (context,) = contexts
+    assert context.known_rates_per_s == {"llama-3.1-8b": 2 / 20.0, "mistral-7b": 1 / 20.0}
+    assert context.known_lengths == {"llama-3.1-8b": (200.0, 20.0), "mistral-7b": (50.0, 5.0)}

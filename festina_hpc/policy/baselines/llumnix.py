@@ -5,8 +5,9 @@ Language Model Serving", OSDI'24): instances own whole GPUs at the default
 (max) clock, as vLLM instances. A request is dispatched to the instance with
 the most "freeness": free KV-cache tokens after what its running sequences
 hold and its queue will need (the queue's virtual usage), per sequence it
-serves, among the instances that can take one more sequence within 80% of
-the TBT SLO. When none can, autoscaling starts another instance; an instance
+serves, among the instances that have room for it (``has_room``: the shared
+planning headroom of ``policy.common``, 100% of the TTFT SLO for its queued
+prompts and 80% of the TBT SLO with one more sequence). When none has, autoscaling starts another instance; an instance
 idle longer than the keep-alive is scaled in, but never the model's last one.
 Every ``consolidate_period_s`` (10 s) the rebalancer pairs each model's most
 loaded instance (running + waiting) with its least loaded ready one and, when

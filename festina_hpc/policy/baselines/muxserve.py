@@ -8,26 +8,37 @@ memory (weights plus a KV-cache quota) sized to its workload; clocks stay at
 the default (max). A model's need is the SM share that serves its arrival
 rate at 70% utilisation, computed from the profile tables (per-request GPU
 time at a full GPU: one prefill of a typical prompt plus its decode steps at
-the largest batch whose time between tokens stays within 80% of the SLO),
-and never below the smallest share at which a typical prompt's prefill and a
-decode step meet 80% of the TTFT and TBT SLOs. A new instance joins GPUs
-already in use whose memory and summed needs leave room for it, the tightest
-such fit first, else takes free GPUs. ``control`` re-divides each GPU's SMs
-among its instances in proportion to their needs at their recent arrival
-rates (at least 10% each, summing to at most 100), keeping 10% back while
-the GPU still has memory for another model. Instances stay warm (MuxServe
-serves a fixed set of models); a model whose instances are all full (SLO or
-KV quota) gets another one.
+the largest batch whose time between tokens stays within the TBT planning
+headroom), and never below the smallest share at which a typical prompt's
+prefill and a decode step meet the shared planning headroom
+(``policy.common.TTFT_PLANNING``, ``TBT_PLANNING``).
 
-Simplified: MuxServe's offline placement (enumerating GPU meshes and model
-groups to maximise throughput for rates known in advance) becomes this
-online greedy best fit with rates measured as requests arrive, so an early
-instance is sized for a small load and later ones for the measured one.
-Its adaptive batch scheduling, which interleaves prefill and decode jobs of
+Placement is MuxServe's: offline, from each model's arrival rate known in
+advance (``PolicyContext.known_rates_per_s``, the trace's mean rates, and
+``known_lengths`` for the typical request), all at the first scale tick.
+Its greedy algorithm takes the models by computation need (the SM share
+their rate needs, times their GPUs), largest first, splits a model whose
+need exceeds a GPU into that many instances, and puts each on the unit of
+GPUs already in use that has the memory and the spare need for it (the
+tightest fit, MuxServe's "unit with the most throughput gain" reduced to
+best fit), else on free GPUs. Each GPU's SMs are then divided among its
+instances in proportion to their needs (at least 10% each). Those shares
+stay as placed: an MPS client's active-thread percentage is fixed when its
+context is created, so a running instance's share never changes (unless
+the site declares ``live_share_change``, when ``control`` re-divides each
+GPU's SMs by the instances' recent arrival rates each control period).
+Where no rate is known (festinad), a model is placed on its first request
+by the same best fit with its measured rate. A model whose instances are
+all full (TTFT or TBT headroom, or KV quota) gets another one, sized for
+its measured rate; instances stay warm (MuxServe serves a fixed set of
+models).
+
+Simplified: MuxServe's enumeration of GPU mesh groups and its throughput
+estimator become the greedy best fit above on the simulator's units. Its
+adaptive batch scheduling, which interleaves prefill and decode jobs of
 co-located models and moves KV-cache blocks between their quotas, is reduced
-to fixed memory quotas (set at start: no resize action exists) and SM shares
-re-sized each control period; the simulator runs co-located instances
-concurrently, each at its share.
+to fixed memory quotas (set at start: no resize action exists); the
+simulator runs co-located instances concurrently, each at its share.
 """
 
 from __future__ import annotations
@@ -35,13 +46,24 @@ from __future__ import annotations
 import math
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
-from festina_hpc.policy.common import SLO_HEADROOM, TokenStats, free_gpu_group, least_loaded, predicted_tbt_s, serving
+from festina_hpc.policy.common import (
+    TBT_PLANNING,
+    TTFT_PLANNING,
+    TokenStats,
+    free_gpu_group,
+    least_loaded,
+    predicted_tbt_s,
+    prefill_time_s,
+    serving,
+)
 from festina_hpc.policy.types import (
     ClusterView,
     Drop,
     GpuSettings,
     GpuView,
+    InstancePhase,
     Placement,
+    Plan,
     Request,
     Route,
     StartInstance,
@@ -66,6 +88,9 @@ class MuxServePolicy(Policy):
         self.stats = TokenStats()
         self._used_gpus: set[int] = set()  # GPUs this policy started instances on (co-location candidates)
         self._cost_cache: dict[tuple[str, int, int], tuple[float, float, float]] = {}
+        for model, (prompt_tokens, output_tokens) in context.known_lengths.items():
+            self.stats.prime(model, prompt_tokens, output_tokens)
+        self._placed = False  # whether the offline placement from known rates has been made
 
     # -- sizing from the profiles ------------------------------------------------------------------
 
@@ -81,7 +106,8 @@ class MuxServePolicy(Policy):
         table = self.store.table(view.gpu_type, model)
         clock = self.gpu_spec.max_clock_mhz
         context = self.stats.decode_context_tokens(model)
-        ttft_limit_s, tbt_limit_s = SLO_HEADROOM * info.slo.ttft_s, SLO_HEADROOM * info.slo.tbt_s
+        ttft_limit_s = TTFT_PLANNING * info.slo.ttft_for(int(prompt))
+        tbt_limit_s = TBT_PLANNING * info.slo.tbt_s
 
         def prefill_s(share: float) -> float:
             return table.lookup("prefill", 1, prompt, share, clock, clamp=True).latency_s
@@ -114,19 +140,95 @@ class MuxServePolicy(Policy):
         fraction = (info.weights_bytes_per_gpu + tokens * info.kv_bytes_per_token_per_gpu) / usable
         return min(1.0, math.ceil(fraction / MEMORY_STEP) * MEMORY_STEP)
 
+    # -- offline placement from known rates ---------------------------------------------------------
+
+    def scale(self, view: ClusterView) -> Plan:
+        """At the first scale tick, place every model with a known rate (MuxServe's offline placement)."""
+        if self._placed:
+            return Plan()
+        self._placed = True
+        starts = self.offline_placement(view)
+        self._used_gpus.update(g for s in starts for g in s.gpus)
+        return Plan(tuple(starts), "place every model from its known rate" if starts else "")
+
+    def offline_placement(self, view: ClusterView) -> list[StartInstance]:
+        """MuxServe's greedy placement of the models with known rates, shares divided per GPU."""
+        known = self.context.known_rates_per_s
+        units: list[tuple[float, str, int, float]] = []  # (computation need, model, instances, rate each)
+        for info in view.models():
+            rate = known.get(info.name, 0.0)
+            if rate <= 0:
+                continue
+            _, busy_s, _ = self._costs(view, info.name)
+            count = max(1, math.ceil(rate * busy_s / TARGET_UTILIZATION))  # instances of at most a GPU's need
+            need = self.need_pct(view, info.name, rate / count)
+            units += [(need * info.tp, info.name, count, rate / count)]
+        units.sort(key=lambda u: (-u[0], u[1]))
+        # Planned state per GPU: memory fraction, summed needs, models held (the view does not see the plan).
+        memory: dict[int, float] = {}
+        needs: dict[int, float] = {}
+        held: dict[int, set[str]] = {}
+        placed: list[tuple[str, tuple[int, ...], float, float]] = []  # (model, gpus, need, memory)
+        for _, model, count, rate in units:
+            tp = view.model(model).tp
+            need = self.need_pct(view, model, rate)
+            fraction = self.memory_fraction(view, model, rate)
+            for _ in range(count):
+                gpus = (self._planned_fit(view, model, tp, need, fraction, memory, needs, held, mixed=False)
+                        or free_gpu_group(view, tp, exclude=memory.keys())
+                        or self._planned_fit(view, model, tp, need, fraction, memory, needs, held, mixed=True))
+                if gpus is None:
+                    break  # no room: the model's requests start what it needs on demand
+                for g in gpus:
+                    memory[g] = memory.get(g, 0.0) + fraction
+                    needs[g] = needs.get(g, 0.0) + need
+                    held.setdefault(g, set()).add(model)
+                placed.append((model, gpus, need, fraction))
+        shares = divide_sms([(gpus, need) for _, gpus, need, _ in placed])
+        return [StartInstance(model, gpus, sm_pct=share, memory_fraction=fraction)
+                for (model, gpus, _, fraction), share in zip(placed, shares, strict=True)]
+
+    @staticmethod
+    def _planned_fit(view: ClusterView, model: str, tp: int, need: float, fraction: float,
+                     memory: dict[int, float], needs: dict[int, float],
+                     held: dict[int, set[str]], mixed: bool) -> tuple[int, ...] | None:
+        """``tp`` planned GPUs on one node with memory and spare need for the instance, the tightest
+        fit in memory; with ``mixed`` False only GPUs whose residents span as many GPUs as it does
+        (an instance takes the same share on all its GPUs, so a narrow one beside a wide one caps
+        the wide one's share on every GPU it spans: free GPUs come before such a fit)."""
+        fits: dict[int, list[tuple[float, int]]] = {}
+        for g, used in memory.items():
+            if (model not in held[g] and used + fraction <= 1.0 + 1e-9 and needs[g] + need <= 100.0
+                    and (mixed or all(view.model(m).tp == tp for m in held[g]))):
+                fits.setdefault(view.gpu(g).node, []).append((1.0 - used - fraction, g))
+        best: tuple[float, tuple[int, ...]] | None = None
+        for group in fits.values():
+            if len(group) >= tp:
+                chosen = sorted(group)[:tp]
+                leftover = sum(c[0] for c in chosen)
+                if best is None or leftover < best[0]:
+                    best = (leftover, tuple(sorted(c[1] for c in chosen)))
+        return None if best is None else best[1]
+
     # -- placing -----------------------------------------------------------------------------------
 
     def place(self, request: Request, view: ClusterView) -> Placement:
         self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
-        limit_s = SLO_HEADROOM * model.slo.tbt_s
+        limit_s = TBT_PLANNING * model.slo.tbt_s
+        ttft_limit_s = TTFT_PLANNING * model.slo.ttft_for(request.prompt_tokens)
+        clock = self.gpu_spec.max_clock_mhz
         seq_tokens = self.stats.prompt_tokens(request.model) + self.stats.output_tokens(request.model)
         roomy = [i for i in candidates
-                 if predicted_tbt_s(self.store, view.gpu_type, i, self.gpu_spec.max_clock_mhz,
+                 if predicted_tbt_s(self.store, view.gpu_type, i, clock,
                                     context_tokens=round(self.stats.decode_context_tokens(request.model)))
                  <= limit_s
-                 and i.kv_tokens_reserved + (i.waiting + 1) * seq_tokens <= i.kv_capacity_tokens]
+                 and i.kv_tokens_reserved + (i.waiting + 1) * seq_tokens <= i.kv_capacity_tokens
+                 and (i.phase is not InstancePhase.READY  # a loading one's queue waits for the load either way
+                      or prefill_time_s(self.store, view.gpu_type, i.model,
+                                        i.pending_prompt_tokens + request.prompt_tokens, i.sm_pct, clock)
+                      <= ttft_limit_s)]
         best = least_loaded(roomy)
         if best is not None:
             return Route(best.id)
@@ -142,6 +244,9 @@ class MuxServePolicy(Policy):
     def _start(self, model: str, tp: int, existing: int, view: ClusterView) -> StartInstance | None:
         rate = view.model_rate_per_s(model) / (existing + 1)  # the new instance takes its share of the load
         need = self.need_pct(view, model, rate)
+        if not self.context.live_share_change:
+            # Its share cannot grow later: it starts at least as large as the model's largest, which are full.
+            need = max([need] + [i.sm_pct for i in serving(view.instances_of(model))])
         memory = self.memory_fraction(view, model, rate)
         shared = self._colocation(model, tp, need, memory, view)
         if shared is not None:
@@ -198,6 +303,8 @@ class MuxServePolicy(Policy):
                    for m in view.models() if m.name not in present)
 
     def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        if not self.context.live_share_change:
+            return None  # a running MPS client's share is fixed: shares stay as placed
         targets = self._targets(gpu, view)
         shares: dict[int, float] = {}
         for instance_id, target in targets.items():
@@ -213,6 +320,32 @@ class MuxServePolicy(Policy):
             return None
         # Every share, also those that stay: one changed but not yet applied is reserved at its new value.
         return GpuSettings(sm_pct=shares)
+
+
+def divide_sms(instances: list[tuple[tuple[int, ...], float]]) -> list[float]:
+    """Whole-percent SM shares for instances given as (GPUs, need): each GPU's SMs divided among its
+    residents in proportion to their needs (at least MIN_SHARE_PCT each, at most 100 in all).
+
+    An instance spanning several GPUs takes the same share on each, the smallest its GPUs give it;
+    it is settled first (widest first), and what it leaves on a GPU goes to that GPU's other residents.
+    """
+    left: dict[int, float] = {}
+    unsettled: dict[int, float] = {}  # GPU -> summed needs of residents not yet given a share
+    for gpus, need in instances:
+        for g in gpus:
+            left[g] = 100.0
+            unsettled[g] = unsettled.get(g, 0.0) + max(need, 1e-9)
+    shares = [0.0] * len(instances)
+    for k in sorted(range(len(instances)), key=lambda k: -len(instances[k][0])):
+        gpus, need = instances[k]
+        need = max(need, 1e-9)
+        share = min(left[g] * need / unsettled[g] for g in gpus)
+        share = float(min(100, max(math.floor(MIN_SHARE_PCT), math.floor(share + 1e-9))))
+        shares[k] = share
+        for g in gpus:
+            left[g] -= share
+            unsettled[g] -= need
+    return shares
 
 
 def proportional_shares(needs: dict[int, float], budget: float, min_share: float) -> dict[int, float]:

@@ -11,9 +11,11 @@ tier short of a GPU) when one has free GPUs, else to any free GPUs. When no
 GPU is free, idle instances of other models are evicted (least recently used
 first, on the node where that frees enough GPUs) to make room, as a keep-alive
 cache does on demand; only then is a node that power saving suspended resumed
-(its resume takes minutes, an eviction costs a load). Routing is vLLM's, as ServerlessLLM serves with vLLM:
-the least-loaded instance whose predicted time between tokens with one more
-sequence stays within 80% of the TBT SLO; a new instance when all are full
+(its resume takes minutes, an eviction costs a load). Routing is vLLM's, as
+ServerlessLLM serves with vLLM: the least-loaded instance with room
+(``has_room``, the shared planning headroom of ``policy.common``: its queued
+prompts and this one prefill within the TTFT SLO, one more sequence keeps the
+time between tokens within 80% of the TBT SLO); a new instance when all are full
 (on free GPUs, else by evicting), else the least-loaded full one queues it.
 
 Simplified: the scheduler's estimate of load time per server (queueing on each
