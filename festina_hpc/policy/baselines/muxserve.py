@@ -41,6 +41,7 @@ from festina_hpc.policy.types import (
     Drop,
     GpuSettings,
     GpuView,
+    InstancePhase,
     Placement,
     Request,
     Route,
@@ -198,6 +199,11 @@ class MuxServePolicy(Policy):
                    for m in view.models() if m.name not in present)
 
     def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
+        if not self.context.live_share_change and any(
+                view.instance(i).phase is not InstancePhase.READY for i in gpu.instances):
+            # A share change restarts the instance: one loading keeps the share it started with,
+            # and a GPU is re-divided only once a restart (or a start) beside it has finished.
+            return None
         targets = self._targets(gpu, view)
         shares: dict[int, float] = {}
         for instance_id, target in targets.items():
