@@ -188,8 +188,8 @@ class FakeView:
         return self.model_rates.get(model, 0.0)
 
 
-def make_policy_for(name: str, keep_alive_s: float = 60.0) -> Policy:
-    return make_policy(name, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s))
+def make_policy_for(name: str, keep_alive_s: float = 60.0, live_share_change: bool = False) -> Policy:
+    return make_policy(name, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s, live_share_change=live_share_change))
 
 
 def request(model: str = "llama-3.1-8b", prompt_tokens: int = 512, output_tokens: int = 128, rid: int = 0,
