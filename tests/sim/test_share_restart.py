@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from festina_hpc.config import default_profiles_dir
 from festina_hpc.policy.base import Policy, PolicyContext
 from festina_hpc.policy.types import (
     ClusterView,
@@ -24,6 +26,7 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.profiles.calibration_doc import SHARE_RESTARTS
 from festina_hpc.sim.cluster import Activity, RequestRecord, SimInstance
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import ENERGY_PARTS, Simulation
@@ -233,3 +236,8 @@ def test_an_instance_that_waits_for_its_node_starts_at_the_new_share() -> None:
     assert inst.activity is not Activity.LOADING
     sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={inst.id: 30.0}))
     assert inst.sm_pct == 30.0 and sim.gpu(0).sm_pct_allocated == 30.0 and sim.share_restarts == 0
+
+
+def test_calibration_md_documents_the_share_restart_as_its_renderer_writes_it() -> None:
+    shipped = (Path(default_profiles_dir()) / "CALIBRATION.md").read_text(encoding="utf-8")
+    assert "\n".join(SHARE_RESTARTS) in shipped
