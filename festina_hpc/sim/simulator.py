@@ -836,6 +836,20 @@ class Simulation:
             clock = min(supported, key=lambda c: abs(c - settings.clock_mhz))  # type: ignore[operator]
             if clock != gpu.clock_mhz:
                 gpu.clock_mhz = clock
+        # Batch caps and chunks first: a share restart's replacement starts with them (and an old
+        # instance that a restart stops at once is no longer there to take them).
+        for instance_id, cap in settings.batch_cap.items():
+            inst = self.live.get(instance_id)
+            if inst is None or cap < 1:
+                self.invalid_decisions += 1
+                continue
+            inst.pending_batch_cap = cap
+        for instance_id, chunk in settings.chunk_tokens.items():
+            inst = self.live.get(instance_id)
+            if inst is None or gpu.id not in inst.gpus or chunk < 1:
+                self.invalid_decisions += 1
+                continue
+            inst.chunk_tokens = chunk  # read at the next step boundary
         # Shrinking shares first lets one settings object move SMs from one instance to another.
         def growth(item: tuple[int, float]) -> float:
             inst = self.live.get(item[0])
@@ -859,18 +873,6 @@ class Simulation:
             for g in inst.gpus:
                 self.gpu_list[g].sm_pct_allocated += sm_pct - inst.sm_pct
             inst.sm_pct = inst.sm_pct_reserved = sm_pct
-        for instance_id, cap in settings.batch_cap.items():
-            inst = self.live.get(instance_id)
-            if inst is None or cap < 1:
-                self.invalid_decisions += 1
-                continue
-            inst.pending_batch_cap = cap
-        for instance_id, chunk in settings.chunk_tokens.items():
-            inst = self.live.get(instance_id)
-            if inst is None or gpu.id not in inst.gpus or chunk < 1:
-                self.invalid_decisions += 1
-                continue
-            inst.chunk_tokens = chunk  # read at the next step boundary
         return events
 
     # -- measuring --------------------------------------------------------------------------------

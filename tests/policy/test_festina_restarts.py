@@ -17,7 +17,8 @@ from tests.policy.test_festina import MAX_CLOCK_MHZ, MODEL, SLOS, SMALL_MODELS, 
 
 def test_an_instance_gives_back_a_share_only_after_needing_far_less_for_the_settle_time() -> None:
     view = fake_view()
-    view.add(FakeInstance(0, MODEL, (0,), running=4, arrival_rate_per_s=0.5))  # light, on a whole GPU
+    # Light, on a whole GPU's SMs; memory for a second copy (a restart keeps it serving).
+    view.add(FakeInstance(0, MODEL, (0,), memory_fraction=0.4, running=4, arrival_rate_per_s=0.5))
     live = festina(live_share_change=True).control(view.gpu(0), view)
     assert live is not None and live.sm_pct  # where shares change in place, it shrinks at once
     policy = festina()
@@ -29,6 +30,17 @@ def test_an_instance_gives_back_a_share_only_after_needing_far_less_for_the_sett
     view.now_s = SHARE_SETTLE_S
     settled = policy.control(view.gpu(0), view)
     assert settled is not None and settled.sm_pct[0] <= 100.0 - SHRINK_GAP_PCT
+
+
+def test_no_restart_where_a_second_copy_does_not_fit_in_memory() -> None:
+    """The instance would drain first and its requests wait for the drain and the load."""
+    view = fake_view()
+    view.add(FakeInstance(0, MODEL, (0,), memory_fraction=0.6, running=4, arrival_rate_per_s=0.5))
+    policy = festina()
+    for now_s in (0.0, SHARE_SETTLE_S, 2 * SHARE_SETTLE_S):
+        view.now_s = now_s
+        settings = policy.control(view.gpu(0), view)
+        assert settings is None or not settings.sm_pct
 
 
 def test_an_instance_short_at_its_share_grows_into_free_sms_once_per_settle_time() -> None:

@@ -241,3 +241,15 @@ def test_an_instance_that_waits_for_its_node_starts_at_the_new_share() -> None:
 def test_calibration_md_documents_the_share_restart_as_its_renderer_writes_it() -> None:
     shipped = (Path(default_profiles_dir()) / "CALIBRATION.md").read_text(encoding="utf-8")
     assert "\n".join(SHARE_RESTARTS) in shipped
+
+
+def test_a_restart_takes_the_chunk_and_batch_cap_asked_for_with_it() -> None:
+    """Settings that come with a share change are the replacement's; the old instance, stopped at
+    once (idle, short of memory), is no reason to refuse them."""
+    sim = simulation("vllm", [request()], gpus_per_node=1)
+    old = ready(sim, StartInstance(MODEL, (0,), sm_pct=50.0, memory_fraction=0.6))
+    sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={old.id: 30.0}, chunk_tokens={old.id: 512},
+                                                batch_cap={old.id: 64}))
+    (new,) = sim.instances()
+    assert old.id not in sim.live and new.sm_pct == 30.0 and sim.invalid_decisions == 0
+    assert (new.chunk_tokens, new.batch_cap) == (512, 64)
