@@ -947,6 +947,7 @@ class FestinaPolicy(Policy):
                 del self._restarted_s[key]
         clock = self.gpu_spec.max_clock_mhz
         asked: dict[int, float] = {}
+        free_pct: dict[int, float] = {}  # per GPU, less what grows asked for here take
         for load in loads:
             inst = view.instance(load.instance_id)
             key = (inst.model, inst.gpus)
@@ -958,11 +959,13 @@ class FestinaPolicy(Policy):
             if self._chunk_for(view, load, inst.sm_pct, clock, target) is None:  # short at any clock
                 self._low_since.pop(inst.id, None)
                 least = self._least_share(view, load, clock, target)
-                free = min(100.0 - view.gpu(g).sm_pct_allocated for g in inst.gpus)
+                free = min(free_pct.setdefault(g, 100.0 - view.gpu(g).sm_pct_allocated) for g in inst.gpus)
                 grown = min(100.0 if least is None else least[0], inst.sm_pct + free)
                 grown -= grown % SHARES[0]
                 if grown >= inst.sm_pct + SHARES[0]:
                     asked[inst.id] = grown
+                    for g in inst.gpus:
+                        free_pct[g] -= grown - inst.sm_pct
                 continue
             least = self._least_share(view, load, clock, target)
             need = inst.sm_pct if least is None else least[0]

@@ -87,3 +87,13 @@ def test_bursts_do_not_make_the_controller_restart_an_instance_again_within_the_
     assert result.invalid_decisions == 0
     assert result.requests_completed == result.requests_total
     assert all(i.phase <= InstancePhase.DRAINING for i in sim.instances())
+
+
+def test_two_instances_short_on_one_gpu_grow_only_into_the_sms_it_has_free() -> None:
+    view = fake_view()
+    for i in (0, 1):
+        view.add(FakeInstance(i, MODEL, (0,), sm_pct=30, memory_fraction=0.3, running=16, waiting=2,
+                              arrival_rate_per_s=2.0))
+    settings = festina().control(view.gpu(0), view)
+    assert settings is not None and settings.sm_pct
+    assert sum(settings.sm_pct.values()) - 30.0 * len(settings.sm_pct) <= 40.0  # the 40 points free
