@@ -19,7 +19,8 @@ constant-time profile lookups:
   there is headroom is indexed on scale ticks (``Headroom``), so a start too
   looks at a few candidates whatever the cluster's size. Safe means
   the request's predicted TTFT (its queue ahead in chunks, at the settings the
-  controller can give: max clock and the GPU's free share) is within its own
+  controller can give: max clock and the GPU's free share, or the instance's
+  own share where a share changes only by a restart) is within its own
   SLO, and the decode steps within the TBT SLO's margin. On a full cluster, a
   model that keeps missing takes the GPUs of an idle instance of a model that
   has room elsewhere (capacity follows the load); a model with no instance
@@ -51,6 +52,20 @@ constant-time profile lookups:
   spoils a token of every sequence decoding; a queue, only those waiting).
   Hysteresis: lower the clock only by two or more table steps, change a share
   only by 10 points or more, raise at once when a target would be missed.
+  That joint choice holds where a site's engine can change a running
+  instance's share (``live_share_change``). MPS cannot: a client's share is
+  fixed when its CUDA context is created, and a different share is a new
+  instance (a share restart: a reload from host memory, the old one serving
+  meanwhile). There the controller solves the clock and chunks at the shares
+  the instances have (``solve_at``) and restarts an instance at another share
+  only (a) to grow one that no clock keeps within its SLOs at its share, into
+  its GPUs' free SMs, or (b) to shrink one whose needed share (the least that
+  keeps its SLOs at full clock) has stayed SHRINK_GAP_PCT below its own for
+  SHARE_SETTLE_S, to the most it needed meanwhile; each place (a model on its
+  GPUs, a replacement included) at most once per SHARE_SETTLE_S, and never
+  while a restart there is under way (``_restarts``). An instance started on
+  a whole GPU thus keeps all of it until it has needed far less for that
+  long, and co-location waits for the room.
 - **Consolidation** (``consolidate``): every period, the least-loaded powered
   node (or, when it cannot be, the next least loaded) is evacuated when every
   instance on it fits elsewhere on powered nodes with every co-resident still
@@ -138,6 +153,14 @@ BURST_DRAIN_WINDOWS = 1.75  # a window's tokens are prefilled within this many w
 PENDING_QUANTUM = 128  # queued prompt tokens are planned rounded up to this (memo keys stay few)
 TYPICAL_DRIFT = 0.05  # relative move of a typical length that replaces the frozen one
 MEMO_LIMIT = 200_000  # entries per memo before it starts over
+# Share restarts (an MPS client's share is fixed at its start, see ``_restarts``): a share is given
+# back only after the instance has needed SHRINK_GAP_PCT less for SHARE_SETTLE_S, and an instance
+# (its model on its GPUs: a restart's replacement included) is restarted at most once per
+# SHARE_SETTLE_S. 180 s is three half-lives of the arrival-rate estimates (RATE_HALF_LIFE_S, 60 s,
+# in sim/cluster.py and festinad): a lull that short is still in the estimates, and the traces'
+# bursts come and go within it, so a share given back sooner would be taken again by the next one.
+SHARE_SETTLE_S = 180.0
+SHRINK_GAP_PCT = 30.0  # a share is given back only where it is this far above what is needed
 
 
 class BurstMeter:
@@ -411,6 +434,8 @@ class FestinaPolicy(Policy):
         self._short: set[str] = set()  # models that placement found without a safe instance
         self._pressed_since: dict[str, float] = {}  # model -> since when it lacks room (short or no spare)
         self._deployed = False  # every model got its first instance (at the first scale tick)
+        self._restarted_s: dict[tuple[str, tuple[int, ...]], float] = {}  # (model, GPUs) -> last share restart
+        self._low_since: dict[int, tuple[float, float]] = {}  # instance -> (since when, most) it needs far less
 
     # -- profile lookups --------------------------------------------------------------------------
     # Estimates are memoised. They depend on few distinct points: integer batches, the
@@ -683,10 +708,13 @@ class FestinaPolicy(Policy):
                 return inst
         return None
 
-    @staticmethod
-    def _reachable_share(view: ClusterView, inst: InstanceView) -> float:
-        """The SM share the controller can give the instance: its own and what its GPU has free."""
-        share = min(100.0, inst.sm_pct + max(0.0, 100.0 - view.gpu(inst.gpus[0]).sm_pct_allocated))
+    def _reachable_share(self, view: ClusterView, inst: InstanceView) -> float:
+        """The SM share the controller can give the instance: its own and what its GPU has free;
+        its own only where a share changes by a restart (the request would not wait for one)."""
+        if not self.context.live_share_change:
+            share = inst.sm_pct
+        else:
+            share = min(100.0, inst.sm_pct + max(0.0, 100.0 - view.gpu(inst.gpus[0]).sm_pct_allocated))
         return max(SHARES[0], share - share % SHARES[0])  # down to the controller's grid (memo keys stay few)
 
     def _fastest_s_per_token(self, view: ClusterView, model: str) -> float:
@@ -845,6 +873,8 @@ class FestinaPolicy(Policy):
         loads = self._loads(gpu, view)
         if not loads:
             return None
+        if not self.context.live_share_change:
+            return self._control_at_shares(gpu, view, loads)
         # Least shares: what is left stays free for another model to co-locate here.
         solved = self.solve(view, loads) or self._overloaded(view, loads)
         clock, shares, chunks = solved.clock_mhz, solved.sm_pct, solved.chunk_tokens
@@ -860,6 +890,112 @@ class FestinaPolicy(Policy):
         if clock == gpu.clock_mhz and not ordered and not new_chunks:
             return None
         return GpuSettings(clock_mhz=clock, sm_pct=ordered, chunk_tokens=new_chunks)
+
+    def _control_at_shares(self, gpu: GpuView, view: ClusterView, loads: Sequence[Load]) -> GpuSettings | None:
+        """``control`` where a running instance's share cannot change (MPS): clock and chunks for
+        the shares the instances have, and the share restarts that ``_restarts`` asks for."""
+        shares = {load.instance_id: view.instance(load.instance_id).sm_pct for load in loads}
+        solved = self.solve_at(view, loads, shares) or self._overloaded_at(view, loads, shares)
+        clock = self._with_hysteresis(gpu.clock_mhz, solved.clock_mhz)
+        restarts = self._restarts(gpu, view, loads)
+        new_chunks = {i: c for i, c in solved.chunk_tokens.items() if c != view.instance(i).chunk_tokens}
+        if clock == gpu.clock_mhz and not restarts and not new_chunks:
+            return None
+        return GpuSettings(clock_mhz=clock, sm_pct=restarts, chunk_tokens=new_chunks)
+
+    def solve_at(self, view: ClusterView, loads: Sequence[Load], shares: dict[int, float]) -> Solution | None:
+        """The lowest-power clock and prefill chunks meeting every load's SLO at these shares, or None."""
+        best: tuple[float, Solution] | None = None
+        targets = {load.instance_id: self._control_ttft_s(view, load) for load in loads}
+        for clock in self._clocks:
+            chunks: dict[int, int] = {}
+            for load in loads:
+                chunk = self._chunk_for(view, load, shares[load.instance_id], clock, targets[load.instance_id])
+                if chunk is None:
+                    break
+                chunks[load.instance_id] = chunk
+            else:
+                power = self._dynamic_power_w(view, loads, shares, clock)
+                if best is None or power < best[0] - 1e-9:
+                    best = (power, Solution(clock, dict(shares), chunks))
+        return None if best is None else best[1]
+
+    def _overloaded_at(self, view: ClusterView, loads: Sequence[Load], shares: dict[int, float]) -> Solution:
+        """Best effort at these shares where no clock keeps every SLO: full clock, and each load the
+        largest chunk that keeps its SLOs there, else the largest that keeps its TBT."""
+        clock = self.gpu_spec.max_clock_mhz
+        chunks = {}
+        for load in loads:
+            share = shares[load.instance_id]
+            chunk = self._chunk_for(view, load, share, clock)
+            chunks[load.instance_id] = chunk if chunk is not None else self._tbt_chunk(view, load, share, clock)
+        return Solution(clock, dict(shares), chunks)
+
+    def _restarts(self, gpu: GpuView, view: ClusterView, loads: Sequence[Load]) -> dict[int, float]:
+        """The share restarts to ask for: an instance whose SLOs no clock keeps at its share grows
+        into its GPUs' free SMs (to the least share that keeps them, or all it can get); one whose
+        needed share (the least that keeps its SLOs at full clock) has stayed SHRINK_GAP_PCT or
+        more below its own for SHARE_SETTLE_S shrinks to the most it needed meanwhile. A share
+        above that only buys a lower clock, which saves less than the SMs are worth to a
+        co-resident (a model placed beside it rather than on GPUs of their own). Only a ready
+        instance with no restart of its model on its GPUs under way, and at most once per
+        SHARE_SETTLE_S for its model on its GPUs (a replacement is a new instance in the same place),
+        and only where a second copy fits in its GPUs' memory (``_room_for_a_copy``)."""
+        now = view.now_s
+        for key, since in list(self._restarted_s.items()):
+            if now - since >= SHARE_SETTLE_S:
+                del self._restarted_s[key]
+        clock = self.gpu_spec.max_clock_mhz
+        asked: dict[int, float] = {}
+        free_pct: dict[int, float] = {}  # per GPU, less what grows asked for here take
+        for load in loads:
+            inst = view.instance(load.instance_id)
+            key = (inst.model, inst.gpus)
+            if (inst.phase is not InstancePhase.READY or key in self._restarted_s or self._restarting(view, inst)
+                    or not self._room_for_a_copy(view, inst)):
+                self._low_since.pop(inst.id, None)
+                continue
+            target = self._control_ttft_s(view, load)
+            if self._chunk_for(view, load, inst.sm_pct, clock, target) is None:  # short at any clock
+                self._low_since.pop(inst.id, None)
+                least = self._least_share(view, load, clock, target)
+                free = min(free_pct.setdefault(g, 100.0 - view.gpu(g).sm_pct_allocated) for g in inst.gpus)
+                grown = min(100.0 if least is None else least[0], inst.sm_pct + free)
+                grown -= grown % SHARES[0]
+                if grown >= inst.sm_pct + SHARES[0]:
+                    asked[inst.id] = grown
+                    for g in inst.gpus:
+                        free_pct[g] -= grown - inst.sm_pct
+                continue
+            least = self._least_share(view, load, clock, target)
+            need = inst.sm_pct if least is None else least[0]
+            if need > inst.sm_pct - SHRINK_GAP_PCT:
+                self._low_since.pop(inst.id, None)
+                continue
+            since, most = self._low_since.get(inst.id, (now, need))
+            self._low_since[inst.id] = (since, max(most, need))
+            if now - since >= SHARE_SETTLE_S:
+                asked[inst.id] = max(most, need)
+        for instance_id in asked:
+            inst = view.instance(instance_id)
+            self._restarted_s[inst.model, inst.gpus] = now
+            self._low_since.pop(instance_id, None)
+        return asked
+
+    @staticmethod
+    def _room_for_a_copy(view: ClusterView, inst: InstanceView) -> bool:
+        """Whether its GPUs have the memory for a second copy, so a restart keeps it serving while
+        the replacement loads. Without it, the instance would drain first and its requests wait
+        for the drain and the load (measured on the code trace: most of the TTFT misses that such
+        restarts added), longer than running at the share it has."""
+        return all(1.0 - view.gpu(g).memory_fraction_allocated >= inst.memory_fraction - 1e-9 for g in inst.gpus)
+
+    @staticmethod
+    def _restarting(view: ClusterView, inst: InstanceView) -> bool:
+        """Whether a restart of the instance's model on its GPUs is under way (the other instance
+        loading, or the old one still draining): it is left alone until that is done."""
+        return any(other.id != inst.id and other.gpus == inst.gpus and other.phase is not InstancePhase.READY
+                   for other in view.instances_of(inst.model))
 
     def _with_hysteresis(self, current: int, wanted: int) -> int:
         if wanted >= current:
@@ -884,6 +1020,9 @@ class FestinaPolicy(Policy):
         emptied (``_emptying``) or its GPU is wanted (``_by_eviction``).
         """
         self._refresh_typical()
+        if self._low_since:
+            live = {i.id for i in view.instances()}
+            self._low_since = {i: low for i, low in self._low_since.items() if i in live}
         room = self._headroom = Headroom.of(view)
         actions: list[StartInstance | StopInstance] = []
         evicted: set[int] = set()

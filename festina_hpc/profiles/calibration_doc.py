@@ -90,6 +90,34 @@ HARDWARE_COSTS: tuple[str, ...] = (
 )
 
 
+# The simulator's share restarts and their load model (sim/simulator.py ``_restart``); kept here so a
+# rebuild of CALIBRATION.md keeps the section.
+SHARE_RESTARTS: tuple[str, ...] = (
+    "## Share restarts (an MPS client's SM share is fixed at its start)",
+    '',
+    "An MPS client's active-thread percentage is fixed when its CUDA context is created. NVIDIA's MPS",
+    'documentation (docs.nvidia.com/deploy/mps, "nvidia-cuda-mps-control" and "Environment',
+    'Variables"): `set_default_active_thread_percentage` "will only affect the next server" where one is',
+    "already spawned, `set_active_thread_percentage <PID>` sets the limit of a server's clients created",
+    "afterwards, and `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` in a client's environment is read when its",
+    "context is created; changing it does not affect an existing client or its contexts (NVIDIA's answer",
+    'on its developer forum, "Can I dynamically change CUDA_MPS_ACTIVE_THREAD_PERCENTAGE to a running',
+    'MPS process?": "You cannot edit the percentage assigned to a process today"). So unless a site',
+    'declares an engine that can (`[gpu] live_share_change = true`), the simulator carries out a share',
+    'change as a share restart: a replacement instance of the model on the same GPUs at the new share',
+    "(same memory fraction, batch cap and chunk) starts and loads from the node's host memory, where the",
+    "model's weights are since it is loaded there: the host-cache load, `[cluster] fast_load_init_s`",
+    "(2 s, a started engine's set-up) + weights per GPU / `host_cache_gbs` (20 GB/s), for",
+    'llama-3.1-8b 2.8 s. Its dynamic power while loading (`load_dynamic_w`) goes to `share_restart_j`,',
+    "and so does its GPU's idle power where the GPU does nothing else; `share_restarts` counts them.",
+    'The old instance serves until the replacement is ready, which then takes its queue; where the GPU',
+    'lacks the memory for a second copy, the old one drains first (its queue waits in the replacement,',
+    'which loads once the memory is free: downtime). Until the old one is gone the pair holds the larger',
+    'of the two shares. A site whose engine starts slower than 2 s (vLLM with CUDA graph capture takes',
+    "tens of seconds) should set `fast_load_init_s` to its measured restart time less the weights' load.",
+)
+
+
 def _pct(value: float) -> str:
     return f"{value:.1%}"
 
@@ -165,6 +193,6 @@ def render(report: CalibrationReport, date: str, prompt_tokens: int) -> str:
     for check in report.sanity:
         out.append(f"| {check['gpu']} | {check['clock_70pct_mhz']} | {check['decode_latency_change']:+.1%} | "
                    f"{check['decode_power_change']:+.1%} | {check['prefill_latency_ratio_sm50']:.2f} |")
-    out += ["", CLUSTER_FIGURES.rstrip("\n"), "", *HARDWARE_COSTS, "", "## Tables written", ""]
+    out += ["", CLUSTER_FIGURES.rstrip("\n"), "", *HARDWARE_COSTS, "", *SHARE_RESTARTS, "", "## Tables written", ""]
     out += [f"- `{t}`" for t in report.tables] + [""]
     return "\n".join(out)

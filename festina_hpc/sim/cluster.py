@@ -26,7 +26,17 @@ that serves nothing but holds a loaded model (a CUDA context) draws its
 ``idle_with_context_w``; powered-on nodes add a static power; waking nodes
 draw static and GPU idle power and serve nothing. Energy is integrated
 exactly over these piecewise-constant powers, split into GPU active, GPU
-idle, node static, cold starts (loading) and migrations.
+idle, node static, cold starts (loading), migrations and share restarts.
+
+An MPS client's SM share is fixed when its CUDA context is created, so unless
+a site declares that its engine can change it (``[gpu] live_share_change``), a
+share change is a share restart (``Simulation._restart``): a replacement
+instance at the new share loads beside the old one, which serves until the
+replacement is ready (or, where the GPU lacks memory for both copies, drains
+first). While both exist, each GPU's ``sm_pct_allocated`` counts the pair at
+the larger of the two shares (the old one's SMs stay in use until it stops):
+the old instance reserves its share, the replacement what the new one adds
+(``sm_pct_reserved``), and takes its whole share when the old one is gone.
 """
 
 from __future__ import annotations
@@ -217,10 +227,12 @@ class SimGpu:
         self.active_w = 0.0  # dynamic power of serving steps
         self.loading_w = 0.0  # dynamic power of loads
         self.loading_is_migration = False
+        self.loading_is_share_restart = False
         self.energy_active_j = 0.0
         self.energy_idle_j = 0.0
         self.energy_cold_start_j = 0.0
         self.energy_migration_j = 0.0
+        self.energy_share_restart_j = 0.0
         self.busy_loading_only = False
 
     @property
@@ -253,7 +265,9 @@ class SimGpu:
         load_j = dynamic_w * load_share * dt
         # A GPU that only loads would not be powered for anything else: its idle power is the load's too.
         idle_to_load = self.busy_loading_only
-        if self.loading_is_migration:
+        if self.loading_is_share_restart:
+            self.energy_share_restart_j += load_j + (idle_w * dt if idle_to_load else 0.0)
+        elif self.loading_is_migration:
             self.energy_migration_j += load_j + (idle_w * dt if idle_to_load else 0.0)
         else:
             self.energy_cold_start_j += load_j + (idle_w * dt if idle_to_load else 0.0)
@@ -263,7 +277,8 @@ class SimGpu:
 
     @property
     def energy_j(self) -> float:
-        return self.energy_active_j + self.energy_idle_j + self.energy_cold_start_j + self.energy_migration_j
+        return (self.energy_active_j + self.energy_idle_j + self.energy_cold_start_j + self.energy_migration_j
+                + self.energy_share_restart_j)
 
 
 class RecordQueue(deque[RequestRecord]):
@@ -348,6 +363,16 @@ class SimInstance:
         self.hbm_load = 0.0
         self.migration_of: int | None = None  # the instance this one replaces, while loading
         self.replaced_by: int | None = None
+        # A share restart (see the module docstring): the instance this one restarts at another
+        # share, until that one is gone, and on the old one its replacement.
+        self.restart_of: int | None = None
+        self.restarted_by: int | None = None
+        self.share_restart = False  # it loads as a share restart (host memory, its own energy part)
+        self.waits_for_memory = False  # a replacement that loads once the old one has freed its memory
+        # What it counts in its GPUs' sm_pct_allocated and memory_fraction_allocated: its own share
+        # and fraction, less while it is the replacement of a restart (see the module docstring).
+        self.sm_pct_reserved = sm_pct
+        self.memory_fraction_reserved = memory_fraction
         self.pending_batch_cap: int | None = None
 
     # -- InstanceView ---------------------------------------------------------------------------
@@ -371,6 +396,10 @@ class SimInstance:
     def note_arrival(self, now_s: float) -> None:
         self._rate = decayed_rate(self._rate, self._rate_s, now_s) + math.log(2) / RATE_HALF_LIFE_S
         self._rate_s = now_s
+
+    def inherit_rate(self, other: SimInstance) -> None:
+        """Take ``other``'s arrival-rate estimate (a share restart's replacement serves its traffic)."""
+        self._rate, self._rate_s = other._rate, other._rate_s
 
     @property
     def holds_work(self) -> bool:

@@ -370,7 +370,7 @@ class Simulation:
             for g in inst.gpus:
                 gpu = self.gpu_list[g]
                 if gpu.clock_mhz < self.spec.max_clock_mhz:
-                    self._control_gpu(gpu)
+                    events.extend(self._control_gpu(gpu))
         if inst.phase is InstancePhase.READY:
             if inst.activity is Activity.IDLE:
                 events.extend(self._next_step(inst))
@@ -499,7 +499,7 @@ class Simulation:
         self._set_dynamic(inst, 0.0)
         inst.last_busy_s = self._now
         if inst.phase is InstancePhase.DRAINING:
-            self._remove(inst)
+            return self._remove(inst)
         return []
 
     def _interrupt(self, inst: SimInstance) -> list[Event]:
@@ -542,8 +542,8 @@ class Simulation:
         for g in decision.gpus:
             gpu = self.gpu_list[g]
             gone = [i for i in evicted if g in i.gpus]
-            sm_pct = gpu.sm_pct_allocated - sum(i.sm_pct for i in gone)
-            memory_fraction = gpu.memory_fraction_allocated - sum(i.memory_fraction for i in gone)
+            sm_pct = gpu.sm_pct_allocated - sum(i.sm_pct_reserved for i in gone)
+            memory_fraction = gpu.memory_fraction_allocated - sum(i.memory_fraction_reserved for i in gone)
             if sm_pct + decision.sm_pct > 100 + 1e-6:
                 raise InvalidDecision(f"GPU {g}: SM shares would exceed 100%")
             if memory_fraction + decision.memory_fraction > 1 + 1e-6:
@@ -559,8 +559,9 @@ class Simulation:
         evicted = self._evictees(decision.evict if isinstance(decision, StartInstance) else ())
         node = self._check_start(decision, name, evicted)
         node.idle_version += 1  # in use: a pending suspend is off
+        victim_events: list[Event] = []
         for victim in evicted:
-            self._remove(victim)
+            victim_events.extend(self._remove(victim))
         info = self.model_info[name]
         usable = self.spec.memory_bytes * self.config.usable_memory_frac
         kv_tokens = int((decision.memory_fraction * usable - info.weights_bytes_per_gpu)
@@ -581,7 +582,7 @@ class Simulation:
             gpu.memory_fraction_allocated += inst.memory_fraction
             self._free[gpu.node].discard(g)
             self._dirty.add(g)
-        events: list[Event] = []
+        events: list[Event] = victim_events
         if node.power is NodePower.OFF:
             events.extend(self._power_on(node))
         if node.power is NodePower.ON:
@@ -598,13 +599,15 @@ class Simulation:
         for i in dict.fromkeys(instance_ids):
             inst = self.live.get(i)
             if (inst is None or inst.phase is not InstancePhase.READY or inst.activity is not Activity.IDLE
-                    or inst.holds_work):
+                    or inst.holds_work or inst.restarted_by is not None or inst.restart_of is not None):
                 raise InvalidDecision(f"instance {i} is not idle and cannot be evicted")
             victims.append(inst)
         return victims
 
     def _load_s(self, inst: SimInstance) -> float:
-        if self.node_list[inst.node].has_cached(inst.model):
+        # A share restart reloads a model that its node has just served: its weights are in the
+        # node's host memory (page cache) whatever the cache's capacity.
+        if inst.share_restart or self.node_list[inst.node].has_cached(inst.model):
             loader = self._host_cache_load
         else:
             loader = self._fast_load if self.policy.fast_load else self._standard_load
@@ -630,6 +633,7 @@ class Simulation:
         gpu.holds_context = len(loading) < len(gpu.instances) and any(
             self.live[i].phase is InstancePhase.READY or self.live[i].phase is InstancePhase.DRAINING
             for i in gpu.instances)
+        gpu.loading_is_share_restart = bool(loading) and all(i.share_restart for i in loading)
 
     def _instance_ready(self, inst: SimInstance) -> list[Event]:
         inst.phase = InstancePhase.READY
@@ -642,12 +646,14 @@ class Simulation:
             self._dirty.add(g)
         self.node_list[inst.node].remember(inst.model, self.config.host_cache_models)
         events: list[Event] = []
-        source = self.live.get(inst.migration_of) if inst.migration_of is not None else None
+        # A migration's target, or a share restart's replacement, takes over from the instance it replaces.
+        source_id = inst.migration_of if inst.migration_of is not None else inst.restart_of
+        source = self.live.get(source_id) if source_id is not None else None
         if source is not None and source.phase <= InstancePhase.READY:
             inst.queue.extend(source.take_queue())
             source.replaced_by = inst.id
             events.extend(self._stop(source))
-        inst.migration_of = None
+        inst.migration_of = None  # (a replacement keeps restart_of until the old one is gone: _hand_over)
         events.extend(self._next_step(inst))
         return events
 
@@ -655,17 +661,25 @@ class Simulation:
         if inst.phase is InstancePhase.LOADING:
             # Nothing was admitted yet: its queue goes back to another instance or is dropped.
             queue = inst.take_queue()
-            self._remove(inst)
-            events: list[Event] = []
+            events = self._remove(inst)
             for record in queue:
                 events.extend(self._place(record))  # placed again, not a new arrival
             return events
         inst.phase = InstancePhase.DRAINING
         if inst.activity is Activity.IDLE and not inst.holds_work:
-            self._remove(inst)
+            return self._remove(inst)
         return []
 
-    def _remove(self, inst: SimInstance) -> None:
+    def _stop_asked(self, inst: SimInstance) -> list[Event]:
+        """A policy's StopInstance: an instance whose restart is under way stops with its
+        replacement (that is this instance at its new share, not another one)."""
+        replacement = self.live.get(inst.restarted_by) if inst.restarted_by is not None else None
+        if replacement is None or replacement.phase is not InstancePhase.LOADING:
+            return self._stop(inst)  # a ready replacement takes over its reservations when it is gone
+        inst.restarted_by = None  # the restart is off: its removal hands nothing over
+        return [*self._stop(inst), *self._stop(replacement)]
+
+    def _remove(self, inst: SimInstance) -> list[Event]:
         inst.phase = InstancePhase.STOPPED
         inst.version += 1
         self._set_dynamic(inst, 0.0)
@@ -676,9 +690,8 @@ class Simulation:
             if was_loading:
                 gpu.loading_w = max(0.0, gpu.loading_w - self.config.load_dynamic_w)
             gpu.instances.remove(inst.id)
-            # A share changed while the instance was busy or loading is reserved but not yet applied.
-            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - inst.sm_pct)
-            gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction)
+            gpu.sm_pct_allocated = max(0.0, gpu.sm_pct_allocated - inst.sm_pct_reserved)
+            gpu.memory_fraction_allocated = max(0.0, gpu.memory_fraction_allocated - inst.memory_fraction_reserved)
             self._refresh_loading(gpu)
             if not gpu.instances and self.node_list[gpu.node].power is not NodePower.OFF:
                 self._free[gpu.node].add(g)
@@ -687,6 +700,100 @@ class Simulation:
         self._by_model[inst.model].remove(inst)
         if self._power_saving:
             self._idle_nodes.append(self.node_list[inst.node])  # its timer is set once the event is handled
+        if inst.restart_of is not None:  # a replacement gone before the old one: nothing to hand over
+            old = self.live.get(inst.restart_of)
+            if old is not None and old.restarted_by == inst.id:
+                old.restarted_by = None
+        replacement = self.live.get(inst.restarted_by) if inst.restarted_by is not None else None
+        if replacement is None:
+            return []
+        return self._hand_over(replacement)
+
+    # -- share restarts ---------------------------------------------------------------------------
+
+    def _change_share(self, inst: SimInstance, sm_pct: float) -> list[Event]:
+        """An SM share change where a running instance's share is fixed (``live_share_change``
+        False). Asked again for the share a restart under way is loading at, nothing more happens;
+        any other share for an instance being restarted is refused (the pending restart stands: a
+        replacement's load, once begun, is not undone), and so is a share for a replacement whose
+        old instance still holds its share. An instance whose engine has not started yet (it
+        waits for its node) starts at the new share; one loading, or draining, keeps its share
+        until it stops; a ready one is restarted at the new share."""
+        pending = self.live.get(inst.restarted_by) if inst.restarted_by is not None else None
+        if pending is not None and pending.restart_of == inst.id:
+            if abs(pending.sm_pct - sm_pct) < 1e-6:
+                return []
+            raise InvalidDecision(f"instance {inst.id} is being restarted at another share")
+        if abs(sm_pct - inst.sm_pct) < 1e-6:
+            return []
+        if inst.restart_of is not None:
+            raise InvalidDecision(f"instance {inst.id} restarts {inst.restart_of}, which still holds its share")
+        self._check_share_room(inst, sm_pct)
+        if inst.phase is InstancePhase.LOADING and inst.activity is not Activity.LOADING:
+            for g in inst.gpus:
+                self.gpu_list[g].sm_pct_allocated += sm_pct - inst.sm_pct_reserved
+            inst.sm_pct = inst.sm_pct_reserved = sm_pct
+            return []
+        if inst.phase is not InstancePhase.READY:
+            raise InvalidDecision(f"instance {inst.id} runs at {inst.sm_pct:g}% until it stops")
+        return self._restart(inst, sm_pct)
+
+    def _check_share_room(self, inst: SimInstance, sm_pct: float) -> None:
+        if any(self.gpu_list[g].sm_pct_allocated - inst.sm_pct + sm_pct > 100 + 1e-6 for g in inst.gpus):
+            raise InvalidDecision(f"instance {inst.id}: SM shares would exceed 100%")
+
+    def _restart(self, old: SimInstance, sm_pct: float) -> list[Event]:
+        """Restart a ready instance at ``sm_pct``: a replacement of its model on its GPUs, with its
+        memory fraction, batch cap, chunk and arrival-rate estimate, loads from the node's host
+        memory (the model is loaded there); the old one serves until the replacement is ready,
+        which then takes its queue as a migration's target does (``_instance_ready``). Where a GPU
+        lacks the memory for a second copy, the old one drains first: it takes no new request,
+        its queue moves to the replacement, which loads once the old one has freed its memory
+        (``_hand_over``): requests wait meanwhile, the real cost of such a restart. The pair counts
+        in its GPUs' SM shares at the larger of the two (see ``sim/cluster.py``)."""
+        usable = [1.0 - self.gpu_list[g].memory_fraction_allocated >= old.memory_fraction - 1e-6 for g in old.gpus]
+        room = all(usable)
+        new = SimInstance(self._next_instance, old.info, old.table, old.gpus, old.node, sm_pct,
+                          old.pending_batch_cap or old.batch_cap, old.memory_fraction, old.kv_capacity_tokens,
+                          self._now)
+        self._next_instance += 1
+        new.chunk_tokens = old.chunk_tokens
+        new.inherit_rate(old)
+        new.restart_of, old.restarted_by = old.id, new.id
+        new.share_restart = True
+        new.sm_pct_reserved = max(0.0, sm_pct - old.sm_pct)
+        new.memory_fraction_reserved = old.memory_fraction if room else 0.0
+        new.waits_for_memory = not room
+        self.live[new.id] = new
+        self._by_model[new.model].append(new)
+        for g in new.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.instances.append(new.id)
+            gpu.sm_pct_allocated += new.sm_pct_reserved
+            gpu.memory_fraction_allocated += new.memory_fraction_reserved
+            self._dirty.add(g)
+        self.share_restarts += 1
+        if room:
+            return self._begin_load(new)
+        new.queue.extend(old.take_queue())
+        return self._stop(old)
+
+    def _hand_over(self, new: SimInstance) -> list[Event]:
+        """The old instance of a restart is gone: its replacement takes its whole share and memory
+        fraction, and starts loading if it waited for that memory."""
+        for g in new.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.sm_pct_allocated += new.sm_pct - new.sm_pct_reserved
+            gpu.memory_fraction_allocated += new.memory_fraction - new.memory_fraction_reserved
+            self._dirty.add(g)
+        new.sm_pct_reserved, new.memory_fraction_reserved = new.sm_pct, new.memory_fraction
+        new.restart_of = None  # its restart is over: it may be restarted in turn
+        if not new.waits_for_memory:
+            return []
+        new.waits_for_memory = False
+        return self._begin_load(new)
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -745,7 +852,8 @@ class Simulation:
         for g in node.gpus:
             for i in list(self.gpu_list[g].instances):
                 inst = self.live[i]
-                if inst.phase is InstancePhase.LOADING and inst.activity is not Activity.LOADING:
+                if (inst.phase is InstancePhase.LOADING and inst.activity is not Activity.LOADING
+                        and not inst.waits_for_memory):
                     events.extend(self._begin_load(inst))
         return events
 
@@ -784,11 +892,11 @@ class Simulation:
             inst = self.live.get(action.instance_id)
             if inst is None:
                 raise InvalidDecision(f"no instance {action.instance_id}")
-            return self._stop(inst)
+            return self._stop_asked(inst)
         if isinstance(action, Migrate):
             source = self.live.get(action.instance_id)
-            if source is None or source.phase is not InstancePhase.READY:
-                raise InvalidDecision(f"instance {action.instance_id} is not serving")
+            if source is None or source.phase is not InstancePhase.READY or source.restarted_by is not None:
+                raise InvalidDecision(f"instance {action.instance_id} is not serving or is being restarted")
             return self._start(action, model=source.model, migration_of=source.id)[1]
         if isinstance(action, MoveQueued):
             return self._move_queued(action)
@@ -836,25 +944,29 @@ class Simulation:
 
     def _control_tick(self) -> list[Event]:
         dirty, self._dirty = self._dirty, set()
+        events: list[Event] = []
         for g in sorted(dirty):
-            self._control_gpu(self.gpu_list[g])
-        return []
+            events.extend(self._control_gpu(self.gpu_list[g]))
+        return events
 
-    def _control_gpu(self, gpu: SimGpu) -> None:
+    def _control_gpu(self, gpu: SimGpu) -> list[Event]:
         if not gpu.instances:
             # An empty GPU goes back to default clocks; nothing runs on it, so the ramp costs nothing.
             self._clock_pending.pop(gpu.id, None)
             if gpu.clock_mhz != self.spec.max_clock_mhz:
                 gpu.clock_mhz = self.spec.max_clock_mhz
                 self.clock_changes += 1
-            return
+            return []
         settings = self.policy.control(gpu, self)
         if settings is not None:
-            self._apply_settings(gpu, settings)
+            return self._apply_settings(gpu, settings)
+        return []
 
-    def _apply_settings(self, gpu: SimGpu, settings: GpuSettings) -> None:
+    def _apply_settings(self, gpu: SimGpu, settings: GpuSettings) -> list[Event]:
         """New settings take effect at each instance's next step boundary (a safe point); a new clock
-        lands clock_change_s after it is asked for, so steps starting before then run at the old one."""
+        lands clock_change_s after it is asked for, so steps starting before then run at the old one; an
+        SM share, unless ``live_share_change``, by a share restart (``_change_share``)."""
+        events: list[Event] = []
         if settings.clock_mhz is not None:
             supported = self.spec.supported_clocks_mhz
             clock = min(supported, key=lambda c: abs(c - settings.clock_mhz))  # type: ignore[operator]
@@ -866,23 +978,8 @@ class Simulation:
             else:
                 # A change still on its way is replaced: the GPU ramps to the latest clock asked for.
                 self._clock_pending[gpu.id] = (clock, self._now + self.config.clock_change_s)
-        # Shrinking shares first lets one settings object move SMs from one instance to another.
-        def growth(item: tuple[int, float]) -> float:
-            inst = self.live.get(item[0])
-            return item[1] - inst.sm_pct if inst is not None else 0.0
-
-        for instance_id, sm_pct in sorted(settings.sm_pct.items(), key=growth):
-            inst = self.live.get(instance_id)
-            if inst is None or gpu.id not in inst.gpus or not 0 < sm_pct <= 100:
-                self.invalid_decisions += 1
-                continue
-            if any(self.gpu_list[g].sm_pct_allocated - inst.sm_pct + sm_pct > 100 + 1e-6 for g in inst.gpus):
-                self.invalid_decisions += 1
-                continue
-            # The step in flight keeps the latency it started with; the next step runs at the new share.
-            for g in inst.gpus:
-                self.gpu_list[g].sm_pct_allocated += sm_pct - inst.sm_pct
-            inst.sm_pct = sm_pct
+        # Batch caps and chunks first: a share restart's replacement starts with them (and an old
+        # instance that a restart stops at once is no longer there to take them).
         for instance_id, cap in settings.batch_cap.items():
             inst = self.live.get(instance_id)
             if inst is None or cap < 1:
@@ -895,6 +992,30 @@ class Simulation:
                 self.invalid_decisions += 1
                 continue
             inst.chunk_tokens = chunk  # read at the next step boundary
+        # Shrinking shares first lets one settings object move SMs from one instance to another.
+        def growth(item: tuple[int, float]) -> float:
+            inst = self.live.get(item[0])
+            return item[1] - inst.sm_pct if inst is not None else 0.0
+
+        for instance_id, sm_pct in sorted(settings.sm_pct.items(), key=growth):
+            inst = self.live.get(instance_id)
+            if inst is None or gpu.id not in inst.gpus or not 0 < sm_pct <= 100:
+                self.invalid_decisions += 1
+                continue
+            if not self.live_share_change:
+                try:
+                    events.extend(self._change_share(inst, sm_pct))
+                except InvalidDecision:
+                    self.invalid_decisions += 1
+                continue
+            if any(self.gpu_list[g].sm_pct_allocated - inst.sm_pct + sm_pct > 100 + 1e-6 for g in inst.gpus):
+                self.invalid_decisions += 1
+                continue
+            # The step in flight keeps the latency it started with; the next step runs at the new share.
+            for g in inst.gpus:
+                self.gpu_list[g].sm_pct_allocated += sm_pct - inst.sm_pct
+            inst.sm_pct = inst.sm_pct_reserved = sm_pct
+        return events
 
     # -- measuring --------------------------------------------------------------------------------
 
@@ -906,6 +1027,7 @@ class Simulation:
             parts["gpu_idle_j"] += gpu.energy_idle_j
             parts["cold_start_j"] += gpu.energy_cold_start_j
             parts["migration_j"] += gpu.energy_migration_j
+            parts["share_restart_j"] += gpu.energy_share_restart_j
         static_w = self.config.node_static_w_per_gpu * self.config.gpus_per_node
         for node in self.node_list:
             self._integrate_node(node)

@@ -64,11 +64,13 @@ def bursts(rng: np.random.Generator, rates_per_s: Mapping[str, float], burst_s: 
 
 
 def simulation(policy: str | Policy, requests: Sequence[Request], *, keep_alive_s: float = 60.0,
-               models: Iterable[str] = (), **config: object) -> Simulation:
+               models: Iterable[str] = (), live_share_change: bool = False, **config: object) -> Simulation:
     if isinstance(policy, str):
-        policy = make_policy(policy, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s))
+        policy = make_policy(policy, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s,
+                                                   live_share_change=live_share_change))
     cluster = ClusterConfig(**{"nodes": 1, "gpus_per_node": 8, **config})  # type: ignore[arg-type]
-    return Simulation(cluster, STORE, policy, requests, slos_for({r.model for r in requests} | set(models)))
+    return Simulation(cluster, STORE, policy, requests, slos_for({r.model for r in requests} | set(models)),
+                      live_share_change=live_share_change)
 
 
 def simulate(policy: str | Policy, requests: Sequence[Request], **kwargs: object) -> SimResult:
@@ -194,8 +196,8 @@ class FakeView:
         return self.model_rates.get(model, 0.0)
 
 
-def make_policy_for(name: str, keep_alive_s: float = 60.0) -> Policy:
-    return make_policy(name, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s))
+def make_policy_for(name: str, keep_alive_s: float = 60.0, live_share_change: bool = False) -> Policy:
+    return make_policy(name, PolicyContext(STORE, GPU, keep_alive_s=keep_alive_s, live_share_change=live_share_change))
 
 
 def request(model: str = "llama-3.1-8b", prompt_tokens: int = 512, output_tokens: int = 128, rid: int = 0,

@@ -46,7 +46,8 @@ class CheckedSimulation(Simulation):
         for gpu in self.gpu_list:
             assert gpu.memory_fraction_allocated <= 1 + 1e-9
             assert gpu.sm_pct_allocated <= 100 + 1e-9
-            weights = sum(self.live[i].info.weights_bytes_per_gpu for i in gpu.instances)
+            weights = sum(self.live[i].info.weights_bytes_per_gpu for i in gpu.instances
+                          if not self.live[i].waits_for_memory)  # a share restart waiting for memory holds none yet
             kv = sum(self.live[i].kv_tokens_reserved * self.live[i].info.kv_bytes_per_token_per_gpu
                      for i in gpu.instances if self.live[i].running > 1)
             assert weights + kv <= usable * gpu.memory_fraction_allocated + 1e-6

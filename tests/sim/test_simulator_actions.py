@@ -138,7 +138,7 @@ def test_eviction_of_a_busy_instance_or_without_room_is_refused_whole(make_busy:
 
 
 def test_a_loading_instance_stopped_after_a_share_change_frees_it() -> None:
-    sim = simulation("vllm", [request()])
+    sim = simulation("vllm", [request()], live_share_change=True)
     inst, _ = sim._start(StartInstance("llama-3.1-8b", (0,), sm_pct=40.0, memory_fraction=0.5))
     sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={inst.id: 60.0}))
     assert inst.sm_pct == 60.0 and sim.gpu(0).sm_pct_allocated == 60.0
@@ -147,7 +147,7 @@ def test_a_loading_instance_stopped_after_a_share_change_frees_it() -> None:
 
 
 def test_settings_may_move_sms_from_one_instance_to_another() -> None:
-    sim = simulation("vllm", [request()], models=["mistral-7b"])
+    sim = simulation("vllm", [request()], models=["mistral-7b"], live_share_change=True)
     a = _ready(sim, StartInstance("llama-3.1-8b", (0,), sm_pct=60.0, memory_fraction=0.4))
     b = _ready(sim, StartInstance("mistral-7b", (0,), sm_pct=40.0, memory_fraction=0.4))
     sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={b.id: 70.0, a.id: 30.0}))  # the grow comes first
@@ -155,12 +155,13 @@ def test_settings_may_move_sms_from_one_instance_to_another() -> None:
     assert sim.gpu(0).sm_pct_allocated == 100.0
 
 
-def test_a_tensor_parallel_share_must_fit_every_gpu_it_spans() -> None:
-    sim = simulation("vllm", [request()], models=["codellama-34b", "mistral-7b"])
+@pytest.mark.parametrize("live_share_change", [True, False])  # changed in place or by a restart
+def test_a_tensor_parallel_share_must_fit_every_gpu_it_spans(live_share_change: bool) -> None:
+    sim = simulation("vllm", [request()], models=["codellama-34b", "mistral-7b"], live_share_change=live_share_change)
     tp = _ready(sim, StartInstance("codellama-34b", (0, 1), sm_pct=50.0, memory_fraction=0.6))
     _ready(sim, StartInstance("mistral-7b", (1,), sm_pct=50.0, memory_fraction=0.3))
     sim._apply_settings(sim.gpu(0), GpuSettings(sm_pct={tp.id: 80.0}))  # room on GPU 0, none on GPU 1
-    assert sim.invalid_decisions == 1 and tp.sm_pct == 50.0
+    assert sim.invalid_decisions == 1 and tp.sm_pct == 50.0 and sim.share_restarts == 0
     assert sim.gpu(1).sm_pct_allocated == 100.0
 
 
