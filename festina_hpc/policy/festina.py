@@ -98,6 +98,9 @@ import numpy as np
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     PREFILL_CHUNK_TOKENS,
+    TBT_PLANNING,
+    TTFT_CONTROL,
+    TTFT_PLANNING,
     TokenStats,
     empty_gpus_on,
     sampled,
@@ -125,9 +128,9 @@ from festina_hpc.policy.types import (
 )
 from festina_hpc.profiles.table import ProfileTable
 
-SLO_MARGIN = 0.8  # plan for this share of the TBT SLO
-TTFT_MARGIN = 0.8  # the controller plans for this share of the TTFT SLO (placement for all of it: the
-# estimate is already a tail, a long prefill ahead)
+# Planning headroom, the same for every policy (policy/common.py): placement holds a request's TTFT
+# to TTFT_PLANNING of its SLO (the estimate is already a tail, a long prefill ahead), every decode
+# step to TBT_PLANNING of the TBT SLO, and the controller a typical prompt to TTFT_CONTROL of it.
 SHARES = tuple(range(10, 101, 10))  # SM shares the controller chooses from (MPS active-thread %)
 # Prefill chunks the controller chooses from, largest first (the largest that keeps the SLOs wins).
 # Smaller chunks shorten the steps that decoding sequences wait in, so the TBT tail is met at a lower
@@ -557,7 +560,7 @@ class FestinaPolicy(Policy):
         placed (or a typical one), at the settings asked about. Without it, the controller's
         question: the SLO of the typical prompt that the load adds to its queue, with its margin,
         or full speed where even full speed misses it."""
-        limit_s = SLO_MARGIN * view.model(load.model).slo.tbt_s
+        limit_s = TBT_PLANNING * view.model(load.model).slo.tbt_s
         full = self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz)
         speeds = self._speeds_of(view, load, sm_pct, clock_mhz)
         if ttft_slo_s is None:
@@ -576,7 +579,7 @@ class FestinaPolicy(Policy):
         """The TTFT the controller holds a load to: its typical prompt's SLO with a margin, or the
         best any setting gives (the engine's chunk at full speed) where that misses it anyway."""
         floor_s = self._ttft_s(self._speeds_of(view, load, 100.0, self.gpu_spec.max_clock_mhz), load.pending_tokens, 0)
-        return max(TTFT_MARGIN * self._typical_ttft_slo_s(view, load.model), floor_s * (1 + 1e-9))
+        return max(TTFT_CONTROL * self._typical_ttft_slo_s(view, load.model), floor_s * (1 + 1e-9))
 
     def _typical_ttft_slo_s(self, view: ClusterView, model: str) -> float:
         """The TTFT SLO of the model's typical prompt (SLOs grow with the prompt's length)."""
@@ -685,7 +688,7 @@ class FestinaPolicy(Policy):
         """The fullest candidate that takes the request within its SLOs and KV room. Candidates are
         tried fullest first, so the SLO check (the costly part) runs until the first safe one."""
         need = request.prompt_tokens + self._typical(request.model).output_tokens
-        ttft_slo_s = model.slo.ttft_for(request.prompt_tokens)
+        ttft_slo_s = TTFT_PLANNING * model.slo.ttft_for(request.prompt_tokens)
         longest_queue = ttft_slo_s / self._fastest_s_per_token(view, request.model)
         # The cheap checks first (KV room, and a queue that full speed cannot prefill within the
         # SLO), then the SLO check on what pass them, fullest first.

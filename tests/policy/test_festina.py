@@ -16,13 +16,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pytest
 
-from festina_hpc.policy.common import SHORT_OUTPUT_TOKENS, TokenStats
+from festina_hpc.policy.common import SHORT_OUTPUT_TOKENS, TBT_PLANNING, TokenStats
 from festina_hpc.policy.festina import (
     BURST_MEMORY_S,
     QUIET_KEEP_ALIVES,
     SCALE_IN_IDLE_S,
     SCALE_OUT_AFTER_S,
-    SLO_MARGIN,
     BurstMeter,
     FestinaPolicy,
     Load,
@@ -127,7 +126,7 @@ def test_short_requests_get_a_chunk_whose_steps_keep_their_tbt() -> None:
     (longer than the 8B model's TBT SLO even at full speed) spoils their TBT. Where most requests
     are that short, the controller picks settings whose chunk-carrying step keeps the TBT SLO
     (a smaller chunk); where requests are long, the mean is what matters, and it saves power."""
-    limit_s = SLO_MARGIN * SLOS[MODEL].tbt_s
+    limit_s = TBT_PLANNING * SLOS[MODEL].tbt_s
     steps = {}
     for output_tokens in (4, 256):
         view = fake_view()
