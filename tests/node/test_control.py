@@ -113,10 +113,12 @@ def shares(n: SimNode, gpu: int) -> dict[int, float]:
 def test_decode_only_gpu_runs_slower_than_one_with_a_prefill_burst_and_shares_stay_as_started(
         sim_node: SimNode) -> None:
     n = sim_node
-    servers = FakeServers({9001: replace(DECODING, sm_pct=30.0), 9002: replace(DECODING, sm_pct=30.0),
+    # The decoders start with shares at which a lower clock keeps their SLOs (held fixed, a share
+    # at which only the max clock does would leave the controller nothing to lower).
+    servers = FakeServers({9001: replace(DECODING, sm_pct=50.0), 9002: replace(DECODING, sm_pct=50.0),
                            9003: replace(PREFILL_BURST, sm_pct=30.0), 9004: replace(DECODING, sm_pct=60.0)})
     decisions = FakeDecisions()
-    started = {11: 30.0, 12: 30.0, 21: 30.0, 22: 60.0}
+    started = {11: 50.0, 12: 50.0, 21: 30.0, 22: 60.0}
     for job_id, gpu, port in ((11, 0, 9001), (12, 0, 9002), (21, 1, 9003), (22, 1, 9004)):
         n.agent.prolog(serving_job(job_id, gpu, port, round(started[job_id])))
     ctl = controller(servers, decisions)
