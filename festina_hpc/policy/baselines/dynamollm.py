@@ -12,10 +12,14 @@ and long, as DynamoLLM groups requests into types by their input (and
 output) length because each type has its own energy-optimal configuration.
 Each pool has its own instances. A request goes to an instance with room in
 its own pool, else in a longer one (a longer pool's clock is set for longer
-prompts, so it meets a shorter request's SLO too), else a new instance starts
-in its pool, else any instance of the model with room takes it, else the
-least loaded queues it. Each pool's statistics (mean lengths, tail prompt)
-cover the requests its instances may serve: its own and the shorter pools'.
+prompts, so it meets a shorter request's SLO too), else in a shorter one
+(whose clock control() raises for the queued prompt): a pool's overflow goes
+to the model's other instances. Only when none has room does a new instance
+start, as for vllm (``common.place_on_whole_gpus``: not while another start
+of the model waits for its node to resume), in the longest pool, which
+serves every length; the next re-plan moves it to the pool that needs it.
+Each pool's statistics (mean lengths, tail prompt) cover the requests its
+instances may serve: its own and the shorter pools'.
 
 Instance count (load-proportional, re-planned every ``scale_period_s``): an
 instance's capacity at the SLO is, from the profile tables at max clock, the
@@ -26,7 +30,13 @@ mean prompt. A pool's load in instances is its recent arrival rate
 (``RATE_WINDOW_S``) over that capacity; the short and medium pools keep only
 whole instances and pass the remainder on to the next longer pool (whose
 instances serve their requests), so the model as a whole runs the ceiling
-of its load in instances, not one partly used instance per pool. Scale-out
+of its load in instances, not one partly used instance per pool: on the
+shipped traces at 8 models over 8 nodes every model's load fits one
+instance's capacity, so each model runs one pool (the longest), and pools
+split a model only as its load grows. A re-plan first moves instances a pool
+holds beyond its count to pools short of theirs (a pool is a routing and
+clock label on whole-GPU instances; DynamoLLM re-assigns instances between
+pools as loads shift), then starts and stops the rest. Scale-out
 to that count is at once. Scale-in uses the peak 10-second rate of the last
 ``SCALE_IN_WINDOW_S`` with a ``SCALE_IN_MARGIN`` and happens only once a
 pool has held more instances than that for ``SCALE_IN_WINDOW_S`` (a
@@ -69,14 +79,13 @@ from festina_hpc.policy.common import (
     TokenStats,
     chunked_prefill_s,
     free_gpu_group,
-    least_loaded,
+    place_on_whole_gpus,
     route_with_room,
     serving,
 )
 from festina_hpc.policy.types import (
     Action,
     ClusterView,
-    Drop,
     GpuSettings,
     GpuView,
     InstancePhase,
@@ -165,18 +174,21 @@ class DynamoLlmPolicy(Policy):
             buckets.append([bucket, 1])
         candidates = serving(view.instances_of(model))
         clock = self.gpu_spec.max_clock_mhz  # full is judged at max clock: control() raises the clock as needed
-        for p in range(pool, POOLS):
+        # Its own pool, else a longer one (whose clock already meets a shorter prompt's needs), else a
+        # shorter one (control() raises that instance's clock for the queued prompt): a pool's overflow
+        # goes to the model's other instances before a new one starts.
+        for p in [*range(pool, POOLS), *range(pool - 1, -1, -1)]:
             in_pool = [i for i in candidates if self.pool_of_instance(i) == p]
             target = route_with_room(self.store, view, request, in_pool, clock)
             if target is not None:
                 return Route(target.id)
-        start = self._start(model, pool, view, set())
-        if start is not None:
-            return start
-        target = route_with_room(self.store, view, request, candidates, clock) or least_loaded(candidates)
-        if target is not None:
-            return Route(target.id)
-        return Drop("no GPU free for a new instance")
+        # No instance of the model has room: the whole-GPU baselines' fallback (a new instance, unless
+        # one is already waiting for its node to resume), the new one in the longest pool (it serves
+        # every length); scale() re-plans the pools on its next tick.
+        placement = place_on_whole_gpus(self.store, view, request, clock)
+        if isinstance(placement, StartInstance):
+            self._pool_by_gpu[placement.gpus[0]] = POOLS - 1
+        return placement
 
     # -- instance count ----------------------------------------------------------------------------
 
@@ -251,6 +263,8 @@ class DynamoLlmPolicy(Policy):
             recent, peak = self._rates(model, now_s)
             out_counts = self.planned_counts(view, model, recent)
             in_counts = self.planned_counts(view, model, [(1 + SCALE_IN_MARGIN) * r for r in peak])
+            keeps = [max(i, o) for i, o in zip(in_counts, out_counts)]
+            self._reassign(by_pool, out_counts, keeps)
             stops: list[InstanceView] = []
             for pool in range(POOLS):
                 have = len(by_pool[pool])
@@ -260,7 +274,7 @@ class DynamoLlmPolicy(Policy):
                         break
                     taken.update(start.gpus)
                     actions.append(start)
-                keep = max(in_counts[pool], out_counts[pool])
+                keep = keeps[pool]
                 if have <= keep:
                     self._excess_since.pop((model, pool), None)
                     continue
@@ -272,6 +286,23 @@ class DynamoLlmPolicy(Policy):
                 stops += ready[:have - keep]
             actions += [StopInstance(i.id) for i in stops]
         return Plan(tuple(actions), reason="instances to the load per pool" if actions else "")
+
+    def _reassign(self, by_pool: list[list[InstanceView]], wanted: list[int], keeps: list[int]) -> None:
+        """Move instances a pool holds beyond ``keeps`` to pools short of ``wanted``, in place.
+
+        DynamoLLM re-assigns instances between pools as their loads shift rather than starting one
+        in a pool while another drains: a pool is only a routing and clock label on whole-GPU
+        instances, so moving one costs nothing."""
+        for pool in range(POOLS):
+            while len(by_pool[pool]) < wanted[pool]:
+                donors = [p for p in range(POOLS) if p != pool and len(by_pool[p]) > keeps[p]]
+                if not donors:
+                    return
+                donor = by_pool[max(donors, key=lambda p: len(by_pool[p]) - keeps[p])]
+                inst = min(donor, key=lambda i: (i.phase is InstancePhase.READY, i.running + i.waiting))
+                donor.remove(inst)
+                by_pool[pool].append(inst)
+                self._pool_by_gpu[inst.gpus[0]] = pool
 
     # -- frequency ---------------------------------------------------------------------------------
 
