@@ -79,6 +79,8 @@ from festina_hpc.policy.common import (
     TokenStats,
     chunked_prefill_s,
     free_gpu_group,
+    has_room,
+    least_loaded,
     place_on_whole_gpus,
     route_with_room,
     serving,
@@ -182,6 +184,12 @@ class DynamoLlmPolicy(Policy):
             target = route_with_room(self.store, view, request, in_pool, clock)
             if target is not None:
                 return Route(target.id)
+        # The router samples two instances per pool; before a new instance starts, every instance of
+        # the model is looked at (a model has a few; DynamoLLM's cluster manager knows each one's load).
+        roomy = [i for i in candidates if i.phase is InstancePhase.READY and has_room(self.store, view, request, i, clock)]
+        target = least_loaded(roomy)
+        if target is not None:
+            return Route(target.id)
         # No instance of the model has room: the whole-GPU baselines' fallback (a new instance, unless
         # one is already waiting for its node to resume), the new one in the longest pool (it serves
         # every length); scale() re-plans the pools on its next tick.
