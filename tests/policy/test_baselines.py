@@ -9,10 +9,17 @@ import pytest
 
 import festina_hpc.sim.experiment as experiment_module
 from festina_hpc.policy.base import Policy, PolicyContext, UnknownPolicyError, make_policy, policy_names
-from festina_hpc.policy.baselines.dynamollm import LOAD_MARGIN, SCALE_IN_WINDOW_S, DynamoLlmPolicy, pool_of
+from festina_hpc.policy.baselines.dynamollm import (
+    LOAD_MARGIN,
+    PEAK_WINDOW_S,
+    SCALE_IN_WINDOW_S,
+    STOP_IDLE_S,
+    DynamoLlmPolicy,
+    pool_of,
+)
 from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
 from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
-from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s
+from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s, sampled
 from festina_hpc.policy.types import (
     ClusterView,
     GpuSettings,
@@ -489,6 +496,55 @@ def test_dynamollm_moves_an_instance_to_a_pool_short_of_instances_instead_of_sta
     plan = policy.scale(view)
     assert not [a for a in plan.actions if isinstance(a, StartInstance)]
     assert sorted(policy.pool_of_instance(i) for i in view.instances_of(model)) == [0, 2]
+
+
+def test_dynamollm_looks_at_every_instance_before_starting_one() -> None:
+    """The router samples two instances; an instance outside the sample with room takes the request
+    rather than a new instance."""
+    policy = make_policy_for("dynamollm")
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,)))  # room
+    for k in (1, 2, 3):  # full: a long queue of prompts ahead of any new one
+        view.add(FakeInstance(k, "llama-3.1-8b", (k,), running=200, waiting=100, prompt_tokens_each=4000))
+    ready = view.instances_of("llama-3.1-8b")
+    rid = next(r for r in range(100) if view.instance(0) not in sampled(ready, r))
+    assert policy.place(request(rid=rid), view) == Route(0)
+
+
+def test_dynamollm_holds_a_clock_for_the_recent_peak_load() -> None:
+    """The clock meets the peak load of the last PEAK_WINDOW_S (the load prediction), not only the
+    present one: after a burst the clock stays up for the window, then falls."""
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
+    view = _one_instance_view(clocks[0], 0)
+    inst = view.instance(0)
+    inst.running, inst.waiting = 120, 20  # a burst
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > clocks[2]
+    view.gpu(0).clock_mhz = burst_clock = settings.clock_mhz
+    inst.running, inst.waiting = 1, 0  # the burst is over
+    view.now_s = PEAK_WINDOW_S / 2
+    assert policy.control(view.gpu(0), view) is None  # still within the window: held
+    assert policy.lowest_clock_mhz(inst, view, 1.0 + LOAD_MARGIN) < burst_clock  # the present load alone
+    view.now_s = PEAK_WINDOW_S + 1.0
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz < burst_clock
+
+
+def test_dynamollm_scales_in_only_idle_instances() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,), running=3))  # surplus to a light load, but busy
+    view.add(FakeInstance(1, model, (1,), running=3))
+    view.add(FakeInstance(2, model, (2,)))
+    _place_steadily(policy, view, 0.5, 0.0, 3 * SCALE_IN_WINDOW_S, scale_every_s=5.0)
+    assert [i.id for i in view.instances_of(model)] == [0, 1]  # the idle one went; busy ones stay
+    view.instance(1).running = 0
+    view.now_s += 2 * STOP_IDLE_S
+    assert policy.scale(view).actions == (StopInstance(1),)
 
 
 def test_dynamollm_routes_a_short_request_to_a_longer_pool_with_room() -> None:
