@@ -9,10 +9,17 @@ import pytest
 
 import festina_hpc.sim.experiment as experiment_module
 from festina_hpc.policy.base import Policy, PolicyContext, UnknownPolicyError, make_policy, policy_names
-from festina_hpc.policy.baselines.dynamollm import LOAD_MARGIN, SCALE_IN_WINDOW_S, DynamoLlmPolicy, pool_of
+from festina_hpc.policy.baselines.dynamollm import (
+    LOAD_MARGIN,
+    PEAK_WINDOW_S,
+    SCALE_IN_WINDOW_S,
+    STOP_IDLE_S,
+    DynamoLlmPolicy,
+    pool_of,
+)
 from festina_hpc.policy.baselines.llumnix import LlumnixPolicy
 from festina_hpc.policy.baselines.muxserve import MuxServePolicy, proportional_shares
-from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s
+from festina_hpc.policy.common import TBT_PLANNING, TTFT_PLANNING, predicted_tbt_s, prefill_time_s, sampled
 from festina_hpc.policy.types import (
     ClusterView,
     GpuSettings,
@@ -432,23 +439,112 @@ def test_dynamollm_pools_run_short_prompts_at_a_lower_clock_than_long_ones() -> 
     policy = make_policy_for("dynamollm")
     assert isinstance(policy, DynamoLlmPolicy)
     model = "llama-3.1-8b"
-    view = FakeView()
-    short = policy.place(request(prompt_tokens=200, rid=0), view)
-    assert isinstance(short, StartInstance)
-    view.add(FakeInstance(0, model, short.gpus, running=24))
-    long = policy.place(request(prompt_tokens=6000, rid=1), view)
-    assert isinstance(long, StartInstance) and long.gpus != short.gpus  # its own pool's instance
-    view.add(FakeInstance(1, model, long.gpus, running=24))
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,), running=24))  # an instance it did not start: the long pool
+    _place_steadily(policy, view, 2.0, 0.0, 100.0, prompt_tokens=200)  # learn the lengths
+    rate_per_s = 2.5 * policy.capacity_per_s(view, model, 0)  # short load worth its own instances
+    _place_steadily(policy, view, rate_per_s, 100.0, 130.0, prompt_tokens=200)
+    for _ in range(300):  # and as many long prompts
+        policy.place(request(prompt_tokens=6000, arrival_s=view.now_s), view)
+    starts = [a for a in policy.scale(view).actions if isinstance(a, StartInstance)]
+    assert starts
+    view.add(FakeInstance(1, model, starts[0].gpus, running=24))
     assert (pool_of(200), pool_of(6000)) == (0, 2)
-    for k in range(300):
-        policy.place(request(prompt_tokens=150 + k % 100, rid=2 + 2 * k), view)
-        policy.place(request(prompt_tokens=5000 + 10 * k, rid=3 + 2 * k), view)
+    assert (policy.pool_of_instance(view.instance(1)), policy.pool_of_instance(view.instance(0))) == (0, 2)
     clocks = {}
     for inst in (0, 1):
         gpu = view.gpu(view.instance(inst).gpus[0])
         settings = policy.control(gpu, view)
         clocks[inst] = gpu.clock_mhz if settings is None or settings.clock_mhz is None else settings.clock_mhz
-    assert clocks[0] < clocks[1]
+    assert clocks[1] < clocks[0]
+
+
+def test_dynamollm_runs_a_lightly_loaded_model_on_one_instance_whatever_its_lengths() -> None:
+    """Pools split a model's instances only where a pool's load fills an instance: requests of
+    every length at a fraction of one instance's capacity never start a second one."""
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    next_id = 0
+    for k in range(600):
+        view.now_s = 0.5 * k
+        prompt_tokens = (200, 1000, 4000)[k % 3]  # short, medium and long by turns
+        placement = policy.place(request(prompt_tokens=prompt_tokens, rid=k, arrival_s=view.now_s), view)
+        if isinstance(placement, StartInstance):
+            view.add(FakeInstance(next_id, model, placement.gpus))
+            next_id += 1
+        if k % 10 == 0:
+            for action in policy.scale(view).actions:
+                if isinstance(action, StartInstance):
+                    view.add(FakeInstance(next_id, model, action.gpus))
+                    next_id += 1
+    assert policy.capacity_per_s(view, model, 2) > 2.0  # 2 requests/s are under one instance's load
+    assert len(view.instances_of(model)) == 1
+
+
+def test_dynamollm_moves_an_instance_to_a_pool_short_of_instances_instead_of_starting_one() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,)))  # two instances it did not start: the long pool
+    view.add(FakeInstance(1, model, (1,)))
+    _place_steadily(policy, view, 2.0, 0.0, 100.0, prompt_tokens=200)  # learn the lengths
+    rate_per_s = 1.1 * policy.capacity_per_s(view, model, 0)  # one short instance's worth
+    _place_steadily(policy, view, rate_per_s, 100.0, 130.0, prompt_tokens=200)
+    plan = policy.scale(view)
+    assert not [a for a in plan.actions if isinstance(a, StartInstance)]
+    assert sorted(policy.pool_of_instance(i) for i in view.instances_of(model)) == [0, 2]
+
+
+def test_dynamollm_looks_at_every_instance_before_starting_one() -> None:
+    """The router samples two instances; an instance outside the sample with room takes the request
+    rather than a new instance."""
+    policy = make_policy_for("dynamollm")
+    view = FakeView()
+    view.add(FakeInstance(0, "llama-3.1-8b", (0,)))  # room
+    for k in (1, 2, 3):  # full: a long queue of prompts ahead of any new one
+        view.add(FakeInstance(k, "llama-3.1-8b", (k,), running=200, waiting=100, prompt_tokens_each=4000))
+    ready = view.instances_of("llama-3.1-8b")
+    rid = next(r for r in range(100) if view.instance(0) not in sampled(ready, r))
+    assert policy.place(request(rid=rid), view) == Route(0)
+
+
+def test_dynamollm_holds_a_clock_for_the_recent_peak_load() -> None:
+    """The clock meets the peak load of the last PEAK_WINDOW_S (the load prediction), not only the
+    present one: after a burst the clock stays up for the window, then falls."""
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
+    view = _one_instance_view(clocks[0], 0)
+    inst = view.instance(0)
+    inst.running, inst.waiting = 120, 20  # a burst
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz > clocks[2]
+    view.gpu(0).clock_mhz = burst_clock = settings.clock_mhz
+    inst.running, inst.waiting = 1, 0  # the burst is over
+    view.now_s = PEAK_WINDOW_S / 2
+    assert policy.control(view.gpu(0), view) is None  # still within the window: held
+    assert policy.lowest_clock_mhz(inst, view, 1.0 + LOAD_MARGIN) < burst_clock  # the present load alone
+    view.now_s = PEAK_WINDOW_S + 1.0
+    settings = policy.control(view.gpu(0), view)
+    assert settings is not None and settings.clock_mhz is not None and settings.clock_mhz < burst_clock
+
+
+def test_dynamollm_scales_in_only_idle_instances() -> None:
+    policy = make_policy_for("dynamollm")
+    assert isinstance(policy, DynamoLlmPolicy)
+    model = "llama-3.1-8b"
+    view = FakeView(now_s=0.0)
+    view.add(FakeInstance(0, model, (0,), running=3))  # surplus to a light load, but busy
+    view.add(FakeInstance(1, model, (1,), running=3))
+    view.add(FakeInstance(2, model, (2,)))
+    _place_steadily(policy, view, 0.5, 0.0, 3 * SCALE_IN_WINDOW_S, scale_every_s=5.0)
+    assert [i.id for i in view.instances_of(model)] == [0, 1]  # the idle one went; busy ones stay
+    view.instance(1).running = 0
+    view.now_s += 2 * STOP_IDLE_S
+    assert policy.scale(view).actions == (StopInstance(1),)
 
 
 def test_dynamollm_routes_a_short_request_to_a_longer_pool_with_room() -> None:
