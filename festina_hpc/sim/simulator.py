@@ -572,16 +572,7 @@ class Simulation:
         inst.chunk_tokens = self.config.step_token_budget
         self._next_instance += 1
         inst.migration_of = migration_of
-        self.live[inst.id] = inst
-        self._by_model[name].append(inst)
-        for g in inst.gpus:
-            gpu = self.gpu_list[g]
-            gpu.integrate(self._now)
-            gpu.instances.append(inst.id)
-            gpu.sm_pct_allocated += inst.sm_pct
-            gpu.memory_fraction_allocated += inst.memory_fraction
-            self._free[gpu.node].discard(g)
-            self._dirty.add(g)
+        self._add(inst)
         events: list[Event] = victim_events
         if node.power is NodePower.OFF:
             events.extend(self._power_on(node))
@@ -592,6 +583,19 @@ class Simulation:
         else:
             self.migrations += 1
         return inst, events
+
+    def _add(self, inst: SimInstance) -> None:
+        """Put a new instance on its GPUs, holding the SM share and memory it reserves there."""
+        self.live[inst.id] = inst
+        self._by_model[inst.model].append(inst)
+        for g in inst.gpus:
+            gpu = self.gpu_list[g]
+            gpu.integrate(self._now)
+            gpu.instances.append(inst.id)
+            gpu.sm_pct_allocated += inst.sm_pct_reserved
+            gpu.memory_fraction_allocated += inst.memory_fraction_reserved
+            self._free[gpu.node].discard(g)
+            self._dirty.add(g)
 
     def _evictees(self, instance_ids: Iterable[int]) -> list[SimInstance]:
         """The instances a start may stop first: each must be ready and hold no request."""
@@ -764,15 +768,7 @@ class Simulation:
         new.sm_pct_reserved = max(0.0, sm_pct - old.sm_pct)
         new.memory_fraction_reserved = old.memory_fraction if room else 0.0
         new.waits_for_memory = not room
-        self.live[new.id] = new
-        self._by_model[new.model].append(new)
-        for g in new.gpus:
-            gpu = self.gpu_list[g]
-            gpu.integrate(self._now)
-            gpu.instances.append(new.id)
-            gpu.sm_pct_allocated += new.sm_pct_reserved
-            gpu.memory_fraction_allocated += new.memory_fraction_reserved
-            self._dirty.add(g)
+        self._add(new)
         self.share_restarts += 1
         if room:
             return self._begin_load(new)
