@@ -28,7 +28,7 @@ Figures of the simulated cluster that no profile holds (`[cluster]` in the confi
   serving: POST of a two-socket, eight-GPU server (memory training, the option ROMs of its NICs),
   OS boot, the NVIDIA driver and fabric manager. That takes several minutes on server-class GPU
   nodes, which is why sites raise Slurm's `ResumeTimeout` from its 60 s default
-  (https://slurm.schedmd.com/slurm.conf.html) to 300-600 s (OpenHPC's example: 600 s;
+  (`DEFAULT_RESUME_TIMEOUT 60` in Slurm 25.11.7's src/common/read_config.h) to 300-600 s (OpenHPC's example: 600 s;
   github.com/jrwellshpc/slurm_power_saving: "increase the timeouts to 10 minutes"). A site
   measures it as the time from `scontrol update nodename=X state=power_up` to the node idle in
   `sinfo`. While it resumes a node draws its static power and its GPUs' idle power and serves
