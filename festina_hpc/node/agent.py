@@ -473,12 +473,23 @@ class NodeAgent:
         return self._state.read()
 
 
+def task_prolog_refusal(ctx: JobContext) -> str:
+    """Why the task prolog refuses an MPS job its MPS variables; "" when it refuses nothing.
+
+    An MPS share on several GPUs gets none: festina runs one MPS control daemon per GPU and a task's CUDA
+    talks to one only. A whole-GPU job needs none, which is no refusal.
+    """
+    if ctx.mps_pct is not None and len(ctx.gpus) != 1:
+        return f"an MPS share of {ctx.mps_pct}% on {len(ctx.gpus)} GPUs {list(ctx.gpus)} (one MPS daemon per GPU)"
+    return ""
+
+
 def task_prolog_lines(ctx: JobContext, paths: NodePaths) -> list[str]:
     """``export`` lines for the task (TaskProlog stdout); none for whole-GPU jobs or several GPUs.
 
     Slurm reads these lines itself (no shell); the paths come from the config, which allows no spaces.
     """
-    if ctx.mps_pct is None or len(ctx.gpus) != 1:
+    if ctx.mps_pct is None or task_prolog_refusal(ctx):
         return []
     index = ctx.gpus[0]
     return [f"export CUDA_MPS_PIPE_DIRECTORY={paths.mps_pipe_dir(index)}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import pwd
 import signal
@@ -29,17 +30,40 @@ import click
 
 from festina_hpc.errors import FestinaError, GpuError, GpuLostError
 from festina_hpc.gpu.base import GpuBackend, MpsControl, Workload
-from festina_hpc.node.agent import EnergySink, JobsChanged, NodeAgent, TickReport, task_prolog_lines
+from festina_hpc.node.agent import (
+    EnergySink,
+    JobsChanged,
+    NodeAgent,
+    TickReport,
+    task_prolog_lines,
+    task_prolog_refusal,
+)
 from festina_hpc.node.config import CONFIG_NAME, NodeConfig, NodePaths, load_node_config
 from festina_hpc.node.control import DecisionSink, GpuActivity, LocalController, ServerReport
-from festina_hpc.node.errors import NodeError
-from festina_hpc.node.hookenv import job_context
+from festina_hpc.node.errors import NodeError, NodeInputError
+from festina_hpc.node.hookenv import HookLogFormatter, escape_controls, job_context
 from festina_hpc.node.state import JobOnGpu, StateFile, as_plain
 from festina_hpc.policy.types import Slo
 
 logger = logging.getLogger("festina_hpc.node")
 
 HOOK_LOG_FORMAT = "%(asctime)s festina-node[%(process)d] %(levelname)s %(message)s"
+SYSLOG_FORMAT = "festina-node[%(process)d]: %(levelname)s %(message)s"  # syslog adds the time
+SYSLOG_SOCKET = "/dev/log"
+
+
+def log_handler(syslog_socket: str | None = None) -> logging.Handler:
+    """festina-node's one log handler: stderr (the hook scripts append it to the hook log), or syslog at
+    ``syslog_socket`` when asked and there is one; either way through ``HookLogFormatter``, one line a record."""
+    # SysLogHandler takes a missing socket silently and drops every record: no syslog here (a container) means
+    # stderr, which the task prolog script then discards.
+    if syslog_socket is not None and Path(syslog_socket).is_socket():
+        handler: logging.Handler = logging.handlers.SysLogHandler(syslog_socket)
+        handler.setFormatter(HookLogFormatter(SYSLOG_FORMAT))
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(HookLogFormatter(HOOK_LOG_FORMAT))
+    return handler
 
 
 @dataclass(frozen=True)
@@ -234,12 +258,26 @@ def run_hook(inv: Invocation, hook: str, out: Any = None, *, build: Callable[[In
     drain = drain or _drain
     try:
         ctx = job_context(inv.env)
+    except NodeInputError as exc:
+        logger.error("%s: nothing done (fail open, node stays up): %s", hook, exc)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - a value the parser did not foresee is still bad input: one line
+        logger.error("%s: nothing done (fail open, node stays up): hook environment unreadable: %s: %s", hook,
+                     type(exc).__name__, exc)
+        return 0
+    # The run's one line of what the job is, every value validated (the scripts log no raw values).
+    logger.info("%s job=%d node=%s gpus=%s mps=%s", hook, ctx.job_id, ctx.node, ",".join(map(str, ctx.gpus)),
+                "" if ctx.mps_pct is None else ctx.mps_pct)
+    try:
         if not ctx.gpus:
             logger.info("%s job %d: no GPUs; nothing to do", hook, ctx.job_id)
             return 0
         inv = Invocation(inv.config, ctx.node, inv.env, inv.backend_override)
         if hook == "task-prolog":
             # Runs as the job's user: only paths, no backend and no state.
+            refusal = task_prolog_refusal(ctx)
+            if refusal:
+                logger.warning("task-prolog job %d: no MPS variables exported: %s", ctx.job_id, refusal)
             for line in task_prolog_lines(ctx, NodePaths.of(inv.config, ctx.node)):
                 print(line, file=out or sys.stdout)
             return 0
@@ -297,11 +335,15 @@ def build_network_server(inv: Invocation, agent: NodeAgent) -> Any:
               help=f"Node config (default: $FESTINA_NODE_CONFIG, else {CONFIG_NAME} beside $SLURM_CONF).")
 @click.option("--node", default=None, help="Node name (default: $SLURMD_NODENAME, else the host name).")
 @click.option("-v", "--verbose", is_flag=True)
+@click.option("--syslog", is_flag=True,
+              help="Log to syslog (/dev/log) instead of stderr: the task prolog runs as the job's user, who may "
+                   "not write the hook log.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, node: str | None, verbose: bool) -> None:
+def cli(ctx: click.Context, config_path: Path | None, node: str | None, verbose: bool, syslog: bool) -> None:
     """festina-node: Slurm hooks, the root-owned GPU control service and energy accounting of a GPU node."""
     env = dict(os.environ)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=HOOK_LOG_FORMAT, stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        handlers=[log_handler(SYSLOG_SOCKET if syslog else None)])
     config = load_node_config(find_config(config_path, env))
     name = node or env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     ctx.obj = Invocation(config, name, env, env.get("FESTINA_GPU_BACKEND") or None)
@@ -424,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="festina-node", standalone_mode=False)
     except FestinaError as exc:
-        click.echo(f"festina-node: error: {exc}", err=True)
+        # One line in the hook log: a config path may come from the job's environment (the task prolog's).
+        click.echo(f"festina-node: error: {escape_controls(str(exc))}", err=True)
         # A hook fails open even when festina-node cannot start (a bad config file).
         return 0 if any(a in HOOKS for a in args) else 2
     except click.UsageError as exc:
