@@ -73,8 +73,10 @@ def test_submitted_serving_job_runs_with_its_gres(client: CliSlurmClient, slurm_
     assert (shared.mps_used, shared.mps_total, shared.gpus_used) == (55, 200, 0)
     assert (busy.gpus_used, busy.gpus_total, busy.mps_used) == (2, 2, 0)
     assert client.get_job(first) is not None and client.get_job(first).gres == (Gres("mps", None, 25),)  # type: ignore[union-attr]
-    hooks = (slurm_cluster.slurm_conf.parent / "festina-hooks.log").read_text()
-    assert f"prolog job={first} node={on_nodes[0]} gpus=0 mps=25" in hooks
+    # festina-node writes the run's line once it has validated the job: it may come after the job runs.
+    log = slurm_cluster.slurm_conf.parent / "festina-hooks.log"
+    run_line = f"prolog job={first} node={on_nodes[0]} gpus=0 mps=25"
+    assert wait_for(lambda: run_line in log.read_text() or None, 20, f"hook log line {run_line!r}")
 
 
 def test_requeue_moves_a_running_job_to_another_node(client: CliSlurmClient, slurm_cluster: DevClusterConfig,
