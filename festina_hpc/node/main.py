@@ -3,8 +3,11 @@
 ``main()`` is the only place that reads the environment (the hook variables,
 ``FESTINA_GPU_BACKEND``, ``FESTINA_NODE_CONFIG``, ``SLURM_CONF``) and builds
 the backends it passes in. The hook commands fail open: whatever goes wrong
-inside festina is logged (stderr, which the hook scripts append to their log)
-and the exit status is 0, because a failing Prolog or Epilog drains the node.
+inside festina is logged (stderr, which the hook scripts append to their log;
+syslog with ``--syslog``, for a task prolog whose user may not write that log),
+one line per record (``HookLogFormatter``), a refused job environment as one
+line naming the variable and never a traceback, and the exit status is 0,
+because a failing Prolog or Epilog drains the node.
 The one exception is a GPU that is unusable (``GpuLostError``): then the node
 is drained through the Slurm client, with a reason Slurm shows, and the hook
 still exits 0 so that Slurm keeps our reason instead of "Prolog error".
