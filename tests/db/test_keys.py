@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 
 from festina_hpc.db.keys import ApiKeyError, KeyRing, hash_token, looks_like_token, parse_expiry, parse_rate
 from festina_hpc.profiles.store import ProfileStore
@@ -47,7 +48,7 @@ def test_role_is_stored_and_user_by_default(ring: KeyRing, migrated: Engine) -> 
     assert [k.role for k in ring.list()] == ["user", "admin"]
     assert ring.find(hash_token(admin_token)).role == "admin"  # type: ignore[union-attr]
     assert ring.find(hash_token(user_token)).to_json(T0)["role"] == "user"  # type: ignore[union-attr]
-    with pytest.raises(Exception), migrated.begin() as connection:  # the database refuses a role it does not know
+    with pytest.raises(IntegrityError), migrated.begin() as connection:  # the database refuses a role it does not know
         connection.execute(text("UPDATE api_keys SET role = 'root' WHERE id = 1"))
 
 
