@@ -10,8 +10,9 @@ one fast hash keeps the lookup an index probe on ``key_hash``.
 A key may name the models it can call (canonical profile names; none: every model), a request
 rate and an expiry, and has a role: ``user`` (the gateway's ``/v1/*``) or ``admin`` (also
 festinad's ``/admin/*``: consolidation, draining models, node control). Revoking sets
-``revoked_at`` (keys are never deleted, so request rows keep naming who sent them). ``KeyRing`` validates every input first and names the field and value in
-an ``ApiKeyError`` before anything is written.
+``revoked_at`` (keys are never deleted, so request rows keep naming who sent them). ``KeyRing``
+validates every input first and names the field and value in an ``ApiKeyError`` before anything
+is written.
 """
 
 from __future__ import annotations
