@@ -92,7 +92,8 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
         on_ready(f"http://{host}:{port}")
         await stop.wait()
     finally:
-        scheduler.shutdown(wait=False)
+        if scheduler.running:  # not when a listener could not bind: the error to report is that one
+            scheduler.shutdown(wait=False)
         await runner.cleanup()  # in-flight requests finish (or get their error) before this returns
         if metrics_runner is not None:
             await metrics_runner.cleanup()
