@@ -22,8 +22,14 @@ from aiohttp import web
 from festina_hpc.cli.main import main
 from festina_hpc.daemon.admin_api import add_admin_routes, is_loopback
 from festina_hpc.daemon.auth import AuthConfig, Authenticator, MemoryKeys
-from festina_hpc.daemon.festinad import Festinad
+from festina_hpc.daemon.festinad import Festinad, StoreRecorder
+from festina_hpc.daemon.gateway import gateway_models
+from festina_hpc.daemon.service import Periods, run_festinad
+from festina_hpc.db.store import Store
+from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.server import api_errors, running_app
+from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
+from tests.daemon.test_metrics import _free_port
 
 ELSEWHERE = "10.0.0.5"  # a peer that is not this host
 ADMIN_ROUTES = [("POST", "/admin/drain-model"), ("GET", "/admin/consolidate"), ("POST", "/admin/consolidate"),
@@ -173,3 +179,33 @@ def test_admin_cli_sends_its_key_and_never_prints_it(tmp_path: Path, capsys: pyt
 
     asyncio.run(scenario())
     assert os.environ.get("FESTINA_API_KEY") == user
+
+
+def test_running_festinad_with_keys_guards_admin_and_serves_users(store: ProfileStore, db: Store) -> None:  # noqa: F811
+    """As ``festina daemon`` wires it (``run_festinad``): /admin/* takes an admin key only; /v1 a user key."""
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+    auth, user, admin = keys_and_auth(require_keys=True)
+
+    async def scenario() -> None:
+        festinad = await _festinad(store, slurm, db)
+        stop = asyncio.Event()
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(run_festinad(
+            festinad, StoreRecorder(db), gateway_models(store, GPU, MODELS), "127.0.0.1", _free_port(), stop,
+            Periods(reconcile_s=60, scale_s=60, consolidate_s=60), on_ready=ready.set_result, auth=auth,
+            admin_open=True))  # ignored while keys are required
+        try:
+            url = await asyncio.wait_for(asyncio.shield(ready), 20)
+            assert (await drain(url))[0] == 401
+            assert (await drain(url, user))[0] == 403
+            assert await drain(url, admin) == (200, {"model": "mistral-7b", "stopped": []})
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {user}"}) as session:
+                status, _ = await _ask(session, url, servers, model="llama-3.1-8b")
+                assert status == 200  # the user key still serves completions
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await servers.stack.aclose()
+
+    asyncio.run(scenario())
