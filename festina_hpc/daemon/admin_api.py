@@ -151,10 +151,12 @@ class AdminApi:
         self._lock = asyncio.Lock()
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_get("/admin/consolidate", self._guarded(self.get_plan))
-        app.router.add_post("/admin/consolidate", self._guarded(self.apply))
-        app.router.add_post("/admin/drain-model", self._guarded(self.drain_model))
-        app.router.add_post("/admin/node-control", self._guarded(self.node_control))
+        # One table, every entry guarded: a route added here cannot be left open by mistake.
+        for method, path, handler in (("GET", "/admin/consolidate", self.get_plan),
+                                      ("POST", "/admin/consolidate", self.apply),
+                                      ("POST", "/admin/drain-model", self.drain_model),
+                                      ("POST", "/admin/node-control", self.node_control)):
+            app.router.add_route(method, path, self._guarded(handler))
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
