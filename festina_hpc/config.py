@@ -137,6 +137,30 @@ class DaemonConfig:
     max_prompt_tokens: int = 0  # 0 = the model's context length
     ttft_slo_multiplier: float = 5.0
     tbt_slo_multiplier: float = 5.0
+    # festinad's GET /metrics listens here, apart from the gateway, so host may be 0.0.0.0 for users
+    # while the scrape (model names, request counts, power) stays on the head node; "" = no metrics.
+    # Prometheus elsewhere: bind an address only it reaches, e.g. "10.0.0.1:9464" on the admin network.
+    metrics_listen: str = "127.0.0.1:9464"
+    # /admin/* (consolidate, drain a model, node control) with [gateway] require_keys = false: only
+    # from the loopback address unless this is true; with require_keys = true it needs an admin key.
+    admin_open: bool = False
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as (host, port); None when it is off."""
+        return parse_listen(self.metrics_listen)
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) as (host, port); "" is None (off); ValueError otherwise."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if (not sep or not host or any(c.isspace() for c in host) or (":" in host) != bracketed
+            or not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ValueError(value)
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -213,6 +237,7 @@ _POSITIVE |= {("node_control", "timeout_s")}
 _NON_NEGATIVE |= {("node_control", "port")}
 _NON_NEGATIVE |= {("daemon", k) for k in ("drain_timeout_s", "scale_period_s", "consolidate_period_s",
                                           "keep_alive_s", "max_prompt_tokens")}
+_LISTEN: set[tuple[str, str]] = {("daemon", "metrics_listen")}
 # Every number of the cluster's physical figures must be positive, except the power of a node that is
 # off and the count of nodes power saving leaves alone.
 _ZERO_OK = ("standby_w", "suspend_exc_nodes")
@@ -244,6 +269,12 @@ def _build_section(source: str, name: str, cls: type, raw: Any) -> Any:
             raise ConfigError(f"{source}: {name}.{key} = {value!r} must be positive")
         if (name, key) in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{source}: {name}.{key} = {value!r} must not be negative")
+        if (name, key) in _LISTEN:
+            try:
+                parse_listen(value)
+            except ValueError:
+                raise ConfigError(f"{source}: {name}.{key} = {value!r} must be HOST:PORT (e.g. 127.0.0.1:9464, "
+                                  "[::1]:9464) or \"\" (off)") from None
         values[key] = value
     return cls(**values)
 

@@ -64,6 +64,12 @@ def test_values_in_file_override_defaults(tmp_path: Path) -> None:
     ("negative sample retention", "[db]\nsample_retention_days = -1\n",
      ["db.sample_retention_days", "-1", "must not be negative"]),
     ("sample retention not an int", "[db]\nsample_retention_days = '30d'\n", ["db.sample_retention_days", "'30d'"]),
+    ("metrics_listen without a port", "[daemon]\nmetrics_listen = '127.0.0.1'\n",
+     ["daemon.metrics_listen", "'127.0.0.1'", "HOST:PORT"]),
+    ("metrics_listen port 0", "[daemon]\nmetrics_listen = '127.0.0.1:0'\n", ["daemon.metrics_listen", "'127.0.0.1:0'"]),
+    ("metrics_listen IPv6 unbracketed", "[daemon]\nmetrics_listen = '::1:9464'\n",
+     ["daemon.metrics_listen", "'::1:9464'"]),
+    ("admin_open not a bool", "[daemon]\nadmin_open = 'yes'\n", ["daemon.admin_open", "'yes'"]),
 ])
 def test_invalid_config_is_one_line_error_naming_file_key_and_value(
         tmp_path: Path, case: str, text: str, expected: list[str]) -> None:
@@ -133,6 +139,14 @@ def test_example_config_documents_every_key_with_its_default() -> None:
     assert loaded == defaults
     written = tomllib.loads(example.read_text(encoding="utf-8"))
     assert {s: set(keys) for s, keys in written.items()} == {s: set(keys) for s, keys in defaults.items()}
+
+
+@pytest.mark.parametrize(("value", "address"), [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:9464", ("::1", 9464)),
+                                                ("head-admin:9100", ("head-admin", 9100)), ("", None)])
+def test_metrics_listen(value: str, address: tuple[str, int] | None) -> None:
+    config = config_from_mapping({"daemon": {"metrics_listen": value}})
+    assert config.daemon.metrics_address() == address
+    assert Config().daemon.metrics_address() == ("127.0.0.1", 9464)  # on, on loopback, by default
 
 
 def test_db_url_defaults_to_a_sqlite_file_in_the_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,14 @@ import click
 from click.shell_completion import get_completion_class
 
 from festina_hpc.admin import client
-from festina_hpc.cli.admin_options import festinad_url, festinad_url_option, slurm_client, slurm_conf_option
+from festina_hpc.cli.admin_options import (
+    api_key,
+    api_key_option,
+    festinad_url,
+    festinad_url_option,
+    slurm_client,
+    slurm_conf_option,
+)
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
 from festina_hpc.db.models import DECISION_KINDS
@@ -60,23 +67,25 @@ Examples:
               help="Print the plan the policy would carry out now, or carry it out through festinad.")
 @click.option("--plan-id", default=None, help="With --apply: the plan --dry-run printed (refused if stale or applied).")
 @festinad_url_option
+@api_key_option
 @json_option
 @pass_app
 def consolidate(app: AppContext, dry_run: bool, plan_id: str | None, festinad_url: str | None,
-                as_json: bool) -> None:
+                api_key_file: Path | None, as_json: bool) -> None:
     """Consolidation now: migrations, requeues, nodes freed, energy saved over the policy's horizon."""
     url = _url(app, festinad_url)
+    key = api_key(api_key_file)
     if dry_run:
         if plan_id is not None:
             raise click.UsageError("--plan-id goes with --apply")
-        plan = client.call(url, "GET", "/admin/consolidate")
+        plan = client.call(url, "GET", "/admin/consolidate", api_key=key)
     else:
         if plan_id is None:
-            current = client.call(url, "GET", "/admin/consolidate")
+            current = client.call(url, "GET", "/admin/consolidate", api_key=key)
             if not current.get("plan_id"):
                 raise FestinaError("nothing to consolidate now: nothing done")
             plan_id = str(current["plan_id"])
-        plan = client.call(url, "POST", "/admin/consolidate", {"plan_id": plan_id})
+        plan = client.call(url, "POST", "/admin/consolidate", {"plan_id": plan_id}, api_key=key)
     if as_json:
         echo_json(plan)
     else:
@@ -134,10 +143,11 @@ def resume(app: AppContext, node: str, reason: str, slurm_conf: Path | None) -> 
     click.echo(f"resumed {node}" + (f": {reason}" if reason else ""))
 
 
-def _node_control(app: AppContext, festinad_url_opt: str | None, node: str, op: str, args: dict[str, Any]) -> Any:
+def _node_control(app: AppContext, festinad_url_opt: str | None, api_key_file: Path | None, node: str, op: str,
+                  args: dict[str, Any]) -> Any:
     """festinad signs and sends it (``POST /admin/node-control``): festina-node takes such requests from no one else."""
     answer = client.call(festinad_url(app, festinad_url_opt), "POST", "/admin/node-control",
-                         {"node": node, "op": op, "args": args}, timeout_s=60.0)
+                         {"node": node, "op": op, "args": args}, timeout_s=60.0, api_key=api_key(api_key_file))
     return answer.get("result")
 
 
@@ -146,10 +156,12 @@ def _node_control(app: AppContext, festinad_url_opt: str | None, node: str, op: 
 @click.argument("gpu", type=click.IntRange(min=0))
 @click.argument("clock_mhz", type=click.IntRange(min=1))
 @festinad_url_option
+@api_key_option
 @pass_app
-def set_clock(app: AppContext, node: str, gpu: int, clock_mhz: int, festinad_url: str | None) -> None:
+def set_clock(app: AppContext, node: str, gpu: int, clock_mhz: int, festinad_url: str | None,
+              api_key_file: Path | None) -> None:
     """Lock GPU index GPU of NODE at CLOCK_MHZ (the GPU rounds to a clock it supports)."""
-    locked = _node_control(app, festinad_url, node, "lock_clocks", {"gpu": gpu, "clock_mhz": clock_mhz})
+    locked = _node_control(app, festinad_url, api_key_file, node, "lock_clocks", {"gpu": gpu, "clock_mhz": clock_mhz})
     click.echo(f"{node} GPU {gpu}: clock locked at {locked} MHz")
 
 
@@ -157,10 +169,12 @@ def set_clock(app: AppContext, node: str, gpu: int, clock_mhz: int, festinad_url
 @click.argument("node")
 @click.argument("gpu", type=click.IntRange(min=0))
 @festinad_url_option
+@api_key_option
 @pass_app
-def reset_clock(app: AppContext, node: str, gpu: int, festinad_url: str | None) -> None:
+def reset_clock(app: AppContext, node: str, gpu: int, festinad_url: str | None,
+                api_key_file: Path | None) -> None:
     """Give GPU index GPU of NODE its default clocks back."""
-    _node_control(app, festinad_url, node, "reset_clocks", {"gpu": gpu})
+    _node_control(app, festinad_url, api_key_file, node, "reset_clocks", {"gpu": gpu})
     click.echo(f"{node} GPU {gpu}: default clocks")
 
 
@@ -169,10 +183,12 @@ def reset_clock(app: AppContext, node: str, gpu: int, festinad_url: str | None) 
 @click.argument("gpu", type=click.IntRange(min=0))
 @click.argument("job_id", type=click.IntRange(min=1))
 @festinad_url_option
+@api_key_option
 @pass_app
-def drain_instance(app: AppContext, node: str, gpu: int, job_id: int, festinad_url: str | None) -> None:
+def drain_instance(app: AppContext, node: str, gpu: int, job_id: int, festinad_url: str | None,
+                   api_key_file: Path | None) -> None:
     """Drain the model server of Slurm job JOB_ID on GPU index GPU of NODE: it finishes its requests, then exits."""
-    pid = _node_control(app, festinad_url, node, "drain_instance", {"gpu": gpu, "job_id": job_id})
+    pid = _node_control(app, festinad_url, api_key_file, node, "drain_instance", {"gpu": gpu, "job_id": job_id})
     click.echo(f"{node} GPU {gpu}: job {job_id}'s server (pid {pid}) is draining")
 
 

@@ -94,6 +94,10 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
         logging.getLogger("festinad").warning(
             "the gateway is open ([gateway] require_keys = false): requests without a key are served as %s/%s",
             gw.default_user or "''", gw.default_account or "''")
+    if cfg.admin_open and not gw.require_keys:
+        logging.getLogger("festinad").warning(
+            "the admin API is open to every address ([daemon] admin_open = true, [gateway] require_keys = false): "
+            "anyone who reaches the gateway can drain models and set GPU clocks")
     bind_host = host or cfg.host
     bind_port = port or cfg.port
 
@@ -104,11 +108,13 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
             loop.add_signal_handler(sig, stop.set)
 
         def ready(url: str) -> None:
-            click.echo(f"festinad: {url} ({chosen.name}, {len(served)} models, db {resolved.masked()})")
+            metrics = f"metrics http://{cfg.metrics_listen}/metrics" if cfg.metrics_listen else "no metrics"
+            click.echo(f"festinad: {url} ({chosen.name}, {len(served)} models, db {resolved.masked()}, {metrics})")
             sys.stdout.flush()
 
         await run_festinad(festinad, recorder, served, bind_host, bind_port, stop, periods,
-                           GatewayConfig(scale_timeout_s=cfg.scale_timeout_s), on_ready=ready, auth=auth)
+                           GatewayConfig(scale_timeout_s=cfg.scale_timeout_s), on_ready=ready, auth=auth,
+                           admin_open=cfg.admin_open, metrics_listen=cfg.metrics_address())
         click.echo("festinad: stopped")
 
     try:

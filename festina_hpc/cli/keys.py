@@ -6,13 +6,14 @@ import click
 
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
-from festina_hpc.db.keys import KeyRing, parse_expiry, parse_rate
+from festina_hpc.db.keys import ROLES, KeyRing, parse_expiry, parse_rate
 from festina_hpc.db.store import Store, utc_now
 
 _EXAMPLES = """
 \b
 Examples:
   festina keys create --user alice --account proj1 --models llama8b,mistral-7b --rate-limit 5/s --expires 90d
+  (umask 077; festina keys create --user root --account ops --role admin > ~/.festina-admin-key)
   festina keys list --json
   festina keys revoke fk_3hQ9xZ1a
 """
@@ -37,21 +38,23 @@ def keys() -> None:
 @click.option("--rate-limit", default=None, metavar="R/s", help="Requests per second (R/s, R/min or R) [no limit].")
 @click.option("--expires", default=None, metavar="WHEN",
               help="An ISO date or date-time (UTC without an offset) or a duration: 90d, 12h, 2w [never].")
+@click.option("--role", type=click.Choice(ROLES), default="user", show_default=True,
+              help="user: the gateway's /v1/*; admin: also festinad's /admin/* (consolidate, nodes, drain).")
 @db_url_option
 @json_option
 @pass_app
 def create(app: AppContext, user_name: str, account: str, models: str, rate_limit: str | None, expires: str | None,
-           db_url: str | None, as_json: bool) -> None:
+           role: str, db_url: str | None, as_json: bool) -> None:
     """Issue a key; its token is printed once and cannot be shown again (only its hash is stored)."""
     rate = parse_rate(rate_limit) if rate_limit is not None else None
     expires_at = parse_expiry(expires, utc_now()) if expires is not None else None
     names = [name.strip() for name in models.split(",") if name.strip()]
-    token, info = _ring(app, db_url).create(user_name, account, names, rate, expires_at)
+    token, info = _ring(app, db_url).create(user_name, account, names, rate, expires_at, role)
     if as_json:
         echo_json({"token": token, **info.to_json(utc_now())})
         return
     click.echo(token)
-    click.echo(f"key {info.id} ({info.prefix}) for {info.user_name}/{info.account}: "
+    click.echo(f"{info.role} key {info.id} ({info.prefix}) for {info.user_name}/{info.account}: "
                f"models {', '.join(info.models) or 'all'}, "
                f"rate {f'{info.rate_limit_per_s:g}/s' if info.rate_limit_per_s else 'unlimited'}, "
                f"expires {info.expires_at.isoformat(timespec='seconds') if info.expires_at else 'never'}. "
@@ -73,11 +76,12 @@ def list_keys(app: AppContext, active: bool, db_url: str | None, as_json: bool) 
     if not shown:
         click.echo("no keys (`festina keys create --help`)")
         return
-    click.echo(f"{'ID':>4} {'PREFIX':12} {'USER':12} {'ACCOUNT':12} {'STATE':8} {'RATE/S':>7} {'EXPIRES':20} MODELS")
+    click.echo(f"{'ID':>4} {'PREFIX':12} {'USER':12} {'ACCOUNT':12} {'ROLE':6} {'STATE':8} {'RATE/S':>7} "
+               f"{'EXPIRES':20} MODELS")
     for k in shown:
         expires = k.expires_at.isoformat(timespec="minutes") if k.expires_at else "never"
         rate = f"{k.rate_limit_per_s:g}" if k.rate_limit_per_s else "-"
-        click.echo(f"{k.id:4d} {k.prefix:12} {k.user_name:12} {k.account:12} {k.state(now):8} {rate:>7} "
+        click.echo(f"{k.id:4d} {k.prefix:12} {k.user_name:12} {k.account:12} {k.role:6} {k.state(now):8} {rate:>7} "
                    f"{expires:20} {','.join(k.models) or 'all'}")
 
 

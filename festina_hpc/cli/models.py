@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
 from festina_hpc.admin import client
-from festina_hpc.cli.admin_options import festinad_url, festinad_url_option
+from festina_hpc.cli.admin_options import api_key, api_key_option, festinad_url, festinad_url_option
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
 from festina_hpc.db.catalogue import ENGINES, Catalogue, CatalogueEntry, CatalogueError
@@ -147,16 +148,17 @@ def update(app: AppContext, name: str, db_url: str | None, as_json: bool, **chan
 @click.option("--timeout-s", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="With --drain: longest wait for its instances to stop.")
 @festinad_url_option
+@api_key_option
 @db_url_option
 @pass_app
 def remove(app: AppContext, name: str, drain: bool, timeout_s: float, festinad_url: str | None,
-           db_url: str | None) -> None:
+           api_key_file: Path | None, db_url: str | None) -> None:
     """Remove NAME; refused while its instances run, unless --drain."""
     catalogue = _catalogue(app, db_url)
     entry = catalogue.get(name)
     if drain and catalogue.running_instances(name):
         url = _url(app, festinad_url)
-        client.call(url, "POST", "/admin/drain-model", {"model": entry.profile})
+        client.call(url, "POST", "/admin/drain-model", {"model": entry.profile}, api_key=api_key(api_key_file))
         deadline = time.monotonic() + timeout_s
         while catalogue.running_instances(name) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -16,6 +16,13 @@ Mounted on the gateway's app by ``run_festinad`` (``add_admin_routes``) and used
   node's festina-node (``Festinad.control_node``: lock or reset a GPU's clock, set SM shares, drain an
   instance, status); 503 when ``[node_control]`` is off, 502 when the node refused or failed it.
 
+Who may call them (``AdminApi._check``, run for ``/admin/*`` only, so ``/v1/*`` pays nothing for it):
+with ``[gateway] require_keys = true``, an admin key (``festina keys create --role admin``): no key
+or a bad one is 401, a user key 403. With keys off, a request from the loopback address (the head
+node itself) or one carrying a valid admin key; anyone only where ``[daemon] admin_open = true`` says
+so on purpose; others get 403 saying why. Refusals have the gateway's error shape. A reverse proxy
+on the head node makes every request look local: run such a site with ``require_keys = true``.
+
 Live consolidation moves an instance by start-then-cancel (see ``Festinad._migrate``), so a
 "requeue" here is the source job replaced by a new one on the target node.
 """
@@ -24,16 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
+from festina_hpc.daemon.auth import Authenticator
 from festina_hpc.daemon.festinad import Festinad
 from festina_hpc.daemon.node_control import ADMIN_OPS, NodeControlError
 from festina_hpc.policy.types import InstancePhase, Migrate, Plan, PowerOff, PowerOn
+from festina_hpc.serve import openai
+from festina_hpc.serve.server import error_response
 
 APPLIED_MARK = "admin apply, plan "
 LOOKBACK = timedelta(days=7)  # how far back the decisions are searched for an applied plan id
@@ -110,22 +122,72 @@ def summarise(festinad: Festinad, plan: Plan) -> dict[str, Any]:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
+    return web.json_response(openai.error_body(message), status=status)
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether a peer address is this host's loopback (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:  # a Unix socket's peer, or none: not known to be local
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AdminApi:
-    """The handlers (see the module docstring); one apply at a time."""
+    """The handlers (see the module docstring); one apply at a time. ``auth``: the gateway's key checks
+    (None: no keys at all, as with ``require_keys = false``); ``admin_open``: ``[daemon] admin_open``."""
 
-    def __init__(self, festinad: Festinad) -> None:
+    def __init__(self, festinad: Festinad, auth: Authenticator | None = None, admin_open: bool = False) -> None:
         self.festinad = festinad
+        self.auth = auth
+        self.admin_open = admin_open
         self._applied: dict[str, str] = {}  # plan id -> when (ISO)
         self._lock = asyncio.Lock()
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_get("/admin/consolidate", self.get_plan)
-        app.router.add_post("/admin/consolidate", self.apply)
-        app.router.add_post("/admin/drain-model", self.drain_model)
-        app.router.add_post("/admin/node-control", self.node_control)
+        # One table, every entry guarded: a route added here cannot be left open by mistake.
+        for method, path, handler in (("GET", "/admin/consolidate", self.get_plan),
+                                      ("POST", "/admin/consolidate", self.apply),
+                                      ("POST", "/admin/drain-model", self.drain_model),
+                                      ("POST", "/admin/node-control", self.node_control)):
+            app.router.add_route(method, path, self._guarded(handler))
+
+    def _guarded(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                await self._check(request)
+            except openai.ApiError as exc:
+                return error_response(exc)
+            return await handler(request)
+        return guarded
+
+    async def _check(self, request: web.Request) -> None:
+        """Return when the request may use the admin API; else raise its 401 or 403 (module docstring)."""
+        header = request.headers.get("Authorization")
+        if self.auth is not None and self.auth.config.require_keys:
+            tenant = await self.auth.authenticate(header)  # 401: no key, or not a valid one
+            if tenant.role != "admin":
+                raise openai.ApiError(403, f"API key of {tenant.user_name}/{tenant.account} is a {tenant.role} key: "
+                                           "festinad's admin API needs an admin key "
+                                           "(`festina keys create --role admin`)",
+                                      error_type="permission_error", code="admin_key_required")
+            return
+        if self.admin_open or is_loopback(request.remote):
+            return
+        if self.auth is not None and header is not None:
+            tenant = await self.auth.authenticate(header)  # a bad fk_... key is 401 here too
+            if tenant.key_id is not None and tenant.role == "admin":
+                return
+        raise openai.ApiError(403, f"festinad's admin API does not answer {request.remote or 'this peer'}: with "
+                                   "[gateway] require_keys = false it answers the loopback address (run the "
+                                   "command on the head node) or an admin key; [daemon] admin_open = true opens "
+                                   "it to every address", error_type="permission_error", code="admin_not_local")
 
     async def get_plan(self, request: web.Request) -> web.Response:
         plan = self.festinad.policy.consolidate(self.festinad.view)
@@ -209,7 +271,8 @@ class AdminApi:
         return web.json_response({"node": node, "op": op, "result": result})
 
 
-def add_admin_routes(app: web.Application, festinad: Festinad) -> AdminApi:
-    api = AdminApi(festinad)
+def add_admin_routes(app: web.Application, festinad: Festinad, auth: Authenticator | None = None,
+                     admin_open: bool = False) -> AdminApi:
+    api = AdminApi(festinad, auth, admin_open)
     api.routes(app)
     return api

@@ -60,6 +60,7 @@ class Tenant:
     models: frozenset[str] = frozenset()  # canonical names the key allows; empty: every model
     rate_limit_per_s: float | None = None
     expires_unix_s: float | None = None
+    role: str = "user"  # "admin": may also call festinad's /admin/* (checked there only, not per /v1 request)
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -102,10 +103,10 @@ class MemoryKeys:
         self.keys: dict[str, KeyInfo] = {}
 
     def add(self, user_name: str, account: str, models: tuple[str, ...] = (), rate_limit_per_s: float | None = None,
-            expires_at: datetime | None = None, token: str | None = None) -> str:
+            expires_at: datetime | None = None, token: str | None = None, role: str = "user") -> str:
         token = token or new_token()
         self.keys[hash_token(token)] = KeyInfo(len(self.keys) + 1, token[:PREFIX_CHARS], user_name, account, models,
-                                               rate_limit_per_s, datetime.now(UTC), expires_at, None)
+                                               rate_limit_per_s, datetime.now(UTC), expires_at, None, role)
         return token
 
     def revoke(self, token: str) -> None:
@@ -156,7 +157,7 @@ def _unauthorized(message: str) -> openai.ApiError:
 
 def _tenant(info: KeyInfo) -> Tenant:
     return Tenant(info.user_name, info.account, info.id, frozenset(info.models), info.rate_limit_per_s,
-                  info.expires_at.timestamp() if info.expires_at is not None else None)
+                  info.expires_at.timestamp() if info.expires_at is not None else None, info.role)
 
 
 class Authenticator:

@@ -7,9 +7,11 @@ jobs, each coalesced with ``max_instances=1`` so a slow Slurm never stacks
 runs: reconcile, the policy's ``scale`` and ``consolidate`` at their periods
 (the policy's own unless the config sets one), and the flush of request
 records to the database. ``GET /metrics`` answers Prometheus (see
-``festina_hpc.daemon.metrics``). On stop (SIGTERM) the gateway stops taking
-connections and gives in-flight requests ``shutdown_s`` to finish; serving
-jobs keep running, so a restarted festinad takes them back.
+``festina_hpc.daemon.metrics``) on a listener of its own (``[daemon] metrics_listen``, loopback by
+default), never on the gateway: the gateway may face every user, the scrape is the operator's.
+``/admin/*`` is on the gateway behind ``AdminApi``'s check (admin key, or loopback). On stop
+(SIGTERM) the gateway stops taking connections and gives in-flight requests ``shutdown_s`` to
+finish; serving jobs keep running, so a restarted festinad takes them back.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from festina_hpc.daemon.auth import Authenticator
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.metrics import FanOut, FestinadMetrics, RequestWindow
+from festina_hpc.errors import FestinaError
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +58,44 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
                        port: int, stop: asyncio.Event, periods: Periods,
                        gateway_config: GatewayConfig | None = None,
                        on_ready: Callable[[str], None] = lambda url: None, shutdown_s: float = 10.0,
-                       auth: Authenticator | None = None) -> None:
-    """Serve until ``stop`` is set (see the module docstring); ``auth`` checks keys (None: everyone is served)."""
+                       auth: Authenticator | None = None, admin_open: bool = False,
+                       metrics_listen: tuple[str, int] | None = None) -> None:
+    """Serve until ``stop`` is set (see the module docstring); ``auth`` checks keys (None: everyone is served);
+    ``admin_open`` and ``metrics_listen`` (host, port; None: no metrics) are ``[daemon]``'s."""
     await festinad.setup()
     window = RequestWindow()
     gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig(),
                       auth=auth)
     app = gateway.app()
-    FestinadMetrics(festinad, window, festinad.store.engine).mount(app)
-    add_admin_routes(app, festinad)  # /admin/*: consolidate now, drain a model (festina CLI)
+    add_admin_routes(app, festinad, auth, admin_open)  # /admin/*: consolidate now, drain a model (festina CLI)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
+    if metrics_listen is not None:
+        metrics_app = web.Application()
+        FestinadMetrics(festinad, window, festinad.store.engine).mount(metrics_app)
+        metrics_runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await metrics_runner.setup()
     scheduler = make_scheduler(festinad, recorder, periods)
     try:
+        if metrics_runner is not None and metrics_listen is not None:
+            metrics_host, metrics_port = metrics_listen
+            try:
+                await web.TCPSite(metrics_runner, metrics_host, metrics_port).start()
+            except OSError as exc:
+                raise FestinaError(f"cannot serve metrics on {metrics_host}:{metrics_port} ([daemon] "
+                                   f"metrics_listen): {exc.strerror or exc}") from None
+            log.info("festinad metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         site = web.TCPSite(runner, host, port)
         await site.start()
         scheduler.start()
         on_ready(f"http://{host}:{port}")
         await stop.wait()
     finally:
-        scheduler.shutdown(wait=False)
+        if scheduler.running:  # not when a listener could not bind: the error to report is that one
+            scheduler.shutdown(wait=False)
         await runner.cleanup()  # in-flight requests finish (or get their error) before this returns
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         recorder.flush()
         await festinad.close()

@@ -8,9 +8,11 @@ random bits, not a guessable word: nobody can search that space, however fast ea
 one fast hash keeps the lookup an index probe on ``key_hash``.
 
 A key may name the models it can call (canonical profile names; none: every model), a request
-rate and an expiry; revoking sets ``revoked_at`` (keys are never deleted, so request rows keep
-naming who sent them). ``KeyRing`` validates every input first and names the field and value in
-an ``ApiKeyError`` before anything is written.
+rate and an expiry, and has a role: ``user`` (the gateway's ``/v1/*``) or ``admin`` (also
+festinad's ``/admin/*``: consolidation, draining models, node control). Revoking sets
+``revoked_at`` (keys are never deleted, so request rows keep naming who sent them). ``KeyRing``
+validates every input first and names the field and value in an ``ApiKeyError`` before anything
+is written.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _PER_S = {None: 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "min": 1 / 60, "minute
           "hour": 1 / 3600}
 _DURATION = re.compile(r"\s*([0-9]+)\s*(m|h|d|w)\s*")
 _DURATION_S = {"m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+ROLES = ("user", "admin")
 
 
 class ApiKeyError(FestinaError):
@@ -73,6 +76,7 @@ class KeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    role: str = "user"  # one of ROLES
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -88,7 +92,7 @@ class KeyInfo:
         return {"id": self.id, "prefix": self.prefix, "user": self.user_name, "account": self.account,
                 "models": list(self.models), "rate_limit_per_s": self.rate_limit_per_s,
                 "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
-                "revoked_at": iso(self.revoked_at), "state": self.state(now)}
+                "revoked_at": iso(self.revoked_at), "role": self.role, "state": self.state(now)}
 
 
 def parse_rate(value: str) -> float:
@@ -121,7 +125,7 @@ def parse_expiry(value: str, now: datetime) -> datetime:
 
 def _info(row: ApiKey) -> KeyInfo:
     return KeyInfo(row.id, row.prefix, row.user_name, row.account, tuple(m for m in row.models.split(",") if m),
-                   row.rate_limit_per_s, row.created_at, row.expires_at, row.revoked_at)
+                   row.rate_limit_per_s, row.created_at, row.expires_at, row.revoked_at, row.role)
 
 
 def _check_name(field: str, value: Any) -> None:
@@ -140,10 +144,12 @@ class KeyRing:
         self._transaction = Transactions(engine)
 
     def create(self, user_name: str, account: str, models: Sequence[str] = (), rate_limit_per_s: float | None = None,
-               expires_at: datetime | None = None) -> tuple[str, KeyInfo]:
+               expires_at: datetime | None = None, role: str = "user") -> tuple[str, KeyInfo]:
         """A new key: (its token, to show once; what is stored)."""
         _check_name("user", user_name)
         _check_name("account", account)
+        if role not in ROLES:
+            raise ApiKeyError(f"role = {role!r} is not one of {', '.join(ROLES)}")
         if rate_limit_per_s is not None and not (isinstance(rate_limit_per_s, int | float)
                                                  and 0 < rate_limit_per_s < float("inf")):
             raise ApiKeyError(f"rate_limit = {rate_limit_per_s!r} must be a positive number per second")
@@ -155,7 +161,7 @@ class KeyRing:
             token = new_token()
             row = ApiKey(key_hash=hash_token(token), prefix=token[:PREFIX_CHARS], user_name=user_name,
                          account=account, models=",".join(canonical), rate_limit_per_s=rate_limit_per_s,
-                         created_at=now, expires_at=expires_at, revoked_at=None)
+                         created_at=now, expires_at=expires_at, revoked_at=None, role=role)
             session.add(row)
             session.flush()
             return token, _info(row)

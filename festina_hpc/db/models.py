@@ -354,6 +354,7 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
     __table_args__ = (
         CheckConstraint("rate_limit_per_s IS NULL OR rate_limit_per_s > 0", name="rate_limit_per_s_positive"),
+        CheckConstraint("role IN ('user', 'admin')", name="role_known"),
         Index(None, "account"),
     )
 
@@ -367,6 +368,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]  # None: never
     revoked_at: Mapped[datetime | None]
+    # "user": the gateway's /v1/*; "admin": also festinad's /admin/* (festina_hpc/daemon/admin_api.py)
+    role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
 
 
 # -- rollups, maintained at ingest (festina_hpc/db/ingest.py) in the transaction of each batch ----------------

@@ -57,6 +57,21 @@ def test_create_list_revoke(festina: Festina, db: str) -> None:
                                               "(see `festina keys list`)\n")
 
 
+def test_create_admin_key(festina: Festina, db: str) -> None:
+    created = festina(*CREATE, "--role", "admin")
+    assert created.code == 0, created.err
+    token = created.out.strip()
+    assert looks_like_token(token) and created.err.startswith("admin key 1 ")
+    assert KeyRing(create_engine(db)).find(hash_token(token)).role == "admin"  # type: ignore[union-attr]
+    user = json.loads(festina(*CREATE[:3], "bob", "--account", "proj2", "--json").out)
+    assert user["role"] == "user"  # the default
+    assert [k["role"] for k in json.loads(festina("keys", "list", "--json").out)["keys"]] == ["admin", "user"]
+    table = festina("keys", "list").out.splitlines()
+    assert "ROLE" in table[0] and " admin " in table[1] and " user " in table[2]
+    bad = festina(*CREATE, "--role", "root")
+    assert bad.code == 2 and "'root' is not one of 'user', 'admin'" in bad.err
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--rate-limit", "fast", "rate_limit = 'fast' is not a positive rate (e.g. 5/s, 120/min or 0.5)"),
     ("--rate-limit", "0/s", "rate_limit = '0/s' is not a positive rate"),

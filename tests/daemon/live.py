@@ -29,7 +29,9 @@ def daemon_config(tmp: Path, port: int, serve_port_base: int, **daemon: float | 
         "host": "127.0.0.1", "port": port, "slurm_backend": "cli", "slurm_timeout_s": 20.0, "engine": "emulated",
         "serve_time_scale": 0.5, "job_output_dir": str(tmp), "serve_port_base": serve_port_base,
         "scale_timeout_s": 60.0, "start_timeout_s": 60.0, "drain_timeout_s": 5.0, "scale_period_s": 2.0,
-        "keep_alive_s": 600.0, **daemon}
+        "keep_alive_s": 600.0,
+        "metrics_listen": "",  # off: the default port would clash between festinads run side by side
+        **daemon}
     db_url = f"sqlite:///{tmp / 'festina.db'}"
     lines = ["[db]", f"url = {json.dumps(db_url)}", "[daemon]",
              *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]

@@ -3,6 +3,7 @@
 The running test goes through ``run_festinad`` itself, so the route, the
 recorder fan-out and the decision count are checked as the daemon wires them;
 energy comes from readings written to its database as festina-node would.
+The metrics answer on their own listener (``metrics_listen``), never on the gateway.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from festina_hpc.daemon.festinad import StoreRecorder
@@ -20,6 +22,7 @@ from festina_hpc.daemon.metrics import DecisionRate, RequestWindow
 from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.service import Periods, run_festinad
 from festina_hpc.db.store import EnergyReading, Store
+from festina_hpc.errors import FestinaError
 from festina_hpc.policy.types import Plan, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
@@ -84,10 +87,11 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
         festinad = await _festinad(store, slurm, db)
         stop = asyncio.Event()
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        port = _free_port()
+        port, metrics_port = _free_port(), _free_port()
         task = asyncio.ensure_future(run_festinad(
             festinad, StoreRecorder(db), gateway_models(store, GPU, MODELS), "127.0.0.1", port, stop,
-            Periods(reconcile_s=60, scale_s=60, consolidate_s=60, flush_s=0.2), on_ready=ready.set_result))
+            Periods(reconcile_s=60, scale_s=60, consolidate_s=60, flush_s=0.2), on_ready=ready.set_result,
+            metrics_listen=("127.0.0.1", metrics_port)))
         try:
             url = await asyncio.wait_for(asyncio.shield(ready), 20)
             async with aiohttp.ClientSession() as session:
@@ -102,9 +106,13 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
                 db.record_energy([EnergyReading(gpu_id, t0, 1000.0, 250.0, {instance.id: 1.0}),
                                   EnergyReading(gpu_id, t0 + timedelta(seconds=2), 1600.0, 300.0,
                                                 {instance.id: 1.0})])
-                async with session.get(f"{url}/metrics") as resp:
+                async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
                     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
                     text = await resp.text()
+                async with session.get(f"{url}/metrics") as resp:
+                    assert resp.status == 404  # the gateway, which users reach, does not show them
+                async with session.get(f"http://127.0.0.1:{metrics_port}/admin/consolidate") as resp:
+                    assert resp.status == 404  # and the metrics listener serves nothing else
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
@@ -123,5 +131,22 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
         assert got[("festina_decisions_total", ())] == 1
         assert got[("festina_decisions_per_second", ())] > 0
         assert (got[("festina_nodes_powered", ())], got[("festina_nodes", ())]) == (2, 2)
+
+    asyncio.run(scenario())
+
+
+def test_metrics_port_taken_is_one_line_naming_the_key(store: ProfileStore, db: Store) -> None:  # noqa: F811
+    slurm = FakeSlurm(store)
+
+    async def scenario() -> None:
+        festinad = await _festinad(store, slurm, db)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            metrics_port = taken.getsockname()[1]
+            with pytest.raises(FestinaError, match=rf"^cannot serve metrics on 127.0.0.1:{metrics_port} "
+                                                   r"\(\[daemon\] metrics_listen\): "):
+                await run_festinad(festinad, StoreRecorder(db), gateway_models(store, GPU, MODELS), "127.0.0.1",
+                                   _free_port(), asyncio.Event(), Periods(), metrics_listen=("127.0.0.1", metrics_port))
 
     asyncio.run(scenario())

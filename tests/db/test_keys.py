@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 
 from festina_hpc.db.keys import ApiKeyError, KeyRing, hash_token, looks_like_token, parse_expiry, parse_rate
 from festina_hpc.profiles.store import ProfileStore
@@ -40,6 +41,17 @@ def test_create_find_revoke(ring: KeyRing, migrated: Engine) -> None:
     assert [k.user_name for k in ring.list(include_revoked=False)] == ["bob"]
 
 
+def test_role_is_stored_and_user_by_default(ring: KeyRing, migrated: Engine) -> None:
+    user_token, user = ring.create("alice", "proj1")
+    admin_token, admin = ring.create("root", "ops", role="admin")
+    assert (user.role, admin.role) == ("user", "admin")
+    assert [k.role for k in ring.list()] == ["user", "admin"]
+    assert ring.find(hash_token(admin_token)).role == "admin"  # type: ignore[union-attr]
+    assert ring.find(hash_token(user_token)).to_json(T0)["role"] == "user"  # type: ignore[union-attr]
+    with pytest.raises(IntegrityError), migrated.begin() as connection:  # the database refuses a role it does not know
+        connection.execute(text("UPDATE api_keys SET role = 'root' WHERE id = 1"))
+
+
 @pytest.mark.parametrize("args, message", [
     (("", "proj1"), "user = '' must be 1-255 characters"),
     (("alice", " proj1"), "account = ' proj1' must be 1-255 characters without surrounding spaces"),
@@ -47,6 +59,7 @@ def test_create_find_revoke(ring: KeyRing, migrated: Engine) -> None:
     (("alice", "proj1", [], 0.0), "rate_limit = 0.0 must be a positive number per second"),
     (("alice", "proj1", [], None, T0 - timedelta(seconds=1)), "expires = 2026-03-01T11:59:59+00:00 is not in the "
                                                                "future"),
+    (("alice", "proj1", [], None, None, "root"), "role = 'root' is not one of user, admin"),
 ])
 def test_bad_keys_are_refused_and_nothing_is_stored(ring: KeyRing, args: tuple[Any, ...], message: str) -> None:
     with pytest.raises(ApiKeyError, match=f"^{re.escape(message)}"):

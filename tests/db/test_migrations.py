@@ -8,7 +8,7 @@ import fnmatch
 from pathlib import Path
 
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 from festina_hpc.db import migrate
 from festina_hpc.db.models import Base
@@ -71,3 +71,17 @@ def test_migration_scripts_are_shipped_as_package_data() -> None:
     assert any(name.endswith("0001_initial.py") for name in shipped)
     for name in shipped:
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_keys_issued_before_roles_become_user_keys(engine: Engine) -> None:
+    """0005: a key of an older database is a user key after the upgrade, so nobody gains /admin/* by it."""
+    migrate.upgrade(engine, "0004")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO api_keys (key_hash, prefix, user_name, account, models, created_at) "
+            "VALUES ('h1', 'fk_aaaaaaaa', 'alice', 'proj1', '', CURRENT_TIMESTAMP)"))
+    migrate.upgrade(engine, "0005")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT role FROM api_keys")).scalar_one() == "user"
+    migrate.downgrade(engine, "0004")
+    assert "role" not in {c["name"] for c in inspect(engine).get_columns("api_keys")}
