@@ -34,6 +34,7 @@ from aiohttp import web
 from festina_hpc.daemon.festinad import Festinad
 from festina_hpc.daemon.node_control import ADMIN_OPS, NodeControlError
 from festina_hpc.policy.types import InstancePhase, Migrate, Plan, PowerOff, PowerOn
+from festina_hpc.serve import openai
 
 APPLIED_MARK = "admin apply, plan "
 LOOKBACK = timedelta(days=7)  # how far back the decisions are searched for an applied plan id
@@ -110,7 +111,8 @@ def summarise(festinad: Festinad, plan: Plan) -> dict[str, Any]:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response(openai.error_body(message, error_type), status=status)  # the gateway's one shape
 
 
 class AdminApi:

@@ -74,7 +74,8 @@ async def api_errors(request: web.Request, handler: Callable[[web.Request], Any]
     """Every error a handler or aiohttp raises becomes OpenAI's error JSON, so a client parses one shape.
 
     ``ApiError`` carries its own status; aiohttp's ``HTTPException`` (unknown route 404, 405, 413
-    for a body over ``client_max_size``) keeps its status; anything else is a logged 500."""
+    for a body over ``client_max_size``) keeps its status; JSON too deep for the parser is 400;
+    anything else is a logged 500."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
@@ -84,6 +85,10 @@ async def api_errors(request: web.Request, handler: Callable[[web.Request], Any]
         if exc.status < 400:  # a redirect is not an error
             raise
         return http_error_response(request, exc)
+    except RecursionError:
+        # The one unbounded recursion on client input is a handler's json.loads of a deeply nested
+        # body (the admin routes read theirs whole; completions bound the depth first).
+        return error_response(openai.ApiError(400, "request body nests JSON too deeply"))
     except Exception:
         if request.writer.output_size > 0:  # a streamed answer has begun: only cutting it is left
             raise

@@ -6,11 +6,12 @@ import asyncio
 import socket
 from collections import Counter
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 
+from festina_hpc.daemon.admin_api import add_admin_routes
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint, StaticRouter
@@ -208,3 +209,20 @@ def test_requests_within_the_limits_are_served(store: ProfileStore) -> None:
         return statuses
 
     assert run(scenario()) == [200, 200, 200]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{", "body is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "request body nests JSON too deeply"),
+])
+def test_admin_routes_on_the_gateway_answer_in_the_error_shape(store: ProfileStore, body: bytes,
+                                                               message: str) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        app = make_gateway(store, StaticRouter({}), MemoryRecorder()).app()
+        add_admin_routes(app, cast(Any, None))  # refused before festinad is asked anything
+        async with running_app(app) as gw, aiohttp.ClientSession() as session:
+            async with session.post(f"{gw}/admin/node-control", data=body) as resp:
+                return resp.status, await resp.json()
+
+    assert run(scenario()) == (400, {"error": {"message": message, "type": "invalid_request_error",
+                                               "param": None, "code": None}})

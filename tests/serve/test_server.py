@@ -62,6 +62,24 @@ def test_errors_in_openai_shape(store: ProfileStore, body: dict[str, Any], statu
     run(scenario())
 
 
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/v1/completions", b'{"model": "m", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "levels deep"),
+    ("POST", "/v1/completions", b"x" * (2 << 20), 413, "body size"),
+    ("GET", "/nothing", None, 404, "no route GET /nothing"),
+    ("DELETE", "/admin/settings", None, 405, "DELETE is not allowed on /admin/settings"),
+])
+def test_aiohttp_errors_and_deep_json_in_openai_shape(store: ProfileStore, method: str, path: str,
+                                                      body: bytes | None, status: int, message: str) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        async with simulated_server(make_engine(store)) as url, aiohttp.ClientSession() as session:
+            async with session.request(method, f"{url}{path}", data=body) as resp:
+                return resp.status, await resp.json()
+
+    got, answer = run(scenario())
+    assert got == status
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and message in answer["error"]["message"]
+
+
 def expected_times(store: ProfileStore, prompt: int, outputs: int, sm_pct: float = 100.0,
                    clock_mhz: int | None = None) -> tuple[float, float]:
     """(TTFT, mean TBT) of one request alone, from the profile, in model seconds."""
