@@ -92,23 +92,6 @@ def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttf
     return models
 
 
-def check_limits(model: GatewayModel, req: openai.CompletionRequest) -> None:
-    """400 for a request no instance of ``model`` would take, refused before a cold start is paid for it.
-
-    The prompt's size is the word-count approximation (``openai.count_prompt_tokens``): a prompt
-    the engine's tokenizer finds a little longer can still reach it and be refused there."""
-    if model.max_prompt_tokens is not None and req.prompt_tokens > model.max_prompt_tokens:
-        raise openai.ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model.name} takes at most "
-                                   f"{model.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-    if model.max_output_tokens is not None and req.max_tokens > model.max_output_tokens:
-        raise openai.bad_field("max_tokens", req.max_tokens,
-                               f"is above {model.name}'s limit of {model.max_output_tokens} output tokens")
-    if model.context_tokens is not None and req.prompt_tokens + req.max_tokens > model.context_tokens:
-        raise openai.ApiError(400, f"prompt ({req.prompt_tokens} tokens) plus max_tokens ({req.max_tokens}) is "
-                                   f"{req.prompt_tokens + req.max_tokens} tokens; {model.name}'s context holds "
-                                   f"{model.context_tokens}", param="max_tokens", code="context_length_exceeded")
-
-
 @dataclass(frozen=True)
 class GatewayConfig:
     scale_timeout_s: float = 60.0  # longest a request waits for the router (an instance starting)
@@ -231,7 +214,9 @@ class Gateway:
         if model is None:
             known = sorted(name for name in self.models if tenant is None or tenant.allows(name))
             raise openai.unknown_model(req.model, known)
-        check_limits(model, req)
+        # Refused here, before a cold start is paid for a request no instance would take.
+        openai.check_limits(model.name, req, max_prompt_tokens=model.max_prompt_tokens,
+                            max_output_tokens=model.max_output_tokens, context_tokens=model.context_tokens)
         priority = Priority.NORMAL
         if self.auth is not None and tenant is not None:
             priority = await self.auth.admit(tenant, model.name)

@@ -162,6 +162,23 @@ def parse_completion(raw: bytes) -> CompletionRequest:
                              stream=stream, include_usage=include_usage, body=body)
 
 
+def check_limits(model: str, req: CompletionRequest, *, max_prompt_tokens: int | None = None,
+                 max_output_tokens: int | None = None, context_tokens: int | None = None) -> None:
+    """``ApiError`` (400) for a request over ``model``'s limits (a None limit is not checked).
+
+    The prompt's size is the word-count approximation (``count_prompt_tokens``): a prompt the
+    engine's tokenizer finds a little longer can pass here and be refused by the engine."""
+    if max_prompt_tokens is not None and req.prompt_tokens > max_prompt_tokens:
+        raise ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model} takes at most {max_prompt_tokens}",
+                       param="prompt", code="context_length_exceeded")
+    if max_output_tokens is not None and req.max_tokens > max_output_tokens:
+        raise bad_field("max_tokens", req.max_tokens, f"is above {model}'s limit of {max_output_tokens} output tokens")
+    if context_tokens is not None and req.prompt_tokens + req.max_tokens > context_tokens:
+        raise ApiError(400, f"prompt ({req.prompt_tokens} tokens) plus max_tokens ({req.max_tokens}) is "
+                            f"{req.prompt_tokens + req.max_tokens} tokens; {model}'s context holds {context_tokens}",
+                       param="max_tokens", code="context_length_exceeded")
+
+
 # -- response shapes ---------------------------------------------------------------------------------
 
 

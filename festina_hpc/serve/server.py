@@ -126,6 +126,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = openai.parse_completion(await request.read())
     if not _served_name(engine, req.model):
         raise openai.unknown_model(req.model, [engine.model])
+    context_tokens = engine.model_spec.max_context_tokens  # what vLLM refuses too (--max-model-len)
+    openai.check_limits(engine.model, req, max_output_tokens=context_tokens, context_tokens=context_tokens)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created_s = int(time.time())
     gen = engine.submit(req.prompt_tokens, req.max_tokens)

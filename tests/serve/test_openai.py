@@ -56,7 +56,7 @@ def test_defaults_and_stream_options() -> None:
     ("brackets in a string", b'{"p": "' + b"[{" * 40 + b'"}', 1),
     ("escaped quote in a string", b'{"p": "\\" ' + b"[" * 40 + b'"}', 1),
     ("deep beside a string", b'{"p": "[[", "q": ' + b"[" * 40 + b"]" * 40 + b"}", 41),
-])
+], ids=lambda value: value if isinstance(value, str) else "")
 def test_json_depth_skips_strings(case: str, raw: bytes, depth: int) -> None:
     assert openai.json_depth(raw) == depth, case
 

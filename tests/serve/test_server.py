@@ -51,6 +51,7 @@ def test_completion_streamed_and_not(store: ProfileStore) -> None:
     ({"model": "mistral-7b", "prompt": "x"}, 404, "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": 7}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 100_000_000, "stream": True}, 400, "max_tokens"),  # > context
 ])
 def test_errors_in_openai_shape(store: ProfileStore, body: dict[str, Any], status: int, param: str) -> None:
     async def scenario() -> None:
