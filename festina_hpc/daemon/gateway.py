@@ -4,9 +4,9 @@
 naming the field and value; JSON nested deeper than ``openai.MAX_JSON_DEPTH``
 too), checks the model is known (404 in OpenAI's error shape) and the request
 fits it (400 when ``max_tokens`` is above the model's output limit, or prompt
-plus ``max_tokens`` above its context), asks the injected ``Router`` for an instance endpoint, waiting up to
-``scale_timeout_s`` while an instance starts (scale from zero; then 503 with
-Retry-After), and proxies the request. Upstream it always streams, with
+plus ``max_tokens`` above its context), asks the injected ``Router`` for an
+instance endpoint, waiting up to ``scale_timeout_s`` while an instance starts
+(scale from zero; then 503 with Retry-After), and proxies the request. Upstream it always streams, with
 ``stream_options.include_usage``, so it can time every request: TTFT to the
 first token-bearing chunk, the gaps between tokens (mean and max), and the
 instance's own token counts. A streaming client gets the chunks as they come
