@@ -53,6 +53,8 @@ def _scaling_options(func: Any) -> Any:
         click.option("--keep-alive-s", type=float, default=None,
                      help="Idle seconds before scale-to-zero [festinad's daemon.keep_alive_s]."),
         click.option("--account", default=None, help="Slurm account of its serving jobs [the submitter's]."),
+        click.option("--max-output-tokens", type=int, default=None,
+                     help="Largest max_tokens a request may ask; more is refused with 400 [the context length]."),
     ]):
         func = option(func)
     return func
@@ -71,11 +73,12 @@ def _scaling_options(func: Any) -> Any:
 @pass_app
 def add(app: AppContext, name: str, profile: str, gpu_type: str, engine: str, ttft_slo_s: float, tbt_slo_s: float,
         engine_args: str | None, min_instances: int | None, max_instances: int | None, keep_alive_s: float | None,
-        account: str | None, db_url: str | None, as_json: bool) -> None:
+        account: str | None, max_output_tokens: int | None, db_url: str | None, as_json: bool) -> None:
     """Add NAME to the catalogue; refused with the shipped profiles when PROFILE has none on the GPU type."""
     entry = CatalogueEntry(name=name, profile=profile, gpu_type=gpu_type, engine=engine, ttft_slo_s=ttft_slo_s,
                            tbt_slo_s=tbt_slo_s, engine_args=engine_args or "", min_instances=min_instances or 0,
-                           max_instances=max_instances, keep_alive_s=keep_alive_s, account=account or "")
+                           max_instances=max_instances, keep_alive_s=keep_alive_s, account=account or "",
+                           max_output_tokens=max_output_tokens)
     stored = _catalogue(app, db_url).add(entry)
     if as_json:
         echo_json(stored.to_json())

@@ -122,7 +122,8 @@ def summarise(festinad: Festinad, plan: Plan) -> dict[str, Any]:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response(openai.error_body(message), status=status)
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response(openai.error_body(message, error_type), status=status)  # the gateway's one shape
 
 
 def is_loopback(remote: str | None) -> bool:

@@ -28,7 +28,8 @@ def catalogue_gateway_models(entries: Sequence[CatalogueEntry], profiles: Profil
         spec = profiles.model(entry.profile)
         limit = min(max_prompt_tokens or spec.max_context_tokens, spec.max_context_tokens)
         aliases = tuple(dict.fromkeys(a for a in (entry.name, spec.hf_name, *spec.aliases) if a != spec.name))
-        served.append(GatewayModel(spec.name, Slo(entry.ttft_slo_s, entry.tbt_slo_s), aliases, limit))
+        served.append(GatewayModel(spec.name, Slo(entry.ttft_slo_s, entry.tbt_slo_s), aliases, limit,
+                                   entry.max_output_tokens or spec.max_context_tokens, spec.max_context_tokens))
     return served
 
 

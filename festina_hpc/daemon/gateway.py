@@ -1,10 +1,12 @@
 """festinad's HTTP gateway: the OpenAI-compatible front door that routes each request to a model instance.
 
 ``POST /v1/completions`` names a model; the gateway validates the body (400
-naming the field and value), checks the model is known (404 in OpenAI's error
-shape), asks the injected ``Router`` for an instance endpoint, waiting up to
-``scale_timeout_s`` while an instance starts (scale from zero; then 503 with
-Retry-After), and proxies the request. Upstream it always streams, with
+naming the field and value; JSON nested deeper than ``openai.MAX_JSON_DEPTH``
+too), checks the model is known (404 in OpenAI's error shape) and the request
+fits it (400 when ``max_tokens`` is above the model's output limit, or prompt
+plus ``max_tokens`` above its context), asks the injected ``Router`` for an
+instance endpoint, waiting up to ``scale_timeout_s`` while an instance starts
+(scale from zero; then 503 with Retry-After), and proxies the request. Upstream it always streams, with
 ``stream_options.include_usage``, so it can time every request: TTFT to the
 first token-bearing chunk, the gaps between tokens (mean and max), and the
 instance's own token counts. A streaming client gets the chunks as they come
@@ -23,6 +25,9 @@ record. The tenant's user, account and key go into the request's record. A
 request whose account is over its quota under ``over_quota = "deprioritize"``
 waits for the router until no normal-priority request is waiting there, so in
 a busy period the others go first; its wait counts against ``scale_timeout_s``.
+
+Every 4xx and 5xx answer, aiohttp's own included (no route 404, 405, a body
+over 1 MiB 413), carries OpenAI's error JSON (``serve.server.api_errors``).
 
 ``GET /v1/models`` lists the models the daemon knows (whether or not an
 instance runs: a request for one starts it), with keys only those the key
@@ -65,13 +70,16 @@ class GatewayModel:
     slo: Slo
     aliases: tuple[str, ...] = ()
     max_prompt_tokens: int | None = None  # longer prompts get 400 before any instance starts
+    max_output_tokens: int | None = None  # a larger max_tokens gets 400 (None: no bound of its own)
+    context_tokens: int | None = None  # prompt plus max_tokens above it gets 400 (None: not checked)
 
 
 def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttft_multiplier: float = 5.0,
                    tbt_multiplier: float = 5.0, max_prompt_tokens: int = 0) -> list[GatewayModel]:
     """Models with the simulator's default SLOs (``sim.workload.default_slo``) on ``gpu_type``.
 
-    A prompt may hold at most ``max_prompt_tokens`` (0: the model's context length)."""
+    A prompt may hold at most ``max_prompt_tokens`` (0: the model's context length); an answer at
+    most the context length, and the two together no more than it."""
     from festina_hpc.sim.workload import default_slo
 
     models = []
@@ -79,7 +87,8 @@ def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttf
         spec = store.model(name)
         slo = default_slo(store, gpu_type, spec.name, ttft_multiplier, tbt_multiplier)
         limit = min(max_prompt_tokens or spec.max_context_tokens, spec.max_context_tokens)
-        models.append(GatewayModel(spec.name, slo, (spec.hf_name, *spec.aliases), limit))
+        models.append(GatewayModel(spec.name, slo, (spec.hf_name, *spec.aliases), limit,
+                                   spec.max_context_tokens, spec.max_context_tokens))
     return models
 
 
@@ -205,10 +214,9 @@ class Gateway:
         if model is None:
             known = sorted(name for name in self.models if tenant is None or tenant.allows(name))
             raise openai.unknown_model(req.model, known)
-        if model.max_prompt_tokens is not None and req.prompt_tokens > model.max_prompt_tokens:
-            # Refused here, before a cold start is paid for a request no instance would take.
-            raise openai.ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model.name} takes at most "
-                                       f"{model.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+        # Refused here, before a cold start is paid for a request no instance would take.
+        openai.check_limits(model.name, req, max_prompt_tokens=model.max_prompt_tokens,
+                            max_output_tokens=model.max_output_tokens, context_tokens=model.context_tokens)
         priority = Priority.NORMAL
         if self.auth is not None and tenant is not None:
             priority = await self.auth.admit(tenant, model.name)

@@ -56,6 +56,7 @@ class CatalogueEntry:
     max_instances: int | None = None  # None: no bound
     keep_alive_s: float | None = None  # None: festinad's default ([daemon] keep_alive_s)
     account: str = ""  # Slurm account of its serving jobs; "" = the submitter's default
+    max_output_tokens: int | None = None  # largest max_tokens a request may ask; None: the context length
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -131,6 +132,11 @@ def validate_entry(entry: CatalogueEntry, profiles: ProfileStore) -> CatalogueEn
         raise _bad(name, "max_instances", entry.max_instances,
                    f"must be at least 1 and at least min_instances ({entry.min_instances})")
     _number(name, "keep_alive_s", entry.keep_alive_s, positive=False, optional=True)
+    _integer(name, "max_output_tokens", entry.max_output_tokens, optional=True)
+    context_tokens = profiles.model(profile).max_context_tokens
+    if entry.max_output_tokens is not None and not 1 <= entry.max_output_tokens <= context_tokens:
+        raise _bad(name, "max_output_tokens", entry.max_output_tokens,
+                   f"must be between 1 and {profile}'s context length ({context_tokens})")
     if len(entry.account) > 255:
         raise _bad(name, "account", entry.account[:40] + "...", "is longer than 255 characters")
     if entry.account and not _ACCOUNT.fullmatch(entry.account):
@@ -142,7 +148,8 @@ def _entry(row: CatalogueModel) -> CatalogueEntry:
     return CatalogueEntry(name=row.name, profile=row.profile, gpu_type=row.gpu_type, engine=row.engine,
                           ttft_slo_s=row.ttft_slo_s, tbt_slo_s=row.tbt_slo_s, engine_args=row.engine_args,
                           min_instances=row.min_instances, max_instances=row.max_instances,
-                          keep_alive_s=row.keep_alive_s, account=row.account)
+                          keep_alive_s=row.keep_alive_s, account=row.account,
+                          max_output_tokens=row.max_output_tokens)
 
 
 class Catalogue:

@@ -331,6 +331,7 @@ class CatalogueModel(Base):
         CheckConstraint("min_instances >= 0", name="min_instances_non_negative"),
         CheckConstraint("max_instances IS NULL OR max_instances >= min_instances", name="max_instances_range"),
         CheckConstraint("keep_alive_s IS NULL OR keep_alive_s >= 0", name="keep_alive_s_non_negative"),
+        CheckConstraint("max_output_tokens IS NULL OR max_output_tokens > 0", name="max_output_tokens_positive"),
     )
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the name clients send
@@ -344,6 +345,7 @@ class CatalogueModel(Base):
     max_instances: Mapped[int | None] = mapped_column(Integer)  # None: no bound
     keep_alive_s: Mapped[float | None] = mapped_column(Double)  # None: festinad's default
     account: Mapped[str] = mapped_column(String(255), default="")  # Slurm account of its serving jobs
+    max_output_tokens: Mapped[int | None] = mapped_column(Integer)  # None: the profile's context length
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

@@ -17,6 +17,7 @@ decision, the simulated engine's pacing). Records prefer the upstream's
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ from typing import Any
 from festina_hpc.errors import FestinaError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_JSON_DEPTH = 32  # a completions body nests 2 deep (stream_options, a token list); deeper is refused
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, brackets in it are not structure
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -83,12 +87,39 @@ def count_prompt_tokens(prompt: str | Sequence[int]) -> int:
     return len(prompt)
 
 
-def parse_completion(raw: bytes) -> CompletionRequest:
-    """Validate a request body; raises ``ApiError`` (400) naming the field and value."""
+def json_depth(raw: bytes) -> int:
+    """How deep ``raw``'s arrays and objects nest, counted without recursion (brackets in strings skipped)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot nest deeper than the bound: the common case, decided at C speed
+    depth = deepest = 0
+    for bracket in _NOT_BRACKET.sub(b"", _STRING.sub(b"", raw)):
+        if bracket in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses bodies nested deeper than ``max_depth`` with a 400, before parsing them.
+
+    ``json.loads`` recurses once per level, so a body nested a few thousand deep would otherwise
+    end in ``RecursionError`` (a 500) after the parser has used the stack."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ApiError(400, f"request body nests JSON {depth} levels deep; at most {max_depth} are accepted")
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the pre-scan miscounted an invalid body: still the client's error
+        raise ApiError(400, f"request body nests JSON deeper than {max_depth} levels") from None
+
+
+def parse_completion(raw: bytes) -> CompletionRequest:
+    """Validate a request body; raises ``ApiError`` (400) naming the field and value."""
+    body = loads_bounded(raw)
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {_short(body)}")
     model = body.get("model")
@@ -129,6 +160,23 @@ def parse_completion(raw: bytes) -> CompletionRequest:
             raise bad_field(field, value, "is not supported (only 1)")
     return CompletionRequest(model=model, prompt_tokens=count_prompt_tokens(prompt), max_tokens=max_tokens,
                              stream=stream, include_usage=include_usage, body=body)
+
+
+def check_limits(model: str, req: CompletionRequest, *, max_prompt_tokens: int | None = None,
+                 max_output_tokens: int | None = None, context_tokens: int | None = None) -> None:
+    """``ApiError`` (400) for a request over ``model``'s limits (a None limit is not checked).
+
+    The prompt's size is the word-count approximation (``count_prompt_tokens``): a prompt the
+    engine's tokenizer finds a little longer can pass here and be refused by the engine."""
+    if max_prompt_tokens is not None and req.prompt_tokens > max_prompt_tokens:
+        raise ApiError(400, f"prompt has {req.prompt_tokens} tokens; {model} takes at most {max_prompt_tokens}",
+                       param="prompt", code="context_length_exceeded")
+    if max_output_tokens is not None and req.max_tokens > max_output_tokens:
+        raise bad_field("max_tokens", req.max_tokens, f"is above {model}'s limit of {max_output_tokens} output tokens")
+    if context_tokens is not None and req.prompt_tokens + req.max_tokens > context_tokens:
+        raise ApiError(400, f"prompt ({req.prompt_tokens} tokens) plus max_tokens ({req.max_tokens}) is "
+                            f"{req.prompt_tokens + req.max_tokens} tokens; {model}'s context holds {context_tokens}",
+                       param="max_tokens", code="context_length_exceeded")
 
 
 # -- response shapes ---------------------------------------------------------------------------------

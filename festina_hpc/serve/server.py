@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -44,6 +45,8 @@ from festina_hpc.serve import openai
 from festina_hpc.serve.engine import EngineStopped, SettingsError, ShareFixedError, SimulatedEngine
 from festina_hpc.serve.metrics import CONTENT_TYPE, engine_registry, render
 
+log = logging.getLogger(__name__)
+
 ENGINE_KEY = web.AppKey("engine", SimulatedEngine)
 STATE_KEY = web.AppKey("state", dict)
 RETRY_AFTER_S = 5  # what a draining server tells clients; the gateway will route elsewhere meanwhile
@@ -53,14 +56,45 @@ def error_response(exc: openai.ApiError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
+def http_error_response(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own error (no route, wrong method, body over ``client_max_size``) in OpenAI's error JSON."""
+    if exc.status == 404:
+        message = f"no route {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed on {request.path} (allowed: {exc.headers.get('Allow', '')})"
+    else:
+        message = exc.text or exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+    error_type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return web.json_response(openai.error_body(message, error_type), status=exc.status, headers=headers)
+
+
 @web.middleware
 async def api_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
-    """``ApiError`` anywhere in a handler becomes OpenAI's error JSON."""
+    """Every error a handler or aiohttp raises becomes OpenAI's error JSON, so a client parses one shape.
+
+    ``ApiError`` carries its own status; aiohttp's ``HTTPException`` (unknown route 404, 405, 413
+    for a body over ``client_max_size``) keeps its status; JSON too deep for the parser is 400;
+    anything else is a logged 500."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except openai.ApiError as exc:
         return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # a redirect is not an error
+            raise
+        return http_error_response(request, exc)
+    except RecursionError:
+        # The one unbounded recursion on client input is a handler's json.loads of a deeply nested
+        # body (the admin routes read theirs whole; completions bound the depth first).
+        return error_response(openai.ApiError(400, "request body nests JSON too deeply"))
+    except Exception:
+        if request.writer.output_size > 0:  # a streamed answer has begun: only cutting it is left
+            raise
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(openai.error_body("internal error (logged by the server)", "server_error"),
+                                 status=500)
 
 
 def make_app(engine: SimulatedEngine) -> web.Application:
@@ -92,6 +126,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = openai.parse_completion(await request.read())
     if not _served_name(engine, req.model):
         raise openai.unknown_model(req.model, [engine.model])
+    context_tokens = engine.model_spec.max_context_tokens  # what vLLM refuses too (--max-model-len)
+    openai.check_limits(engine.model, req, max_output_tokens=context_tokens, context_tokens=context_tokens)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created_s = int(time.time())
     gen = engine.submit(req.prompt_tokens, req.max_tokens)

@@ -34,6 +34,9 @@ def test_add_list_show_update_remove(festina: Festina, db: str) -> None:
     assert "instances      none running" in festina("models", "show", "llama8b").out
     updated = festina("models", "update", "llama8b", "--tbt-slo-s", "0.08", "--json")
     assert json.loads(updated.out)["tbt_slo_s"] == 0.08
+    limited = festina("models", "update", "llama8b", "--max-output-tokens", "2048", "--json")
+    assert json.loads(limited.out)["max_output_tokens"] == 2048
+    assert "max_output_tokens 2048" in festina("models", "show", "llama8b").out
     assert festina("models", "remove", "llama8b").out.strip() == "removed llama8b"
     assert "no models in the catalogue" in festina("models", "list").out
 
@@ -56,6 +59,8 @@ def test_add_list_show_update_remove(festina: Festina, db: str) -> None:
     ("--max-instances", "0", "max_instances = 0 must be at least 1"),
     ("--keep-alive-s", "soon", "Invalid value for '--keep-alive-s': 'soon' is not a valid float"),
     ("--keep-alive-s", "-3", "keep_alive_s = -3.0 must be non-negative"),
+    ("--max-output-tokens", "many", "Invalid value for '--max-output-tokens': 'many' is not a valid integer"),
+    ("--max-output-tokens", "0", "max_output_tokens = 0 must be between 1 and llama-3.1-8b's context length"),
 ])
 def test_bad_add_field(festina: Festina, db: str, option: str, value: str, message: str) -> None:
     argv = with_option(ADD, option, value)
@@ -92,8 +97,14 @@ def test_an_unmigrated_database_is_refused(festina: Festina, tmp_path: Path) -> 
 def test_festinad_serves_the_catalogue_with_its_slos() -> None:
     profiles = ProfileStore(SHIPPED)
     entries = [CatalogueEntry("llama8b", "llama-3.1-8b", "h100-sxm-80gb", "vllm", 1.0, 0.1),
-               CatalogueEntry("mistral", "mistral-7b", "a100-sxm-80gb", "vllm", 2.0, 0.2)]
+               CatalogueEntry("mistral", "mistral-7b", "a100-sxm-80gb", "vllm", 2.0, 0.2),
+               CatalogueEntry("mistral-h100", "mistral-7b", "h100-sxm-80gb", "vllm", 2.0, 0.2,
+                              max_output_tokens=512)]
     served = catalogue_gateway_models(entries, profiles, "h100-sxm-80gb")
-    assert [m.name for m in served] == ["llama-3.1-8b"]
+    assert [m.name for m in served] == ["llama-3.1-8b", "mistral-7b"]
     assert (served[0].slo.ttft_s, served[0].slo.tbt_s) == (1.0, 0.1)
     assert "llama8b" in served[0].aliases
+    # the output limit: the catalogue's, else the context length; the context bounds prompt plus output
+    context = {m.name: profiles.model(m.name).max_context_tokens for m in served}
+    assert [(m.max_output_tokens, m.context_tokens) for m in served] == [
+        (context["llama-3.1-8b"], context["llama-3.1-8b"]), (512, context["mistral-7b"])]

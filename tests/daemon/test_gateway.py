@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 import aiohttp
 import pytest
 
+from festina_hpc.daemon.admin_api import add_admin_routes
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint, StaticRouter
@@ -128,3 +130,99 @@ def test_error_answers(store: ProfileStore, case: str, router: Any, body: Any, s
         assert [(r.outcome, r.status) for r in recorder.records] == [(Outcome.UPSTREAM_ERROR, 502)]
     else:
         assert recorder.records == []  # not a model's request: nothing to account
+
+
+def nested(depth: int) -> bytes:
+    return b'{"model": "%s", "prompt": "x", "user": ' % MODEL.encode() + b"[" * depth + b"]" * depth + b"}"
+
+
+def limits_cases(store: ProfileStore) -> list[tuple[str, str, str, Any, int, str | None, str]]:
+    """(case, method, path, body, status, param, a piece of the message) of requests the gateway refuses."""
+    context = store.model(MODEL).max_context_tokens
+    return [
+        ("max_tokens above the model's limit", "POST", "/v1/completions",
+         {"model": MODEL, "prompt": "x", "max_tokens": 100_000_000}, 400, "max_tokens", "max_tokens = 100000000"),
+        ("prompt plus max_tokens above the context", "POST", "/v1/completions",
+         {"model": MODEL, "prompt": words(context - 10), "max_tokens": 100}, 400, "max_tokens",
+         f"prompt ({context - 10} tokens) plus max_tokens (100)"),
+        ("JSON nested 1000 deep", "POST", "/v1/completions", nested(1000), 400, None, "1001 levels deep"),
+        ("JSON nested 100000 deep", "POST", "/v1/completions", nested(100_000), 400, None, "levels deep"),
+        ("body over 1 MiB", "POST", "/v1/completions", b"x" * (2 << 20), 413, None, "body size"),
+        ("unknown route", "GET", "/v1/chat/nothing", None, 404, None, "no route GET /v1/chat/nothing"),
+        ("wrong method", "GET", "/v1/completions", None, 405, None, "allowed: POST"),
+    ]
+
+
+LIMIT_CASES = ["max_tokens", "context", "nested 1000", "nested 100000", "413", "404", "405"]
+
+
+@pytest.mark.parametrize("index", range(len(LIMIT_CASES)), ids=LIMIT_CASES)
+def test_limits_and_aiohttp_errors_answer_in_the_error_shape(store: ProfileStore, index: int) -> None:
+    case, method, path, body, status, param, message = limits_cases(store)[index]
+    router = StaticRouter({MODEL: [f"http://127.0.0.1:{free_port()}"]})  # never reached: refused before
+
+    async def scenario() -> tuple[int, str, dict[str, Any]]:
+        async with running_app(make_gateway(store, router, MemoryRecorder()).app()) as gw, \
+                aiohttp.ClientSession() as session:
+            kwargs = {"data": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+            async with session.request(method, f"{gw}{path}", **kwargs) as resp:
+                return resp.status, resp.content_type, await resp.json(content_type=None)
+
+    got, content_type, answer = run(scenario())
+    assert (got, content_type) == (status, "application/json"), (case, answer)
+    assert set(answer["error"]) == {"message", "type", "param", "code"}, case
+    assert answer["error"]["param"] == param, case
+    assert message in answer["error"]["message"] and "\n" not in answer["error"]["message"], case
+
+
+def test_catalogue_output_limit_refuses_what_the_context_allows(store: ProfileStore) -> None:
+    model = gateway_models(store, GPU, [MODEL])[0]
+    limited = Gateway(StaticRouter({MODEL: [f"http://127.0.0.1:{free_port()}"]}), MemoryRecorder(),
+                      [replace(model, max_output_tokens=64)], GatewayConfig())
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        async with running_app(limited.app()) as gw, aiohttp.ClientSession() as session:
+            async with session.post(f"{gw}/v1/completions",
+                                    json={"model": MODEL, "prompt": "x", "max_tokens": 65}) as resp:
+                return resp.status, await resp.json()
+
+    status, answer = run(scenario())
+    assert status == 400
+    assert answer["error"]["message"] == "max_tokens = 65 is above llama-3.1-8b's limit of 64 output tokens"
+
+
+def test_requests_within_the_limits_are_served(store: ProfileStore) -> None:
+    context = store.model(MODEL).max_context_tokens
+    model = gateway_models(store, GPU, [MODEL])[0]
+    assert (model.max_output_tokens, model.context_tokens) == (context, context)
+
+    async def scenario() -> list[int]:
+        statuses = []
+        async with simulated_server(make_engine(store, 0.01)) as url:
+            gateway = make_gateway(store, StaticRouter({MODEL: [url]}), MemoryRecorder())
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                for body in ({"model": MODEL, "prompt": words(8), "max_tokens": 4, "user": nested(30).decode()},
+                             {"model": MODEL, "prompt": "[" * 5000, "max_tokens": 2},  # brackets in a string
+                             {"model": MODEL, "prompt": list(range(16)), "max_tokens": 2}):
+                    async with session.post(f"{gw}/v1/completions", json=body) as resp:
+                        statuses.append(resp.status)
+        return statuses
+
+    assert run(scenario()) == [200, 200, 200]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{", "body is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "request body nests JSON too deeply"),
+])
+def test_admin_routes_on_the_gateway_answer_in_the_error_shape(store: ProfileStore, body: bytes,
+                                                               message: str) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        app = make_gateway(store, StaticRouter({}), MemoryRecorder()).app()
+        add_admin_routes(app, cast(Any, None))  # refused before festinad is asked anything
+        async with running_app(app) as gw, aiohttp.ClientSession() as session:
+            async with session.post(f"{gw}/admin/node-control", data=body) as resp:
+                return resp.status, await resp.json()
+
+    assert run(scenario()) == (400, {"error": {"message": message, "type": "invalid_request_error",
+                                               "param": None, "code": None}})

@@ -59,6 +59,10 @@ def test_add_canonicalises_and_lists(catalogue: Catalogue) -> None:
     ("max below min", {"min_instances": 3, "max_instances": 2}, "max_instances = 2 must be at least 1"),
     ("max zero", {"max_instances": 0}, "max_instances = 0 must be at least 1"),
     ("keep alive negative", {"keep_alive_s": -5.0}, "keep_alive_s = -5.0 must be non-negative"),
+    ("output limit zero", {"max_output_tokens": 0}, "max_output_tokens = 0 must be between 1 and llama-3.1-8b's "
+                                                     "context length (131072)"),
+    ("output limit above the context", {"max_output_tokens": 131073}, "max_output_tokens = 131073 must be between"),
+    ("output limit float", {"max_output_tokens": 8.5}, "max_output_tokens = 8.5 is not an integer"),
     ("account not text", {"account": 7}, "account = 7 is not text"),
     ("account with space", {"account": "ml team"}, "account = 'ml team' may only hold letters, digits and _ . -"),
     ("engine args set the port", {"engine_args": "--port=9 --max-model-len 8192"},
@@ -86,6 +90,9 @@ def test_duplicates_are_refused(catalogue: Catalogue) -> None:
 def test_update_validates_the_whole_entry(catalogue: Catalogue) -> None:
     catalogue.add(entry())
     assert catalogue.update("llama8b", tbt_slo_s=0.08).tbt_slo_s == 0.08
+    assert catalogue.get("llama8b").max_output_tokens is None  # the context length, not stored
+    assert catalogue.update("llama8b", max_output_tokens=4096).max_output_tokens == 4096
+    assert catalogue.get("llama8b").max_output_tokens == 4096
     with pytest.raises(CatalogueError, match="ttft_slo_s = -1"):
         catalogue.update("llama8b", ttft_slo_s=-1.0)
     assert catalogue.get("llama8b").ttft_slo_s == 1.0

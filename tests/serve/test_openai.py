@@ -48,3 +48,23 @@ def test_defaults_and_stream_options() -> None:
     assert (req.max_tokens, req.stream, req.include_usage) == (openai.DEFAULT_MAX_TOKENS, False, False)
     req = openai.parse_completion(body(stream=True, stream_options={"include_usage": True}, max_tokens=3))
     assert (req.max_tokens, req.stream, req.include_usage) == (3, True, True)
+
+
+@pytest.mark.parametrize("case, raw, depth", [
+    ("flat", b'{"model": "m", "prompt": [1, 2]}', 0),  # few brackets: not scanned
+    ("deep", b"[" * 40 + b"]" * 40, 40),
+    ("brackets in a string", b'{"p": "' + b"[{" * 40 + b'"}', 1),
+    ("escaped quote in a string", b'{"p": "\\" ' + b"[" * 40 + b'"}', 1),
+    ("deep beside a string", b'{"p": "[[", "q": ' + b"[" * 40 + b"]" * 40 + b"}", 41),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_json_depth_skips_strings(case: str, raw: bytes, depth: int) -> None:
+    assert openai.json_depth(raw) == depth, case
+
+
+def test_deep_json_is_400_before_the_parser_recurses() -> None:
+    with pytest.raises(openai.ApiError) as info:
+        openai.parse_completion(b'{"model": "m", "prompt": "x", "u": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    assert info.value.status == 400
+    assert str(info.value) == "request body nests JSON 200001 levels deep; at most 32 are accepted"
+    within = b'{"model": "m", "prompt": "x", "u": ' + b"[" * 31 + b"]" * 31 + b"}"
+    assert openai.parse_completion(within).model == "m"

@@ -51,6 +51,7 @@ def test_completion_streamed_and_not(store: ProfileStore) -> None:
     ({"model": "mistral-7b", "prompt": "x"}, 404, "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": 7}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 100_000_000, "stream": True}, 400, "max_tokens"),  # > context
 ])
 def test_errors_in_openai_shape(store: ProfileStore, body: dict[str, Any], status: int, param: str) -> None:
     async def scenario() -> None:
@@ -60,6 +61,24 @@ def test_errors_in_openai_shape(store: ProfileStore, body: dict[str, Any], statu
                 assert (await resp.json())["error"]["param"] == param
 
     run(scenario())
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/v1/completions", b'{"model": "m", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "levels deep"),
+    ("POST", "/v1/completions", b"x" * (2 << 20), 413, "body size"),
+    ("GET", "/nothing", None, 404, "no route GET /nothing"),
+    ("DELETE", "/admin/settings", None, 405, "DELETE is not allowed on /admin/settings"),
+])
+def test_aiohttp_errors_and_deep_json_in_openai_shape(store: ProfileStore, method: str, path: str,
+                                                      body: bytes | None, status: int, message: str) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        async with simulated_server(make_engine(store)) as url, aiohttp.ClientSession() as session:
+            async with session.request(method, f"{url}{path}", data=body) as resp:
+                return resp.status, await resp.json()
+
+    got, answer = run(scenario())
+    assert got == status
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and message in answer["error"]["message"]
 
 
 def expected_times(store: ProfileStore, prompt: int, outputs: int, sm_pct: float = 100.0,
