@@ -13,7 +13,10 @@ instance's own token counts. A streaming client gets the chunks as they come
 (the usage chunk only if it asked for it); a non-streaming client gets them
 assembled into one completion (text, finish reason and usage; per-token
 logprobs are not assembled). An unreachable or failing instance gives 502;
-its 400/413/422/429/503 answers pass through. Each request ends as one
+one that fails or stops once a stream has begun gives the client an error event
+and no ``[DONE]``; its 400/413/422/429/503 answers pass through. A client that
+hangs up (streaming or not) closes the upstream stream, which ends the
+generation on the instance at its next step. Each request ends as one
 ``CompletionRecord`` handed to the injected ``Recorder``, with its SLO
 outcome against the model's ``Slo``.
 
@@ -275,6 +278,8 @@ class Gateway:
                     if event.get("usage"):
                         timing.usage = event["usage"]
                     if not req.stream:
+                        if _gone(request):
+                            raise _ClientGone()  # leaving the block closes the upstream: the instance stops it
                         _collect(timing, event, choices)
                         continue
                     if not choices and not req.include_usage:
@@ -285,9 +290,10 @@ class Gateway:
                         await response.prepare(request)
                     await _send(response, b"data: " + payload + b"\n\n")
         except _ClientGone:
-            record(Outcome.CLIENT_GONE, 200, endpoint, route_s, timing)
-            assert response is not None
-            return response
+            # The tokens served so far are recorded (and charged); closing the upstream stream ends the
+            # generation on the instance at its next step.
+            record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
+            return response if response is not None else web.Response(status=499)
         except asyncio.CancelledError:
             record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
             raise
@@ -303,7 +309,15 @@ class Gateway:
                 record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)
                 raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} ended the stream early",
                                       error_type="upstream_error")
+            # Its headers (200) are sent: the client learns of the failure from an error event, with no
+            # [DONE] after it, as OpenAI's API ends a stream that fails.
             record(Outcome.UPSTREAM_ERROR, 200, endpoint, route_s, timing)
+            try:
+                await _send(response, openai.sse(openai.error_body(
+                    f"instance {endpoint.url} of {model.name} ended the stream early", "upstream_error")))
+                await response.write_eof()
+            except _ClientGone:
+                pass
             return response
         if response is not None:
             record(Outcome.OK, 200, endpoint, route_s, timing)
@@ -369,6 +383,12 @@ async def _events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[bytes | 
         if not isinstance(event, dict):
             raise ValueError(f"upstream event is not a JSON object: {payload[:80]!r}")
         yield payload, event
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client hung up (a non-streamed request writes nothing until the end to find out)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _send(response: web.StreamResponse, data: bytes) -> None:

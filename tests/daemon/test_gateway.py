@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 from collections import Counter
 from dataclasses import replace
@@ -226,3 +228,85 @@ def test_admin_routes_on_the_gateway_answer_in_the_error_shape(store: ProfileSto
 
     assert run(scenario()) == (400, {"error": {"message": message, "type": "invalid_request_error",
                                                "param": None, "code": None}})
+
+
+async def _stops_after_two_tokens(request: Any) -> Any:
+    """An instance that dies mid-stream: two token chunks, then the connection ends without [DONE]."""
+    from aiohttp import web
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(2):
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
+                 "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    await response.write_eof()
+    return response
+
+
+def test_a_stream_cut_by_its_instance_ends_with_an_error_event_and_no_done(store: ProfileStore) -> None:
+    from aiohttp import web
+
+    async def scenario() -> tuple[int, list[bytes], MemoryRecorder]:
+        recorder = MemoryRecorder()
+        instance = web.Application()
+        instance.router.add_post("/v1/completions", _stops_after_two_tokens)
+        async with running_app(instance) as url:
+            gateway = make_gateway(store, StaticRouter({MODEL: [url]}), recorder)
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 800, "stream": True}
+                async with session.post(f"{gw}/v1/completions", json=body) as resp:
+                    lines = [line.strip() async for line in resp.content if line.strip()]
+                    return resp.status, lines, recorder
+
+    status, lines, recorder = run(scenario())
+    assert status == 200  # the headers went out with the first token
+    assert len(lines) == 3 and b"[DONE]" not in b"".join(lines)
+    error = json.loads(lines[-1].removeprefix(b"data: "))
+    assert error["error"]["type"] == "upstream_error" and "ended the stream early" in error["error"]["message"]
+    assert [(r.outcome, r.output_tokens) for r in recorder.records] == [(Outcome.UPSTREAM_ERROR, 2)]
+
+
+@contextlib.asynccontextmanager
+async def as_festinad_serves(app: Any) -> Any:
+    """The app on a socket as festinad's service runs it: a hung-up client does not cancel its handler
+    (aiohttp's default; admin handlers must not stop half done)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_stops_its_generation(store: ProfileStore) -> None:
+    async def scenario() -> tuple[int, MemoryRecorder]:
+        recorder = MemoryRecorder()
+        async with simulated_server(make_engine(store, 1.0)) as url:
+            gateway = make_gateway(store, StaticRouter({MODEL: [url]}), recorder)
+            async with as_festinad_serves(gateway.app()) as gw:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000}  # minutes of tokens
+                async with aiohttp.ClientSession() as session:
+                    task = asyncio.create_task(session.post(f"{gw}/v1/completions", json=body))
+                    await asyncio.sleep(0.5)
+                    task.cancel()  # the client hangs up
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                in_flight = -1
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(50):  # within a few steps, not at the end of 100,000 tokens
+                        await asyncio.sleep(0.1)
+                        async with session.get(f"{url}/health") as resp:
+                            in_flight = (await resp.json())["in_flight"]
+                        if in_flight == 0 and recorder.records:
+                            break
+        return in_flight, recorder
+
+    in_flight, recorder = run(scenario())
+    assert in_flight == 0
+    (record,) = recorder.records
+    assert record.outcome is Outcome.CLIENT_GONE and record.output_tokens > 0  # what was served is charged
