@@ -60,9 +60,11 @@ def read_secret_file(path: str | Path) -> str:
     Refused when the group or others may read it: a secret others can read protects nothing."""
     try:
         fd = os.open(path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(_MAX_FILE_BYTES)
+        try:
+            mode = os.fstat(fd).st_mode
+            data = os.read(fd, _MAX_FILE_BYTES) if stat.S_ISREG(mode) else b""
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise FestinaError(f"secret file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if mode & 0o077:
@@ -82,11 +84,13 @@ def read_owned_secret(path: str | Path, uid: int) -> str | None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
             return None
-        data = f.read(_MAX_FILE_BYTES)
+        data = os.read(fd, _MAX_FILE_BYTES)
+    finally:
+        os.close(fd)
     try:
         return _parse(data.decode("ascii"), str(path))
     except (UnicodeDecodeError, FestinaError):
