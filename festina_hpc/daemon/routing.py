@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from festina_hpc.errors import FestinaError
@@ -19,10 +19,16 @@ from festina_hpc.errors import FestinaError
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A serving instance's base URL (``http://host:port``) and, when the router tracks it, its id."""
+    """A serving instance's base URL (``http://host:port``), when the router tracks it its id, and the secret
+    the instance answers only with (``serve/secret.py``; None: an open instance)."""
 
     url: str
     instance_id: int | None = None
+    secret: str | None = field(default=None, repr=False)  # repr=False: an endpoint in a log shows no secret
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that let a request in."""
+        return {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
 
 
 class NoInstance(FestinaError):

@@ -33,7 +33,16 @@ def secret_path(secret_dir: str | Path, instance: str | int) -> Path:
 def write_secret(secret_dir: str | Path, instance: str | int) -> tuple[Path, str]:
     """A new secret for ``instance``, written 0600 (the directory made 0700 if missing); its path and value."""
     directory = Path(secret_dir)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.lstat()
+    except OSError as exc:
+        raise FestinaError(f"secret_dir {str(directory)!r} cannot be made: {exc.strerror or exc}") from None
+    # Whoever else owns or may write the directory could swap a file for one whose secret they know.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise FestinaError(f"secret_dir {str(directory)!r} must be a directory of this user (uid {os.geteuid()}) "
+                           f"that no one else may open (mode 700); it is mode {stat.S_IMODE(info.st_mode):o}, "
+                           f"uid {info.st_uid}")
     path = secret_path(directory, instance)
     value = secrets.token_urlsafe(SECRET_BYTES)
     try:
