@@ -197,7 +197,7 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
 def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None,
                      activity: GpuActivity | None = None) -> LocalController:
     """The local controller: the configured policy over the profiles, model servers over HTTP."""
-    from festina_hpc.node.control import HttpModelServers
+    from festina_hpc.node.control import HttpModelServers, JobSecrets
     from festina_hpc.policy.base import PolicyContext, make_policy
     from festina_hpc.sim.workload import default_slo
 
@@ -208,7 +208,7 @@ def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: Deci
         return default_slo(store, gpu, model, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier)
 
     return LocalController(policy, store, gpu, HttpModelServers(cfg.server_timeout_s), slo_for=slo_for,
-                           decisions=decisions, activity=activity)
+                           decisions=decisions, activity=activity, secret_of=JobSecrets(cfg.secret_dir))
 
 
 def _gpu_config(cfg: NodeConfig) -> Any:
