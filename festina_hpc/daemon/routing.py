@@ -53,16 +53,17 @@ class Router(Protocol):
 
 
 class StaticRouter:
-    """Fixed endpoints per model, round-robin."""
+    """Fixed endpoints per model, round-robin; ``secret``: the one their servers answer only with."""
 
-    def __init__(self, endpoints: Mapping[str, Sequence[str]]):
+    def __init__(self, endpoints: Mapping[str, Sequence[str]], secret: str | None = None):
         self._cycles: dict[str, Iterator[str]] = {m: itertools.cycle(urls) for m, urls in endpoints.items() if urls}
+        self._secret = secret
 
     async def route(self, model: str, prompt_tokens: int) -> Endpoint:
         cycle = self._cycles.get(model)
         if cycle is None:
             raise NoInstance(f"no endpoint serves {model}")
-        return Endpoint(next(cycle))
+        return Endpoint(next(cycle), secret=self._secret)
 
     def done(self, endpoint: Endpoint) -> None:
         pass
