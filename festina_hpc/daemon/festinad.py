@@ -364,7 +364,8 @@ class Festinad:
                      row.slurm_job_id, job.state if job else "?")
             # Ready again once its endpoint answers; a job that is gone is found by reconcile.
             if inst.endpoint is not None:
-                self._spawn(self._await_ready(inst, inst.endpoint.url, self.settings.start_timeout_s))
+                self._spawn(self._await_ready(inst, inst.endpoint.url, self.settings.start_timeout_s,
+                                              ask_node=inst.id not in self._secrets))
 
     # -- starting and stopping instances ------------------------------------------------------------------
 
@@ -485,9 +486,28 @@ class Festinad:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 
-    async def _await_ready(self, inst: LiveInstance, url: str, timeout_s: float) -> None:
-        """A restored or adopted instance turns ready when its server answers (reconcile drops it if its job ends)."""
+    async def _secret_from_node(self, inst: LiveInstance) -> None:
+        """The secret of a user's job (or one whose file festinad lost), from its node: festina-node (root) reads
+        the job user's own file there (``serve/secret.py``). Nothing when festinad has no channel to the nodes or
+        the node knows none: the instance is then called without one."""
+        if self.node_control is None or inst.slurm_job_id is None:
+            return
+        node = self.node_names[inst.node]
+        try:
+            secret = await self.control_node(node, "instance_secret", {"job_id": inst.slurm_job_id})
+        except NodeControlError as exc:
+            log.warning("instance %d (job %d): no secret from node %s (%s): called without one", inst.id,
+                        inst.slurm_job_id, node, exc)
+            return
+        if isinstance(secret, str) and secret:
+            self._secrets[inst.id] = secret
+
+    async def _await_ready(self, inst: LiveInstance, url: str, timeout_s: float, ask_node: bool = False) -> None:
+        """A restored or adopted instance turns ready when its server answers (reconcile drops it if its job ends);
+        ``ask_node``: first learn its secret from its node (``_secret_from_node``)."""
         deadline = self._clock() + timeout_s
+        if ask_node:
+            await self._secret_from_node(inst)
         while inst.id in self.view.live and self._clock() < deadline:
             if await self._health(url, self._secrets.get(inst.id)) is not None:
                 self._mark_ready(inst, url)
@@ -726,7 +746,7 @@ class Festinad:
         self._record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"))
         log.info("adopted job %d (%s on %s, %s) as instance %d", job.job_id, canonical, job.nodes[0], url,
                  instance_id)
-        self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s))
+        self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s, ask_node=True))
 
     async def _poll_load(self) -> None:
         """Each ready instance's own count of what it holds (a restarted festinad learns its queues here)."""

@@ -136,17 +136,37 @@ class ModelServers(Protocol):
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class JobSecrets:
-    """The secret of a job's model server: ``<secret_dir>/instance-<label>.secret`` when the job's user owns it
-    (module docstring); None otherwise, or with no ``secret_dir``."""
+USER_SECRET_DIR = ".festina"  # in a user's home: their own serving jobs' secret files (docs/user-guide.md)
 
-    def __init__(self, secret_dir: str):
+
+class JobSecrets:
+    """The secret of a job's model server, from the first of ``<secret_dir>/instance-<label>.secret`` (festinad's
+    instances) and ``~<job user>/.festina/instance-<label>.secret`` (a user's own job) that the job's user owns
+    and no one else may read (module docstring); None when neither is."""
+
+    def __init__(self, secret_dir: str, home_of: Callable[[int], str | None] | None = None):
         self._dir = secret_dir
+        self._home_of = home_of or _home
 
     def __call__(self, job: JobOnGpu) -> str | None:
-        if not self._dir or job.instance is None or not _LABEL.fullmatch(job.instance):
+        if job.instance is None or not _LABEL.fullmatch(job.instance):
             return None
-        return read_owned_secret(secret_path(self._dir, job.instance), job.uid)
+        home = self._home_of(job.uid)
+        dirs = [d for d in (self._dir, home and str(Path(home) / USER_SECRET_DIR)) if d]
+        for directory in dirs:
+            secret = read_owned_secret(secret_path(directory, job.instance), job.uid)
+            if secret is not None:
+                return secret
+        return None
+
+
+def _home(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
 
 
 class HttpModelServers:

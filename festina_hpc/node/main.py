@@ -186,9 +186,11 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
         from festina_hpc.node.db_sink import DbEnergySink
 
         sink = decisions = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
+    from festina_hpc.node.control import JobSecrets
+
     agent = NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
                       slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s,
-                      live_share_change=cfg.live_share_change)
+                      live_share_change=cfg.live_share_change, job_secrets=JobSecrets(cfg.secret_dir))
     if not with_controller or not cfg.control_policy:
         return agent, None
     return agent, build_controller(cfg, store, gpu_type, decisions, activity)

@@ -42,7 +42,7 @@ from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, StartInstance, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import SimulatedEngine
-from festina_hpc.serve.secret import read_secret_file
+from festina_hpc.serve.secret import read_secret_file, write_secret
 from festina_hpc.serve.server import make_app, running_app
 from festina_hpc.slurm.errors import SlurmCommandError
 from festina_hpc.slurm.sbatch import render_script
@@ -153,13 +153,14 @@ def _free_port_base(span: int = 16) -> int:
 
 
 async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store,
-                    model_options: dict[str, ModelOptions] | None = None) -> Festinad:
+                    model_options: dict[str, ModelOptions] | None = None, node_control: Any = None) -> Festinad:
     policy = make_policy("festina", PolicyContext(store, GPU))
     slos = {m.name: m.slo for m in gateway_models(store, GPU, MODELS)}
     settings = FestinadSettings(serve_port_base=_free_port_base(), start_timeout_s=10, drain_timeout_s=1,
                                 health_poll_s=0.02, job_poll_s=0.05, job_output_dir=str(slurm.shared_dir))
     festinad = Festinad(policy, store, slurm, db, slos, settings,
-                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01), model_options=model_options)
+                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01), model_options=model_options,
+                        node_control=node_control)
     await festinad.setup()
     return festinad
 
@@ -530,6 +531,50 @@ def test_a_restarted_festinad_reads_its_instances_secrets_back(store: ProfileSto
             assert len(slurm.started) == 1  # served by the job it took back
         finally:
             await second.close()
+            await servers.stack.aclose()
+
+    asyncio.run(main())
+
+
+class FakeNodeControl:
+    """festina-node's answers to ``instance_secret``: the secret of each job's own file, by job id."""
+
+    def __init__(self, secrets: dict[int, str]):
+        self.secrets = secrets
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def call(self, node: str, op: str, args: dict[str, Any]) -> Any:
+        self.calls.append((node, op, dict(args)))
+        return self.secrets.get(args["job_id"])
+
+
+def test_a_users_own_job_with_a_secret_is_adopted_with_the_secret_its_node_reads(store: ProfileStore,
+                                                                                db: Store) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+    path, secret = write_secret(slurm.shared_dir / "alice" / ".festina", "alice-1")
+    port = _free_port_base(1)
+    user = SlurmJob(7, "mine", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                    f"festina:model=mistral-7b,instance=alice-1,port={port}", "alice", "", "gpu")
+    slurm.jobs[7] = user
+    slurm.started.append((ServingJobSpec("mistral-7b", "alice-1", ("festina", "serve", "--secret-file", str(path)),
+                                         "/tmp/o", mps_pct=50, comment=user.comment), 7))
+
+    async def main() -> None:
+        await servers.pump()
+        nodes = FakeNodeControl({7: secret})
+        festinad = await _festinad(store, slurm, db, node_control=nodes)
+        try:
+            (inst,) = festinad.view.live.values()
+            await _until_ready(inst, servers)
+            assert nodes.calls == [("n2", "instance_secret", {"job_id": 7})]
+            assert inst.endpoint is not None and inst.endpoint.secret == secret
+            async for url in _serve(festinad, servers, store):
+                async with aiohttp.ClientSession() as session:
+                    assert (await _ask(session, url, servers, model="mistral-7b"))[0] == 200
+            assert len(slurm.started) == 1  # served by the adopted job
+        finally:
+            await festinad.close()
             await servers.stack.aclose()
 
     asyncio.run(main())

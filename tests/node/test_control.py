@@ -348,12 +348,16 @@ def test_each_server_is_called_with_its_own_secret_and_only_its_users_file_count
     n.agent.prolog(JobContext(12, os.getuid() + 1000, "mallory", "n1", (0,), 30, Directives(MODEL, "12", None, 9002)))
     n.agent.prolog(JobContext(13, 0, "root", "n1", (1,), 30, Directives(MODEL, "../12", None, 9003)))
     policy = WantsShare(PolicyContext(ProfileStore(REPO_PROFILES), GPU), sm_pct=30.0, batch_cap=8)
-    controller(servers, policy=policy, secret_of=JobSecrets(str(secret_dir))).step(n.agent)
+    controller(servers, policy=policy, secret_of=JobSecrets(str(secret_dir), home_of=lambda uid: None)).step(n.agent)
     sent = {(call, port): secret for call, port, secret in servers.secrets}
     assert sent[("health", 9001)] == mine and sent[("apply", 9001)] == mine
     assert sent[("health", 9002)] is None and sent[("apply", 9002)] is None
     assert sent[("health", 9003)] is None  # a label that is not one word names no file
-    assert JobSecrets("")(n.state.read().gpu(0).jobs[0]) is None  # no secret_dir: none
+    assert JobSecrets("", home_of=lambda uid: None)(n.state.read().gpu(0).jobs[0]) is None  # no secret_dir: none
+    # A user's own job: the secret file in their home's .festina, by the job's label.
+    home = tmp_path / "home"
+    _, users = write_secret(home / ".festina", "11")
+    assert JobSecrets("", home_of=lambda uid: str(home))(n.state.read().gpu(0).jobs[0]) == users
 
 
 def test_http_servers_send_the_secret_and_a_secured_servers_open_health_is_no_report(tmp_path: Path) -> None:
