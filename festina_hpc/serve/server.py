@@ -88,14 +88,13 @@ def authorized(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
 
 
-def _guarded(path: str) -> bool:
-    return path.startswith("/v1/") or path in ("/admin/settings", "/metrics")
+OPEN_PATHS = frozenset({"/health"})  # every other route, present or future, needs the secret
 
 
 @web.middleware
 async def require_secret(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Requests to guarded routes without the secret: 401, before any handler reads the body."""
-    if _guarded(request.path) and not authorized(request):
+    if request.path not in OPEN_PATHS and not authorized(request):
         raise openai.ApiError(401, "this instance answers only festinad and its node controller "
                               "(Authorization: Bearer <instance secret>)", error_type="authentication_error",
                               code="invalid_instance_secret")

@@ -267,3 +267,20 @@ def test_a_server_without_a_secret_stays_open(store: ProfileStore) -> None:
                 assert "running" in await resp.json()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("secret, warned", [(None, True), (SECRET, False)])
+def test_a_server_started_without_a_secret_says_once_that_it_is_open(store: ProfileStore,
+                                                                     caplog: pytest.LogCaptureFixture,
+                                                                     secret: str | None, warned: bool) -> None:
+    from festina_hpc.serve.server import run_server
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        await run_server(make_engine(store), "127.0.0.1", 0, stop, lambda url: stop.set(), drain_s=0.0,
+                         secret=secret)
+
+    with caplog.at_level("WARNING", logger="festina_hpc.serve.server"):
+        run(scenario())
+    opened = [r for r in caplog.records if "answers anyone" in r.getMessage()]
+    assert len(opened) == (1 if warned else 0)
