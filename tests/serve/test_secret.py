@@ -33,10 +33,19 @@ def test_a_written_secret_is_only_its_owners(tmp_path: Path) -> None:
 def test_a_secret_is_never_written_through_a_link(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_text("keep\n")
-    (tmp_path / "s").mkdir()
+    (tmp_path / "s").mkdir(mode=0o700)
     secret_path(tmp_path / "s", 1).symlink_to(target)
     write_secret(tmp_path / "s", 1)
     assert target.read_text() == "keep\n"
+
+
+def test_a_secret_dir_others_may_open_is_refused(tmp_path: Path) -> None:
+    # Whoever may write the directory could swap the file for one whose secret they know.
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    with pytest.raises(FestinaError, match="must be a directory of this user .* it is mode 777"):
+        write_secret(tmp_path / "open", 1)
+    assert not secret_path(tmp_path / "open", 1).exists()
 
 
 @pytest.mark.parametrize("case, mode, text, message", [
