@@ -509,7 +509,14 @@ class Festinad:
         if ask_node:
             await self._secret_from_node(inst)
         while inst.id in self.view.live and self._clock() < deadline:
-            if await self._health(url, self._secrets.get(inst.id)) is not None:
+            body = await self._health(url, self._secrets.get(inst.id))
+            if body is not None:
+                if body.get("model") and "running" not in body:
+                    # festina's server keeps its queue from a caller without its secret: the requests routed
+                    # there will be refused (502). Said once here, where an operator looks for why.
+                    log.warning("instance %d (job %s) at %s answers only with a secret festinad does not hold "
+                                "(no file, or no answer from its node): its requests will fail", inst.id,
+                                inst.slurm_job_id, url)
                 self._mark_ready(inst, url)
                 return
             await asyncio.sleep(self.settings.health_poll_s)

@@ -578,3 +578,34 @@ def test_a_users_own_job_with_a_secret_is_adopted_with_the_secret_its_node_reads
             await servers.stack.aclose()
 
     asyncio.run(main())
+
+
+def test_a_secured_job_whose_secret_festinad_cannot_learn_is_reported(store: ProfileStore, db: Store,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+    path, _ = write_secret(slurm.shared_dir / "alice" / ".festina", "alice-1")
+    port = _free_port_base(1)
+    user = SlurmJob(7, "mine", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                    f"festina:model=mistral-7b,instance=alice-1,port={port}", "alice", "", "gpu")
+    slurm.jobs[7] = user
+    slurm.started.append((ServingJobSpec("mistral-7b", "alice-1", ("festina", "serve", "--secret-file", str(path)),
+                                         "/tmp/o", mps_pct=50, comment=user.comment), 7))
+
+    async def main() -> None:
+        await servers.pump()
+        festinad = await _festinad(store, slurm, db, node_control=FakeNodeControl({}))  # the node knows none
+        try:
+            (inst,) = festinad.view.live.values()
+            for _ in range(100):
+                if "answers only with a secret festinad does not hold" in caplog.text:
+                    break
+                await asyncio.sleep(0.02)
+            assert "instance 1 (job 7)" in caplog.text and "its requests will fail" in caplog.text
+            assert inst.endpoint is not None and inst.endpoint.secret is None
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    with caplog.at_level("WARNING", logger="festina_hpc.daemon.festinad"):
+        asyncio.run(main())
