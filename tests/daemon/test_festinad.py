@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import stat
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -66,6 +68,7 @@ class FakeSlurm:
         self.cancelled: list[int] = []
         # The cluster's shared filesystem (festinad's secret_dir lives there, as on a real cluster).
         self.shared_dir = Path(tempfile.mkdtemp(prefix="festina-fake-shared-"))
+        weakref.finalize(self, shutil.rmtree, self.shared_dir, True)
 
     def _maybe_fail(self, what: str) -> None:
         self.calls.append(what)
