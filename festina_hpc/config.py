@@ -126,6 +126,8 @@ class DaemonConfig:
     engine: str = "emulated"  # what serving jobs run: "emulated" (no GPU) or "vllm"
     serve_time_scale: float = 1.0  # emulated engine's pace (tests: < 1 runs faster than real time)
     job_output_dir: str = ""  # serving jobs' logs; "" = /tmp
+    # Instances' secret files (0700, festinad's), on a filesystem the nodes share ([node] secret_dir).
+    secret_dir: str = ""  # "" = <job_output_dir>/secrets
     serve_port_base: int = 20000  # serving jobs listen on a port festinad picks from here up
     scale_timeout_s: float = 120.0  # longest a request waits for an instance to start
     start_timeout_s: float = 300.0  # a serving job that does not answer /health by then is cancelled

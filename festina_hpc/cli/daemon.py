@@ -75,7 +75,8 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     conf = slurm_conf or (Path(os.environ["SLURM_CONF"]) if os.environ.get("SLURM_CONF") else None)
     slurm = make_slurm_client(cfg.slurm_backend, conf, timeout_s=cfg.slurm_timeout_s)
     settings = FestinadSettings(engine=cfg.engine, serve_time_scale=cfg.serve_time_scale,
-                                job_output_dir=cfg.job_output_dir or "/tmp", serve_port_base=cfg.serve_port_base,
+                                job_output_dir=cfg.job_output_dir or "/tmp", secret_dir=cfg.secret_dir,
+                                serve_port_base=cfg.serve_port_base,
                                 partition=cfg.partition or None, start_timeout_s=cfg.start_timeout_s,
                                 drain_timeout_s=cfg.drain_timeout_s)
     festinad = Festinad(chosen, store, slurm, db, slos, settings, model_options=options)

@@ -38,20 +38,28 @@ from festina_hpc.cli.common import AppContext, pass_app
               help="Multiply every step's predicted latency (tests and demos; 1 = real time).")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="On SIGTERM, time in-flight requests get to finish (keep below Slurm's KillWait).")
+@click.option("--secret-file", default=None, metavar="PATH",
+              help="File (mode 600) holding this instance's secret: /v1/*, /admin/settings and /metrics then "
+                   "answer only `Authorization: Bearer <secret>` (festinad writes one per job). "
+                   "[default: none, open to anyone who reaches the port]")
 @pass_app
 def serve(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
           batch_cap: int, chunk_tokens: int, engine: str, simulated: bool, memory_fraction: float,
-          time_scale: float, drain_s: float) -> None:
+          time_scale: float, drain_s: float, secret_file: str | None) -> None:
     """Serve MODEL with the OpenAI completions API, paced by its profile on GPU_TYPE."""
+    from festina_hpc.serve.secret import read_secret_file
+
+    # Read before anything starts: a bad file is a one-line error, not a server left open.
+    secret = read_secret_file(secret_file) if secret_file else None
     if engine == "vllm" and not simulated:
-        _exec_vllm(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, memory_fraction)
+        _exec_vllm(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, memory_fraction, secret)
         return
     _serve_emulated(app, model, gpu_type, port, host, sm_pct, clock_mhz, batch_cap, chunk_tokens, time_scale,
-                    drain_s)
+                    drain_s, secret)
 
 
 def _exec_vllm(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
-               batch_cap: int, memory_fraction: float) -> None:
+               batch_cap: int, memory_fraction: float, secret: str | None) -> None:
     import os
     import shutil
 
@@ -63,12 +71,17 @@ def _exec_vllm(app: AppContext, model: str, gpu_type: str, port: int, host: str,
     argv = vllm_argv(spec)
     if shutil.which(argv[0]) is None:
         raise FestinaError("--engine vllm: `vllm` is not on PATH in this job (pip install vllm on the node)")
+    if secret:
+        # vLLM's API key from its environment (only the job's user and root can read it), never --api-key:
+        # argv is world-readable in ps.
+        os.environ["VLLM_API_KEY"] = secret
     sys.stdout.flush()
     os.execvp(argv[0], argv)  # SM share and clock reach vLLM through MPS and the node controller, not flags
 
 
 def _serve_emulated(app: AppContext, model: str, gpu_type: str, port: int, host: str, sm_pct: float, clock_mhz: int,
-                    batch_cap: int, chunk_tokens: int, time_scale: float, drain_s: float) -> None:
+                    batch_cap: int, chunk_tokens: int, time_scale: float, drain_s: float,
+                    secret: str | None) -> None:
     from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
     from festina_hpc.serve.server import run_server
 
@@ -87,7 +100,7 @@ def _serve_emulated(app: AppContext, model: str, gpu_type: str, port: int, host:
             click.echo(f"festina serve: {url} ({engine.model} on {engine.gpu_type}, simulated engine)")
             sys.stdout.flush()  # a job script or a test reads the URL while the server runs
 
-        await run_server(engine, host, port, stop, ready, drain_s=drain_s)
+        await run_server(engine, host, port, stop, ready, drain_s=drain_s, secret=secret)
         click.echo("festina serve: stopped")
 
     try:

@@ -14,7 +14,9 @@ Authentication is measured side by side in the same run: a second gateway
 process requires an API key (``festina_hpc.daemon.auth``, keys in memory, so
 the figure is the gateway's own cost: header check, SHA-256, the key cache
 and a token bucket, as festinad runs them between its database lookups).
-Every request carries the key, to both gateways. Their throughputs are
+Every request carries the key, to both gateways. The upstream answers only
+with its instance secret (``serve/server.py``'s check, as a serving job
+does), which both gateways send and the direct requests carry. Their throughputs are
 measured in alternating rounds and the median of each is reported, so a
 burst of load from elsewhere on the machine does not land on one side only;
 ``auth_throughput_ratio`` is authenticated / open requests/s. On a machine
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import secrets
 import statistics
 import time
 from collections.abc import Callable
@@ -48,7 +51,7 @@ from festina_hpc.db.keys import new_token
 from festina_hpc.policy.types import Slo
 from festina_hpc.serve import openai
 from festina_hpc.serve.engine import filler_token
-from festina_hpc.serve.server import running_app
+from festina_hpc.serve.server import SECRET_KEY, api_errors, require_secret, running_app
 
 BENCH_MODEL = "llama-3.1-8b"
 BENCH_RATE_PER_S = 1e9  # the key's rate limit: checked on every request, never reached
@@ -63,8 +66,9 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
 
 
-def stub_upstream(tokens: int) -> web.Application:
-    """An instance that answers every completion at once with ``tokens`` filler tokens."""
+def stub_upstream(tokens: int, secret: str | None = None) -> web.Application:
+    """An instance that answers every completion at once with ``tokens`` filler tokens; with ``secret``, only
+    to requests that carry it (the model server's own check)."""
     texts = [filler_token(i) for i in range(tokens)]
 
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -83,26 +87,27 @@ def stub_upstream(tokens: int) -> web.Application:
         await response.write_eof()
         return response
 
-    app = web.Application()
+    app = web.Application(middlewares=[api_errors, require_secret])
+    app[SECRET_KEY] = (secret or "").encode()
     app.router.add_post("/v1/completions", completions)
     return app
 
 
-def bench_gateway_app(upstream_url: str, token: str | None = None) -> web.Application:
-    """The gateway as the benchmark runs it; with ``token``, requiring that API key."""
+def bench_gateway_app(upstream_url: str, token: str | None = None, secret: str | None = None) -> web.Application:
+    """The gateway as the benchmark runs it; with ``token``, requiring that API key; ``secret``: the upstream's."""
     model = GatewayModel(BENCH_MODEL, Slo(ttft_s=1.0, tbt_s=1.0))
     auth = None
     if token is not None:
         keys = MemoryKeys()
         keys.add("bench", "bench", rate_limit_per_s=BENCH_RATE_PER_S, token=token)
         auth = Authenticator(keys, AuthConfig(require_keys=True))
-    return Gateway(StaticRouter({BENCH_MODEL: [upstream_url]}), MemoryRecorder(), [model], auth=auth).app()
+    return Gateway(StaticRouter({BENCH_MODEL: [upstream_url]}, secret), MemoryRecorder(), [model], auth=auth).app()
 
 
 def _serve_child(kind: str, arg: Any, conn: Connection) -> None:
     """Child process: serve the stub upstream or the gateway until the parent closes the pipe."""
     async def main() -> None:
-        app = stub_upstream(arg) if kind == "upstream" else bench_gateway_app(*arg)
+        app = stub_upstream(*arg) if kind == "upstream" else bench_gateway_app(*arg)
         async with running_app(app) as url:
             conn.send(url)
             await asyncio.get_running_loop().run_in_executor(None, _wait_closed, conn)
@@ -143,9 +148,10 @@ class _Child:
             self.process.kill()
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool) -> float:
+async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool,
+               headers: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    async with session.post(url, json=body) as resp:
+    async with session.post(url, json=body, headers=headers) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{url}: HTTP {resp.status}: {await resp.text()}")
         data = await resp.read()
@@ -155,14 +161,14 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], s
 
 
 async def _throughput(session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool,
-                      requests: int, concurrency: int) -> float:
+                      requests: int, concurrency: int, headers: dict[str, str] | None = None) -> float:
     left = requests
 
     async def worker() -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            await _one(session, url, body, stream)
+            await _one(session, url, body, stream, headers)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -170,24 +176,26 @@ async def _throughput(session: aiohttp.ClientSession, url: str, body: dict[str, 
 
 
 async def _measure(upstream: str, gateway: _Child, gateway_auth: _Child, token: str, requests: int,
-                   concurrency: int, tokens: int, stream: bool) -> dict[str, Any]:
+                   concurrency: int, tokens: int, stream: bool, secret: str) -> dict[str, Any]:
     body = {"model": BENCH_MODEL, "prompt": "a short benchmark prompt", "max_tokens": tokens, "stream": stream}
     direct_url = f"{upstream}/v1/completions"
+    direct_headers = {"Authorization": f"Bearer {secret}"}  # the upstream's secret, in place of the key
     urls = {gateway: f"{gateway.url}/v1/completions", gateway_auth: f"{gateway_auth.url}/v1/completions"}
     connector = aiohttp.TCPConnector(limit=0)
     # Every request carries the key, so the two gateways differ only in checking it.
     async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {token}"}) as session:
         for _ in range(min(200, requests)):  # warm up connections and code paths on every side
-            for url in (*urls.values(), direct_url):
+            for url in urls.values():
                 await _one(session, url, body, stream)
+            await _one(session, direct_url, body, stream, direct_headers)
         direct: list[float] = []
         latency: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
         for i in range(requests):
-            direct.append(await _one(session, direct_url, body, stream))
+            direct.append(await _one(session, direct_url, body, stream, direct_headers))
             # Alternating which gateway goes first: the second of a pair runs a little slower.
             for child in (gateway, gateway_auth) if i % 2 == 0 else (gateway_auth, gateway):
                 latency[child].append(await _one(session, urls[child], body, stream))
-        rps_direct = await _throughput(session, direct_url, body, stream, requests, concurrency)
+        rps_direct = await _throughput(session, direct_url, body, stream, requests, concurrency, direct_headers)
         rounds: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
         cpu_us: dict[_Child, list[float]] = {gateway: [], gateway_auth: []}
         for i in range(2 * ROUNDS):
@@ -245,17 +253,18 @@ def run_gateway_bench(requests: int = 2000, concurrency: int = 32, tokens: int =
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The benchmark's figures as one JSON-able object (see the module docstring)."""
     token = new_token()
-    upstream = _Child("upstream", tokens)
+    secret = secrets.token_urlsafe(32)
+    upstream = _Child("upstream", (tokens, secret))
     try:
-        gateway = _Child("gateway", (upstream.url, None))
-        gateway_auth = _Child("gateway", (upstream.url, token))
+        gateway = _Child("gateway", (upstream.url, None, secret))
+        gateway_auth = _Child("gateway", (upstream.url, token, secret))
         try:
             rows = []
             for stream in (True, False):
                 if progress:
                     progress(f"measuring {'streamed' if stream else 'non-streamed'} requests")
                 rows.append(asyncio.run(_measure(upstream.url, gateway, gateway_auth, token, requests,
-                                                 concurrency, tokens, stream)))
+                                                 concurrency, tokens, stream, secret)))
         finally:
             gateway_auth.close()
             gateway.close()

@@ -41,6 +41,15 @@ festinad itself asks of a node (an admin's clock or share, draining an
 instance) goes through ``control_node``: a signed request to the node's
 control port (``daemon/node_control.py``), refused there unless genuine.
 
+Each instance festinad starts gets its own secret (``serve/secret.py``): a file
+``<secret_dir>/instance-<id>.secret`` (0600, festinad's user, who is also the
+job's user) whose path, never the secret, is on the job's command line; the
+server answers ``/v1/*`` and ``/admin/settings`` only with it. festinad keeps the
+secret in memory, sends it on every request and ``/health`` poll (its
+``Endpoint`` carries it), re-reads the file after a restart and deletes it when
+the instance stops. festina-node reads the same file (root, by the job's
+instance label) for ``/health`` and ``/admin/settings``.
+
 Slurm calls run in a worker thread with the client's timeout and are retried
 with exponential back-off (``SlurmRetry``); a Slurm that stays broken fails
 that operation (a request gets 503, a tick logs and tries next period) while
@@ -88,6 +97,7 @@ from festina_hpc.policy.types import (
 )
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.launch import serve_spec, simulated_argv, vllm_argv
+from festina_hpc.serve.secret import read_secret_file, secret_path, write_secret
 from festina_hpc.slurm.client import SlurmClient
 from festina_hpc.slurm.errors import SlurmError, SlurmInputError
 from festina_hpc.slurm.parse import gres_indices
@@ -117,6 +127,9 @@ class FestinadSettings:
     festina_argv: tuple[str, ...] = (sys.executable, "-m", "festina_hpc.cli.main")
     serve_time_scale: float = 1.0
     job_output_dir: str = "/tmp"
+    # The instances' secret files (0700, festinad's); the jobs read them on their nodes, so a shared
+    # filesystem, and festina-node's [node] secret_dir. "" = <job_output_dir>/secrets.
+    secret_dir: str = ""
     serve_port_base: int = 20000
     partition: str | None = None
     start_timeout_s: float = 300.0
@@ -248,6 +261,7 @@ class Festinad:
         self._busy: set[int] = set()
         self._unattached: set[int] = set()  # restored instances whose job festinad never recorded
         self._job_of: dict[int, int] = {}  # instance id -> its Slurm job  # instances a plan is moving or stopping
+        self._secrets: dict[int, str] = {}  # instance id -> the secret its server answers only with
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.decision_rate = DecisionRate(clock=clock)  # what /metrics reports as decisions per second
@@ -342,14 +356,16 @@ class Festinad:
                 self._job_of[row.id] = row.slurm_job_id
             if row.slurm_job_id is None:
                 self._unattached.add(inst.id)  # crashed between sbatch and recording it: reconcile decides
+            self._load_secret(row.id)
             if row.endpoint_url:
-                inst.endpoint = Endpoint(row.endpoint_url, inst.id)
+                inst.endpoint = self._endpoint(row.endpoint_url, inst.id)
             job = jobs.get(row.slurm_job_id) if row.slurm_job_id else None
             log.info("restored instance %d (%s, %s, job %s %s)", inst.id, inst.model, row.phase.name.lower(),
                      row.slurm_job_id, job.state if job else "?")
             # Ready again once its endpoint answers; a job that is gone is found by reconcile.
             if inst.endpoint is not None:
-                self._spawn(self._await_ready(inst, inst.endpoint.url, self.settings.start_timeout_s))
+                self._spawn(self._await_ready(inst, inst.endpoint.url, self.settings.start_timeout_s,
+                                              ask_node=inst.id not in self._secrets))
 
     # -- starting and stopping instances ------------------------------------------------------------------
 
@@ -358,21 +374,43 @@ class Festinad:
         return self.store.create_instance(decision.model, gpus, at=self._now(), sm_pct=decision.sm_pct,
                                           batch_cap=decision.batch_cap, memory_fraction=decision.memory_fraction)
 
+    @property
+    def secret_dir(self) -> Path:
+        return Path(self.settings.secret_dir or Path(self.settings.job_output_dir) / "secrets")
+
+    def _endpoint(self, url: str, instance_id: int) -> Endpoint:
+        return Endpoint(url, instance_id, self._secrets.get(instance_id))
+
+    def _load_secret(self, instance_id: int) -> None:
+        """A restored instance's secret, from its file (none: an adopted job, or one started before secrets)."""
+        path = secret_path(self.secret_dir, instance_id)
+        if not path.exists():
+            return
+        try:
+            self._secrets[instance_id] = read_secret_file(path)
+        except FestinaError as exc:
+            log.warning("instance %d: %s; festinad talks to it without a secret", instance_id, exc)
+
+    def _drop_secret(self, instance_id: int) -> None:
+        if self._secrets.pop(instance_id, None) is not None:
+            secret_path(self.secret_dir, instance_id).unlink(missing_ok=True)
+
     def port_of(self, instance_id: int) -> int:
         """The port of an instance's server: unique per instance id (instances on one node never collide)."""
         return self.settings.serve_port_base + instance_id % 20000
 
-    def job_spec(self, launch: InstanceLaunch) -> tuple[ServingJobSpec, str]:
-        """The serving job of ``launch`` and the URL its server will answer on."""
+    def job_spec(self, launch: InstanceLaunch, secret_file: str = "") -> tuple[ServingJobSpec, str]:
+        """The serving job of ``launch`` and the URL its server will answer on; its server reads its secret from
+        ``secret_file`` ("" = an open server)."""
         node = self.node_names[launch.node]
         port = self.port_of(launch.instance_id)
         s = self.settings
         options = self.model_options.get(launch.model, ModelOptions())
         serve = serve_spec(self.profiles, launch.model, launch.gpu_type, port, host="0.0.0.0", sm_pct=launch.sm_pct,
                            batch_cap=launch.batch_cap, memory_fraction=launch.memory_fraction,
-                           engine_args=options.engine_args)
+                           engine_args=options.engine_args, secret_file=secret_file)
         argv = simulated_argv(serve, list(s.festina_argv), s.serve_time_scale) if s.engine == "emulated" \
-            else vllm_argv(serve)
+            else vllm_argv(serve, python=s.festina_argv[0])
         tp = len(launch.gpus)
         # A share of one GPU: MPS (Slurm sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). A whole GPU, or several:
         # gpu gres (measured here: a second mps:100 job on a node with two free GPUs stays pending).
@@ -388,11 +426,17 @@ class Festinad:
 
     async def _start_instance(self, launch: InstanceLaunch) -> Endpoint:
         """``PolicyRouter``'s start: submit the serving job, wait until its server answers."""
-        spec, url = self.job_spec(launch)
+        try:
+            path, self._secrets[launch.instance_id] = write_secret(self.secret_dir, launch.instance_id)
+        except FestinaError as exc:
+            self.store.set_phase(launch.instance_id, InstancePhase.STOPPED, at=self._now())
+            raise StartFailed(str(exc)) from None
+        spec, url = self.job_spec(launch, str(path))
         try:
             job_id = await self._slurm("submit", self.slurm.submit, spec)
         except SlurmError as exc:
             self.store.set_phase(launch.instance_id, InstancePhase.STOPPED, at=self._now())
+            self._drop_secret(launch.instance_id)
             raise StartFailed(f"sbatch failed: {exc}") from None
         self._job_of[launch.instance_id] = job_id
         inst = self.view.live.get(launch.instance_id)
@@ -402,19 +446,20 @@ class Festinad:
         log.info("instance %d of %s: job %d on %s, %s", launch.instance_id, launch.model, job_id,
                  self.node_names[launch.node], url)
         try:
-            await self._wait_job_ready(job_id, url, self.settings.start_timeout_s)
+            await self._wait_job_ready(job_id, url, self.settings.start_timeout_s, self._secrets[launch.instance_id])
         except Exception as exc:
             # Never leave a job that nobody will route to. (Cancelled waits, festinad shutting down, keep
             # their job: the database holds it and a restarted festinad waits for it again.)
             await self._cancel(job_id)
             self.store.set_phase(launch.instance_id, InstancePhase.STOPPED, at=self._now())
+            self._drop_secret(launch.instance_id)
             if isinstance(exc, StartFailed):
                 raise
             raise StartFailed(f"job {job_id}: {exc}") from None
         self.store.set_phase(launch.instance_id, InstancePhase.READY, at=self._now())
-        return Endpoint(url, launch.instance_id)
+        return self._endpoint(url, launch.instance_id)
 
-    async def _wait_job_ready(self, job_id: int, url: str, timeout_s: float) -> None:
+    async def _wait_job_ready(self, job_id: int, url: str, timeout_s: float, secret: str | None) -> None:
         deadline = self._clock() + timeout_s
         next_job_check = 0.0
         while True:
@@ -426,14 +471,14 @@ class Festinad:
                 if job is None or job.state in FINISHED_JOB_STATES:
                     raise StartFailed(f"job {job_id} ended ({job.state if job else 'gone'}) before it served")
                 next_job_check = now + self.settings.job_poll_s
-            if await self._health(url) is not None:
+            if await self._health(url, secret) is not None:
                 return
             await asyncio.sleep(self.settings.health_poll_s)
 
-    async def _health(self, url: str) -> dict[str, Any] | None:
-        """The server's /health body when it answers 200, else None."""
+    async def _health(self, url: str, secret: str | None) -> dict[str, Any] | None:
+        """The server's /health body when it answers 200, else None (with ``secret``: the full body)."""
         try:
-            async with self._http().get(f"{url}/health") as resp:
+            async with self._http().get(f"{url}/health", headers=Endpoint(url, secret=secret).auth_headers()) as resp:
                 if resp.status != 200:
                     return None
                 body = await resp.json()
@@ -441,11 +486,37 @@ class Festinad:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 
-    async def _await_ready(self, inst: LiveInstance, url: str, timeout_s: float) -> None:
-        """A restored or adopted instance turns ready when its server answers (reconcile drops it if its job ends)."""
+    async def _secret_from_node(self, inst: LiveInstance) -> None:
+        """The secret of a user's job (or one whose file festinad lost), from its node: festina-node (root) reads
+        the job user's own file there (``serve/secret.py``). Nothing when festinad has no channel to the nodes or
+        the node knows none: the instance is then called without one."""
+        if self.node_control is None or inst.slurm_job_id is None:
+            return
+        node = self.node_names[inst.node]
+        try:
+            secret = await self.control_node(node, "instance_secret", {"job_id": inst.slurm_job_id})
+        except NodeControlError as exc:
+            log.warning("instance %d (job %d): no secret from node %s (%s): called without one", inst.id,
+                        inst.slurm_job_id, node, exc)
+            return
+        if isinstance(secret, str) and secret:
+            self._secrets[inst.id] = secret
+
+    async def _await_ready(self, inst: LiveInstance, url: str, timeout_s: float, ask_node: bool = False) -> None:
+        """A restored or adopted instance turns ready when its server answers (reconcile drops it if its job ends);
+        ``ask_node``: first learn its secret from its node (``_secret_from_node``)."""
         deadline = self._clock() + timeout_s
+        if ask_node:
+            await self._secret_from_node(inst)
         while inst.id in self.view.live and self._clock() < deadline:
-            if await self._health(url) is not None:
+            body = await self._health(url, self._secrets.get(inst.id))
+            if body is not None:
+                if body.get("model") and "running" not in body:
+                    # festina's server keeps its queue from a caller without its secret: the requests routed
+                    # there will be refused (502). Said once here, where an operator looks for why.
+                    log.warning("instance %d (job %s) at %s answers only with a secret festinad does not hold "
+                                "(no file, or no answer from its node): its requests will fail", inst.id,
+                                inst.slurm_job_id, url)
                 self._mark_ready(inst, url)
                 return
             await asyncio.sleep(self.settings.health_poll_s)
@@ -453,7 +524,7 @@ class Festinad:
     def _mark_ready(self, inst: LiveInstance, url: str) -> None:
         if inst.phase is not InstancePhase.LOADING:
             return
-        inst.endpoint = Endpoint(url, inst.id)
+        inst.endpoint = self._endpoint(url, inst.id)
         inst.phase = InstancePhase.READY
         inst.ready_at_s = self.view.now_s
         if not inst.ready.done():
@@ -465,6 +536,7 @@ class Festinad:
         job = self._job_of.get(instance_id)
         if job is not None:
             await self._cancel(job)
+        self._drop_secret(instance_id)
         self.store.set_phase(instance_id, InstancePhase.STOPPED, at=self._now())
 
     async def _cancel(self, job_id: int) -> None:
@@ -489,6 +561,7 @@ class Festinad:
 
     def _forget(self, inst: LiveInstance, reason: str) -> None:
         self.view.remove(inst)
+        self._drop_secret(inst.id)
         if not inst.ready.done():
             inst.ready.set_exception(NoInstance(f"instance {inst.id} of {inst.model} stopped: {reason}"))
             inst.ready.exception()
@@ -680,12 +753,13 @@ class Festinad:
         self._record_plan(Plan((self._to_db(decision),), f"adopt job {job.job_id} of {job.user or '?'}"))
         log.info("adopted job %d (%s on %s, %s) as instance %d", job.job_id, canonical, job.nodes[0], url,
                  instance_id)
-        self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s))
+        self._spawn(self._await_ready(inst, url, self.settings.start_timeout_s, ask_node=True))
 
     async def _poll_load(self) -> None:
         """Each ready instance's own count of what it holds (a restarted festinad learns its queues here)."""
         ready = [i for i in self.view.live.values() if i.phase is InstancePhase.READY and i.endpoint is not None]
-        bodies = await asyncio.gather(*(self._health(i.endpoint.url) for i in ready if i.endpoint is not None))
+        bodies = await asyncio.gather(*(self._health(i.endpoint.url, i.endpoint.secret) for i in ready
+                                        if i.endpoint is not None))
         for inst, body in zip(ready, bodies):
             if body is None:
                 continue

@@ -258,7 +258,8 @@ class Gateway:
         timing = _Timing(self._clock())
         response: web.StreamResponse | None = None
         try:
-            async with self._session.post(f"{endpoint.url}/v1/completions", json=body) as upstream:
+            async with self._session.post(f"{endpoint.url}/v1/completions", json=body,
+                                          headers=endpoint.auth_headers()) as upstream:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in PASSED_THROUGH:

@@ -446,7 +446,7 @@ class PolicyRouter:
             inst.ready.set_exception(NoInstance(f"instance {inst.id} of {inst.model} failed to start: {exc}"))
             inst.ready.exception()  # retrieved here, so a start nobody waits for logs no "never retrieved"
             return
-        inst.endpoint = Endpoint(endpoint.url, inst.id)
+        inst.endpoint = replace(endpoint, instance_id=inst.id)
         inst.phase = InstancePhase.READY
         inst.ready_at_s = self.cluster.now_s
         inst.ready.set_result(inst.endpoint)

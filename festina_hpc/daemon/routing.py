@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from festina_hpc.errors import FestinaError
@@ -19,10 +19,16 @@ from festina_hpc.errors import FestinaError
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A serving instance's base URL (``http://host:port``) and, when the router tracks it, its id."""
+    """A serving instance's base URL (``http://host:port``), when the router tracks it its id, and the secret
+    the instance answers only with (``serve/secret.py``; None: an open instance)."""
 
     url: str
     instance_id: int | None = None
+    secret: str | None = field(default=None, repr=False)  # repr=False: an endpoint in a log shows no secret
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that let a request in."""
+        return {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
 
 
 class NoInstance(FestinaError):
@@ -47,16 +53,17 @@ class Router(Protocol):
 
 
 class StaticRouter:
-    """Fixed endpoints per model, round-robin."""
+    """Fixed endpoints per model, round-robin; ``secret``: the one their servers answer only with."""
 
-    def __init__(self, endpoints: Mapping[str, Sequence[str]]):
+    def __init__(self, endpoints: Mapping[str, Sequence[str]], secret: str | None = None):
         self._cycles: dict[str, Iterator[str]] = {m: itertools.cycle(urls) for m, urls in endpoints.items() if urls}
+        self._secret = secret
 
     async def route(self, model: str, prompt_tokens: int) -> Endpoint:
         cycle = self._cycles.get(model)
         if cycle is None:
             raise NoInstance(f"no endpoint serves {model}")
-        return Endpoint(next(cycle))
+        return Endpoint(next(cycle), secret=self._secret)
 
     def done(self, endpoint: Endpoint) -> None:
         pass

@@ -136,9 +136,11 @@ class NodeAgent:
                  sink: EnergySink | None = None, slurm: _Requeuer | None = None,
                  jobs_changed: JobsChanged | None = None, safe_points: SafePoints | None = None,
                  clock_min_interval_s: float = 10.0, clock: Callable[[], float] = time.time,
-                 live_share_change: bool = False):
+                 live_share_change: bool = False, job_secrets: Callable[[JobOnGpu], str | None] | None = None):
         """``live_share_change``: the engine changes a running instance's SM share itself (see the module
-        docstring); False (the default, and MPS's rule) keeps a share asked for as the job's wanted share."""
+        docstring); False (the default, and MPS's rule) keeps a share asked for as the job's wanted share.
+        ``job_secrets``: a job's model server secret (``control.JobSecrets``), what festinad's
+        ``instance_secret`` asks for an adopted job; None: none known."""
         self.node = node
         self._backend = backend
         self._mps = mps
@@ -151,6 +153,7 @@ class NodeAgent:
         self._clock_min_interval_s = clock_min_interval_s
         self._clock = clock
         self._live_share_change = live_share_change
+        self.job_secrets: Callable[[JobOnGpu], str | None] = job_secrets or (lambda job: None)
 
     @property
     def live_share_change(self) -> bool:

@@ -46,6 +46,10 @@ class NodeConfig:
     ttft_slo_multiplier: float = 5.0  # the models' SLOs, as festinad's [daemon] defaults
     tbt_slo_multiplier: float = 5.0
     server_timeout_s: float = 1.0  # a model server's /health or /admin/settings answer
+    # festinad's [daemon] secret_dir as this node sees it (a shared filesystem): its servers' secret files. The
+    # default is festinad's default (<job_output_dir>/secrets, job_output_dir /tmp); "" = none: a server with a
+    # secret is then left as it is.
+    secret_dir: str = "/tmp/secrets"
     # As [gpu] live_share_change: whether the serving engine changes a running instance's SM share
     # itself. False (MPS: a client's share is fixed when its CUDA context is created): a share the
     # controller wants is recorded as the job's wanted share, for festinad to restart the instance at.

@@ -30,6 +30,14 @@ to an optional ``activity`` callback: on a node without GPUs, festina-node wires
 to the simulated backend so that its power follows what the servers report
 (idle, prefill, decode) instead of a fixed workload.
 
+A server festinad started answers ``/admin/settings`` and the full ``/health``
+only with its instance's secret (``serve/secret.py``): the controller reads it
+from ``<secret_dir>/instance-<label>.secret`` (the label from the job comment;
+``JobSecrets``), and only when that file belongs to the job's own user, since a
+comment is the user's to write and root must not hand another instance's secret
+to the port a comment names. A secured server that the controller holds no
+secret for is left as it is (its open ``/health`` tells nothing of its queue).
+
 Nothing here trusts a server: its answer is type-checked, and the PID it
 reports is recorded (what ``drain_instance`` signals) only when ``/proc``
 shows that process belongs to the job. A server that does not answer, a
@@ -42,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +66,7 @@ from festina_hpc.node.state import GpuRecord, JobOnGpu, NodeState
 from festina_hpc.policy.base import Policy
 from festina_hpc.policy.types import GpuSettings, InstancePhase, ModelInfo, NodePower, Slo
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.secret import read_owned_secret, secret_path
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +122,51 @@ def parse_health(body: Any) -> ServerReport:
 
 
 class ModelServers(Protocol):
-    """The model servers of this node's jobs, by port (on loopback)."""
+    """The model servers of this node's jobs, by port (on loopback); ``secret``: the instance's, if any."""
 
-    def health(self, port: int) -> ServerReport:
-        """Its report; ``NodeError`` when it does not answer or is not serving."""
+    def health(self, port: int, secret: str | None = None) -> ServerReport:
+        """Its report; ``NodeError`` when it does not answer, is not serving or keeps its report to the secret."""
         ...
 
-    def apply(self, port: int, settings: Mapping[str, float | int]) -> None:
+    def apply(self, port: int, settings: Mapping[str, float | int], secret: str | None = None) -> None:
         """``POST /admin/settings``; ``NodeError`` when refused or unreachable."""
         ...
+
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+USER_SECRET_DIR = ".festina"  # in a user's home: their own serving jobs' secret files (docs/user-guide.md)
+
+
+class JobSecrets:
+    """The secret of a job's model server, from the first of ``<secret_dir>/instance-<label>.secret`` (festinad's
+    instances) and ``~<job user>/.festina/instance-<label>.secret`` (a user's own job) that the job's user owns
+    and no one else may read (module docstring); None when neither is."""
+
+    def __init__(self, secret_dir: str, home_of: Callable[[int], str | None] | None = None):
+        self._dir = secret_dir
+        self._home_of = home_of or _home
+
+    def __call__(self, job: JobOnGpu) -> str | None:
+        if job.instance is None or not _LABEL.fullmatch(job.instance):
+            return None
+        home = self._home_of(job.uid)
+        dirs = [d for d in (self._dir, home and str(Path(home) / USER_SECRET_DIR)) if d]
+        for directory in dirs:
+            secret = read_owned_secret(secret_path(directory, job.instance), job.uid)
+            if secret is not None:
+                return secret
+        return None
+
+
+def _home(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
 
 
 class HttpModelServers:
@@ -130,13 +176,15 @@ class HttpModelServers:
         self._timeout_s = timeout_s
         self._host = host
 
-    def _call(self, port: int, path: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _call(self, port: int, path: str, body: Mapping[str, Any] | None = None, secret: str | None = None) -> Any:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise NodeInputError(f"port {port!r} is not a TCP port")
         url = f"http://{self._host}:{port}{path}"
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:  # noqa: S310 - http to loopback
                 return json.loads(resp.read(65536))
@@ -145,11 +193,15 @@ class HttpModelServers:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise NodeError(f"{url}: {getattr(exc, 'reason', exc)}") from None
 
-    def health(self, port: int) -> ServerReport:
-        return parse_health(self._call(port, "/health"))
+    def health(self, port: int, secret: str | None = None) -> ServerReport:
+        body = self._call(port, "/health", secret=secret)
+        if isinstance(body, dict) and "running" not in body:
+            # A secured server's open answer: no queue to plan with, and reading it as idle would be wrong.
+            raise NodeError(f"127.0.0.1:{port}/health reports its queue only with its instance secret")
+        return parse_health(body)
 
-    def apply(self, port: int, settings: Mapping[str, float | int]) -> None:
-        self._call(port, "/admin/settings", settings)
+    def apply(self, port: int, settings: Mapping[str, float | int], secret: str | None = None) -> None:
+        self._call(port, "/admin/settings", settings, secret)
 
 
 def job_owns_pid(pid: int, job_id: int) -> bool:
@@ -282,8 +334,9 @@ class LocalController:
     def __init__(self, policy: Policy, store: ProfileStore, gpu_type: str, servers: ModelServers, *,
                  slo_for: Callable[[str], Slo], owns_pid: Callable[[int, int], bool] = job_owns_pid,
                  decisions: DecisionSink | None = None, clock: Callable[[], float] = time.time,
-                 activity: GpuActivity | None = None):
-        """The policy's ``context.live_share_change`` says whether servers take a new share (module docstring)."""
+                 activity: GpuActivity | None = None, secret_of: Callable[[JobOnGpu], str | None] | None = None):
+        """The policy's ``context.live_share_change`` says whether servers take a new share (module docstring);
+        ``secret_of`` gives a job's server secret (``JobSecrets``; None: servers are called without one)."""
         self._policy = policy
         self._live_share_change = policy.context.live_share_change
         self._store = store
@@ -294,6 +347,7 @@ class LocalController:
         self._decisions = decisions
         self._clock = clock
         self._activity = activity
+        self._secret_of = secret_of or (lambda job: None)
         self._models: dict[str, ModelInfo] = {}
 
     @property
@@ -350,7 +404,7 @@ class LocalController:
             if job.port is None or job.job_id in reports:
                 continue
             try:
-                reports[job.job_id] = self._servers.health(job.port)
+                reports[job.job_id] = self._servers.health(job.port, self._secret_of(job))
             except FestinaError as exc:
                 logger.info("job %d: model server on port %d not answering (%s); left as it is", job.job_id,
                             job.port, exc)
@@ -424,7 +478,7 @@ class LocalController:
                 if not changes:
                     continue
                 try:
-                    self._servers.apply(job.port, changes)
+                    self._servers.apply(job.port, changes, self._secret_of(job))
                     told[job.job_id] = changes
                 except FestinaError as exc:
                     logger.warning("job %d: model server on port %d not told %s: %s", job.job_id, job.port,

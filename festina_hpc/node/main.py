@@ -213,9 +213,11 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
         from festina_hpc.node.db_sink import DbEnergySink
 
         sink = decisions = DbEnergySink(Store(make_engine(cfg.db_url)), gpu_type, backend.device_count())
+    from festina_hpc.node.control import JobSecrets
+
     agent = NodeAgent(inv.node, backend, mps, StateFile(paths.state_file, paths.lock_file), paths, sink=sink,
                       slurm=slurm, jobs_changed=jobs_changed, clock_min_interval_s=cfg.clock_min_interval_s,
-                      live_share_change=cfg.live_share_change)
+                      live_share_change=cfg.live_share_change, job_secrets=JobSecrets(cfg.secret_dir))
     if not with_controller or not cfg.control_policy:
         return agent, None
     return agent, build_controller(cfg, store, gpu_type, decisions, activity)
@@ -224,7 +226,7 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
 def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None,
                      activity: GpuActivity | None = None) -> LocalController:
     """The local controller: the configured policy over the profiles, model servers over HTTP."""
-    from festina_hpc.node.control import HttpModelServers
+    from festina_hpc.node.control import HttpModelServers, JobSecrets
     from festina_hpc.policy.base import PolicyContext, make_policy
     from festina_hpc.sim.workload import default_slo
 
@@ -235,7 +237,7 @@ def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: Deci
         return default_slo(store, gpu, model, cfg.ttft_slo_multiplier, cfg.tbt_slo_multiplier)
 
     return LocalController(policy, store, gpu, HttpModelServers(cfg.server_timeout_s), slo_for=slo_for,
-                           decisions=decisions, activity=activity)
+                           decisions=decisions, activity=activity, secret_of=JobSecrets(cfg.secret_dir))
 
 
 def _gpu_config(cfg: NodeConfig) -> Any:

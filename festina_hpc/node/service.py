@@ -101,6 +101,17 @@ def _drain_instance(agent: NodeAgent, args: Mapping[str, Any]) -> int:
     return job.server_pid
 
 
+def _instance_secret(agent: NodeAgent, args: Mapping[str, Any]) -> str | None:
+    """The secret of a job's model server (festinad asks for a user's adopted job, whose file only that user
+    and root can read); None when the node knows none. Not one of festinad's ADMIN_OPS."""
+    job_id = _int(args, "job_id")
+    for rec in agent.status().gpus.values():
+        job = rec.job(job_id)
+        if job is not None:
+            return agent.job_secrets(job)
+    raise NodeInputError(f"job {job_id} does not run on this node")
+
+
 OPERATIONS: dict[str, Callable[[NodeAgent, Mapping[str, Any]], Any]] = {
     "status": lambda agent, args: as_plain(agent.status()),
     "lock_clocks": lambda agent, args: agent.lock_clock(_int(args, "gpu"), _int(args, "clock_mhz")),
@@ -110,6 +121,7 @@ OPERATIONS: dict[str, Callable[[NodeAgent, Mapping[str, Any]], Any]] = {
     "mps_stop": lambda agent, args: agent.mps_stop(_int(args, "gpu")),
     "set_settings": _settings,
     "drain_instance": _drain_instance,
+    "instance_secret": _instance_secret,
     "control_tick": lambda agent, args: {k: v for k, v in asdict(agent.control_tick()).items() if k != "readings"},
 }
 

@@ -20,11 +20,21 @@ shell words split with ``shlex`` into extra argv words, never run by a shell
 plan (``VLLM_MANAGED_FLAGS``, refused); the emulated engine takes the subset it
 knows (``EMULATED_ENGINE_FLAGS``) and ignores the rest, so an entry written
 for vLLM still runs emulated on a development cluster.
+
+An instance's secret reaches its server as the PATH of a file (mode 0600,
+festinad writes it), never as the secret: argv is readable by every user of the
+node (``ps``) and the batch script by Slurm's admins. The emulated server reads it
+(``--secret-file``); vLLM takes its key from ``VLLM_API_KEY``, which
+``keyed_argv`` sets from the file just before it execs vLLM (``python -m
+festina_hpc.serve.launch --secret-file PATH -- vllm serve ...``).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from festina_hpc.errors import FestinaError
@@ -101,15 +111,16 @@ class ServeSpec:
     batch_cap: int = 256
     memory_fraction: float = 1.0  # of the GPU's usable memory, as in StartInstance
     engine_args: str = ""  # the catalogue entry's extra engine arguments, shell words (see split_engine_args())
+    secret_file: str = ""  # the file holding the instance's secret ("" = an open server); its path, never the secret
 
 
 def serve_spec(store: ProfileStore, model: str, gpu_type: str, port: int, *, host: str = "0.0.0.0",
                sm_pct: float = 100.0, clock_mhz: int = 0, batch_cap: int = 256,
-               memory_fraction: float = 1.0, engine_args: str = "") -> ServeSpec:
+               memory_fraction: float = 1.0, engine_args: str = "", secret_file: str = "") -> ServeSpec:
     m, g = store.model(model), store.gpu(gpu_type)
     return ServeSpec(model=m.name, hf_name=m.hf_name, gpu_type=g.name, port=port, host=host, tp=m.tp_on(g.name),
                      sm_pct=sm_pct, clock_mhz=clock_mhz, batch_cap=batch_cap, memory_fraction=memory_fraction,
-                     engine_args=engine_args)
+                     engine_args=engine_args, secret_file=secret_file)
 
 
 def simulated_argv(spec: ServeSpec, festina: str | list[str] = "festina", time_scale: float = 1.0) -> list[str]:
@@ -123,14 +134,40 @@ def simulated_argv(spec: ServeSpec, festina: str | list[str] = "festina", time_s
         argv += ["--clock-mhz", str(spec.clock_mhz)]
     if time_scale != 1.0:
         argv += ["--time-scale", f"{time_scale:g}"]
+    if spec.secret_file:
+        argv += ["--secret-file", spec.secret_file]
     return argv + list(split_engine_args(spec.engine_args, "emulated"))
 
 
-def vllm_argv(spec: ServeSpec, vllm: str = "vllm") -> list[str]:
-    return [vllm, "serve", spec.hf_name, "--served-model-name", spec.model, "--host", spec.host,
+def vllm_argv(spec: ServeSpec, vllm: str = "vllm", python: str = sys.executable) -> list[str]:
+    """``vllm serve``; with a secret file, behind ``keyed_argv``'s wrapper (run by ``python``)."""
+    argv = [vllm, "serve", spec.hf_name, "--served-model-name", spec.model, "--host", spec.host,
             "--port", str(spec.port), "--tensor-parallel-size", str(spec.tp), "--max-num-seqs", str(spec.batch_cap),
             "--gpu-memory-utilization", f"{spec.memory_fraction * USABLE_MEMORY_FRAC:.4g}",
             *split_engine_args(spec.engine_args, "vllm")]
+    return keyed_argv(spec.secret_file, argv, python) if spec.secret_file else argv
+
+
+def keyed_argv(secret_file: str, argv: Sequence[str], python: str = sys.executable) -> list[str]:
+    """``argv`` run with ``VLLM_API_KEY`` read from ``secret_file`` (see ``main``)."""
+    return [python, "-m", "festina_hpc.serve.launch", "--secret-file", secret_file, "--", *argv]
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """``--secret-file PATH -- PROGRAM ARGS...``: exec PROGRAM with ``VLLM_API_KEY`` set from the file.
+
+    The environment of a process is readable only by its user and root, unlike its argv."""
+    from festina_hpc.serve.secret import read_secret_file
+
+    words = list(sys.argv[1:] if args is None else args)
+    if len(words) < 4 or words[0] != "--secret-file" or words[2] != "--":
+        raise SystemExit("usage: python -m festina_hpc.serve.launch --secret-file PATH -- PROGRAM [ARGS...]")
+    try:
+        os.environ["VLLM_API_KEY"] = read_secret_file(words[1])
+    except FestinaError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    sys.stdout.flush()
+    os.execvp(words[3], words[3:])
 
 
 def serving_argv(spec: ServeSpec, engine: str) -> list[str]:
@@ -140,3 +177,7 @@ def serving_argv(spec: ServeSpec, engine: str) -> list[str]:
     if engine == "vllm":
         return vllm_argv(spec)
     raise FestinaError(f"engine = {engine!r} is not one of {', '.join(ENGINES)}")
+
+
+if __name__ == "__main__":
+    main()

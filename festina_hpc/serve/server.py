@@ -16,8 +16,17 @@ instead, which speaks the same completions API (see ``serve/launch.py``); its
 settings then change through the GPU and vLLM's own restart, not this
 endpoint.
 
-The admin endpoint has no authentication yet (issue 9): bind to a host the
-head node and the node controller reach, not a public one.
+With a secret (``secret``: what ``festina serve --secret-file`` reads; festinad
+writes one per instance, mode 0600), ``/v1/*``, ``/admin/settings`` and
+``/metrics`` answer only a request carrying ``Authorization: Bearer <secret>``
+(401 in the API's error shape otherwise): any cluster user can read a job's port
+from ``squeue``, so without it they would be served with no key, quota or
+accounting, and could change another user's instance. ``/health`` stays open
+for readiness but, without the secret, says only ``status`` and ``model``; the
+queue, arrival rate, settings and pid (what festinad and festina-node plan
+with) go only to a caller with the secret (both hold it). Without a secret the
+server is open as before (a user running ``festina serve`` by hand) and logs so
+once at start.
 
 ``run_server`` serves until ``stop`` is set (SIGTERM in ``festina serve``),
 then drains: health turns 503, new requests get 503 with Retry-After, and
@@ -30,6 +39,7 @@ stay below it.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -49,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", SimulatedEngine)
 STATE_KEY = web.AppKey("state", dict)
+SECRET_KEY = web.AppKey("secret", bytes)  # b"" = no secret: the server is open
 RETRY_AFTER_S = 5  # what a draining server tells clients; the gateway will route elsewhere meanwhile
 
 
@@ -97,9 +108,37 @@ async def api_errors(request: web.Request, handler: Callable[[web.Request], Any]
                                  status=500)
 
 
-def make_app(engine: SimulatedEngine) -> web.Application:
-    app = web.Application(middlewares=[api_errors])
+def authorized(request: web.Request) -> bool:
+    """Whether ``request`` carries the server's secret (always, when it has none)."""
+    secret = request.app[SECRET_KEY]
+    if not secret:
+        return True
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    # compare_digest: the time a comparison takes says nothing about how much of the secret matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
+
+
+OPEN_PATHS = frozenset({"/health"})  # every other route, present or future, needs the secret
+
+
+@web.middleware
+async def require_secret(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """Requests to guarded routes without the secret: 401, before any handler reads the body."""
+    if request.path not in OPEN_PATHS and not authorized(request):
+        raise openai.ApiError(401, "this instance answers only festinad and its node controller "
+                              "(Authorization: Bearer <instance secret>)", error_type="authentication_error",
+                              code="invalid_instance_secret")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def make_app(engine: SimulatedEngine, secret: str | None = None) -> web.Application:
+    """The server's routes; with ``secret``, guarded as the module docstring says."""
+    # require_secret inside api_errors: its 401 gets the API's JSON error shape.
+    app = web.Application(middlewares=[api_errors, require_secret])
     app[ENGINE_KEY] = engine
+    app[SECRET_KEY] = (secret or "").encode()
     app[STATE_KEY] = {"draining": False, "created_s": int(time.time()), "registry": engine_registry(engine)}
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -172,8 +211,11 @@ async def models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     draining = request.app[STATE_KEY]["draining"]
-    body: dict[str, Any] = {"status": "draining" if draining else "ok", "model": engine.model,
-                            "gpu": engine.gpu_type, "engine": "simulated", "in_flight": engine.in_flight}
+    body: dict[str, Any] = {"status": "draining" if draining else "ok", "model": engine.model}
+    if not authorized(request):
+        # Readiness only: anything about the queue or its rate tells another user what this one asks.
+        return web.json_response(body, status=503 if draining else 200)
+    body.update(gpu=engine.gpu_type, engine="simulated", in_flight=engine.in_flight)
     # Load for festinad, which polls this (one request gives readiness and the queue): sequences
     # admitted and queued, the phase mix as prompt tokens still to prefill.
     stats = engine.stats()
@@ -235,10 +277,13 @@ async def running_app(app: web.Application, host: str = "127.0.0.1", port: int =
 
 
 async def run_server(engine: SimulatedEngine, host: str, port: int, stop: asyncio.Event,
-                     on_ready: Callable[[str], None], drain_s: float = 5.0) -> None:
+                     on_ready: Callable[[str], None], drain_s: float = 5.0, secret: str | None = None) -> None:
     """Serve until ``stop`` is set, then drain and shut down (see module docstring)."""
+    if not secret:
+        log.warning("no secret file: this server answers anyone who reaches %s:%d (festinad's jobs get one)",
+                    host, port)
     await engine.start()
-    app = make_app(engine)
+    app = make_app(engine, secret)
     try:
         async with running_app(app, host, port) as url:
             on_ready(url)
@@ -253,11 +298,12 @@ async def run_server(engine: SimulatedEngine, host: str, port: int, stop: asynci
 
 
 @asynccontextmanager
-async def simulated_server(engine: SimulatedEngine, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def simulated_server(engine: SimulatedEngine, host: str = "127.0.0.1", port: int = 0,
+                           secret: str | None = None) -> AsyncIterator[str]:
     """Start ``engine`` and serve it for the block (tests, in-process instances); yields the base URL."""
     await engine.start()
     try:
-        async with running_app(make_app(engine), host, port) as url:
+        async with running_app(make_app(engine, secret), host, port) as url:
             yield url
     finally:
         await engine.stop()

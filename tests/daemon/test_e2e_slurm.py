@@ -109,6 +109,21 @@ async def _first_run(url: str, slurm: CliSlurmClient, small_job: int, cfg: DevCl
             ([r for r in results if r[0] != "ok"],
              [(j.job_id, j.state, j.reason, j.gres, j.nodes) for j in slurm.list_jobs()])
         jobs = festina_jobs(slurm)
+        # A cluster user who reads a festinad job's port from squeue gets nothing from it: no completion
+        # without the instance's secret, and a /health that says nothing of its queue.
+        own = [dict(f.split("=", 1) for f in j.comment.split(":", 1)[1].split(",")) for j in jobs.values()
+               if j.state == "RUNNING" and "instance=" in j.comment
+               and j.comment.split("instance=")[1].split(",")[0].isdigit()]
+        assert own, jobs
+        for fields in own:
+            direct = f"http://127.0.0.1:{fields['port']}"
+            async with session.post(f"{direct}/v1/completions",
+                                    json={"model": fields["model"], "prompt": "x", "max_tokens": 1}) as resp:
+                assert resp.status == 401, fields
+            async with session.post(f"{direct}/admin/settings", json={"batch_cap": 1}) as resp:
+                assert resp.status == 401, fields
+            async with session.get(f"{direct}/health") as resp:
+                assert set(await resp.json()) == {"status", "model"}, fields
         # Three models served, the user's job (adopted, even while its node resumes) perhaps serving llama.
         assert len(jobs) >= 3, jobs
         used_nodes = {n for j in jobs.values() for n in j.nodes}

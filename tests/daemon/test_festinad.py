@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import stat
+import tempfile
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -40,8 +44,10 @@ from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, StartInstance, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import SimulatedEngine
+from festina_hpc.serve.secret import read_secret_file, write_secret
 from festina_hpc.serve.server import make_app, running_app
 from festina_hpc.slurm.errors import SlurmCommandError
+from festina_hpc.slurm.sbatch import render_script
 from festina_hpc.slurm.types import Gres, ServingJobSpec, SlurmJob, SlurmNode
 
 GPU = "h100-sxm-80gb"
@@ -60,6 +66,9 @@ class FakeSlurm:
         self.calls: list[str] = []
         self.started: list[tuple[ServingJobSpec, int]] = []
         self.cancelled: list[int] = []
+        # The cluster's shared filesystem (festinad's secret_dir lives there, as on a real cluster).
+        self.shared_dir = Path(tempfile.mkdtemp(prefix="festina-fake-shared-"))
+        weakref.finalize(self, shutil.rmtree, self.shared_dir, True)
 
     def _maybe_fail(self, what: str) -> None:
         self.calls.append(what)
@@ -106,7 +115,8 @@ class FakeSlurm:
 
 
 class Servers:
-    """Runs an emulated server for each job the fake Slurm started, on the port festinad chose."""
+    """Runs an emulated server for each job the fake Slurm started, on the port festinad chose, with the secret
+    its command line names the file of (as ``festina serve --secret-file`` does)."""
 
     def __init__(self, store: ProfileStore, slurm: FakeSlurm):
         self.store, self.slurm = store, slurm
@@ -121,7 +131,9 @@ class Servers:
             port = int(parse_comment(spec.comment or "")["port"])  # type: ignore[index]
             engine = SimulatedEngine(self.store, spec.model, GPU, time_scale=0.05)
             await engine.start()
-            await self.stack.enter_async_context(running_app(make_app(engine), "127.0.0.1", port))
+            secret = read_secret_file(spec.command[spec.command.index("--secret-file") + 1]) \
+                if "--secret-file" in spec.command else None
+            await self.stack.enter_async_context(running_app(make_app(engine, secret), "127.0.0.1", port))
 
 
 def _free_port_base(span: int = 16) -> int:
@@ -144,13 +156,14 @@ def _free_port_base(span: int = 16) -> int:
 
 
 async def _festinad(store: ProfileStore, slurm: FakeSlurm, db: Store,
-                    model_options: dict[str, ModelOptions] | None = None) -> Festinad:
+                    model_options: dict[str, ModelOptions] | None = None, node_control: Any = None) -> Festinad:
     policy = make_policy("festina", PolicyContext(store, GPU))
     slos = {m.name: m.slo for m in gateway_models(store, GPU, MODELS)}
     settings = FestinadSettings(serve_port_base=_free_port_base(), start_timeout_s=10, drain_timeout_s=1,
-                                health_poll_s=0.02, job_poll_s=0.05)
+                                health_poll_s=0.02, job_poll_s=0.05, job_output_dir=str(slurm.shared_dir))
     festinad = Festinad(policy, store, slurm, db, slos, settings,
-                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01), model_options=model_options)
+                        slurm_retry=SlurmRetry(slurm, attempts=3, backoff_s=0.01), model_options=model_options,
+                        node_control=node_control)
     await festinad.setup()
     return festinad
 
@@ -462,3 +475,140 @@ def test_parse_comment() -> None:
     assert parse_comment("festina:model=m,instance=3,port=9") == {"model": "m", "instance": "3", "port": "9"}
     assert parse_comment("something else") is None
     assert parse_comment("festina:instance=3") is None
+
+
+def test_each_instance_answers_only_festinad_with_its_own_secret(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        for model in MODELS:
+            assert (await _ask(session, url, servers, model=model))[0] == 200  # the gateway sends the secret
+        secrets = []
+        for spec, _ in slurm.started:
+            path = Path(spec.command[spec.command.index("--secret-file") + 1])
+            assert path.parent == slurm.shared_dir / "secrets" and stat.S_IMODE(path.stat().st_mode) == 0o600
+            secret = read_secret_file(path)
+            # The path travels; the secret is on no command line, comment or batch script (squeue, ps, Slurm).
+            assert secret not in render_script(spec) and secret not in (spec.comment or "")
+            secrets.append(secret)
+        assert len(set(secrets)) == 2
+        inst = next(i for i in festinad.view.live.values() if i.model == MODELS[0])
+        assert inst.endpoint is not None and inst.endpoint.secret in secrets and secrets[0] not in repr(inst.endpoint)
+        # A cluster user who read the port from squeue: refused, and /health tells them nothing of the queue.
+        body = {"model": MODELS[0], "prompt": "hi", "max_tokens": 1}
+        async with session.post(f"{inst.endpoint.url}/v1/completions", json=body) as resp:
+            assert resp.status == 401
+        async with session.post(f"{inst.endpoint.url}/admin/settings", json={"batch_cap": 1}) as resp:
+            assert resp.status == 401
+        async with session.get(f"{inst.endpoint.url}/health") as resp:
+            assert set(await resp.json()) == {"status", "model"}
+        # festinad's own load poll gets the full report.
+        assert await festinad._health(inst.endpoint.url, inst.endpoint.secret) is not None
+        path = Path(slurm.started[0][0].command[slurm.started[0][0].command.index("--secret-file") + 1])
+        await festinad.execute(Plan((StopInstance(inst.id),), "test: scale in"))
+        assert not path.exists()  # a stopped instance's secret is gone with it
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_a_restarted_festinad_reads_its_instances_secrets_back(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+
+    async def main() -> None:
+        first = await _festinad(store, slurm, db)
+        async for url in _serve(first, servers, store):
+            async with aiohttp.ClientSession() as session:
+                assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        (old,) = first.view.live.values()
+        secret = old.endpoint.secret if old.endpoint else None
+        await first.close()
+        second = await _festinad(store, slurm, db)
+        try:
+            (inst,) = second.view.live.values()
+            await _until_ready(inst, servers)
+            assert inst.endpoint is not None and secret and inst.endpoint.secret == secret
+            async for url in _serve(second, servers, store):
+                async with aiohttp.ClientSession() as session:
+                    assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+            assert len(slurm.started) == 1  # served by the job it took back
+        finally:
+            await second.close()
+            await servers.stack.aclose()
+
+    asyncio.run(main())
+
+
+class FakeNodeControl:
+    """festina-node's answers to ``instance_secret``: the secret of each job's own file, by job id."""
+
+    def __init__(self, secrets: dict[int, str]):
+        self.secrets = secrets
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def call(self, node: str, op: str, args: dict[str, Any]) -> Any:
+        self.calls.append((node, op, dict(args)))
+        return self.secrets.get(args["job_id"])
+
+
+def test_a_users_own_job_with_a_secret_is_adopted_with_the_secret_its_node_reads(store: ProfileStore,
+                                                                                db: Store) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+    path, secret = write_secret(slurm.shared_dir / "alice" / ".festina", "alice-1")
+    port = _free_port_base(1)
+    user = SlurmJob(7, "mine", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                    f"festina:model=mistral-7b,instance=alice-1,port={port}", "alice", "", "gpu")
+    slurm.jobs[7] = user
+    slurm.started.append((ServingJobSpec("mistral-7b", "alice-1", ("festina", "serve", "--secret-file", str(path)),
+                                         "/tmp/o", mps_pct=50, comment=user.comment), 7))
+
+    async def main() -> None:
+        await servers.pump()
+        nodes = FakeNodeControl({7: secret})
+        festinad = await _festinad(store, slurm, db, node_control=nodes)
+        try:
+            (inst,) = festinad.view.live.values()
+            await _until_ready(inst, servers)
+            assert nodes.calls == [("n2", "instance_secret", {"job_id": 7})]
+            assert inst.endpoint is not None and inst.endpoint.secret == secret
+            async for url in _serve(festinad, servers, store):
+                async with aiohttp.ClientSession() as session:
+                    assert (await _ask(session, url, servers, model="mistral-7b"))[0] == 200
+            assert len(slurm.started) == 1  # served by the adopted job
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_secured_job_whose_secret_festinad_cannot_learn_is_reported(store: ProfileStore, db: Store,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    slurm = FakeSlurm(store)
+    servers = Servers(store, slurm)
+    path, _ = write_secret(slurm.shared_dir / "alice" / ".festina", "alice-1")
+    port = _free_port_base(1)
+    user = SlurmJob(7, "mine", "RUNNING", "None", ("n2",), (Gres("mps", None, 50),), (),
+                    f"festina:model=mistral-7b,instance=alice-1,port={port}", "alice", "", "gpu")
+    slurm.jobs[7] = user
+    slurm.started.append((ServingJobSpec("mistral-7b", "alice-1", ("festina", "serve", "--secret-file", str(path)),
+                                         "/tmp/o", mps_pct=50, comment=user.comment), 7))
+
+    async def main() -> None:
+        await servers.pump()
+        festinad = await _festinad(store, slurm, db, node_control=FakeNodeControl({}))  # the node knows none
+        try:
+            (inst,) = festinad.view.live.values()
+            for _ in range(100):
+                if "answers only with a secret festinad does not hold" in caplog.text:
+                    break
+                await asyncio.sleep(0.02)
+            assert "instance 1 (job 7)" in caplog.text and "its requests will fail" in caplog.text
+            assert inst.endpoint is not None and inst.endpoint.secret is None
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    with caplog.at_level("WARNING", logger="festina_hpc.daemon.festinad"):
+        asyncio.run(main())

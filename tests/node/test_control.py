@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -16,7 +18,14 @@ import pytest
 from festina_hpc.gpu.base import Workload
 from festina_hpc.node.agent import NodeAgent
 from festina_hpc.node.config import NodeConfig, NodePaths
-from festina_hpc.node.control import GpuActivity, LocalController, ServerReport, parse_health
+from festina_hpc.node.control import (
+    GpuActivity,
+    HttpModelServers,
+    JobSecrets,
+    LocalController,
+    ServerReport,
+    parse_health,
+)
 from festina_hpc.node.errors import NodeError, NodeInputError
 from festina_hpc.node.hookenv import Directives, JobContext
 from festina_hpc.node.main import (
@@ -31,6 +40,7 @@ from festina_hpc.node.simulated import PersistentSimulatedGpu
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.types import ClusterView, Drop, GpuSettings, GpuView, Placement, Request
 from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.serve.secret import write_secret
 from festina_hpc.sim.workload import default_slo
 from tests.conftest import REPO_PROFILES
 from tests.node.conftest import SimNode
@@ -47,13 +57,16 @@ class FakeServers:
     reports: dict[int, ServerReport]  # port -> what /health says
     applied: list[tuple[int, dict[str, float | int]]] = field(default_factory=list)
     down: set[int] = field(default_factory=set)
+    secrets: list[tuple[str, int, str | None]] = field(default_factory=list)  # (call, port, secret sent)
 
-    def health(self, port: int) -> ServerReport:
+    def health(self, port: int, secret: str | None = None) -> ServerReport:
+        self.secrets.append(("health", port, secret))
         if port in self.down:
             raise NodeError(f"port {port}: connection refused")
         return self.reports[port]
 
-    def apply(self, port: int, settings: Mapping[str, float | int]) -> None:
+    def apply(self, port: int, settings: Mapping[str, float | int], secret: str | None = None) -> None:
+        self.secrets.append(("apply", port, secret))
         if port in self.down:
             raise NodeError(f"port {port}: connection refused")
         self.applied.append((port, dict(settings)))
@@ -75,11 +88,12 @@ def serving_job(job_id: int, gpu: int, port: int, mps_pct: int = 50) -> JobConte
 
 def controller(servers: FakeServers, decisions: FakeDecisions | None = None,
                owns: bool = True, activity: GpuActivity | None = None, live_share_change: bool = False,
-               policy: Policy | None = None) -> LocalController:
+               policy: Policy | None = None, secret_of: Any = None) -> LocalController:
     store = ProfileStore(REPO_PROFILES)
     policy = policy or make_policy("festina", PolicyContext(store, GPU, live_share_change=live_share_change))
     return LocalController(policy, store, GPU, servers, slo_for=lambda m: default_slo(store, GPU, m),
-                           owns_pid=lambda pid, job: owns, decisions=decisions, activity=activity)
+                           owns_pid=lambda pid, job: owns, decisions=decisions, activity=activity,
+                           secret_of=secret_of)
 
 
 class WantsShare(Policy):
@@ -320,3 +334,50 @@ def test_the_node_builds_its_policy_and_agent_with_the_configured_live_share_cha
     agent, ctl = build_node(Invocation(cfg, "n1", {}, "simulated"), with_controller=True)
     assert ctl is not None
     assert ctl.policy.context.live_share_change is live and agent.live_share_change is live
+
+
+def test_each_server_is_called_with_its_own_secret_and_only_its_users_file_counts(sim_node: SimNode,
+                                                                                 tmp_path: Path) -> None:
+    n = sim_node
+    secret_dir = tmp_path / "secrets"
+    _, mine = write_secret(secret_dir, "11")  # festinad's instance 11, run as the job's user (uid 0 here)
+    write_secret(secret_dir, "12")
+    servers = FakeServers({9001: DECODING, 9002: DECODING, 9003: DECODING})
+    n.agent.prolog(serving_job(11, 0, 9001, mps_pct=30))
+    # Another user's job whose comment names festinad's instance 12: root must not send it 12's secret.
+    n.agent.prolog(JobContext(12, os.getuid() + 1000, "mallory", "n1", (0,), 30, Directives(MODEL, "12", None, 9002)))
+    n.agent.prolog(JobContext(13, 0, "root", "n1", (1,), 30, Directives(MODEL, "../12", None, 9003)))
+    policy = WantsShare(PolicyContext(ProfileStore(REPO_PROFILES), GPU), sm_pct=30.0, batch_cap=8)
+    controller(servers, policy=policy, secret_of=JobSecrets(str(secret_dir), home_of=lambda uid: None)).step(n.agent)
+    sent = {(call, port): secret for call, port, secret in servers.secrets}
+    assert sent[("health", 9001)] == mine and sent[("apply", 9001)] == mine
+    assert sent[("health", 9002)] is None and sent[("apply", 9002)] is None
+    assert sent[("health", 9003)] is None  # a label that is not one word names no file
+    assert JobSecrets("", home_of=lambda uid: None)(n.state.read().gpu(0).jobs[0]) is None  # no secret_dir: none
+    # A user's own job: the secret file in their home's .festina, by the job's label.
+    home = tmp_path / "home"
+    _, users = write_secret(home / ".festina", "11")
+    assert JobSecrets("", home_of=lambda uid: str(home))(n.state.read().gpu(0).jobs[0]) == users
+
+
+def test_http_servers_send_the_secret_and_a_secured_servers_open_health_is_no_report(tmp_path: Path) -> None:
+    from festina_hpc.serve.engine import SimulatedEngine
+    from festina_hpc.serve.server import simulated_server
+
+    secret = "x" * 43
+    http = HttpModelServers(timeout_s=5.0)
+
+    async def scenario() -> None:
+        engine = SimulatedEngine(ProfileStore(REPO_PROFILES), MODEL, GPU)
+        async with simulated_server(engine, secret=secret) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with pytest.raises(NodeError, match="only with its instance secret"):
+                await asyncio.to_thread(http.health, port)
+            report = await asyncio.to_thread(http.health, port, secret)
+            assert report.model == MODEL and report.batch_cap == 256
+            with pytest.raises(NodeError, match="HTTP 401"):
+                await asyncio.to_thread(http.apply, port, {"batch_cap": 8})
+            await asyncio.to_thread(http.apply, port, {"batch_cap": 8}, secret)
+            assert (engine.pending_settings or engine.settings).batch_cap == 8
+
+    asyncio.run(scenario())

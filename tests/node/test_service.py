@@ -74,3 +74,19 @@ def test_root_and_the_service_user_may(served: tuple[SimNode, Path]) -> None:
         request(sock, "lock_clocks", {"gpu": 0, "clock_mhz": "1200; reboot"})
     with pytest.raises(NodeError, match="unknown op"):
         request(sock, "shell", {"cmd": "id"})
+
+
+def test_instance_secret_answers_root_and_the_service_user_only(served: tuple[SimNode, Path], tmp_path: Path) -> None:
+    from festina_hpc.daemon.node_control import ADMIN_OPS
+    from festina_hpc.node.control import JobSecrets
+    from festina_hpc.serve.secret import write_secret
+
+    node, sock = served
+    _, secret = write_secret(tmp_path / "secrets", "71")
+    node.agent.job_secrets = JobSecrets(str(tmp_path / "secrets"), home_of=lambda uid: None)
+    node.agent.prolog(make_job(71, mps_pct=50))
+    assert call_as("nobody", sock, "instance_secret", {"job_id": 71})["ok"] is False
+    assert call_as("daemon", sock, "instance_secret", {"job_id": 71}) == {"ok": True, "result": secret}
+    with pytest.raises(NodeError, match="job 72 does not run on this node"):
+        request(sock, "instance_secret", {"job_id": 72})
+    assert "instance_secret" not in ADMIN_OPS  # festinad never relays it for an admin

@@ -24,6 +24,17 @@ def test_vllm_argv_loads_the_hf_model_under_festinas_name(store: ProfileStore) -
         "--gpu-memory-utilization", "0.45"]
 
 
+def test_a_secret_reaches_the_server_as_a_file_path_never_as_argv(store: ProfileStore) -> None:
+    spec = serve_spec(store, "llama-3.1-8b", "h100", 8001, secret_file="/var/lib/festina/secrets/instance-3.secret")
+    emulated = serving_argv(spec, "emulated")
+    assert emulated[-2:] == ["--secret-file", "/var/lib/festina/secrets/instance-3.secret"]
+    vllm = serving_argv(spec, "vllm")
+    # vLLM has no secret-file flag: a wrapper reads the file and hands vLLM the key in its environment.
+    assert vllm[1:6] == ["-m", "festina_hpc.serve.launch", "--secret-file",
+                         "/var/lib/festina/secrets/instance-3.secret", "--"]
+    assert vllm[6:8] == ["vllm", "serve"] and "--api-key" not in vllm
+
+
 def test_unknown_engine(store: ProfileStore) -> None:
     with pytest.raises(FestinaError, match="engine = 'sglang'"):
         serving_argv(serve_spec(store, "llama-3.1-8b", "h100", 1), "sglang")

@@ -222,3 +222,84 @@ def test_chunked_prefill_paces_each_chunk_and_health_reports_the_settings(store:
                 assert resp.status == 400 and (await resp.json())["error"]["param"] == "chunk_tokens"
 
     run(scenario())
+
+
+SECRET = "s3cret-of-this-instance-0123456789"
+COMPLETION = {"model": MODEL, "prompt": [1, 2], "max_tokens": 2}
+GUARDED = [("post", "/v1/completions", COMPLETION), ("get", "/v1/models", None),
+           ("post", "/admin/settings", {"batch_cap": 1}), ("get", "/admin/settings", None),
+           ("get", "/metrics", None)]
+
+
+@pytest.mark.parametrize("method, path, body", GUARDED)
+@pytest.mark.parametrize("case, headers, status", [
+    ("no secret", {}, 401),
+    ("wrong secret", {"Authorization": "Bearer not-the-secret-at-all-0000"}, 401),
+    ("secret as a prefix", {"Authorization": f"Bearer {SECRET}x"}, 401),
+    ("another scheme", {"Authorization": f"Basic {SECRET}"}, 401),
+    ("the secret", {"Authorization": f"Bearer {SECRET}"}, 200),
+])
+def test_a_server_with_a_secret_answers_only_its_holder(store: ProfileStore, method: str, path: str,
+                                                       body: dict[str, Any] | None, case: str,
+                                                       headers: dict[str, str], status: int) -> None:
+    async def scenario() -> None:
+        engine = make_engine(store)
+        async with simulated_server(engine, secret=SECRET) as url, aiohttp.ClientSession() as session:
+            async with session.request(method, f"{url}{path}", json=body, headers=headers) as resp:
+                assert resp.status == status, case
+                if status == 401:
+                    error = (await resp.json())["error"]
+                    assert error["type"] == "authentication_error" and SECRET not in error["message"]
+            if path == "/admin/settings" and method == "post":
+                # A refused change leaves the instance as it was.
+                applied = engine.pending_settings or engine.settings
+                assert (applied.batch_cap == 1) == (status == 200)
+
+    run(scenario())
+
+
+def test_health_without_the_secret_says_only_whether_it_serves(store: ProfileStore) -> None:
+    async def scenario() -> None:
+        async with simulated_server(make_engine(store), secret=SECRET) as url, aiohttp.ClientSession() as session:
+            holder = {"Authorization": f"Bearer {SECRET}"}
+            pending = asyncio.ensure_future(session.post(f"{url}/v1/completions", headers=holder,
+                                                         json={**COMPLETION, "max_tokens": 30}))
+            await asyncio.sleep(0.1)  # in flight: a queue the open answer must not show
+            async with session.get(f"{url}/health") as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"status": "ok", "model": MODEL}
+            async with session.get(f"{url}/health", headers=holder) as resp:
+                full = await resp.json()
+            assert full["running"] + full["waiting"] == 1 and full["in_flight"] == 1
+            assert {"arrival_rate_per_s", "pending_prompt_tokens", "pid", "batch_cap"} <= set(full)
+            (await pending).release()
+
+    run(scenario())
+
+
+def test_a_server_without_a_secret_stays_open(store: ProfileStore) -> None:
+    async def scenario() -> None:
+        async with simulated_server(make_engine(store)) as url, aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json=COMPLETION) as resp:
+                assert resp.status == 200
+            async with session.get(f"{url}/health") as resp:
+                assert "running" in await resp.json()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("secret, warned", [(None, True), (SECRET, False)])
+def test_a_server_started_without_a_secret_says_once_that_it_is_open(store: ProfileStore,
+                                                                     caplog: pytest.LogCaptureFixture,
+                                                                     secret: str | None, warned: bool) -> None:
+    from festina_hpc.serve.server import run_server
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        await run_server(make_engine(store), "127.0.0.1", 0, stop, lambda url: stop.set(), drain_s=0.0,
+                         secret=secret)
+
+    with caplog.at_level("WARNING", logger="festina_hpc.serve.server"):
+        run(scenario())
+    opened = [r for r in caplog.records if "answers anyone" in r.getMessage()]
+    assert len(opened) == (1 if warned else 0)

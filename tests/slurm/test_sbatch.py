@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from festina_hpc.daemon.festinad import job_comment
+from festina_hpc.serve.launch import ServeSpec, simulated_argv, vllm_argv
 from festina_hpc.slurm.errors import SlurmInputError
 from festina_hpc.slurm.sbatch import render_script
 from festina_hpc.slurm.types import ServingJobSpec
@@ -22,7 +24,20 @@ GPU_JOB = ServingJobSpec(model="meta-llama/Llama-3.1-70B", instance_id="big-0",
                          env=(("FESTINA_PORT", "8200"), ("HF_HOME", "/m x")))
 
 
-@pytest.mark.parametrize(("name", "spec"), [("mps_job.sbatch", MPS_JOB), ("gpu_job.sbatch", GPU_JOB)])
+# festinad's own jobs, as Festinad.job_spec makes them: the server gets its secret file's path, never the secret.
+SECRET_FILE = "/var/lib/festina/secrets/instance-3.secret"
+_SERVE = ServeSpec(model="llama-3.1-8b", hf_name="meta-llama/Llama-3.1-8B", gpu_type="h100-sxm-80gb", port=20003,
+                   sm_pct=50, secret_file=SECRET_FILE)
+SECRET_JOBS = {
+    "secret_emulated_job.sbatch": replace(MPS_JOB, instance_id="3", comment=job_comment("llama-3.1-8b", 3, 20003),
+                                          command=tuple(simulated_argv(_SERVE, "festina")), exclude=()),
+    "secret_vllm_job.sbatch": replace(MPS_JOB, instance_id="3", comment=job_comment("llama-3.1-8b", 3, 20003),
+                                      command=tuple(vllm_argv(_SERVE, python="/usr/bin/python3")), exclude=()),
+}
+
+
+@pytest.mark.parametrize(("name", "spec"), [("mps_job.sbatch", MPS_JOB), ("gpu_job.sbatch", GPU_JOB),
+                                            *SECRET_JOBS.items()])
 def test_script_matches_golden_file(name: str, spec: ServingJobSpec) -> None:
     golden = GOLDEN / name
     if os.environ.get("FESTINA_UPDATE_GOLDEN"):
@@ -53,3 +68,12 @@ def test_script_matches_golden_file(name: str, spec: ServingJobSpec) -> None:
 def test_bad_fields_are_refused(case: str, changes: dict[str, object], message: str) -> None:
     with pytest.raises(SlurmInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         render_script(replace(MPS_JOB, **changes))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_JOBS))
+def test_a_secret_job_names_its_secret_file_and_holds_no_secret(name: str) -> None:
+    script = (GOLDEN / name).read_text(encoding="utf-8")
+    assert f"--secret-file {SECRET_FILE}" in script
+    comment = next(line for line in script.splitlines() if line.startswith("#SBATCH --comment="))
+    assert "secret" not in comment  # squeue -o %k shows the comment to every user
+    assert "VLLM_API_KEY" not in script and "--api-key" not in script and "Bearer" not in script
