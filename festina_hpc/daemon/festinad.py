@@ -319,7 +319,8 @@ class Festinad:
         self.cluster = LiveCluster(self.profiles, self.policy.context.gpu_type, self.slos, nodes=len(nodes),
                                    gpus_per_node=gpus_per_node, clock=self._clock, limits=limits)
         self._router = PolicyRouter(self.policy, self.cluster, self._start_instance, self._stop_ready,
-                                    new_instance_id=self._new_instance_id, on_refused=self._placement_refused)
+                                    new_instance_id=self._new_instance_id, on_refused=self._placement_refused,
+                                    on_failed=self._instance_failed)
         node_ids = self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON,
                                                        gpus_per_node) for n in nodes])
         gpu_ids = self.store.upsert_gpus([GpuRecord(n.name, i, self.view.gpu_type)
@@ -521,9 +522,44 @@ class Festinad:
                 return
             await asyncio.sleep(self.settings.health_poll_s)
 
+    def _instance_failed(self, inst: LiveInstance) -> None:
+        """``PolicyRouter``'s report of an instance the gateway could not reach (it is loading again)."""
+        log.warning("instance %d of %s (job %s) could not be reached: checked now", inst.id, inst.model,
+                    inst.slurm_job_id)
+        self._spawn(self._check_unreachable(inst))
+
+    async def _check_unreachable(self, inst: LiveInstance) -> None:
+        """What reconcile would find, without waiting for it: the instance's job ended (killed, cancelled) stops
+        it, freeing its place, so the requests waiting on it are placed again and a replacement starts as a cold
+        start would; a server that answers again is ready (a connection lost, not the instance); a job that runs
+        but does not answer within ``start_timeout_s`` is cancelled, as a start that never answers is."""
+        assert inst.endpoint is not None
+        url = inst.endpoint.url
+        deadline = self._clock() + self.settings.start_timeout_s
+        while inst.id in self.view.live and inst.phase is InstancePhase.LOADING and inst.id not in self._busy:
+            if await self._health(url, self._secrets.get(inst.id)) is not None:
+                log.info("instance %d of %s answers again", inst.id, inst.model)
+                self._mark_ready(inst, url)
+                return
+            if inst.slurm_job_id is not None:
+                try:
+                    job = await self._slurm("get job", self.slurm.get_job, inst.slurm_job_id)
+                except SlurmError as exc:
+                    log.warning("instance %d: Slurm does not say whether job %d runs: %s", inst.id,
+                                inst.slurm_job_id, exc)
+                else:
+                    if job is None or job.state in FINISHED_JOB_STATES:
+                        self._forget(inst, f"unreachable, job {inst.slurm_job_id} {job.state if job else 'gone'}")
+                        return
+            if self._clock() >= deadline:
+                await self.stop_instance(inst, f"unreachable for {self.settings.start_timeout_s:g} s")
+                return
+            await asyncio.sleep(self.settings.job_poll_s)
+
     def _mark_ready(self, inst: LiveInstance, url: str) -> None:
         if inst.phase is not InstancePhase.LOADING:
             return
+        inst.lost = False
         inst.endpoint = self._endpoint(url, inst.id)
         inst.phase = InstancePhase.READY
         inst.ready_at_s = self.view.now_s

@@ -12,9 +12,14 @@ first token-bearing chunk, the gaps between tokens (mean and max), and the
 instance's own token counts. A streaming client gets the chunks as they come
 (the usage chunk only if it asked for it); a non-streaming client gets them
 assembled into one completion (text, finish reason and usage; per-token
-logprobs are not assembled). An unreachable or failing instance gives 502;
-one that fails or stops once a stream has begun gives the client an error event
-and no ``[DONE]``; its 400/413/422/429/503 answers pass through. A client that
+logprobs are not assembled). An instance that cannot be reached before any
+byte of its answer (refused, reset, closed before its headers) is reported to
+the router (``Router.failed``) and the request routed again, at most
+``MAX_REROUTES`` times and within what is left of ``scale_timeout_s`` (then 503
+with Retry-After): behind festinad it waits for a dead instance's replacement
+as for a cold start. An instance that answers 5xx, or sends a malformed stream,
+gives 502; one that fails or stops once a stream has begun gives the client an
+error event and no ``[DONE]``; its 400/413/422/429/503 answers pass through. A client that
 hangs up (streaming or not) closes the upstream stream, which ends the
 generation on the instance at its next step. Each request ends as one
 ``CompletionRecord`` handed to the injected ``Recorder``, with its SLO
@@ -63,6 +68,11 @@ from festina_hpc.serve.server import api_errors
 log = logging.getLogger(__name__)
 
 PASSED_THROUGH = frozenset({400, 413, 422, 429, 503})  # upstream answers that are the client's to see
+# Failures before the instance's response headers that mean it is not there (refused or reset on connect,
+# closed before answering), so the request is routed again. A connect or read timeout is not among them:
+# a slow instance may still be working on it.
+UNREACHABLE = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)  # ClientOSError: refused (connector), reset
+MAX_REROUTES = 3  # reroutes of one request after unreachable instances: bounded, never a loop
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,16 @@ class GatewayConfig:
     retry_after_s: int = 10  # Retry-After on a 503
     connect_timeout_s: float = 5.0  # to an instance
     read_timeout_s: float = 120.0  # longest silence between an instance's chunks
+
+
+class _Unreachable(Exception):
+    """The instance could not be reached before any byte of its answer: nothing was sent, the request may go
+    elsewhere."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"{url}: {why}")
+        self.url = url
+        self.why = why
 
 
 class _ClientGone(Exception):
@@ -228,20 +248,40 @@ class Gateway:
                    timing: _Timing | None = None) -> None:
             self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing, tenant)
 
-        try:
-            endpoint = await asyncio.wait_for(self._route(model, req, priority), self.config.scale_timeout_s)
-        except (TimeoutError, NoInstance) as exc:
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + self.config.scale_timeout_s
+        unreachable: _Unreachable | None = None
+        for attempt in range(MAX_REROUTES + 1):
+            try:
+                # A reroute waits only for what is left of the request's scale_timeout_s.
+                endpoint = await asyncio.wait_for(self._route(model, req, priority), deadline_s - loop.time())
+            except (TimeoutError, NoInstance) as exc:
+                why = str(exc) if isinstance(exc, NoInstance) else \
+                    f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
+                if unreachable is not None:
+                    why += f" (instance {unreachable.url} could not be reached: {unreachable.why})"
+                raise self._unavailable(record, start_s, why) from None
             route_s = self._clock() - start_s
-            record(Outcome.NO_INSTANCE, 503, None, route_s)
-            why = str(exc) if isinstance(exc, NoInstance) else \
-                f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
-            raise openai.ApiError(503, why, error_type="service_unavailable",
-                                  headers={"Retry-After": str(self.config.retry_after_s)}) from None
-        route_s = self._clock() - start_s
-        try:
-            return await self._proxy(request, req, model, endpoint, record, route_s)
-        finally:
-            self.router.done(endpoint)
+            try:
+                return await self._proxy(request, req, model, endpoint, record, route_s)
+            except _Unreachable as exc:
+                # Nothing was sent to the client and the instance saw no request: route it again (the router
+                # stops routing there and, behind festinad, waits for a replacement as for a cold start).
+                log.warning("instance %s of %s unreachable (%s): request routed again (%d of %d)", exc.url,
+                            model.name, exc.why, attempt + 1, MAX_REROUTES)
+                unreachable = exc
+                self.router.failed(endpoint)
+            finally:
+                self.router.done(endpoint)
+        assert unreachable is not None
+        raise self._unavailable(record, start_s, f"no instance of {model.name} could be reached (the last, "
+                                                  f"{unreachable.url}: {unreachable.why})")
+
+    def _unavailable(self, record: Callable[..., None], start_s: float, why: str) -> openai.ApiError:
+        """The request's 503 (with Retry-After), recorded: no instance served it in time."""
+        record(Outcome.NO_INSTANCE, 503, None, self._clock() - start_s)
+        return openai.ApiError(503, why, error_type="service_unavailable",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
 
     async def _route(self, model: GatewayModel, req: openai.CompletionRequest, priority: Priority) -> Endpoint:
         if priority is Priority.LOW:
@@ -257,9 +297,11 @@ class Gateway:
         body.update(model=model.name, stream=True, stream_options={"include_usage": True})
         timing = _Timing(self._clock())
         response: web.StreamResponse | None = None
+        reached = False  # the instance's response headers arrived
         try:
             async with self._session.post(f"{endpoint.url}/v1/completions", json=body,
                                           headers=endpoint.auth_headers()) as upstream:
+                reached = True
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in PASSED_THROUGH:
@@ -299,6 +341,8 @@ class Gateway:
             record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
             raise
         except (aiohttp.ClientError, TimeoutError, ValueError, _UpstreamStatus) as exc:
+            if not reached and isinstance(exc, UNREACHABLE):
+                raise _Unreachable(endpoint.url, _describe(exc)) from None
             log.warning("upstream %s failed for %s: %s", endpoint.url, model.name, exc)
             if response is None:
                 record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)

@@ -49,6 +49,7 @@ from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simulator assumes
 DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
 READY_POLL_S = 1.0  # how often a request waiting on a start looks for another ready instance
+MAX_PLACEMENTS = 3  # placements of one request whose instance was lost while it waited (bounded, never a loop)
 
 
 def runs_as_mps(tp: int, sm_pct: float) -> bool:
@@ -76,6 +77,9 @@ StartInstanceFn = Callable[[InstanceLaunch], Awaitable[Endpoint]]
 """Start the instance and return its endpoint once it answers requests; raise to report a failed start."""
 StopInstanceFn = Callable[[int, Endpoint], Awaitable[None]]
 """Stop a ready instance (the policy evicted it)."""
+FailedInstanceFn = Callable[["LiveInstance"], None]
+"""Check an instance the gateway could not reach, now (it is loading again in the view): back to ready
+(``ready`` resolved) if it serves, else out of the view (``ready`` failed) so its place can be taken."""
 
 
 class LiveInstance:
@@ -108,6 +112,9 @@ class LiveInstance:
         self._rate_s = now_s
         self.endpoint: Endpoint | None = None
         self.ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
+        # The gateway could not reach it (``PolicyRouter.failed``): loading again until it is found serving,
+        # or gone (a request waiting on it is then placed again, as one arriving now would be).
+        self.lost = False
 
     @property
     def load(self) -> int:
@@ -331,8 +338,12 @@ class PolicyRouter:
     def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
                  stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256,
                  new_instance_id: Callable[[StartInstance], int] | None = None,
-                 on_refused: Callable[[str, Refusal, Placement], None] | None = None):
+                 on_refused: Callable[[str, Refusal, Placement], None] | None = None,
+                 on_failed: FailedInstanceFn | None = None):
         self.policy = policy
+        # Checks an instance the gateway could not reach (festinad: its job and /health). None: such an
+        # instance is dropped from the view at once and stopped.
+        self.on_failed = on_failed
         # Told of each start the catalogue's bounds refused (model, what and why, the placement instead).
         self.on_refused = on_refused
         self.cluster = cluster
@@ -350,6 +361,19 @@ class PolicyRouter:
         self._prompts: dict[int, list[int]] = {}
 
     async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        for placement in range(1, MAX_PLACEMENTS + 1):
+            inst = self._place(model, prompt_tokens)
+            try:
+                return await self._wait(inst, model, prompt_tokens)
+            except NoInstance:
+                # An instance found unreachable and then gone (its job ended) is no verdict on this request:
+                # placed again, as a request arriving now would be (a replacement starts as a cold start).
+                if not inst.lost or placement == MAX_PLACEMENTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _place(self, model: str, prompt_tokens: int) -> LiveInstance:
+        """Ask the policy; the instance the request goes to (a start begun), counted against it."""
         view = self.cluster
         view.note_arrival(model)
         request = Request(next(self._request_ids), view.now_s, model, prompt_tokens, self.expected_output_tokens)
@@ -370,6 +394,10 @@ class PolicyRouter:
             inst = found
         inst.note_arrival(view.now_s)
         self._hold(inst, prompt_tokens)
+        return inst
+
+    async def _wait(self, inst: LiveInstance, model: str, prompt_tokens: int) -> Endpoint:
+        """``inst``'s endpoint once it is ready (or another instance's that is ready first)."""
         while True:
             try:
                 # Shielded: the gateway's timeout cancels this wait, never the start itself.
@@ -404,6 +432,26 @@ class PolicyRouter:
         if endpoint.instance_id is not None:
             prompts = self._prompts.get(endpoint.instance_id)
             self._release(endpoint.instance_id, prompts[0] if prompts else 0)
+
+    def failed(self, endpoint: Endpoint) -> None:
+        """The gateway could not reach ``endpoint``: its instance, if still ready there, turns loading (the
+        policy routes there only to wait, as for a cold start, and may start another) and is checked now
+        (``on_failed``); without a checker it leaves the view at once, so its place can be taken."""
+        inst = self.cluster.live.get(endpoint.instance_id) if endpoint.instance_id is not None else None
+        if inst is None or inst.phase is not InstancePhase.READY or inst.endpoint is None \
+                or inst.endpoint.url != endpoint.url:
+            return  # already reported by another request, stopping, or moved
+        inst.phase = InstancePhase.LOADING
+        inst.ready = asyncio.get_running_loop().create_future()
+        inst.lost = True
+        if self.on_failed is not None:
+            self.on_failed(inst)
+            return
+        self.cluster.remove(inst)
+        inst.ready.set_exception(NoInstance(f"instance {inst.id} of {inst.model} at {endpoint.url} is unreachable"))
+        inst.ready.exception()  # retrieved here, so one nobody waits for logs no "never retrieved"
+        if self.stop_instance is not None:
+            self._spawn(self.stop_instance(inst.id, endpoint))
 
     def _release(self, instance_id: int, prompt_tokens: int) -> None:
         inst = self.cluster.live.get(instance_id)

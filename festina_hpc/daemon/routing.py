@@ -51,9 +51,22 @@ class Router(Protocol):
         """The request ``route`` answered with ``endpoint`` has ended (successfully or not)."""
         ...
 
+    def failed(self, endpoint: Endpoint) -> None:
+        """The gateway could not reach ``endpoint`` before any byte of its answer (connection refused or reset,
+        or closed before the response headers): route no more requests there until it is known to serve.
+
+        Called before ``done`` for the same request; the gateway then asks ``route`` again (a bounded
+        number of times, within its ``scale_timeout_s``), so a router should give another endpoint, or
+        wait, as for a cold start, for this one to be replaced. Must be cheap and must not raise.
+        """
+        ...
+
 
 class StaticRouter:
-    """Fixed endpoints per model, round-robin; ``secret``: the one their servers answer only with."""
+    """Fixed endpoints per model, round-robin; ``secret``: the one their servers answer only with.
+
+    ``failed`` does nothing: the next ``route`` gives the next URL of the cycle anyway, and a fixed
+    endpoint has no replacement to wait for."""
 
     def __init__(self, endpoints: Mapping[str, Sequence[str]], secret: str | None = None):
         self._cycles: dict[str, Iterator[str]] = {m: itertools.cycle(urls) for m, urls in endpoints.items() if urls}
@@ -66,4 +79,7 @@ class StaticRouter:
         return Endpoint(next(cycle), secret=self._secret)
 
     def done(self, endpoint: Endpoint) -> None:
+        pass
+
+    def failed(self, endpoint: Endpoint) -> None:
         pass
