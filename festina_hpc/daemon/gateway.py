@@ -267,15 +267,16 @@ class Gateway:
             except _Unreachable as exc:
                 # Nothing was sent to the client and the instance saw no request: route it again (the router
                 # stops routing there and, behind festinad, waits for a replacement as for a cold start).
-                log.warning("instance %s of %s unreachable (%s): request routed again (%d of %d)", exc.url,
-                            model.name, exc.why, attempt + 1, MAX_REROUTES)
+                log.warning("instance %s of %s could not be reached (%s): %s", exc.url, model.name, exc.why,
+                            f"request routed again ({attempt + 1} of {MAX_REROUTES})" if attempt < MAX_REROUTES
+                            else "no reroute left")
                 unreachable = exc
                 self.router.failed(endpoint)
             finally:
                 self.router.done(endpoint)
         assert unreachable is not None
-        raise self._unavailable(record, start_s, f"no instance of {model.name} could be reached (the last, "
-                                                  f"{unreachable.url}: {unreachable.why})")
+        raise self._unavailable(record, start_s, f"no instance of {model.name} answered: instance {unreachable.url} "
+                                                  f"could not be reached: {unreachable.why}")
 
     def _unavailable(self, record: Callable[..., None], start_s: float, why: str) -> openai.ApiError:
         """The request's 503 (with Retry-After), recorded: no instance served it in time."""

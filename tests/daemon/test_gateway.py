@@ -21,6 +21,7 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import filler_token
 from festina_hpc.serve.server import running_app, simulated_server
 from tests.serve.conftest import GPU, MODEL, make_engine, stream, words
+from tests.serve.conftest import stream as stream_
 
 TIME_SCALE = 3.0
 
@@ -105,7 +106,7 @@ def free_port() -> int:
     ("bad field", None, {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("bad json", None, b"{", 400, None),
     ("no instance in time", NeverReady(), {"model": MODEL, "prompt": "x"}, 503, None),
-    ("instance down", "down", {"model": MODEL, "prompt": "x", "stream": True}, 502, None),
+    ("instance down", "down", {"model": MODEL, "prompt": "x", "stream": True}, 503, None),
 ])
 def test_error_answers(store: ProfileStore, case: str, router: Any, body: Any, status: int, param: str | None) -> None:
     if router is None or router == "down":
@@ -125,7 +126,8 @@ def test_error_answers(store: ProfileStore, case: str, router: Any, body: Any, s
     assert answer["error"]["param"] == param
     if status == 503:
         assert resp.headers["Retry-After"] == "10"
-        assert "within 0.2 s" in answer["error"]["message"]
+        # Its only instance refuses connections: routed again a bounded number of times, then 503 (not 502).
+        assert ("could not be reached" if case == "instance down" else "within 0.2 s") in answer["error"]["message"]
         assert [r.outcome for r in recorder.records] == [Outcome.NO_INSTANCE]
         assert not recorder.records[0].slo_met
     elif status == 502:
@@ -310,3 +312,142 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_stops_its_generation(s
     assert in_flight == 0
     (record,) = recorder.records
     assert record.outcome is Outcome.CLIENT_GONE and record.output_tokens > 0  # what was served is charged
+
+
+class ListRouter:
+    """Gives ``urls`` in turn, the last one from then on, each after ``wait_s``; records what it is told."""
+
+    def __init__(self, urls: list[str], wait_s: float = 0.0):
+        self.urls, self.wait_s = list(urls), wait_s
+        self.routed: list[str] = []
+        self.failed_urls: list[str] = []
+        self.done_urls: list[str] = []
+
+    async def route(self, model: str, prompt_tokens: int) -> Endpoint:
+        await asyncio.sleep(self.wait_s)
+        url = self.urls.pop(0) if len(self.urls) > 1 else self.urls[0]
+        self.routed.append(url)
+        return Endpoint(url, instance_id=len(self.routed))
+
+    def done(self, endpoint: Endpoint) -> None:
+        self.done_urls.append(endpoint.url)
+
+    def failed(self, endpoint: Endpoint) -> None:
+        self.failed_urls.append(endpoint.url)
+
+
+async def _hangs_up(request: Any) -> Any:
+    """An instance that dies as the request arrives: the connection closes before any response header."""
+    assert request.transport is not None
+    request.transport.close()
+    await asyncio.sleep(1)
+
+
+async def _answers(status: int, request: Any) -> Any:
+    from aiohttp import web
+
+    return web.json_response({"error": {"message": "busy", "type": "x", "param": None, "code": None}},
+                             status=status)
+
+
+@contextlib.asynccontextmanager
+async def _instance(handler: Any) -> Any:
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    async with running_app(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("dead", ["refuses connections", "closes before its headers"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_request_whose_instance_cannot_be_reached_is_served_by_the_next(store: ProfileStore, dead: str,
+                                                                         stream: bool) -> None:
+    async def scenario() -> tuple[int, Any, ListRouter, MemoryRecorder]:
+        recorder = MemoryRecorder()
+        async with contextlib.AsyncExitStack() as stack:
+            dead_url = f"http://127.0.0.1:{free_port()}" if dead == "refuses connections" \
+                else await stack.enter_async_context(_instance(_hangs_up))
+            alive = await stack.enter_async_context(simulated_server(make_engine(store, TIME_SCALE)))
+            router = ListRouter([dead_url, alive])
+            async with running_app(make_gateway(store, router, recorder, scale_timeout_s=5).app()) as gw, \
+                    aiohttp.ClientSession() as session:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": stream}
+                if stream:
+                    got = await stream_(session, gw, body)
+                    return got.status, got.text, router, recorder
+                async with session.post(f"{gw}/v1/completions", json=body) as resp:
+                    return resp.status, (await resp.json())["choices"][0]["text"], router, recorder
+
+    status, text, router, recorder = run(scenario())
+    assert status == 200 and text == "".join(filler_token(i) for i in range(3))
+    dead_url, alive = router.routed
+    assert router.failed_urls == [dead_url]  # told once, before the request went elsewhere
+    assert router.done_urls == [dead_url, alive]  # every route answer ends with done
+    (record,) = recorder.records
+    assert (record.outcome, record.status, record.endpoint) == (Outcome.OK, 200, alive)
+
+
+def test_only_unreachable_instances_until_the_timeout_give_503_with_retry_after(store: ProfileStore) -> None:
+    async def scenario() -> tuple[int, Any, str | None, ListRouter]:
+        router = ListRouter([f"http://127.0.0.1:{free_port()}"], wait_s=0.15)
+        async with running_app(make_gateway(store, router, MemoryRecorder(), scale_timeout_s=0.4).app()) as gw, \
+                aiohttp.ClientSession() as session:
+            async with session.post(f"{gw}/v1/completions", json={"model": MODEL, "prompt": "x"}) as resp:
+                return resp.status, await resp.json(), resp.headers.get("Retry-After"), router
+
+    status, answer, retry_after, router = run(scenario())
+    assert (status, retry_after) == (503, "10")
+    message = answer["error"]["message"]
+    assert "within 0.4 s" in message and "could not be reached" in message
+    assert len(router.routed) == len(router.failed_urls) == 2  # the third route ran out of time
+
+
+def test_only_unreachable_instances_are_retried_a_bounded_number_of_times(store: ProfileStore) -> None:
+    from festina_hpc.daemon.gateway import MAX_REROUTES
+
+    async def scenario() -> tuple[int, ListRouter]:
+        router = ListRouter([f"http://127.0.0.1:{free_port()}"])
+        async with running_app(make_gateway(store, router, MemoryRecorder(), scale_timeout_s=30).app()) as gw, \
+                aiohttp.ClientSession() as session:
+            async with session.post(f"{gw}/v1/completions", json={"model": MODEL, "prompt": "x"}) as resp:
+                return resp.status, router
+
+    status, router = run(scenario())
+    assert status == 503 and len(router.routed) == MAX_REROUTES + 1
+
+
+@pytest.mark.parametrize("status, seen", [(503, 503), (429, 429), (500, 502)])
+def test_an_instance_that_answers_is_not_retried(store: ProfileStore, status: int, seen: int) -> None:
+    import functools
+
+    async def scenario() -> tuple[int, ListRouter]:
+        async with _instance(functools.partial(_answers, status)) as url:
+            router = ListRouter([url, f"http://127.0.0.1:{free_port()}"])
+            async with running_app(make_gateway(store, router, MemoryRecorder()).app()) as gw, \
+                    aiohttp.ClientSession() as session:
+                async with session.post(f"{gw}/v1/completions", json={"model": MODEL, "prompt": "x"}) as resp:
+                    return resp.status, router
+
+    got, router = run(scenario())
+    assert got == seen and len(router.routed) == 1 and router.failed_urls == []
+
+
+def test_a_stream_already_begun_is_not_retried(store: ProfileStore) -> None:
+    from aiohttp import web
+
+    async def scenario() -> tuple[int, list[bytes], ListRouter]:
+        instance = web.Application()
+        instance.router.add_post("/v1/completions", _stops_after_two_tokens)
+        async with running_app(instance) as url, simulated_server(make_engine(store, TIME_SCALE)) as alive:
+            router = ListRouter([url, alive])
+            async with running_app(make_gateway(store, router, MemoryRecorder()).app()) as gw, \
+                    aiohttp.ClientSession() as session:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 800, "stream": True}
+                async with session.post(f"{gw}/v1/completions", json=body) as resp:
+                    return resp.status, [line.strip() async for line in resp.content if line.strip()], router
+
+    status, lines, router = run(scenario())
+    assert status == 200 and b"ended the stream early" in lines[-1]
+    assert len(router.routed) == 1 and router.failed_urls == []
