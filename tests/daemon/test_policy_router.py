@@ -11,7 +11,7 @@ import aiohttp
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
 from festina_hpc.daemon.policy_router import READY_POLL_S, InstanceLaunch, LiveCluster, PolicyRouter
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
-from festina_hpc.daemon.routing import Endpoint
+from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import InstancePhase, StartInstance
 from festina_hpc.profiles.store import ProfileStore
@@ -134,3 +134,83 @@ def test_a_request_waiting_on_a_start_takes_another_instance_that_turns_ready(st
     (record,) = recorder.records
     assert status == 200 and record.outcome is Outcome.OK and record.instance_id == 99
     assert record.route_s < 0.2 + 2 * READY_POLL_S
+
+
+class KillableStarter(InProcessStarter):
+    """``InProcessStarter`` whose servers can be killed (their process gone: connections refused)."""
+
+    def __init__(self, store: ProfileStore, stack: AsyncExitStack, load_s: float):
+        super().__init__(store, stack, load_s)
+        self.servers: dict[int, AsyncExitStack] = {}
+
+    async def __call__(self, launch: InstanceLaunch) -> Endpoint:
+        own = AsyncExitStack()
+        self.servers[launch.instance_id] = own
+        outer, self.stack = self.stack, own
+        try:
+            return await super().__call__(launch)
+        finally:
+            self.stack = outer
+
+    async def kill(self, instance_id: int) -> None:
+        await self.servers.pop(instance_id).aclose()
+
+    async def close(self) -> None:
+        for own in list(self.servers.values()):
+            await own.aclose()
+
+
+def test_a_request_to_a_dead_instance_waits_for_its_replacement_not_502(store: ProfileStore) -> None:
+    """No checker (``on_failed``): the unreachable instance leaves the view at once, its GPU is free, and the
+    request that found it dead is placed again: a replacement starts and serves it, as a cold start would."""
+    async def scenario() -> tuple[list[int], MemoryRecorder, KillableStarter, PolicyRouter]:
+        async with AsyncExitStack() as stack:
+            starter = KillableStarter(store, stack, load_s=0.3)
+            stack.push_async_callback(starter.close)
+            router = make_router(store, starter)
+            recorder = MemoryRecorder()
+            gateway = Gateway(router, recorder, gateway_models(store, GPU, [MODEL]), GatewayConfig(scale_timeout_s=5))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                first = await post(session, gw)
+                (dead,) = router.cluster.instances()
+                await starter.kill(dead.id)
+                second = await post(session, gw)
+                await router.close()
+            return [first[0], second[0]], recorder, starter, router
+
+    statuses, recorder, starter, router = asyncio.run(scenario())
+    assert statuses == [200, 200]
+    first, second = starter.launches
+    assert [i.id for i in router.cluster.instances()] == [second.instance_id]
+    assert [r.instance_id for r in recorder.records] == [first.instance_id, second.instance_id]
+    assert recorder.records[1].route_s >= 0.3  # it waited for the replacement's start
+
+
+def test_a_failed_instance_is_routed_to_no_more_and_checked_once(store: ProfileStore) -> None:
+    """With a checker (festinad): the instance turns loading (no request gets its dead endpoint) and the
+    checker is told once; when the checker finds it gone, a request waiting on it is placed again."""
+    async def scenario() -> tuple[list[Any], Any, Endpoint, Endpoint, bool]:
+        async with AsyncExitStack() as stack:
+            starter = InProcessStarter(store, stack, load_s=0.05)
+            router = make_router(store, starter)
+            checked: list[Any] = []
+            router.on_failed = checked.append
+            dead = await router.route(MODEL, 10)
+            router.done(dead)
+            router.failed(dead)
+            router.failed(dead)  # a second request that found it dead: already being checked
+            (inst,) = router.cluster.instances()
+            phase = inst.phase
+            waiting = asyncio.ensure_future(router.route(MODEL, 10))
+            await asyncio.sleep(0.3)
+            still_waiting = not waiting.done()
+            router.cluster.remove(inst)  # the checker found its job gone
+            inst.ready.set_exception(NoInstance("gone"))
+            replacement = await asyncio.wait_for(waiting, 5)
+            await router.close()
+            return checked, phase, dead, replacement, still_waiting
+
+    checked, phase, dead, replacement, still_waiting = asyncio.run(scenario())
+    assert [i.id for i in checked] == [dead.instance_id] and phase is InstancePhase.LOADING
+    assert still_waiting  # the dead endpoint was not given out again
+    assert replacement.instance_id != dead.instance_id and replacement.url != dead.url
