@@ -122,6 +122,7 @@ class Servers:
         self.store, self.slurm = store, slurm
         self.stack = AsyncExitStack()
         self.seen: set[int] = set()
+        self.by_job: dict[int, AsyncExitStack] = {}  # each job's server, to kill one (its process gone)
 
     async def pump(self) -> None:
         for spec, job_id in self.slurm.started:
@@ -133,7 +134,12 @@ class Servers:
             await engine.start()
             secret = read_secret_file(spec.command[spec.command.index("--secret-file") + 1]) \
                 if "--secret-file" in spec.command else None
-            await self.stack.enter_async_context(running_app(make_app(engine, secret), "127.0.0.1", port))
+            own = self.by_job[job_id] = await self.stack.enter_async_context(AsyncExitStack())
+            await own.enter_async_context(running_app(make_app(engine, secret), "127.0.0.1", port))
+
+    async def kill(self, job_id: int) -> None:
+        """The job's server is gone (scancel, a crash): its port refuses connections."""
+        await self.by_job.pop(job_id).aclose()
 
 
 def _free_port_base(span: int = 16) -> int:
@@ -275,6 +281,48 @@ def test_node_that_disappears_loses_its_instances_and_requests_start_elsewhere(s
         assert job_id in slurm.cancelled and not festinad.view.live
         assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
         assert slurm.started[-1][0].nodelist != (lost,)
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_a_dead_instances_requests_wait_for_its_replacement_before_reconcile(store: ProfileStore,
+                                                                            db: Store) -> None:
+    """scancel behind festinad's back: the next request finds the instance unreachable, festinad checks it at
+    once (no reconcile runs here), stops it, and the request waits for a replacement as for a cold start."""
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        ((_, job_id),) = slurm.started
+        (dead,) = festinad.view.live.values()
+        slurm.jobs.pop(job_id)  # cancelled: gone from squeue
+        await servers.kill(job_id)
+        status, body = await _ask(session, url, servers, model="llama-3.1-8b")
+        assert status == 200, body
+        assert len(slurm.started) == 2 and dead.id not in festinad.view.live
+        (replacement,) = festinad.view.live.values()
+        assert replacement.phase is InstancePhase.READY and replacement.slurm_job_id == slurm.started[1][1]
+        phases = {row.id: row.phase for row in db.load_live_state().instances}
+        assert dead.id not in phases  # stopped in the database too
+
+    asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_an_instance_reported_unreachable_that_answers_is_ready_again(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def scenario(festinad: Festinad, servers: Servers, session: aiohttp.ClientSession, url: str) -> None:
+        assert (await _ask(session, url, servers, model="llama-3.1-8b"))[0] == 200
+        (inst,) = festinad.view.live.values()
+        assert inst.endpoint is not None
+        festinad.router.failed(inst.endpoint)  # a connection lost, not the instance
+        assert inst.phase is InstancePhase.LOADING
+        for _ in range(100):
+            if inst.phase is InstancePhase.READY:
+                break
+            await asyncio.sleep(0.01)
+        assert inst.phase is InstancePhase.READY and not inst.lost
+        assert len(slurm.started) == 1 and slurm.cancelled == []
 
     asyncio.run(_run(store, slurm, db, scenario))
 
