@@ -8,7 +8,11 @@ decision: ``Route`` to an instance (waiting while it loads), ``StartInstance``
 through the pluggable ``start_instance`` callback (the Slurm submit, wired in
 elsewhere; tests start an in-process server), ``Drop`` as ``NoInstance``.
 A start runs as its own task, so a request that stops waiting (the gateway's
-timeout) does not cancel it and later requests find the instance ready.
+timeout) does not cancel it and later requests find the instance ready. An
+instance the gateway could not reach (``failed``) turns loading, so nothing is
+routed to it, and is checked at once (``on_failed``: festinad); a request
+waiting on it when it turns out gone is placed again, and a replacement starts
+as a cold start would.
 
 Approximations, all on the side of caution: a request's output length is
 unknown at arrival, so the policy sees ``expected_output_tokens``; a routed
