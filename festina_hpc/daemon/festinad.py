@@ -22,6 +22,9 @@ address, which the database and the job's comment both hold.
   GPU of an MPS job) moves there in the view; then the catalogue's bounds are
   kept (``keep_bounds``: missing ``min_instances`` started, a model idle past
   its own ``keep_alive_s`` stopped).
+- An instance the gateway could not reach (``PolicyRouter.failed``) is checked
+  at once, not at the next reconcile (``_check_unreachable``): ready again if
+  it answers, stopped if its job ended, so its requests wait for a replacement.
 - ``scale_tick()`` and ``consolidate_tick()`` run the policy's ``scale()`` and
   ``consolidate()`` and carry the plan out: ``StartInstance`` submits a job,
   ``StopInstance`` drains then ``scancel``s, ``Migrate`` starts the target,
