@@ -21,21 +21,35 @@ _PATH = re.compile(r"/[A-Za-z0-9_.,:=@/+%-]*")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}")
 _REASON_MAX_CHARS = 256
 _ADMIN_COMMENT_MAX_CHARS = 1024
+# Slurm's job ids are 32-bit (uint32_t in slurm.h).
+MAX_JOB_ID = 2**32 - 1
+_JOB_ID_MAX_DIGITS = len(str(MAX_JOB_ID))
 
 
 def job_id(value: int | str) -> int:
-    """A plain positive job id (array and het-job ids are not used by festina)."""
+    """A plain positive job id (array and het-job ids are not used by festina), at most ``MAX_JOB_ID``."""
     if isinstance(value, bool):
-        raise SlurmInputError(f"job id {value!r} is not a positive integer")
+        raise SlurmInputError(f"job id {_shown(value)} is not a positive integer")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit():
+    # Length first: int() of a 100,000-digit string is slow and then raises ValueError, not a one-line refusal.
+    elif (isinstance(value, str) and len(value) <= _JOB_ID_MAX_DIGITS and value.isascii()
+          and value.isdigit()):
         number = int(value)
     else:
-        raise SlurmInputError(f"job id {value!r} is not a positive integer")
-    if number <= 0:
-        raise SlurmInputError(f"job id {value!r} is not a positive integer")
+        raise SlurmInputError(f"job id {_shown(value)} is not a positive integer of at most "
+                              f"{_JOB_ID_MAX_DIGITS} digits")
+    if not 0 < number <= MAX_JOB_ID:
+        raise SlurmInputError(f"job id {_shown(value)} is not a positive integer up to {MAX_JOB_ID}")
     return number
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """``value`` for a one-line error: escaped (``repr``), and cut with its length past ``limit`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"<integer of {value.bit_length()} bits>"  # str() of a huge int is itself slow and limited
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def node_name(value: str) -> str:
