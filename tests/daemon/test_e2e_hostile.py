@@ -381,9 +381,6 @@ def test_an_instance_cancelled_mid_stream_ends_the_stream_with_an_error_event(ho
     assert "error" in json.loads(events[-1]), data[-300:]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 20: for ~6 s after an instance dies, requests get 502 instead of waiting for its "
-                          "replacement as for a cold start (not built yet)")
 def test_a_request_after_an_instance_died_waits_for_its_replacement(hostile: Hostile) -> None:
     status, body = asyncio.run(complete(hostile, {"max_tokens": SHORT_MAX_TOKENS}, timeout_s=90))
     assert status == 200, (status, body)
