@@ -25,6 +25,13 @@ generation on the instance at its next step. Each request ends as one
 ``CompletionRecord`` handed to the injected ``Recorder``, with its SLO
 outcome against the model's ``Slo``.
 
+When the app shuts down (festinad's SIGTERM: ``runner.cleanup()``), the
+requests in flight get ``shutdown_s`` to finish; those still running are then
+cut: recorded as ``GATEWAY_STOPPED`` with the tokens served so far, a stream
+that has begun ends with an error event and no ``[DONE]``, any other answer is
+503 with Retry-After. All of it happens before the runner closes the
+connections, so the records are the recorder's before ``cleanup()`` returns.
+
 With an ``Authenticator`` (``festina_hpc.daemon.auth``) every request is first
 tied to a tenant by its API key (401 without a valid one where keys are
 required), then admitted for its model (403), its account's energy quota and
@@ -111,6 +118,10 @@ class GatewayConfig:
     retry_after_s: int = 10  # Retry-After on a 503
     connect_timeout_s: float = 5.0  # to an instance
     read_timeout_s: float = 120.0  # longest silence between an instance's chunks
+    shutdown_s: float = 10.0  # when the app stops, in-flight requests' time to finish before they are cut
+
+
+CUT_NOTICE_S = 2.0  # when the app stops, a cut request's time to record itself and tell its client
 
 
 class _Unreachable(Exception):
@@ -194,6 +205,8 @@ class Gateway:
         self._wall = wall_clock
         self._session: aiohttp.ClientSession | None = None
         self._created_s = int(wall_clock())
+        self._flights: set[asyncio.Task[Any]] = set()  # the handler tasks of completions in progress
+        self._stopping = False  # the app is shutting down: a cancelled completion was cut by it
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[api_errors])
@@ -201,7 +214,26 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.cleanup_ctx.append(self._client_session)
+        app.on_shutdown.append(self._cut_flights)
         return app
+
+    async def _cut_flights(self, app: web.Application) -> None:
+        """Give the completions in flight ``shutdown_s`` to finish, then cut the rest (module docstring).
+
+        on_shutdown runs after the listeners closed and before the runner closes the connections, so a
+        cut stream can still send its error event. Cancelling the handler is the cut: it raises at
+        whatever the handler awaits (the router, the instance, a slow client)."""
+        self._stopping = True
+        if self._flights:
+            await asyncio.wait(set(self._flights), timeout=self.config.shutdown_s)
+        cut = set(self._flights)
+        if not cut:
+            return
+        log.warning("festinad is stopping: cutting %d request(s) still in flight after %g s", len(cut),
+                    self.config.shutdown_s)
+        for task in cut:
+            task.cancel()
+        await asyncio.wait(cut, timeout=CUT_NOTICE_S)
 
     async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s,
@@ -248,6 +280,16 @@ class Gateway:
                    timing: _Timing | None = None) -> None:
             self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing, tenant)
 
+        task = asyncio.current_task()
+        assert task is not None
+        self._flights.add(task)
+        try:
+            return await self._serve(request, req, model, priority, record, start_s)
+        finally:
+            self._flights.discard(task)
+
+    async def _serve(self, request: web.Request, req: openai.CompletionRequest, model: GatewayModel,
+                     priority: Priority, record: Callable[..., None], start_s: float) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + self.config.scale_timeout_s
         unreachable: _Unreachable | None = None
@@ -255,6 +297,11 @@ class Gateway:
             try:
                 # A reroute waits only for what is left of the request's scale_timeout_s.
                 endpoint = await asyncio.wait_for(self._route(model, req, priority), deadline_s - loop.time())
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+                record(Outcome.GATEWAY_STOPPED, 503, None, self._clock() - start_s)
+                raise self._stopped_error(model) from None
             except (TimeoutError, NoInstance) as exc:
                 why = str(exc) if isinstance(exc, NoInstance) else \
                     f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
@@ -339,8 +386,23 @@ class Gateway:
             record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
             return response if response is not None else web.Response(status=499)
         except asyncio.CancelledError:
-            record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
-            raise
+            if not self._stopping:  # a runner that cancels the handlers of clients that hang up
+                record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
+                raise
+            # festinad is stopping (_cut_flights): leaving the block closed the upstream stream, so the
+            # instance stops generating; what it served is recorded, and charged, here.
+            _uncancel()
+            record(Outcome.GATEWAY_STOPPED, 200 if response is not None else 503, endpoint, route_s, timing)
+            if response is None:
+                raise self._stopped_error(model) from None
+            try:
+                await _send(response, openai.sse(openai.error_body(
+                    f"festinad stopped before the answer from {model.name} was complete; retry",
+                    "service_unavailable")))
+                await response.write_eof()
+            except (_ClientGone, ConnectionError):
+                pass
+            return response
         except (aiohttp.ClientError, TimeoutError, ValueError, _UpstreamStatus) as exc:
             if not reached and isinstance(exc, UNREACHABLE):
                 raise _Unreachable(endpoint.url, _describe(exc)) from None
@@ -377,6 +439,12 @@ class Gateway:
         record(Outcome.OK, 200, endpoint, route_s, timing)
         return web.json_response(answer)
 
+    def _stopped_error(self, model: GatewayModel) -> openai.ApiError:
+        _uncancel()
+        return openai.ApiError(503, f"festinad stopped before the answer from {model.name} was complete; retry",
+                               error_type="service_unavailable",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+
     def _record(self, model: GatewayModel, req: openai.CompletionRequest, arrival_unix_s: float, start_s: float,
                 outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
                 timing: _Timing | None, tenant: Tenant | None) -> None:
@@ -408,6 +476,14 @@ class _UpstreamStatus(Exception):
     def __init__(self, status: int, body: bytes):
         super().__init__(f"HTTP {status}: {body[:200]!r}")
         self.status = status
+
+
+def _uncancel() -> None:
+    """The cancellation was the gateway's own cut (``_cut_flights``): the handler answers instead of ending
+    cancelled."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ class Outcome(StrEnum):
     NO_INSTANCE = "no_instance"  # no instance within the scale-up timeout, or the policy dropped it (503)
     UPSTREAM_ERROR = "upstream_error"  # the instance failed, refused, or cut the stream (502, or a cut stream)
     CLIENT_GONE = "client_gone"  # the client hung up before the end
+    GATEWAY_STOPPED = "gateway_stopped"  # festinad stopped (SIGTERM, restart) first: 503, or a stream's error event
 
 
 @dataclass(frozen=True)

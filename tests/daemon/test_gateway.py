@@ -451,3 +451,79 @@ def test_a_stream_already_begun_is_not_retried(store: ProfileStore) -> None:
     status, lines, router = run(scenario())
     assert status == 200 and b"ended the stream early" in lines[-1]
     assert len(router.routed) == 1 and router.failed_urls == []
+
+
+async def _stop_mid_stream(store: ProfileStore, recorder: Any, stream_tokens: int, body: dict[str, Any],
+                           **config: Any) -> tuple[int, list[bytes], float]:
+    """A request to a slow instance in flight, then the gateway's runner cleaned up as ``run_festinad`` does on
+    SIGTERM (after ``stream_tokens`` lines of a stream, or 0.5 s into another request); returns the client's
+    status, the lines it read (a closed stream ends them) and how long cleanup took."""
+    from aiohttp import web
+
+    async with simulated_server(make_engine(store, 1.0)) as url:
+        gateway = Gateway(StaticRouter({MODEL: [url]}), recorder, gateway_models(store, GPU, [MODEL]),
+                          GatewayConfig(**config))
+        runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        loop = asyncio.get_running_loop()
+        lines: list[bytes] = []
+        cleanup: asyncio.Task[None] | None = None
+        started_s = loop.time()
+
+        def stop() -> None:
+            nonlocal cleanup, started_s
+            started_s = loop.time()
+            cleanup = asyncio.create_task(runner.cleanup())
+
+        async with aiohttp.ClientSession() as session:
+            if not body.get("stream"):
+                loop.call_later(0.5, stop)
+            async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as resp:
+                status = resp.status
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    async for line in resp.content:
+                        if line.strip():
+                            lines.append(line.strip())
+                        if len(lines) == stream_tokens and cleanup is None:
+                            stop()
+        if cleanup is None:
+            stop()
+        assert cleanup is not None
+        await cleanup
+        return status, lines, loop.time() - started_s
+
+
+def test_a_stream_in_flight_when_festinad_stops_is_recorded_and_ends_with_an_error_event(store: ProfileStore) -> None:
+    recorder = MemoryRecorder()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True}  # minutes of tokens
+    status, lines, cleanup_s = run(_stop_mid_stream(store, recorder, 3, body, shutdown_s=0.3))
+    assert status == 200 and len(lines) > 3 and b"[DONE]" not in b"".join(lines)
+    error = json.loads(lines[-1].removeprefix(b"data: "))
+    assert error["error"]["type"] == "service_unavailable" and "festinad stopped" in error["error"]["message"]
+    (record,) = recorder.records
+    tokens = len(lines) - 1
+    assert (record.outcome, record.status, record.stream) == (Outcome.GATEWAY_STOPPED, 200, True)
+    assert record.output_tokens >= tokens > 3  # what was served is recorded, so charged
+    assert cleanup_s < 2.0  # cut after shutdown_s, not after the runner's own 5 s timeout
+
+
+def test_a_non_streamed_request_in_flight_when_festinad_stops_gets_503_and_is_recorded(
+        store: ProfileStore) -> None:
+    recorder = MemoryRecorder()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000}
+    status, lines, _ = run(_stop_mid_stream(store, recorder, 0, body, shutdown_s=0.5))
+    assert status == 503
+    assert json.loads(b"".join(lines))["error"]["type"] == "service_unavailable"
+    (record,) = recorder.records
+    assert (record.outcome, record.status, record.stream) == (Outcome.GATEWAY_STOPPED, 503, False)
+    assert record.output_tokens > 0
+
+
+def test_requests_that_finish_within_shutdown_s_are_not_cut(store: ProfileStore) -> None:
+    recorder = MemoryRecorder()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True}
+    status, lines, _ = run(_stop_mid_stream(store, recorder, 2, body, shutdown_s=5.0))
+    assert status == 200 and lines[-1] == b"data: [DONE]"
+    assert [(r.outcome, r.output_tokens) for r in recorder.records] == [(Outcome.OK, 20)]
