@@ -11,7 +11,9 @@ records to the database. ``GET /metrics`` answers Prometheus (see
 default), never on the gateway: the gateway may face every user, the scrape is the operator's.
 ``/admin/*`` is on the gateway behind ``AdminApi``'s check (admin key, or loopback). On stop
 (SIGTERM) the gateway stops taking connections and gives in-flight requests ``shutdown_s`` to
-finish; serving jobs keep running, so a restarted festinad takes them back.
+finish, then cuts the rest (recorded as ``gateway_stopped`` with the tokens served; see
+``festina_hpc.daemon.gateway``); the records are flushed to the database before festinad exits.
+Serving jobs keep running, so a restarted festinad takes them back.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
@@ -64,8 +66,8 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     ``admin_open`` and ``metrics_listen`` (host, port; None: no metrics) are ``[daemon]``'s."""
     await festinad.setup()
     window = RequestWindow()
-    gateway = Gateway(festinad.router, FanOut(recorder, window), models, gateway_config or GatewayConfig(),
-                      auth=auth)
+    config = replace(gateway_config or GatewayConfig(), shutdown_s=shutdown_s)
+    gateway = Gateway(festinad.router, FanOut(recorder, window), models, config, auth=auth)
     app = gateway.app()
     add_admin_routes(app, festinad, auth, admin_open)  # /admin/*: consolidate now, drain a model (festina CLI)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)
@@ -94,8 +96,10 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     finally:
         if scheduler.running:  # not when a listener could not bind: the error to report is that one
             scheduler.shutdown(wait=False)
-        await runner.cleanup()  # in-flight requests finish (or get their error) before this returns
+        # In-flight requests finish, or are cut and recorded, before this returns (Gateway._cut_flights);
+        # the runner's own shutdown_timeout is a backstop that should find no handler left.
+        await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-        recorder.flush()
+        recorder.flush()  # the cut requests' records too: their tokens are charged
         await festinad.close()
