@@ -233,7 +233,7 @@ def _outcome(r: CompletionRecord) -> RequestOutcome:
                           output_tokens=r.output_tokens, slo_met=r.slo_met, instance_id=r.instance_id,
                           first_token_at=first, finish_at=_utc(r.arrival_unix_s + r.e2e_s), ttft_s=r.ttft_s,
                           mean_tbt_s=r.tbt_mean_s, max_tbt_s=r.tbt_max_s, user_name=r.user_name,
-                          account=r.account, api_key_id=r.api_key_id)
+                          account=r.account, api_key_id=r.api_key_id, outcome=r.outcome.value)
 
 
 class Festinad:

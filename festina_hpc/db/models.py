@@ -225,6 +225,9 @@ class RequestRecord(Base):
     mean_tbt_s: Mapped[float | None] = mapped_column(Double)
     max_tbt_s: Mapped[float | None] = mapped_column(Double)
     slo_met: Mapped[bool] = mapped_column(Boolean)
+    # How it ended, the gateway's Outcome: ok, no_instance, upstream_error, client_gone, gateway_stopped
+    # (None: recorded before revision 0007, or by a writer that does not say).
+    outcome: Mapped[str | None] = mapped_column(String(32))
 
 
 class EnergySample(Base):

@@ -151,6 +151,7 @@ class RequestOutcome:
     max_tbt_s: float | None = None
     external_id: str | None = None  # the gateway's request id
     api_key_id: int | None = None  # the gateway key it came with (None: none sent, or not from the gateway)
+    outcome: str | None = None  # how it ended (the gateway's Outcome value; None: not said)
 
 
 # -- what the store gives back ----------------------------------------------------------------
@@ -557,6 +558,7 @@ class Store:
             _text(where, "user_name", r.user_name)
             _text(where, "account", r.account)
             _text(where, "external_id", r.external_id, max_len=128, optional=True)
+            _text(where, "outcome", r.outcome, max_len=32, optional=True)
             _integer(where, "instance_id", r.instance_id, optional=True)
             _integer(where, "api_key_id", r.api_key_id, optional=True)
             _integer(where, "prompt_tokens", r.prompt_tokens)

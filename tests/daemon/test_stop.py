@@ -67,7 +67,7 @@ def test_a_stream_cut_by_festinad_stopping_is_in_the_requests_table(store: Profi
     assert b"[DONE]" not in b"".join(lines)
     assert json.loads(lines[-1].removeprefix(b"data: "))["error"]["type"] == "service_unavailable"
     with db.engine.connect() as conn:
-        rows = conn.execute(select(RequestRecord.prompt_tokens, RequestRecord.output_tokens)
+        rows = conn.execute(select(RequestRecord.outcome, RequestRecord.output_tokens)
                             .order_by(RequestRecord.id)).all()
-    assert len(rows) == 2  # the first request and the cut one
+    assert [row.outcome for row in rows] == ["ok", "gateway_stopped"]  # the first request and the cut one
     assert rows[1].output_tokens >= len(lines) - 1 >= 3  # the tokens it served, charged
