@@ -250,6 +250,7 @@ def test_a_batch_the_database_refuses_is_rolled_back_whole(store: Store, migrate
      "requests[1] (r1).first_token_at = 2026-03-01T11:59:59+00:00 is before arrival_at = 2026-03-01T12:00:00+00:00"),
     ("empty model", dict(model=""), "requests[1] (r1).model = '' must not be empty"),
     ("slo_met not a bool", dict(slo_met="yes"), "requests[1] (r1).slo_met = 'yes' is not true or false"),
+    ("outcome not text", dict(outcome=3), "requests[1] (r1).outcome = 3 is not text"),
 ])
 def test_bad_request_outcome_is_refused_naming_field_and_value(store: Store, migrated: Engine, case: str,
                                                                outcome: dict[str, Any], expected: str) -> None:
