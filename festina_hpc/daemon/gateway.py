@@ -240,6 +240,7 @@ class Gateway:
                                         sock_read=self.config.read_timeout_s)
         # No connection cap: the policy decides how much an instance takes, not the pool.
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        self._stopping = False  # a gateway whose last app stopped may serve another
         yield
         await self._session.close()
 

@@ -454,10 +454,11 @@ def test_a_stream_already_begun_is_not_retried(store: ProfileStore) -> None:
 
 
 async def _stop_mid_stream(store: ProfileStore, recorder: Any, stream_tokens: int, body: dict[str, Any],
-                           **config: Any) -> tuple[int, list[bytes], float]:
+                           **config: Any) -> tuple[int, list[bytes], float, int]:
     """A request to a slow instance in flight, then the gateway's runner cleaned up as ``run_festinad`` does on
     SIGTERM (after ``stream_tokens`` lines of a stream, or 0.5 s into another request); returns the client's
-    status, the lines it read (a closed stream ends them) and how long cleanup took."""
+    status, the lines it read (a closed stream ends them), how long cleanup took and the instance's requests
+    in flight soon after."""
     from aiohttp import web
 
     async with simulated_server(make_engine(store, 1.0)) as url:
@@ -492,13 +493,22 @@ async def _stop_mid_stream(store: ProfileStore, recorder: Any, stream_tokens: in
             stop()
         assert cleanup is not None
         await cleanup
-        return status, lines, loop.time() - started_s
+        cleanup_s = loop.time() - started_s
+        in_flight = -1
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                async with session.get(f"{url}/health") as resp:
+                    in_flight = (await resp.json())["in_flight"]
+                if in_flight == 0:
+                    break
+                await asyncio.sleep(0.1)
+        return status, lines, cleanup_s, in_flight
 
 
 def test_a_stream_in_flight_when_festinad_stops_is_recorded_and_ends_with_an_error_event(store: ProfileStore) -> None:
     recorder = MemoryRecorder()
     body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True}  # minutes of tokens
-    status, lines, cleanup_s = run(_stop_mid_stream(store, recorder, 3, body, shutdown_s=0.3))
+    status, lines, cleanup_s, in_flight = run(_stop_mid_stream(store, recorder, 3, body, shutdown_s=0.3))
     assert status == 200 and len(lines) > 3 and b"[DONE]" not in b"".join(lines)
     error = json.loads(lines[-1].removeprefix(b"data: "))
     assert error["error"]["type"] == "service_unavailable" and "festinad stopped" in error["error"]["message"]
@@ -507,23 +517,24 @@ def test_a_stream_in_flight_when_festinad_stops_is_recorded_and_ends_with_an_err
     assert (record.outcome, record.status, record.stream) == (Outcome.GATEWAY_STOPPED, 200, True)
     assert record.output_tokens >= tokens > 3  # what was served is recorded, so charged
     assert cleanup_s < 2.0  # cut after shutdown_s, not after the runner's own 5 s timeout
+    assert in_flight == 0  # the instance stopped generating
 
 
 def test_a_non_streamed_request_in_flight_when_festinad_stops_gets_503_and_is_recorded(
         store: ProfileStore) -> None:
     recorder = MemoryRecorder()
     body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000}
-    status, lines, _ = run(_stop_mid_stream(store, recorder, 0, body, shutdown_s=0.5))
+    status, lines, _, in_flight = run(_stop_mid_stream(store, recorder, 0, body, shutdown_s=0.5))
     assert status == 503
     assert json.loads(b"".join(lines))["error"]["type"] == "service_unavailable"
     (record,) = recorder.records
     assert (record.outcome, record.status, record.stream) == (Outcome.GATEWAY_STOPPED, 503, False)
-    assert record.output_tokens > 0
+    assert record.output_tokens > 0 and in_flight == 0
 
 
 def test_requests_that_finish_within_shutdown_s_are_not_cut(store: ProfileStore) -> None:
     recorder = MemoryRecorder()
     body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True}
-    status, lines, _ = run(_stop_mid_stream(store, recorder, 2, body, shutdown_s=5.0))
+    status, lines, _, _ = run(_stop_mid_stream(store, recorder, 2, body, shutdown_s=5.0))
     assert status == 200 and lines[-1] == b"data: [DONE]"
     assert [(r.outcome, r.output_tokens) for r in recorder.records] == [(Outcome.OK, 20)]
