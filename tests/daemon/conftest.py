@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,19 +22,25 @@ from festina_hpc.devcluster import up as devcluster_up
 from tests.serve.conftest import store  # noqa: F401  (the shipped-profiles fixture)
 
 
-@pytest.fixture(scope="module")
-def power_cluster() -> Iterator[DevClusterConfig]:
+def own_dev_cluster(name: str, ctld_port_from: int, **settings: Any) -> Iterator[DevClusterConfig]:
+    """A four-node dev cluster of a test module's own (``name``, ports from ``ctld_port_from``), torn
+    down after it; skips where Slurm is absent or we are not root."""
     if missing_binaries():
         pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
     if os.geteuid() != 0:
         pytest.skip("a dev cluster runs slurmd as root")
-    base = Path(tempfile.mkdtemp(prefix="festina-e2e-", dir="/tmp"))
-    ctld = free_ports(1, start=21000)
+    base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
+    ctld = free_ports(1, start=ctld_port_from)
     cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
-                           power_save_nodes=4, suspend_time_s=6, cluster_name="festina-e2e")
+                           cluster_name=name, **settings)
     devcluster_up(cfg)
     try:
         yield cfg
     finally:
         devcluster_down(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def power_cluster() -> Iterator[DevClusterConfig]:
+    yield from own_dev_cluster("festina-e2e", 21000, power_save_nodes=4, suspend_time_s=6)

@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -31,9 +29,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from festina_hpc.devcluster import DevClusterConfig, free_ports, missing_binaries
-from festina_hpc.devcluster import down as devcluster_down
-from festina_hpc.devcluster import up as devcluster_up
+from festina_hpc.devcluster import DevClusterConfig, free_ports
+from tests.daemon.conftest import own_dev_cluster
 from tests.daemon.live import daemon_config, festinad, wait_http
 
 pytestmark = pytest.mark.slurm
@@ -68,20 +65,7 @@ class Hostile:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[DevClusterConfig]:
     """Four nodes, none powered down (no resume waits: these tests are about keys, not power)."""
-    if missing_binaries():
-        pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
-    if os.geteuid() != 0:
-        pytest.skip("a dev cluster runs slurmd as root")
-    base = Path(tempfile.mkdtemp(prefix="festina-hostile-", dir="/tmp"))
-    ctld = free_ports(1, start=21500)
-    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
-                           power_save_nodes=0, cluster_name="festina-hostile")
-    devcluster_up(cfg)
-    try:
-        yield cfg
-    finally:
-        devcluster_down(base)
-        shutil.rmtree(base, ignore_errors=True)
+    yield from own_dev_cluster("festina-hostile", 21500, power_save_nodes=0)
 
 
 def festina_cli(config: Path, *argv: str) -> str:
