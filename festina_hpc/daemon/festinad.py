@@ -77,7 +77,7 @@ import aiohttp
 from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
 from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter, runs_as_mps
-from festina_hpc.daemon.records import CompletionRecord
+from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.db.store import GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
 from festina_hpc.errors import FestinaError
@@ -202,7 +202,9 @@ class SlurmRetry:
 
 
 class StoreRecorder:
-    """The gateway's ``Recorder`` over the database: records queue in memory and ``flush()`` writes a batch."""
+    """The gateway's ``Recorder`` over the database: records queue in memory and ``flush()`` writes a batch,
+    with checkpoints of the requests still in flight (``Gateway.in_flight``) so a crash loses at most a
+    flush period of their tokens; ``recover()`` records what the last crash cut."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -211,8 +213,15 @@ class StoreRecorder:
     def record(self, record: CompletionRecord) -> None:
         self._pending.append(record)
 
-    def flush(self) -> int:
+    def flush(self, in_flight: Sequence[CompletionRecord] = ()) -> int:
+        """Write the records queued so far; ``in_flight``, checkpoints taken before this call, go first, so a
+        request that ended since its checkpoint has its final record written after it (and replacing it)."""
         batch, self._pending = self._pending, []
+        try:
+            if in_flight:
+                self.store.checkpoint_requests([_outcome(r) for r in in_flight])
+        except FestinaError as exc:
+            log.error("could not checkpoint %d requests in flight: %s", len(in_flight), exc)
         if not batch:
             return 0
         outcomes = [_outcome(r) for r in batch]
@@ -221,6 +230,15 @@ class StoreRecorder:
         except FestinaError as exc:
             log.error("could not record %d request outcomes: %s", len(batch), exc)
             return 0
+
+    def recover(self) -> int:
+        """Record the requests the previous festinad was answering when it died (their last checkpoint, outcome
+        ``gateway_crashed``), so their tokens are charged; returns how many."""
+        closed = self.store.close_requests_in_flight(Outcome.GATEWAY_CRASHED.value)
+        if closed:
+            log.warning("%d request(s) cut by festinad's last crash recorded as %s, with the tokens of their last "
+                        "checkpoint", closed, Outcome.GATEWAY_CRASHED.value)
+        return closed
 
 
 def _utc(unix_s: float) -> datetime:
@@ -233,7 +251,8 @@ def _outcome(r: CompletionRecord) -> RequestOutcome:
                           output_tokens=r.output_tokens, slo_met=r.slo_met, instance_id=r.instance_id,
                           first_token_at=first, finish_at=_utc(r.arrival_unix_s + r.e2e_s), ttft_s=r.ttft_s,
                           mean_tbt_s=r.tbt_mean_s, max_tbt_s=r.tbt_max_s, user_name=r.user_name,
-                          account=r.account, api_key_id=r.api_key_id, outcome=r.outcome.value)
+                          account=r.account, api_key_id=r.api_key_id, outcome=r.outcome.value,
+                          external_id=r.request_id)
 
 
 class Festinad:

@@ -162,6 +162,21 @@ class _Timing:
         self.chunks += 1
 
 
+@dataclass
+class _Flight:
+    """A completion in progress: what its record needs, filled in as the request goes (``in_flight`` reads it)."""
+
+    model: GatewayModel
+    req: openai.CompletionRequest
+    arrival_unix_s: float
+    start_s: float
+    tenant: Tenant | None
+    endpoint: Endpoint | None = None  # the instance answering it (None: not routed yet, or not reached)
+    route_s: float = 0.0  # of which waiting for the router
+    timing: _Timing | None = None  # once the instance answered 200
+    request_id: str | None = None  # given at its first checkpoint; its final record carries it
+
+
 class _PriorityGate:
     """Low-priority requests go to the router only while no normal-priority request waits there."""
 
@@ -205,7 +220,9 @@ class Gateway:
         self._wall = wall_clock
         self._session: aiohttp.ClientSession | None = None
         self._created_s = int(wall_clock())
-        self._flights: set[asyncio.Task[Any]] = set()  # the handler tasks of completions in progress
+        self._flights: dict[asyncio.Task[Any], _Flight] = {}  # the handler tasks of completions in progress
+        self._run_id = uuid.uuid4().hex[:12]  # request ids are this gateway run's, then a counter
+        self._checkpointed = 0
         self._stopping = False  # the app is shutting down: a cancelled completion was cut by it
 
     def app(self) -> web.Application:
@@ -277,20 +294,32 @@ class Gateway:
         if self.auth is not None and tenant is not None:
             priority = await self.auth.admit(tenant, model.name)
 
-        def record(outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
-                   timing: _Timing | None = None) -> None:
-            self._record(model, req, arrival_unix_s, start_s, outcome, status, endpoint, route_s, timing, tenant)
-
+        flight = _Flight(model, req, arrival_unix_s, start_s, tenant)
         task = asyncio.current_task()
         assert task is not None
-        self._flights.add(task)
+        self._flights[task] = flight
         try:
-            return await self._serve(request, req, model, priority, record, start_s)
+            return await self._serve(request, flight, priority)
         finally:
-            self._flights.discard(task)
+            del self._flights[task]
 
-    async def _serve(self, request: web.Request, req: openai.CompletionRequest, model: GatewayModel,
-                     priority: Priority, record: Callable[..., None], start_s: float) -> web.StreamResponse:
+    def in_flight(self) -> list[CompletionRecord]:
+        """Checkpoints of the completions an instance is answering now: outcome ``IN_FLIGHT``, the tokens served
+        so far. Each gets a request id at its first checkpoint, which its final record carries, so the store
+        replaces the one by the other; festinad writes them every flush, so a crash (SIGKILL) loses at most
+        a flush period of any request's tokens. Call it on the gateway's event loop."""
+        records = []
+        for flight in self._flights.values():
+            if flight.timing is None:
+                continue  # not at an instance yet: it has cost nothing to charge
+            if flight.request_id is None:
+                self._checkpointed += 1
+                flight.request_id = f"{self._run_id}-{self._checkpointed}"
+            records.append(self._build_record(flight, Outcome.IN_FLIGHT, 200))
+        return records
+
+    async def _serve(self, request: web.Request, flight: _Flight, priority: Priority) -> web.StreamResponse:
+        model, req = flight.model, flight.req
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + self.config.scale_timeout_s
         unreachable: _Unreachable | None = None
@@ -301,17 +330,18 @@ class Gateway:
             except asyncio.CancelledError:
                 if not self._stopping:
                     raise
-                record(Outcome.GATEWAY_STOPPED, 503, None, self._clock() - start_s)
+                flight.route_s = self._clock() - flight.start_s
+                self._record(flight, Outcome.GATEWAY_STOPPED, 503)
                 raise self._stopped_error(model) from None
             except (TimeoutError, NoInstance) as exc:
                 why = str(exc) if isinstance(exc, NoInstance) else \
                     f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
                 if unreachable is not None:
                     why += f" (instance {unreachable.url} could not be reached: {unreachable.why})"
-                raise self._unavailable(record, start_s, why) from None
-            route_s = self._clock() - start_s
+                raise self._unavailable(flight, why) from None
+            flight.endpoint, flight.route_s = endpoint, self._clock() - flight.start_s
             try:
-                return await self._proxy(request, req, model, endpoint, record, route_s)
+                return await self._proxy(request, flight, endpoint)
             except _Unreachable as exc:
                 # Nothing was sent to the client and the instance saw no request: route it again (the router
                 # stops routing there and, behind festinad, waits for a replacement as for a cold start).
@@ -319,16 +349,18 @@ class Gateway:
                             f"request routed again ({attempt + 1} of {MAX_REROUTES})" if attempt < MAX_REROUTES
                             else "no reroute left")
                 unreachable = exc
+                flight.endpoint = None  # it saw nothing of this request
                 self.router.failed(endpoint)
             finally:
                 self.router.done(endpoint)
         assert unreachable is not None
-        raise self._unavailable(record, start_s, f"no instance of {model.name} answered: instance {unreachable.url} "
+        raise self._unavailable(flight, f"no instance of {model.name} answered: instance {unreachable.url} "
                                                   f"could not be reached: {unreachable.why}")
 
-    def _unavailable(self, record: Callable[..., None], start_s: float, why: str) -> openai.ApiError:
+    def _unavailable(self, flight: _Flight, why: str) -> openai.ApiError:
         """The request's 503 (with Retry-After), recorded: no instance served it in time."""
-        record(Outcome.NO_INSTANCE, 503, None, self._clock() - start_s)
+        flight.route_s = self._clock() - flight.start_s
+        self._record(flight, Outcome.NO_INSTANCE, 503)
         return openai.ApiError(503, why, error_type="service_unavailable",
                                headers={"Retry-After": str(self.config.retry_after_s)})
 
@@ -339,9 +371,9 @@ class Gateway:
         with self._gate.normal():
             return await self.router.route(model.name, req.prompt_tokens)
 
-    async def _proxy(self, request: web.Request, req: openai.CompletionRequest, model: GatewayModel,
-                     endpoint: Endpoint, record: Callable[..., None], route_s: float) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, flight: _Flight, endpoint: Endpoint) -> web.StreamResponse:
         assert self._session is not None, "the gateway app is not running"
+        model, req = flight.model, flight.req
         body = dict(req.body)
         body.update(model=model.name, stream=True, stream_options={"include_usage": True})
         timing = _Timing(self._clock())
@@ -354,10 +386,11 @@ class Gateway:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in PASSED_THROUGH:
-                        record(Outcome.UPSTREAM_ERROR, upstream.status, endpoint, route_s)
+                        self._record(flight, Outcome.UPSTREAM_ERROR, upstream.status)
                         headers = {k: v for k, v in upstream.headers.items() if k in ("Retry-After", "Content-Type")}
                         return web.Response(status=upstream.status, body=data, headers=headers)
                     raise _UpstreamStatus(upstream.status, data)
+                flight.timing = timing  # from here on the record carries what the instance served
                 async for payload, event in _events(upstream.content):
                     if payload is None:
                         timing.done = True
@@ -384,16 +417,16 @@ class Gateway:
         except _ClientGone:
             # The tokens served so far are recorded (and charged); closing the upstream stream ends the
             # generation on the instance at its next step.
-            record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
+            self._record(flight, Outcome.CLIENT_GONE, 200 if response is not None else 499)
             return response if response is not None else web.Response(status=499)
         except asyncio.CancelledError:
             if not self._stopping:  # a runner that cancels the handlers of clients that hang up
-                record(Outcome.CLIENT_GONE, 200 if response is not None else 499, endpoint, route_s, timing)
+                self._record(flight, Outcome.CLIENT_GONE, 200 if response is not None else 499)
                 raise
             # festinad is stopping (_cut_flights): leaving the block closed the upstream stream, so the
             # instance stops generating; what it served is recorded, and charged, here.
             _uncancel()
-            record(Outcome.GATEWAY_STOPPED, 200 if response is not None else 503, endpoint, route_s, timing)
+            self._record(flight, Outcome.GATEWAY_STOPPED, 200 if response is not None else 503)
             if response is None:
                 raise self._stopped_error(model) from None
             try:
@@ -409,18 +442,18 @@ class Gateway:
                 raise _Unreachable(endpoint.url, _describe(exc)) from None
             log.warning("upstream %s failed for %s: %s", endpoint.url, model.name, exc)
             if response is None:
-                record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)
+                self._record(flight, Outcome.UPSTREAM_ERROR, 502)
                 raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} failed: {_describe(exc)}",
                                       error_type="upstream_error") from None
         if not timing.done:
             # The instance closed the stream without [DONE] (it stopped): a cut stream, not a finished one.
             if response is None:
-                record(Outcome.UPSTREAM_ERROR, 502, endpoint, route_s, timing)
+                self._record(flight, Outcome.UPSTREAM_ERROR, 502)
                 raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} ended the stream early",
                                       error_type="upstream_error")
             # Its headers (200) are sent: the client learns of the failure from an error event, with no
             # [DONE] after it, as OpenAI's API ends a stream that fails.
-            record(Outcome.UPSTREAM_ERROR, 200, endpoint, route_s, timing)
+            self._record(flight, Outcome.UPSTREAM_ERROR, 200)
             try:
                 await _send(response, openai.sse(openai.error_body(
                     f"instance {endpoint.url} of {model.name} ended the stream early", "upstream_error")))
@@ -429,7 +462,7 @@ class Gateway:
                 pass
             return response
         if response is not None:
-            record(Outcome.OK, 200, endpoint, route_s, timing)
+            self._record(flight, Outcome.OK, 200)
             await response.write_eof()
             return response
         first = timing.first_event or {}
@@ -437,7 +470,7 @@ class Gateway:
         answer = openai.completion(first.get("id", f"cmpl-{uuid.uuid4().hex}"), first.get("created", int(self._wall())),
                                    first.get("model", model.name), "".join(timing.parts), timing.finish_reason,
                                    prompt_tokens, output_tokens)
-        record(Outcome.OK, 200, endpoint, route_s, timing)
+        self._record(flight, Outcome.OK, 200)
         return web.json_response(answer)
 
     def _stopped_error(self, model: GatewayModel) -> openai.ApiError:
@@ -446,31 +479,33 @@ class Gateway:
                                error_type="service_unavailable",
                                headers={"Retry-After": str(self.config.retry_after_s)})
 
-    def _record(self, model: GatewayModel, req: openai.CompletionRequest, arrival_unix_s: float, start_s: float,
-                outcome: Outcome, status: int, endpoint: Endpoint | None, route_s: float,
-                timing: _Timing | None, tenant: Tenant | None) -> None:
+    def _record(self, flight: _Flight, outcome: Outcome, status: int) -> None:
+        try:
+            self.recorder.record(self._build_record(flight, outcome, status))
+        except Exception:  # a failing recorder must not fail the request it records
+            log.exception("recorder failed on a %s record", flight.model.name)
+
+    def _build_record(self, flight: _Flight, outcome: Outcome, status: int) -> CompletionRecord:
+        model, req, timing, endpoint, tenant = flight.model, flight.req, flight.timing, flight.endpoint, flight.tenant
         end_s = self._clock()
         prompt_tokens, output_tokens = _tokens(timing, req) if timing else (req.prompt_tokens, 0)
         ttft_s = tbt_mean_s = tbt_max_s = None
         if timing is not None and timing.first_s is not None and timing.last_s is not None:
-            ttft_s = timing.first_s - start_s
+            ttft_s = timing.first_s - flight.start_s
             if timing.chunks > 1:
                 tbt_max_s = timing.max_gap_s
                 tbt_mean_s = (timing.last_s - timing.first_s) / (max(output_tokens, timing.chunks) - 1)
         ttft_slo_s = model.slo.ttft_for(prompt_tokens)
         met = (outcome is Outcome.OK and ttft_s is not None and ttft_s <= ttft_slo_s
                and (tbt_mean_s is None or tbt_mean_s <= model.slo.tbt_s))
-        rec = CompletionRecord(
-            model=model.name, arrival_unix_s=arrival_unix_s, outcome=outcome, status=status, stream=req.stream,
-            endpoint=endpoint.url if endpoint else None, instance_id=endpoint.instance_id if endpoint else None,
-            prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_s=ttft_s, tbt_mean_s=tbt_mean_s,
-            tbt_max_s=tbt_max_s, e2e_s=end_s - start_s, route_s=route_s, ttft_slo_s=ttft_slo_s,
-            tbt_slo_s=model.slo.tbt_s, slo_met=met, user_name=tenant.user_name if tenant else "",
-            account=tenant.account if tenant else "", api_key_id=tenant.key_id if tenant else None)
-        try:
-            self.recorder.record(rec)
-        except Exception:  # a failing recorder must not fail the request it records
-            log.exception("recorder failed on a %s record", model.name)
+        return CompletionRecord(
+            model=model.name, arrival_unix_s=flight.arrival_unix_s, outcome=outcome, status=status,
+            stream=req.stream, endpoint=endpoint.url if endpoint else None,
+            instance_id=endpoint.instance_id if endpoint else None, prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens, ttft_s=ttft_s, tbt_mean_s=tbt_mean_s, tbt_max_s=tbt_max_s,
+            e2e_s=end_s - flight.start_s, route_s=flight.route_s, ttft_slo_s=ttft_slo_s, tbt_slo_s=model.slo.tbt_s,
+            slo_met=met, user_name=tenant.user_name if tenant else "", account=tenant.account if tenant else "",
+            api_key_id=tenant.key_id if tenant else None, request_id=flight.request_id)
 
 
 class _UpstreamStatus(Exception):

@@ -17,6 +17,10 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"  # the instance failed, refused, or cut the stream (502, or a cut stream)
     CLIENT_GONE = "client_gone"  # the client hung up before the end
     GATEWAY_STOPPED = "gateway_stopped"  # festinad stopped (SIGTERM, restart) first: 503, or a stream's error event
+    # Not an end: a checkpoint of a request still in flight (``Gateway.in_flight``), replaced by its final record.
+    IN_FLIGHT = "in_flight"
+    # festinad died (SIGKILL, a crash) first: its last checkpoint, recorded when festinad starts again.
+    GATEWAY_CRASHED = "gateway_crashed"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class CompletionRecord:
     user_name: str = ""  # the tenant it is attributed to (its API key's, or the open gateway's default)
     account: str = ""
     api_key_id: int | None = None  # None: no key (an open gateway, or no authentication)
+    request_id: str | None = None  # the gateway's id, given to a request once it is checkpointed in flight
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,10 @@ from the database and Slurm), serves the gateway, and schedules the periodic
 jobs, each coalesced with ``max_instances=1`` so a slow Slurm never stacks
 runs: reconcile, the policy's ``scale`` and ``consolidate`` at their periods
 (the policy's own unless the config sets one), and the flush of request
-records to the database. ``GET /metrics`` answers Prometheus (see
+records to the database, with a checkpoint of each request still in flight
+(``requests_in_flight``): when festinad dies without a stop (SIGKILL, a crash), the
+next one records those as ``gateway_crashed`` with their last checkpoint's tokens, so
+a crash loses at most ``flush_s`` of any request's tokens. ``GET /metrics`` answers Prometheus (see
 ``festina_hpc.daemon.metrics``) on a listener of its own (``[daemon] metrics_listen``, loopback by
 default), never on the gateway: the gateway may face every user, the scrape is the operator's.
 ``/admin/*`` is on the gateway behind ``AdminApi``'s check (admin key, or loopback). On stop
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -31,6 +34,7 @@ from festina_hpc.daemon.auth import Authenticator
 from festina_hpc.daemon.festinad import Festinad, StoreRecorder
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, GatewayModel
 from festina_hpc.daemon.metrics import FanOut, FestinadMetrics, RequestWindow
+from festina_hpc.daemon.records import CompletionRecord
 from festina_hpc.errors import FestinaError
 
 log = logging.getLogger(__name__)
@@ -46,13 +50,22 @@ class Periods:
     flush_s: float = 1.0
 
 
-def make_scheduler(festinad: Festinad, recorder: StoreRecorder, periods: Periods) -> AsyncIOScheduler:
+def make_scheduler(festinad: Festinad, recorder: StoreRecorder, periods: Periods,
+                   in_flight: Callable[[], Sequence[CompletionRecord]] = list) -> AsyncIOScheduler:
+    """The periodic jobs; ``in_flight`` gives the checkpoints of the requests in flight (``Gateway.in_flight``)."""
+
+    async def flush() -> None:
+        # The checkpoints are taken here, on the event loop, between handler steps, so a request that ends
+        # after them carries the id they gave it; the writes go to a thread, off the loop.
+        checkpoints = in_flight()
+        await asyncio.get_running_loop().run_in_executor(None, recorder.flush, checkpoints)
+
     scheduler = AsyncIOScheduler()
     common = {"trigger": "interval", "coalesce": True, "max_instances": 1, "misfire_grace_time": None}
     scheduler.add_job(festinad.reconcile, id="reconcile", seconds=periods.reconcile_s, **common)
     scheduler.add_job(festinad.scale_tick, id="scale", seconds=periods.scale_s, **common)
     scheduler.add_job(festinad.consolidate_tick, id="consolidate", seconds=periods.consolidate_s, **common)
-    scheduler.add_job(recorder.flush, id="flush", seconds=periods.flush_s, **common)
+    scheduler.add_job(flush, id="flush", seconds=periods.flush_s, **common)
     return scheduler
 
 
@@ -65,6 +78,7 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     """Serve until ``stop`` is set (see the module docstring); ``auth`` checks keys (None: everyone is served);
     ``admin_open`` and ``metrics_listen`` (host, port; None: no metrics) are ``[daemon]``'s."""
     await festinad.setup()
+    recorder.recover()  # what the last festinad was answering when it died
     window = RequestWindow()
     config = replace(gateway_config or GatewayConfig(), shutdown_s=shutdown_s)
     gateway = Gateway(festinad.router, FanOut(recorder, window), models, config, auth=auth)
@@ -78,7 +92,7 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
         FestinadMetrics(festinad, window, festinad.store.engine).mount(metrics_app)
         metrics_runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()
-    scheduler = make_scheduler(festinad, recorder, periods)
+    scheduler = make_scheduler(festinad, recorder, periods, gateway.in_flight)
     try:
         if metrics_runner is not None and metrics_listen is not None:
             metrics_host, metrics_port = metrics_listen

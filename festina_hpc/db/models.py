@@ -225,9 +225,35 @@ class RequestRecord(Base):
     mean_tbt_s: Mapped[float | None] = mapped_column(Double)
     max_tbt_s: Mapped[float | None] = mapped_column(Double)
     slo_met: Mapped[bool] = mapped_column(Boolean)
-    # How it ended, the gateway's Outcome: ok, no_instance, upstream_error, client_gone, gateway_stopped
+    # How it ended, the gateway's Outcome: ok, no_instance, upstream_error, client_gone, gateway_stopped,
+    # gateway_crashed (the last checkpoint of a request festinad's crash cut: see RequestInFlight)
     # (None: recorded before revision 0007, or by a writer that does not say).
     outcome: Mapped[str | None] = mapped_column(String(32))
+
+
+class RequestInFlight(Base):
+    """The last checkpoint of a request festinad is still answering (the gateway's ``in_flight``, every flush).
+
+    Its final ``requests`` row replaces it. Rows left here when festinad starts were cut by a crash: they
+    become ``requests`` rows with outcome ``gateway_crashed`` and the tokens of their last checkpoint."""
+
+    __tablename__ = "requests_in_flight"
+    __table_args__ = (CheckConstraint("prompt_tokens >= 0 AND output_tokens >= 0", name="tokens_non_negative"),)
+
+    external_id: Mapped[str] = mapped_column(String(128), primary_key=True)  # the gateway's request id
+    api_key_id: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(255))
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("model_instances.id", ondelete="SET NULL"))
+    user_name: Mapped[str] = mapped_column(String(255), default="")
+    account: Mapped[str] = mapped_column(String(255), default="")
+    arrival_at: Mapped[datetime]
+    first_token_at: Mapped[datetime | None]
+    finish_at: Mapped[datetime | None]  # the checkpoint's time
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    ttft_s: Mapped[float | None] = mapped_column(Double)
+    mean_tbt_s: Mapped[float | None] = mapped_column(Double)
+    max_tbt_s: Mapped[float | None] = mapped_column(Double)
 
 
 class EnergySample(Base):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, func, insert, select
+from sqlalchemy import Engine, Table, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -61,6 +61,7 @@ from festina_hpc.db.models import (
     JobEnergy,
     ModelInstance,
     Node,
+    RequestInFlight,
     RequestRecord,
     SlurmJob,
     TenantTokensHourly,
@@ -551,43 +552,70 @@ class Store:
     # -- records at request rate
 
     def record_requests(self, outcomes: Sequence[RequestOutcome]) -> int:
-        """Append request outcomes in one multi-row insert; returns how many."""
+        """Append request outcomes in one multi-row insert; returns how many. A request checkpointed in flight
+        (``checkpoint_requests``, same ``external_id``) leaves ``requests_in_flight`` in the same transaction."""
         for i, r in enumerate(outcomes):
-            where = f"requests[{i}]" + (f" ({r.external_id})" if r.external_id else "")
-            _text(where, "model", r.model, required=True)
-            _text(where, "user_name", r.user_name)
-            _text(where, "account", r.account)
-            _text(where, "external_id", r.external_id, max_len=128, optional=True)
-            _text(where, "outcome", r.outcome, max_len=32, optional=True)
-            _integer(where, "instance_id", r.instance_id, optional=True)
-            _integer(where, "api_key_id", r.api_key_id, optional=True)
-            _integer(where, "prompt_tokens", r.prompt_tokens)
-            _integer(where, "output_tokens", r.output_tokens)
-            if not isinstance(r.slo_met, bool):
-                raise InvalidRecord(f"{where}.slo_met = {r.slo_met!r} is not true or false")
-            _time(where, "arrival_at", r.arrival_at)
-            _time(where, "first_token_at", r.first_token_at, optional=True)
-            _time(where, "finish_at", r.finish_at, optional=True)
-            _not_before(where, "first_token_at", r.first_token_at, "arrival_at", r.arrival_at)
-            _not_before(where, "finish_at", r.finish_at, "first_token_at", r.first_token_at or r.arrival_at)
-            for name in ("ttft_s", "mean_tbt_s", "max_tbt_s"):
-                _number(where, name, getattr(r, name), optional=True)
+            _check_request(f"requests[{i}]", r)
         if not outcomes:
             return 0
         rows = [_fields(r) for r in outcomes]
+        checkpointed = [r.external_id for r in outcomes if r.external_id is not None]
         tenant_rows = _tenant_tokens(outcomes)
         with self._transaction("record_requests") as session:
+            if checkpointed:
+                session.execute(delete(_table(RequestInFlight))
+                                .where(RequestInFlight.external_id.in_(checkpointed)))
             session.execute(insert(_table(RequestRecord)), rows)
-            if tenant_rows:
-                # In the same transaction: the tenant split never counts a request the table lacks.
-                table = _table(TenantTokensHourly)
-                dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-                stmt = dialect.insert(table)
-                session.execute(stmt.on_conflict_do_update(
-                    index_elements=["instance_id", "account", "user_name", "hour_at"],
-                    set_={"tokens": table.c.tokens + stmt.excluded.tokens,
-                          "requests": table.c.requests + stmt.excluded.requests}), tenant_rows)
+            self._add_tenant_tokens(session, tenant_rows)
         return len(rows)
+
+    def _add_tenant_tokens(self, session: Session, tenant_rows: list[dict[str, Any]]) -> None:
+        # In the caller's transaction: the tenant split never counts a request the table lacks.
+        if not tenant_rows:
+            return
+        table = _table(TenantTokensHourly)
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(table)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["instance_id", "account", "user_name", "hour_at"],
+            set_={"tokens": table.c.tokens + stmt.excluded.tokens,
+                  "requests": table.c.requests + stmt.excluded.requests}), tenant_rows)
+
+    def checkpoint_requests(self, outcomes: Sequence[RequestOutcome]) -> int:
+        """Store requests still in flight (each with its ``external_id``), replacing their last checkpoint.
+
+        Nothing is charged yet: the final row (``record_requests``) or, after a crash,
+        ``close_requests_in_flight`` charges the tokens once."""
+        for i, r in enumerate(outcomes):
+            where = f"requests_in_flight[{i}]"
+            _check_request(where, r)
+            _text(where, "external_id", r.external_id, max_len=128, required=True)
+        if not outcomes:
+            return 0
+        columns = {c.name for c in _table(RequestInFlight).columns}
+        rows = [{k: v for k, v in _fields(r).items() if k in columns} for r in outcomes]
+        with self._transaction("checkpoint_requests") as session:
+            self._upsert(session, _table(RequestInFlight), rows, ["external_id"])
+        return len(rows)
+
+    def close_requests_in_flight(self, outcome: str = "gateway_crashed") -> int:
+        """Move every checkpoint left in ``requests_in_flight`` to ``requests`` with ``outcome``, charging the
+        tokens of its last checkpoint; returns how many. festinad calls it when it starts: a row still
+        there was cut by the previous festinad's crash."""
+        with self._transaction("close_requests_in_flight") as session:
+            left = session.scalars(select(RequestInFlight).order_by(RequestInFlight.arrival_at)).all()
+            if not left:
+                return 0
+            closed = [RequestOutcome(
+                model=row.model, arrival_at=row.arrival_at, prompt_tokens=row.prompt_tokens,
+                output_tokens=row.output_tokens, slo_met=False, instance_id=row.instance_id,
+                user_name=row.user_name, account=row.account, first_token_at=row.first_token_at,
+                finish_at=row.finish_at, ttft_s=row.ttft_s, mean_tbt_s=row.mean_tbt_s, max_tbt_s=row.max_tbt_s,
+                external_id=row.external_id, api_key_id=row.api_key_id, outcome=outcome) for row in left]
+            session.execute(delete(_table(RequestInFlight)))
+            session.execute(insert(_table(RequestRecord)), [_fields(r) for r in closed])
+            self._add_tenant_tokens(session, _tenant_tokens(closed))
+        return len(closed)
 
     def record_energy(self, readings: Sequence[EnergyReading]) -> int:
         """Append GPU energy readings (and their instance shares) as one batch; returns how many were given.
@@ -807,6 +835,30 @@ def _chunks(items: Iterable[EnergyReading], size: int) -> Iterator[list[EnergyRe
 
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
+
+
+def _check_request(where: str, r: RequestOutcome) -> None:
+    """A request row's fields, each refused with one line naming it."""
+    if r.external_id:
+        where += f" ({r.external_id})"
+    _text(where, "model", r.model, required=True)
+    _text(where, "user_name", r.user_name)
+    _text(where, "account", r.account)
+    _text(where, "external_id", r.external_id, max_len=128, optional=True)
+    _text(where, "outcome", r.outcome, max_len=32, optional=True)
+    _integer(where, "instance_id", r.instance_id, optional=True)
+    _integer(where, "api_key_id", r.api_key_id, optional=True)
+    _integer(where, "prompt_tokens", r.prompt_tokens)
+    _integer(where, "output_tokens", r.output_tokens)
+    if not isinstance(r.slo_met, bool):
+        raise InvalidRecord(f"{where}.slo_met = {r.slo_met!r} is not true or false")
+    _time(where, "arrival_at", r.arrival_at)
+    _time(where, "first_token_at", r.first_token_at, optional=True)
+    _time(where, "finish_at", r.finish_at, optional=True)
+    _not_before(where, "first_token_at", r.first_token_at, "arrival_at", r.arrival_at)
+    _not_before(where, "finish_at", r.finish_at, "first_token_at", r.first_token_at or r.arrival_at)
+    for name in ("ttft_s", "mean_tbt_s", "max_tbt_s"):
+        _number(where, name, getattr(r, name), optional=True)
 
 
 def _tenant_tokens(outcomes: Sequence[RequestOutcome]) -> list[dict[str, Any]]:

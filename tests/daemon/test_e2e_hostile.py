@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # serve_time_scale 0.5), short of the model's output limit.
 LONG_MAX_TOKENS = 2000
 SHORT_MAX_TOKENS = 4  # of every other completion here; a row with more tokens is a long request's
+CHECKPOINTED_AFTER_S = 2.5  # festinad checkpoints requests in flight every flush (1 s)
 HANG_UP_GRACE_S = 5.0  # "within one step" of the engine, plus festinad's and the poll's latency
 
 
@@ -370,16 +371,11 @@ def test_a_request_after_an_instance_died_waits_for_its_replacement(hostile: Hos
     assert status == 200, (status, body)
 
 
-@pytest.mark.parametrize("sig", [
-    signal.SIGTERM,
-    pytest.param(signal.SIGKILL, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="issue 20: a request is recorded only when it ends in festinad, so one cut by festinad's kill -9 "
-               "(or any crash) is missing from the requests table and its tokens are never charged")),
-], ids=["sigterm", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_stream_cut_by_a_festinad_restart_is_recorded(hostile: Hostile, sig: signal.Signals) -> None:
     """festinad stops mid-stream (SIGTERM: the stream is cut after its shutdown grace; SIGKILL: at once): the
-    tokens it served are in the requests table to charge once festinad runs again."""
+    tokens it served are in the requests table to charge once festinad runs again (after a SIGKILL, those of
+    the request's last checkpoint, taken every flush)."""
     deadline = time.monotonic() + 60
     while asyncio.run(complete(hostile, {"max_tokens": SHORT_MAX_TOKENS}, timeout_s=60))[0] != 200:
         assert time.monotonic() < deadline, "the model is not served again after its instance was cancelled"
@@ -394,6 +390,10 @@ def test_a_stream_cut_by_a_festinad_restart_is_recorded(hostile: Hostile, sig: s
                                     headers=bearer(hostile.user_key)) as resp:
                 assert resp.status == 200
                 first = await resp.content.readline()
+                # Past a few flushes (1 s each), so the request has been checkpointed in flight.
+                read_until_s = time.monotonic() + CHECKPOINTED_AFTER_S
+                while time.monotonic() < read_until_s:
+                    first += await resp.content.readline()
                 hostile.procs[-1].send_signal(sig)
                 try:
                     return first + await resp.read()
@@ -409,3 +409,7 @@ def test_a_stream_cut_by_a_festinad_restart_is_recorded(hostile: Hostile, sig: s
     time.sleep(await_flush_s)
     cut = [r for r in requests_since(hostile, last_id) if r[1] == "alice" and r[2] > SHORT_MAX_TOKENS]
     assert len(cut) == 1 and cut[0][2] < 4 * LONG_MAX_TOKENS, requests_since(hostile, last_id)
+    with closing(sqlite3.connect(hostile.tmp / "festina.db")) as db:
+        outcome, = db.execute("SELECT outcome FROM requests WHERE id = ?", (cut[0][0],)).fetchone()
+        left, = db.execute("SELECT count(*) FROM requests_in_flight").fetchone()
+    assert outcome == ("gateway_stopped" if sig == signal.SIGTERM else "gateway_crashed") and left == 0

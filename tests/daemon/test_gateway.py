@@ -538,3 +538,34 @@ def test_requests_that_finish_within_shutdown_s_are_not_cut(store: ProfileStore)
     status, lines, _, _ = run(_stop_mid_stream(store, recorder, 2, body, shutdown_s=5.0))
     assert status == 200 and lines[-1] == b"data: [DONE]"
     assert [(r.outcome, r.output_tokens) for r in recorder.records] == [(Outcome.OK, 20)]
+
+
+def test_requests_in_flight_are_checkpointed_with_an_id_their_final_record_carries(store: ProfileStore) -> None:
+    """``in_flight`` (festinad writes it every flush, so a crash leaves the tokens served so far): one record per
+    request an instance is answering, with its tokens so far; the request keeps its id to the end."""
+    async def scenario() -> tuple[list[Any], list[Any], MemoryRecorder]:
+        recorder = MemoryRecorder()
+        async with simulated_server(make_engine(store, 1.0)) as url:
+            gateway = make_gateway(store, StaticRouter({MODEL: [url]}), recorder)
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                await stream_(session, gw, {"model": MODEL, "prompt": "x", "max_tokens": 4})
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 40, "stream": True}
+                checkpoints: list[list[Any]] = []
+                async with session.post(f"{gw}/v1/completions", json=body) as resp:
+                    lines = 0
+                    async for line in resp.content:
+                        lines += bool(line.strip())
+                        if lines in (3, 20) and len(checkpoints) < (1 if lines == 3 else 2):
+                            checkpoints.append(gateway.in_flight())
+                after = gateway.in_flight()
+        return checkpoints, after, recorder
+
+    checkpoints, after, recorder = run(scenario())
+    first, second = (c[0] for c in checkpoints)
+    assert all(len(c) == 1 for c in checkpoints) and after == []
+    assert first.outcome is second.outcome is Outcome.IN_FLIGHT and not first.slo_met
+    assert first.request_id is not None and second.request_id == first.request_id
+    assert 3 <= first.output_tokens < second.output_tokens < 40
+    untouched, final = recorder.records
+    assert untouched.request_id is None  # never checkpointed: its row needs no id
+    assert (final.outcome, final.output_tokens, final.request_id) == (Outcome.OK, 40, first.request_id)

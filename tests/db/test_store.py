@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 
 from festina_hpc.db.engine import make_engine
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
-from festina_hpc.db.models import EnergySample, EnergySampleShare, RequestRecord, SlurmJob
+from festina_hpc.db.models import (
+    EnergySample,
+    EnergySampleShare,
+    RequestInFlight,
+    RequestRecord,
+    SlurmJob,
+    TenantTokensHourly,
+)
 from festina_hpc.db.store import (
     EnergyReading,
     GpuRecord,
@@ -389,3 +396,43 @@ def test_the_last_of_several_updates_in_one_batch_wins(store: Store) -> None:
     assert set(ids) == {"n01", "n02"}
     store.upsert_jobs([JobRecord(7, "PENDING"), JobRecord(7, "RUNNING", start_at=at(1))])
     assert {n.name: n.state for n in store.load_live_state().nodes} == {"n01": "mixed", "n02": "idle"}
+
+
+def _requests_and_tokens(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], int]:
+    with engine.connect() as connection:
+        rows = connection.execute(select(RequestRecord.external_id, RequestRecord.outcome, RequestRecord.output_tokens)
+                                  .order_by(RequestRecord.id)).all()
+        left = connection.execute(select(RequestInFlight.external_id, RequestInFlight.output_tokens)).all()
+        tokens = connection.execute(select(func.coalesce(func.sum(TenantTokensHourly.tokens), 0))).scalar_one()
+    return [tuple(r) for r in rows], [tuple(r) for r in left], int(tokens)
+
+
+def test_a_checkpoint_in_flight_is_replaced_by_its_final_row_and_charged_once(store: Store, migrated: Engine) -> None:
+    gpus = make_cluster(store)
+    instance = store.create_instance("llama-3.1-8b", [gpus[("n01", 0)]], at=T0)
+    running = dict(instance_id=instance, external_id="run1-1", outcome="in_flight", slo_met=False, finish_at=at(1.0))
+    store.checkpoint_requests([make_outcome(output_tokens=10, **running)])
+    store.checkpoint_requests([make_outcome(output_tokens=40, **running)])  # the next flush: replaces the first
+    assert _requests_and_tokens(migrated) == ([], [("run1-1", 40)], 0)  # nothing charged while it runs
+    store.record_requests([make_outcome(instance_id=instance, external_id="run1-1", outcome="ok", output_tokens=128),
+                           make_outcome(instance_id=instance, outcome="ok", output_tokens=8)])
+    assert _requests_and_tokens(migrated) == ([("run1-1", "ok", 128), (None, "ok", 8)], [], 2 * 512 + 128 + 8)
+    assert store.close_requests_in_flight() == 0  # a clean stop leaves nothing to recover
+
+
+def test_checkpoints_left_by_a_crash_become_requests_charged_with_their_tokens(store: Store, migrated: Engine) -> None:
+    gpus = make_cluster(store)
+    instance = store.create_instance("llama-3.1-8b", [gpus[("n01", 0)]], at=T0)
+    store.checkpoint_requests([make_outcome(instance_id=instance, external_id=f"run1-{k}", outcome="in_flight",
+                                            slo_met=False, output_tokens=30 * k, finish_at=at(2.0)) for k in (1, 2)])
+    assert store.close_requests_in_flight("gateway_crashed") == 2
+    rows, left, tokens = _requests_and_tokens(migrated)
+    assert sorted(rows) == [("run1-1", "gateway_crashed", 30), ("run1-2", "gateway_crashed", 60)] and left == []
+    assert tokens == 2 * 512 + 30 + 60
+    assert store.close_requests_in_flight() == 0  # once
+
+
+def test_a_checkpoint_needs_its_request_id(store: Store) -> None:
+    with pytest.raises(InvalidRecord) as info:
+        store.checkpoint_requests([make_outcome(outcome="in_flight")])
+    assert str(info.value) == "requests_in_flight[0].external_id = None is not text"
