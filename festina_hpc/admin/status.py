@@ -135,12 +135,12 @@ def collect(engine: Engine, *, now: datetime, window_s: float = 300.0,
         clock: int | None = None  # a GPU without instances: its node has reset it to the driver's default
         clock_known = True
         if insts:
-            reported = applied.get(gid)
+            locked = applied.get(gid, node_reports.AppliedSettings()).clock_mhz
             clock_known = reading_at is not None
             if not clock_known:
                 clock = None
-            elif reported is not None and reported.clock_mhz is not None:
-                clock = reported.clock_mhz
+            elif locked is not None:
+                clock = locked
             else:
                 clock = stored_clock  # the node has reported no lock since its instances started
         by_node[node_id].append(GpuStatus(index, gpu_type, clock, clock_known, power, reading_at,

@@ -40,8 +40,8 @@ Examples:
 @db_url_option
 @json_option
 @pass_app
-def status(app: AppContext, window_s: float, stale_s: float, watch_s: float | None, use_slurm: bool, slurm_conf: Path | None,
-           db_url: str | None, as_json: bool) -> None:
+def status(app: AppContext, window_s: float, stale_s: float, watch_s: float | None, use_slurm: bool,
+           slurm_conf: Path | None, db_url: str | None, as_json: bool) -> None:
     """Nodes (state, powered, GPUs), each GPU's instances with SM share, clock and power, SLO attainment per model.
 
     Clock, shares and power are what each GPU's festina-node last reported; a reading older than
