@@ -117,8 +117,7 @@ def collect(engine: Engine, *, now: datetime, window_s: float = 300.0,
         for row in placed:
             gpu_id, started_at = row[0], row[7]
             occupied_since[gpu_id] = min(started_at, occupied_since.get(gpu_id, started_at))
-        applied = (node_reports.applied_settings(conn, since=min(occupied_since.values()), gpu_ids=occupied_since)
-                   if occupied_since else {})
+        applied = node_reports.applied_settings(conn, since=occupied_since)
         slo_rows = conn.execute(
             select(RequestRecord.model, func.count(), func.sum(func.cast(RequestRecord.slo_met, Integer)))
             .where(RequestRecord.arrival_at >= since, RequestRecord.arrival_at <= now)

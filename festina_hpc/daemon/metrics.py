@@ -34,19 +34,28 @@ from aiohttp import web
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from festina_hpc.accounting.metrics import GpuFigures, MetricsSnapshot, ModelFigures, build_registry, exposition
+from festina_hpc.accounting.metrics import (
+    GpuFigures,
+    MetricsSnapshot,
+    ModelFigures,
+    ShareFigures,
+    build_registry,
+    exposition,
+)
 from festina_hpc.daemon.records import CompletionRecord, Recorder
+from festina_hpc.db import node_reports
 from festina_hpc.db.models import (
     EnergyCursor,
     EnergySample,
     EnergySampleShare,
     Gpu,
+    InstanceGpu,
     ModelEnergyHourly,
     ModelInstance,
     Node,
 )
 from festina_hpc.db.node_reports import READING_STALE_S
-from festina_hpc.policy.types import NodePower
+from festina_hpc.policy.types import InstancePhase, NodePower
 
 if TYPE_CHECKING:
     from festina_hpc.daemon.festinad import Festinad
@@ -123,15 +132,17 @@ class DbFigures:
     gpus: tuple[tuple[GpuFigures, datetime], ...] = ()  # each GPU's last reading and when it was taken
     model_energy_j: dict[str, float] = field(default_factory=dict)
     model_power: tuple[tuple[str, datetime, float], ...] = ()  # (model, reading's time, its share of the power)
+    shares: tuple[tuple[ShareFigures, datetime], ...] = ()  # each serving job's share, its GPU's reading's time
 
-    def fresh(self, since: datetime) -> tuple[tuple[GpuFigures, ...], dict[str, float]]:
-        """GPU figures without the power of readings older than ``since``; model power from the newer ones."""
-        gpus = tuple(gpu if at >= since else replace(gpu, power_w=None) for gpu, at in self.gpus)
+    def fresh(self, since: datetime) -> tuple[tuple[GpuFigures, ...], dict[str, float], tuple[ShareFigures, ...]]:
+        """GPU figures without the power and clock of readings older than ``since``; model power and
+        shares from the newer ones (a node that stopped reporting may have changed both since)."""
+        gpus = tuple(gpu if at >= since else replace(gpu, power_w=None, clock_mhz=None) for gpu, at in self.gpus)
         power: dict[str, float] = {}
         for model, at, power_w in self.model_power:
             if at >= since:
                 power[model] = power.get(model, 0.0) + power_w
-        return gpus, power
+        return gpus, power, tuple(share for share, at in self.shares if at >= since)
 
 
 def _aware(at: datetime) -> datetime:
@@ -140,7 +151,9 @@ def _aware(at: datetime) -> datetime:
 
 
 def db_figures(engine: Engine) -> DbFigures:
-    """Each GPU's last reading, its power split by that sample's shares, and the per-model energy rollup."""
+    """Each GPU's last reading, its power split by that sample's shares, the per-model energy rollup, and
+    what each GPU's node reported applying: its locked clock and its serving jobs' shares (as ``festina status``:
+    only since the GPU's oldest current instance started, its node resets the clock of a GPU left idle)."""
     last = (select(Node.name, Gpu.gpu_index, EnergyCursor.gpu_id, EnergyCursor.sampled_at,
                    EnergyCursor.energy_counter_j, EnergySample.power_w)
             .join(Gpu, Gpu.id == EnergyCursor.gpu_id).join(Node, Node.id == Gpu.node_id)
@@ -155,13 +168,30 @@ def db_figures(engine: Engine) -> DbFigures:
                     & (EnergySample.sampled_at == EnergyCursor.sampled_at))
               .join(ModelInstance, ModelInstance.id == EnergySampleShare.instance_id))
     energy = select(ModelEnergyHourly.model, func.sum(ModelEnergyHourly.energy_j)).group_by(ModelEnergyHourly.model)
+    placed = (select(InstanceGpu.gpu_id, ModelInstance.slurm_job_id, ModelInstance.sm_pct, ModelInstance.started_at)
+              .join(ModelInstance, ModelInstance.id == InstanceGpu.instance_id)
+              .where(ModelInstance.phase != InstancePhase.STOPPED))
     with engine.connect() as connection:
-        gpus = [(GpuFigures(node, index, power_w, counter_j), _aware(at))
-                for node, index, _id, at, counter_j, power_w in connection.execute(last)]
+        on_gpus = connection.execute(placed).all()
+        occupied_since: dict[int, datetime] = {}
+        for gpu_id, _job, _pct, started_at in on_gpus:
+            occupied_since[gpu_id] = min(started_at, occupied_since.get(gpu_id, started_at))
+        applied = node_reports.applied_settings(connection, since=occupied_since)
+        gpus: list[tuple[GpuFigures, datetime]] = []
+        where: dict[int, tuple[str, int, datetime]] = {}
+        for node, index, gpu_id, at, counter_j, power_w in connection.execute(last):
+            clock = applied[gpu_id].clock_mhz if gpu_id in applied else None
+            gpus.append((GpuFigures(node, index, power_w, counter_j, clock), _aware(at)))
+            where[gpu_id] = (node, index, _aware(at))
         power = tuple((model, _aware(at), power_w * share)
                       for model, at, power_w, share in connection.execute(shares) if power_w is not None)
         model_energy = {model: float(total or 0.0) for model, total in connection.execute(energy)}
-    return DbFigures(tuple(sorted(gpus, key=lambda g: (g[0].node, g[0].gpu_index))), model_energy, power)
+    job_shares = tuple(
+        (ShareFigures(where[gpu_id][0], where[gpu_id][1], job, applied.get(gpu_id, node_reports.AppliedSettings())
+                      .sm_pct.get(job, pct)), where[gpu_id][2])
+        for gpu_id, job, pct, _at in on_gpus if job is not None and gpu_id in where)
+    return DbFigures(tuple(sorted(gpus, key=lambda g: (g[0].node, g[0].gpu_index))), model_energy, power,
+                     tuple(sorted(job_shares, key=lambda s: (s[0].node, s[0].gpu_index, s[0].job_id))))
 
 
 class FestinadMetrics:
@@ -197,7 +227,7 @@ class FestinadMetrics:
     async def snapshot(self) -> MetricsSnapshot:
         db = await self._db_figures()
         # Aged at the scrape, not at the query: a cached reading must not outlive the stale period either.
-        gpus, model_power = db.fresh(self._wall() - timedelta(seconds=self._stale_s))
+        gpus, model_power, shares = db.fresh(self._wall() - timedelta(seconds=self._stale_s))
         # Read on the event loop: the view and the windows are only ever changed there.
         attainment = self.window.attainment()
         names = sorted({*attainment, *db.model_energy_j, *model_power})
@@ -210,7 +240,7 @@ class FestinadMetrics:
             powered = sum(1 for n in cluster.node_list if n.power is NodePower.ON)
         decisions = self._festinad.decision_rate
         return MetricsSnapshot(gpus=gpus, models=models, decisions_per_s=decisions.per_s(),
-                               decisions=decisions.total, powered_nodes=powered, nodes=nodes)
+                               decisions=decisions.total, powered_nodes=powered, nodes=nodes, shares=shares)
 
     async def handle(self, request: web.Request) -> web.Response:
         body, content_type = exposition(build_registry(await self.snapshot()))

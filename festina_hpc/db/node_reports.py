@@ -13,7 +13,7 @@ shown as unknown and left out of ``/metrics``, never frozen at its last value.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -37,12 +37,21 @@ class AppliedSettings:
     sm_pct: dict[int, float] = field(default_factory=dict)  # Slurm job id -> the share last applied
 
 
-def applied_settings(conn: Connection, *, since: datetime,
+def applied_settings(conn: Connection, *, since: datetime | Mapping[int, datetime],
                      gpu_ids: Collection[int] | None = None) -> dict[int, AppliedSettings]:
     """Per GPU id, the settings its node reported applying at or after ``since`` (later ones win).
 
+    ``since`` may be one time per GPU id (those GPUs only): where its current jobs began, for
+    festina-node resets the clock of a GPU left without jobs and does not record the reset.
     The node records changes only, so the state in force is the fold of its decisions, oldest first.
     """
+    if isinstance(since, Mapping):
+        if not since:
+            return {}
+        per_gpu = dict(since)
+        gpu_ids, since = per_gpu, min(per_gpu.values())
+    else:
+        per_gpu = {}
     query = (select(Decision.gpu_id, Decision.decided_at, Decision.details)
              .where(Decision.kind == "setting", Decision.decided_at >= since, Decision.gpu_id.is_not(None))
              .order_by(Decision.decided_at, Decision.id))
@@ -52,6 +61,8 @@ def applied_settings(conn: Connection, *, since: datetime,
         query = query.where(Decision.gpu_id.in_(sorted(gpu_ids)))
     result: dict[int, AppliedSettings] = {}
     for gpu_id, decided_at, details in conn.execute(query):
+        if gpu_id in per_gpu and decided_at < per_gpu[gpu_id]:
+            continue
         applied = result.setdefault(gpu_id, AppliedSettings())
         clock = details.get("clock_mhz")
         if isinstance(clock, int) and not isinstance(clock, bool):

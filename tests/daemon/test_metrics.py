@@ -24,7 +24,7 @@ from festina_hpc.daemon.service import Periods, run_festinad
 from festina_hpc.db.node_reports import READING_STALE_S
 from festina_hpc.db.store import EnergyReading, GpuRecord, NodeRecord, Store
 from festina_hpc.errors import FestinaError
-from festina_hpc.policy.types import Plan, StopInstance
+from festina_hpc.policy.types import GpuSettings, Plan, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
 
@@ -147,8 +147,10 @@ def test_stale_gpu_power_is_dropped_not_frozen(db: Store) -> None:  # noqa: F811
     db.upsert_nodes([NodeRecord("n01", "mixed", True, 1)])
     gpu_id = db.upsert_gpus([GpuRecord("n01", 0, "h100-sxm-80gb")])[("n01", 0)]
     instance = db.create_instance("llama8b", [gpu_id], at=datetime(2026, 3, 1, 11, tzinfo=UTC), sm_pct=100.0,
-                                  batch_cap=8, memory_fraction=0.5)
+                                  batch_cap=8, memory_fraction=0.5, slurm_job_id=4242)
     last = datetime(2026, 3, 1, 12, tzinfo=UTC)  # the GPU's last job ended here: the node samples it no more
+    # festina-node's controller locked 900 MHz and applied a 60 % share to the job (DbEnergySink.settings).
+    db.record_settings(gpu_id, GpuSettings(clock_mhz=900, sm_pct={4242: 60.0}), at=last - timedelta(minutes=1))
     db.record_energy([EnergyReading(gpu_id, last - timedelta(seconds=2), 1000.0, 280.0, {instance: 1.0}),
                       EnergyReading(gpu_id, last, 1582.0, 291.0, {instance: 1.0})])
     wall = [last + timedelta(seconds=5)]
@@ -164,10 +166,13 @@ def test_stale_gpu_power_is_dropped_not_frozen(db: Store) -> None:  # noqa: F811
     gpu, model = (("gpu", "0"), ("node", "n01")), (("model", "llama8b"),)
     got = asyncio.run(scrape())
     assert got[("festina_gpu_power_watts", gpu)] == 291.0 and got[("festina_model_power_watts", model)] == 291.0
+    job = (("gpu", "0"), ("job", "4242"), ("node", "n01"))
+    assert got[("festina_gpu_locked_clock_hertz", gpu)] == 900e6 and got[("festina_job_sm_share_percent", job)] == 60.0
     # Past the stale period, even from the cached query (the monotonic clock has not moved): gone, not 291 W.
     wall[0] = last + timedelta(seconds=READING_STALE_S + 1)
     got = asyncio.run(scrape())
     assert ("festina_gpu_power_watts", gpu) not in got and ("festina_model_power_watts", model) not in got
+    assert ("festina_gpu_locked_clock_hertz", gpu) not in got and ("festina_job_sm_share_percent", job) not in got
     assert got[("festina_gpu_energy_joules_total", gpu)] == 1582.0  # the counter keeps its total
     mono.now_s += 60  # and from a new query, nine minutes on
     wall[0] = last + timedelta(minutes=9)

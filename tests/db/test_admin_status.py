@@ -50,12 +50,12 @@ def test_status_shows_what_the_node_reports(store: Store) -> None:
     gpus = make_cluster(store)
     a = store.create_instance("llama-3.1-8b", [gpus[("n01", 0)]], at=T0, sm_pct=40.0, batch_cap=64,
                               memory_fraction=0.3, slurm_job_id=101)
-    b = store.create_instance("mistral-7b", [gpus[("n01", 1)]], at=T0, sm_pct=30.0, batch_cap=64,
+    b = store.create_instance("mistral-7b", [gpus[("n01", 1)]], at=at(10), sm_pct=30.0, batch_cap=64,
                               memory_fraction=0.3, slurm_job_id=102)
     # What festina-node's DbEnergySink.settings writes: shares keyed by Slurm job id, changes only.
     store.record_settings(gpus[("n01", 0)], GpuSettings(clock_mhz=1200, sm_pct={101: 50.0}), at=at(4))
     store.record_settings(gpus[("n01", 0)], GpuSettings(clock_mhz=900), at=at(6))
-    store.record_settings(gpus[("n01", 1)], GpuSettings(clock_mhz=1000), at=T0 - timedelta(minutes=5))  # reset since
+    store.record_settings(gpus[("n01", 1)], GpuSettings(clock_mhz=1000), at=at(5))  # its job before b: reset since
     store.record_energy([EnergyReading(gpus[("n01", 0)], at(20), 3000.0, power_w=291.0),
                          EnergyReading(gpus[("n01", 1)], at(20), 2000.0, power_w=180.0)])
     snapshot = collect(store.engine, now=at(30))
