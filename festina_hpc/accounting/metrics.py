@@ -33,6 +33,7 @@ class GpuFigures:
     gpu_index: int
     power_w: float | None  # board power now
     energy_j: float | None  # energy counted since the exporter started (or NVML's counter): only grows
+    clock_mhz: float | None = None  # the SM clock locked on it; None: driver default or not known
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def _check(where: str, value: float | None, *, high: float | None = None) -> flo
 def _families(snapshot: MetricsSnapshot) -> list[Metric]:
     gpu_power = GaugeMetricFamily("festina_gpu_power_watts", "GPU board power.", labels=["node", "gpu"])
     gpu_energy = CounterMetricFamily("festina_gpu_energy_joules", "GPU energy.", labels=["node", "gpu"])
+    gpu_clock = GaugeMetricFamily("festina_gpu_locked_clock_hertz",
+                                  "SM clock locked on the GPU (absent: the driver's default, or not known).",
+                                  labels=["node", "gpu"])
     seen: set[tuple[str, ...]] = set()
     for gpu in snapshot.gpus:
         labels = [gpu.node, str(gpu.gpu_index)]
@@ -91,6 +95,8 @@ def _families(snapshot: MetricsSnapshot) -> list[Metric]:
             gpu_power.add_metric(labels, power)
         if (energy := _check(f"{where}.energy_j", gpu.energy_j)) is not None:
             gpu_energy.add_metric(labels, energy)
+        if (clock := _check(f"{where}.clock_mhz", gpu.clock_mhz)) is not None:
+            gpu_clock.add_metric(labels, clock * 1e6)
     model_power = GaugeMetricFamily("festina_model_power_watts", "Power of a model's instances (their GPU shares).",
                                     labels=["model"])
     model_energy = CounterMetricFamily("festina_model_energy_joules", "GPU energy attributed to a model.",
@@ -113,7 +119,7 @@ def _families(snapshot: MetricsSnapshot) -> list[Metric]:
             attainment.add_metric([model.model], ratio)
         if (count := _check(f"{where}.requests", model.requests)) is not None:
             requests.add_metric([model.model], count)
-    families: list[Metric] = [gpu_power, gpu_energy, model_power, model_energy, attainment, requests,
+    families: list[Metric] = [gpu_power, gpu_energy, gpu_clock, model_power, model_energy, attainment, requests,
                               *_share_families(snapshot.shares)]
     for name, help_text, value, kind in (
             ("festina_decisions_per_second", "Policy decisions per second.", snapshot.decisions_per_s, "gauge"),

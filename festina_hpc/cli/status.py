@@ -13,6 +13,7 @@ from festina_hpc.admin import status as status_lib
 from festina_hpc.cli.admin_options import slurm_client, slurm_conf_option
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
+from festina_hpc.db.node_reports import READING_STALE_S
 from festina_hpc.db.store import Store
 from festina_hpc.slurm.errors import SlurmError
 
@@ -29,6 +30,8 @@ Examples:
 @click.command("status", epilog=_EXAMPLES)
 @click.option("--window-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="SLO attainment and power over this many seconds back.")
+@click.option("--stale-s", type=click.FloatRange(min=0, min_open=True), default=READING_STALE_S, show_default=True,
+              help="A node's power reading older than this many seconds is shown as unknown ('-').")
 @click.option("--watch", "watch_s", type=click.FloatRange(min=0.2), default=None, metavar="SECONDS",
               help="Refresh every SECONDS until interrupted.")
 @click.option("--slurm/--no-slurm", "use_slurm", default=True, show_default=True,
@@ -37,9 +40,13 @@ Examples:
 @db_url_option
 @json_option
 @pass_app
-def status(app: AppContext, window_s: float, watch_s: float | None, use_slurm: bool, slurm_conf: Path | None,
-           db_url: str | None, as_json: bool) -> None:
-    """Nodes (state, powered, GPUs), each GPU's instances with SM share, clock and power, SLO attainment per model."""
+def status(app: AppContext, window_s: float, stale_s: float, watch_s: float | None, use_slurm: bool,
+           slurm_conf: Path | None, db_url: str | None, as_json: bool) -> None:
+    """Nodes (state, powered, GPUs), each GPU's instances with SM share, clock and power, SLO attainment per model.
+
+    Clock, shares and power are what each GPU's festina-node last reported; a reading older than
+    --stale-s is shown as unknown.
+    """
     engine, _ = open_engine(app, db_url)
     try:
         Store(engine).check_schema()
@@ -52,7 +59,8 @@ def status(app: AppContext, window_s: float, watch_s: float | None, use_slurm: b
                 except SlurmError as exc:
                     click.echo(f"festina: warning: Slurm does not answer, node state from the database: {exc}",
                                err=True)
-            snapshot = status_lib.collect(engine, now=datetime.now(UTC), window_s=window_s, slurm_nodes=nodes)
+            snapshot = status_lib.collect(engine, now=datetime.now(UTC), window_s=window_s, slurm_nodes=nodes,
+                                          stale_s=stale_s)
             if as_json:
                 click.echo(json.dumps(status_lib.to_json(snapshot)))
             else:

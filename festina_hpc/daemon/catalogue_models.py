@@ -2,8 +2,9 @@
 
 The catalogue (``festina models``) is the source of served models and SLOs; ``--models`` and
 ``[daemon] models`` remain a bootstrap and an override (see ``festina_hpc/cli/daemon.py``).
-A catalogued model is served under its profile's canonical name (the name its instances are
-recorded under), with the catalogue name as one more alias clients may send. Its scaling bounds,
+A catalogued model is served under its catalogue name: ``/v1/models`` lists it and answers
+echo it (``GatewayModel.public_name``); the profile's canonical name (the name its instances,
+records and keys use), its Hugging Face name and its aliases are accepted in requests too. Its scaling bounds,
 engine arguments and Slurm account become festinad's ``ModelOptions`` of that model.
 """
 
@@ -27,9 +28,10 @@ def catalogue_gateway_models(entries: Sequence[CatalogueEntry], profiles: Profil
             continue
         spec = profiles.model(entry.profile)
         limit = min(max_prompt_tokens or spec.max_context_tokens, spec.max_context_tokens)
-        aliases = tuple(dict.fromkeys(a for a in (entry.name, spec.hf_name, *spec.aliases) if a != spec.name))
+        aliases = tuple(dict.fromkeys(a for a in (spec.hf_name, *spec.aliases) if a not in (spec.name, entry.name)))
         served.append(GatewayModel(spec.name, Slo(entry.ttft_slo_s, entry.tbt_slo_s), aliases, limit,
-                                   entry.max_output_tokens or spec.max_context_tokens, spec.max_context_tokens))
+                                   entry.max_output_tokens or spec.max_context_tokens, spec.max_context_tokens,
+                                   public_name=entry.name))
     return served
 
 

@@ -46,12 +46,16 @@ over 1 MiB 413), carries OpenAI's error JSON (``serve.server.api_errors``).
 
 ``GET /v1/models`` lists the models the daemon knows (whether or not an
 instance runs: a request for one starts it), with keys only those the key
-allows. ``GET /health`` answers 200 without a key.
+allows, under their public names (the catalogue's, where it names them);
+every answer, each streamed chunk included, names the model by that name,
+whichever alias the request used (the instance itself answers under the
+profile's name, which the gateway also accepts and routes by). ``GET /health`` answers 200 without a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -84,7 +88,11 @@ MAX_REROUTES = 3  # reroutes of one request after unreachable instances: bounded
 
 @dataclass(frozen=True)
 class GatewayModel:
-    """A model the gateway serves: its canonical name, the names clients may use, its SLO."""
+    """A model the gateway serves: its canonical name, the names clients may use, its SLO.
+
+    ``name`` is the profile's canonical name, what instances run and records, keys and quotas
+    name; ``public_name`` (the catalogue's name, None: ``name``) is the one clients see, in
+    ``/v1/models`` and in every answer's ``model``; ``aliases`` are the other names accepted."""
 
     name: str
     slo: Slo
@@ -92,6 +100,11 @@ class GatewayModel:
     max_prompt_tokens: int | None = None  # longer prompts get 400 before any instance starts
     max_output_tokens: int | None = None  # a larger max_tokens gets 400 (None: no bound of its own)
     context_tokens: int | None = None  # prompt plus max_tokens above it gets 400 (None: not checked)
+    public_name: str | None = None
+
+    @property
+    def public(self) -> str:
+        return self.public_name or self.name
 
 
 def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttft_multiplier: float = 5.0,
@@ -215,7 +228,7 @@ class Gateway:
         self.auth = auth
         self._gate = _PriorityGate()
         self.models = {m.name: m for m in models}
-        self._names = {alias.lower(): m for m in models for alias in (m.name, *m.aliases)}
+        self._names = {alias.lower(): m for m in models for alias in (m.name, m.public, *m.aliases)}
         self._clock = clock
         self._wall = wall_clock
         self._session: aiohttp.ClientSession | None = None
@@ -265,8 +278,11 @@ class Gateway:
 
     async def list_models(self, request: web.Request) -> web.Response:
         tenant = await self._tenant(request)
-        names = sorted(name for name in self.models if tenant is None or tenant.allows(name))
-        return web.json_response(openai.model_list(names, self._created_s))
+        return web.json_response(openai.model_list(self._known(tenant), self._created_s))
+
+    def _known(self, tenant: Tenant | None) -> list[str]:
+        """The public names of the models ``tenant`` may call (keys name canonical names)."""
+        return sorted(m.public for m in self.models.values() if tenant is None or tenant.allows(m.name))
 
     async def _tenant(self, request: web.Request) -> Tenant | None:
         if self.auth is None:
@@ -285,10 +301,9 @@ class Gateway:
         req = openai.parse_completion(await request.read())
         model = self._names.get(req.model.lower())
         if model is None:
-            known = sorted(name for name in self.models if tenant is None or tenant.allows(name))
-            raise openai.unknown_model(req.model, known)
+            raise openai.unknown_model(req.model, self._known(tenant))
         # Refused here, before a cold start is paid for a request no instance would take.
-        openai.check_limits(model.name, req, max_prompt_tokens=model.max_prompt_tokens,
+        openai.check_limits(model.public, req, max_prompt_tokens=model.max_prompt_tokens,
                             max_output_tokens=model.max_output_tokens, context_tokens=model.context_tokens)
         priority = Priority.NORMAL
         if self.auth is not None and tenant is not None:
@@ -335,7 +350,7 @@ class Gateway:
                 raise self._stopped_error(model) from None
             except (TimeoutError, NoInstance) as exc:
                 why = str(exc) if isinstance(exc, NoInstance) else \
-                    f"no instance of {model.name} became ready within {self.config.scale_timeout_s:g} s"
+                    f"no instance of {model.public} became ready within {self.config.scale_timeout_s:g} s"
                 if unreachable is not None:
                     why += f" (instance {unreachable.url} could not be reached: {unreachable.why})"
                 raise self._unavailable(flight, why) from None
@@ -354,7 +369,7 @@ class Gateway:
             finally:
                 self.router.done(endpoint)
         assert unreachable is not None
-        raise self._unavailable(flight, f"no instance of {model.name} answered: instance {unreachable.url} "
+        raise self._unavailable(flight, f"no instance of {model.public} answered: instance {unreachable.url} "
                                                   f"could not be reached: {unreachable.why}")
 
     def _unavailable(self, flight: _Flight, why: str) -> openai.ApiError:
@@ -413,6 +428,11 @@ class Gateway:
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
+                    served = event.get("model")
+                    if served is not None and served != model.public:
+                        # The instance answers under the profile's name (vLLM's --served-model-name); the
+                        # client called the catalogue's.
+                        payload = _renamed(payload, event, model.public)
                     await _send(response, b"data: " + payload + b"\n\n")
         except _ClientGone:
             # The tokens served so far are recorded (and charged); closing the upstream stream ends the
@@ -431,7 +451,7 @@ class Gateway:
                 raise self._stopped_error(model) from None
             try:
                 await _send(response, openai.sse(openai.error_body(
-                    f"festinad stopped before the answer from {model.name} was complete; retry",
+                    f"festinad stopped before the answer from {model.public} was complete; retry",
                     "service_unavailable")))
                 await response.write_eof()
             except (_ClientGone, ConnectionError):
@@ -443,20 +463,20 @@ class Gateway:
             log.warning("upstream %s failed for %s: %s", endpoint.url, model.name, exc)
             if response is None:
                 self._record(flight, Outcome.UPSTREAM_ERROR, 502)
-                raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} failed: {_describe(exc)}",
+                raise openai.ApiError(502, f"instance {endpoint.url} of {model.public} failed: {_describe(exc)}",
                                       error_type="upstream_error") from None
         if not timing.done:
             # The instance closed the stream without [DONE] (it stopped): a cut stream, not a finished one.
             if response is None:
                 self._record(flight, Outcome.UPSTREAM_ERROR, 502)
-                raise openai.ApiError(502, f"instance {endpoint.url} of {model.name} ended the stream early",
+                raise openai.ApiError(502, f"instance {endpoint.url} of {model.public} ended the stream early",
                                       error_type="upstream_error")
             # Its headers (200) are sent: the client learns of the failure from an error event, with no
             # [DONE] after it, as OpenAI's API ends a stream that fails.
             self._record(flight, Outcome.UPSTREAM_ERROR, 200)
             try:
                 await _send(response, openai.sse(openai.error_body(
-                    f"instance {endpoint.url} of {model.name} ended the stream early", "upstream_error")))
+                    f"instance {endpoint.url} of {model.public} ended the stream early", "upstream_error")))
                 await response.write_eof()
             except _ClientGone:
                 pass
@@ -468,14 +488,14 @@ class Gateway:
         first = timing.first_event or {}
         prompt_tokens, output_tokens = _tokens(timing, req)
         answer = openai.completion(first.get("id", f"cmpl-{uuid.uuid4().hex}"), first.get("created", int(self._wall())),
-                                   first.get("model", model.name), "".join(timing.parts), timing.finish_reason,
+                                   model.public, "".join(timing.parts), timing.finish_reason,
                                    prompt_tokens, output_tokens)
         self._record(flight, Outcome.OK, 200)
         return web.json_response(answer)
 
     def _stopped_error(self, model: GatewayModel) -> openai.ApiError:
         _uncancel()
-        return openai.ApiError(503, f"festinad stopped before the answer from {model.name} was complete; retry",
+        return openai.ApiError(503, f"festinad stopped before the answer from {model.public} was complete; retry",
                                error_type="service_unavailable",
                                headers={"Retry-After": str(self.config.retry_after_s)})
 
@@ -541,6 +561,20 @@ async def _events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[bytes | 
         if not isinstance(event, dict):
             raise ValueError(f"upstream event is not a JSON object: {payload[:80]!r}")
         yield payload, event
+
+
+@functools.lru_cache(maxsize=256)
+def _model_field(name: str) -> bytes:
+    return b'"model":' + json.dumps(name).encode()
+
+
+def _renamed(payload: bytes, event: dict[str, Any], public: str) -> bytes:
+    """The event with ``model`` set to ``public``: its one ``"model":`` field replaced in the bytes where the
+    instance wrote it compactly (vLLM does; a streamed token pays no JSON encoding), else written anew."""
+    served = _model_field(str(event["model"]))
+    if payload.count(served) == 1:
+        return payload.replace(served, _model_field(public))
+    return json.dumps({**event, "model": public}, separators=(",", ":")).encode()
 
 
 def _gone(request: web.Request) -> bool:

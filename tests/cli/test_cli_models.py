@@ -103,7 +103,9 @@ def test_festinad_serves_the_catalogue_with_its_slos() -> None:
     served = catalogue_gateway_models(entries, profiles, "h100-sxm-80gb")
     assert [m.name for m in served] == ["llama-3.1-8b", "mistral-7b"]
     assert (served[0].slo.ttft_s, served[0].slo.tbt_s) == (1.0, 0.1)
-    assert "llama8b" in served[0].aliases
+    # listed and echoed under the catalogue's name; the profile's is an alias (the gateway accepts the name)
+    assert [(m.public, m.public_name) for m in served] == [("llama8b", "llama8b"), ("mistral-h100", "mistral-h100")]
+    assert "llama8b" not in served[0].aliases and "meta-llama/Meta-Llama-3.1-8B-Instruct" in served[0].aliases
     # the output limit: the catalogue's, else the context length; the context bounds prompt plus output
     context = {m.name: profiles.model(m.name).max_context_tokens for m in served}
     assert [(m.max_output_tokens, m.context_tokens) for m in served] == [

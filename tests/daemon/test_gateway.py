@@ -14,9 +14,11 @@ import aiohttp
 import pytest
 
 from festina_hpc.daemon.admin_api import add_admin_routes
+from festina_hpc.daemon.catalogue_models import catalogue_gateway_models
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
 from festina_hpc.daemon.records import MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint, StaticRouter
+from festina_hpc.db.catalogue import CatalogueEntry
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import filler_token
 from festina_hpc.serve.server import running_app, simulated_server
@@ -79,6 +81,39 @@ def test_proxies_to_two_servers_and_records_timings(store: ProfileStore) -> None
         # default SLOs are 5x the unloaded latencies; time-scaled 3x, an unloaded request still meets them
         assert r.slo_met and r.ttft_slo_s > r.ttft_s
     assert [r.stream for r in records] == [True, True, True, False]
+
+
+def test_catalogue_names_are_listed_and_echoed_profile_names_accepted(store: ProfileStore) -> None:
+    """Users call the catalogue's names; an instance answers under the profile's; the client sees the former."""
+    entries = [CatalogueEntry("llama8b", MODEL, GPU, "vllm", 5.0, 1.0),
+               CatalogueEntry("mistral", "mistral-7b", GPU, "vllm", 5.0, 1.0)]
+    served = catalogue_gateway_models(entries, store, GPU)
+    assert [(m.name, m.public) for m in served] == [(MODEL, "llama8b"), ("mistral-7b", "mistral")]
+
+    async def scenario() -> None:
+        recorder = MemoryRecorder()
+        async with simulated_server(make_engine(store, 0.01)) as url:
+            gateway = Gateway(StaticRouter({MODEL: [url]}), recorder, served, GatewayConfig())
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                async with session.get(f"{gw}/v1/models") as resp:
+                    assert [m["id"] for m in (await resp.json())["data"]] == ["llama8b", "mistral"]
+                for called in ("llama8b", MODEL, "LLAMA8B", "meta-llama/Meta-Llama-3.1-8B-Instruct"):
+                    request = {"model": called, "prompt": words(8), "max_tokens": 3}
+                    got = await stream(session, gw, {**request, "stream_options": {"include_usage": True}})
+                    assert got.status == 200 and got.done and len(got.events) == 4, called
+                    assert {e["model"] for e in got.events} == {"llama8b"}, called  # the usage chunk too
+                    async with session.post(f"{gw}/v1/completions", json=request) as resp:
+                        assert resp.status == 200 and (await resp.json())["model"] == "llama8b", called
+                async with session.post(f"{gw}/v1/completions", json={"model": "gpt-9", "prompt": "x"}) as resp:
+                    assert resp.status == 404
+                    assert "(known: llama8b, mistral)" in (await resp.json())["error"]["message"]
+                async with session.post(f"{gw}/v1/completions",
+                                        json={"model": "llama8b", "prompt": "x", "max_tokens": 10 ** 7}) as resp:
+                    assert resp.status == 400 and "llama8b's limit" in (await resp.json())["error"]["message"]
+        # What is recorded (and charged) stays under the canonical name, the one instances run.
+        assert {r.model for r in recorder.records} == {MODEL} and len(recorder.records) == 8
+
+    run(scenario())
 
 
 class NeverReady:
@@ -569,3 +604,15 @@ def test_requests_in_flight_are_checkpointed_with_an_id_their_final_record_carri
     untouched, final = recorder.records
     assert untouched.request_id is None  # never checkpointed: its row needs no id
     assert (final.outcome, final.output_tokens, final.request_id) == (Outcome.OK, 40, first.request_id)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"id":"c1","model":"llama-3.1-8b","choices":[{"text":"\\"model\\":\\"llama-3.1-8b\\""}]}',  # compact (vLLM)
+    b'{"id": "c1", "model": "llama-3.1-8b", "choices": [{"text": "\\"model\\":\\"llama-3.1-8b\\""}]}',  # spaced
+])
+def test_an_event_is_renamed_to_the_catalogue_name_and_nothing_else_changes(payload: bytes) -> None:
+    from festina_hpc.daemon.gateway import _renamed
+
+    event = json.loads(payload)
+    renamed = json.loads(_renamed(payload, event, "llama8b"))
+    assert renamed == {**event, "model": "llama8b"}  # the text that looks like the field is kept as it was

@@ -18,12 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from festina_hpc.daemon.festinad import StoreRecorder
 from festina_hpc.daemon.gateway import gateway_models
-from festina_hpc.daemon.metrics import DecisionRate, RequestWindow
+from festina_hpc.daemon.metrics import DecisionRate, FestinadMetrics, RequestWindow
 from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.service import Periods, run_festinad
-from festina_hpc.db.store import EnergyReading, Store
+from festina_hpc.db.node_reports import READING_STALE_S
+from festina_hpc.db.store import EnergyReading, GpuRecord, NodeRecord, Store
 from festina_hpc.errors import FestinaError
-from festina_hpc.policy.types import Plan, StopInstance
+from festina_hpc.policy.types import GpuSettings, Plan, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
 
@@ -102,7 +103,7 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
                 live = db.load_live_state()
                 (instance,) = live.instances
                 gpu_id = instance.gpus[0]
-                t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+                t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)  # fresh: within the stale period
                 db.record_energy([EnergyReading(gpu_id, t0, 1000.0, 250.0, {instance.id: 1.0}),
                                   EnergyReading(gpu_id, t0 + timedelta(seconds=2), 1600.0, 300.0,
                                                 {instance.id: 1.0})])
@@ -133,6 +134,50 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
         assert (got[("festina_nodes_powered", ())], got[("festina_nodes", ())]) == (2, 2)
 
     asyncio.run(scenario())
+
+
+class _View:
+    """What FestinadMetrics reads of festinad besides the database: no cluster yet, no decisions."""
+
+    cluster = None
+    decision_rate = DecisionRate()
+
+
+def test_stale_gpu_power_is_dropped_not_frozen(db: Store) -> None:  # noqa: F811
+    db.upsert_nodes([NodeRecord("n01", "mixed", True, 1)])
+    gpu_id = db.upsert_gpus([GpuRecord("n01", 0, "h100-sxm-80gb")])[("n01", 0)]
+    instance = db.create_instance("llama8b", [gpu_id], at=datetime(2026, 3, 1, 11, tzinfo=UTC), sm_pct=100.0,
+                                  batch_cap=8, memory_fraction=0.5, slurm_job_id=4242)
+    last = datetime(2026, 3, 1, 12, tzinfo=UTC)  # the GPU's last job ended here: the node samples it no more
+    # festina-node's controller locked 900 MHz and applied a 60 % share to the job (DbEnergySink.settings).
+    db.record_settings(gpu_id, GpuSettings(clock_mhz=900, sm_pct={4242: 60.0}), at=last - timedelta(minutes=1))
+    db.record_energy([EnergyReading(gpu_id, last - timedelta(seconds=2), 1000.0, 280.0, {instance: 1.0}),
+                      EnergyReading(gpu_id, last, 1582.0, 291.0, {instance: 1.0})])
+    wall = [last + timedelta(seconds=5)]
+    mono = Clock()
+    metrics = FestinadMetrics(_View(), RequestWindow(clock=mono), db.engine, db_cache_s=10.0,  # type: ignore[arg-type]
+                              clock=mono, wall_clock=lambda: wall[0])
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        response = await metrics.handle(None)  # type: ignore[arg-type]
+        assert response.body is not None
+        return _samples(bytes(response.body).decode())  # type: ignore[arg-type]
+
+    gpu, model = (("gpu", "0"), ("node", "n01")), (("model", "llama8b"),)
+    got = asyncio.run(scrape())
+    assert got[("festina_gpu_power_watts", gpu)] == 291.0 and got[("festina_model_power_watts", model)] == 291.0
+    job = (("gpu", "0"), ("job", "4242"), ("node", "n01"))
+    assert got[("festina_gpu_locked_clock_hertz", gpu)] == 900e6 and got[("festina_job_sm_share_percent", job)] == 60.0
+    # Past the stale period, even from the cached query (the monotonic clock has not moved): gone, not 291 W.
+    wall[0] = last + timedelta(seconds=READING_STALE_S + 1)
+    got = asyncio.run(scrape())
+    assert ("festina_gpu_power_watts", gpu) not in got and ("festina_model_power_watts", model) not in got
+    assert ("festina_gpu_locked_clock_hertz", gpu) not in got and ("festina_job_sm_share_percent", job) not in got
+    assert got[("festina_gpu_energy_joules_total", gpu)] == 1582.0  # the counter keeps its total
+    mono.now_s += 60  # and from a new query, nine minutes on
+    wall[0] = last + timedelta(minutes=9)
+    got = asyncio.run(scrape())
+    assert ("festina_gpu_power_watts", gpu) not in got and got[("festina_gpu_energy_joules_total", gpu)] == 1582.0
 
 
 def test_metrics_port_taken_is_one_line_naming_the_key(store: ProfileStore, db: Store) -> None:  # noqa: F811
