@@ -539,9 +539,12 @@ class Store:
         if not jobs:
             return {}
         with self._transaction("instances_of_jobs") as session:
-            found = {job_id: instance_id for instance_id, job_id in session.execute(
-                select(ModelInstance.id, ModelInstance.slurm_job_id)
-                .where(ModelInstance.slurm_job_id.in_(sorted(jobs))).order_by(ModelInstance.id))}
+            found: dict[int, int] = {}
+            for instance_id, linked_job in session.execute(
+                    select(ModelInstance.id, ModelInstance.slurm_job_id)
+                    .where(ModelInstance.slurm_job_id.in_(sorted(jobs))).order_by(ModelInstance.id)):
+                if linked_job is not None:  # always, by the IN; the check tells the type checker
+                    found[linked_job] = instance_id
             # A label of up to 18 digits fits the id column on every backend; a longer one names no instance.
             labelled = {job_id: int(label) for job_id, label in jobs.items()
                         if job_id not in found and label is not None and label.isascii() and label.isdigit()

@@ -190,8 +190,8 @@ def test_every_report_adds_up_to_the_node_counters(live: LiveNode, festina: Fest
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_a_job_without_an_instance_is_idle_energy_logged_once(live: LiveNode, festina: Festina,  # noqa: F811
-                                                             db_url: URL, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_job_without_an_instance_is_idle_energy_logged_once(
+        live: LiveNode, festina: Festina, db_url: URL, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     live.agent.control_tick()
     first_j = live.counters_j()
     a = start_festinad_job(live, 301, "alice", "proj1", LLAMA, 50)
