@@ -18,9 +18,14 @@ refills at the key's rate, so a client may burst that much and then gets 429 wit
 until the next request would be admitted.
 
 Quotas: ``account_energy_quota_j_per_day`` gives accounts a daily budget of GPU energy (J, per
-UTC day, as the tenant report charges it; see ``db/queries/energy_by_tenant.sql``). The usage is
-read through an ``EnergyUsage`` at most every ``quota_refresh_s``, so it lags the GPUs by that and
-by the energy ingest. Over its quota an account's requests are refused (``over_quota =
+UTC day, as the tenant report charges it; see ``db/queries/energy_by_tenant.sql``). That report
+splits the live attribution festina-node stores (each GPU interval among its instances by SM
+share, ``node/db_sink.py``) over the accounts whose requests each instance served, by tokens, and
+charges an hour without requests to the instance's Slurm job account. It is the gateway's account
+that a quota names, not the Slurm account of the serving job (``account_energy_daily``): festinad
+runs shared instances under its own account, so that rollup would charge no tenant at all. The
+usage is read through an ``EnergyUsage`` at most every ``quota_refresh_s``, so it lags the GPUs by
+that, by the node's tick and by the energy ingest. Over its quota an account's requests are refused (``over_quota =
 "refuse"``: 429, Retry-After until the next UTC day) or served at low priority (``"deprioritize"``:
 the gateway routes them only while no normal-priority request waits for an instance; see
 ``festina_hpc.daemon.gateway``).
@@ -118,7 +123,7 @@ class MemoryKeys:
 
 
 class DbEnergyUsage:
-    """``EnergyUsage`` over the tenant report (``energy_by_tenant``)."""
+    """``EnergyUsage`` over the tenant report (``energy_by_tenant``) of the live attribution."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -525,6 +525,39 @@ class Store:
                 instance.placement.extend(InstanceGpu(rank=r, gpu_id=g) for r, g in enumerate(gpu_ids))
             instance.updated_at = self._clock()
 
+    def instances_of_jobs(self, jobs: Mapping[int, str | None]) -> dict[int, int]:
+        """The model instance each Slurm job runs (job id -> instance id); jobs with none are left out.
+
+        ``jobs`` maps a job id to the instance label of its comment (None: none). The instance
+        recorded with the job's id wins: festinad links the two when ``sbatch`` answers, and records
+        an adopted job's instance with it (the latest such instance, should a job have had several).
+        Otherwise a numeric label names the instance by id, but only one linked to no job yet (the
+        moment between ``sbatch`` and the link): a comment naming another job's instance is not
+        believed, so no job can charge its energy to someone else's instance.
+        """
+        for job_id in jobs:
+            _integer("instances_of_jobs", "job_id", job_id, positive=True)
+        if not jobs:
+            return {}
+        with self._transaction("instances_of_jobs") as session:
+            found: dict[int, int] = {}
+            for instance_id, linked_job in session.execute(
+                    select(ModelInstance.id, ModelInstance.slurm_job_id)
+                    .where(ModelInstance.slurm_job_id.in_(sorted(jobs))).order_by(ModelInstance.id)):
+                if linked_job is not None:  # always, by the IN; the check tells the type checker
+                    found[linked_job] = instance_id
+            # A label of up to 18 digits fits the id column on every backend; a longer one names no instance.
+            labelled = {job_id: int(label) for job_id, label in jobs.items()
+                        if job_id not in found and label is not None and label.isascii() and label.isdigit()
+                        and len(label) <= 18}
+            if labelled:
+                free = {instance_id for instance_id, linked in session.execute(
+                    select(ModelInstance.id, ModelInstance.slurm_job_id)
+                    .where(ModelInstance.id.in_(sorted(set(labelled.values()))))) if linked is None}
+                found.update((job_id, instance_id) for job_id, instance_id in labelled.items()
+                             if instance_id in free)
+            return found
+
     def apply_gpu_settings(self, gpu_id: int, settings: GpuSettings) -> None:
         """Store settings a node controller applied: the GPU's clock, its instances' SM shares and batch caps."""
         where = f"gpu {gpu_id} settings"

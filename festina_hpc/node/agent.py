@@ -13,8 +13,9 @@ sink are protocols built in ``main()``.
   sink; a GPU left without jobs gets its clock reset and its MPS daemon quit.
 - ``task_prolog``: the ``export`` lines that point the job's CUDA at its
   GPU's MPS daemon with its share.
-- ``control_tick``: settle every busy GPU (energy samples), restart a crashed
-  MPS daemon and requeue the jobs that were its clients, and apply the clock
+- ``control_tick``: settle every GPU (energy samples; an idle GPU's interval
+  goes to its idle pool), restart a crashed MPS daemon and requeue the jobs
+  that were its clients, and apply the clock
   the controller asked for: a lower clock only after ``clock_min_interval_s``
   since the last change (a higher one at once: SLOs first).
 
@@ -59,13 +60,25 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class JobShare:
+    """A job's part of the energy of one settled interval (``attribution.split_energy``'s rule)."""
+
+    job_id: int
+    instance: str | None  # the instance label of the job's comment (festinad's: the database's instance id)
+    fraction: float  # of the interval's energy, 0..1; a GPU's jobs' fractions sum to 1
+
+
+@dataclass(frozen=True)
 class GpuReading:
-    """One settled reading of a GPU's energy counter."""
+    """One settled reading of a GPU's energy counter, and how the interval it closes was split."""
 
     gpu_index: int
     at_s: float  # wall clock
     counter_j: float
     power_w: float
+    # The jobs on the GPU during the interval since its previous reading, with their parts. Empty: the
+    # interval was idle (the GPU's idle pool), or this is the GPU's first reading (no interval).
+    shares: tuple[JobShare, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,7 +192,13 @@ class NodeAgent:
             logger.warning("%s GPU %d: energy counter went back (%.1f -> %.1f J); interval not attributed",
                            self.node, rec.index, rec.counter_j, counter_j)
             delta_j = 0.0
-        by_job, idle_j = split_energy(delta_j, {j.job_id: j.sm_pct for j in rec.jobs})
+        present = {j.job_id: j.sm_pct for j in rec.jobs}
+        by_job, idle_j = split_energy(delta_j, present)
+        # The same rule on a unit of energy gives each job's fraction, which the sink stores with the
+        # reading (the database splits its own difference of the counter by it), even where delta is 0.
+        fractions, _ = split_energy(1.0, present)
+        reading = replace(reading, shares=tuple(JobShare(j.job_id, j.instance, fractions[j.job_id])
+                                                for j in rec.jobs if fractions[j.job_id] > 0))
         jobs = tuple(replace(j, energy_j=j.energy_j + by_job[j.job_id]) for j in rec.jobs)
         return replace(rec, jobs=jobs, counter_j=counter_j, read_at_s=now_s,
                        idle_pool_j=rec.idle_pool_j + idle_j), reading
@@ -286,11 +305,14 @@ class NodeAgent:
         clocks: dict[int, int] = {}
         shares: dict[int, float] = {}
         with self._state.transaction() as box:
-            for index, rec in sorted(box.state.gpus.items()):
-                if not rec.jobs:
-                    continue
-                rec, reading = self._settle(rec, now_s)
+            for index in range(self._backend.device_count()):
+                # Idle GPUs are settled too: their energy goes to their idle pool tick by tick, so the
+                # database's node energy keeps up with the counters, not only when the next job starts.
+                rec, reading = self._settle(box.state.gpu(index), now_s)
                 readings.append(reading)
+                if not rec.jobs:
+                    box.state = box.state.with_gpu(rec)
+                    continue
                 pipe, log = self._paths.mps_pipe_dir(index), self._paths.mps_log_dir(index)
                 if rec.mps and not self._mps.running(index, pipe):
                     logger.error("%s GPU %d: MPS control daemon is gone; restarting it and requeueing its clients",

@@ -131,6 +131,20 @@ def test_settings_and_migration_update_the_instance(store: Store) -> None:
 # -- the restart round trip ------------------------------------------------------------------------
 
 
+def test_a_job_s_instance_is_the_one_linked_to_it_else_an_unlinked_one_its_comment_names(store: Store) -> None:
+    gpu = make_cluster(store, nodes=1, gpus_per_node=1)[("n01", 0)]
+    linked = store.create_instance("llama-3.1-8b", [gpu], at=T0, slurm_job_id=7)
+    unlinked = store.create_instance("mistral-7b", [gpu], at=T0)
+    jobs: dict[int, str | None] = {7: "adopted-label", 8: str(unlinked), 9: str(linked), 10: None, 11: "9" * 40}
+    # 7: by its job id; 8: by id while nothing links the instance; 9 names job 7's instance: not believed.
+    assert store.instances_of_jobs(jobs) == {7: linked, 8: unlinked}
+    store.update_instance(unlinked, slurm_job_id=12)  # festinad links it to another job: 8's comment no longer counts
+    assert store.instances_of_jobs(jobs) == {7: linked}
+    assert store.instances_of_jobs({12: None, 13: str(unlinked)}) == {12: unlinked}
+    with pytest.raises(InvalidRecord, match=r"job_id = -1"):
+        store.instances_of_jobs({-1: None})
+
+
 def test_live_state_survives_a_new_engine(store: Store, migrated: Engine) -> None:
     gpus = make_cluster(store)
     store.upsert_jobs([JobRecord(1001, "RUNNING", name="serve-8b", node_list="n01", gres="mps:50",

@@ -10,10 +10,13 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from festina_hpc.db.engine import make_engine
+from festina_hpc.db.store import GpuRecord, NodeRecord, Store
 from festina_hpc.devcluster import DevClusterConfig, festina_node_executable, free_ports
 from festina_hpc.slurm.cli_backend import CliSlurmClient
 from tests.node.conftest import live_node_cluster
@@ -62,10 +65,21 @@ def finished(client: CliSlurmClient, *job_ids: int) -> bool:
 def test_two_models_on_one_gpu_shares_clock_and_energy(cluster: tuple[DevClusterConfig, CliSlurmClient]) -> None:
     cfg, client = cluster
     out = cfg.base_dir / "out"
-    ids = [sbatch(cfg, "-w", "n2", f"--gres=mps:{pct}", f"--output={out}/mps-%j.out",
-                  "--comment=festina:model=llama-3.1-8b,instance=1,clock_mhz=1410",
-                  "--job-name=m;touch /tmp/festina-pwned-name",
-                  "--wrap", f"env | grep ^CUDA_MPS; sleep {secs}") for pct, secs in ((40, 6), (50, 4))]
+    # As festinad does: an instance recorded per job, its id in the comment, linked to the job once sbatch
+    # answers (held until then, so that no interval runs before the link), so the database charges each job.
+    store = Store(make_engine(f"sqlite:///{cfg.base_dir / 'festina.db'}"))
+    store.upsert_nodes([NodeRecord("n2", "idle", True, 1)])
+    gpu_id = store.upsert_gpus([GpuRecord("n2", 0, GPU_TYPE)])[("n2", 0)]
+    ids = []
+    for pct, secs in ((40, 6), (50, 4)):
+        instance_id = store.create_instance(MODEL, [gpu_id], at=datetime.now(UTC), sm_pct=pct)
+        ids.append(sbatch(cfg, "-w", "n2", "--hold", f"--gres=mps:{pct}", f"--output={out}/mps-%j.out",
+                          f"--comment=festina:model={MODEL},instance={instance_id},clock_mhz=1410",
+                          "--job-name=m;touch /tmp/festina-pwned-name",
+                          "--wrap", f"env | grep ^CUDA_MPS; sleep {secs}"))
+        store.update_instance(instance_id, slurm_job_id=ids[-1])
+    for job_id in ids:
+        client.release(job_id)
     wait_for("both jobs on the GPU", lambda: len(node_status(cfg, "n2")["gpus"]["0"]["jobs"]) == 2)  # type: ignore[index]
     gpu = node_status(cfg, "n2")["gpus"]["0"]  # type: ignore[index]
     assert sum(j["sm_pct"] for j in gpu["jobs"]) <= 100 and gpu["clock_mhz"] == 1410 and gpu["mps"]
@@ -82,9 +96,13 @@ def test_two_models_on_one_gpu_shares_clock_and_energy(cluster: tuple[DevCluster
         counters = [c for (c,) in db.execute("SELECT energy_counter_j FROM energy_samples s JOIN gpus g "
                                              "ON g.id = s.gpu_id JOIN nodes n ON n.id = g.node_id "
                                              "WHERE n.name = 'n2' ORDER BY sampled_at")]
+        node_j, idle_j = db.execute("SELECT SUM(h.energy_j), SUM(h.idle_energy_j) FROM node_energy_hourly h "
+                                    "JOIN nodes n ON n.id = h.node_id WHERE n.name = 'n2'").fetchone()
     assert set(ids) <= set(energy) and all(energy[i] > 0 for i in ids)
     delta_j = counters[-1] - counters[0]
     assert sum(energy[i] for i in ids) + gpu["idle_pool_j"] == pytest.approx(delta_j, rel=0.01)
+    # The database's split is the node's: its node energy is the counters', its idle energy the idle pool's.
+    assert (node_j, sum(energy[i] for i in ids) + idle_j) == pytest.approx((delta_j, delta_j), rel=0.01)
     assert gpu["idle_pool_j"] < 0.01 * delta_j  # the jobs overlapped: (almost) nothing was idle
     assert not Path("/tmp/festina-pwned-name").exists()
 
