@@ -35,7 +35,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from festina_hpc.db import migrate
 from festina_hpc.db.engine import first_line, mask_url, unavailable
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import (
@@ -350,6 +349,10 @@ class Store:
 
     def check_schema(self) -> None:
         """Fail unless the database is migrated to this package's head (``festina db upgrade``)."""
+        # Imported here: Alembic is for commands that check or migrate the schema; the node's hooks write
+        # through a Store and would otherwise load it (and log its plugin setup) on every job.
+        from festina_hpc.db import migrate
+
         revision = migrate.current(self.engine)
         if not revision.is_head:
             raise DatabaseError(f"database {mask_url(self.engine.url)} is at revision {revision.current}, "
