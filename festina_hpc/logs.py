@@ -45,12 +45,11 @@ def configure_logging(verbosity: int, *, quiet_level: int = logging.WARNING, fmt
 
     Like ``logging.basicConfig``, a root logger that has handlers already (a test runner's) is left alone;
     festina's own levels are set either way."""
-    kwargs: dict[str, object] = {"level": library_level(verbosity)}
+    level = library_level(verbosity)
     if handlers is not None:
-        kwargs["handlers"] = list(handlers)
-    if fmt is not None:
-        kwargs["format"] = fmt
-    logging.basicConfig(**kwargs)  # type: ignore[arg-type]
+        logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, handlers=list(handlers))
+    else:
+        logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(own_level(verbosity, quiet_level))
 
