@@ -28,7 +28,7 @@ from festina_hpc.cli.admin_options import (
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
 from festina_hpc.db.models import DECISION_KINDS
-from festina_hpc.db.store import Store
+from festina_hpc.db.store import DecisionRow, Store
 from festina_hpc.errors import FestinaError
 
 
@@ -233,15 +233,28 @@ def decisions(app: AppContext, since: str, kind: str | None, limit: int, db_url:
     if as_json:
         echo_json({"since": start.isoformat(), "decisions": [
             {"id": r.id, "decided_at": r.decided_at.isoformat(), "kind": r.kind, "action": r.action, "model": r.model,
-             "instance_id": r.instance_id, "gpu_id": r.gpu_id, "node_id": r.node_id, "reason": r.reason,
-             "details": r.details} for r in rows]})
+             "instance_id": r.instance_id, "node": r.node_name, "gpu_index": r.gpu_index, "gpu_id": r.gpu_id,
+             "node_id": r.node_id, "count": r.times_decided, "last_decided_at": r.last_decided_at.isoformat(),
+             "reason": r.reason, "details": r.details} for r in rows]})
         return
     if not rows:
         click.echo(f"no decisions since {start.isoformat(timespec='seconds')}")
     for r in rows:
-        ids = " ".join(f"{k}={v}" for k, v in (("model", r.model), ("instance", r.instance_id),
-                                                ("gpu", r.gpu_id), ("node", r.node_id)) if v is not None)
-        click.echo(f"{r.decided_at.isoformat(timespec='seconds')} {r.kind:9} {r.action:15} {ids}  -- {r.reason}")
+        click.echo(decision_line(r))
+
+
+def decision_line(row: DecisionRow) -> str:
+    """One line of ``festina decisions``: what an admin knows the cluster by (node n3, gpu1, the instance and
+    model); a row whose node or GPU is gone keeps its database id; a repeated decision its count and last time."""
+    node = row.node_name or (f"node_id={row.node_id}" if row.node_id is not None else "")
+    gpu = f"gpu{row.gpu_index}" if row.gpu_index is not None else (
+        f"gpu_id={row.gpu_id}" if row.gpu_id is not None else "")
+    target = [f"model={row.model}" if row.model else "",
+              f"instance={row.instance_id}" if row.instance_id is not None else "", node, gpu]
+    repeated = (f" (x{row.times_decided}, last {row.last_decided_at.isoformat(timespec='seconds')})"
+                if row.times_decided > 1 else "")
+    return (f"{row.decided_at.isoformat(timespec='seconds')} {row.kind:9} {row.action:15} "
+            f"{' '.join(t for t in target if t)}{repeated}  -- {row.reason}")
 
 
 @click.command("completion")

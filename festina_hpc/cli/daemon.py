@@ -26,10 +26,12 @@ from festina_hpc.errors import ConfigError, FestinaError
               help="Database URL (default: $FESTINA_DB_URL, else the config's [db] url, else SQLite).")
 @click.option("--slurm-conf", type=click.Path(path_type=Path), default=None,
               help="slurm.conf of the cluster (default: $SLURM_CONF, else Slurm's own default).")
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO (default WARNING).")
+@click.option("-v", "--verbose", count=True,
+              help="-v: festina's own lines at INFO (default WARNING); -vv: DEBUG, and other libraries' INFO "
+                   "(the scheduler's runs, the migration tool, the HTTP server) too.")
 @pass_app
 def daemon(app: AppContext, host: str | None, port: int | None, policy: str | None, models: str | None,
-           db_url: str | None, slurm_conf: Path | None, verbose: bool) -> None:
+           db_url: str | None, slurm_conf: Path | None, verbose: int) -> None:
     """Run festinad: the gateway, the policy's placement, scaling and consolidation, through Slurm."""
     from festina_hpc.daemon.auth import AuthConfig, Authenticator, DbEnergyUsage
     from festina_hpc.daemon.catalogue_models import catalogue_gateway_models, catalogue_model_options
@@ -42,11 +44,11 @@ def daemon(app: AppContext, host: str | None, port: int | None, policy: str | No
     from festina_hpc.db.engine import check_connection, make_engine, resolve_db_url
     from festina_hpc.db.keys import KeyRing
     from festina_hpc.db.store import Store
+    from festina_hpc.logs import configure_logging
     from festina_hpc.policy.base import PolicyContext, make_policy
     from festina_hpc.slurm.factory import make_slurm_client
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s festinad %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose, fmt="%(asctime)s festinad %(levelname)s %(name)s: %(message)s")
     cfg = app.config.daemon
     store = app.profile_store()
     gpu = store.gpu(cfg.gpu_type).name

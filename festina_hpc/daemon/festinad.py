@@ -81,6 +81,7 @@ from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.db.store import GpuRecord, JobRecord, NodeRecord, RequestOutcome, Store
 from festina_hpc.errors import FestinaError
+from festina_hpc.logs import RepeatedLines
 from festina_hpc.policy.base import Policy
 from festina_hpc.policy.limits import Refusal, limit_plan, upkeep
 from festina_hpc.policy.types import (
@@ -154,8 +155,10 @@ class ModelOptions:
 
 
 # A bound refuses the same decision every tick while the load lasts: the same refusal is recorded at most once
-# in this many seconds (the log has each).
+# in this many seconds.
 REFUSAL_RECORD_S = 60.0
+# A line festinad would log unchanged every period is logged once, then again with its count this often.
+REPEAT_SUMMARY_S = 600.0
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -290,6 +293,9 @@ class Festinad:
         self.node_control = node_control  # signed requests to festina-node ([node_control]); None = off
         self._refusal_recorded: dict[str, float] = {}  # refusal reason -> when it was last recorded
         self._unmet: tuple[str, ...] = ()  # catalogue bounds that found no room, as last logged
+        # A policy re-decides every period what it decided last time (power off the same empty nodes,
+        # the same refusal): logged once, then counted, so the log shows each change of mind.
+        self._repeated = RepeatedLines(log, summary_s=REPEAT_SUMMARY_S, clock=clock)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -868,7 +874,9 @@ class Festinad:
             await self._migrate(action, reason)
         elif isinstance(action, PowerOff | PowerOn):
             # Slurm's power saving suspends a node idle for SuspendTime and resumes one a job is sent to.
-            log.info("%s node %s: left to Slurm's power saving", type(action).__name__, action.node)
+            node = self.node_names[action.node] if 0 <= action.node < len(self.node_names) else action.node
+            self._repeated.log(("power", node), logging.INFO, "%s node %s (%s): left to Slurm's power saving",
+                               type(action).__name__, node, reason)
         else:
             log.info("%s has no live counterpart (queues live in the serving jobs): skipped", type(action).__name__)
 
@@ -900,7 +908,8 @@ class Festinad:
         return True
 
     def _record_refusal(self, refusal: Refusal, reason: str) -> None:
-        log.info("%s (%s) refused: %s", type(refusal.decision).__name__, reason, refusal.reason)
+        self._repeated.log(("refused", refusal.reason), logging.INFO, "%s (%s) refused: %s",
+                           type(refusal.decision).__name__, reason, refusal.reason)
         decision = refusal.decision
         if isinstance(decision, StartInstance | StopInstance | Migrate | PowerOff | PowerOn) \
                 and self._first_in_a_while(refusal.reason):
@@ -909,7 +918,7 @@ class Festinad:
 
     def _placement_refused(self, model: str, refusal: Refusal, instead: Placement) -> None:
         """A request's start refused by the bounds: recorded as the placement carried out instead, with why."""
-        log.info("start of %s refused: %s", model, refusal.reason)
+        self._repeated.log(("start refused", model), logging.INFO, "start of %s refused: %s", model, refusal.reason)
         if self._first_in_a_while(refusal.reason):
             self.store.record_placement(model, instead, at=self._now(), reason=f"start refused: {refusal.reason}")
 

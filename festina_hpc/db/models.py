@@ -326,14 +326,20 @@ class Decision(Base):
 
     The ids are plain integers, not foreign keys: an audit row outlives the rows it names
     and may name one that does not exist yet (a started instance has no id when decided).
+    A decision made again unchanged (a policy re-deciding every period) is not a new row: the
+    latest row for its target counts it (``times_decided``, ``last_decided_at``; see
+    ``Store._record_decisions``).
     """
 
     __tablename__ = "decisions"
     __table_args__ = (
         CheckConstraint("kind IN ('placement', 'setting', 'migration', 'scale', 'power')", name="kind_known"),
+        CheckConstraint("times_decided >= 1", name="times_decided_positive"),
         Index(None, "decided_at"),
         Index(None, "kind", "decided_at"),
         Index(None, "instance_id"),
+        Index(None, "last_decided_at"),
+        Index(None, "kind", "node_id", "gpu_id"),  # the latest decision for a target, looked up at each record
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -346,6 +352,8 @@ class Decision(Base):
     node_id: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text, default="")
     details: Mapped[dict[str, Any]]  # the action's fields as JSON
+    times_decided: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # 1: decided once
+    last_decided_at: Mapped[datetime]  # when it was last decided again (decided_at if only once)
 
 
 class CatalogueModel(Base):

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, delete, func, insert, select
+from sqlalchemy import Engine, Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from festina_hpc.db import migrate
 from festina_hpc.db.engine import first_line, mask_url, unavailable
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import (
@@ -276,6 +275,10 @@ class DecisionRow:
     node_id: int | None
     reason: str
     details: dict[str, Any]
+    times_decided: int  # 1: decided once; more: decided again unchanged, counted on this row
+    last_decided_at: datetime  # decided_at where decided once
+    node_name: str | None  # the node of node_id, where it still exists
+    gpu_index: int | None  # gpu_id's index on its node, where it still exists
 
 
 def _check_instance_settings(where: str, sm_pct: Any, batch_cap: Any, memory_fraction: Any,
@@ -287,6 +290,11 @@ def _check_instance_settings(where: str, sm_pct: Any, batch_cap: Any, memory_fra
 
 
 # -- decisions as rows --------------------------------------------------------------------------
+
+# What a decision is about, and what it decided: the latest decision with the same target and the same
+# payload is the same decision made again (counted on that row, not copied).
+_DECISION_TARGET = ("kind", "model", "instance_id", "gpu_id", "node_id")
+_DECISION_PAYLOAD = ("action", "reason", "details")
 
 _ACTION_KINDS: dict[type, tuple[str, str]] = {
     Route: ("placement", "route"),
@@ -351,6 +359,10 @@ class Store:
 
     def check_schema(self) -> None:
         """Fail unless the database is migrated to this package's head (``festina db upgrade``)."""
+        # Imported here: Alembic is for commands that check or migrate the schema; the node's hooks write
+        # through a Store and would otherwise load it (and log its plugin setup) on every job.
+        from festina_hpc.db import migrate
+
         revision = migrate.current(self.engine)
         if not revision.is_head:
             raise DatabaseError(f"database {mask_url(self.engine.url)} is at revision {revision.current}, "
@@ -752,15 +764,30 @@ class Store:
         return self._record_decisions([decision_row(settings, reason, gpu_id=gpu_id)], at)[0]
 
     def _record_decisions(self, rows: list[dict[str, Any]], at: datetime) -> list[int]:
+        """Each row as a new decision, or counted on the latest decision for its target where that one is the
+        same (action, reason and details): a policy re-deciding the same thing every period adds no rows."""
         _time("decision", "at", at)
         if not rows:
             return []
         with self._transaction("record_decisions") as session:
             self._fill_in_ids(session, rows)
-            decisions = [Decision(decided_at=at, **row) for row in rows]
-            session.add_all(decisions)
-            session.flush()
-            return [d.id for d in decisions]
+            ids: list[int] = []
+            for row in rows:
+                latest = session.scalars(
+                    select(Decision).where(*(getattr(Decision, key) == row[key] for key in _DECISION_TARGET))
+                    .order_by(Decision.id.desc()).limit(1)).first()
+                if latest is not None and all(getattr(latest, key) == row[key] for key in _DECISION_PAYLOAD):
+                    # In SQL, so that festinad and a node counting the same row at once both count.
+                    session.execute(update(Decision).where(Decision.id == latest.id).values(
+                        times_decided=Decision.times_decided + 1,
+                        last_decided_at=max(at, latest.last_decided_at)))
+                    ids.append(latest.id)
+                    continue
+                decision = Decision(decided_at=at, last_decided_at=at, times_decided=1, **row)
+                session.add(decision)
+                session.flush()
+                ids.append(decision.id)
+            return ids
 
     def _fill_in_ids(self, session: Session, rows: list[dict[str, Any]]) -> None:
         """Add what an action implies but does not name: an instance's model and GPU, a GPU's node."""
@@ -787,14 +814,18 @@ class Store:
                     row["node_id"] = nodes[row["gpu_id"]]
 
     def decisions(self, *, since: datetime, kind: str | None = None, limit: int = 1000) -> list[DecisionRow]:
-        """Decisions at or after ``since``, oldest first."""
+        """Decisions made (first or again) at or after ``since``, oldest first, with their node's name and
+        their GPU's index where those rows still exist."""
         _time("decisions", "since", since)
-        query = select(Decision).where(Decision.decided_at >= since).order_by(Decision.decided_at, Decision.id)
+        query = (select(Decision, Node.name, Gpu.gpu_index)
+                 .outerjoin(Node, Node.id == Decision.node_id).outerjoin(Gpu, Gpu.id == Decision.gpu_id)
+                 .where(Decision.last_decided_at >= since).order_by(Decision.decided_at, Decision.id))
         if kind is not None:
             query = query.where(Decision.kind == kind)
         with self._transaction("decisions") as session:
             return [DecisionRow(d.id, d.decided_at, d.kind, d.action, d.model, d.instance_id, d.gpu_id, d.node_id,
-                                d.reason, d.details) for d in session.scalars(query.limit(limit))]
+                                d.reason, d.details, d.times_decided, d.last_decided_at, node_name, gpu_index)
+                    for d, node_name, gpu_index in session.execute(query.limit(limit))]
 
     # -- restart
 

@@ -33,6 +33,7 @@ import click
 
 from festina_hpc.errors import FestinaError, GpuError, GpuLostError
 from festina_hpc.gpu.base import GpuBackend, MpsControl, Workload
+from festina_hpc.logs import configure_logging
 from festina_hpc.node.agent import (
     EnergySink,
     JobsChanged,
@@ -339,16 +340,17 @@ def build_network_server(inv: Invocation, agent: NodeAgent) -> Any:
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help=f"Node config (default: $FESTINA_NODE_CONFIG, else {CONFIG_NAME} beside $SLURM_CONF).")
 @click.option("--node", default=None, help="Node name (default: $SLURMD_NODENAME, else the host name).")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", count=True,
+              help="-v: festina's own lines at DEBUG (default INFO); -vv: other libraries' INFO too.")
 @click.option("--syslog", is_flag=True,
               help="Log to syslog (/dev/log) instead of stderr: the task prolog runs as the job's user, who may "
                    "not write the hook log.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, node: str | None, verbose: bool, syslog: bool) -> None:
+def cli(ctx: click.Context, config_path: Path | None, node: str | None, verbose: int, syslog: bool) -> None:
     """festina-node: Slurm hooks, the root-owned GPU control service and energy accounting of a GPU node."""
     env = dict(os.environ)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        handlers=[log_handler(SYSLOG_SOCKET if syslog else None)])
+    # The hook log gets festina's lines, not the libraries' INFO (the migration tool's plugin setup, SQL).
+    configure_logging(verbose, quiet_level=logging.INFO, handlers=[log_handler(SYSLOG_SOCKET if syslog else None)])
     config = load_node_config(find_config(config_path, env))
     name = node or env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     ctx.obj = Invocation(config, name, env, env.get("FESTINA_GPU_BACKEND") or None)

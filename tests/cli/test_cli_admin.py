@@ -11,10 +11,10 @@ import pytest
 
 from festina_hpc.cli.admin import parse_since
 from festina_hpc.db.engine import make_engine
-from festina_hpc.db.store import Store
+from festina_hpc.db.store import GpuRecord, NodeRecord, Store
 from festina_hpc.devcluster import DevClusterConfig
 from festina_hpc.errors import FestinaError
-from festina_hpc.policy.types import Plan, PowerOff
+from festina_hpc.policy.types import GpuSettings, Plan, PowerOff
 from tests.cli.conftest import Festina
 
 
@@ -27,12 +27,37 @@ def test_decisions_lists_the_audit_trail(festina: Festina, tmp_path: Path) -> No
     Store(engine).record_plan(Plan((PowerOff(4),), "old"), at=now - timedelta(days=2))
     engine.dispose()
     text = festina("decisions", "--since", "1h", "--db-url", url).out
-    assert "power_off" in text and "node=3" in text and "-- power off empty nodes" in text and "node=4" not in text
+    # nodes 3 and 4 are not in the database: their ids stand in for the names
+    assert "power_off" in text and "node_id=3" in text and "-- power off empty nodes" in text
+    assert "node_id=4" not in text
     data = json.loads(festina("decisions", "--since", "3d", "--kind", "power", "--json", "--db-url", url).out)
     assert [d["node_id"] for d in data["decisions"]] == [4, 3]
     bad = festina("decisions", "--since", "last tuesday", "--db-url", url)
     assert bad.code == 2 and "--since = 'last tuesday'" in bad.err
     assert festina("decisions", "--kind", "nap", "--db-url", url).code == 2
+
+
+def test_decisions_name_nodes_and_gpu_indexes_and_count_repeats(festina: Festina, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    assert festina("db", "upgrade", "--db-url", url).code == 0
+    engine = make_engine(url)
+    store = Store(engine)
+    # ids and names disagree on purpose (n3 is the first node, gpu1 not its first GPU): the output shows names
+    store.upsert_nodes([NodeRecord(name, "idle", True, 2) for name in ("n3", "n1")])
+    gpus = store.upsert_gpus([GpuRecord(node, index, "h100-sxm-80gb") for node in ("n3", "n1") for index in (1, 0)])
+    n1 = {n.name: n.id for n in store.load_live_state().nodes}["n1"]
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    store.record_settings(gpus[("n3", 1)], GpuSettings(clock_mhz=1410), at=start, reason="decode-heavy")
+    for k in range(3):  # every 30 s, the same empty node
+        store.record_plan(Plan((PowerOff(n1),), "power_off empty nodes"), at=start + timedelta(seconds=30 * k))
+    engine.dispose()
+    setting, power = festina("decisions", "--since", "1h", "--db-url", url).out.strip().splitlines()
+    assert " n3 gpu1 " in setting and "gpu=" not in setting and "node=" not in setting
+    last = (start + timedelta(seconds=60)).isoformat(timespec="seconds")
+    assert f" n1 (x3, last {last})  -- power_off empty nodes" in power
+    data = json.loads(festina("decisions", "--since", "1h", "--json", "--db-url", url).out)["decisions"]
+    assert [(d["node"], d["gpu_index"], d["count"]) for d in data] == [("n3", 1, 1), ("n1", None, 3)]
+    assert data[1]["last_decided_at"] == (start + timedelta(seconds=60)).isoformat()
 
 
 def test_parse_since() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import shutil
 import stat
 import tempfile
@@ -41,7 +42,7 @@ from festina_hpc.db.engine import make_engine
 from festina_hpc.db.keys import KeyRing
 from festina_hpc.db.store import EnergyReading, Store
 from festina_hpc.policy.base import PolicyContext, make_policy
-from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, StartInstance, StopInstance
+from festina_hpc.policy.types import InstancePhase, ModelLimits, Plan, PowerOff, PowerOn, StartInstance, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import SimulatedEngine
 from festina_hpc.serve.secret import read_secret_file, write_secret
@@ -227,6 +228,30 @@ def test_start_from_zero_records_job_and_decisions(store: ProfileStore, db: Stor
         assert slurm.cancelled == [job_id] and not db.load_live_state().instances
 
     asyncio.run(_run(store, slurm, db, scenario))
+
+
+def test_the_same_power_off_every_period_is_one_log_line_and_one_counted_decision(
+        store: ProfileStore, db: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The dev cluster's "power_off empty nodes" every 30 s for the same node: said once, recorded once."""
+    slurm = FakeSlurm(store)
+
+    async def scenario() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            with caplog.at_level(logging.INFO, logger="festina_hpc.daemon.festinad"):
+                for _ in range(5):
+                    await festinad.execute(Plan((PowerOff(1),), "power_off empty nodes"))
+                await festinad.execute(Plan((PowerOn(1),), "queued work"))
+        finally:
+            await festinad.close()
+
+    asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if "power saving" in r.getMessage()]
+    assert said == ["PowerOff node n2 (power_off empty nodes): left to Slurm's power saving",
+                    "PowerOff node n2 (power_off empty nodes): left to Slurm's power saving (repeated 4 times)",
+                    "PowerOn node n2 (queued work): left to Slurm's power saving"]
+    power = db.decisions(since=datetime(2000, 1, 1, tzinfo=UTC), kind="power")
+    assert [(r.action, r.node_name, r.times_decided) for r in power] == [("power_off", "n2", 5), ("power_on", "n2", 1)]
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -85,3 +85,19 @@ def test_keys_issued_before_roles_become_user_keys(engine: Engine) -> None:
         assert connection.execute(text("SELECT role FROM api_keys")).scalar_one() == "user"
     migrate.downgrade(engine, "0004")
     assert "role" not in {c["name"] for c in inspect(engine).get_columns("api_keys")}
+
+
+def test_decisions_recorded_before_repeat_counts_were_each_decided_once(engine: Engine) -> None:
+    """0009: an older row counts one decision, last made at its decided_at."""
+    migrate.upgrade(engine, "0008")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO decisions (decided_at, kind, action, reason, details) "
+            "VALUES ('2026-03-01 12:00:00+00:00', 'power', 'power_off', 'empty', '{}')"))
+    migrate.upgrade(engine, "0009")
+    with engine.connect() as connection:
+        times, first, last = connection.execute(text(
+            "SELECT times_decided, decided_at, last_decided_at FROM decisions")).one()
+    assert times == 1 and first == last
+    migrate.downgrade(engine, "0008")
+    assert "times_decided" not in {c["name"] for c in inspect(engine).get_columns("decisions")}

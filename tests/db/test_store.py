@@ -4,6 +4,7 @@ records, decisions from plans, and bad input refused whole with a message naming
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -372,6 +373,66 @@ def test_placements_and_settings_are_decisions_too(store: Store) -> None:
     assert (route.instance_id, route.gpu_id) == (instance, gpus[("n01", 0)])
     assert (setting.kind, setting.gpu_id, setting.details["sm_pct"]) == ("setting", gpus[("n01", 0)],
                                                                         {str(instance): 50.0})
+
+
+def test_an_unchanged_decision_made_again_is_counted_on_its_row(store: Store) -> None:
+    """The dev cluster's "power_off empty nodes" every 30 s for the same nodes: one row per node, counted."""
+    make_cluster(store, nodes=3)
+    nodes = {n.name: n.id for n in store.load_live_state().nodes}
+    empty = Plan((PowerOff(nodes["n02"]), PowerOff(nodes["n03"])), reason="power_off empty nodes")
+    first = store.record_plan(empty, at=at(100))
+    store.record_placement("llama-3.1-8b", Drop("no capacity"), at=at(110))  # another target in between
+    assert store.record_plan(empty, at=at(130)) == first
+    assert store.record_plan(empty, at=at(160)) == first
+    rows = store.decisions(since=at(0), kind="power")
+    assert [(r.node_name, r.times_decided, r.decided_at, r.last_decided_at) for r in rows] == [
+        ("n02", 3, at(100), at(160)), ("n03", 3, at(100), at(160))]
+    assert len(store.decisions(since=at(0))) == 3
+
+
+@pytest.mark.parametrize(("between", "again", "rows"), [
+    ("power_on", PowerOff(0), 3),  # off, on, off: the state changed, so the third is a decision of its own
+    (None, PowerOff(0), 1),  # off, off: counted
+    (None, PowerOn(0), 2),  # another action for the node
+])
+def test_a_decision_is_counted_only_while_it_follows_the_same_one(store: Store, between: str | None,
+                                                                  again: PowerOff | PowerOn, rows: int) -> None:
+    make_cluster(store, nodes=1)
+    node = store.load_live_state().nodes[0].id
+    store.record_plan(Plan((PowerOff(node),), "empty"), at=at(1))
+    if between == "power_on":
+        store.record_plan(Plan((PowerOn(node),), "queued work"), at=at(2))
+    store.record_plan(Plan((replace(again, node=node),), "empty"), at=at(3))
+    assert len(store.decisions(since=at(0))) == rows
+
+
+def test_a_changed_reason_or_setting_is_a_new_decision(store: Store) -> None:
+    gpus = make_cluster(store, nodes=1)
+    gpu = gpus[("n01", 0)]
+    store.record_settings(gpu, GpuSettings(clock_mhz=1410), at=at(1), reason="decode-heavy")
+    store.record_settings(gpu, GpuSettings(clock_mhz=1410), at=at(2), reason="decode-heavy")
+    store.record_settings(gpu, GpuSettings(clock_mhz=1200), at=at(3), reason="decode-heavy")
+    store.record_settings(gpu, GpuSettings(clock_mhz=1200), at=at(4), reason="idle")
+    store.record_settings(gpus[("n01", 1)], GpuSettings(clock_mhz=1200), at=at(5), reason="idle")
+    rows = store.decisions(since=at(0))
+    assert [(r.gpu_index, r.details["clock_mhz"], r.reason, r.times_decided) for r in rows] == [
+        (0, 1410, "decode-heavy", 2), (0, 1200, "decode-heavy", 1), (0, 1200, "idle", 1), (1, 1200, "idle", 1)]
+    assert all(r.node_name == "n01" for r in rows)
+
+
+def test_a_decision_made_again_after_since_is_listed(store: Store) -> None:
+    make_cluster(store, nodes=1)
+    node = store.load_live_state().nodes[0].id
+    for seconds in (0, 30, 3600):
+        store.record_plan(Plan((PowerOff(node),), "empty"), at=at(seconds))
+    [row] = store.decisions(since=at(1800))
+    assert (row.decided_at, row.last_decided_at, row.times_decided) == (at(0), at(3600), 3)
+
+
+def test_a_decision_naming_a_node_that_is_gone_keeps_its_id(store: Store) -> None:
+    store.record_plan(Plan((PowerOff(999),), "empty"), at=at(1))
+    [row] = store.decisions(since=at(0))
+    assert (row.node_id, row.node_name, row.gpu_index) == (999, None, None)
 
 
 def test_a_failure_after_a_write_in_the_same_call_rolls_the_write_back(store: Store, migrated: Engine) -> None:

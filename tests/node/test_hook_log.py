@@ -164,3 +164,27 @@ def test_hook_scripts_write_no_value_from_the_environment_themselves() -> None:
     for script in ("prolog", "epilog", "task_prolog"):
         text = (PLUGINS / script).read_text()
         assert not re.search(r"\$\{?(SLURM_JOB|SLURMD_|CUDA_)", text), script
+
+
+def test_the_hook_log_has_festinas_lines_only_with_a_database(conf_dir: Path, tmp_path: Path) -> None:
+    """With a database configured the hooks write through the store: the hook log gets no line of the libraries
+    under it (the migration tool's plugin setup and context lines were 140 of 202 hook log lines)."""
+    from festina_hpc.db import migrate
+    from festina_hpc.db.engine import make_engine
+
+    url = f"sqlite:///{tmp_path / 'festina.db'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    toml = conf_dir / "festina-node.toml"
+    toml.write_text(toml.read_text() + f'db_url = "{url}"\n')
+    for script in ("prolog", "task_prolog", "epilog"):
+        done, log = run_script(conf_dir, script, PROLOG_MPS)
+        assert done.returncode == 0
+    lines = log.splitlines()
+    assert all(RECORD.match(line) for line in lines), log
+    # festina-node's own lines each name the hook or the node they are about
+    messages = [RECORD.sub("", line) for line in lines]
+    assert all(m.split(" ")[0] in ("prolog", "task-prolog", "epilog", "n2", "n2:") for m in messages), log
+    assert [m for m in messages if m.startswith(("prolog job=", "task-prolog job=", "epilog job="))] == [
+        f"{hook} job=8 node=n2 gpus=0 mps=25" for hook in ("prolog", "task-prolog", "epilog")]
