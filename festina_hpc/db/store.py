@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from festina_hpc.db import migrate
-from festina_hpc.db.engine import first_line, mask_url, unavailable
+from festina_hpc.db.engine import first_line, mask_url, unavailable, writer_engine
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import (
     HOUR_S,
@@ -344,7 +344,9 @@ class Store:
     def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
         self.engine = engine
         self._clock = clock
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Its transactions read, then write: IMMEDIATE on SQLite, so that festinad and festina-node sharing one
+        # file wait for each other instead of failing with "database is locked" (db/engine.py _sqlite_on_begin).
+        self._sessions = sessionmaker(writer_engine(engine), expire_on_commit=False)
 
     # -- plumbing
 
