@@ -70,7 +70,6 @@ from festina_hpc.db.validation import check_not_before as _not_before
 from festina_hpc.db.validation import check_number as _number
 from festina_hpc.db.validation import check_text as _text
 from festina_hpc.db.validation import check_time as _time
-from festina_hpc.slurm.types import FINISHED_JOB_STATES
 from festina_hpc.policy.types import (
     Action,
     Drop,
@@ -86,6 +85,7 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.slurm.types import FINISHED_JOB_STATES
 
 DEFAULT_BATCH_SIZE = 10_000  # readings per ingest transaction
 
