@@ -6,9 +6,17 @@ node, fake GPUs as character devices (``mknod``) so ``gres/gpu`` and
 ``gres/mps`` schedule, power saving through the project's
 ``slurm_plugins/suspend`` and ``resume`` (which record each node's power
 state in ``<base>/power/<node>``), and the project's prolog/epilog/task_prolog.
+On each node ``festina-node serve`` runs too (simulated GPUs; named n1..nN as
+Slurm names the nodes; its signed control port ``node_port + i - 1``; its
+state under ``<base>/node/<node>``), so the cluster has a node controller,
+energy attribution and AdminComments without anyone starting them by hand.
+festinad and every festina-node write one database (``database_url``: by
+default ``sqlite:///<base>/festina.db``, which SQLite shares safely between
+processes because festina's writers begin IMMEDIATE in WAL mode, see
+``festina_hpc/db/engine.py``; or a PostgreSQL URL). ``up`` prints it.
 Everything lives under the base folder, ports are configurable, and the
 daemons are stopped by the PIDs in their pid files, so two clusters can run
-side by side. Starting one takes about a second once the packages are there.
+side by side. Starting one takes a few seconds once the packages are there.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ class DevClusterConfig:
     cluster_name: str = "festina-dev"
     partition: str = "gpu"
     plugins_dir: Path = field(default_factory=default_plugins_dir)
+    # festina-node serve on every node, its signed control channel on node_port + i - 1 (127.0.0.1).
+    festina_node: bool = True
+    node_port: int = 28001
+    db_url: str = ""  # the database festinad and the nodes share; "" = sqlite:///<base_dir>/festina.db
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 64:
@@ -78,12 +90,17 @@ class DevClusterConfig:
             raise DevClusterError(f"gpus_per_node = {self.gpus_per_node} must be in 1..8")
         if not 0 <= self.power_save_nodes <= self.nodes:
             raise DevClusterError(f"power_save_nodes = {self.power_save_nodes} must be in 0..{self.nodes}")
-        for name in ("ctld_port", "slurmd_port"):
+        for name in ("ctld_port", "slurmd_port", "node_port"):
             port = getattr(self, name)
             if not 1024 <= port <= 65535 - self.nodes:
                 raise DevClusterError(f"{name} = {port} must be in 1024..{65535 - self.nodes}")
         if self.ctld_port in range(self.slurmd_port, self.slurmd_port + self.nodes):
             raise DevClusterError(f"ctld_port {self.ctld_port} falls in the slurmd ports")
+        if self.festina_node:
+            node_ports = range(self.node_port, self.node_port + self.nodes)
+            if self.ctld_port in node_ports or set(node_ports) & set(range(self.slurmd_port,
+                                                                          self.slurmd_port + self.nodes)):
+                raise DevClusterError(f"node_port {self.node_port}: the festina-node ports overlap Slurm's")
         if not self.base_dir.is_absolute():
             raise DevClusterError(f"base dir {self.base_dir} must be absolute (it goes into slurm.conf)")
 
@@ -102,6 +119,19 @@ class DevClusterConfig:
     @property
     def munge_socket(self) -> Path:
         return self.base_dir / "munge" / "munge.socket"
+
+    @property
+    def database_url(self) -> str:
+        """The one database festinad and every festina-node write."""
+        return self.db_url or f"sqlite:///{self.base_dir / 'festina.db'}"
+
+    def node_control_port(self, node: str) -> int:
+        """Where festina-node of ``node`` (n1..nN) takes festinad's signed requests."""
+        return self.node_port + self.node_names.index(node)
+
+    def node_config_path(self, node: str) -> Path:
+        """festina-node serve's own config for ``node`` (the hooks read ``festina-node.toml``)."""
+        return self.base_dir / "etc" / f"festina-node-{node}.toml"
 
     def to_json(self) -> str:
         data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -231,11 +261,17 @@ class DevClusterStatus:
                                          if d.name in ("munged", "slurmctld"))
 
 
+NODE_COMM = "festina-node"  # /proc/PID/comm of the festina-node script
+
+
 def daemons(cfg: DevClusterConfig) -> tuple[Daemon, ...]:
     run = cfg.base_dir / "run"
+    nodes = tuple(Daemon(f"festina-node {n}", NODE_COMM, run / f"festina-node-{n}.pid")
+                  for n in cfg.node_names) if cfg.festina_node else ()
     return (Daemon("munged", "munged", run / "munged.pid"),
             Daemon("slurmctld", "slurmctld", run / "slurmctld.pid"),
-            *(Daemon(f"slurmd {n}", "slurmd", run / f"slurmd-{n}.pid") for n in cfg.node_names))
+            *(Daemon(f"slurmd {n}", "slurmd", run / f"slurmd-{n}.pid") for n in cfg.node_names),
+            *nodes)
 
 
 def _read_pid(pid_file: Path) -> int | None:
@@ -379,12 +415,21 @@ def festina_node_executable() -> Path | None:
     return Path(found).resolve() if found else None
 
 
-def render_node_config(cfg: DevClusterConfig) -> str:
-    """festina-node.toml beside slurm.conf: simulated GPUs, state per node under the base dir, a SQLite DB."""
+def render_node_config(cfg: DevClusterConfig, node: str | None = None) -> str:
+    """festina-node.toml beside slurm.conf (the hooks'): simulated GPUs, state per node under the base dir, the
+    cluster's database. With ``node``: that node's serve config, the same plus its own signed control port."""
     b = cfg.base_dir
-    return ("# Generated by `festina dev-cluster up`: festina-node on simulated GPUs.\n[node]\n"
+    text = ("# Generated by `festina dev-cluster up`: festina-node on simulated GPUs.\n[node]\n"
             f'state_dir = "{b}/node"\ngpu_backend = "simulated"\nsimulated_count = {cfg.gpus_per_node}\n'
-            f'db_url = "sqlite:///{b}/festina.db"\n')
+            f"db_url = {json.dumps(cfg.database_url)}\n"
+            f'slurm_conf = "{cfg.slurm_conf}"\nmunge_socket = "{cfg.munge_socket}"\n'
+            # Everything on the dev cluster runs as root (festinad too); a site's nodes name festinad's user.
+            'service_user = "root"\nfestinad_user = "root"\n')
+    if node is None:
+        return text
+    # The hooks and the service share state_dir (per node below it) and the database; only the port is the node's.
+    return text + (f'control_port = {cfg.node_control_port(node)}\ncontrol_addr = "127.0.0.1"\n'
+                   'control_auth = "munge"\n')
 
 
 def _write_node_files(cfg: DevClusterConfig) -> None:
@@ -394,11 +439,13 @@ def _write_node_files(cfg: DevClusterConfig) -> None:
     if executable is not None:
         (etc / "festina-node.path").write_text(f"{executable}\n")
     (etc / "festina-node.toml").write_text(render_node_config(cfg))
+    for node in cfg.node_names:
+        cfg.node_config_path(node).write_text(render_node_config(cfg, node))
     (cfg.base_dir / "node").mkdir(exist_ok=True)
     from festina_hpc.db.engine import make_engine
     from festina_hpc.db.migrate import upgrade
 
-    engine = make_engine(f"sqlite:///{cfg.base_dir}/festina.db")
+    engine = make_engine(cfg.database_url)
     try:
         upgrade(engine)
     finally:
@@ -450,9 +497,13 @@ def up(cfg: DevClusterConfig, *, install: bool = False, wait_s: float = 30.0) ->
     current = status(cfg.base_dir)
     if any(d.running for d in current.daemons):
         raise DevClusterError(f"a dev cluster already runs in {cfg.base_dir}; run `festina dev-cluster down` first")
-    for port in (cfg.ctld_port, *range(cfg.slurmd_port, cfg.slurmd_port + cfg.nodes)):
+    node_ports = range(cfg.node_port, cfg.node_port + cfg.nodes) if cfg.festina_node else range(0)
+    for port in (cfg.ctld_port, *range(cfg.slurmd_port, cfg.slurmd_port + cfg.nodes), *node_ports):
         if not _port_free(port):
-            raise DevClusterError(f"port {port} on 127.0.0.1 is in use; choose --ctld-port/--slurmd-port")
+            raise DevClusterError(f"port {port} on 127.0.0.1 is in use; choose --ctld-port/--slurmd-port/--node-port")
+    if cfg.festina_node and festina_node_executable() is None:
+        raise DevClusterError("festina-node is not installed beside this festina nor on PATH "
+                              "(pip install festina-hpc there, or pass --no-festina-node)")
     for script in ("prolog", "epilog", "task_prolog", "suspend", "resume"):
         if not os.access(cfg.plugins_dir / script, os.X_OK):
             raise DevClusterError(f"{cfg.plugins_dir / script} is missing or not executable")
@@ -464,10 +515,40 @@ def up(cfg: DevClusterConfig, *, install: bool = False, wait_s: float = 30.0) ->
         for node in cfg.node_names:
             _run(["slurmd", "-N", node], env)
         _wait_idle(cfg, wait_s)
+        if cfg.festina_node:
+            _start_festina_nodes(cfg, env, wait_s)
     except DevClusterError:
         down(cfg.base_dir)
         raise
     return status(cfg.base_dir)
+
+
+def _start_festina_nodes(cfg: DevClusterConfig, env: dict[str, str], timeout_s: float) -> None:
+    """``festina-node serve`` per node, in its own session (it outlives ``festina dev-cluster up``), its log in
+    ``<base>/log/festina-node-<node>.log``; waits until each listens on its control socket and port."""
+    from festina_hpc.node.config import NodePaths, load_node_config
+
+    executable = festina_node_executable()
+    assert executable is not None  # checked by up()
+    started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    for node in cfg.node_names:
+        log_path = cfg.base_dir / "log" / f"festina-node-{node}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([str(executable), "--config", str(cfg.node_config_path(node)), "--node", node,
+                                     "serve"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        (cfg.base_dir / "run" / f"festina-node-{node}.pid").write_text(f"{proc.pid}\n")
+        started.append((node, proc, log_path))
+    deadline = time.monotonic() + timeout_s
+    for node, proc, log_path in started:
+        socket_path = NodePaths.of(load_node_config(cfg.node_config_path(node)), node).socket
+        while not (socket_path.is_socket() and not _port_free(cfg.node_control_port(node))):
+            if proc.poll() is not None or time.monotonic() >= deadline:
+                tail = " ".join(log_path.read_text(errors="replace").split()[-40:])
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else \
+                    f"not listening {timeout_s:g} s after start"
+                raise DevClusterError(f"festina-node {node} {why}: {tail}")
+            time.sleep(0.1)
 
 
 def _wait_jobs_gone(cfg: DevClusterConfig, timeout_s: float) -> None:
@@ -504,7 +585,8 @@ def _stop(procs: Sequence[tuple[int, str]], grace_s: float) -> None:
 
 
 def down(base_dir: Path = DEFAULT_BASE_DIR, grace_s: float = _STOP_GRACE_S) -> tuple[str, ...]:
-    """Cancel every job, then stop slurmds and slurmctld, then munged; by PID, never by name. The names stopped."""
+    """Cancel every job, then stop festina-node, slurmds and slurmctld, then munged; by PID, never by name. The
+    names stopped."""
     cfg = load_config(base_dir)
     if cfg is None:
         return ()
@@ -521,8 +603,11 @@ def down(base_dir: Path = DEFAULT_BASE_DIR, grace_s: float = _STOP_GRACE_S) -> t
             _wait_jobs_gone(cfg, grace_s)
         except DevClusterError:
             pass
+    # festina-node and Slurm's daemons together; munged last (both sign with it until they stop).
     slurm = [pid_comm for name, pid_comm in running.items() if name != "munged"]
     _stop(slurm, grace_s)
+    for node in cfg.node_names:
+        (base_dir / "run" / f"festina-node-{node}.pid").unlink(missing_ok=True)
     if "munged" in running:
         _stop([running["munged"]], grace_s)
     return tuple(running)

@@ -173,7 +173,9 @@ def slurm_cluster() -> Iterator[DevClusterConfig]:
     # A short path: the munge socket path must fit in a sockaddr_un (108 bytes).
     base = Path(tempfile.mkdtemp(prefix="festina-slurm-", dir="/tmp"))
     ctld_port = free_ports(1, start=31000)
-    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld_port, slurmd_port=free_ports(4, start=ctld_port + 1))
+    slurmd_port = free_ports(4, start=ctld_port + 1)
+    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld_port, slurmd_port=slurmd_port,
+                           node_port=free_ports(4, start=slurmd_port + 4))
     devcluster_up(cfg)
     try:
         yield cfg

@@ -44,6 +44,28 @@ def test_every_node_may_power_down() -> None:
     assert "SuspendExcNodes" not in conf_lines(cfg) and cfg.power_save_node_names == ("n1", "n2", "n3", "n4")
 
 
+def test_nodes_share_the_hooks_state_and_one_database_each_with_its_own_port(tmp_path: Path) -> None:
+    """festina-node serve of n2 reads the hooks' state dir and database (so a prolog's job is the service's) and
+    takes festinad's signed requests on its own port; the database is the one `up` prints."""
+    from festina_hpc.node.config import load_node_config
+
+    cfg = DevClusterConfig(base_dir=tmp_path, node_port=31000)
+    assert cfg.database_url == f"sqlite:///{tmp_path}/festina.db"
+    (tmp_path / "hooks.toml").write_text(devcluster.render_node_config(cfg))
+    (tmp_path / "n2.toml").write_text(devcluster.render_node_config(cfg, "n2"))
+    hooks, n2 = load_node_config(tmp_path / "hooks.toml"), load_node_config(tmp_path / "n2.toml")
+    assert (n2.state_dir, n2.db_url, n2.slurm_conf) == (hooks.state_dir, hooks.db_url, hooks.slurm_conf)
+    assert n2.db_url == cfg.database_url and hooks.control_port == 0
+    assert (n2.control_port, n2.control_addr, n2.munge_socket) == (31001, "127.0.0.1", str(cfg.munge_socket))
+    pg = DevClusterConfig(base_dir=tmp_path, db_url="postgresql+psycopg://festina@127.0.0.1/test")
+    (tmp_path / "pg.toml").write_text(devcluster.render_node_config(pg, "n1"))
+    assert load_node_config(tmp_path / "pg.toml").db_url == pg.database_url == pg.db_url
+    names = [d.name for d in devcluster.daemons(cfg)]
+    assert names[-4:] == ["festina-node n1", "festina-node n2", "festina-node n3", "festina-node n4"]
+    assert not any("festina-node" in d.name
+                   for d in devcluster.daemons(DevClusterConfig(base_dir=tmp_path, festina_node=False)))
+
+
 def test_config_round_trips_through_json(tmp_path: Path) -> None:
     cfg = DevClusterConfig(base_dir=tmp_path, nodes=5, suspend_time_s=30)
     assert DevClusterConfig.from_json(cfg.to_json()) == cfg
@@ -55,6 +77,9 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     ({"ctld_port": 80}, "ctld_port = 80"),
     ({"ctld_port": 27002}, "ctld_port 27002 falls in the slurmd ports"),
     ({"base_dir": Path("rel")}, "must be absolute"),
+    ({"node_port": 27003}, "festina-node ports overlap Slurm's"),
+    ({"node_port": 26815}, "festina-node ports overlap Slurm's"),
+    ({"node_port": 70000}, "node_port = 70000"),
 ])
 def test_bad_config_is_refused(fields: dict[str, object], message: str) -> None:
     with pytest.raises(DevClusterError, match=message):

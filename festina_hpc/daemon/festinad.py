@@ -22,6 +22,11 @@ address, which the database and the job's comment both hold.
   GPU of an MPS job) moves there in the view; then the catalogue's bounds are
   kept (``keep_bounds``: missing ``min_instances`` started, a model idle past
   its own ``keep_alive_s`` stopped).
+- ``reconcile()`` also follows every job in the database without an end (festinad's serving jobs, and any
+  job a node's epilog recorded) to its end: final state, end time and exit code from ``squeue --json``
+  (which lists ended jobs for MinJobAge, 300 s by default), else ``scontrol show job``; a job Slurm no
+  longer knows at all gets the time festinad found it gone as its end, keeps the last state seen, and no
+  exit code (``_record_job_ends``). sacct is not used: Debian's dev cluster has no slurmdbd.
 - An instance the gateway could not reach (``PolicyRouter.failed``) is checked
   at once, not at the next reconcile (``_check_unreachable``): ready again if
   it answers, stopped if its job ended, so its requests wait for a replacement.
@@ -159,6 +164,8 @@ class ModelOptions:
 REFUSAL_RECORD_S = 60.0
 # A line festinad would log unchanged every period is logged once, then again with its count this often.
 REPEAT_SUMMARY_S = 600.0
+# Jobs looked up one by one (scontrol) per reconcile, when squeue did not list them: a bound on its time.
+MAX_JOB_LOOKUPS = 20
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -657,6 +664,7 @@ class Festinad:
         by_id = {j.job_id: j for j in jobs}
         known_nodes = {n.name for n in nodes if n.state not in ("down",) and "NOT_RESPONDING" not in n.flags}
         self.store.upsert_jobs([_job_record(j) for j in jobs if parse_comment(j.comment) is not None])
+        await self._record_job_ends(by_id)
         tracked: set[int] = set()
         for inst in list(self.view.live.values()):
             if inst.slurm_job_id is None:
@@ -711,6 +719,32 @@ class Festinad:
         self.store.upsert_nodes([NodeRecord(n.name, _state(n), n.power_state is PowerState.ON, n.gpus_total)
                                  for n in nodes if n.name in self.node_names])
         await self.keep_bounds()
+
+    async def _record_job_ends(self, listed: Mapping[int, SlurmJob]) -> None:
+        """Bring every job the database holds without an end up to date with Slurm (see the module docstring)."""
+        updates: list[JobRecord] = []
+        asked = 0
+        for known in self.store.open_jobs():
+            job = listed.get(known.job_id)
+            if job is None and asked < MAX_JOB_LOOKUPS:
+                # Not listed: squeue may hide another user's jobs (PrivateData); scontrol answers for one id.
+                asked += 1
+                try:
+                    job = await self._slurm("get job", self.slurm.get_job, known.job_id)
+                except SlurmError as exc:
+                    log.warning("job %d: end not recorded this time, Slurm does not answer: %s", known.job_id, exc)
+                    continue
+                if job is None:
+                    # Forgotten (MinJobAge passed while festinad was away): its end is when we found it gone.
+                    log.info("job %d: Slurm no longer knows it; recorded as ended now (last seen %s)",
+                             known.job_id, known.state)
+                    now = self._now()
+                    updates.append(JobRecord(known.job_id, known.state, end_at=max(now, known.start_at or now)))
+                    continue
+            if job is not None and (job.state != known.state or job.end_time_s is not None):
+                updates.append(_job_record(job))
+        if updates:
+            self.store.upsert_jobs(updates)
 
     async def keep_bounds(self) -> None:
         """What the catalogue's bounds call for: start a model's missing ``min_instances``, stop a model idle
@@ -949,4 +983,6 @@ def _job_record(job: SlurmJob) -> JobRecord:
                      account=job.account, partition=job.partition, node_list=",".join(job.nodes),
                      gres=",".join(g.spec() for g in job.gres)[:255],
                      submit_at=_utc(job.submit_time_s) if job.submit_time_s else None,
-                     start_at=_utc(job.start_time_s) if job.start_time_s else None)
+                     start_at=_utc(job.start_time_s) if job.start_time_s else None,
+                     end_at=_utc(job.end_time_s) if job.end_time_s else None,
+                     exit_code=job.exit_code, exit_signal=job.exit_signal)

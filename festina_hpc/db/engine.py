@@ -4,8 +4,11 @@ The URL comes from, in order: a command's ``--db-url`` option, ``FESTINA_DB_URL`
 config's ``[db] url`` (whose default is a SQLite file in the user's state folder).
 ``resolve_db_url`` is pure (the environment is passed in) so the CLI and festinad
 resolve it the same way. ``make_engine`` turns it into an engine: SQLite gets WAL (the
-daemon writes while ``festina`` commands read) and foreign keys on, on every connection;
-PostgreSQL goes through psycopg 3 (a bare ``postgresql://`` URL is taken to mean it).
+daemon writes while ``festina`` commands read), a busy timeout and foreign keys on, on every
+connection; ``writer_engine`` makes its transactions begin IMMEDIATE, so that festinad and the
+festina-node daemons sharing one SQLite file queue for the write lock instead of failing with
+"database is locked" (see ``_sqlite_on_begin``). PostgreSQL goes through psycopg 3 (a bare
+``postgresql://`` URL is taken to mean it).
 A database that does not answer is a ``DatabaseUnavailable`` naming the URL with its
 password masked.
 """
@@ -30,6 +33,10 @@ from festina_hpc.db.errors import DatabaseError, DatabaseUnavailable
 DB_URL_ENV = "FESTINA_DB_URL"
 CONNECT_TIMEOUT_S = 5  # a server that does not answer in this long is reported, not waited for
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another writer's lock
+# Execution option naming how an SQLite transaction begins: "DEFERRED" (the default; readers never wait) or
+# "IMMEDIATE" (takes the write lock at BEGIN, waiting up to the busy timeout for it).
+SQLITE_BEGIN_OPTION = "festina_sqlite_begin"
+_SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,16 @@ def make_engine(url: URL | str, *, echo: bool = False) -> Engine:
     return engine
 
 
+def writer_engine(engine: Engine) -> Engine:
+    """``engine`` (same pool, same events) whose SQLite transactions begin IMMEDIATE; PostgreSQL is unchanged.
+
+    For the stores that write (``Store``, the catalogue, the key ring): their transactions read, then write.
+    """
+    if engine.url.get_backend_name() != "sqlite":
+        return engine
+    return engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+
 def check_connection(engine: Engine) -> None:
     """Connect once; a database that does not answer is a one-line ``DatabaseUnavailable``."""
     try:
@@ -136,9 +153,16 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    # Deferred: readers never wait for the daemon's writes (WAL); a read-then-write
-    # transaction takes the write lock at its first write.
-    connection.exec_driver_sql("BEGIN")
+    # Deferred (the default): readers never wait for the daemon's writes (WAL). But a deferred transaction
+    # that reads and then writes fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT, no busy
+    # timeout) when another process committed since its read: festinad and the nodes' control ticks did,
+    # on the dev cluster's shared file. IMMEDIATE (``writer_engine``) takes the write lock at BEGIN, waiting
+    # up to the busy timeout; writers are short, and readers in WAL still never wait for them. Chosen over
+    # sending the nodes' writes through festinad: the nodes keep recording energy while festinad is down.
+    mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+    if mode not in _SQLITE_BEGIN_MODES:
+        raise DatabaseError(f"{SQLITE_BEGIN_OPTION} = {mode!r} is not one of {', '.join(_SQLITE_BEGIN_MODES)}")
+    connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 def _make_sqlite_parent(url: URL) -> None:
@@ -167,7 +191,8 @@ class Transactions:
 
     def __init__(self, engine: Engine):
         self._url = engine.url
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Catalogue and key ring transactions read, then write: IMMEDIATE on SQLite (see _sqlite_on_begin).
+        self._sessions = sessionmaker(writer_engine(engine), expire_on_commit=False)
 
     @contextmanager
     def __call__(self, operation: str) -> Iterator[Session]:

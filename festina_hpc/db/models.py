@@ -142,6 +142,9 @@ class SlurmJob(Base):
     # Energy as Slurm accounts it (sacct ConsumedEnergy); None where Slurm has none, which is
     # the case for GPUs (its NVML energy plugin is a stub). festina's own total is job_energy.
     energy_j: Mapped[float | None] = mapped_column(Double)
+    # Slurm's ExitCode=<exit_code>:<exit_signal> of the batch script; None until festinad saw the job end.
+    exit_code: Mapped[int | None]
+    exit_signal: Mapped[int | None]
     updated_at: Mapped[datetime]
 
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from festina_hpc.db.engine import first_line, mask_url, unavailable
+from festina_hpc.db.engine import first_line, mask_url, unavailable, writer_engine
 from festina_hpc.db.errors import DatabaseError, InvalidRecord
 from festina_hpc.db.ingest import (
     HOUR_S,
@@ -85,6 +85,7 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
+from festina_hpc.slurm.types import FINISHED_JOB_STATES
 
 DEFAULT_BATCH_SIZE = 10_000  # readings per ingest transaction
 
@@ -130,6 +131,8 @@ class JobRecord:
     start_at: datetime | None = None
     end_at: datetime | None = None
     energy_j: float | None = None  # Slurm's ConsumedEnergy
+    exit_code: int | None = None  # Slurm's ExitCode=<exit_code>:<exit_signal>, once the job ended
+    exit_signal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -353,7 +356,9 @@ class Store:
     def __init__(self, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
         self.engine = engine
         self._clock = clock
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Its transactions read, then write: IMMEDIATE on SQLite, so that festinad and festina-node sharing one
+        # file wait for each other instead of failing with "database is locked" (db/engine.py _sqlite_on_begin).
+        self._sessions = sessionmaker(writer_engine(engine), expire_on_commit=False)
 
     # -- plumbing
 
@@ -446,23 +451,51 @@ class Store:
             return {(name, index): gpu_id for name, index, gpu_id in found}
 
     def upsert_jobs(self, jobs: Sequence[JobRecord]) -> None:
-        """Insert or update Slurm jobs by job id; a None time or energy keeps what is stored."""
+        """Insert or update Slurm jobs by job id; a None time, energy or exit code, or an empty text, keeps what
+        is stored, and COMPLETING (the epilog's word) never replaces a final state festinad already wrote."""
         for i, job in enumerate(jobs):
             where = f"slurm_jobs[{i}] (job {job.job_id!r})"
             _integer(where, "job_id", job.job_id, positive=True)
             _text(where, "state", job.state, max_len=64, required=True)
-            for name in ("name", "user_name", "account", "partition", "gres"):
-                _text(where, name, getattr(job, name))
+            for name in _JOB_TEXTS:
+                if name != "node_list":
+                    _text(where, name, getattr(job, name))
             _text(where, "node_list", job.node_list, max_len=65_536)
             for name in ("submit_at", "start_at", "end_at"):
                 _time(where, name, getattr(job, name), optional=True)
             _not_before(where, "end_at", job.end_at, "start_at", job.start_at)
             _number(where, "energy_j", job.energy_j, optional=True)
+            _integer(where, "exit_code", job.exit_code, optional=True)
+            _integer(where, "exit_signal", job.exit_signal, optional=True)
         now = self._clock()
-        rows = [{**_fields(job), "updated_at": now} for job in jobs]
+        # The last of several rows with one id wins (PostgreSQL refuses to update a row twice in one statement).
+        rows = list({job.job_id: {**_fields(job), "updated_at": now} for job in jobs}.values())
+        if not rows:
+            return
+        table = _table(SlurmJob)
         with self._transaction("upsert_jobs") as session:
-            self._upsert(session, _table(SlurmJob), rows, ["job_id"],
-                         keep_known=("submit_at", "start_at", "end_at", "energy_j"))
+            dialect = session.get_bind().dialect.name
+            stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+            new = stmt.excluded
+            updates: dict[str, Any] = {}
+            for name in rows[0]:
+                if name in _JOB_TEXTS:
+                    # "" is "not known here": the node's epilog knows the user, not the job's name or account.
+                    updates[name] = func.coalesce(func.nullif(new[name], ""), table.c[name])
+                elif name not in ("job_id", "state", "updated_at"):
+                    updates[name] = func.coalesce(new[name], table.c[name])
+            # The epilog (festina-node) says COMPLETING, possibly after festinad wrote the job's final state.
+            # (= ... OR, not IN: an expanding IN cannot go with a multi-row executemany.)
+            finished = or_(*(table.c.state == state for state in sorted(FINISHED_JOB_STATES)))
+            updates["state"] = case((and_(new.state == "COMPLETING", finished), table.c.state), else_=new.state)
+            updates["updated_at"] = new.updated_at
+            session.execute(stmt.on_conflict_do_update(index_elements=["job_id"], set_=updates), rows)
+
+    def open_jobs(self) -> list[JobRecord]:
+        """The jobs whose end is not recorded yet (``end_at`` NULL), for festinad's reconcile to follow."""
+        with self._transaction("open_jobs") as session:
+            return [_job_record(j) for j in session.scalars(select(SlurmJob).where(SlurmJob.end_at.is_(None))
+                                                            .order_by(SlurmJob.job_id))]
 
     # -- model instances
 
@@ -945,13 +978,17 @@ def _tenant_tokens(outcomes: Sequence[RequestOutcome]) -> list[dict[str, Any]]:
             for (instance, account, user, hour), (tokens, requests) in sums.items()]
 
 
+# slurm_jobs' text columns that an empty value leaves as they are (upsert_jobs).
+_JOB_TEXTS = ("name", "user_name", "account", "partition", "gres", "node_list")
+
+
 def _fields(record: Any) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def _job_record(job: SlurmJob) -> JobRecord:
     return JobRecord(job.job_id, job.state, job.name, job.user_name, job.account, job.partition, job.node_list,
-                     job.gres, job.submit_at, job.start_at, job.end_at, job.energy_j)
+                     job.gres, job.submit_at, job.start_at, job.end_at, job.energy_j, job.exit_code, job.exit_signal)
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:

@@ -4,8 +4,11 @@ Every function takes text (or decoded JSON) and returns project records; none
 runs a command, so each is tested on output captured from real clusters
 (``tests/slurm/samples``). Two JSON shapes are read: Slurm 22.05's
 (``openapi/v0.0.38``: plain numbers, ``job_state`` a string, node ``state`` a
-string plus ``state_flags``) and the newer data parser's (24.x: numbers
-wrapped as ``{"set", "infinite", "number"}``, states as lists).
+string plus ``state_flags``, a job's ``exit_code`` the raw wait status, 768 for
+``exit 3``) and the newer data parser's (24.x to 25.11: numbers wrapped as
+``{"set", "infinite", "number"}``, states as lists, ``exit_code`` an object of
+``status``, ``return_code`` and ``signal``). ``scontrol -o show job`` gives
+``ExitCode=<code>:<signal>`` and times in the local time zone.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
-from festina_hpc.slurm.types import Gres, SlurmJob, SlurmNode
+from festina_hpc.slurm.types import ENDED_JOB_STATES, Gres, SlurmJob, SlurmNode
 
 _NULLS = frozenset({"", "(null)", "N/A", "None", "none"})
 _ONELINER_KEY = re.compile(r"\s+(?=[A-Za-z][A-Za-z0-9_/:]*=)")
@@ -212,11 +216,50 @@ def _job_state(value: Any) -> str:
     return str(value or "UNKNOWN").upper()
 
 
+def exit_status(value: Any) -> tuple[int, int] | None:
+    """A job's ``exit_code`` from ``squeue --json`` as (exit code, signal); None when Slurm gives none.
+
+    22.05 gives the raw wait status (``768`` = exit 3, ``9`` = killed by signal 9); the newer data parser
+    ``{"status": ["EXITED"], "return_code": {"set": true, "number": 3}, "signal": {"id": {...}, "name": ""}}``.
+    """
+    if isinstance(value, Mapping):
+        code = number(value.get("return_code"))
+        signal = value.get("signal")
+        signal_id = number(signal.get("id")) if isinstance(signal, Mapping) else None
+        if code is None and signal_id is None:
+            return None
+        return code or 0, signal_id or 0
+    raw = number(value)
+    if raw is None or raw < 0:
+        return None
+    return (raw >> 8) & 0xFF, raw & 0x7F
+
+
+def parse_exit_code(text: str) -> tuple[int, int] | None:
+    """``scontrol``'s ``ExitCode=3:0`` (exit code, signal); None when empty or not that form."""
+    code, sep, signal = text.partition(":")
+    if not sep or not code.isdigit() or not signal.isdigit():
+        return None
+    return int(code), int(signal)
+
+
+def parse_local_time(text: str) -> int | None:
+    """``scontrol``'s ``2026-12-07T23:31:35`` (slurmctld's local time zone, which this host shares) as epoch
+    seconds; None for ``Unknown``, ``None`` and the like."""
+    try:
+        return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").astimezone().timestamp())
+    except ValueError:
+        return None
+
+
 def job_from_json(job: Mapping[str, Any]) -> SlurmJob:
+    state = _job_state(job.get("job_state"))
+    ended = state in ENDED_JOB_STATES
+    exit_pair = exit_status(job.get("exit_code")) if ended else None
     return SlurmJob(
         job_id=int(number(job.get("job_id")) or 0),
         name=_text(job.get("name")),
-        state=_job_state(job.get("job_state")),
+        state=state,
         reason=_text(job.get("state_reason")) or "None",
         nodes=expand_hostlist(_text(job.get("nodes"))),
         gres=parse_tres_per_node(_text(job.get("tres_per_node"))),
@@ -231,6 +274,9 @@ def job_from_json(job: Mapping[str, Any]) -> SlurmJob:
         submit_time_s=number(job.get("submit_time")) or None,
         start_time_s=number(job.get("start_time")) or None,
         tres_alloc=_text(job.get("tres_alloc_str")),
+        end_time_s=(number(job.get("end_time")) or None) if ended else None,
+        exit_code=exit_pair[0] if exit_pair else None,
+        exit_signal=exit_pair[1] if exit_pair else None,
     )
 
 
@@ -280,10 +326,13 @@ def parse_oneliner(line: str) -> dict[str, str]:
 def job_from_oneliner(fields: Mapping[str, str]) -> SlurmJob:
     user = fields.get("UserId", "")
     restarts = fields.get("Restarts", "0")
+    state = fields.get("JobState", "UNKNOWN").upper()
+    ended = state in ENDED_JOB_STATES
+    exit_pair = parse_exit_code(fields.get("ExitCode", "")) if ended else None
     return SlurmJob(
         job_id=int(fields["JobId"]),
         name=fields.get("JobName", ""),
-        state=fields.get("JobState", "UNKNOWN").upper(),
+        state=state,
         reason=fields.get("Reason") or "None",
         nodes=expand_hostlist(fields.get("NodeList", "")),
         gres=parse_tres_per_node(fields.get("TresPerNode", "")),
@@ -295,7 +344,13 @@ def job_from_oneliner(fields: Mapping[str, str]) -> SlurmJob:
         required_nodes=expand_hostlist(fields.get("ReqNodeList", "")),
         excluded_nodes=expand_hostlist(fields.get("ExcNodeList", "")),
         restart_count=int(restarts) if restarts.isdigit() else 0,
+        submit_time_s=parse_local_time(fields.get("SubmitTime", "")),
+        # A pending job's StartTime is the scheduler's estimate, not a start.
+        start_time_s=parse_local_time(fields.get("StartTime", "")) if state != "PENDING" else None,
         tres_alloc=fields.get("TRES", ""),
+        end_time_s=parse_local_time(fields.get("EndTime", "")) if ended else None,
+        exit_code=exit_pair[0] if exit_pair else None,
+        exit_signal=exit_pair[1] if exit_pair else None,
     )
 
 

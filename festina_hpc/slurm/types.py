@@ -103,6 +103,12 @@ class SlurmJob:
     submit_time_s: int | None = None  # epoch seconds
     start_time_s: int | None = None
     tres_alloc: str = ""
+    # When it ended, epoch seconds; None until it has (Slurm's EndTime of a running job is its time limit's end,
+    # which is not read). Set from COMPLETING on.
+    end_time_s: int | None = None
+    # How its batch script ended, as Slurm's ``ExitCode=<exit_code>:<exit_signal>``; None until it ended.
+    exit_code: int | None = None
+    exit_signal: int | None = None
 
     @property
     def held(self) -> bool:
@@ -112,6 +118,8 @@ class SlurmJob:
 # Job states after which the job will not run again (unless requeued by someone).
 FINISHED_JOB_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                                  "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+# States in which Slurm's end time and exit code are the job's own: it has ended (COMPLETING: its epilog runs).
+ENDED_JOB_STATES = FINISHED_JOB_STATES | {"COMPLETING"}
 
 
 @dataclass(frozen=True)

@@ -22,3 +22,21 @@ def test_down_without_a_cluster(festina: Festina, tmp_path: Path) -> None:
 def test_bad_config_is_one_line(festina: Festina, tmp_path: Path) -> None:
     result = festina("dev-cluster", "up", "--base-dir", str(tmp_path), "--nodes", "0")
     assert (result.code, result.err) == (2, "festina: error: nodes = 0 must be in 1..64\n")
+
+
+def test_status_lists_the_festina_node_daemons_and_the_shared_database(festina: Festina, tmp_path: Path) -> None:
+    from festina_hpc.devcluster import STATE_FILE, DevClusterConfig
+
+    cfg = DevClusterConfig(base_dir=tmp_path, nodes=2, db_url="postgresql+psycopg://festina:pw@127.0.0.1/test")
+    (tmp_path / STATE_FILE).write_text(cfg.to_json())
+    shown = json.loads(festina("dev-cluster", "status", "--base-dir", str(tmp_path), "--json").out)
+    assert [d["name"] for d in shown["daemons"] if d["name"].startswith("festina-node")] == \
+        ["festina-node n1", "festina-node n2"]
+    assert shown["db_url"] == "postgresql+psycopg://festina:***@127.0.0.1/test"  # the password never printed
+    text = festina("dev-cluster", "status", "--base-dir", str(tmp_path)).out
+    assert "festina-node n2 stopped" in text
+
+
+def test_bad_node_port_is_one_line(festina: Festina, tmp_path: Path) -> None:
+    result = festina("dev-cluster", "up", "--base-dir", str(tmp_path), "--node-port", "27002")
+    assert (result.code, result.err) == (2, "festina: error: node_port 27002: the festina-node ports overlap Slurm's\n")

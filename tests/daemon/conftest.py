@@ -23,15 +23,17 @@ from tests.serve.conftest import store  # noqa: F401  (the shipped-profiles fixt
 
 
 def own_dev_cluster(name: str, ctld_port_from: int, **settings: Any) -> Iterator[DevClusterConfig]:
-    """A four-node dev cluster of a test module's own (``name``, ports from ``ctld_port_from``), torn
-    down after it; skips where Slurm is absent or we are not root."""
+    """A four-node dev cluster of a test module's own (``name``, ports from ``ctld_port_from``), festina-node
+    serving on each node unless ``festina_node=False``, torn down after it (festina-node included: ``down``
+    stops it by its pid file); skips where Slurm is absent or we are not root."""
     if missing_binaries():
         pytest.skip(f"Slurm binaries absent ({', '.join(missing_binaries())})")
     if os.geteuid() != 0:
         pytest.skip("a dev cluster runs slurmd as root")
     base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
     ctld = free_ports(1, start=ctld_port_from)
-    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=free_ports(4, start=ctld + 1),
+    slurmd = free_ports(4, start=ctld + 1)
+    cfg = DevClusterConfig(base_dir=base, ctld_port=ctld, slurmd_port=slurmd, node_port=free_ports(4, start=slurmd + 4),
                            cluster_name=name, **settings)
     devcluster_up(cfg)
     try:

@@ -685,3 +685,38 @@ def test_a_secured_job_whose_secret_festinad_cannot_learn_is_reported(store: Pro
 
     with caplog.at_level("WARNING", logger="festina_hpc.daemon.festinad"):
         asyncio.run(main())
+
+
+def test_reconcile_writes_each_ended_jobs_end_final_state_and_exit_code(store: ProfileStore, db: Store) -> None:
+    """Jobs a node's epilog recorded (COMPLETING, no end): one Slurm still lists as ended, one only scontrol
+    knows (squeue hid it), one Slurm forgot; a running one stays open."""
+    from festina_hpc.db.store import JobRecord
+
+    slurm = FakeSlurm(store)
+    start_s = 1_796_686_000
+    ended = SlurmJob(7, "x", "FAILED", "None", ("n1",), (), (), "", "alice", "ops", "gpu", start_time_s=start_s,
+                     end_time_s=start_s + 60, exit_code=3, exit_signal=0)
+    hidden = replace(ended, job_id=8, state="CANCELLED", end_time_s=start_s + 30, exit_code=0)
+    running = replace(ended, job_id=10, state="RUNNING", end_time_s=None, exit_code=None, exit_signal=None)
+    slurm.jobs.update({7: ended, 10: running})
+    db.upsert_jobs([JobRecord(i, "COMPLETING", user_name="alice", node_list="n1") for i in (7, 8, 9)]
+                   + [JobRecord(10, "RUNNING", user_name="alice")])
+
+    slurm.get_job = lambda job_id: hidden if job_id == 8 else None  # type: ignore[method-assign]
+
+    async def go() -> None:
+        festinad = await _festinad(store, slurm, db)  # setup() reconciles once: that is the one period
+        await festinad.close()
+
+    before = datetime.now(UTC)
+    asyncio.run(go())
+    with db.engine.connect() as conn:
+        rows = {r.job_id: r for r in conn.execute(text(
+            "SELECT job_id, state, end_at, exit_code, exit_signal, account FROM slurm_jobs"))}
+    assert (rows[7].state, rows[7].exit_code, rows[7].exit_signal, rows[7].account) == ("FAILED", 3, 0, "ops")
+    assert (rows[8].state, rows[8].exit_code) == ("CANCELLED", 0)
+    assert str(rows[7].end_at).startswith(str(datetime.fromtimestamp(start_s + 60, UTC).replace(tzinfo=None)))
+    # Forgotten: ended when festinad found it gone, its last known state kept, no exit code.
+    assert rows[9].state == "COMPLETING" and rows[9].end_at is not None and rows[9].exit_code is None
+    assert datetime.fromisoformat(str(rows[9].end_at)).replace(tzinfo=UTC) >= before - timedelta(seconds=1)
+    assert [j.job_id for j in db.open_jobs()] == [10]

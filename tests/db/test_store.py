@@ -87,6 +87,34 @@ def test_a_job_update_without_times_or_energy_keeps_the_known_ones(store: Store,
         "COMPLETED", at(-5), at(0), at(60), 1234.5)
 
 
+def test_the_epilogs_completing_never_replaces_a_final_state_nor_erases_known_texts(
+        store: Store, migrated: Engine) -> None:
+    """festinad's reconcile wrote the job's end; festina-node's epilog (COMPLETING, only the user known) comes
+    after: the end, the exit code and the job's name and account stay."""
+    store.upsert_jobs([JobRecord(42, "RUNNING", name="serve-llama", user_name="festina", account="ops",
+                                 node_list="n01", start_at=at(0))])
+    store.upsert_jobs([JobRecord(42, "FAILED", name="serve-llama", user_name="festina", account="ops",
+                                 node_list="n01", end_at=at(60), exit_code=3, exit_signal=0)])
+    store.upsert_jobs([JobRecord(42, "COMPLETING", user_name="festina", node_list="n01")])
+    with migrated.connect() as connection:
+        job = connection.execute(select(SlurmJob)).one()
+    assert (job.state, job.name, job.account, job.end_at, job.exit_code, job.exit_signal) == (
+        "FAILED", "serve-llama", "ops", at(60), 3, 0)
+    assert store.open_jobs() == []
+    # A requeued job runs again: its new state is taken.
+    store.upsert_jobs([JobRecord(42, "PENDING")])
+    with migrated.connect() as connection:
+        assert connection.execute(select(SlurmJob.state)).scalar_one() == "PENDING"
+
+
+def test_open_jobs_are_those_without_an_end(store: Store) -> None:
+    store.upsert_jobs([JobRecord(50, "RUNNING", account="ops", start_at=at(0)),
+                       JobRecord(51, "COMPLETED", start_at=at(0), end_at=at(5), exit_code=0, exit_signal=0),
+                       JobRecord(52, "COMPLETING", user_name="alice")])
+    assert [(j.job_id, j.state, j.account) for j in store.open_jobs()] == [(50, "RUNNING", "ops"),
+                                                                         (52, "COMPLETING", "")]
+
+
 # -- instances -------------------------------------------------------------------------------------
 
 

@@ -88,8 +88,9 @@ def live_node_cluster(prefix: str, nodes: int, ctld_start: int,
         pytest.skip("needs Slurm, root and an installed festina-node")
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     ctld = free_ports(1, start=ctld_start)
+    # festina_node=False: this fixture runs its own festina-node serve for n1, on its own config.
     cfg = DevClusterConfig(base_dir=base, nodes=nodes, gpus_per_node=1, power_save_nodes=0, ctld_port=ctld,
-                           slurmd_port=free_ports(nodes, start=ctld + 1))
+                           slurmd_port=free_ports(nodes, start=ctld + 1), festina_node=False)
     devcluster_up(cfg)
     toml = base / "etc" / "festina-node.toml"
     toml.write_text(toml.read_text() + (node_config(cfg) if callable(node_config) else node_config))

@@ -4,6 +4,7 @@ JSON shape."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -187,3 +188,82 @@ def test_bad_outputs_raise_value_error() -> None:
 @pytest.mark.parametrize(("text", "expected"), [("slurm 22.05.8\n", (22, 5)), ("25.11.2", (25, 11))])
 def test_parse_version(text: str, expected: tuple[int, int]) -> None:
     assert parse.parse_version(text) == expected
+
+
+def test_devcluster_ended_jobs_have_end_time_and_exit_code() -> None:
+    """Captured on the dev cluster (22.05): ``exit 3`` (FAILED), a scancelled ``sleep`` (CANCELLED) and a
+    script killed by SIGKILL (FAILED); squeue's ``exit_code`` is the raw wait status (768, 0, 9)."""
+    jobs = {j.job_id: j for j in parse.parse_squeue_json(sample("devcluster_squeue_ended.json"))}
+    ended = {i: (j.state, j.exit_code, j.exit_signal, j.end_time_s) for i, j in jobs.items()}
+    assert ended == {1: ("FAILED", 3, 0, 1796686295), 2: ("CANCELLED", 0, 0, 1796686294),
+                     3: ("FAILED", 0, 9, 1796686295)}
+    assert all(j.start_time_s is not None and j.start_time_s <= (j.end_time_s or 0) for j in jobs.values())
+
+
+def test_devcluster_scontrol_ended_jobs_agree_with_squeue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scontrol's ``ExitCode=3:0`` and ``EndTime`` (local time; the capture's host ran on UTC) say the same."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        oneliners = [parse.job_from_oneliner(r)
+                     for r in parse.parse_oneliners(sample("devcluster_scontrol_ended.txt"))]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    from_scontrol = {j.job_id: (j.state, j.exit_code, j.exit_signal, j.end_time_s) for j in oneliners}
+    from_squeue = {j.job_id: (j.state, j.exit_code, j.exit_signal, j.end_time_s)
+                   for j in parse.parse_squeue_json(sample("devcluster_squeue_ended.json"))}
+    assert from_scontrol == from_squeue
+
+
+def test_notes_samples_completed_jobs_exit_zero() -> None:
+    """The notes' captures (22.05): COMPLETED jobs, ``exit_code`` 0 and ``ExitCode=0:0``, an end time each."""
+    for job in parse.parse_squeue_json(sample("squeue.json")):
+        if job.state == "COMPLETED":
+            assert (job.exit_code, job.exit_signal) == (0, 0) and job.end_time_s
+    records = parse.parse_oneliners(sample("scontrol_show_job_oneliner.txt"))
+    done = [parse.job_from_oneliner(r) for r in records if r["JobState"] == "COMPLETED"]
+    assert done and all((j.exit_code, j.exit_signal) == (0, 0) and j.end_time_s for j in done)
+
+
+def test_running_job_has_no_end_time_or_exit_code() -> None:
+    """A running job's EndTime is its time limit's end and its exit code 0: neither is read."""
+    jobs = parse.parse_squeue_json(sample("devcluster_squeue.json"))
+    running = [j for j in jobs if j.state == "RUNNING"]
+    assert running and all((j.end_time_s, j.exit_code, j.exit_signal) == (None, None, None) for j in running)
+    records = parse.parse_oneliners(sample("scontrol_show_job_oneliner.txt"))
+    live = [parse.job_from_oneliner(r) for r in records if r["JobState"] in ("RUNNING", "PENDING")]
+    assert live and all(j.end_time_s is None and j.exit_code is None for j in live)
+
+
+def test_newer_json_shape_exit_code_and_end_time() -> None:
+    """Slurm 24.x-25.11 (data parser v0.0.40+; shape from its OpenAPI schema, no capture of ours): ``exit_code``
+    is an object, ``end_time`` wrapped."""
+    def job(state: str, exit_code: object) -> dict[str, object]:
+        return {"job_id": 9, "job_state": [state], "end_time": {"set": True, "infinite": False, "number": 1796686295},
+                "exit_code": exit_code}
+
+    unset = {"set": False, "infinite": False, "number": 0}
+    exited = {"status": ["EXITED"], "return_code": {"set": True, "infinite": False, "number": 3},
+              "signal": {"id": unset, "name": ""}}
+    signaled = {"status": ["SIGNALED"], "return_code": unset,
+                "signal": {"id": {"set": True, "infinite": False, "number": 9}, "name": "KILL"}}
+    success = {"status": ["SUCCESS"], "return_code": {"set": True, "infinite": False, "number": 0},
+               "signal": {"id": unset, "name": ""}}
+    got = [parse.parse_squeue_json(json.dumps({"jobs": [job(state, code)]}))[0]
+           for state, code in (("FAILED", exited), ("FAILED", signaled), ("COMPLETED", success),
+                               ("RUNNING", success))]
+    assert [(j.exit_code, j.exit_signal, j.end_time_s) for j in got] == [
+        (3, 0, 1796686295), (0, 9, 1796686295), (0, 0, 1796686295), (None, None, None)]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("3:0", (3, 0)), ("0:9", (0, 9)), ("0:0", (0, 0)), ("", None),
+                                                ("x:1", None), ("3", None)])
+def test_parse_exit_code(text: str, expected: tuple[int, int] | None) -> None:
+    assert parse.parse_exit_code(text) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(768, (3, 0)), (9, (0, 9)), (0, (0, 0)), (None, None),
+                                                 ({"set": False, "infinite": False, "number": 0}, None)])
+def test_exit_status(value: object, expected: tuple[int, int] | None) -> None:
+    assert parse.exit_status(value) == expected
