@@ -93,7 +93,11 @@ def live_node_cluster(prefix: str, nodes: int, ctld_start: int,
                            slurmd_port=free_ports(nodes, start=ctld + 1), festina_node=False)
     devcluster_up(cfg)
     toml = base / "etc" / "festina-node.toml"
-    toml.write_text(toml.read_text() + (node_config(cfg) if callable(node_config) else node_config))
+    extra = node_config(cfg) if callable(node_config) else node_config
+    # The module's settings replace the dev cluster's own lines for the same keys (TOML refuses a key twice).
+    keys = {line.split("=", 1)[0].strip() for line in extra.splitlines() if "=" in line}
+    kept = [line for line in toml.read_text().splitlines() if line.split("=", 1)[0].strip() not in keys]
+    toml.write_text("\n".join(kept) + "\n" + extra)
     exe = str(festina_node_executable())
     service = subprocess.Popen([exe, "--config", str(toml), "--node", "n1", "serve"],
                                stderr=(base / "log" / "festina-node-n1.log").open("w"),
