@@ -24,9 +24,11 @@ The job and instance totals (``job_energy``, ``instance_energy``) are the
 ingest's sums of those shares and nothing else: the epilog's total is only
 logged, because a second writer of the same rows would make ``--by job``
 disagree with the other reports wherever an interval went to idle. A
-requeued job's runs therefore add up. The job's row in ``slurm_jobs`` (state,
-account, times) belongs to festinad's watcher, which reads it from Slurm; the
-node leaves it alone. The local controller's applied settings become
+requeued job's runs therefore add up. The epilog records the job in
+``slurm_jobs`` as Slurm shows it then (COMPLETING, its user and node; the store
+never lets that replace a known account or a final state), so festinad's
+reconcile follows every GPU job, its own or not, to its final state, end time
+and exit code. The local controller's applied settings become
 ``decisions`` of kind ``setting``.
 """
 
@@ -36,7 +38,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from festina_hpc.db.store import EnergyReading, GpuRecord, NodeRecord, Store
+from festina_hpc.db.store import EnergyReading, GpuRecord, JobRecord, NodeRecord, Store
 from festina_hpc.node.agent import GpuReading, JobEnergy
 from festina_hpc.policy.types import GpuSettings
 
@@ -99,6 +101,7 @@ class DbEnergySink:
 
     def job_energy(self, node: str, record: JobEnergy) -> None:
         # The database already holds the job's energy, share by share (see the module docstring).
+        self._store.upsert_jobs([JobRecord(record.job_id, "COMPLETING", user_name=record.user, node_list=node)])
         logger.info("%s: job %d: %.1f J of GPU energy over its run", node, record.job_id, record.energy_j)
 
     def settings(self, node: str, gpu_index: int, settings: GpuSettings, reason: str) -> None:
