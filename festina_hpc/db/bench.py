@@ -177,23 +177,26 @@ def run_db_bench(samples: int, *, postgres_url: str | None = DEFAULT_POSTGRES_UR
     """
     figures: dict[str, Any] = {"samples": samples, "batch_size": batch_size, "gpus": NODES * GPUS_PER_NODE}
     per_backend: dict[str, BackendFigures] = {}
-    with tempfile.TemporaryDirectory(prefix="festina-bench-db-") as folder:
-        engine = make_engine(f"sqlite:///{Path(folder) / 'bench.db'}")
-        try:
-            per_backend["sqlite"] = _run_backend(engine, "sqlite", samples, batch_size, progress)
-        finally:
-            engine.dispose()
-    figures["postgresql_url"] = None
-    if postgres_url:
-        url, schema = _postgres_schema(postgres_url)
-        figures["postgresql_url"] = mask_url(url.set(query={}))
-        engine = make_engine(url)
-        try:
-            per_backend["postgresql"] = _run_backend(engine, "postgresql", samples, batch_size, progress)
-        finally:
-            engine.dispose()
-            with psycopg.connect(_libpq(url), autocommit=True) as connection:
-                connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    # PostgreSQL's schema first: a database that does not answer is said at once, not after SQLite's run.
+    postgres = _postgres_schema(postgres_url) if postgres_url else None
+    figures["postgresql_url"] = mask_url(postgres[0].set(query={})) if postgres else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="festina-bench-db-") as folder:
+            engine = make_engine(f"sqlite:///{Path(folder) / 'bench.db'}")
+            try:
+                per_backend["sqlite"] = _run_backend(engine, "sqlite", samples, batch_size, progress)
+            finally:
+                engine.dispose()
+        if postgres:
+            engine = make_engine(postgres[0])
+            try:
+                per_backend["postgresql"] = _run_backend(engine, "postgresql", samples, batch_size, progress)
+            finally:
+                engine.dispose()
+    finally:
+        if postgres:
+            with psycopg.connect(_libpq(postgres[0]), autocommit=True) as connection:
+                connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(postgres[1])))
     for backend in ("sqlite", "postgresql"):
         result = per_backend.get(backend)
         figures[f"{backend}_ingest_per_s"] = round(result.ingest_per_s, 1) if result else None
