@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
@@ -31,11 +32,12 @@ class PhaseProgress:
     """
 
     def __init__(self, command: str, unit: str = "steps", *, stream: TextIO | None = None,
-                 every_s: float = 5.0) -> None:
+                 every_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._command = command
         self._unit = unit
         self._stream = stream if stream is not None else sys.stderr
         self._every_s = every_s
+        self._clock = clock
         self._bar: Progress | None = None
         if self._stream.isatty():
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -64,7 +66,7 @@ class PhaseProgress:
     def __call__(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
         if phase != self._phase:
             self._end_phase()
-            self._phase, self._started, self._done, self._total = phase, time.monotonic(), done, total
+            self._phase, self._started, self._done, self._total = phase, self._clock(), done, total
             self._phase_unit = unit or self._unit
             self._last_line = self._started
             if self._bar is not None:
@@ -77,7 +79,7 @@ class PhaseProgress:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=done, total=total)
             return
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_line >= self._every_s:
             self._last_line = now
             self._line(self._status(now))
@@ -86,7 +88,7 @@ class PhaseProgress:
         if self._phase is None:
             return
         if self._bar is None:
-            self._line(self._status(time.monotonic(), ended=True))
+            self._line(self._status(self._clock(), ended=True))
         self._phase = None
 
     def _status(self, now: float, ended: bool = False) -> str:
