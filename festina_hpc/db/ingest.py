@@ -53,7 +53,6 @@ from festina_hpc.db.models import (
     AccountEnergyDaily,
     Base,
     EnergyCursor,
-    EnergySample,
     Gpu,
     InstanceEnergy,
     InstanceEnergyHourly,
@@ -380,8 +379,8 @@ def _insert_samples(connection: Connection, stored: Sequence[EnergyReading]) -> 
         return
     # SQLite: one executemany each, the times in the text form UtcDateTime stores (UTC wall time,
     # microseconds always written: what SQLAlchemy's SQLite DATETIME writes), formatted once per sample.
-    samples = []
-    shares = []
+    samples: list[tuple[int, str, float, float | None]] = []
+    shares: list[tuple[int, str, int, float]] = []
     for r in stored:
         at = r.sampled_at
         if at.tzinfo is not UTC:
@@ -453,25 +452,25 @@ class _Upsert:
     """How a batch's rows meet a rollup table's stored ones: added to, replaced, or spans widened."""
 
     model: type[Base]
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # the conflict target
+    derived: tuple[str, ...] = ()  # follow from the keys: written by the insert, never updated
     summed: tuple[str, ...] = ()  # stored + new
     replaced: tuple[str, ...] = ()  # new
     spans: bool = False  # from_at: the earlier, to_at: the later, updated_at: new
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return self.keys + self.summed + self.replaced + (("from_at", "to_at", "updated_at") if self.spans else ())
+        return (self.keys + self.derived + self.summed + self.replaced
+                + (("from_at", "to_at", "updated_at") if self.spans else ()))
 
 
-_NODE_HOUR = _Upsert(NodeEnergyHourly, ("node_id", "hour_at", "day_at"), ("energy_j", "idle_energy_j"))
-_MODEL_HOUR = _Upsert(ModelEnergyHourly, ("model", "hour_at"), ("energy_j",))
-_INSTANCE_HOUR = _Upsert(InstanceEnergyHourly, ("instance_id", "hour_at"), ("energy_j",))
-_ACCOUNT_DAY = _Upsert(AccountEnergyDaily, ("account", "user_name", "day_at"), ("energy_j",))
-_INSTANCE_TOTAL = _Upsert(InstanceEnergy, ("instance_id",), ("energy_j",), spans=True)
-_JOB_TOTAL = _Upsert(JobEnergy, ("job_id",), ("energy_j",), spans=True)
+_NODE_HOUR = _Upsert(NodeEnergyHourly, ("node_id", "hour_at"), ("day_at",), ("energy_j", "idle_energy_j"))
+_MODEL_HOUR = _Upsert(ModelEnergyHourly, ("model", "hour_at"), summed=("energy_j",))
+_INSTANCE_HOUR = _Upsert(InstanceEnergyHourly, ("instance_id", "hour_at"), summed=("energy_j",))
+_ACCOUNT_DAY = _Upsert(AccountEnergyDaily, ("account", "user_name", "day_at"), summed=("energy_j",))
+_INSTANCE_TOTAL = _Upsert(InstanceEnergy, ("instance_id",), summed=("energy_j",), spans=True)
+_JOB_TOTAL = _Upsert(JobEnergy, ("job_id",), summed=("energy_j",), spans=True)
 _CURSOR = _Upsert(EnergyCursor, ("gpu_id",), replaced=("sampled_at", "energy_counter_j"))
-# node_energy_hourly's day_at follows from hour_at: listed with the keys (never updated), not in the conflict target.
-_CONFLICT_KEYS = {NodeEnergyHourly: ("node_id", "hour_at")}
 
 
 def _rollup_rows(rollups: BatchPlan, now: datetime) -> list[tuple[_Upsert, list[tuple[Any, ...]]]]:
@@ -479,7 +478,8 @@ def _rollup_rows(rollups: BatchPlan, now: datetime) -> list[tuple[_Upsert, list[
     return [
         (_NODE_HOUR, [(node, _bucket(hour, HOUR_S), _bucket(hour // 24, DAY_S), energy_j, idle_j)
                       for (node, hour), (energy_j, idle_j) in rollups.node_hour.items()]),
-        (_MODEL_HOUR, [(model, _bucket(hour, HOUR_S), energy_j) for (model, hour), energy_j in rollups.model_hour.items()]),
+        (_MODEL_HOUR, [(model, _bucket(hour, HOUR_S), energy_j)
+                       for (model, hour), energy_j in rollups.model_hour.items()]),
         (_INSTANCE_HOUR, [(instance, _bucket(hour, HOUR_S), energy_j)
                           for (instance, hour), energy_j in rollups.instance_hour.items()]),
         (_ACCOUNT_DAY, [(account, user, _bucket(day, DAY_S), energy_j)
@@ -515,7 +515,7 @@ def _write_rollups(connection: Connection, rollups: BatchPlan, now: datetime) ->
             updates["updated_at"] = stmt.excluded.updated_at
         columns = upsert.columns
         connection.execute(stmt.on_conflict_do_update(
-            index_elements=list(_CONFLICT_KEYS.get(upsert.model, upsert.keys)), set_=updates),
+            index_elements=list(upsert.keys), set_=updates),
             [dict(zip(columns, row, strict=True)) for row in rows])
 
 
@@ -542,7 +542,7 @@ def _unnest_statement(upsert: _Upsert) -> tuple[str, tuple[bool, ...]]:
         updates += ["from_at = LEAST(stored.from_at, EXCLUDED.from_at)",
                     "to_at = GREATEST(stored.to_at, EXCLUDED.to_at)", "updated_at = EXCLUDED.updated_at"]
     statement = (f"INSERT INTO {table.name} AS stored ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
-                 f"ON CONFLICT ({', '.join(_CONFLICT_KEYS.get(upsert.model, upsert.keys))}) "
+                 f"ON CONFLICT ({', '.join(upsert.keys)}) "
                  f"DO UPDATE SET {', '.join(updates)}")
     return statement, tuple(table.c[name].type.python_type is float for name in columns)
 
