@@ -30,8 +30,10 @@ The work is split so that it can be pipelined (``Store.ingest_energy``): ``valid
 and ``plan_batch`` (pure: the differences and the rollup sums) need no transaction, ``write_plan``
 writes a planned batch inside one, after re-checking under lock that the cursors it was planned
 from are still the stored ones. PostgreSQL gets the raw samples through binary ``COPY`` (the
-cursor guarantees they are new), SQLite through one ``executemany``; the rollups are a handful
-of upserts per batch whatever its size.
+cursor guarantees they are new), SQLite through one ``executemany``; the rollups are one upsert
+per rollup table per batch whatever its size (on PostgreSQL one ``unnest`` of column arrays, one
+round trip). Planning sums a GPU's consecutive differences under one set of shares within an hour
+before splitting them, so its per-reading work is a subtraction and a few comparisons.
 """
 
 from __future__ import annotations
@@ -409,12 +411,9 @@ _SAMPLE_ROW_NO_POWER = struct.Struct(">hiiiqidi")
 _SHARE_ROW = struct.Struct(">hiiiqiiid")  # gpu_id int4, sampled_at timestamptz, instance_id int4, share float8
 
 
+# A timestamptz as PostgreSQL stores it: microseconds since 2000-01-01 UTC, as (at - _PG_EPOCH) //
+# _MICROSECOND (exact integer arithmetic on the timedelta, one C operation).
 _MICROSECOND = timedelta(microseconds=1)
-
-
-def _pg_microseconds(at: datetime) -> int:
-    """A timestamptz as PostgreSQL stores it: microseconds since 2000-01-01 UTC (exact integer arithmetic)."""
-    return (at - _PG_EPOCH) // _MICROSECOND
 
 
 def _binary_samples(stored: Sequence[EnergyReading]) -> bytes:
