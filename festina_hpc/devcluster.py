@@ -342,8 +342,17 @@ def _run(argv: Sequence[str], env: dict[str, str] | None = None, timeout_s: floa
         raise DevClusterError(f"{' '.join(argv)}: exit code {proc.returncode}: {detail}")
 
 
-def install_packages(run: Callable[..., None] = _run, policy_rc_d: Path = _POLICY_RC_D) -> None:
-    """apt-get install the Slurm and munge packages, keeping their postinst from starting services."""
+def _say_on_stderr(text: str) -> None:
+    print(f"festina dev-cluster: {text}", file=sys.stderr, flush=True)
+
+
+def install_packages(run: Callable[..., None] = _run, policy_rc_d: Path = _POLICY_RC_D,
+                     progress: Callable[[str], None] = _say_on_stderr) -> None:
+    """apt-get install the Slurm and munge packages, keeping their postinst from starting services.
+
+    ``progress`` hears each step before it starts (by default on stderr): apt-get runs minutes
+    with its output captured, and a silent command that long looks hung.
+    """
     if os.geteuid() != 0:
         raise DevClusterError("installing packages needs root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": _PATH}
@@ -354,8 +363,11 @@ def install_packages(run: Callable[..., None] = _run, policy_rc_d: Path = _POLIC
         policy_rc_d.write_text("#!/bin/sh\n# festina dev-cluster: no service starts during install\nexit 101\n")
         policy_rc_d.chmod(0o755)
     try:
+        progress("installing: apt-get update (package lists; up to 5 minutes)")
         run(["apt-get", "update", "-q"], env=env, timeout_s=300.0)
+        progress(f"installing: apt-get install {' '.join(PACKAGES)} (up to 10 minutes)")
         run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], env=env, timeout_s=600.0)
+        progress("installed " + " ".join(PACKAGES))
     finally:
         if created:
             policy_rc_d.unlink(missing_ok=True)

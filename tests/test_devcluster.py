@@ -120,11 +120,16 @@ def test_install_runs_apt_get_as_argv_with_services_blocked(tmp_path: Path) -> N
     def run(argv: list[str], env: dict[str, str], timeout_s: float) -> None:
         seen.append((argv, env["DEBIAN_FRONTEND"], policy.read_text().endswith("exit 101\n")))
 
-    devcluster.install_packages(run, policy_rc_d=policy)
+    said: list[str] = []
+    devcluster.install_packages(run, policy_rc_d=policy, progress=lambda text: said.append(f"{len(seen)}: {text}"))
     assert seen == [(["apt-get", "update", "-q"], "noninteractive", True),
                     (["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurmctld", "slurmd",
                       "slurm-client", "munge"], "noninteractive", True)]
     assert not policy.exists()  # removed: we wrote it
+    # Each step is said before it runs (the count is of the apt-get commands already run).
+    assert said == ["0: installing: apt-get update (package lists; up to 5 minutes)",
+                    "1: installing: apt-get install slurmctld slurmd slurm-client munge (up to 10 minutes)",
+                    "2: installed slurmctld slurmd slurm-client munge"]
 
 
 def test_install_keeps_an_existing_policy_file(tmp_path: Path) -> None:

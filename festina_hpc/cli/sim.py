@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, pass_app
+from festina_hpc.cli.progress import PhaseProgress
 from festina_hpc.config import POWER_SAVING_MODES
 from festina_hpc.policy.base import policy_names
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
@@ -211,10 +212,18 @@ def sweep_cmd(app: AppContext, policies: str, rate_scales: list[float], seeds: l
     if reference not in names:
         raise click.BadParameter(f"{reference!r} is not among --policies", param_hint="'--reference'")
     console = Console()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("simulating", total=len(rate_scales) * len(seeds) * (len(names) + 1))
+    runs = len(rate_scales) * len(seeds) * (len(names) + 1)
+    done = 0
+    # On stderr, so a log or CI sees it too (plain lines there) and stdout keeps only the results.
+    with PhaseProgress("festina sim sweep", "runs") as progress:
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            progress("simulating", done, runs)
+
+        progress("simulating", 0, runs)
         result = run_sweep(app.config, _options(kwargs), names, rate_scales, seeds, reference, slo_target, jobs,
-                           advance=lambda: progress.advance(task))
+                           advance=advance)
     paths = write_sweep(result, out_dir)
     table = Table(title=f"Load sweep (x {reference}: same workload, mean over {len(seeds)} seeds)", box=box.SIMPLE)
     for column in ("scale", "policy", "kWh", f"x {reference}", "range", "x best", "x bound", "SLO", "worst", "drops"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ MODELS = ("llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "mistral-nemo-12b", "ll
           "codellama-34b", "llama-2-70b")
 ACCOUNTS = 8
 START = datetime(2026, 3, 1, tzinfo=UTC)
+PROGRESS_EVERY_S = 64  # simulated seconds (of 128 readings each) between progress reports
 REQUESTS_PER_SAMPLE = 0.01  # one request outcome per 100 samples: the SLO and per-token queries have rows to read
 
 
@@ -75,16 +76,25 @@ def _cluster(store: Store) -> list[tuple[int, dict[int, float]]]:
     return plan
 
 
-def _readings(plan: list[tuple[int, dict[int, float]]], samples: int) -> Iterator[EnergyReading]:
-    """One reading per GPU per second, in time order, ``samples`` in all; power varies with the GPU and time."""
+def _readings(plan: list[tuple[int, dict[int, float]]], samples: int,
+              progress: Callable[[int], None] | None = None) -> Iterator[EnergyReading]:
+    """One reading per GPU per second, in time order, ``samples`` in all; power varies with the GPU and time.
+
+    ``progress`` hears how many readings were handed out, every ``PROGRESS_EVERY_S`` simulated seconds.
+    """
     counters = [0.0] * len(plan)
-    for n in range(samples):
-        k = n % len(plan)
-        second = n // len(plan)
-        gpu, shares = plan[k]
-        power_w = 80.0 + 5.0 * (k % 7) + (250.0 if shares and (second // 600 + k) % 3 else 0.0)
-        counters[k] += power_w
-        yield EnergyReading(gpu, START + timedelta(seconds=second), counters[k], power_w, shares)
+    handed = 0
+    second = 0
+    while handed < samples:
+        at = START + timedelta(seconds=second)  # one time object for all GPUs of a second
+        for k, (gpu, shares) in enumerate(plan[:samples - handed]):
+            power_w = 80.0 + 5.0 * (k % 7) + (250.0 if shares and (second // 600 + k) % 3 else 0.0)
+            counters[k] += power_w
+            yield EnergyReading(gpu, at, counters[k], power_w, shares)
+        handed += min(len(plan), samples - handed)
+        second += 1
+        if progress is not None and second % PROGRESS_EVERY_S == 0:
+            progress(handed)
 
 
 def _requests(plan: list[tuple[int, dict[int, float]]], samples: int) -> Iterator[list[RequestOutcome]]:
@@ -104,24 +114,40 @@ def _requests(plan: list[tuple[int, dict[int, float]]], samples: int) -> Iterato
         yield batch
 
 
-def _run_backend(engine: Engine, samples: int, batch_size: int) -> BackendFigures:
+# Told (phase, done, total, unit) as a benchmark moves: readings ingested, then report queries run.
+Progress = Callable[[str, int, int, str], None]
+
+
+def _run_backend(engine: Engine, backend: str, samples: int, batch_size: int,
+                 progress: Progress | None = None) -> BackendFigures:
     migrate.upgrade(engine)
     store = Store(engine)
     plan = _cluster(store)
     for batch in _requests(plan, samples):
         store.record_requests(batch)
+    def ingested(done: int) -> None:
+        if progress is not None:
+            progress(f"{backend} ingest", done, samples, "samples")
+
+    ingested(0)
     started = time.perf_counter()
-    stats = store.ingest_energy(_readings(plan, samples), batch_size=batch_size)
+    stats = store.ingest_energy(_readings(plan, samples, ingested if progress else None), batch_size=batch_size)
     ingest_s = time.perf_counter() - started
     assert stats.stored == samples, stats
+    ingested(samples)
     end = START + timedelta(seconds=samples // len(plan) + 1)
     ranges = {"all": (START, end + timedelta(hours=1)), "last day": (end - timedelta(days=1), end)}
     reports: dict[str, float] = {}
-    for name in query_names():
-        for label, (since, until) in ranges.items():
-            started = time.perf_counter()
-            run_query(engine, name, since=since, until=until, limit=50)
-            reports[f"{name} ({label})"] = time.perf_counter() - started
+    runs = [(name, label) for name in query_names() for label in ranges]
+    for done, (name, label) in enumerate(runs):
+        if progress is not None:
+            progress(f"{backend} reports", done, len(runs), "queries")
+        since, until = ranges[label]
+        started = time.perf_counter()
+        run_query(engine, name, since=since, until=until, limit=50)
+        reports[f"{name} ({label})"] = time.perf_counter() - started
+    if progress is not None:
+        progress(f"{backend} reports", len(runs), len(runs), "queries")
     return BackendFigures(ingest_s, samples / ingest_s, reports)
 
 
@@ -144,27 +170,33 @@ def _libpq(url: URL) -> str:
 
 
 def run_db_bench(samples: int, *, postgres_url: str | None = DEFAULT_POSTGRES_URL,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
-    """Ingest ``samples`` readings into SQLite (and PostgreSQL unless ``postgres_url`` is None); time the reports."""
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: Progress | None = None) -> dict[str, Any]:
+    """Ingest ``samples`` readings into SQLite (and PostgreSQL unless ``postgres_url`` is None); time the reports.
+
+    ``progress`` is told (phase, done, total, unit) as the run moves.
+    """
     figures: dict[str, Any] = {"samples": samples, "batch_size": batch_size, "gpus": NODES * GPUS_PER_NODE}
     per_backend: dict[str, BackendFigures] = {}
-    with tempfile.TemporaryDirectory(prefix="festina-bench-db-") as folder:
-        engine = make_engine(f"sqlite:///{Path(folder) / 'bench.db'}")
-        try:
-            per_backend["sqlite"] = _run_backend(engine, samples, batch_size)
-        finally:
-            engine.dispose()
-    figures["postgresql_url"] = None
-    if postgres_url:
-        url, schema = _postgres_schema(postgres_url)
-        figures["postgresql_url"] = mask_url(url.set(query={}))
-        engine = make_engine(url)
-        try:
-            per_backend["postgresql"] = _run_backend(engine, samples, batch_size)
-        finally:
-            engine.dispose()
-            with psycopg.connect(_libpq(url), autocommit=True) as connection:
-                connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    # PostgreSQL's schema first: a database that does not answer is said at once, not after SQLite's run.
+    postgres = _postgres_schema(postgres_url) if postgres_url else None
+    figures["postgresql_url"] = mask_url(postgres[0].set(query={})) if postgres else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="festina-bench-db-") as folder:
+            engine = make_engine(f"sqlite:///{Path(folder) / 'bench.db'}")
+            try:
+                per_backend["sqlite"] = _run_backend(engine, "sqlite", samples, batch_size, progress)
+            finally:
+                engine.dispose()
+        if postgres:
+            engine = make_engine(postgres[0])
+            try:
+                per_backend["postgresql"] = _run_backend(engine, "postgresql", samples, batch_size, progress)
+            finally:
+                engine.dispose()
+    finally:
+        if postgres:
+            with psycopg.connect(_libpq(postgres[0]), autocommit=True) as connection:
+                connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(postgres[1])))
     for backend in ("sqlite", "postgresql"):
         result = per_backend.get(backend)
         figures[f"{backend}_ingest_per_s"] = round(result.ingest_per_s, 1) if result else None

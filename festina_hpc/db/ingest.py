@@ -30,17 +30,21 @@ The work is split so that it can be pipelined (``Store.ingest_energy``): ``valid
 and ``plan_batch`` (pure: the differences and the rollup sums) need no transaction, ``write_plan``
 writes a planned batch inside one, after re-checking under lock that the cursors it was planned
 from are still the stored ones. PostgreSQL gets the raw samples through binary ``COPY`` (the
-cursor guarantees they are new), SQLite through one ``executemany``; the rollups are a handful
-of upserts per batch whatever its size.
+cursor guarantees they are new), SQLite through one ``executemany``; the rollups are one upsert
+per rollup table per batch whatever its size (on PostgreSQL one ``unnest`` of column arrays, one
+round trip). Planning sums a GPU's consecutive differences under one set of shares within an hour
+before splitting them, so its per-reading work is a subtraction and a few comparisons.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, Table, case, select
@@ -51,7 +55,6 @@ from festina_hpc.db.models import (
     AccountEnergyDaily,
     Base,
     EnergyCursor,
-    EnergySample,
     Gpu,
     InstanceEnergy,
     InstanceEnergyHourly,
@@ -96,8 +99,12 @@ InstanceInfo = tuple[str, int | None, str, str]
 Cursor = tuple[datetime, float]
 
 
-def _fast_ok(reading: EnergyReading) -> bool:
-    """The common case checked in a few comparisons; anything else goes through the checks that name the field."""
+def _fast_ok(reading: EnergyReading, checked_shares: object) -> bool:
+    """The common case checked in a few comparisons; anything else goes through the checks that name the field.
+
+    ``checked_shares``: a shares mapping that already passed; a sampler hands the same one to many
+    readings, so it is checked once, not once per reading.
+    """
     power_w = reading.power_w
     counter = reading.energy_counter_j
     at = reading.sampled_at
@@ -106,7 +113,7 @@ def _fast_ok(reading: EnergyReading) -> bool:
             and type(at) is datetime and at.tzinfo is not None):
         return False
     shares = reading.shares
-    if shares:
+    if shares and shares is not checked_shares:
         total = 0.0
         for instance_id, share in shares.items():
             if not (type(instance_id) is int and type(share) is float and 0.0 <= share <= 1.0):
@@ -118,8 +125,10 @@ def _fast_ok(reading: EnergyReading) -> bool:
 
 def validate_readings(readings: Sequence[EnergyReading]) -> None:
     """Refuse a bad reading before anything is written, naming the reading, field and value."""
+    checked_shares: object = None
     for i, reading in enumerate(readings):
-        if _fast_ok(reading):
+        if _fast_ok(reading, checked_shares):
+            checked_shares = reading.shares
             continue
         where = f"energy_samples[{i}] (gpu {reading.gpu_id})"
         check_integer(where, "gpu_id", reading.gpu_id)
@@ -154,68 +163,111 @@ class BatchPlan:
         return BatchResult(len(self.stored), self.skipped, self.energy_j)
 
 
-def _gpu_and_time(reading: EnergyReading) -> tuple[int, datetime]:
-    return reading.gpu_id, reading.sampled_at
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HOUR = timedelta(hours=1)
+_sampled_at = attrgetter("sampled_at")
 
 
 def plan_batch(readings: Sequence[EnergyReading], node_of: Mapping[int, int], instances: Mapping[int, InstanceInfo],
                cursors: Mapping[int, Cursor]) -> BatchPlan:
-    """Difference validated readings against their GPUs' cursors and sum them into rollup buckets (pure)."""
-    gpus = {r.gpu_id for r in readings}
-    plan = BatchPlan([], 0, {gpu: cursors.get(gpu) for gpu in gpus}, {})
+    """Difference validated readings against their GPUs' cursors and sum them into rollup buckets (pure).
+
+    Each GPU's readings are differenced in time order, whatever order they came in. Consecutive
+    differences of one GPU in one hour with the same shares form a run, and a run is split over
+    its shares once: ``share * sum(differences)`` rather than a sum of ``share * difference``
+    per reading (equal up to float rounding), which keeps the per-reading work to a subtraction.
+    """
+    by_gpu: dict[int, list[EnergyReading]] = {}
+    for reading in readings:
+        same_gpu = by_gpu.get(reading.gpu_id)
+        if same_gpu is None:
+            by_gpu[reading.gpu_id] = [reading]
+        else:
+            same_gpu.append(reading)
+    plan = BatchPlan([], 0, {gpu: cursors.get(gpu) for gpu in by_gpu}, {})
     stored = plan.stored
-    node_hour, model_hour, account_day = plan.node_hour, plan.model_hour, plan.account_day
-    instance_hour = plan.instance_hour
-    instance_totals, job_totals = plan.instances, plan.jobs
-    energy_j = 0.0
-    current_gpu = -1
-    node = -1
-    previous_at: datetime | None = None
-    previous_counter = 0.0
-    # Sorted by GPU, then time: each GPU's readings difference in order, whatever order they came in.
-    for reading in sorted(readings, key=_gpu_and_time):
-        if reading.gpu_id != current_gpu:
-            if previous_at is not None:
-                plan.cursors_after[current_gpu] = (previous_at, previous_counter)
-            current_gpu = reading.gpu_id
-            node = node_of[current_gpu]
-            cursor = cursors.get(current_gpu)
-            previous_at, previous_counter = cursor if cursor is not None else (None, 0.0)
-        at = reading.sampled_at
-        if previous_at is not None and at <= previous_at:
-            plan.skipped += 1
-            continue
-        stored.append(reading)
-        counter = reading.energy_counter_j
-        if previous_at is not None:
-            delta_j = counter - previous_counter if counter >= previous_counter else counter
-            energy_j += delta_j
-            hour = int(at.timestamp() // HOUR_S)
-            claimed = 0.0
-            for instance_id, share in reading.shares.items():
-                part_j = delta_j * share
-                claimed += share
-                model, job_id, account, user = instances[instance_id]
-                key = (model, hour)
-                model_hour[key] = model_hour.get(key, 0.0) + part_j
-                instance_key = (instance_id, hour)
-                instance_hour[instance_key] = instance_hour.get(instance_key, 0.0) + part_j
-                day_key = (account, user, hour // 24)
-                account_day[day_key] = account_day.get(day_key, 0.0) + part_j
-                _add_total(instance_totals, instance_id, part_j, previous_at, at)
-                if job_id is not None:
-                    _add_total(job_totals, job_id, part_j, previous_at, at)
-            totals = node_hour.get((node, hour))
-            if totals is None:
-                totals = node_hour[(node, hour)] = [0.0, 0.0]
-            totals[0] += delta_j
-            # max(): shares summing to 1 up to rounding leave no negative idle energy.
-            totals[1] += delta_j * max(0.0, 1.0 - claimed)
-        previous_at, previous_counter = at, counter
-    if previous_at is not None:
-        plan.cursors_after[current_gpu] = (previous_at, previous_counter)
-    plan.energy_j = energy_j
+    skipped = 0
+    for gpu in sorted(by_gpu):
+        gpu_readings = by_gpu[gpu]
+        gpu_readings.sort(key=_sampled_at)  # stable: of two readings at one time the first is kept
+        cursor = cursors.get(gpu)
+        start = 0
+        if cursor is None:  # the GPU's first reading only sets its cursor
+            first = gpu_readings[0]
+            stored.append(first)
+            cursor = (first.sampled_at, first.energy_counter_j)
+            start = 1
+        previous_at, previous_counter = cursor
+        run = _Run(plan, node_of[gpu], instances)
+        for reading in gpu_readings[start:] if start else gpu_readings:
+            at = reading.sampled_at
+            if at <= previous_at:
+                skipped += 1
+                continue
+            stored.append(reading)
+            counter = reading.energy_counter_j
+            shares = reading.shares
+            if at >= run.hour_end or (shares is not run.shares and shares != run.shares):
+                run.flush()
+                run.start(at, previous_at, shares)
+            run.energy_j += counter - previous_counter if counter >= previous_counter else counter
+            run.to_at = at
+            previous_at, previous_counter = at, counter
+        run.flush()
+        plan.cursors_after[gpu] = (previous_at, previous_counter)
+    plan.skipped = skipped
     return plan
+
+
+class _Run:
+    """Differences of one GPU in one hour under one set of shares, summed before they are split."""
+
+    __slots__ = ("energy_j", "from_at", "hour", "hour_end", "instances", "node", "plan", "shares", "to_at")
+
+    def __init__(self, plan: BatchPlan, node: int, instances: Mapping[int, InstanceInfo]) -> None:
+        self.plan = plan
+        self.node = node
+        self.instances = instances
+        self.hour = 0
+        self.hour_end = _EPOCH  # before any reading: the first one starts a run
+        self.shares: Mapping[int, float] | None = None
+        self.energy_j = 0.0
+        self.from_at = self.to_at = _EPOCH
+
+    def start(self, at: datetime, previous_at: datetime, shares: Mapping[int, float]) -> None:
+        # Exact integer arithmetic on the timedelta: a reading a microsecond before the hour stays in it.
+        self.hour = (at - _EPOCH) // _HOUR
+        self.hour_end = _EPOCH + (self.hour + 1) * _HOUR
+        self.shares = shares
+        self.energy_j = 0.0
+        self.from_at = previous_at
+
+    def flush(self) -> None:
+        if self.shares is None:
+            return
+        plan, energy_j, hour = self.plan, self.energy_j, self.hour
+        plan.energy_j += energy_j
+        claimed = 0.0
+        for instance_id, share in self.shares.items():
+            part_j = energy_j * share
+            claimed += share
+            model, job_id, account, user = self.instances[instance_id]
+            key = (model, hour)
+            plan.model_hour[key] = plan.model_hour.get(key, 0.0) + part_j
+            instance_key = (instance_id, hour)
+            plan.instance_hour[instance_key] = plan.instance_hour.get(instance_key, 0.0) + part_j
+            day_key = (account, user, hour // 24)
+            plan.account_day[day_key] = plan.account_day.get(day_key, 0.0) + part_j
+            _add_total(plan.instances, instance_id, part_j, self.from_at, self.to_at)
+            if job_id is not None:
+                _add_total(plan.jobs, job_id, part_j, self.from_at, self.to_at)
+        totals = plan.node_hour.get((self.node, hour))
+        if totals is None:
+            totals = plan.node_hour[(self.node, hour)] = [0.0, 0.0]
+        totals[0] += energy_j
+        # max(): shares summing to 1 up to rounding leave no negative idle energy.
+        totals[1] += energy_j * max(0.0, 1.0 - claimed)
+        self.shares = None
 
 
 def lookup(connection: Connection, readings: Sequence[EnergyReading], *, known_gpus: Mapping[int, int] | None = None,
@@ -327,19 +379,25 @@ def _insert_samples(connection: Connection, stored: Sequence[EnergyReading]) -> 
                                  "FROM STDIN (FORMAT BINARY)") as copy:
                     copy.write(_binary_shares(stored))
         return
-    # SQLite: one executemany each, the times in the text form UtcDateTime stores (its own processor).
-    samples = [(r.gpu_id, r.sampled_at, r.energy_counter_j, r.power_w) for r in stored]
-    shares = [(r.gpu_id, r.sampled_at, instance_id, share) for r in stored for instance_id, share in r.shares.items()]
-    to_text = _table(EnergySample).c.sampled_at.type.dialect_impl(connection.dialect).bind_processor(
-        connection.dialect)
-    assert to_text is not None
+    # SQLite: one executemany each, the times in the text form UtcDateTime stores (UTC wall time,
+    # microseconds always written: what SQLAlchemy's SQLite DATETIME writes), formatted once per sample.
+    samples: list[tuple[int, str, float, float | None]] = []
+    shares: list[tuple[int, str, int, float]] = []
+    for r in stored:
+        at = r.sampled_at
+        if at.tzinfo is not UTC:
+            at = at.astimezone(UTC)
+        text = at.replace(tzinfo=None).isoformat(" ", "microseconds")
+        samples.append((r.gpu_id, text, r.energy_counter_j, r.power_w))
+        if r.shares:
+            shares.extend((r.gpu_id, text, instance_id, share) for instance_id, share in r.shares.items())
     connection.exec_driver_sql(
         "INSERT INTO energy_samples (gpu_id, sampled_at, energy_counter_j, power_w) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT DO NOTHING", [(g, to_text(t), e, p) for g, t, e, p in samples])
+        "ON CONFLICT DO NOTHING", samples)
     if shares:
         connection.exec_driver_sql(
             "INSERT INTO energy_sample_shares (gpu_id, sampled_at, instance_id, share_frac) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING", [(g, to_text(t), i, s) for g, t, i, s in shares])
+            "ON CONFLICT DO NOTHING", shares)
 
 
 # PostgreSQL's binary COPY format, packed here in one struct call per row: psycopg's write_row
@@ -353,82 +411,139 @@ _SAMPLE_ROW_NO_POWER = struct.Struct(">hiiiqidi")
 _SHARE_ROW = struct.Struct(">hiiiqiiid")  # gpu_id int4, sampled_at timestamptz, instance_id int4, share float8
 
 
-def _pg_microseconds(at: datetime) -> int:
-    """A timestamptz as PostgreSQL stores it: microseconds since 2000-01-01 UTC (exact integer arithmetic)."""
-    delta = at - _PG_EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+# A timestamptz as PostgreSQL stores it: microseconds since 2000-01-01 UTC, as (at - _PG_EPOCH) //
+# _MICROSECOND (exact integer arithmetic on the timedelta, one C operation).
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _binary_samples(stored: Sequence[EnergyReading]) -> bytes:
     with_power, no_power = _SAMPLE_ROW.pack, _SAMPLE_ROW_NO_POWER.pack
+    epoch, microsecond = _PG_EPOCH, _MICROSECOND
     rows = [_COPY_SIGNATURE]
+    append = rows.append
     for r in stored:
-        at = _pg_microseconds(r.sampled_at)
+        at = (r.sampled_at - epoch) // microsecond
         if r.power_w is None:
-            rows.append(no_power(4, 4, r.gpu_id, 8, at, 8, r.energy_counter_j, -1))
+            append(no_power(4, 4, r.gpu_id, 8, at, 8, r.energy_counter_j, -1))
         else:
-            rows.append(with_power(4, 4, r.gpu_id, 8, at, 8, r.energy_counter_j, 8, r.power_w))
-    rows.append(_COPY_TRAILER)
+            append(with_power(4, 4, r.gpu_id, 8, at, 8, r.energy_counter_j, 8, r.power_w))
+    append(_COPY_TRAILER)
     return b"".join(rows)
 
 
 def _binary_shares(stored: Sequence[EnergyReading]) -> bytes:
     pack = _SHARE_ROW.pack
+    epoch, microsecond = _PG_EPOCH, _MICROSECOND
     rows = [_COPY_SIGNATURE]
+    append = rows.append
     for r in stored:
-        if r.shares:
-            at = _pg_microseconds(r.sampled_at)
-            rows.extend(pack(4, 4, r.gpu_id, 8, at, 4, instance_id, 8, share)
-                        for instance_id, share in r.shares.items())
-    rows.append(_COPY_TRAILER)
+        shares = r.shares
+        if shares:
+            at = (r.sampled_at - epoch) // microsecond
+            for instance_id, share in shares.items():
+                append(pack(4, 4, r.gpu_id, 8, at, 4, instance_id, 8, share))
+    append(_COPY_TRAILER)
     return b"".join(rows)
 
 
-def _write_rollups(connection: Connection, rollups: BatchPlan, now: datetime) -> None:
-    """Add a batch's sums to the rollup rows (insert, or add to the stored value) and move the cursors."""
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+@dataclass(frozen=True)
+class _Upsert:
+    """How a batch's rows meet a rollup table's stored ones: added to, replaced, or spans widened."""
 
-    def add_to(model: type[Base], rows: list[dict[str, Any]], keys: Sequence[str],
-               summed: Sequence[str], spans: bool = False) -> None:
+    model: type[Base]
+    keys: tuple[str, ...]  # the conflict target
+    derived: tuple[str, ...] = ()  # follow from the keys: written by the insert, never updated
+    summed: tuple[str, ...] = ()  # stored + new
+    replaced: tuple[str, ...] = ()  # new
+    spans: bool = False  # from_at: the earlier, to_at: the later, updated_at: new
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.keys + self.derived + self.summed + self.replaced
+                + (("from_at", "to_at", "updated_at") if self.spans else ()))
+
+
+_NODE_HOUR = _Upsert(NodeEnergyHourly, ("node_id", "hour_at"), ("day_at",), ("energy_j", "idle_energy_j"))
+_MODEL_HOUR = _Upsert(ModelEnergyHourly, ("model", "hour_at"), summed=("energy_j",))
+_INSTANCE_HOUR = _Upsert(InstanceEnergyHourly, ("instance_id", "hour_at"), summed=("energy_j",))
+_ACCOUNT_DAY = _Upsert(AccountEnergyDaily, ("account", "user_name", "day_at"), summed=("energy_j",))
+_INSTANCE_TOTAL = _Upsert(InstanceEnergy, ("instance_id",), summed=("energy_j",), spans=True)
+_JOB_TOTAL = _Upsert(JobEnergy, ("job_id",), summed=("energy_j",), spans=True)
+_CURSOR = _Upsert(EnergyCursor, ("gpu_id",), replaced=("sampled_at", "energy_counter_j"))
+
+
+def _rollup_rows(rollups: BatchPlan, now: datetime) -> list[tuple[_Upsert, list[tuple[Any, ...]]]]:
+    """Each rollup table's rows of a batch, in the order of its ``_Upsert.columns``."""
+    return [
+        (_NODE_HOUR, [(node, _bucket(hour, HOUR_S), _bucket(hour // 24, DAY_S), energy_j, idle_j)
+                      for (node, hour), (energy_j, idle_j) in rollups.node_hour.items()]),
+        (_MODEL_HOUR, [(model, _bucket(hour, HOUR_S), energy_j)
+                       for (model, hour), energy_j in rollups.model_hour.items()]),
+        (_INSTANCE_HOUR, [(instance, _bucket(hour, HOUR_S), energy_j)
+                          for (instance, hour), energy_j in rollups.instance_hour.items()]),
+        (_ACCOUNT_DAY, [(account, user, _bucket(day, DAY_S), energy_j)
+                        for (account, user, day), energy_j in rollups.account_day.items()]),
+        (_INSTANCE_TOTAL, [(key, e, f, t, now) for key, (e, f, t) in rollups.instances.items()]),
+        (_JOB_TOTAL, [(key, e, f, t, now) for key, (e, f, t) in rollups.jobs.items()]),
+        (_CURSOR, [(gpu, at, counter) for gpu, (at, counter) in rollups.cursors_after.items()]),
+    ]
+
+
+def _write_rollups(connection: Connection, rollups: BatchPlan, now: datetime) -> None:
+    """Add a batch's sums to the rollup rows (insert, or add to the stored value) and move the cursors.
+
+    One statement per table whatever the batch's size: on PostgreSQL the rows travel as one array
+    per column (``unnest``), one round trip each; SQLite (in-process, no round trips) takes an
+    ``executemany``.
+    """
+    postgres = connection.dialect.name == "postgresql"
+    for upsert, rows in _rollup_rows(rollups, now):
         if not rows:
-            return
-        table = _table(model)
-        stmt = insert(table)
-        updates: dict[str, Any] = {name: table.c[name] + stmt.excluded[name] for name in summed}
-        if spans:
+            continue
+        if postgres:
+            _upsert_unnest(connection, upsert, rows)
+            continue
+        table = _table(upsert.model)
+        stmt = sqlite.insert(table)
+        updates: dict[str, Any] = {name: table.c[name] + stmt.excluded[name] for name in upsert.summed}
+        updates.update({name: stmt.excluded[name] for name in upsert.replaced})
+        if upsert.spans:
             updates["from_at"] = case((stmt.excluded.from_at < table.c.from_at, stmt.excluded.from_at),
                                       else_=table.c.from_at)
             updates["to_at"] = case((stmt.excluded.to_at > table.c.to_at, stmt.excluded.to_at), else_=table.c.to_at)
             updates["updated_at"] = stmt.excluded.updated_at
-        connection.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows)
-
-    add_to(NodeEnergyHourly, [
-        {"node_id": node, "hour_at": _bucket(hour, HOUR_S), "day_at": _bucket(hour // 24, DAY_S),
-         "energy_j": energy_j, "idle_energy_j": idle_j}
-        for (node, hour), (energy_j, idle_j) in rollups.node_hour.items()], ["node_id", "hour_at"],
-        ["energy_j", "idle_energy_j"])
-    add_to(ModelEnergyHourly, [{"model": model, "hour_at": _bucket(hour, HOUR_S), "energy_j": energy_j}
-                               for (model, hour), energy_j in rollups.model_hour.items()],
-           ["model", "hour_at"], ["energy_j"])
-    add_to(InstanceEnergyHourly, [{"instance_id": instance, "hour_at": _bucket(hour, HOUR_S), "energy_j": energy_j}
-                                  for (instance, hour), energy_j in rollups.instance_hour.items()],
-           ["instance_id", "hour_at"], ["energy_j"])
-    add_to(AccountEnergyDaily, [
-        {"account": account, "user_name": user, "day_at": _bucket(day, DAY_S), "energy_j": energy_j}
-        for (account, user, day), energy_j in rollups.account_day.items()], ["account", "user_name", "day_at"],
-        ["energy_j"])
-    add_to(InstanceEnergy, [{"instance_id": key, "energy_j": e, "from_at": f, "to_at": t, "updated_at": now}
-                            for key, (e, f, t) in rollups.instances.items()], ["instance_id"], ["energy_j"], True)
-    add_to(JobEnergy, [{"job_id": key, "energy_j": e, "from_at": f, "to_at": t, "updated_at": now}
-                       for key, (e, f, t) in rollups.jobs.items()], ["job_id"], ["energy_j"], True)
-    if rollups.cursors_after:
-        table = _table(EnergyCursor)
-        stmt = insert(table)
+        columns = upsert.columns
         connection.execute(stmt.on_conflict_do_update(
-            index_elements=["gpu_id"], set_={"sampled_at": stmt.excluded.sampled_at,
-                                             "energy_counter_j": stmt.excluded.energy_counter_j}),
-            [{"gpu_id": gpu, "sampled_at": at, "energy_counter_j": counter}
-             for gpu, (at, counter) in rollups.cursors_after.items()])
+            index_elements=list(upsert.keys), set_=updates),
+            [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _upsert_unnest(connection: Connection, upsert: _Upsert, rows: list[tuple[Any, ...]]) -> None:
+    """``INSERT ... SELECT FROM unnest(one array per column) ON CONFLICT DO UPDATE``: one round trip for all rows."""
+    statement, floats = _unnest_statement(upsert)
+    # An array is of one type: a counter given as an int (0) goes as the float it is stored as.
+    connection.exec_driver_sql(statement, tuple([float(v) for v in column] if is_float else list(column)
+                                                for column, is_float in zip(zip(*rows, strict=True), floats,
+                                                                            strict=True)))
+
+
+@functools.cache
+def _unnest_statement(upsert: _Upsert) -> tuple[str, tuple[bool, ...]]:
+    """The PostgreSQL statement of ``_upsert_unnest`` and which of its columns are floats."""
+    table = _table(upsert.model)
+    columns = upsert.columns
+    dialect = postgresql.dialect()
+    # Names and types come from the models, never from the data; the data travels as parameters.
+    arrays = ", ".join(f"%s::{table.c[name].type.compile(dialect=dialect)}[]" for name in columns)
+    updates = [f"{name} = stored.{name} + EXCLUDED.{name}" for name in upsert.summed]
+    updates += [f"{name} = EXCLUDED.{name}" for name in upsert.replaced]
+    if upsert.spans:
+        updates += ["from_at = LEAST(stored.from_at, EXCLUDED.from_at)",
+                    "to_at = GREATEST(stored.to_at, EXCLUDED.to_at)", "updated_at = EXCLUDED.updated_at"]
+    statement = (f"INSERT INTO {table.name} AS stored ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+                 f"ON CONFLICT ({', '.join(upsert.keys)}) "
+                 f"DO UPDATE SET {', '.join(updates)}")
+    return statement, tuple(table.c[name].type.python_type is float for name in columns)
 
 
 __all__ = ["BatchPlan", "BatchResult", "EnergyReading", "lookup", "plan_batch", "read_cursors", "validate_readings",

@@ -1,5 +1,6 @@
-"""``festina bench db`` at a tiny N (CI never runs the 10-million-sample benchmark): the JSON keys the issue
-names, figures that are rates and latencies, and a PostgreSQL that does not answer as a one-line error."""
+"""``festina bench db`` at a tiny N (CI never runs the million-sample default): the JSON keys the issue
+names, figures that are rates and latencies, progress on stderr, and a PostgreSQL that does not answer as a
+one-line error before any work."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def test_bench_db_json_has_the_rates_and_the_slowest_report(festina: Festina) ->
     assert len(runs) == 20 and figures["report_max_s"] == max(
         s for backend in figures["reports_s"].values() for s in backend.values())
     assert 0 < figures["report_max_s"] < 1.0
+    # Progress on stderr (plain lines: not a terminal), stdout only the JSON.
+    assert "festina bench db: sqlite ingest started (3,000 samples)\n" in result.err
+    assert "festina bench db: sqlite ingest done: 3,000/3,000 samples (100%), " in result.err
+    assert ("festina bench db: postgresql reports done: 20/20 queries" in result.err) == postgres
 
 
 def test_bench_db_table(festina: Festina) -> None:

@@ -99,6 +99,9 @@ def test_sweep_runs_every_policy_on_every_rate_and_seed_in_worker_processes(fest
     assert data["workload"]["models"] == ["llama-3.1-8b", "mistral-7b"] and "seed" not in data["workload"]
     assert (out / "sweep.png").stat().st_size > 0 and "# Load sweep" in (out / "sweep.md").read_text()
     assert "Operating rate scale" in result.out or "no operating point" in result.out
+    # Progress on stderr, a line per phase start and end when stderr is not a terminal.
+    assert "festina sim sweep: simulating started (12 runs)\n" in result.err
+    assert "festina sim sweep: simulating done: 12/12 runs (100%)" in result.err
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -34,7 +34,7 @@ from festina_hpc.db.models import (
 )
 from festina_hpc.db.store import Store
 from tests.db import accounting_fixture as fx
-from tests.db.conftest import TickingClock
+from tests.db.conftest import TickingClock, make_cluster
 
 
 def rollups(engine: Engine) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def test_a_planned_batch_whose_cursor_another_writer_moved_is_refused(store: Sto
 
     monkeypatch.setattr("festina_hpc.db.store.plan_batch", plan_then_race)
     with pytest.raises(DatabaseError, match=r"^energy_cursors: gpu 1 was ingested by another writer at the same time"):
-        store.ingest_energy(ordered, batch_size=4)
+        store.ingest_energy(ordered, batch_size=4, pipeline=True)  # SQLite's default is batch after batch
 
 
 def test_samples_and_shares_read_back_exactly_as_written(store: Store, migrated: Engine) -> None:
@@ -280,3 +280,132 @@ def test_samples_and_shares_read_back_exactly_as_written(store: Store, migrated:
     assert [tuple(s) for s in samples] == [(1, fx.at(0.000001), 12.5, None), (1, fx.at(1.5), 1e12 + 0.25, 712.125),
                                            (2, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), 0.0, 0.0)]
     assert [tuple(s) for s in shares] == [(fx.at(1.5), instances["A"], 0.5), (fx.at(1.5), instances["B"], 0.125)]
+
+
+def reference_rollups(readings: Sequence[EnergyReading], node_of: dict[int, str],
+                      instances: dict[int, tuple[str, int | None, str, str]]) -> dict[tuple[Any, ...], float]:
+    """The rollups worked out reading by reading, as the ingest's rules say, independently of its code:
+    each GPU's readings in time order, one reading per time (the first given), the first only a start,
+    a lower counter a restart; each difference split by its reading's shares into its UTC hour and day."""
+    out: dict[tuple[Any, ...], float] = {}
+    spans: dict[tuple[str, int], list[datetime]] = {}
+
+    def add(key: tuple[Any, ...], energy_j: float) -> None:
+        out[key] = out.get(key, 0.0) + energy_j
+
+    def span(key: tuple[str, int], from_at: datetime, to_at: datetime) -> None:
+        now = spans.setdefault(key, [from_at, to_at])
+        now[0], now[1] = min(now[0], from_at), max(now[1], to_at)
+
+    for gpu in sorted({r.gpu_id for r in readings}):
+        mine = sorted((r for r in readings if r.gpu_id == gpu), key=lambda r: r.sampled_at)
+        previous = mine[0]
+        for reading in mine[1:]:
+            if reading.sampled_at == previous.sampled_at:
+                continue
+            counter, before = reading.energy_counter_j, previous.energy_counter_j
+            delta = counter - before if counter >= before else counter
+            hour = reading.sampled_at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+            day = hour.replace(hour=0)
+            add(("node", node_of[gpu], hour), delta)
+            add(("idle", node_of[gpu], hour), delta * max(0.0, 1.0 - sum(reading.shares.values())))
+            for instance, share in reading.shares.items():
+                model, job, account, user = instances[instance]
+                add(("model", model, hour), delta * share)
+                add(("account", account, user, day), delta * share)
+                add(("instance", instance), delta * share)
+                span(("instance", instance), previous.sampled_at, reading.sampled_at)
+                if job is not None:
+                    add(("job", job), delta * share)
+                    span(("job", job), previous.sampled_at, reading.sampled_at)
+            previous = reading
+    out.update({(*key, "from"): from_at.timestamp() for key, (from_at, _) in spans.items()})
+    out.update({(*key, "to"): to_at.timestamp() for key, (_, to_at) in spans.items()})
+    return out
+
+
+def stored_rollups(engine: Engine) -> dict[tuple[Any, ...], float]:
+    """The stored rollups in ``reference_rollups``'s shape (unrounded)."""
+    out: dict[tuple[Any, ...], float] = {}
+    with engine.connect() as c:
+        for node, hour, energy, idle in c.execute(select(Node.name, NodeEnergyHourly.hour_at, NodeEnergyHourly.energy_j,
+                                                         NodeEnergyHourly.idle_energy_j)
+                                                  .join(Node, Node.id == NodeEnergyHourly.node_id)):
+            out[("node", node, hour)], out[("idle", node, hour)] = energy, idle
+        out.update((("model", m, h), e) for m, h, e in c.execute(
+            select(ModelEnergyHourly.model, ModelEnergyHourly.hour_at, ModelEnergyHourly.energy_j)))
+        out.update((("account", a, u, d), e) for a, u, d, e in c.execute(
+            select(AccountEnergyDaily.account, AccountEnergyDaily.user_name, AccountEnergyDaily.day_at,
+                   AccountEnergyDaily.energy_j)))
+        for name, model in (("instance", InstanceEnergy), ("job", JobEnergy)):
+            key_column = InstanceEnergy.instance_id if model is InstanceEnergy else JobEnergy.job_id
+            for key, energy, from_at, to_at in c.execute(select(key_column, model.energy_j, model.from_at,
+                                                                model.to_at)):
+                out[(name, key)] = energy
+                out[(name, key, "from")], out[(name, key, "to")] = from_at.timestamp(), to_at.timestamp()
+    return out
+
+
+def random_readings(store: Store, seed: int) -> tuple[list[EnergyReading], dict[int, str],
+                                                      dict[int, tuple[str, int | None, str, str]]]:
+    """Six GPUs over three nodes, eight instances (one without a job), 3,000 readings over two days in random
+    order: random gaps (some a microsecond from an hour's end), counter restarts, re-sent readings, shares
+    that change, are shared between readings as one object, sum to 1, to less, or are absent."""
+    from festina_hpc.db.store import JobRecord
+
+    rng = random.Random(seed)
+    gpus = make_cluster(store, nodes=3, gpus_per_node=2)
+    node_of = {gpu: name for (name, _), gpu in gpus.items()}
+    store.upsert_jobs([JobRecord(200 + k, "RUNNING", user_name=f"u{k % 3}", account=f"acct{k % 2}", start_at=fx.T0)
+                       for k in range(7)])
+    instances: dict[int, tuple[str, int | None, str, str]] = {}
+    for k in range(8):
+        job = 200 + k if k < 7 else None
+        instance = store.create_instance(("llama-3.1-8b", "mistral-7b", "llama-3.1-70b")[k % 3],
+                                         [sorted(gpus.values())[k % 6]], at=fx.T0, sm_pct=50, memory_fraction=0.4,
+                                         slurm_job_id=job)
+        instances[instance] = (("llama-3.1-8b", "mistral-7b", "llama-3.1-70b")[k % 3], job,
+                               f"acct{k % 2}" if job is not None else "", f"u{k % 3}" if job is not None else "")
+    ids = sorted(instances)
+    readings: list[EnergyReading] = []
+    for gpu in gpus.values():
+        at, counter, shares = fx.T0 - timedelta(minutes=rng.randrange(60)), rng.uniform(0, 1e6), {}
+        for _ in range(500):
+            if rng.random() < 0.1:  # new shares: a random subset summing to at most 1
+                chosen = rng.sample(ids, rng.randrange(0, 3))
+                weights = [rng.random() for _ in chosen]
+                scale = (1.0 if rng.random() < 0.5 else rng.uniform(0.2, 1.0)) / (sum(weights) or 1.0)
+                shares = {i: min(1.0, w * scale) for i, w in zip(chosen, weights, strict=True)}
+                if sum(shares.values()) > 1.0:
+                    shares = {i: s / 1.0000001 for i, s in shares.items()}
+            gap_s = rng.choice([1.0, 7.5, 300.0, 0.000001]) if rng.random() < 0.9 else rng.uniform(1, 5000)
+            at += timedelta(seconds=gap_s)
+            if rng.random() < 0.05:  # a microsecond before the next hour
+                at = at.replace(minute=59, second=59, microsecond=999999)
+            counter = rng.uniform(0, 500) if rng.random() < 0.01 else counter + rng.uniform(0, 2000)
+            readings.append(EnergyReading(gpu, at, counter, rng.uniform(50, 700), shares))
+    resent = rng.sample(readings, 100)  # a sampler re-sending some: same GPU and time, first one counts
+    readings += [EnergyReading(r.gpu_id, r.sampled_at, r.energy_counter_j + 1.0, r.power_w, r.shares) for r in resent]
+    return readings, node_of, instances
+
+
+@pytest.mark.parametrize("pipeline", [None, False, True])
+def test_the_ingest_rollups_equal_the_reading_by_reading_reference_on_a_random_batch(
+        store: Store, migrated: Engine, pipeline: bool | None) -> None:
+    readings, node_of, instances = random_readings(store, seed=21)
+    reference = reference_rollups(readings, node_of, instances)
+    stats = store.ingest_energy(readings, batch_size=len(readings), pipeline=pipeline)  # one batch: any order
+    assert (stats.stored, stats.skipped) == (3000, 100)
+    stored = stored_rollups(migrated)
+    assert set(stored) == set(reference)
+    assert stored == pytest.approx(reference, rel=1e-9, abs=1e-6)
+    assert rollups(migrated)["shares"] == sum(len(r.shares) for r in readings[:3000])
+
+
+def test_the_ingest_rollups_equal_the_reference_whatever_the_batching(store: Store, migrated: Engine) -> None:
+    readings, node_of, instances = random_readings(store, seed=7)
+    in_time_order = sorted(readings, key=lambda r: r.sampled_at)  # batches split anywhere lose no difference
+    reference = reference_rollups(readings, node_of, instances)
+    stats = store.ingest_energy(in_time_order, batch_size=977)
+    assert (stats.stored, stats.skipped) == (3000, 100)
+    assert stored_rollups(migrated) == pytest.approx(reference, rel=1e-9, abs=1e-6)
