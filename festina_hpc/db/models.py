@@ -270,7 +270,7 @@ class EnergySample(Base):
     )
 
     # The GPU and the time identify a reading: re-recording one is a no-op, not a duplicate.
-    # No foreign key to gpus (migration 0008): PostgreSQL's per-row check was more than half of the
+    # No foreign key to gpus (migration 0011): PostgreSQL's per-row check was more than half of the
     # ingest's COPY; the ingest refuses an unknown GPU before writing, and GPU rows are never deleted.
     gpu_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sampled_at: Mapped[datetime] = mapped_column(primary_key=True)
@@ -286,7 +286,7 @@ class EnergySampleShare(Base):
     # No foreign key to energy_samples (migration 0002 dropped it): the ingest writes a sample and
     # its shares together in one transaction, so the reference holds by construction, and checking
     # it row by row cost PostgreSQL more than half of the ingest time. Retention deletes shares
-    # with their samples (festina_hpc/db/retention.py). Nor to model_instances (0008), for the same
+    # with their samples (festina_hpc/db/retention.py). Nor to model_instances (0011), for the same
     # cost: the ingest refuses an unknown instance before writing, and instance rows are never deleted.
     __table_args__ = (
         CheckConstraint("share_frac >= 0 AND share_frac <= 1", name="share_frac_range"),

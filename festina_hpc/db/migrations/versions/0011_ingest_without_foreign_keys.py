@@ -7,8 +7,8 @@ or instance before it writes anything (``festina_hpc.db.ingest.lookup``), and fe
 deletes a GPU or an instance row, so the references hold without the checks (as the share-to-sample
 reference has since 0002). Retention deletes old samples and shares by time.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-07
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
