@@ -22,9 +22,11 @@ from festina_hpc.slurm.types import FINISHED_JOB_STATES
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def daemon_config(tmp: Path, port: int, serve_port_base: int, **daemon: float | str) -> Path:
-    """``tmp``/festina.toml for a festinad under test: SQLite in ``tmp``, the emulated engine as Slurm
-    jobs through the CLI backend, short timeouts and periods; ``daemon`` sets other [daemon] keys."""
+def daemon_config(tmp: Path, port: int, serve_port_base: int, db_url: str | None = None,
+                  **daemon: float | str) -> Path:
+    """``tmp``/festina.toml for a festinad under test: SQLite in ``tmp`` (or ``db_url``, e.g. the dev cluster's
+    shared database), the emulated engine as Slurm jobs through the CLI backend, short timeouts and periods;
+    ``daemon`` sets other [daemon] keys."""
     settings: dict[str, float | str] = {
         "host": "127.0.0.1", "port": port, "slurm_backend": "cli", "slurm_timeout_s": 20.0, "engine": "emulated",
         "serve_time_scale": 0.5, "job_output_dir": str(tmp), "serve_port_base": serve_port_base,
@@ -32,7 +34,7 @@ def daemon_config(tmp: Path, port: int, serve_port_base: int, **daemon: float | 
         "keep_alive_s": 600.0,
         "metrics_listen": "",  # off: the default port would clash between festinads run side by side
         **daemon}
-    db_url = f"sqlite:///{tmp / 'festina.db'}"
+    db_url = db_url or f"sqlite:///{tmp / 'festina.db'}"
     lines = ["[db]", f"url = {json.dumps(db_url)}", "[daemon]",
              *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
     path = tmp / "festina.toml"
