@@ -29,6 +29,10 @@ from festina_hpc.profiles.specs import Catalog
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.profiles.table import PHASES, ProfileTable
 
+# A shell that ran `eval "$(festina dev-cluster up)"` (CI does) exports the dev cluster's database, which
+# would override every test's own: each test names its database itself.
+os.environ.pop("FESTINA_DB_URL", None)
+
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 H100_PARAMS = PhysicsParams(
