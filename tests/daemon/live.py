@@ -64,11 +64,14 @@ async def wait_http(url: str, timeout_s: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
-async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False) -> tuple[str, Any]:
-    """("ok", body) for a complete answer, ("error", status or exception) for an error reply."""
+async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False,
+              key: str | None = None) -> tuple[str, Any]:
+    """("ok", body) for a complete answer, ("error", status or exception) for an error reply; with ``key`` as
+    the bearer token when given."""
     body = {"model": model, "prompt": "hello festina", "max_tokens": 6, "stream": stream}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        async with session.post(f"{url}/v1/completions", json=body) as resp:
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
             data = await resp.read()
             if resp.status != 200:
                 return "error", resp.status
