@@ -438,6 +438,20 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
         by_model = _until("both models' energy attributed", energy_by_model, 30, log, every_s=1.0)
         [table] = festina.guide("festina energy report --by model")
         assert "GPU energy by model" in table and all(p in table for p in PROFILES.values()), (table, by_model)
+        # The other reports its comment names answer live too: the nodes' counters, the days, the jobs, and the
+        # tenants (alice's key's account, charged for the requests she sent; what account quotas count).
+        def report(by: str) -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = json.loads(festina.ok("energy", "report", "--by", by, "--format",
+                                                               "json"))["rows"]
+            return rows
+
+        for by in ("account", "user"):
+            report(by)
+        assert sum(float(r["energy_j"] or 0.0) for r in report("node")) > 0
+        assert sum(float(r["attributed_energy_j"]) for r in report("day")) > 0
+        assert {first_user, small_user} <= {r["job_id"] for r in report("job")}
+        _until("proj1 charged as a tenant", lambda: any(
+            r["account"] == "proj1" and float(r["energy_j"] or 0.0) > 0 for r in report("tenant")), 30, log)
         [bench] = festina.guide("festina bench status --json")
         figures = json.loads(bench)
         assert figures["gpus"] == 1024 and figures["instances"] > 1024 and figures["render_s"] > 0, figures
