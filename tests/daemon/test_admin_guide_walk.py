@@ -173,7 +173,7 @@ def test_the_guide_parser_reads_shell_lines() -> None:
 # The catalogue names the guide's `models add` lines give, and their profiles (which festinad serves).
 PROFILES = {"llama8b": "llama-3.1-8b", "mistral": "mistral-7b"}
 # Where the consolidation plan puts both users' jobs (KEPT) and the node it frees.
-KEPT, FREED = "n1", "n2"
+KEPT, FREED = "n2", "n1"
 
 
 class Cli:
@@ -183,16 +183,20 @@ class Cli:
         self.capsys = capsys
         self.in_guide = guide_lines(GUIDE.read_text())
         self.walked: list[str] = []
+        self.err: list[str] = []  # the last guide line's commands' stderr
 
     def guide(self, line: str, placeholders: dict[str, str] | None = None) -> list[str]:
         """The stdout of each festina command of ``line`` (a line of the guide, verbatim), run in order, each
         required to succeed; ``placeholders`` replaces the guide's example words (``{"gpu07": "n1"}``)."""
         assert line in self.in_guide, f"not a line of {GUIDE.name}: {line!r}"
         words = placeholders or {}
-        outs = []
+        outs, self.err = [], []
         for argv in guide_commands(line):
             assert argv[0] == "festina", argv
-            outs.append(self.ok(*(words.get(word, word) for word in argv[1:])))
+            code, out, err = self(*(words.get(word, word) for word in argv[1:]))
+            assert code == 0, (line, out, err)
+            outs.append(out)
+            self.err.append(err)
         self.walked.append(line)
         return outs
 
@@ -254,8 +258,8 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
     config = daemon_config(tmp_path, port, free_ports(1, start=25100), db_url=cfg.database_url,
                            reconcile_period_s=1.0, consolidate_period_s=3600.0)
     # Keys required ("Tenants"), revocations seen within a second; festinad's signed channel reaches the node that
-    # keeps its instance (each dev-cluster node has a control port of its own, festinad one: n1's; the users' jobs
-    # make the plan free n2, asserted below).
+    # keeps its instances (each dev-cluster node has a control port of its own, festinad one: KEPT's; the plan frees
+    # the other, asserted below).
     with config.open("a") as toml:
         toml.write(f"[gateway]\nrequire_keys = true\nkey_cache_ttl_s = 1.0\n[node_control]\n"
                   f"port = {cfg.node_control_port(KEPT)}\nauth = \"munge\"\nmunge_socket = \"{cfg.munge_socket}\"\n")
@@ -288,23 +292,26 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
     assert "mistral-7b" in festina.guide("festina profiles list")[0]
 
     # -- Tenants: API keys -------------------------------------------------------------------------------------
-    [alice] = festina.guide("festina keys create --user alice --account proj1")
-    alice_key, alice_said = alice.splitlines()
-    assert alice_key.startswith("fk_") and "user key" in alice_said and "for alice/proj1" in alice_said, alice
-    [bob] = festina.guide("festina keys create --user bob --account proj2 --models llama8b,mistral --rate-limit 5/s "
-                          "--expires 90d")
-    bob_key, bob_said = bob.splitlines()
+    # stdout: the token alone, for scripts; what the key is goes to stderr.
+    [alice_key] = [out.strip() for out in festina.guide("festina keys create --user alice --account proj1")]
+    alice_said = festina.err[0]
+    assert re.fullmatch(r"fk_\S+", alice_key) and "user key" in alice_said and "for alice/proj1" in alice_said
+    [bob_key] = [out.strip() for out in festina.guide(
+        "festina keys create --user bob --account proj2 --models llama8b,mistral --rate-limit 5/s --expires 90d")]
+    bob_said = festina.err[0]
     bob_prefix = bob_said.split("(")[1].split(")")[0]
-    assert bob_prefix.startswith("fk_") and bob_key.startswith(bob_prefix) and "for bob/proj2" in bob_said, bob
+    assert bob_prefix.startswith("fk_") and bob_key.startswith(bob_prefix) and "for bob/proj2" in bob_said, bob_said
+    assert "models llama-3.1-8b, mistral-7b, rate 5/s, expires 20" in bob_said, bob_said  # names resolved
     old_umask = os.umask(0o077)  # the guide's `(umask 077; ... > ~/.festina-admin-key)`
     try:
         [admin] = festina.guide("(umask 077; festina keys create --user root --account ops --role admin "
                                 "> ~/.festina-admin-key)")
         key_file = tmp_path / ".festina-admin-key"
-        key_file.write_text(admin.splitlines()[0] + "\n")
+        key_file.write_text(admin)
     finally:
         os.umask(old_umask)
-    assert "admin key" in admin and "for root/ops" in admin and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert re.fullmatch(r"fk_\S+\n", admin) and "admin key" in festina.err[0] and "for root/ops" in festina.err[0]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     rows = {line.split()[2]: line.split() for line in festina.guide("festina keys list")[0].splitlines()[1:]}
     assert rows["alice"][3:6] == ["proj1", "user", "active"] and rows["bob"][3:6] == ["proj2", "user", "active"]
     assert rows["root"][3:5] == ["ops", "admin"] and rows["bob"][1] == bob_prefix, rows
@@ -419,8 +426,8 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
         assert "DRAIN" not in {n.name: n for n in slurm.list_nodes()}[spare].flags
         [locked] = festina.guide("festina nodes set-clock gpu07 0 1410", {"gpu07": KEPT})
         assert locked.strip() == f"{KEPT} GPU 0: clock locked at 1410 MHz", locked
-        # The first user's job stayed on KEPT: its server drains, finishes what it holds, and the job ends.
-        kept = next(i for i in _instances(festina.json("status")) if i["slurm_job_id"] == first_user)
+        # The user's job that stayed on KEPT: its server drains, finishes what it holds, and the job ends.
+        kept = next(i for i in _instances(festina.json("status")) if i["slurm_job_id"] in users)
         assert kept["node"] == KEPT, kept
         gpu = str(kept["gpu"])
         [draining] = festina.guide("festina nodes drain-instance gpu07 0 4711",
