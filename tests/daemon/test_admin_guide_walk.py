@@ -312,9 +312,13 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
         os.umask(old_umask)
     assert re.fullmatch(r"fk_\S+\n", admin) and "admin key" in festina.err[0] and "for root/ops" in festina.err[0]
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    rows = {line.split()[2]: line.split() for line in festina.guide("festina keys list")[0].splitlines()[1:]}
+    [keys] = festina.guide("festina keys list")
+    # "id, prefix (fk_ and 8 characters), user, account, role, state, rate, expiry"
+    assert keys.split()[:8] == ["ID", "PREFIX", "USER", "ACCOUNT", "ROLE", "STATE", "RATE/S", "EXPIRES"], keys
+    rows = {line.split()[2]: line.split() for line in keys.splitlines()[1:]}
+    assert all(re.fullmatch(r"fk_\S{8}", row[1]) for row in rows.values()), rows
     assert rows["alice"][3:6] == ["proj1", "user", "active"] and rows["bob"][3:6] == ["proj2", "user", "active"]
-    assert rows["root"][3:5] == ["ops", "admin"] and rows["bob"][1] == bob_prefix, rows
+    assert rows["root"][3:5] == ["ops", "admin"] and rows["bob"][1] == bob_prefix and rows["bob"][6] == "5", rows
 
     # Two users' serving jobs (see the module docstring), allocated before festinad starts (their nodes may still be
     # resuming: festinad counts their shares before it places anything).
@@ -426,6 +430,8 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
         assert "DRAIN" not in {n.name: n for n in slurm.list_nodes()}[spare].flags
         [locked] = festina.guide("festina nodes set-clock gpu07 0 1410", {"gpu07": KEPT})
         assert locked.strip() == f"{KEPT} GPU 0: clock locked at 1410 MHz", locked
+        # The node's answer (what it locked). Its own controller sets that GPU's clock again at its next tick, and
+        # `festina status` shows the controller's clocks, not this lock ("Head-to-node control" says so).
         # The user's job that stayed on KEPT: its server drains, finishes what it holds, and the job ends.
         kept = next(i for i in _instances(festina.json("status")) if i["slurm_job_id"] in users)
         assert kept["node"] == KEPT, kept
