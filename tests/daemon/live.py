@@ -44,7 +44,10 @@ def daemon_config(tmp: Path, port: int, serve_port_base: int, db_url: str | None
 
 def festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
-    env.pop("FESTINA_CONFIG", None)
+    # ``config`` names the database: CI's shell exports another cluster's FESTINA_DB_URL (`dev-cluster up`), which
+    # would override it.
+    for name in ("FESTINA_CONFIG", "FESTINA_DB_URL"):
+        env.pop(name, None)
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "festina_hpc.cli.main", "--config", str(config), "daemon",
                                  "-v"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
