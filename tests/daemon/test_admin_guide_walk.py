@@ -451,6 +451,7 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
         by_model = _until("both models' energy attributed", energy_by_model, 30, log, every_s=1.0)
         [table] = festina.guide("festina energy report --by model")
         assert "GPU energy by model" in table and all(p in table for p in PROFILES.values()), (table, by_model)
+
         # The other reports its comment names answer live too: the nodes' counters, the days, the jobs, and the
         # tenants (alice's key's account, charged for the requests she sent; what account quotas count).
         def report(by: str) -> list[dict[str, Any]]:
