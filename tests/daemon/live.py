@@ -44,7 +44,10 @@ def daemon_config(tmp: Path, port: int, serve_port_base: int, db_url: str | None
 
 def festinad(config: Path, cfg: DevClusterConfig, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SLURM_CONF": str(cfg.slurm_conf)}
-    env.pop("FESTINA_CONFIG", None)
+    # ``config`` names the database: CI's shell exports another cluster's FESTINA_DB_URL (`dev-cluster up`), which
+    # would override it.
+    for name in ("FESTINA_CONFIG", "FESTINA_DB_URL"):
+        env.pop(name, None)
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "festina_hpc.cli.main", "--config", str(config), "daemon",
                                  "-v"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -64,11 +67,14 @@ async def wait_http(url: str, timeout_s: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
-async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False) -> tuple[str, Any]:
-    """("ok", body) for a complete answer, ("error", status or exception) for an error reply."""
+async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool = False,
+              key: str | None = None) -> tuple[str, Any]:
+    """("ok", body) for a complete answer, ("error", status or exception) for an error reply; with ``key`` as
+    the bearer token when given."""
     body = {"model": model, "prompt": "hello festina", "max_tokens": 6, "stream": stream}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        async with session.post(f"{url}/v1/completions", json=body) as resp:
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
             data = await resp.read()
             if resp.status != 200:
                 return "error", resp.status
