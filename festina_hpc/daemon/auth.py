@@ -123,7 +123,7 @@ class MemoryKeys:
 
 
 class DbEnergyUsage:
-    """``EnergyUsage`` over the tenant report (``energy_by_tenant``) of the live attribution."""
+    """``EnergyUsage`` over the account report (``energy_by_account``, ``festina energy report --by account``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -131,10 +131,8 @@ class DbEnergyUsage:
     def energy_by_account_j(self, since: datetime) -> Mapping[str, float]:
         from festina_hpc.db.accounting import run_query
 
-        used: dict[str, float] = {}
-        for row in run_query(self.engine, "energy_by_tenant", since=since).as_dicts():
-            used[row["account"]] = used.get(row["account"], 0.0) + float(row["energy_j"] or 0.0)
-        return used
+        rows = run_query(self.engine, "energy_by_account", since=since).as_dicts()
+        return {row["account"]: float(row["energy_j"] or 0.0) for row in rows}
 
 
 class TokenBucket:
