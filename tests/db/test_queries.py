@@ -163,6 +163,14 @@ def test_each_file_is_one_statement_with_its_parameters_documented(name: str) ->
     assert ";" not in query.sql
 
 
+def test_account_user_and_tenant_charge_with_the_same_statement() -> None:
+    """Each file stands alone (operators run them by hand), so the charging CTEs are copies: kept identical."""
+    def charging(name: str) -> str:
+        sql = load_query(name).sql
+        return sql[:sql.index("\nSELECT ", sql.index("charged AS"))]
+    assert charging("energy_by_account") == charging("energy_by_tenant") == charging("energy_by_user")
+
+
 def test_db_queries_in_the_repository_is_the_packaged_folder() -> None:
     assert (REPO / "db" / "queries").resolve() == QUERIES_DIR
     setup = configparser.ConfigParser()
