@@ -18,7 +18,8 @@ refills at the key's rate, so a client may burst that much and then gets 429 wit
 until the next request would be admitted.
 
 Quotas: ``account_energy_quota_j_per_day`` gives accounts a daily budget of GPU energy (J, per
-UTC day, as the tenant report charges it; see ``db/queries/energy_by_tenant.sql``). That report
+UTC day, as ``festina energy report --by account`` charges it; see ``db/queries/energy_by_account.sql``,
+the tenant report's split summed per account). That report
 splits the live attribution festina-node stores (each GPU interval among its instances by SM
 share, ``node/db_sink.py``) over the accounts whose requests each instance served, by tokens, and
 charges an hour without requests to the instance's Slurm job account. It is the gateway's account
