@@ -52,8 +52,10 @@ def energy() -> None:
 
 @energy.command("report")
 @click.option("--by", "by", type=click.Choice(sorted(REPORTS)), required=True,
-              help="job: top jobs; model: energy per token; user; account: per day (by Slurm job owner); "
-                   "tenant: per API key's account and user (gateway requests); node: idle energy; day.")
+              help="job: top jobs; model: energy per token; user, account, tenant (account and user): each "
+                   "instance-hour's energy split by the tokens of the gateway requests it served, an hour "
+                   "without requests to its Slurm job's owner; node: idle energy; day. The Slurm job's "
+                   "account per day: festina energy query energy_by_account_day.")
 @since_option
 @until_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Jobs at most (--by job).")

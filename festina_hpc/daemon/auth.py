@@ -18,7 +18,8 @@ refills at the key's rate, so a client may burst that much and then gets 429 wit
 until the next request would be admitted.
 
 Quotas: ``account_energy_quota_j_per_day`` gives accounts a daily budget of GPU energy (J, per
-UTC day, as the tenant report charges it; see ``db/queries/energy_by_tenant.sql``). That report
+UTC day, as ``festina energy report --by account`` charges it; see ``db/queries/energy_by_account.sql``,
+the tenant report's split summed per account). That report
 splits the live attribution festina-node stores (each GPU interval among its instances by SM
 share, ``node/db_sink.py``) over the accounts whose requests each instance served, by tokens, and
 charges an hour without requests to the instance's Slurm job account. It is the gateway's account
@@ -123,7 +124,7 @@ class MemoryKeys:
 
 
 class DbEnergyUsage:
-    """``EnergyUsage`` over the tenant report (``energy_by_tenant``) of the live attribution."""
+    """``EnergyUsage`` over the account report (``energy_by_account``, ``festina energy report --by account``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -131,10 +132,8 @@ class DbEnergyUsage:
     def energy_by_account_j(self, since: datetime) -> Mapping[str, float]:
         from festina_hpc.db.accounting import run_query
 
-        used: dict[str, float] = {}
-        for row in run_query(self.engine, "energy_by_tenant", since=since).as_dicts():
-            used[row["account"]] = used.get(row["account"], 0.0) + float(row["energy_j"] or 0.0)
-        return used
+        rows = run_query(self.engine, "energy_by_account", since=since).as_dicts()
+        return {row["account"]: float(row["energy_j"] or 0.0) for row in rows}
 
 
 class TokenBucket:

@@ -26,12 +26,15 @@ from festina_hpc.errors import FestinaError
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
 
-# `festina energy report --by X` runs REPORTS[X].
+# `festina energy report --by X` runs REPORTS[X]. user, account and tenant charge alike (by the gateway
+# requests' tokens, the Slurm job's owner in hours without any), so on a live cluster, where festinad's
+# own job serves everyone, they name who sent the requests; energy_by_account_day (the Slurm job's
+# account per day) stays a shipped query.
 REPORTS = {
     "job": "top_jobs_by_energy",
     "model": "energy_per_token_per_model",
     "user": "energy_by_user",
-    "account": "energy_by_account_day",
+    "account": "energy_by_account",
     "tenant": "energy_by_tenant",
     "node": "idle_energy_per_node",
     "day": "energy_by_day",

@@ -8,10 +8,10 @@ reading that closes it:
 
 - ``job_energy`` / ``instance_energy``: the share of each instance, to it and to its Slurm job;
 - ``model_energy_hourly``: the instances' shares, per model per UTC hour;
-- ``instance_energy_hourly``: each instance's share per UTC hour (what the tenant report splits over
-  the requests the instance served in that hour);
+- ``instance_energy_hourly``: each instance's share per UTC hour (what the account, user and tenant
+  reports split over the requests the instance served in that hour);
 - ``account_energy_daily``: the instances' shares, per Slurm account and user (of the instance's
-  job; "" when it has none) per UTC day;
+  job; "" when it has none) per UTC day (``energy_by_account_day``);
 - ``node_energy_hourly``: the whole difference, per node per hour, and the part no share claimed
   (``idle_energy_j``: a GPU without instances, or the unclaimed rest of its shares).
 

@@ -48,8 +48,9 @@ def report(festina: Festina, url: str, *args: str) -> dict[str, Any]:
     ("job", {"job_id": 101, "user_name": "alice", "account": "proj1", "energy_j": 9000.0,
              "from_at": "2026-03-01T12:00:00+00:00", "to_at": "2026-03-01T13:01:00+00:00"}),
     ("model", {"model": "llama-3.1-8b", "energy_j": 9400.0, "output_tokens": 470, "energy_per_output_token_j": 20.0}),
-    ("user", {"user_name": "alice", "account": "proj1", "energy_j": 9000.0}),
-    ("account", {"account": "proj1", "day_at": "2026-03-01T00:00:00+00:00", "energy_j": 9000.0}),
+    # user and account charge as tenant does: A's hour 12 to alice's requests, its hour 13 to job 101's proj1/alice.
+    ("user", {"user_name": "alice", "accounts": 1, "requests": 4, "tokens": 600, "energy_j": 9000.0}),
+    ("account", {"account": "proj1", "requests": 4, "tokens": 600, "energy_j": 9000.0}),
     # A's 1800 J of hour 12 to alice's 4 requests, its 7200 J of hour 13 (no requests) to its job's proj1/alice.
     ("tenant", {"account": "proj1", "user_name": "alice", "requests": 4, "tokens": 600, "energy_j": 9000.0}),
     ("node", {"node": "n01", "energy_j": 10800.0, "idle_energy_j": 900.0}),
@@ -83,6 +84,11 @@ def test_any_shipped_query_runs_by_name(festina: Festina, url: str) -> None:
     result = festina("energy", "query", "slo_attainment_per_model", "--format", "json", "--db-url", url)
     rows = json.loads(result.out)["rows"]
     assert [(r["model"], r["slo_attainment"]) for r in rows] == [("llama-3.1-8b", 0.6), ("mistral-7b", 1.0)]
+    # The Slurm job's account per day, which --by account was before it charged the gateway accounts.
+    result = festina("energy", "query", "energy_by_account_day", "--format", "json", "--db-url", url)
+    assert [(r["account"], r["day_at"], r["energy_j"]) for r in json.loads(result.out)["rows"]] == [
+        ("proj1", "2026-03-01T00:00:00+00:00", 9000.0), ("proj2", "2026-03-01T00:00:00+00:00", 1200.0),
+        ("proj2", "2026-03-02T00:00:00+00:00", 100.0)]
 
 
 @pytest.mark.parametrize("what", ["model", "node"])

@@ -28,7 +28,7 @@ from festina_hpc.db.store import Store
 from tests.db import accounting_fixture as fx
 
 REPO = Path(__file__).resolve().parents[2]
-EXPECTED_QUERIES = {"energy_by_account_day", "energy_by_model_hour", "energy_per_token_per_model",
+EXPECTED_QUERIES = {"energy_by_account", "energy_by_account_day", "energy_by_model_hour", "energy_per_token_per_model",
                     "slo_attainment_per_model", "top_jobs_by_energy", "idle_energy_per_node", "energy_by_user",
                     "energy_by_day", "power_per_node_hour", "energy_by_tenant"}
 
@@ -44,6 +44,7 @@ def rows(engine: Engine, name: str, **params: Any) -> list[dict[str, Any]]:
 
 
 def test_energy_by_account_day(loaded: Engine) -> None:
+    """The Slurm job's account per day (a shipped query, no longer --by account)."""
     assert rows(loaded, "energy_by_account_day") == [
         {"account": "proj1", "day_at": fx.DAY1, "energy_j": 9000.0, "energy_kwh": pytest.approx(9000 / 3.6e6)},
         {"account": "proj2", "day_at": fx.DAY1, "energy_j": 1200.0, "energy_kwh": pytest.approx(1200 / 3.6e6)},
@@ -52,9 +53,37 @@ def test_energy_by_account_day(loaded: Engine) -> None:
     assert [r["account"] for r in rows(loaded, "energy_by_account_day", since=fx.DAY2)] == ["proj2"]
 
 
+def test_energy_by_account(loaded: Engine) -> None:
+    # A's hour 12 to alice's (proj1) requests, its hour 13 (none) to job 101's proj1; B's and C's to bob's proj2
+    # requests, except C's hour 12 (none) to job 102's proj2.
+    assert rows(loaded, "energy_by_account") == [
+        {"account": "proj1", "requests": 4, "tokens": 600, "energy_j": 9000.0,
+         "energy_kwh": pytest.approx(9000 / 3.6e6), "energy_per_token_j": 15.0},
+        {"account": "proj2", "requests": 3, "tokens": 600, "energy_j": 1300.0,
+         "energy_kwh": pytest.approx(1300 / 3.6e6), "energy_per_token_j": pytest.approx(1300 / 600)},
+    ]
+    assert [(r["account"], r["energy_j"]) for r in rows(loaded, "energy_by_account", since=fx.DAY2)] == [
+        ("proj2", 100.0)]
+
+
 def test_energy_by_user(loaded: Engine) -> None:
-    assert [(r["user_name"], r["account"], r["energy_j"]) for r in rows(loaded, "energy_by_user")] == [
-        ("alice", "proj1", 9000.0), ("bob", "proj2", 1300.0)]
+    assert [(r["user_name"], r["accounts"], r["requests"], r["tokens"], r["energy_j"])
+            for r in rows(loaded, "energy_by_user")] == [("alice", 1, 4, 600, 9000.0), ("bob", 1, 3, 600, 1300.0)]
+    assert [(r["user_name"], r["energy_j"]) for r in rows(loaded, "energy_by_user", since=fx.H13, until=fx.DAY2)] == [
+        ("alice", 7200.0)]
+
+
+@pytest.mark.parametrize(("since", "until"), [(fx.DAY1, fx.DAY2), (fx.DAY2, fx.DAY2 + (fx.DAY2 - fx.DAY1)),
+                                              (fx.H13, fx.H12_NEXT), (fx.DAY1, fx.H12_NEXT + (fx.H13 - fx.H12))])
+def test_accounts_users_and_tenants_plus_idle_are_the_node_energy(loaded: Engine, since: Any, until: Any) -> None:
+    """Every joule of an instance is charged to someone: the sum over accounts (users, tenants) plus idle
+    energy is the nodes' energy over any range of whole hours."""
+    nodes = rows(loaded, "power_per_node_hour", since=since, until=until)
+    node_j, idle_j = sum(r["energy_j"] for r in nodes), sum(r["idle_energy_j"] for r in nodes)
+    assert node_j > 0
+    for name in ("energy_by_account", "energy_by_user", "energy_by_tenant"):
+        charged_j = sum(r["energy_j"] for r in rows(loaded, name, since=since, until=until))
+        assert charged_j + idle_j == pytest.approx(node_j, rel=1e-9), name
 
 
 def test_energy_by_model_hour(loaded: Engine) -> None:
@@ -134,6 +163,14 @@ def test_each_file_is_one_statement_with_its_parameters_documented(name: str) ->
     assert ";" not in query.sql
 
 
+def test_account_user_and_tenant_charge_with_the_same_statement() -> None:
+    """Each file stands alone (operators run them by hand), so the charging CTEs are copies: kept identical."""
+    def charging(name: str) -> str:
+        sql = load_query(name).sql
+        return sql[:sql.index("\nSELECT ", sql.index("charged AS"))]
+    assert charging("energy_by_account") == charging("energy_by_tenant") == charging("energy_by_user")
+
+
 def test_db_queries_in_the_repository_is_the_packaged_folder() -> None:
     assert (REPO / "db" / "queries").resolve() == QUERIES_DIR
     setup = configparser.ConfigParser()
@@ -156,7 +193,7 @@ def test_a_malformed_query_file_is_refused(case: str, source: str, message: str)
 
 
 def test_unknown_query_and_missing_limit_are_one_line_errors(migrated: Engine) -> None:
-    with pytest.raises(QueryError, match=r"^query 'nope' is not one of energy_by_account_day, "):
+    with pytest.raises(QueryError, match=r"^query 'nope' is not one of energy_by_account, energy_by_account_day, "):
         load_query("nope")
     with pytest.raises(QueryError, match=r"^query top_jobs_by_energy needs limit$"):
         run_query(migrated, "top_jobs_by_energy")

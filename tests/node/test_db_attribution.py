@@ -167,14 +167,15 @@ def test_every_report_adds_up_to_the_node_counters(live: LiveNode, festina: Fest
 
     models = {r["model"]: float(r["energy_j"]) for r in report(festina, url, "model")}
     assert models == pytest.approx({LLAMA: jobs[301]["energy_j"], MISTRAL: jobs[302]["energy_j"]}, rel=0.01)
-    users = {(r["user_name"], r["account"]): float(r["energy_j"]) for r in report(festina, url, "user")}
-    assert users == pytest.approx({("alice", "proj1"): jobs[301]["energy_j"],
-                                   ("bob", "proj2"): jobs[302]["energy_j"]}, rel=0.01)
-    accounts: dict[str, float] = {}
-    for r in report(festina, url, "account"):
-        accounts[r["account"]] = accounts.get(r["account"], 0.0) + float(r["energy_j"])
+    # No requests: each instance's hours are charged to its job's user and account (--by user, account, tenant).
+    user_rows = report(festina, url, "user")
+    users = {r["user_name"]: float(r["energy_j"]) for r in user_rows}
+    assert len(users) == len(user_rows) and all(r["accounts"] == 1 for r in user_rows)
+    assert users == pytest.approx({"alice": jobs[301]["energy_j"], "bob": jobs[302]["energy_j"]}, rel=0.01)
+    account_rows = report(festina, url, "account")
+    accounts = {r["account"]: float(r["energy_j"]) for r in account_rows}
+    assert len(accounts) == len(account_rows)  # one row per account, over the whole range
     assert accounts == pytest.approx({"proj1": jobs[301]["energy_j"], "proj2": jobs[302]["energy_j"]}, rel=0.01)
-    # No requests: each instance's hours are charged to its job's account and user.
     tenants = {(r["account"], r["user_name"]): float(r["energy_j"]) for r in report(festina, url, "tenant")}
     assert tenants == pytest.approx({("proj1", "alice"): jobs[301]["energy_j"],
                                      ("proj2", "bob"): jobs[302]["energy_j"]}, rel=0.01)
@@ -182,7 +183,8 @@ def test_every_report_adds_up_to_the_node_counters(live: LiveNode, festina: Fest
     assert len(days) == 1
     assert (days[0]["energy_j"], days[0]["attributed_energy_j"], days[0]["idle_energy_j"]) == pytest.approx(
         (node_j, attributed_j, idle_j), rel=0.01)
-    for rows in (list(jobs.values()), report(festina, url, "model"), report(festina, url, "user")):
+    for rows in (list(jobs.values()), report(festina, url, "model"), user_rows, account_rows,
+                 report(festina, url, "tenant")):
         assert total(rows) + idle_j == pytest.approx(node_j, rel=0.01)
 
     out = tmp_path / "models.png"

@@ -1,4 +1,4 @@
--- energy_by_account_day: GPU energy charged to each Slurm account per UTC day.
+-- energy_by_account_day: GPU energy charged to each Slurm job's account per UTC day (not gateway accounts).
 --
 -- Reads the account_energy_daily rollup (maintained at ingest), never the raw samples.
 -- An instance's energy is charged to the account of its Slurm job ('' when it has none).
