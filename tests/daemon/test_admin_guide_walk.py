@@ -459,13 +459,14 @@ def test_admin_guide_walk(power_cluster: DevClusterConfig, tmp_path: Path, capsy
                                                                "json"))["rows"]
             return rows
 
-        for by in ("account", "user"):
-            report(by)
         assert sum(float(r["energy_j"] or 0.0) for r in report("node")) > 0
         assert sum(float(r["attributed_energy_j"]) for r in report("day")) > 0
         assert {first_user, small_user} <= {r["job_id"] for r in report("job")}
         _until("proj1 charged as a tenant", lambda: any(
             r["account"] == "proj1" and float(r["energy_j"] or 0.0) > 0 for r in report("tenant")), 30, log)
+        assert any(r["user_name"] == "alice" and float(r["energy_j"] or 0.0) > 0 for r in report("user"))
+        [accounts] = festina.guide("festina energy report --by account")
+        assert "GPU energy by account" in accounts and "proj1" in accounts, accounts
         [bench] = festina.guide("festina bench status --json")
         figures = json.loads(bench)
         assert figures["gpus"] == 1024 and figures["instances"] > 1024 and figures["render_s"] > 0, figures
