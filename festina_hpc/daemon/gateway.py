@@ -406,6 +406,7 @@ class Gateway:
                         return web.Response(status=upstream.status, body=data, headers=headers)
                     raise _UpstreamStatus(upstream.status, data)
                 flight.timing = timing  # from here on the record carries what the instance served
+                public = model.public
                 async for payload, event in _events(upstream.content):
                     if payload is None:
                         timing.done = True
@@ -429,10 +430,10 @@ class Gateway:
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
                     served = event.get("model")
-                    if served is not None and served != model.public:
+                    if served is not None and served != public:
                         # The instance answers under the profile's name (vLLM's --served-model-name); the
                         # client called the catalogue's.
-                        payload = _renamed(payload, event, model.public)
+                        payload = _renamed(payload, event, public)
                     await _send(response, b"data: " + payload + b"\n\n")
         except _ClientGone:
             # The tokens served so far are recorded (and charged); closing the upstream stream ends the
