@@ -15,7 +15,7 @@ import dataclasses
 import os
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,9 @@ class NodeControlConfig:
     secret_file: str = ""  # mode 600: the same key as the nodes' control_secret_file
     munge_socket: str = ""  # munged's socket; "" = munge's default
     timeout_s: float = 10.0  # one request to one node
+    # [node_control.ports]: node = port, for nodes that listen elsewhere than ``port`` (a dev cluster's nodes
+    # share one address, each on its own port)
+    ports: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -291,10 +294,12 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Co
         if name not in _SECTION_TYPES:
             known = ", ".join(sorted([*_SECTION_TYPES, "slo"]))
             raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
-        if name == "gateway" and isinstance(value, Mapping) and _QUOTAS in value:
-            quotas = _quotas(source, value[_QUOTAS])
-            section = _build_section(source, name, GatewaySettings, {k: v for k, v in value.items() if k != _QUOTAS})
-            built[name] = dataclasses.replace(section, account_energy_quota_j_per_day=quotas)
+        tables = {key: read for (section_name, key), read in _TABLES.items() if section_name == name}
+        if isinstance(value, Mapping) and tables.keys() & value.keys():
+            section = _build_section(source, name, _SECTION_TYPES[name],
+                                     {k: v for k, v in value.items() if k not in tables})
+            built[name] = dataclasses.replace(section, **{key: tables[key](source, value[key])
+                                                          for key in tables.keys() & value.keys()})
             continue
         built[name] = _build_section(source, name, _SECTION_TYPES[name], value)
     return Config(**built, source=source)
@@ -313,6 +318,23 @@ def _quotas(source: str, raw: Any) -> dict[str, float]:
             raise ConfigError(f'{source}: gateway.{_QUOTAS}."{account}" = {value!r} must be a positive number of J')
         quotas[str(account)] = float(value)
     return quotas
+
+
+def _node_ports(source: str, raw: Any) -> dict[str, int]:
+    """``[node_control.ports]``: node = the port its festina-node listens on, where it is not ``port``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: node_control.ports must be a table of node = port, got {raw!r}")
+    ports = {}
+    for node, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise ConfigError(f'{source}: node_control.ports."{node}" = {value!r} must be a port in 1..65535')
+        ports[str(node)] = value
+    return ports
+
+
+# Sub-tables of a section, each read by its own function: (section, key) -> reader.
+_TABLES: dict[tuple[str, str], Callable[[str, Any], Any]] = {("gateway", _QUOTAS): _quotas,
+                                                             ("node_control", "ports"): _node_ports}
 
 
 def _slo_overrides(source: str, raw: Any) -> dict[str, SloOverride]:

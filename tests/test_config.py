@@ -157,3 +157,14 @@ def test_db_url_defaults_to_a_sqlite_file_in_the_state_folder(tmp_path: Path, mo
     assert load_config(path).db.resolved_url() == "postgresql+psycopg://festina@db/festina"
     with pytest.raises(ConfigError, match=r"db\.url must be str, got 5"):
         load_config(write_config(tmp_path / "bad.toml", "[db]\nurl = 5\n"))
+
+
+def test_node_control_ports_are_read_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "festina.toml"
+    path.write_text('[node_control]\nport = 28000\n[node_control.ports]\nn1 = 28001\nn2 = 28002\n')
+    cfg = load_config(path)
+    assert (cfg.node_control.port, dict(cfg.node_control.ports)) == (28000, {"n1": 28001, "n2": 28002})
+    path.write_text('[node_control.ports]\nn1 = 70000\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f'{path}: node_control.ports."n1" = 70000 must be a port in 1..65535'

@@ -75,6 +75,7 @@ def status_cmd(base_dir: Path, as_json: bool) -> None:
                    "slurm_conf": str(st.config.slurm_conf) if st.config else None,
                    "db_url": mask_url(st.config.database_url) if st.config else None,
                    "daemons": [{"name": d.name, "pid": d.pid, "running": d.running} for d in st.daemons],
+                   "node_control_ports": _node_ports(st.config),
                    "power": dict(st.power)})
         return
     if st.config is None:
@@ -84,6 +85,15 @@ def status_cmd(base_dir: Path, as_json: bool) -> None:
     for d in st.daemons:
         click.echo(f"  {d.name:<15} {'running' if d.running else 'stopped':<8} pid {d.pid or '-'}")
     click.echo("  power: " + " ".join(f"{node}={state}" for node, state in st.power))
+    if ports := _node_ports(st.config):  # what festinad's config needs to reach every node
+        click.echo("  [node_control.ports] " + " ".join(f"{node} = {port}" for node, port in ports.items()))
     if st.running:
         click.echo(f"export SLURM_CONF={st.config.slurm_conf}")
         click.echo(f"export FESTINA_DB_URL={mask_url(st.config.database_url)}")
+
+
+def _node_ports(cfg: devcluster.DevClusterConfig | None) -> dict[str, int]:
+    """Each node's festina-node control port (festinad's ``[node_control.ports]``); none without festina-node."""
+    if cfg is None or not cfg.festina_node:
+        return {}
+    return {node: cfg.node_control_port(node) for node in cfg.node_names}

@@ -33,9 +33,11 @@ class NodeControlClient:
     """Signs and sends control messages; ``address_of`` maps a Slurm node name to where it listens."""
 
     def __init__(self, signer: Signer, port: int, *, timeout_s: float = 10.0,
-                 address_of: Callable[[str], str] = lambda node: node, clock: Callable[[], float] = time.time):
+                 address_of: Callable[[str], str] = lambda node: node, clock: Callable[[], float] = time.time,
+                 ports: Mapping[str, int] | None = None):
         self.signer = signer
-        self.port = port
+        self.port = port  # every node's, but those in ``ports``
+        self._ports = dict(ports or {})
         self._timeout_s = timeout_s
         self._address_of = address_of
         self._clock = clock
@@ -51,10 +53,10 @@ class NodeControlClient:
 
     def send(self, node: str, wire: Mapping[str, Any]) -> Any:
         """Send an already signed message (tests replay one this way) and return the node's result."""
-        host = self._address_of(node)
-        where = f"festina-node {node} at {host}:{self.port}"
+        host, port = self._address_of(node), self._ports.get(node, self.port)
+        where = f"festina-node {node} at {host}:{port}"
         try:
-            with socket.create_connection((host, self.port), timeout=self._timeout_s) as sock:
+            with socket.create_connection((host, port), timeout=self._timeout_s) as sock:
                 sock.sendall(json.dumps(wire).encode() + b"\n")
                 data = sock.makefile("rb").readline(65536)
         except OSError as exc:
@@ -93,8 +95,8 @@ class NodeControlClient:
 
 
 def node_control_from_config(cfg: NodeControlConfig, address_of: Callable[[str], str]) -> NodeControlClient | None:
-    """The client ``[node_control]`` asks for, or None when its port is 0; a readable secret file is refused."""
-    if not cfg.port:
+    """The client ``[node_control]`` asks for, or None when it names no port; a readable secret file is refused."""
+    if not cfg.port and not cfg.ports:
         return None
     if cfg.port > 65535:
         raise ConfigError(f"node_control.port = {cfg.port} must be in 0..65535 (0 = off)")
@@ -105,4 +107,4 @@ def node_control_from_config(cfg: NodeControlConfig, address_of: Callable[[str],
         signer = SecretSigner(load_secret(Path(cfg.secret_file)))
     else:
         signer = MungeSigner(Munge(cfg.munge_socket))
-    return NodeControlClient(signer, cfg.port, timeout_s=cfg.timeout_s, address_of=address_of)
+    return NodeControlClient(signer, cfg.port, timeout_s=cfg.timeout_s, address_of=address_of, ports=cfg.ports)

@@ -40,3 +40,12 @@ def test_status_lists_the_festina_node_daemons_and_the_shared_database(festina: 
 def test_bad_node_port_is_one_line(festina: Festina, tmp_path: Path) -> None:
     result = festina("dev-cluster", "up", "--base-dir", str(tmp_path), "--node-port", "27002")
     assert (result.code, result.err) == (2, "festina: error: node_port 27002: the festina-node ports overlap Slurm's\n")
+
+
+def test_status_lists_the_ports_festinad_needs_to_reach_each_node(tmp_path: Path) -> None:
+    from festina_hpc.cli.dev_cluster import _node_ports
+    from festina_hpc.devcluster import DevClusterConfig
+
+    cfg = DevClusterConfig(base_dir=tmp_path, nodes=3, node_port=28101)
+    assert _node_ports(cfg) == {"n1": 28101, "n2": 28102, "n3": 28103}
+    assert _node_ports(DevClusterConfig(base_dir=tmp_path, festina_node=False)) == {} == _node_ports(None)

@@ -16,7 +16,7 @@ from festina_hpc.cli.main import main
 from festina_hpc.config import NodeControlConfig
 from festina_hpc.daemon.admin_api import add_admin_routes
 from festina_hpc.daemon.festinad import Festinad
-from festina_hpc.daemon.node_control import NodeControlClient, node_control_from_config
+from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError, node_control_from_config
 from festina_hpc.db.store import Store
 from festina_hpc.errors import ConfigError
 from festina_hpc.node.auth import MungeSigner, SecretSigner, Verifier
@@ -83,3 +83,13 @@ def test_the_client_is_built_from_config(tmp_path: Path) -> None:
     secret.chmod(0o600)
     built = node_control_from_config(NodeControlConfig(port=9, auth="secret", secret_file=str(secret)), str)
     assert built is not None and built.signer.scheme == "secret"
+
+
+def test_nodes_on_ports_of_their_own_are_reached_there(node_port: tuple[SimNode, int]) -> None:
+    """``[node_control.ports]``: a dev cluster's nodes share one address, each on its own port."""
+    sim, port = node_port
+    client = NodeControlClient(SecretSigner(KEY), 0, address_of=lambda node: "127.0.0.1", ports={"n1": port})
+    assert node_control_from_config(NodeControlConfig(ports={"n1": port}), str) is not None  # a table alone turns it on
+    assert client.call("n1", "lock_clocks", {"gpu": 0, "clock_mhz": 1410}) == 1410
+    with pytest.raises(NodeControlError, match=r"^festina-node n2 at 127\.0\.0\.1:0: "):
+        client.call("n2", "lock_clocks", {"gpu": 0, "clock_mhz": 1410})  # not in the table, and no port
