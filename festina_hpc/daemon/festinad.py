@@ -869,9 +869,11 @@ class Festinad:
     # -- periodic policy steps -----------------------------------------------------------------------------
 
     async def scale_tick(self) -> None:
+        self.router.learn()  # the policy plans with what the requests that ended since told it
         await self.execute(self.policy.scale(self.view))
 
     async def consolidate_tick(self) -> None:
+        self.router.learn()
         await self.execute(self.policy.consolidate(self.view))
 
     async def execute(self, plan: Plan) -> None:

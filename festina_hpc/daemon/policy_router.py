@@ -3,7 +3,7 @@
 ``LiveCluster`` is festinad's picture of its instances (what it started,
 where, how many requests each holds); it implements ``ClusterView`` so the
 very policy code measured in the simulator decides here. ``PolicyRouter``
-turns each request into a ``policy.types.Request`` and carries out the
+turns each request into a ``policy.types.Arrival`` and carries out the
 decision: ``Route`` to an instance (waiting while it loads), ``StartInstance``
 through the pluggable ``start_instance`` callback (the Slurm submit, wired in
 elsewhere; tests start an in-process server), ``Drop`` as ``NoInstance``.
@@ -14,12 +14,18 @@ routed to it, and is checked at once (``on_failed``: festinad); a request
 waiting on it when it turns out gone is placed again, and a replacement starts
 as a cold start would.
 
-Approximations, all on the side of caution: a request's output length is
-unknown at arrival, so the policy sees ``expected_output_tokens``; a routed
-request counts as running until the gateway reports it done, and its prompt
-as pending until then (the instance knows better; the reconcile loop will
-read its metrics). The router runs ``place`` only: ``scale``, ``control``
-and ``consolidate`` belong to festinad's periodic loops.
+What happened comes back to the policy as the simulator reports it: the
+router is also a ``Recorder`` (the gateway hands it each ``CompletionRecord``
+beside the database's), so ``policy.feedback`` gets each request that ended,
+with the tokens it really generated. ``record`` only appends (it runs on the
+gateway's hot path); ``learn`` hands the batch over before the policy's next
+decision (a placement, or festinad's scale and consolidate ticks).
+
+Approximations, all on the side of caution: a routed request counts as
+running until the gateway reports it done, and its prompt as pending until
+then (the instance knows better; the reconcile loop will read its metrics).
+The router runs ``place`` only: ``scale``, ``control`` and ``consolidate``
+belong to festinad's periodic loops.
 """
 
 from __future__ import annotations
@@ -31,18 +37,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import Policy
 from festina_hpc.policy.limits import Refusal, limit_placement
 from festina_hpc.policy.types import (
     NO_LIMITS,
+    Arrival,
     Drop,
+    EndedRequest,
+    Ending,
     InstancePhase,
     ModelInfo,
     ModelLimits,
     NodePower,
     Placement,
-    Request,
     Route,
     Slo,
     StartInstance,
@@ -54,6 +63,9 @@ USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simul
 DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
 READY_POLL_S = 1.0  # how often a request waiting on a start looks for another ready instance
 MAX_PLACEMENTS = 3  # placements of one request whose instance was lost while it waited (bounded, never a loop)
+# How the gateway's outcomes end for the policy: a 503 (no instance in time, or the policy's drop) is a
+# refusal; the rest (the instance failed, the client left, festinad stopped) cut a request short.
+ENDINGS = {Outcome.OK: Ending.COMPLETED, Outcome.NO_INSTANCE: Ending.REFUSED}
 
 
 def runs_as_mps(tp: int, sm_pct: float) -> bool:
@@ -340,7 +352,7 @@ class PolicyRouter:
     """``Router`` over a ``LiveCluster``: the policy places, ``start_instance`` starts."""
 
     def __init__(self, policy: Policy, cluster: LiveCluster, start_instance: StartInstanceFn,
-                 stop_instance: StopInstanceFn | None = None, expected_output_tokens: int = 256,
+                 stop_instance: StopInstanceFn | None = None,
                  new_instance_id: Callable[[StartInstance], int] | None = None,
                  on_refused: Callable[[str, Refusal, Placement], None] | None = None,
                  on_failed: FailedInstanceFn | None = None):
@@ -353,7 +365,8 @@ class PolicyRouter:
         self.cluster = cluster
         self.start_instance = start_instance
         self.stop_instance = stop_instance
-        self.expected_output_tokens = expected_output_tokens
+        # Records of requests that ended since the policy last learnt (record() appends, learn() hands over).
+        self._ended: list[CompletionRecord] = []
         self._request_ids = itertools.count()
         self._instance_ids = itertools.count()
         # festinad passes the database's id allocator, so ids survive a restart.
@@ -380,7 +393,8 @@ class PolicyRouter:
         """Ask the policy; the instance the request goes to (a start begun), counted against it."""
         view = self.cluster
         view.note_arrival(model)
-        request = Request(next(self._request_ids), view.now_s, model, prompt_tokens, self.expected_output_tokens)
+        self.learn()
+        request = Arrival(next(self._request_ids), view.now_s, model, prompt_tokens)
         decision, refused = limit_placement(self.policy.place(request, view), view)
         if refused is not None and self.on_refused is not None:
             self.on_refused(model, refused, decision)
@@ -507,6 +521,21 @@ class PolicyRouter:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def record(self, record: CompletionRecord) -> None:
+        """The gateway's ``Recorder``: keep a request that ended for the policy's next ``learn()``. Only an
+        append: it runs on the gateway's event loop after each response."""
+        if record.outcome is not Outcome.IN_FLIGHT:  # a checkpoint, not an end: its final record follows
+            self._ended.append(record)
+
+    def learn(self) -> None:
+        """Hand the requests that ended since the last call to ``policy.feedback``, in the order they ended."""
+        if not self._ended:
+            return
+        ended, self._ended = self._ended, []
+        self.policy.feedback([EndedRequest(r.model, r.prompt_tokens, r.output_tokens,
+                                           ENDINGS.get(r.outcome, Ending.FAILED), r.ttft_s, r.tbt_mean_s)
+                              for r in ended])
 
     async def close(self) -> None:
         """Cancel starts and stops still in flight (festinad shutdown)."""

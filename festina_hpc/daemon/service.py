@@ -81,7 +81,8 @@ async def run_festinad(festinad: Festinad, recorder: StoreRecorder, models: list
     recorder.recover()  # what the last festinad was answering when it died
     window = RequestWindow()
     config = replace(gateway_config or GatewayConfig(), shutdown_s=shutdown_s)
-    gateway = Gateway(festinad.router, FanOut(recorder, window), models, config, auth=auth)
+    # The router hears of each request that ended too: the policy learns from them (policy.feedback).
+    gateway = Gateway(festinad.router, FanOut(recorder, window, festinad.router), models, config, auth=auth)
     app = gateway.app()
     add_admin_routes(app, festinad, auth, admin_open)  # /admin/*: consolidate now, drain a model (festina CLI)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_s)

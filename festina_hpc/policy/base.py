@@ -10,6 +10,11 @@ A policy is four pure steps (STYLE: one small method per step of a decision):
 - ``scale(view)``: instances to start or stop (keep-alive, scale to zero).
 - ``consolidate(view)``: migrations and node power changes.
 
+A policy sees an ``Arrival`` (no output length: that is the request's
+future) and learns what happened from ``feedback(done)``: the driver reports
+each request that ended, served, refused or failed, with its true token
+counts and latencies, as vLLM's scheduler takes its step outputs.
+
 Each returns data; the driver validates and carries it out. A policy keeps no
 reference to the view between calls; it may keep its own bookkeeping (for
 example a last-decision time per GPU for hysteresis).
@@ -18,12 +23,12 @@ example a last-decision time per GPU for hysteresis).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from festina_hpc.errors import FestinaError
-from festina_hpc.policy.types import ClusterView, GpuSettings, GpuView, Placement, Plan, Request
+from festina_hpc.policy.types import Arrival, ClusterView, EndedRequest, GpuSettings, GpuView, Placement, Plan
 from festina_hpc.profiles.store import ProfileStore
 
 
@@ -70,8 +75,18 @@ class Policy(ABC):
         self.gpu_spec = context.store.gpu(context.gpu_type)
 
     @abstractmethod
-    def place(self, request: Request, view: ClusterView) -> Placement:
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
         """Where ``request`` goes."""
+
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        """Learn from requests that ended. Default: nothing.
+
+        The contract: the driver calls it after requests end (completed, refused or failed), each
+        request once, in the order they ended, before its next call of another step that should
+        know of them; never with a request that is still running, so never with a request's
+        future. The policy must not keep ``done``, and must not raise on an outcome it ignores.
+        """
+        return None  # a policy that plans from arrivals alone (vllm, serverlessllm) has nothing to learn
 
     def control(self, gpu: GpuView, view: ClusterView) -> GpuSettings | None:
         """Default: leave the GPU as it is (max clock, shares as started)."""

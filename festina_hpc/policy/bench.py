@@ -229,8 +229,9 @@ def time_placement(sim: Simulation, policy: Policy, decisions: int, rng: np.rand
     clock = time.perf_counter_ns
     for _ in range(decisions):
         request = _request(rng, ids, models[int(rng.integers(len(models)))])
+        arrival = request.arrival()
         start = clock()
-        decision = policy.place(request, sim)
+        decision = policy.place(arrival, sim)
         figures.place_ns.append(clock() - start)
         if isinstance(decision, StartInstance):
             try:

@@ -8,13 +8,15 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 import numpy as np
 
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Drop,
+    EndedRequest,
+    Ending,
     InstancePhase,
     InstanceView,
     NodePower,
     Placement,
-    Request,
     Route,
     StartInstance,
 )
@@ -150,38 +152,60 @@ SHORT_OUTPUT_WEIGHT = 0.005  # the share is a mean over a few hundred requests (
 
 
 class TokenStats:
-    """Per-model running means of prompt and output lengths, learnt from the requests a policy places.
+    """Per-model running means of prompt and output lengths: prompts learnt from the requests a policy
+    places, outputs from the requests that completed (``Policy.feedback``).
 
     A serving system knows its workload's length distribution from history, not a request's own
-    output length; an exponentially weighted mean over past requests is that knowledge.
+    output length; an exponentially weighted mean over past requests is that knowledge. A prompt
+    is known at arrival; an output length only once the request completed, so the output half
+    lags the prompt half by a request's service time.
     """
 
     def __init__(self, weight: float = 0.05, prompt_tokens: float = TYPICAL_CONTEXT_TOKENS,
                  output_tokens: float = 256.0, window: int = 512):
         self.weight = weight
         self._initial = (prompt_tokens, output_tokens)
-        self._means: dict[str, tuple[float, float]] = {}
+        self._prompt_means: dict[str, float] = {}
+        self._output_means: dict[str, float] = {}
         self._short: dict[str, float] = {}  # model -> share of requests with SHORT_OUTPUT_TOKENS or fewer
         self._window = window
         self._prompts: dict[str, deque[int]] = {}
         self._quantiles: dict[tuple[str, float], tuple[int, float]] = {}  # (model, q) -> (count at, value)
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # model -> prompts seen
+        self._output_counts: dict[str, int] = {}  # model -> outputs seen
 
     def prime(self, model: str, prompt_tokens: float, output_tokens: float) -> None:
         """Start the model's mean lengths from figures known in advance instead of the prior."""
-        self._means.setdefault(model, (prompt_tokens, output_tokens))
+        self._prompt_means.setdefault(model, prompt_tokens)
+        self._output_means.setdefault(model, output_tokens)
 
-    def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
-        self._counts[model] = count = self._counts.get(model, 0) + 1
-        prompt, output = self._means.get(model, self._initial)
-        w = self.weight
-        self._means[model] = (prompt + w * (prompt_tokens - prompt), output + w * (output_tokens - output))
+    def observe_prompt(self, model: str, prompt_tokens: int) -> None:
+        """An arriving request's prompt (known at arrival)."""
+        self._counts[model] = self._counts.get(model, 0) + 1
+        prompt = self._prompt_means.get(model, self._initial[0])
+        self._prompt_means[model] = prompt + self.weight * (prompt_tokens - prompt)
+        self._prompts.setdefault(model, deque(maxlen=self._window)).append(prompt_tokens)
+
+    def observe_output(self, model: str, output_tokens: int) -> None:
+        """A completed request's true output length."""
+        self._output_counts[model] = count = self._output_counts.get(model, 0) + 1
+        output = self._output_means.get(model, self._initial[1])
+        self._output_means[model] = output + self.weight * (output_tokens - output)
         # The share is the mean of every request seen until there are enough for its moving mean's
         # weight: it has no prior to start from.
         w = max(SHORT_OUTPUT_WEIGHT, 1.0 / count)
         short = self._short.get(model, 0.0)
         self._short[model] = short + w * ((output_tokens <= SHORT_OUTPUT_TOKENS) - short)
-        self._prompts.setdefault(model, deque(maxlen=self._window)).append(prompt_tokens)
+
+    def learn(self, done: Iterable[EndedRequest]) -> None:
+        """The output lengths of the completed requests among ``done`` (``Policy.feedback``'s).
+
+        A refused request generated nothing and a failed one was cut: neither tells how long the
+        model's answers run, so both are left out.
+        """
+        for outcome in done:
+            if outcome.ended is Ending.COMPLETED:
+                self.observe_output(outcome.model, outcome.output_tokens)
 
     def prompt_quantile(self, model: str, q: float) -> float:
         """The ``q`` quantile of the model's recent prompt lengths (re-computed every 1/8 window of requests).
@@ -201,10 +225,10 @@ class TokenStats:
         return value
 
     def prompt_tokens(self, model: str) -> float:
-        return self._means.get(model, self._initial)[0]
+        return self._prompt_means.get(model, self._initial[0])
 
     def output_tokens(self, model: str) -> float:
-        return self._means.get(model, self._initial)[1]
+        return self._output_means.get(model, self._initial[1])
 
     def short_output_share(self, model: str) -> float:
         """The share of the model's requests that generate SHORT_OUTPUT_TOKENS or fewer: those whose
@@ -213,8 +237,7 @@ class TokenStats:
 
     def decode_context_tokens(self, model: str) -> float:
         """Mean KV context of a decoding sequence: its prompt plus half its output."""
-        prompt, output = self._means.get(model, self._initial)
-        return prompt + output / 2
+        return self.prompt_tokens(model) + self.output_tokens(model) / 2
 
 
 EXPECTED_OUTPUT_TOKENS = 512  # KV room a router sets aside per request (a typical max_tokens)
@@ -229,7 +252,7 @@ TBT_PLANNING = 0.8
 TTFT_CONTROL = 0.8
 
 
-def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: InstanceView, clock_mhz: int) -> bool:
+def has_room(store: ProfileStore, view: ClusterView, request: Arrival, inst: InstanceView, clock_mhz: int) -> bool:
     """Whether ``inst`` can take ``request`` within its SLOs' headroom, as a load-aware router judges it.
 
     KV room for its queue and the request (each queued one taken as this one's size; a router does
@@ -249,7 +272,7 @@ def has_room(store: ProfileStore, view: ClusterView, request: Request, inst: Ins
     return predicted_tbt_s(store, view.gpu_type, inst, clock_mhz) <= TBT_PLANNING * slo.tbt_s
 
 
-def route_with_room(store: ProfileStore, view: ClusterView, request: Request, candidates: Sequence[InstanceView],
+def route_with_room(store: ProfileStore, view: ClusterView, request: Arrival, candidates: Sequence[InstanceView],
                     clock_mhz: int,
                     prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None
                     ) -> InstanceView | None:
@@ -268,7 +291,7 @@ def route_with_room(store: ProfileStore, view: ClusterView, request: Request, ca
     return None
 
 
-def place_on_whole_gpus(store: ProfileStore, view: ClusterView, request: Request, clock_mhz: int,
+def place_on_whole_gpus(store: ProfileStore, view: ClusterView, request: Arrival, clock_mhz: int,
                         prefer: Callable[[Iterable[InstanceView]], InstanceView | None] | None = None) -> Placement:
     """The whole-GPU baselines' placement: an instance with room (``route_with_room``), else a new
     instance on free GPUs, else the least loaded instance (it queues), else a drop.

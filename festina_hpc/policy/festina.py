@@ -107,8 +107,10 @@ from festina_hpc.policy.common import (
     serving,
 )
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Drop,
+    EndedRequest,
     GpuSettings,
     GpuView,
     InstancePhase,
@@ -121,7 +123,6 @@ from festina_hpc.policy.types import (
     Plan,
     PowerOff,
     PowerOn,
-    Request,
     Route,
     StartInstance,
     StopInstance,
@@ -587,8 +588,13 @@ class FestinaPolicy(Policy):
 
     # -- placement --------------------------------------------------------------------------------
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
-        self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        # Output lengths are learnt here, from what the requests generated; the estimates take them at
+        # the next scale tick that finds them drifted (_refresh_typical).
+        self.stats.learn(done)
+
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
+        self.stats.observe_prompt(request.model, request.prompt_tokens)
         model = view.model(request.model)
         burst = self._bursts.get(model.name)
         if burst is None:
@@ -630,7 +636,7 @@ class FestinaPolicy(Policy):
         evicting = self._by_eviction(view, model, set(), self._burst_instances(view))
         return evicting if evicting is not None else Drop("no capacity for a new instance")
 
-    def _sooner_than(self, request: Request, view: ClusterView, looked: Sequence[InstanceView],
+    def _sooner_than(self, request: Arrival, view: ClusterView, looked: Sequence[InstanceView],
                      wait_s: float) -> InstanceView | None:
         """The instance ``looked`` at that serves the request soonest, if sooner than ``wait_s`` (what
         a new instance would wait): a request never waits for a cold start it need not wait for.
@@ -667,7 +673,7 @@ class FestinaPolicy(Policy):
             return max(0.0, node.ready_at_s - view.now_s)
         return self.context.resume_time_s
 
-    def _looked_at(self, request: Request, view: ClusterView,
+    def _looked_at(self, request: Arrival, view: ClusterView,
                    instances: Sequence[InstanceView]) -> list[InstanceView]:
         """The fill target, three sampled instances and the newest: O(1) of the model's instances."""
         looked: dict[int, InstanceView] = {}
@@ -683,7 +689,7 @@ class FestinaPolicy(Policy):
             looked[instances[-1].id] = instances[-1]
         return [i for i in looked.values() if i.phase <= InstancePhase.READY]
 
-    def _safe_fullest(self, request: Request, view: ClusterView, model: ModelInfo,
+    def _safe_fullest(self, request: Arrival, view: ClusterView, model: ModelInfo,
                       candidates: Sequence[InstanceView]) -> InstanceView | None:
         """The fullest candidate that takes the request within its SLOs and KV room. Candidates are
         tried fullest first, so the SLO check (the costly part) runs until the first safe one."""

@@ -1,18 +1,20 @@
 """The data that flows between a driver (simulator or daemon) and a policy.
 
-Requests and SLOs come in; decisions go out as frozen dataclasses: where a
+Arrivals and SLOs come in; decisions go out as frozen dataclasses: where a
 request goes (``Route``, ``Start``, ``Drop``), what a GPU's settings are
 (``GpuSettings``), and what the cluster should change (a ``Plan`` of
 actions). The read side is a set of small protocols (``ClusterView`` and the
 views it hands out) that the driver implements over its own live state, so a
-policy never copies the cluster and never mutates it.
+policy never copies the cluster and never mutates it. What happened to the
+requests comes back as ``EndedRequest``s (``Policy.feedback``): a policy
+learns output lengths from these, never from a request's future.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -20,14 +22,57 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """A request as a policy sees it when it arrives: what it asks of which model, not how long it will run.
+
+    Its output length is the request's future (the engine stops at an end-of-sequence token or
+    ``max_tokens``), so a policy learns typical output lengths from ``EndedRequest``s instead.
+    """
+
+    id: int
+    arrival_s: float
+    model: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class Request:
-    """One inference request: a prompt of ``prompt_tokens`` that generates ``output_tokens``."""
+    """One inference request of a workload: a prompt of ``prompt_tokens`` that generates ``output_tokens``.
+
+    The simulator's (a trace knows every request's length); a policy is handed its ``arrival()``.
+    """
 
     id: int
     arrival_s: float
     model: str
     prompt_tokens: int
     output_tokens: int
+
+    def arrival(self) -> Arrival:
+        """What a policy may know of the request when it arrives."""
+        return Arrival(self.id, self.arrival_s, self.model, self.prompt_tokens)
+
+
+class Ending(StrEnum):
+    """How a request ended, as its driver reports it to the policy."""
+
+    COMPLETED = "completed"  # served to its end
+    REFUSED = "refused"  # never served: the policy dropped it, or no instance came in time
+    FAILED = "failed"  # cut: the instance failed, the client hung up, or the driver stopped
+
+
+@dataclass(frozen=True)
+class EndedRequest:
+    """What the driver reports of a request once it ended (``Policy.feedback``): its true token counts
+    and latencies. A refused request generated nothing and has no latencies; a failed one may have
+    generated part of its output."""
+
+    model: str
+    prompt_tokens: int
+    output_tokens: int  # generated (a completed request's true output length)
+    ended: Ending
+    ttft_s: float | None = None  # None: no token came
+    tbt_s: float | None = None  # mean time between its tokens; None: unknown (fewer than two tokens)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ from festina_hpc.policy.types import (
     Action,
     ClusterView,
     Drop,
+    EndedRequest,
+    Ending,
     GpuSettings,
     InstancePhase,
     Migrate,
@@ -340,7 +342,7 @@ class Simulation:
     def _place(self, record: RequestRecord) -> list[Event]:
         """Ask the policy where an outstanding request goes, and carry that out."""
         r = record.request
-        decision: Placement = self.policy.place(r, self)
+        decision: Placement = self.policy.place(r.arrival(), self)  # not its output length: its future
         if self._bounded:
             decision = limit_placement(decision, self)[0]
         events: list[Event] = []
@@ -382,11 +384,21 @@ class Simulation:
         record.dropped = True
         self._outstanding -= 1
         self.drop_reasons[reason] += 1
+        r = record.request
+        self.policy.feedback((EndedRequest(r.model, r.prompt_tokens, 0, Ending.REFUSED),))
         return []
 
     def _finish(self, records: Iterable[RequestRecord]) -> None:
-        for _ in records:
+        """Count the records' requests done, and tell the policy what they generated and how fast."""
+        done = []
+        for rec in records:
             self._outstanding -= 1
+            r = rec.request
+            tbt_s = (rec.finish_s - rec.first_token_s) / (r.output_tokens - 1) if r.output_tokens > 1 else None
+            done.append(EndedRequest(r.model, r.prompt_tokens, r.output_tokens, Ending.COMPLETED,
+                                     rec.first_token_s - r.arrival_s, tbt_s))
+        if done:
+            self.policy.feedback(done)
 
     # -- serving ----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from festina_hpc.daemon.service import Periods, run_festinad
 from festina_hpc.db.node_reports import READING_STALE_S
 from festina_hpc.db.store import EnergyReading, GpuRecord, NodeRecord, Store
 from festina_hpc.errors import FestinaError
+from festina_hpc.policy.festina import FestinaPolicy
 from festina_hpc.policy.types import GpuSettings, Plan, StopInstance
 from festina_hpc.profiles.store import ProfileStore
 from tests.daemon.test_festinad import GPU, MODELS, FakeSlurm, Servers, _ask, _festinad, db  # noqa: F401
@@ -98,6 +99,11 @@ def test_running_festinad_serves_its_metrics(store: ProfileStore, db: Store) -> 
             async with aiohttp.ClientSession() as session:
                 status, _ = await _ask(session, url, servers, model="llama-3.1-8b")
                 assert status == 200
+                # The recorder fan-out hands the record to the router too: the policy learns the answer's
+                # 3 tokens at its next decision (its prior: 256).
+                festinad.router.learn()
+                assert isinstance(festinad.policy, FestinaPolicy)
+                assert festinad.policy.stats.output_tokens("llama-3.1-8b") == pytest.approx(256 + 0.05 * (3 - 256))
                 await festinad.execute(Plan((StopInstance(999_999),), "test: a decision with nothing to stop"))
                 # What festina-node writes: two readings of the instance's GPU, all of it the instance's.
                 live = db.load_live_state()

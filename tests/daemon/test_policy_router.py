@@ -7,12 +7,16 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import pytest
 
 from festina_hpc.daemon.gateway import Gateway, GatewayConfig, gateway_models
+from festina_hpc.daemon.metrics import FanOut
 from festina_hpc.daemon.policy_router import READY_POLL_S, InstanceLaunch, LiveCluster, PolicyRouter
-from festina_hpc.daemon.records import MemoryRecorder, Outcome
+from festina_hpc.daemon.records import CompletionRecord, MemoryRecorder, Outcome
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import PolicyContext, make_policy
+from festina_hpc.policy.common import TokenStats
+from festina_hpc.policy.festina import FestinaPolicy
 from festina_hpc.policy.types import InstancePhase, StartInstance
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.engine import EngineSettings, SimulatedEngine
@@ -214,3 +218,73 @@ def test_a_failed_instance_is_routed_to_no_more_and_checked_once(store: ProfileS
     assert [i.id for i in checked] == [dead.instance_id] and phase is InstancePhase.LOADING
     assert still_waiting  # the dead endpoint was not given out again
     assert replacement.instance_id != dead.instance_id and replacement.url != dead.url
+
+
+# -- what the policy learns from the requests it served -----------------------------------------------------
+
+
+def answered(output_tokens: int, outcome: Outcome = Outcome.OK, prompt_tokens: int = 40) -> CompletionRecord:
+    """The gateway's record of a request that ended with ``output_tokens`` generated."""
+    served = outcome is not Outcome.NO_INSTANCE
+    return CompletionRecord(MODEL, 0.0, outcome, 200 if outcome is Outcome.OK else 503, True, None, None,
+                            prompt_tokens, output_tokens, 0.05 if served else None, 0.01 if served else None,
+                            0.02 if served else None, 0.3, 0.0, 1.0, 0.1, outcome is Outcome.OK)
+
+
+def festina_stats(router: PolicyRouter) -> TokenStats:
+    assert isinstance(router.policy, FestinaPolicy)
+    return router.policy.stats
+
+
+def test_the_live_policys_typical_output_follows_the_answers_it_served(store: ProfileStore) -> None:
+    """festinad's policy starts from the prior's 256-token answers; fed the gateway's records of 16-token
+    answers it learns their length (refusals, cut requests and in-flight checkpoints teach none), at its
+    next decision: the next placement here."""
+    async def scenario() -> tuple[list[float], list[float]]:
+        async with AsyncExitStack() as stack:
+            router = make_router(store, InProcessStarter(store, stack, load_s=0.0))
+            stats = festina_stats(router)
+            means = [stats.output_tokens(MODEL)]
+            for _ in range(3):
+                for outcome in (Outcome.NO_INSTANCE, Outcome.UPSTREAM_ERROR, Outcome.IN_FLIGHT):
+                    router.record(answered(2, outcome))
+                router.done(await router.route(MODEL, 40))
+                means.append(stats.output_tokens(MODEL))  # no completion yet: unchanged
+            for _ in range(100):
+                router.record(answered(16))
+            not_yet = stats.output_tokens(MODEL)
+            router.done(await router.route(MODEL, 40))
+            await router.close()
+            return means, [not_yet, stats.output_tokens(MODEL)]
+
+    means, (before, after) = asyncio.run(scenario())
+    assert means == [256.0] * 4 and before == 256.0  # records wait for the policy's next decision
+    assert after == pytest.approx(16 + 240 * 0.95 ** 100) and after < 18
+
+
+async def post_for(session: aiohttp.ClientSession, url: str, max_tokens: int) -> int:
+    async with session.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "tell me",
+                                                           "max_tokens": max_tokens}) as r:
+        return r.status
+
+
+def test_the_gateways_records_reach_the_policy_through_its_recorder(store: ProfileStore) -> None:
+    """As festinad wires it (service.py): the gateway's recorder fans each record out to the database's and
+    to the router, so the policy learns the served answers' length from the requests themselves."""
+    async def scenario() -> tuple[list[int], MemoryRecorder, PolicyRouter]:
+        async with AsyncExitStack() as stack:
+            router = make_router(store, InProcessStarter(store, stack, load_s=0.0))
+            recorder = MemoryRecorder()
+            gateway = Gateway(router, FanOut(recorder, router), gateway_models(store, GPU, [MODEL]),
+                              GatewayConfig(scale_timeout_s=5))
+            async with running_app(gateway.app()) as gw, aiohttp.ClientSession() as session:
+                statuses = [await post_for(session, gw, 16) for _ in range(6)]
+            await router.close()
+            return statuses, recorder, router
+
+    statuses, recorder, router = asyncio.run(scenario())
+    assert statuses == [200] * 6 and [r.output_tokens for r in recorder.records] == [16] * 6
+    stats = festina_stats(router)
+    assert stats.output_tokens(MODEL) == pytest.approx(16 + 240 * 0.95 ** 5)  # learnt at each next placement
+    router.learn()  # the last one at the next tick
+    assert stats.output_tokens(MODEL) == pytest.approx(16 + 240 * 0.95 ** 6)

@@ -373,7 +373,7 @@ def test_dynamollm_raises_the_clock_at_once_when_a_target_would_break() -> None:
     policy = make_policy_for("dynamollm")
     assert isinstance(policy, DynamoLlmPolicy)
     for _ in range(200):  # long prompts: prefill at the lowest clock misses the TTFT target
-        policy.pool_stats[-1].observe("llama-3.1-8b", 3000, 128)
+        policy.pool_stats[-1].observe_prompt("llama-3.1-8b", 3000)
     clocks = sorted(STORE.gpu(GPU).table_clocks_mhz)
     view = _one_instance_view(clocks[0], 4)  # an instance it did not start: the long pool
     settings = policy.control(view.gpu(0), view)

@@ -29,7 +29,10 @@ from festina_hpc.policy.festina import (
     Typical,
 )
 from festina_hpc.policy.types import (
+    Arrival,
     Drop,
+    EndedRequest,
+    Ending,
     InstancePhase,
     Migrate,
     NodePower,
@@ -67,8 +70,13 @@ def load_of(inst: FakeInstance, instance_id: int | None = None) -> Load:
     return load if instance_id is None else dataclasses.replace(load, instance_id=instance_id)
 
 
-def request(rid: int, model: str = MODEL) -> Request:
-    return Request(rid, 0.0, model, 512, 128)
+def request(rid: int, model: str = MODEL) -> Arrival:
+    return Arrival(rid, 0.0, model, 512)
+
+
+def completed(output_tokens: int, prompt_tokens: int = 1024, model: str = MODEL) -> EndedRequest:
+    """A request that was served to its end, as a driver reports it."""
+    return EndedRequest(model, prompt_tokens, output_tokens, Ending.COMPLETED, ttft_s=0.1, tbt_s=0.02)
 
 
 # -- local control ---------------------------------------------------------------------------------------
@@ -115,9 +123,11 @@ def chunk_step_s(policy: FestinaPolicy, load: Load, sm_pct: float, clock_mhz: in
 
 
 def observed(policy: FestinaPolicy, output_tokens: int, prompt_tokens: int = 1024, count: int = 200) -> FestinaPolicy:
-    """The policy after ``count`` requests of these lengths (what it learns its workload from)."""
+    """The policy after ``count`` requests of these lengths arrived and completed (what it learns its
+    workload from: prompts as they arrive, outputs from the driver's feedback)."""
     for _ in range(count):
-        policy.stats.observe(MODEL, prompt_tokens, output_tokens)
+        policy.stats.observe_prompt(MODEL, prompt_tokens)
+    policy.feedback([completed(output_tokens, prompt_tokens)] * count)
     return policy
 
 
@@ -138,6 +148,43 @@ def test_short_requests_get_a_chunk_whose_steps_keep_their_tbt() -> None:
         steps[output_tokens] = chunk_step_s(policy, load, solved.sm_pct[0], solved.clock_mhz, solved.chunk_tokens[0])
     assert chunk_step_s(policy, load, 100.0, MAX_CLOCK_MHZ, 2048) > limit_s  # the premise
     assert steps[4] <= limit_s < steps[256]
+
+
+def test_the_short_output_logic_switches_on_from_feedback_alone() -> None:
+    """Placements tell the policy prompts only: after 200 arrivals it still plans for the prior's
+    256-token answers, and its chunk-carrying step misses the short requests' TBT. Once the driver
+    reports those requests completed with 4 tokens each, the next scale tick plans with what they
+    generated, and the step keeps the TBT (as in the test above, where the lengths were learnt)."""
+    limit_s = TBT_PLANNING * SLOS[MODEL].tbt_s
+    view = fake_view()
+    inst = view.add(FakeInstance(0, MODEL, (0,), running=16, arrival_rate_per_s=2.0))
+    policy = festina()
+
+    def step_s() -> float:
+        load = policy.load_of(inst)
+        solved = policy.solve(view, [load])
+        assert solved is not None
+        return chunk_step_s(policy, load, solved.sm_pct[0], solved.clock_mhz, solved.chunk_tokens[0])
+
+    for rid in range(200):
+        policy.place(Arrival(rid, 0.0, MODEL, 1024), view)
+    policy.scale(view)
+    assert policy._typical(MODEL).output_tokens == 256.0 and policy._typical(MODEL).short_output_share == 0.0
+    assert step_s() > limit_s
+    policy.feedback([completed(4)] * 200)
+    policy.scale(view)
+    typical = policy._typical(MODEL)
+    assert typical.short_output_share > 0.9 and typical.output_tokens < 8
+    assert step_s() <= limit_s
+
+
+def test_refused_and_failed_requests_teach_no_output_length() -> None:
+    """A refusal generated nothing and a cut request was cut: neither is how long the model's answers run."""
+    policy = festina()
+    policy.feedback([EndedRequest(MODEL, 512, 0, Ending.REFUSED), EndedRequest(MODEL, 512, 3, Ending.FAILED, 0.1)])
+    assert policy.stats.output_tokens(MODEL) == 256.0 and policy.stats.short_output_share(MODEL) == 0.0
+    policy.feedback([completed(16)])
+    assert policy.stats.output_tokens(MODEL) == pytest.approx(256.0 + 0.05 * (16 - 256))
 
 
 def test_an_overloaded_gpu_runs_flat_out_and_keeps_tbt_before_queues() -> None:
@@ -666,7 +713,8 @@ def fed(arrivals: Iterable[tuple[float, str]], models: Sequence[str] = (MODEL,),
     policy = festina()
     for rid, (now_s, model) in enumerate(arrivals):
         view.now_s = now_s
-        policy.place(Request(rid, now_s, model, 2000, 30), view)
+        policy.place(Arrival(rid, now_s, model, 2000), view)
+        policy.feedback([completed(30, 2000, model)])
     return policy, view
 
 
@@ -735,10 +783,10 @@ def test_the_share_of_short_requests_is_learnt_from_the_first_request_on() -> No
     stats = TokenStats()
     assert stats.short_output_share(MODEL) == 0.0  # nothing seen: no tail to plan for
     for output_tokens in (4, SHORT_OUTPUT_TOKENS, 100):
-        stats.observe(MODEL, 1024, output_tokens)
+        stats.observe_output(MODEL, output_tokens)
     assert stats.short_output_share(MODEL) == pytest.approx(2 / 3)  # the mean of the first requests
     for _ in range(2000):
-        stats.observe(MODEL, 1024, 100)
+        stats.observe_output(MODEL, 100)
     assert stats.short_output_share(MODEL) < 0.01  # then a moving mean: old requests fade
 
 
@@ -816,10 +864,10 @@ def test_two_models_scaling_out_in_one_tick_are_not_given_the_same_gpu() -> None
         view.add(FakeInstance(g, MODEL, (g,), running=8, waiting=12, arrival_rate_per_s=2.0))
     view.add(FakeInstance(6, "mistral-7b", (6,), running=8, waiting=12, arrival_rate_per_s=2.0))
     policy = festina()
-    policy.place(Request(0, 0.0, "mistral-7b", 512, 128), view)
+    policy.place(Arrival(0, 0.0, "mistral-7b", 512), view)
     policy.scale(view)
     view.now_s += SCALE_OUT_AFTER_S
-    policy.place(Request(1, view.now_s, "mistral-7b", 512, 128), view)
+    policy.place(Arrival(1, view.now_s, "mistral-7b", 512), view)
     starts = _scale_while_short(policy, view)
     assert [a.gpus for a in starts] == [(7,)]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -10,8 +11,11 @@ from festina_hpc.config import default_profiles_dir
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.common import free_gpu_group, least_loaded, serving
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Drop,
+    EndedRequest,
+    Ending,
     InstancePhase,
     NodePower,
     Placement,
@@ -159,3 +163,55 @@ def test_a_decision_that_does_not_fit_is_refused_and_counted() -> None:
 
     result = simulate(Overpacking(PolicyContext(STORE, GPU)), poisson_requests(5, 1.0, seed=2))
     assert result.requests_dropped == 5 and result.invalid_decisions == 5
+
+
+class Spy(PowerCyclingPolicy):
+    """Keeps what the simulator hands it: each arrival, and each outcome with the time it was told."""
+
+    name = "test-spy"
+
+    def __init__(self, context: PolicyContext):
+        super().__init__(context)
+        self.arrivals: list[Arrival] = []
+        self.told: list[tuple[float, EndedRequest]] = []
+        self.view: Simulation | None = None
+
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
+        self.arrivals.append(request)
+        return super().place(request, view)
+
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        assert self.view is not None
+        self.told.extend((self.view.now_s, outcome) for outcome in done)
+
+
+def test_the_policy_never_sees_an_output_length_at_arrival_and_is_told_each_requests_end() -> None:
+    """Two GPUs for three models: some requests are served, others refused. place() gets arrivals
+    without an output length; feedback() gets every request once, when it ended: a served one
+    with its true output length and latencies at its finish time, a refused one at its arrival."""
+    requests = poisson_requests(150, 4.0, seed=5)
+    spy = Spy(PolicyContext(STORE, GPU))
+    sim = CheckedSimulation(ClusterConfig(nodes=1, gpus_per_node=2), STORE, spy, requests,
+                            slos({r.model for r in requests}))
+    spy.view = sim
+    result = sim.run()
+    assert len(spy.arrivals) == len(requests)
+    assert all(type(a) is Arrival and not hasattr(a, "output_tokens") for a in spy.arrivals)
+    assert [(a.model, a.prompt_tokens) for a in spy.arrivals] == [(r.model, r.prompt_tokens) for r in requests]
+
+    served = [rec for rec in sim.records if not rec.dropped]
+    refused = [rec for rec in sim.records if rec.dropped]
+    assert served and refused and len(served) == result.requests_completed
+    assert Counter((o.model, o.prompt_tokens, o.output_tokens, round(now_s, 9), round(o.ttft_s or -1, 9))
+                   for now_s, o in spy.told if o.ended is Ending.COMPLETED) == Counter(
+        (rec.request.model, rec.request.prompt_tokens, rec.request.output_tokens, round(rec.finish_s, 9),
+         round(rec.first_token_s - rec.request.arrival_s, 9)) for rec in served)
+    assert Counter((o.model, o.prompt_tokens, o.output_tokens, round(now_s, 9)) for now_s, o in spy.told
+                   if o.ended is Ending.REFUSED) == Counter(
+        (rec.request.model, rec.request.prompt_tokens, 0, round(rec.request.arrival_s, 9)) for rec in refused)
+    for _, o in spy.told:
+        if o.ended is Ending.COMPLETED:
+            assert o.ttft_s is not None and o.ttft_s > 0
+            assert (o.tbt_s is None) == (o.output_tokens == 1) and (o.tbt_s is None or o.tbt_s > 0)
+        else:
+            assert o.ttft_s is None and o.tbt_s is None

@@ -82,6 +82,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import deque
+from collections.abc import Sequence
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
@@ -99,14 +100,15 @@ from festina_hpc.policy.common import (
 )
 from festina_hpc.policy.types import (
     Action,
+    Arrival,
     ClusterView,
+    EndedRequest,
     GpuSettings,
     GpuView,
     InstancePhase,
     InstanceView,
     Placement,
     Plan,
-    Request,
     Route,
     StartInstance,
     StopInstance,
@@ -192,12 +194,19 @@ class DynamoLlmPolicy(Policy):
 
     # -- placing -----------------------------------------------------------------------------------
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        # Pool p learns the output lengths of the requests of pools 0..p, as its prompts (by prompt length).
+        self.stats.learn(done)
+        for outcome in done:
+            for p in range(pool_of(outcome.prompt_tokens), POOLS):
+                self.pool_stats[p].learn((outcome,))
+
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
         model, now_s = request.model, view.now_s
         pool = pool_of(request.prompt_tokens)
-        self.stats.observe(model, request.prompt_tokens, request.output_tokens)
+        self.stats.observe_prompt(model, request.prompt_tokens)
         for p in range(pool, POOLS):
-            self.pool_stats[p].observe(model, request.prompt_tokens, request.output_tokens)
+            self.pool_stats[p].observe_prompt(model, request.prompt_tokens)
         self._last_request_s[model] = now_s
         buckets = self._arrivals.setdefault((model, pool), deque())
         bucket = int(now_s // RATE_BUCKET_S)

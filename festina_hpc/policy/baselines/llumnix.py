@@ -25,6 +25,8 @@ SLO-based scale-out above.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     TokenStats,
@@ -34,13 +36,14 @@ from festina_hpc.policy.common import (
 )
 from festina_hpc.policy.types import (
     Action,
+    Arrival,
     ClusterView,
+    EndedRequest,
     InstancePhase,
     InstanceView,
     MoveQueued,
     Placement,
     Plan,
-    Request,
     StopInstance,
 )
 
@@ -62,8 +65,11 @@ class LlumnixPolicy(Policy):
         free = inst.kv_capacity_tokens - inst.kv_tokens_reserved - inst.waiting * seq_tokens
         return free / (inst.running + inst.waiting + 1)
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
-        self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        self.stats.learn(done)
+
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
+        self.stats.observe_prompt(request.model, request.prompt_tokens)
         return place_on_whole_gpus(self.store, view, request, self.gpu_spec.max_clock_mhz,
                                    prefer=lambda roomy: max(roomy, key=self.freeness, default=None))
 

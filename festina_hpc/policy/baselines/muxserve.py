@@ -44,6 +44,7 @@ simulator runs co-located instances concurrently, each at its share.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
@@ -57,14 +58,15 @@ from festina_hpc.policy.common import (
     serving,
 )
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Drop,
+    EndedRequest,
     GpuSettings,
     GpuView,
     InstancePhase,
     Placement,
     Plan,
-    Request,
     Route,
     StartInstance,
 )
@@ -212,8 +214,11 @@ class MuxServePolicy(Policy):
 
     # -- placing -----------------------------------------------------------------------------------
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
-        self.stats.observe(request.model, request.prompt_tokens, request.output_tokens)
+    def feedback(self, done: Sequence[EndedRequest]) -> None:
+        self.stats.learn(done)  # on top of the lengths known in advance (known_lengths primes them)
+
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
+        self.stats.observe_prompt(request.model, request.prompt_tokens)
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
         limit_s = TBT_PLANNING * model.slo.tbt_s

@@ -32,12 +32,12 @@ from __future__ import annotations
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import free_gpu_group, idle_for_s, least_loaded, route_with_room, serving
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Drop,
     InstanceView,
     Placement,
     Plan,
-    Request,
     Route,
     StartInstance,
     StopInstance,
@@ -56,7 +56,7 @@ class ServerlessLlmPolicy(Policy):
         # place() re-checks each against the view, so a stale entry costs nothing.
         self._idle: list[tuple[str, int]] = []
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
         model = view.model(request.model)
         candidates = serving(view.instances_of(request.model))
         best = route_with_room(self.store, view, request, candidates, self.gpu_spec.max_clock_mhz)

@@ -23,10 +23,10 @@ from __future__ import annotations
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import free_gpu_group, idle_for_s, place_on_whole_gpus, serving
 from festina_hpc.policy.types import (
+    Arrival,
     ClusterView,
     Placement,
     Plan,
-    Request,
     StartInstance,
     StopInstance,
 )
@@ -55,7 +55,7 @@ class VllmPolicy(Policy):
             actions.append(StartInstance(model.name, gpus))
         return Plan(tuple(actions), "deploy every model")
 
-    def place(self, request: Request, view: ClusterView) -> Placement:
+    def place(self, request: Arrival, view: ClusterView) -> Placement:
         return place_on_whole_gpus(self.store, view, request, self.gpu_spec.max_clock_mhz)
 
 
