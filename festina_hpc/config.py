@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from festina_hpc.cluster.figures import ClusterConfig
+from festina_hpc.cluster.slo import DEFAULT_TBT_MULTIPLIER, DEFAULT_TTFT_MULTIPLIER
 from festina_hpc.errors import ConfigError
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import ClusterConfig
 
 GPU_BACKENDS = ("auto", "nvml", "simulated")
 OUT_OF_RANGE_MODES = ("error", "clamp")
@@ -102,9 +103,9 @@ class SimConfig:
     popularity: str = "zipf:1.0"  # how requests without a model column are spread over the models
     rate_scale: float = 1.0  # 2.0 replays the trace twice as fast
     duration_s: float = 0.0  # 0: the whole trace
-    # Default SLOs: multiples of the unloaded latency at max clock (see sim/workload.py).
-    ttft_slo_multiplier: float = 5.0
-    tbt_slo_multiplier: float = 5.0
+    # Default SLOs: multiples of the unloaded latency at max clock (see cluster/slo.py).
+    ttft_slo_multiplier: float = DEFAULT_TTFT_MULTIPLIER
+    tbt_slo_multiplier: float = DEFAULT_TBT_MULTIPLIER
     keep_alive_s: float = 60.0  # idle time after which scale-to-zero policies stop an instance
     # The trace starts this late, so that policies that deploy models up front can load them first;
     # every policy is charged for the same span.
@@ -137,8 +138,8 @@ class DaemonConfig:
     consolidate_period_s: float = 0.0  # 0 = the policy's own period
     keep_alive_s: float = 60.0  # idle time before scale-to-zero
     max_prompt_tokens: int = 0  # 0 = the model's context length
-    ttft_slo_multiplier: float = 5.0
-    tbt_slo_multiplier: float = 5.0
+    ttft_slo_multiplier: float = DEFAULT_TTFT_MULTIPLIER
+    tbt_slo_multiplier: float = DEFAULT_TBT_MULTIPLIER
     # festinad's GET /metrics listens here, apart from the gateway, so host may be 0.0.0.0 for users
     # while the scrape (model names, request counts, power) stays on the head node; "" = no metrics.
     # Prometheus elsewhere: bind an address only it reaches, e.g. "10.0.0.1:9464" on the admin network.

@@ -97,7 +97,7 @@ def bench_sim(app: AppContext, policy: str, node_counts: str, models: int, as_js
 @pass_app
 def bench_policy(app: AppContext, policy: str, gpu_counts: str, decisions: int, seed: int, as_json: bool) -> None:
     """Decision cost vs cluster size: place() per call, control() per GPU, consolidate() per plan."""
-    from festina_hpc.policy.bench import GPUS_PER_NODE, run_policy_bench
+    from festina_hpc.sim.policy_bench import GPUS_PER_NODE, run_policy_bench
 
     try:
         counts = [int(n) for n in gpu_counts.split(",")]

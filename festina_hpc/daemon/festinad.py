@@ -79,6 +79,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
 from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
 from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter, runs_as_mps
@@ -833,7 +834,7 @@ class Festinad:
                 return
             chosen = tuple(sorted(gpus, key=lambda g: -self.view.gpu(g).sm_pct_allocated)[:info.tp])
         free = min(1.0 - self.view.gpu(g).memory_fraction_allocated for g in chosen)
-        usable = self.view.spec.memory_bytes * 0.9
+        usable = self.view.spec.memory_bytes * USABLE_MEMORY_FRAC
         fraction = min(free, max(0.05, 1.5 * info.weights_bytes_per_gpu / usable))
         decision = StartInstance(canonical, chosen, sm_pct, 256, round(fraction, 4))
         try:

@@ -68,6 +68,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from festina_hpc.cluster.slo import DEFAULT_TBT_MULTIPLIER, DEFAULT_TTFT_MULTIPLIER, default_slo
 from festina_hpc.daemon.auth import Authenticator, Priority, Tenant
 from festina_hpc.daemon.records import CompletionRecord, Outcome, Recorder
 from festina_hpc.daemon.routing import Endpoint, NoInstance, Router
@@ -107,14 +108,13 @@ class GatewayModel:
         return self.public_name or self.name
 
 
-def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str], ttft_multiplier: float = 5.0,
-                   tbt_multiplier: float = 5.0, max_prompt_tokens: int = 0) -> list[GatewayModel]:
-    """Models with the simulator's default SLOs (``sim.workload.default_slo``) on ``gpu_type``.
+def gateway_models(store: ProfileStore, gpu_type: str, names: Iterable[str],
+                   ttft_multiplier: float = DEFAULT_TTFT_MULTIPLIER, tbt_multiplier: float = DEFAULT_TBT_MULTIPLIER,
+                   max_prompt_tokens: int = 0) -> list[GatewayModel]:
+    """Models with the default SLOs (``cluster.slo.default_slo``) on ``gpu_type``.
 
     A prompt may hold at most ``max_prompt_tokens`` (0: the model's context length); an answer at
     most the context length, and the two together no more than it."""
-    from festina_hpc.sim.workload import default_slo
-
     models = []
     for name in names:
         spec = store.model(name)

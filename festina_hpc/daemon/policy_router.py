@@ -37,6 +37,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
+from festina_hpc.cluster.rate import RateMeter
 from festina_hpc.daemon.records import CompletionRecord, Outcome
 from festina_hpc.daemon.routing import Endpoint, NoInstance
 from festina_hpc.policy.base import Policy
@@ -57,9 +59,7 @@ from festina_hpc.policy.types import (
     StartInstance,
 )
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 
-USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache, as the simulator assumes
 DEFAULT_CHUNK_TOKENS = 2048  # vLLM's max_num_batched_tokens with chunked prefill
 READY_POLL_S = 1.0  # how often a request waiting on a start looks for another ready instance
 MAX_PLACEMENTS = 3  # placements of one request whose instance was lost while it waited (bounded, never a loop)
@@ -124,8 +124,7 @@ class LiveInstance:
         self.slurm_job_id: int | None = None
         self.ready_at_s = math.inf
         self.last_busy_s = now_s
-        self._rate = 0.0
-        self._rate_s = now_s
+        self._rate = RateMeter(now_s)
         self.endpoint: Endpoint | None = None
         self.ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
         # The gateway could not reach it (``PolicyRouter.failed``): loading again until it is found serving,
@@ -146,11 +145,10 @@ class LiveInstance:
 
     @property
     def arrival_rate_per_s(self) -> float:
-        return self._rate
+        return self._rate.last_rate_per_s
 
     def note_arrival(self, now_s: float) -> None:
-        self._rate = decayed_rate(self._rate, self._rate_s, now_s) + math.log(2) / RATE_HALF_LIFE_S
-        self._rate_s = now_s
+        self._rate.note(now_s)
 
 
 class LiveGpu:
@@ -195,7 +193,7 @@ class LiveCluster:
         self.gpu_list = [LiveGpu(g, n.id, spec.max_clock_mhz) for n in self.node_list for g in n.gpus]
         self.live: dict[int, LiveInstance] = {}
         self._by_model: dict[str, list[LiveInstance]] = {m: [] for m in self.model_info}
-        self._model_rate: dict[str, tuple[float, float]] = {m: (0.0, 0.0) for m in self.model_info}
+        self._model_rate = {m: RateMeter() for m in self.model_info}
 
     # -- ClusterView -------------------------------------------------------------------------------
 
@@ -238,15 +236,12 @@ class LiveCluster:
         return (g.id for g in self.gpu_list if not g.instances)
 
     def model_rate_per_s(self, model: str) -> float:
-        rate, since = self._model_rate[model]
-        return decayed_rate(rate, since, self.now_s)
+        return self._model_rate[model].rate_per_s(self.now_s)
 
     # -- changes -----------------------------------------------------------------------------------
 
     def note_arrival(self, model: str) -> None:
-        now = self.now_s
-        rate, since = self._model_rate[model]
-        self._model_rate[model] = (decayed_rate(rate, since, now) + math.log(2) / RATE_HALF_LIFE_S, now)
+        self._model_rate[model].note(self.now_s)
 
     def add(self, decision: StartInstance, instance_id: int, shared: bool | None = None) -> LiveInstance:
         """Allocate a new (loading) instance; ``NoInstance`` when the decision does not fit. ``shared``: its

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from festina_hpc.cluster.slo import DEFAULT_TBT_MULTIPLIER, DEFAULT_TTFT_MULTIPLIER
 from festina_hpc.config import GPU_BACKENDS
 from festina_hpc.errors import ConfigError
 from festina_hpc.node.auth import SCHEMES
@@ -43,8 +44,8 @@ class NodeConfig:
     # The local controller run every tick (festina_hpc.policy names); "" = none: settings change only
     # when asked over the socket (set_settings).
     control_policy: str = "festina"
-    ttft_slo_multiplier: float = 5.0  # the models' SLOs, as festinad's [daemon] defaults
-    tbt_slo_multiplier: float = 5.0
+    ttft_slo_multiplier: float = DEFAULT_TTFT_MULTIPLIER  # the models' SLOs, as festinad's [daemon] defaults
+    tbt_slo_multiplier: float = DEFAULT_TBT_MULTIPLIER
     server_timeout_s: float = 1.0  # a model server's /health or /admin/settings answer
     # festinad's [daemon] secret_dir as this node sees it (a shared filesystem): its servers' secret files. The
     # default is festinad's default (<job_output_dir>/secrets, job_output_dir /tmp); "" = none: a server with a

@@ -227,9 +227,9 @@ def build_node(inv: Invocation, with_controller: bool = False) -> tuple[NodeAgen
 def build_controller(cfg: NodeConfig, store: Any, gpu_type: str, decisions: DecisionSink | None,
                      activity: GpuActivity | None = None) -> LocalController:
     """The local controller: the configured policy over the profiles, model servers over HTTP."""
+    from festina_hpc.cluster.slo import default_slo
     from festina_hpc.node.control import HttpModelServers, JobSecrets
     from festina_hpc.policy.base import PolicyContext, make_policy
-    from festina_hpc.sim.workload import default_slo
 
     gpu = store.gpu(gpu_type).name
     policy = make_policy(cfg.control_policy, PolicyContext(store, gpu, live_share_change=cfg.live_share_change))

@@ -95,6 +95,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     PREFILL_CHUNK_TOKENS,
@@ -142,7 +143,6 @@ ROOMY_SHARE = 50.0  # a co-located start with less SM share comes after an empty
 WIDE_LOOK = 16  # instances looked at before starting a new one
 TAIL_MISSES = 0.002  # share of requests meeting a chunk step among too few tokens, above which it is planned for
 TARGET_SEQUENCES = 48  # KV room a new co-located instance reserves, in sequences of typical length
-USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV (the drivers' default)
 MEMORY_STEP = 0.05  # instances reserve memory in these steps of a GPU's, so fractions pack cleanly
 CONSOLIDATION_HORIZON_S = 600.0  # savings must repay migrations within this time
 EVACUATION_TRIES = 2  # least loaded nodes a consolidation tries to empty, in turn
@@ -161,7 +161,7 @@ MEMO_LIMIT = 200_000  # entries per memo before it starts over
 # back only after the instance has needed SHRINK_GAP_PCT less for SHARE_SETTLE_S, and an instance
 # (its model on its GPUs: a restart's replacement included) is restarted at most once per
 # SHARE_SETTLE_S. 180 s is three half-lives of the arrival-rate estimates (RATE_HALF_LIFE_S, 60 s,
-# in sim/cluster.py and festinad): a lull that short is still in the estimates, and the traces'
+# in cluster/rate.py, kept alike by both drivers): a lull that short is still in the estimates, and the traces'
 # bursts come and go within it, so a share given back sooner would be taken again by the next one.
 SHARE_SETTLE_S = 180.0
 SHRINK_GAP_PCT = 30.0  # a share is given back only where it is this far above what is needed

@@ -11,11 +11,11 @@ if TYPE_CHECKING:
 
 
 # Figures of the simulated cluster that are not GPU profiles ([cluster] in the config,
-# festina_hpc/sim/cluster.py): kept here so that every physical figure's source is in one file.
+# festina_hpc/cluster/figures.py): kept here so that every physical figure's source is in one file.
 CLUSTER_FIGURES = """## Cluster figures
 
 Figures of the simulated cluster that no profile holds (`[cluster]` in the config,
-`festina_hpc/sim/cluster.py`), with where each comes from.
+`festina_hpc/cluster/figures.py`), with where each comes from.
 
 - **Power saving** (`power_saving = "slurm"`, `suspend_time_s = 300`, `suspend_exc_nodes = 0`):
   Slurm's own mechanism (slurm.conf `SuspendTime`, `ResumeTimeout`, `SuspendExcNodes`;

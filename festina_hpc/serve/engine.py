@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+from festina_hpc.cluster.rate import RateMeter
 from festina_hpc.errors import FestinaError
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import RATE_HALF_LIFE_S, decayed_rate
 
 # Output text: deterministic filler words, so every run of a request gives the same text.
 FILLER_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -182,8 +181,7 @@ class SimulatedEngine:
         self._busy_s = 0.0
         self._busy_energy_j = 0.0
         self._power_w = self.gpu_spec.idle_w * self.tp
-        self._rate_per_s = 0.0  # arrivals, exponentially weighted (the local controller plans with it)
-        self._rate_at = clock()
+        self._rate = RateMeter(clock())  # arrivals (the local controller plans with their rate)
 
     # -- settings -----------------------------------------------------------------------------------
 
@@ -244,8 +242,7 @@ class SimulatedEngine:
         self._counts["received"] += 1
         self._counts["prompt"] += prompt_tokens
         now = self._clock()
-        self._rate_per_s = decayed_rate(self._rate_per_s, self._rate_at, now) + math.log(2) / RATE_HALF_LIFE_S
-        self._rate_at = now
+        self._rate.note(now)
         self._waiting.append(gen)
         self._wakeup.set()
         return gen
@@ -263,7 +260,7 @@ class SimulatedEngine:
     def arrival_rate_per_s(self) -> float:
         """Recent arrivals per second of model time (exponentially weighted over wall time, half-life
         RATE_HALF_LIFE_S): a stretched test clock reports the rate the GPU would see."""
-        return decayed_rate(self._rate_per_s, self._rate_at, self._clock()) * self.time_scale
+        return self._rate.rate_per_s(self._clock()) * self.time_scale
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -37,11 +37,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
 from festina_hpc.errors import FestinaError
 from festina_hpc.profiles.store import ProfileStore
 
 ENGINES = ("emulated", "simulated", "vllm")  # "simulated" is the old name of "emulated"
-USABLE_MEMORY_FRAC = 0.9  # of a GPU for weights and KV cache: vLLM's default gpu_memory_utilization
 # vLLM flags festina sets from the plan and the port it picks: an entry's engine_args may not set them.
 VLLM_MANAGED_FLAGS = ("--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp",
                       "--max-num-seqs", "--gpu-memory-utilization")

@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from festina_hpc.cluster.figures import ClusterConfig, ColdStartModel
 from festina_hpc.policy.types import Request, Slo
 from festina_hpc.profiles.specs import GpuSpec, ModelSpec
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.profiles.table import PHASES, ProfileTable
-from festina_hpc.sim.cluster import ClusterConfig
-from festina_hpc.sim.workload import ColdStartModel
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -49,13 +49,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from festina_hpc.cluster.rate import RateMeter
 from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request
 from festina_hpc.profiles.physics import SM_SATURATION, SMOOTH_MAX_K, PhysicsParams
 from festina_hpc.profiles.specs import GpuSpec, ModelSpec
 from festina_hpc.profiles.table import ProfileTable
-from festina_hpc.sim.workload import FAST_LOAD, STANDARD_LOAD
 
-RATE_HALF_LIFE_S = 60.0  # arrival-rate estimates forget with this half-life
 _NO_POWER_W = 1e-6  # dynamic power below this is float residue of steps that ended, not a step
 
 
@@ -64,56 +63,6 @@ class Activity(IntEnum):
     LOADING = 1
     PREFILL = 2
     DECODE = 3
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """The simulated cluster and its physical figures (documented defaults)."""
-
-    nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_type: str = "h100-sxm-80gb"
-    # Non-GPU power of a powered node (CPUs, DRAM, NICs, NVSwitches, fans, PSU losses). A DGX
-    # H100 is rated 10.2 kW of which its 8 GPUs 5.6 kW; with GPUs near idle such a node draws
-    # well over 1 kW. Taken as 150 W per GPU slot (1.2 kW for 8 GPUs), an assumption to set
-    # per site in [cluster].
-    node_static_w_per_gpu: float = 150.0
-    # Slurm's power saving, given to every policy alike (outside the policies): "slurm" suspends a
-    # node idle (no instance, nothing loading) for suspend_time_s (slurm.conf SuspendTime) and
-    # resumes a suspended node a start needs; "none" keeps idle nodes on (a policy may still power
-    # nodes off itself). See the simulator's module docstring and CALIBRATION.md "Cluster figures".
-    power_saving: str = "slurm"
-    suspend_time_s: float = 300.0  # SuspendTime as many sites set it (OpenHPC's example slurm.conf)
-    # Power-on to slurmd registered and serving (BIOS/POST of a 2-CPU, 8-GPU server, OS boot,
-    # driver and fabric bring-up): several minutes. Slurm's ResumeTimeout defaults to 60 s, which
-    # such nodes overrun; sites set it to 300-600 s (CALIBRATION.md).
-    resume_time_s: float = 300.0
-    # A suspended (powered-off, still plugged in) node: its BMC, standby rails and the no-load
-    # losses of its PSUs. No vendor publishes it for an 8-GPU server: an assumption, to be measured
-    # per site at the PDU outlet with the node off (CALIBRATION.md).
-    standby_w: float = 30.0
-    suspend_exc_nodes: int = 0  # the first N nodes are never suspended (slurm.conf SuspendExcNodes)
-    usable_memory_frac: float = 0.9  # of GPU memory for weights and KV cache (vLLM's default)
-    # Tokens per step, decode tokens plus a prefill chunk (vLLM's max_num_batched_tokens with
-    # chunked prefill); a prefill chunk gets at least min_prefill_chunk of them.
-    step_token_budget: int = 2048
-    min_prefill_chunk: int = 256
-    # Loading weights: engine start plus weights per GPU over the load bandwidth; the defaults
-    # are the documented presets of sim/workload.py.
-    load_init_s: float = STANDARD_LOAD.engine_init_s
-    load_gbs: float = STANDARD_LOAD.load_bandwidth_gbs  # safetensors from local NVMe, per GPU
-    fast_load_init_s: float = FAST_LOAD.engine_init_s
-    fast_load_gbs: float = FAST_LOAD.load_bandwidth_gbs  # ServerlessLLM's multi-tier loading
-    host_cache_gbs: float = 20.0  # reload from a node's host-memory cache
-    host_cache_models: int = 4  # models a node keeps in host memory after unloading
-    load_dynamic_w: float = 30.0  # GPU power above idle while loading weights
-    # The local controller runs every period for GPUs whose load changed, and at once when a
-    # request lands on a GPU below its max clock.
-    control_period_s: float = 1.0
-    # A locked-clock change takes effect this long after it is asked for: NVML's call costs 10-20 ms
-    # and the PLL and voltage then ramp; Velicka et al. (arXiv 2502.20075) measure GPU frequency
-    # switching latencies of tens of ms on A100 and GH200. Steps starting before then run at the old clock.
-    clock_change_s: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -338,8 +287,7 @@ class SimInstance:
         self.ready_at_s = math.inf
         self.started_s = now_s
         self.last_busy_s = now_s
-        self._rate = 0.0
-        self._rate_s = now_s
+        self._rate = RateMeter(now_s)
         self.queue = RecordQueue()  # waiting for admission
         # Decoding sequences: a heap of (step at which it finishes, request id, record).
         self._decoding: list[tuple[int, int, RequestRecord]] = []
@@ -391,15 +339,14 @@ class SimInstance:
 
     @property
     def arrival_rate_per_s(self) -> float:
-        return self._rate
+        return self._rate.last_rate_per_s
 
     def note_arrival(self, now_s: float) -> None:
-        self._rate = decayed_rate(self._rate, self._rate_s, now_s) + math.log(2) / RATE_HALF_LIFE_S
-        self._rate_s = now_s
+        self._rate.note(now_s)
 
     def inherit_rate(self, other: SimInstance) -> None:
         """Take ``other``'s arrival-rate estimate (a share restart's replacement serves its traffic)."""
-        self._rate, self._rate_s = other._rate, other._rate_s
+        self._rate = other._rate.copy()
 
     @property
     def holds_work(self) -> bool:
@@ -491,7 +438,3 @@ class SimInstance:
         queue = list(self.queue)
         self.queue.clear()
         return queue
-
-
-def decayed_rate(rate: float, since_s: float, now_s: float) -> float:
-    return rate * 0.5 ** (max(0.0, now_s - since_s) / RATE_HALF_LIFE_S)

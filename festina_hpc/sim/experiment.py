@@ -15,17 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from festina_hpc.cluster.figures import ClusterConfig
+from festina_hpc.cluster.slo import default_slo
 from festina_hpc.config import POWER_SAVING_MODES, Config
 from festina_hpc.errors import ConfigError, TraceError
 from festina_hpc.policy.base import PolicyContext, make_policy
 from festina_hpc.policy.types import Request, Slo
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.simulator import SimResult, Simulation
 from festina_hpc.sim.workload import (
     DEFAULT_MODEL_MIX,
     build_requests,
-    default_slo,
     load_trace,
     model_mix_path,
     parse_popularity,

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from festina_hpc.cluster.figures import ClusterConfig, ColdStartModel
+from festina_hpc.cluster.rate import RateMeter
 from festina_hpc.config import POWER_SAVING_MODES
 from festina_hpc.errors import ConfigError, FestinaError
 from festina_hpc.policy.base import Policy
@@ -60,19 +62,8 @@ from festina_hpc.policy.types import (
     StopInstance,
 )
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import (
-    RATE_HALF_LIFE_S,
-    Activity,
-    ClusterConfig,
-    HbmModel,
-    RequestRecord,
-    SimGpu,
-    SimInstance,
-    SimNode,
-    decayed_rate,
-)
+from festina_hpc.sim.cluster import Activity, HbmModel, RequestRecord, SimGpu, SimInstance, SimNode
 from festina_hpc.sim.engine import Event, EventKind, EventQueue
-from festina_hpc.sim.workload import ColdStartModel
 
 SAMPLE_PERIOD_S = 10.0  # power-over-time resolution of the result
 DRAIN_LIMIT_S = 3600.0  # after the last arrival, requests still unfinished by then count as dropped
@@ -181,7 +172,7 @@ class Simulation:
         self.live: dict[int, SimInstance] = {}
         self._by_model: dict[str, list[SimInstance]] = {m: [] for m in self.model_info}
         self._bounded = bounded(self)
-        self._model_rate: dict[str, tuple[float, float]] = {m: (0.0, 0.0) for m in self.model_info}
+        self._model_rate = {m: RateMeter() for m in self.model_info}
         self._next_instance = 0
         self._now = 0.0
         self.events = EventQueue()
@@ -251,8 +242,7 @@ class Simulation:
             yield from sorted(free)
 
     def model_rate_per_s(self, model: str) -> float:
-        rate, since = self._model_rate[model]
-        return decayed_rate(rate, since, self._now)
+        return self._model_rate[model].rate_per_s(self._now)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -334,9 +324,7 @@ class Simulation:
         self._arrivals_left -= 1
         self._outstanding += 1
         r = record.request
-        rate, since = self._model_rate[r.model]
-        self._model_rate[r.model] = (decayed_rate(rate, since, self._now) + math.log(2) / RATE_HALF_LIFE_S,
-                                     self._now)
+        self._model_rate[r.model].note(self._now)
         return self._place(record)
 
     def _place(self, record: RequestRecord) -> list[Event]:

@@ -6,8 +6,9 @@ pure functions of their inputs: a request trace (``load_trace``, with the two
 Azure 2023 traces shipped in ``sim/traces``), the models the requests are
 spread over (``DEFAULT_MODEL_MIX`` or a model-mix file) and how popular each
 is (``parse_popularity``), the scaling of the trace's rate and duration
-(``build_requests``), the per-model SLOs (``default_slo``) and the time to
-bring up a model instance (``ColdStartModel``). Randomness comes only from the
+(``build_requests``); the per-model SLOs (``default_slo``) and the time to
+bring up a model instance (``ColdStartModel``) are the drivers' shared figures
+in ``festina_hpc.cluster``. Randomness comes only from the
 ``numpy.random.Generator`` the caller passes in, so one seed gives one
 workload.
 """
@@ -25,9 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from festina_hpc.errors import TraceError
-from festina_hpc.policy.types import Request, Slo
-from festina_hpc.profiles.specs import ModelSpec
-from festina_hpc.profiles.store import ProfileStore
+from festina_hpc.policy.types import Request
 
 TRACES_DIR = Path(__file__).resolve().parent / "traces"
 MIXES_DIR = Path(__file__).resolve().parent / "mixes"  # shipped model-mix files, <name>.txt
@@ -70,14 +69,6 @@ DEFAULT_MODEL_MIX: tuple[str, ...] = (
     "llama-2-7b",
     "llama-2-70b",
 )
-
-# SLOs as multiples of the unloaded latency at max clock (see default_slo).
-DEFAULT_TTFT_MULTIPLIER = 5.0
-DEFAULT_TBT_MULTIPLIER = 5.0
-DEFAULT_REFERENCE_PROMPT_TOKENS = 1024
-LONG_PROMPT_TOKENS = 8192  # where the TTFT SLO's per-token slope is measured
-
-GB = 1e9  # load bandwidths are in decimal GB/s, as storage and PCIe are quoted
 
 
 # ---------------------------------------------------------------- traces
@@ -489,112 +480,3 @@ def build_requests(trace: Trace, models: Sequence[str], popularity: Popularity, 
     outputs = trace.output_tokens[:n].tolist()
     return [Request(id=i, arrival_s=arrivals[i], model=names[i], prompt_tokens=prompts[i], output_tokens=outputs[i])
             for i in range(n)]
-
-
-# ---------------------------------------------------------------- SLOs
-
-
-def default_slo(store: ProfileStore, gpu: str, model: str, ttft_multiplier: float = DEFAULT_TTFT_MULTIPLIER,
-                tbt_multiplier: float = DEFAULT_TBT_MULTIPLIER,
-                reference_prompt_tokens: int = DEFAULT_REFERENCE_PROMPT_TOKENS) -> Slo:
-    """A model's SLO on ``gpu``: multiples of its unloaded latency at max clock and 100% SMs.
-
-    TTFT SLO = ``ttft_multiplier`` x the profile's prefill latency of one
-    prompt of ``reference_prompt_tokens``; TBT SLO = ``tbt_multiplier`` x the
-    decode step latency at batch 1 with that much context. Splitwise (ISCA'24)
-    states its SLOs this way, as slowdowns over the latency on an unloaded
-    machine, and DistServe (OSDI'24) varies SLO strictness by one common
-    scale; one rule gives every model a target in proportion to its size, and
-    no policy is favoured by a hand-picked number per model. 5x leaves room for queueing, batching and lower clocks
-    (the savings an energy-aware policy is after) while still failing a
-    policy that lets requests wait behind long prefills. With 1024 tokens,
-    llama-3.1-8b on h100-sxm-80gb gets about 0.22 s TTFT and 69 ms TBT.
-
-    A prompt longer than the reference gets a TTFT SLO that grows with it:
-    ``ttft_multiplier`` x the extra unloaded prefill time per token (the slope
-    of the profile between the reference and ``LONG_PROMPT_TOKENS``, or the
-    table's longest context if shorter). Without
-    it, prompts beyond about 5,400-6,000 tokens (8-10% of the Azure code
-    trace) would miss their SLO even on an idle GPU, for every policy alike.
-    """
-    if not (math.isfinite(ttft_multiplier) and ttft_multiplier > 0):
-        raise TraceError(f"ttft_multiplier must be a positive number, got {ttft_multiplier!r}")
-    if not (math.isfinite(tbt_multiplier) and tbt_multiplier > 0):
-        raise TraceError(f"tbt_multiplier must be a positive number, got {tbt_multiplier!r}")
-    if not 1 <= reference_prompt_tokens < LONG_PROMPT_TOKENS:
-        raise TraceError(f"reference_prompt_tokens must be in 1..{LONG_PROMPT_TOKENS - 1}, "
-                         f"got {reference_prompt_tokens}")
-    prefill = store.predict(gpu, model, "prefill", batch=1, context_tokens=reference_prompt_tokens, sm_pct=100.0)
-    decode = store.predict(gpu, model, "decode", batch=1, context_tokens=reference_prompt_tokens, sm_pct=100.0)
-    long_tokens = int(min(LONG_PROMPT_TOKENS, store.table(gpu, model).bounds("context_tokens")[1]))
-    long = store.predict(gpu, model, "prefill", batch=1, context_tokens=long_tokens, sm_pct=100.0)
-    per_token_s = max(0.0, (long.latency_s - prefill.latency_s) / max(1, long_tokens - reference_prompt_tokens))
-    return Slo(ttft_s=ttft_multiplier * prefill.latency_s, tbt_s=tbt_multiplier * decode.latency_s,
-               ttft_s_per_token=ttft_multiplier * per_token_s, reference_prompt_tokens=reference_prompt_tokens)
-
-
-# ---------------------------------------------------------------- cold starts
-
-
-@dataclass(frozen=True)
-class ColdStartModel:
-    """Time to bring up one model instance on idle GPUs: a fixed engine start plus loading the weights.
-
-    load time = ``engine_init_s`` + weight bytes per GPU / ``load_bandwidth_gbs``:
-    the instance's ``tp`` GPUs read their weight shards in parallel, each at
-    ``load_bandwidth_gbs``. Use ``STANDARD_LOAD`` or ``FAST_LOAD`` (documented
-    there) unless a site has its own measurements.
-    """
-
-    name: str
-    engine_init_s: float  # process and CUDA context start, engine set-up, KV-cache allocation; size-independent
-    load_bandwidth_gbs: float  # weight bytes into each GPU per second, in GB/s (1e9 bytes)
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.engine_init_s) and self.engine_init_s >= 0):
-            raise TraceError(f"cold start {self.name}: engine_init_s must be >= 0, got {self.engine_init_s!r}")
-        if not (math.isfinite(self.load_bandwidth_gbs) and self.load_bandwidth_gbs > 0):
-            raise TraceError(f"cold start {self.name}: load_bandwidth_gbs must be > 0, "
-                             f"got {self.load_bandwidth_gbs!r}")
-
-    def cold_start_s(self, model: ModelSpec, tp: int) -> float:
-        """Seconds from starting an instance of ``model`` on ``tp`` GPUs until it can serve."""
-        if tp < 1:
-            raise TraceError(f"cold start of {model.name}: tp must be >= 1, got {tp}")
-        return self.load_s(model.weights_bytes / tp)
-
-    def load_s(self, weights_bytes_per_gpu: float) -> float:
-        """Seconds to start an instance whose GPUs each load ``weights_bytes_per_gpu``."""
-        return self.engine_init_s + weights_bytes_per_gpu / (self.load_bandwidth_gbs * GB)
-
-
-# Safetensors from a node-local NVMe into a freshly started vLLM-style engine.
-# 2.5 GB/s per GPU is at the fast end of what stock loaders reach: ServerlessLLM
-# (Fu et al., OSDI'24) motivates with about 84 s for LLaMA-2-70B (~1.6 GB/s over
-# the 138 GB checkpoint), and the InstantTensor benchmark in vLLM's docs has
-# stock safetensors at 1.1 GB/s for a 30B model on one H200. 10 s of engine
-# start is the low end for vLLM (CUDA graph capture and compilation can take
-# longer). llama-3.1-8b: 10 + 16.1 GB / 2.5 = 16.4 s; llama-2-70b on 4 H100:
-# 10 + 34.5 / 2.5 = 23.8 s. A policy whose saving rests on frequent cold starts
-# should also be checked with a slower ColdStartModel.
-STANDARD_LOAD = ColdStartModel("standard", engine_init_s=10.0, load_bandwidth_gbs=2.5)
-
-# ServerlessLLM's multi-tier checkpoint loading: a loading-optimised format read
-# from host DRAM (or local SSD) in pinned chunks, pipelined over PCIe, into an
-# already started engine process. The paper reports 3.6-8.2x faster loading
-# than PyTorch/Safetensors; 20 GB/s per GPU is 8x STANDARD (the top of that
-# range) and under the ~25 GB/s of a PCIe Gen4 x16 link. 2 s for the rest of
-# the start-up assumes a pre-started process. llama-3.1-8b: 2 + 16.1 / 20 =
-# 2.8 s; llama-2-70b on 4 H100: 2 + 34.5 / 20 = 3.7 s.
-#
-# Cross-check of the fixed parts against production loads, Alibaba GenTD26
-# basemodel_update_latency_anon.csv (Stable Diffusion base models, 2-7 GB, not
-# LLMs; values may be scaled by the dataset's anonymisation): 7,531 loads on
-# 123 containers over ~0.93 day; median 22.7 s, p90 42.0 s (min 1.33, p10 2.63,
-# p25 3.14, p75 36.9, p99 51.8, max 79.4 s). The distribution is bimodal: 36%
-# of loads take under 10 s (median 2.8 s, p10-p90 2.0-4.5 s), the rest median
-# 34.7 s (p10-p90 20.7-44.2 s). FAST_LOAD gives 2.1-2.35 s for a 2-7 GB
-# checkpoint, inside the fast mode; STANDARD_LOAD gives 10.8-12.8 s, between
-# the modes: the slow mode most likely includes fetching from remote storage,
-# which neither preset models (weights are assumed on the node).
-FAST_LOAD = ColdStartModel("fast", engine_init_s=2.0, load_bandwidth_gbs=20.0)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from festina_hpc.cluster.slo import default_slo
 from festina_hpc.gpu.base import Workload
 from festina_hpc.node.agent import NodeAgent
 from festina_hpc.node.config import NodeConfig, NodePaths
@@ -41,7 +42,6 @@ from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.types import ClusterView, Drop, GpuSettings, GpuView, Placement, Request
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.serve.secret import write_secret
-from festina_hpc.sim.workload import default_slo
 from tests.conftest import REPO_PROFILES
 from tests.node.conftest import SimNode
 

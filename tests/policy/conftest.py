@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.config import default_profiles_dir
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.types import InstancePhase, ModelInfo, NodePower, Request, Slo
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.simulator import SimResult, Simulation
 
 GPU = "h100-sxm-80gb"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import festina_hpc.sim.experiment as experiment_module
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.policy.base import Policy, PolicyContext, UnknownPolicyError, make_policy, policy_names
 from festina_hpc.policy.baselines.dynamollm import (
     LOAD_MARGIN,
@@ -32,7 +33,6 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.experiment import Experiment
 from tests.policy.conftest import (
     GPU,

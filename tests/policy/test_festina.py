@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pytest
 
+from festina_hpc.cluster.figures import ClusterConfig
+from festina_hpc.cluster.slo import default_slo
 from festina_hpc.policy.common import SHORT_OUTPUT_TOKENS, TBT_PLANNING, TokenStats
 from festina_hpc.policy.festina import (
     BURST_MEMORY_S,
@@ -42,10 +44,10 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
-from festina_hpc.sim.cluster import ClusterConfig, SimInstance
+from festina_hpc.sim.cluster import SimInstance
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import Simulation
-from festina_hpc.sim.workload import DEFAULT_MODEL_MIX, default_slo
+from festina_hpc.sim.workload import DEFAULT_MODEL_MIX
 from tests.policy.conftest import GPU, STORE, FakeInstance, FakeView, make_policy_for, poisson_requests
 
 MODEL = "llama-3.1-8b"

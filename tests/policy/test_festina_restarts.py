@@ -7,9 +7,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.policy.festina import SHARE_SETTLE_S, SHRINK_GAP_PCT
 from festina_hpc.policy.types import InstancePhase
-from festina_hpc.sim.cluster import ClusterConfig, SimInstance
+from festina_hpc.sim.cluster import SimInstance
 from festina_hpc.sim.engine import Event
 from tests.policy.conftest import STORE, FakeInstance, bursts
 from tests.policy.test_festina import MAX_CLOCK_MHZ, MODEL, SLOS, SMALL_MODELS, CheckedSimulation, fake_view, festina

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.policy.limits import limit_placement, limit_plan, upkeep
 from festina_hpc.policy.types import (
     Drop,
@@ -18,7 +19,6 @@ from festina_hpc.policy.types import (
     StartInstance,
     StopInstance,
 )
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.simulator import Simulation
 from tests.policy.conftest import (
     STORE,

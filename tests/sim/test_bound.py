@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import festina_hpc.sim
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.config import default_profiles_dir
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy, policy_names
 from festina_hpc.policy.common import least_loaded, serving
@@ -35,7 +36,6 @@ from festina_hpc.policy.types import (
 from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.profiles.table import PHASES, ProfileTable
 from festina_hpc.sim.bound import METHOD, energy_lower_bound, token_energy_floor_j
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.simulator import ENERGY_PARTS, SimResult, Simulation
 from tests.sim.conftest import MODELS, poisson_requests, slos
 

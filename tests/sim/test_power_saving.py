@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.config import default_profiles_dir, load_config
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.common import free_gpu_group, place_on_whole_gpus, route_with_room, waits_for_node
@@ -24,7 +25,7 @@ from festina_hpc.policy.types import (
     StopInstance,
 )
 from festina_hpc.profiles.calibration_doc import CLUSTER_FIGURES
-from festina_hpc.sim.cluster import ClusterConfig, SimNode
+from festina_hpc.sim.cluster import SimNode
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.simulator import SimResult, Simulation
 from tests.policy.conftest import GPU, STORE, FakeInstance, FakeView, slos_for

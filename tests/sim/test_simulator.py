@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
+from festina_hpc.cluster.figures import ClusterConfig
 from festina_hpc.config import default_profiles_dir
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.common import free_gpu_group, least_loaded, serving
@@ -27,7 +28,6 @@ from festina_hpc.policy.types import (
     StopInstance,
 )
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import ClusterConfig
 from festina_hpc.sim.engine import Event
 from festina_hpc.sim.simulator import SimResult, Simulation
 from tests.sim.conftest import poisson_requests as sim_requests

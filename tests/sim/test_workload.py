@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from festina_hpc.cluster.figures import FAST_LOAD, STANDARD_LOAD, ColdStartModel
+from festina_hpc.cluster.slo import default_slo
 from festina_hpc.config import default_profiles_dir, load_config
 from festina_hpc.errors import ProfileError, TraceError, UnknownProfileError
 from festina_hpc.profiles.specs import Catalog
@@ -16,16 +18,12 @@ from festina_hpc.profiles.store import ProfileStore
 from festina_hpc.sim.experiment import ExperimentOptions, build_experiment
 from festina_hpc.sim.workload import (
     DEFAULT_MODEL_MIX,
-    FAST_LOAD,
-    STANDARD_LOAD,
     UNIFORM,
-    ColdStartModel,
     MixEntry,
     Popularity,
     Trace,
     assign_models,
     build_requests,
-    default_slo,
     load_trace,
     model_mix_path,
     parse_popularity,

@@ -84,6 +84,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     TBT_PLANNING,
@@ -155,7 +156,6 @@ STOP_IDLE_S = 10.0
 # 10.129 at 0.992, code 13.459 at 0.958; margin 5 conv 10.469 at 0.997, code 12.043 at 0.981.
 LOAD_MARGIN = 3.0
 PEAK_WINDOW_S = 30.0
-USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache (vLLM's gpu_memory_utilization)
 
 
 def pool_of(prompt_tokens: int) -> int:

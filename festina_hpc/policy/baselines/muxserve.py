@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
 from festina_hpc.policy.base import Policy, PolicyContext, register
 from festina_hpc.policy.common import (
     TBT_PLANNING,
@@ -75,7 +76,6 @@ from festina_hpc.profiles.table import AXES
 TARGET_UTILIZATION = 0.7  # an SM share is sized so the model's load keeps it this busy
 MIN_SHARE_PCT = 10.0  # MPS shares below this starve an instance
 SHARE_STEP_PCT = 5.0  # re-size shares only when one moves by at least this much
-USABLE_MEMORY_FRAC = 0.9  # of GPU memory for weights and KV cache (vLLM's gpu_memory_utilization)
 KV_SEQUENCES_MIN = 32  # a memory quota holds at least this many typical sequences
 KV_CONCURRENCY_FACTOR = 3.0  # ... and this many times the expected concurrent sequences
 MEMORY_STEP = 0.05  # memory fractions are rounded up to this

@@ -46,12 +46,15 @@ from typing import Any
 
 import numpy as np
 
+from festina_hpc.cluster.figures import ClusterConfig
+from festina_hpc.cluster.rate import RateMeter
+from festina_hpc.cluster.slo import default_slo
 from festina_hpc.policy.base import Policy, PolicyContext, make_policy
 from festina_hpc.policy.types import Drop, InstancePhase, Plan, Request, Route, StartInstance
 from festina_hpc.profiles.store import ProfileStore
-from festina_hpc.sim.cluster import ClusterConfig, RequestRecord, SimInstance
+from festina_hpc.sim.cluster import RequestRecord, SimInstance
 from festina_hpc.sim.simulator import InvalidDecision, Simulation
-from festina_hpc.sim.workload import DEFAULT_MODEL_MIX, default_slo
+from festina_hpc.sim.workload import DEFAULT_MODEL_MIX
 
 GPU_TYPE = "h100-sxm-80gb"
 GPUS_PER_NODE = 8
@@ -193,7 +196,7 @@ def build_state(store: ProfileStore, policy: Policy, gpus: int, rng: np.random.G
             u = rng.random()
             waiting = 0 if u < 0.8 else int(rng.integers(1, 5)) if u < 0.95 else int(rng.integers(16, 129))
             add_waiting(inst, [_request(rng, ids, inst.model) for _ in range(waiting)])
-            inst._rate = float(rng.uniform(0.1, 4.0))  # requests/s routed to it lately
+            inst._rate = RateMeter(inst.started_s, float(rng.uniform(0.1, 4.0)))  # requests/s routed to it lately
     return sim
 
 

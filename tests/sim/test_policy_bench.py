@@ -1,12 +1,12 @@
-"""The benchmark's cluster state (``festina_hpc.policy.bench``): busy but within every GPU's limits."""
+"""The benchmark's cluster state (``festina_hpc.sim.policy_bench``): busy but within every GPU's limits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from festina_hpc.policy.bench import NODE_LAYOUTS, build_state, run_policy_bench
 from festina_hpc.policy.types import InstancePhase
+from festina_hpc.sim.policy_bench import NODE_LAYOUTS, build_state, run_policy_bench
 from tests.policy.conftest import STORE, make_policy_for
 
 
