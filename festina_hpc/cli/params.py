@@ -99,13 +99,14 @@ class TimeType(click.ParamType):
 
 class DurationType(click.ParamType):
     """A length of time in seconds (float): a bare number of seconds or a duration (``1h30m``), at least
-    ``min_s`` (excluded when ``min_open``)."""
+    ``min_s`` (excluded when ``min_open``); an int with ``whole_s``, for figures Slurm takes in whole seconds."""
 
     name = "duration"
 
-    def __init__(self, *, min_s: float = 0.0, min_open: bool = False) -> None:
+    def __init__(self, *, min_s: float = 0.0, min_open: bool = False, whole_s: bool = False) -> None:
         self.min_s = min_s
         self.min_open = min_open
+        self.whole_s = whole_s
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return "DURATION"
@@ -120,6 +121,10 @@ class DurationType(click.ParamType):
         if seconds < self.min_s or (self.min_open and seconds == self.min_s):
             bound = "more than" if self.min_open else "at least"
             self.fail(f"{value!r} is not a duration of {bound} {self.min_s:g} s", param, ctx)
+        if self.whole_s:
+            if not seconds.is_integer():
+                self.fail(f"{value!r} is not a whole number of seconds", param, ctx)
+            return int(seconds)
         return seconds
 
 
@@ -129,9 +134,10 @@ DURATION = DurationType()
 POSITIVE_DURATION = DurationType(min_open=True)
 
 
-def duration(*, min_s: float = 0.0, min_open: bool = False) -> DurationType:
-    """A ``DURATION`` with another lower bound (``--watch`` refreshes at most five times a second)."""
-    return DurationType(min_s=min_s, min_open=min_open)
+def duration(*, min_s: float = 0.0, min_open: bool = False, whole_s: bool = False) -> DurationType:
+    """A ``DURATION`` with another lower bound (``--watch`` refreshes at most five times a second) or in whole
+    seconds."""
+    return DurationType(min_s=min_s, min_open=min_open, whole_s=whole_s)
 
 
 __all__ = ["DURATION", "FUTURE_TIME", "POSITIVE_DURATION", "TIME", "DurationType", "TimeType", "command_now",
