@@ -8,8 +8,7 @@ sends to the node signed (``/admin/node-control``), and the audit trail is the d
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from festina_hpc.cli.admin_options import (
 )
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
+from festina_hpc.cli.params import TIME
 from festina_hpc.db.models import DECISION_KINDS
 from festina_hpc.db.store import DecisionRow, Store
 from festina_hpc.errors import FestinaError
@@ -192,37 +192,24 @@ def drain_instance(app: AppContext, node: str, gpu: int, job_id: int, festinad_u
     click.echo(f"{node} GPU {gpu}: job {job_id}'s server (pid {pid}) is draining")
 
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_since(value: str, now: datetime) -> datetime:
-    """An ISO date or date-time (UTC without an offset), or a span back from now: 30s, 10m, 2h, 7d."""
-    match = _RELATIVE.match(value.strip())
-    if match:
-        return now - timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise FestinaError(f"--since = {value!r} is not an ISO date-time or a span such as 10m, 2h, 7d") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 @click.command("decisions", epilog="""
 \b
 Examples:
   festina decisions --since 1h
   festina decisions --since 2026-03-01T12:00 --kind migration --json
 """)
-@click.option("--since", default="1h", show_default=True, help="ISO date-time (UTC) or a span back: 30s, 10m, 2h, 7d.")
+@click.option("--since", type=TIME, default="1h", show_default=True,
+              help="An ISO 8601 date or date-time (UTC without an offset) or a duration back from now: 30s, 10m, "
+                   "2h, 1h30m, 7d.")
 @click.option("--kind", type=click.Choice(DECISION_KINDS), default=None, help="Only this kind.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 @db_url_option
 @json_option
 @pass_app
-def decisions(app: AppContext, since: str, kind: str | None, limit: int, db_url: str | None, as_json: bool) -> None:
+def decisions(app: AppContext, since: datetime, kind: str | None, limit: int, db_url: str | None,
+              as_json: bool) -> None:
     """The audit trail: placements, setting changes, scaling, migrations, power, each with its reason."""
-    start = parse_since(since, datetime.now(UTC))
+    start = since
     engine, _ = open_engine(app, db_url)
     try:
         store = Store(engine)

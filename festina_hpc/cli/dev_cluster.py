@@ -9,6 +9,7 @@ import click
 
 from festina_hpc import devcluster
 from festina_hpc.cli.common import echo_json, json_option
+from festina_hpc.cli.params import duration
 from festina_hpc.db.engine import mask_url
 
 base_dir_option = click.option("--base-dir", type=click.Path(path_type=Path, file_okay=False),
@@ -29,8 +30,8 @@ def dev_cluster() -> None:
 @click.option("--ctld-port", type=int, default=26817, show_default=True)
 @click.option("--slurmd-port", type=int, default=27001, show_default=True,
               help="Port of n1; node i listens on this + i - 1.")
-@click.option("--suspend-time", "suspend_time_s", type=int, default=10, show_default=True,
-              help="Seconds idle before power saving powers a node down.")
+@click.option("--suspend-time", "suspend_time_s", type=duration(whole_s=True), default=10, show_default=True,
+              help="Idle time before power saving powers a node down: whole seconds or 5m (Slurm's SuspendTime).")
 @click.option("--power-save-nodes", type=int, default=1, show_default=True,
               help="How many nodes (the last ones) power saving may power down; the others stay on.")
 @click.option("--festina-node/--no-festina-node", "festina_node", default=True, show_default=True,

@@ -16,14 +16,25 @@ from rich.console import Console
 from festina_hpc.accounting.report import FORMATS, as_csv, as_json, as_table, range_title
 from festina_hpc.cli.common import AppContext, echo_json, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
-from festina_hpc.db.accounting import REPORTS, QueryResult, parse_range, query_names, run_query
+from festina_hpc.cli.params import TIME
+from festina_hpc.db.accounting import EARLIEST, LATEST, REPORTS, QueryResult, query_names, run_query
 from festina_hpc.db.store import Store
 
-since_option = click.option("--since", default=None, metavar="TIME",
-                            help="Start, inclusive: YYYY-MM-DD or an ISO date-time (UTC without an offset).")
-until_option = click.option("--until", default=None, metavar="TIME", help="End, exclusive (same forms as --since).")
+since_option = click.option("--since", type=TIME, default=None,
+                            help="Start, inclusive: an ISO 8601 date or date-time (UTC without an offset) or a "
+                                 "duration back from now (1h, 30m, 2d) [the beginning].")
+until_option = click.option("--until", type=TIME, default=None, help="End, exclusive (same forms as --since) [now].")
 format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                              help="A table, CSV, or one JSON object.")
+
+
+def _range(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
+    start = since if since is not None else EARLIEST
+    end = until if until is not None else LATEST
+    if start >= end:
+        raise click.BadParameter(f"{start.isoformat()} is not before --until ({end.isoformat()})",
+                                 param_hint="'--since'")
+    return start, end
 
 
 def _run(app: AppContext, db_url: str | None, name: str, since: datetime, until: datetime,
@@ -62,10 +73,10 @@ def energy() -> None:
 @format_option
 @db_url_option
 @pass_app
-def report(app: AppContext, by: str, since: str | None, until: str | None, limit: int, fmt: str,
+def report(app: AppContext, by: str, since: datetime | None, until: datetime | None, limit: int, fmt: str,
            db_url: str | None) -> None:
     """GPU energy by job, model, user, account, node or day over [--since, --until)."""
-    start, end = parse_range(since, until)
+    start, end = _range(since, until)
     result = _run(app, db_url, REPORTS[by], start, end, limit)
     _print(result, fmt, by, start, end, f"GPU energy by {by}")
 
@@ -79,10 +90,10 @@ def report(app: AppContext, by: str, since: str | None, until: str | None, limit
 @format_option
 @db_url_option
 @pass_app
-def query(app: AppContext, name: str, since: str | None, until: str | None, limit: int, fmt: str,
+def query(app: AppContext, name: str, since: datetime | None, until: datetime | None, limit: int, fmt: str,
           db_url: str | None) -> None:
     """Run one of the shipped accounting queries (db/queries/NAME.sql) over [--since, --until)."""
-    start, end = parse_range(since, until)
+    start, end = _range(since, until)
     result = _run(app, db_url, name, start, end, limit)
     _print(result, fmt, None, start, end, name)
 
@@ -95,12 +106,12 @@ def query(app: AppContext, name: str, since: str | None, until: str | None, limi
 @until_option
 @db_url_option
 @pass_app
-def plot_cmd(app: AppContext, what: str, out: Path, since: str | None, until: str | None,
+def plot_cmd(app: AppContext, what: str, out: Path, since: datetime | None, until: datetime | None,
              db_url: str | None) -> None:
     """Plot energy over time by model, or power per node, into a PNG file."""
     from festina_hpc.accounting.plot import PLOTS, plot
 
-    start, end = parse_range(since, until)
+    start, end = _range(since, until)
     result = _run(app, db_url, PLOTS[what][0], start, end, None)
     lines = plot(result, what, out, range_title(start, end))
     click.echo(f"{out}: {lines} {'models' if what == 'model' else 'nodes'}, {len(result.rows)} hourly points")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import click
 
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
-from festina_hpc.db.keys import ROLES, KeyRing, parse_expiry, parse_rate
+from festina_hpc.cli.params import FUTURE_TIME
+from festina_hpc.db.keys import ROLES, KeyRing, parse_rate
 from festina_hpc.db.store import Store, utc_now
 
 _EXAMPLES = """
@@ -36,20 +39,20 @@ def keys() -> None:
 @click.option("--models", default="", metavar="M1,M2", help="Models it may call (catalogue or profile names) "
                                                              "[every model].")
 @click.option("--rate-limit", default=None, metavar="R/s", help="Requests per second (R/s, R/min or R) [no limit].")
-@click.option("--expires", default=None, metavar="WHEN",
-              help="An ISO date or date-time (UTC without an offset) or a duration: 90d, 12h, 2w [never].")
+@click.option("--expires", type=FUTURE_TIME, default=None,
+              help="An ISO 8601 date or date-time (UTC without an offset) or a duration from now: 90d, 12h, 2w "
+                   "[never].")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True,
               help="user: the gateway's /v1/*; admin: also festinad's /admin/* (consolidate, nodes, drain).")
 @db_url_option
 @json_option
 @pass_app
-def create(app: AppContext, user_name: str, account: str, models: str, rate_limit: str | None, expires: str | None,
+def create(app: AppContext, user_name: str, account: str, models: str, rate_limit: str | None, expires: datetime | None,
            role: str, db_url: str | None, as_json: bool) -> None:
     """Issue a key; its token is printed once and cannot be shown again (only its hash is stored)."""
     rate = parse_rate(rate_limit) if rate_limit is not None else None
-    expires_at = parse_expiry(expires, utc_now()) if expires is not None else None
     names = [name.strip() for name in models.split(",") if name.strip()]
-    token, info = _ring(app, db_url).create(user_name, account, names, rate, expires_at, role)
+    token, info = _ring(app, db_url).create(user_name, account, names, rate, expires, role)
     if as_json:
         echo_json({"token": token, **info.to_json(utc_now())})
         return

@@ -12,6 +12,7 @@ from festina_hpc.admin import client
 from festina_hpc.cli.admin_options import api_key, api_key_option, festinad_url, festinad_url_option
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
+from festina_hpc.cli.params import DURATION
 from festina_hpc.db.catalogue import ENGINES, Catalogue, CatalogueEntry, CatalogueError
 from festina_hpc.db.store import Store
 
@@ -50,8 +51,8 @@ def _scaling_options(func: Any) -> Any:
         click.option("--engine-args", default=None, help="Extra engine arguments, shell words (e.g. vLLM flags)."),
         click.option("--min-instances", type=int, default=None, help="Instances kept even when idle [0]."),
         click.option("--max-instances", type=int, default=None, help="Most instances at once [no bound]."),
-        click.option("--keep-alive-s", type=float, default=None,
-                     help="Idle seconds before scale-to-zero [festinad's daemon.keep_alive_s]."),
+        click.option("--keep-alive-s", type=DURATION, default=None,
+                     help="Idle time before scale-to-zero: seconds or 10m, 1h [festinad's daemon.keep_alive_s]."),
         click.option("--account", default=None, help="Slurm account of its serving jobs [the submitter's]."),
         click.option("--max-output-tokens", type=int, default=None,
                      help="Largest max_tokens a request may ask; more is refused with 400 [the context length]."),
@@ -65,8 +66,8 @@ def _scaling_options(func: Any) -> Any:
 @click.option("--profile", required=True, help="Profile model it runs (`festina profiles list`).")
 @click.option("--gpu-type", required=True, help="Profile GPU type, e.g. h100 (aliases allowed).")
 @click.option("--engine", type=click.Choice(ENGINES), required=True, help="Serving engine.")
-@click.option("--ttft-slo-s", type=float, required=True, help="Time-to-first-token SLO, seconds.")
-@click.option("--tbt-slo-s", type=float, required=True, help="Time-between-tokens SLO, seconds.")
+@click.option("--ttft-slo-s", type=DURATION, required=True, help="Time-to-first-token SLO: seconds or 500ms.")
+@click.option("--tbt-slo-s", type=DURATION, required=True, help="Time-between-tokens SLO: seconds or 100ms.")
 @_scaling_options
 @db_url_option
 @json_option
@@ -127,8 +128,8 @@ def show(app: AppContext, name: str, db_url: str | None, as_json: bool) -> None:
 @click.option("--profile", default=None, help="Profile model it runs.")
 @click.option("--gpu-type", default=None, help="Profile GPU type.")
 @click.option("--engine", type=click.Choice(ENGINES), default=None, help="Serving engine.")
-@click.option("--ttft-slo-s", type=float, default=None, help="Time-to-first-token SLO, seconds.")
-@click.option("--tbt-slo-s", type=float, default=None, help="Time-between-tokens SLO, seconds.")
+@click.option("--ttft-slo-s", type=DURATION, default=None, help="Time-to-first-token SLO: seconds or 500ms.")
+@click.option("--tbt-slo-s", type=DURATION, default=None, help="Time-between-tokens SLO: seconds or 100ms.")
 @_scaling_options
 @db_url_option
 @json_option
@@ -148,8 +149,8 @@ def update(app: AppContext, name: str, db_url: str | None, as_json: bool, **chan
 @models.command("remove")
 @click.argument("name")
 @click.option("--drain", is_flag=True, help="Ask festinad to stop its instances (draining them) first.")
-@click.option("--timeout-s", type=click.FloatRange(min=0), default=120.0, show_default=True,
-              help="With --drain: longest wait for its instances to stop.")
+@click.option("--timeout-s", type=DURATION, default=120.0, show_default=True,
+              help="With --drain: longest wait for its instances to stop (seconds or 2m).")
 @festinad_url_option
 @api_key_option
 @db_url_option

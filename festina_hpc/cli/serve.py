@@ -15,6 +15,7 @@ import sys
 import click
 
 from festina_hpc.cli.common import AppContext, pass_app
+from festina_hpc.cli.params import DURATION
 
 
 @click.command("serve")
@@ -36,8 +37,8 @@ from festina_hpc.cli.common import AppContext, pass_app
               help="Share of the GPU's usable memory (vLLM's --gpu-memory-utilization; ignored when emulated).")
 @click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply every step's predicted latency (tests and demos; 1 = real time).")
-@click.option("--drain-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="On SIGTERM, time in-flight requests get to finish (keep below Slurm's KillWait).")
+@click.option("--drain-s", type=DURATION, default=5.0, show_default=True,
+              help="On SIGTERM, time in-flight requests get to finish: seconds or 1m (keep below Slurm's KillWait).")
 @click.option("--secret-file", default=None, metavar="PATH",
               help="File (mode 600) holding this instance's secret: /v1/*, /admin/settings and /metrics then "
                    "answer only `Authorization: Bearer <secret>` (festinad writes one per job). "

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, pass_app
+from festina_hpc.cli.params import POSITIVE_DURATION
 from festina_hpc.cli.progress import PhaseProgress
 from festina_hpc.config import POWER_SAVING_MODES
 from festina_hpc.policy.base import policy_names
@@ -41,8 +42,9 @@ def experiment_options(func: F, without: Collection[str] = ()) -> F:
         "seed": click.option("--seed", type=int, default=None),
         "rate_scale": click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
                                    help="2.0 replays the trace twice as fast."),
-        "duration_s": click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None,
-                                   help="Only requests arriving in the first S seconds (after scaling)."),
+        "duration_s": click.option("--duration-s", type=POSITIVE_DURATION, default=None,
+                                   help="Only requests arriving in the first DURATION (seconds or 30m, 2h; "
+                                        "after scaling)."),
         "copies": click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
                                help="Superpose N copies of the trace (independent model draws): N x the load on "
                                     "the trace's own timeline, where --rate-scale compresses it."),

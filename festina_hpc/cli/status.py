@@ -13,6 +13,7 @@ from festina_hpc.admin import status as status_lib
 from festina_hpc.cli.admin_options import slurm_client, slurm_conf_option
 from festina_hpc.cli.common import AppContext, echo_json, json_option, pass_app
 from festina_hpc.cli.db import db_url_option, open_engine
+from festina_hpc.cli.params import POSITIVE_DURATION, duration
 from festina_hpc.db.node_reports import READING_STALE_S
 from festina_hpc.db.store import Store
 from festina_hpc.slurm.errors import SlurmError
@@ -28,12 +29,12 @@ Examples:
 
 
 @click.command("status", epilog=_EXAMPLES)
-@click.option("--window-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="SLO attainment and power over this many seconds back.")
-@click.option("--stale-s", type=click.FloatRange(min=0, min_open=True), default=READING_STALE_S, show_default=True,
-              help="A node's power reading older than this many seconds is shown as unknown ('-').")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=0.2), default=None, metavar="SECONDS",
-              help="Refresh every SECONDS until interrupted.")
+@click.option("--window-s", type=POSITIVE_DURATION, default=300.0, show_default=True,
+              help="SLO attainment and power over this long back: seconds or 5m, 1h.")
+@click.option("--stale-s", type=POSITIVE_DURATION, default=READING_STALE_S, show_default=True,
+              help="A node's power reading older than this (seconds or 1m) is shown as unknown ('-').")
+@click.option("--watch", "watch_s", type=duration(min_s=0.2), default=None,
+              help="Refresh every DURATION (seconds or 1m) until interrupted.")
 @click.option("--slurm/--no-slurm", "use_slurm", default=True, show_default=True,
               help="Ask Slurm for node state and power (else the database's last view).")
 @slurm_conf_option

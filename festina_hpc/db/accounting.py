@@ -131,27 +131,5 @@ def _value(column: str, value: Any) -> Any:
     return value
 
 
-_DATE_FORMS = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM]"
-
-
-def parse_time(value: str, option: str) -> datetime:
-    """A command-line time: an ISO date or date-time; without an offset it is UTC."""
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise QueryError(f"{option} = {value!r} is not a date ({_DATE_FORMS})") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
-
-
-def parse_range(since: str | None, until: str | None) -> tuple[datetime, datetime]:
-    start = parse_time(since, "--since") if since is not None else EARLIEST
-    end = parse_time(until, "--until") if until is not None else LATEST
-    if start >= end:
-        raise QueryError(f"--since = {since!r} is not before --until = {until!r}")
-    return start, end
-
-
 __all__ = ["EARLIEST", "LATEST", "QUERIES_DIR", "REPORTS", "Query", "QueryError", "QueryResult", "load_query",
-           "parse_query", "parse_range", "parse_time", "query_names", "run_query"]
+           "parse_query", "query_names", "run_query"]

@@ -22,7 +22,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, or_, select
@@ -40,8 +40,6 @@ _TOKEN = re.compile(r"fk_[A-Za-z0-9_-]{43}")
 _RATE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*(s|sec|second|min|minute|h|hour))?\s*")
 _PER_S = {None: 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "min": 1 / 60, "minute": 1 / 60, "h": 1 / 3600,
           "hour": 1 / 3600}
-_DURATION = re.compile(r"\s*([0-9]+)\s*(m|h|d|w)\s*")
-_DURATION_S = {"m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 ROLES = ("user", "admin")
 
 
@@ -102,25 +100,6 @@ def parse_rate(value: str) -> float:
     if not match or rate <= 0:
         raise ApiKeyError(f"rate_limit = {value!r} is not a positive rate (e.g. 5/s, 120/min or 0.5)")
     return rate
-
-
-def parse_expiry(value: str, now: datetime) -> datetime:
-    """``--expires``: a duration from now (``30d``, ``12h``, ``90m``, ``2w``) or an ISO date or date-time
-    (UTC without an offset); it must lie in the future."""
-    duration = _DURATION.fullmatch(value)
-    if duration:
-        expires = now + timedelta(seconds=int(duration.group(1)) * _DURATION_S[duration.group(2)])
-    else:
-        try:
-            expires = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ApiKeyError(f"expires = {value!r} is not a date, a date-time or a duration "
-                            "(e.g. 2027-01-31, 2027-01-31T18:00, 30d, 12h)") from None
-        if expires.tzinfo is None:
-            expires = expires.replace(tzinfo=UTC)
-    if expires <= now:
-        raise ApiKeyError(f"expires = {value!r} is not in the future (now {now.isoformat(timespec='seconds')})")
-    return expires.astimezone(UTC)
 
 
 def _info(row: ApiKey) -> KeyInfo:

@@ -21,6 +21,10 @@ class Result:
 
 Festina = Callable[..., Result]
 
+# What every --since and --until says of a value that is neither a time nor a duration (festina_hpc/cli/params.py).
+NOT_A_TIME = ("is not a time (ISO 8601, e.g. 2026-03-01 or 2026-03-01T12:00Z) or a duration back from now "
+              "(e.g. 1h, 30m, 2d)")
+
 
 @pytest.fixture
 def festina(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Festina:

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from festina_hpc.cli.admin import parse_since
 from festina_hpc.db.engine import make_engine
 from festina_hpc.db.store import GpuRecord, NodeRecord, Store
 from festina_hpc.devcluster import DevClusterConfig
-from festina_hpc.errors import FestinaError
 from festina_hpc.policy.types import GpuSettings, Plan, PowerOff
-from tests.cli.conftest import Festina
+from tests.cli.conftest import NOT_A_TIME, Festina
 
 
 def test_decisions_lists_the_audit_trail(festina: Festina, tmp_path: Path) -> None:
@@ -33,7 +31,7 @@ def test_decisions_lists_the_audit_trail(festina: Festina, tmp_path: Path) -> No
     data = json.loads(festina("decisions", "--since", "3d", "--kind", "power", "--json", "--db-url", url).out)
     assert [d["node_id"] for d in data["decisions"]] == [4, 3]
     bad = festina("decisions", "--since", "last tuesday", "--db-url", url)
-    assert bad.code == 2 and "--since = 'last tuesday'" in bad.err
+    assert (bad.code, bad.err) == (2, f"festina: error: Invalid value for '--since': 'last tuesday' {NOT_A_TIME}\n")
     assert festina("decisions", "--kind", "nap", "--db-url", url).code == 2
 
 
@@ -58,14 +56,6 @@ def test_decisions_name_nodes_and_gpu_indexes_and_count_repeats(festina: Festina
     data = json.loads(festina("decisions", "--since", "1h", "--json", "--db-url", url).out)["decisions"]
     assert [(d["node"], d["gpu_index"], d["count"]) for d in data] == [("n3", 1, 1), ("n1", None, 3)]
     assert data[1]["last_decided_at"] == (start + timedelta(seconds=60)).isoformat()
-
-
-def test_parse_since() -> None:
-    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
-    assert parse_since("90m", now) == now - timedelta(minutes=90)
-    assert parse_since("2026-03-01T10:00", now) == datetime(2026, 3, 1, 10, tzinfo=UTC)
-    with pytest.raises(FestinaError):
-        parse_since("soon", now)
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 
 from festina_hpc.db.accounting import REPORTS
 from festina_hpc.db.store import Store
-from tests.cli.conftest import Festina
+from tests.cli.conftest import NOT_A_TIME, Festina
 from tests.conftest import write_config
 from tests.db import accounting_fixture as fx
 from tests.db.conftest import backend, db_url, engine, migrated, postgres_url, store  # noqa: F401
@@ -128,10 +128,18 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["report", "--by", "account", "--since", "last week"],
-     "festina: error: --since = 'last week' is not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM])\n"),
-    (["report", "--by", "day", "--until", "2026-02-30"], "festina: error: --until = '2026-02-30' is not a date"),
+     "festina: error: Invalid value for '--since': 'last week' " + NOT_A_TIME + "\n"),
+    (["report", "--by", "day", "--until", "2026-02-30"],
+     "festina: error: Invalid value for '--until': '2026-02-30' is not a time (ISO 8601"),
+    (["query", "energy_by_day", "--since", "1h30"],
+     "festina: error: Invalid value for '--since': '1h30' is not a time"),
+    (["plot", "--what", "model", "--out", "x.png", "--until", "30m1h"],
+     "festina: error: Invalid value for '--until': '30m1h' is not a time"),
     (["report", "--by", "day", "--since", "2026-03-02", "--until", "2026-03-01"],
-     "festina: error: --since = '2026-03-02' is not before --until = '2026-03-01'\n"),
+     "festina: error: Invalid value for '--since': 2026-03-02T00:00:00+00:00 is not before --until "
+     "(2026-03-01T00:00:00+00:00)\n"),
+    (["report", "--by", "day", "--since", "1h", "--until", "2h"],
+     "festina: error: Invalid value for '--since': "),
     (["report", "--by", "gpu"], "festina: error: Invalid value for '--by': 'gpu' is not one of "),
     (["report", "--by", "day", "--format", "xml"], "festina: error: Invalid value for '--format': 'xml'"),
     (["plot", "--what", "gpu", "--out", "x.png"], "festina: error: Invalid value for '--what': 'gpu'"),

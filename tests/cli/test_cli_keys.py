@@ -79,8 +79,9 @@ def test_create_admin_key(festina: Festina, db: str) -> None:
     ("--rate-limit", "5/fortnight", "rate_limit = '5/fortnight' is not a positive rate"),
     ("--models", "gpt-9", "models = 'gpt-9' is not a known model"),
     ("--models", "llama-3.1-8b,gpt-9", "models = 'gpt-9' is not a known model"),
-    ("--expires", "2020-01-01", "expires = '2020-01-01' is not in the future"),
-    ("--expires", "tomorrow", "expires = 'tomorrow' is not a date, a date-time or a duration"),
+    ("--expires", "2020-01-01", "Invalid value for '--expires': '2020-01-01' is not in the future (now "),
+    ("--expires", "tomorrow", "Invalid value for '--expires': 'tomorrow' is not a time (ISO 8601, e.g. 2026-03-01 "
+                              "or 2026-03-01T12:00Z) or a duration from now (e.g. 90d, 12h, 2w)"),
     ("--user", " ", "user = ' ' must be 1-255 characters without surrounding spaces"),
     ("--account", "", "account = '' must be 1-255 characters"),
 ])

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 
-from festina_hpc.db.keys import ApiKeyError, KeyRing, hash_token, looks_like_token, parse_expiry, parse_rate
+from festina_hpc.db.keys import ApiKeyError, KeyRing, hash_token, looks_like_token, parse_rate
 from festina_hpc.profiles.store import ProfileStore
 from tests.db.conftest import T0, TickingClock
 from tests.serve.conftest import store as profiles  # noqa: F401  (the shipped-profiles fixture)
@@ -71,11 +71,3 @@ def test_bad_keys_are_refused_and_nothing_is_stored(ring: KeyRing, args: tuple[A
                                           (" 10 / second ", 10.0), ("1e3/s", 1000.0)])
 def test_parse_rate(value: str, per_s: float) -> None:
     assert parse_rate(value) == pytest.approx(per_s)
-
-
-@pytest.mark.parametrize("value, expected", [("30d", T0 + timedelta(days=30)), ("12h", T0 + timedelta(hours=12)),
-                                             ("2w", T0 + timedelta(weeks=2)),
-                                             ("2027-01-31", T0.replace(year=2027, month=1, day=31, hour=0)),
-                                             ("2026-03-01T14:00+01:00", T0 + timedelta(hours=1))])
-def test_parse_expiry(value: str, expected: object) -> None:
-    assert parse_expiry(value, T0) == expected

@@ -19,8 +19,6 @@ from festina_hpc.db.accounting import (
     QueryError,
     load_query,
     parse_query,
-    parse_range,
-    parse_time,
     query_names,
     run_query,
 )
@@ -199,21 +197,3 @@ def test_unknown_query_and_missing_limit_are_one_line_errors(migrated: Engine) -
         run_query(migrated, "top_jobs_by_energy")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2026-03-01", fx.DAY1), ("2026-03-01T12:00", fx.T0), ("2026-03-01T13:00+01:00", fx.T0),
-    ("2026-03-01T12:00:00Z", fx.T0),
-])
-def test_times_on_the_command_line_are_iso_and_utc_without_an_offset(text: str, expected: Any) -> None:
-    assert parse_time(text, "--since") == expected
-
-
-@pytest.mark.parametrize(("since", "until", "message"), [
-    ("yesterday", None, "--since = 'yesterday' is not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM])"),
-    (None, "2026-02-30", "--until = '2026-02-30' is not a date"),
-    ("2026-03-02", "2026-03-01", "--since = '2026-03-02' is not before --until = '2026-03-01'"),
-])
-def test_malformed_or_empty_ranges_are_refused_naming_the_option(since: str | None, until: str | None,
-                                                                 message: str) -> None:
-    with pytest.raises(QueryError) as info:
-        parse_range(since, until)
-    assert str(info.value).startswith(message)
