@@ -75,11 +75,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Never, NoReturn, TypeVar
 
 import aiohttp
 
 from festina_hpc.cluster.figures import USABLE_MEMORY_FRAC
+from festina_hpc.daemon.job_watcher import JobWatcher
 from festina_hpc.daemon.metrics import DecisionRate
 from festina_hpc.daemon.node_control import NodeControlClient, NodeControlError
 from festina_hpc.daemon.policy_router import InstanceLaunch, LiveCluster, LiveInstance, PolicyRouter, runs_as_mps
@@ -96,6 +97,7 @@ from festina_hpc.policy.types import (
     InstancePhase,
     Migrate,
     ModelLimits,
+    MoveQueued,
     NodePower,
     Placement,
     Plan,
@@ -284,6 +286,8 @@ class Festinad:
         self._clock = clock
         self._wall = wall_clock
         self._slurm = slurm_retry or SlurmRetry(slurm)
+        # Every starting (or unreachable) instance's job, looked up together: one Slurm call a period, not one each.
+        self.jobs = JobWatcher(lambda ids: self._slurm("get jobs", self.slurm.get_jobs, ids), settings.job_poll_s)
         self.cluster: LiveCluster | None = None
         self._router: PolicyRouter | None = None
         self.node_names: list[str] = []  # view node index -> Slurm node name
@@ -336,6 +340,7 @@ class Festinad:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.jobs.close()
         if self._router is not None:
             await self._router.close()
         if self._session is not None:
@@ -497,20 +502,22 @@ class Festinad:
         return self._endpoint(url, launch.instance_id)
 
     async def _wait_job_ready(self, job_id: int, url: str, timeout_s: float, secret: str | None) -> None:
+        """Until the server answers; ``StartFailed`` when its job ends first (the job watcher says) or past
+        ``timeout_s``; the watcher's Slurm errors raise as they are."""
         deadline = self._clock() + timeout_s
-        next_job_check = 0.0
-        while True:
-            now = self._clock()
-            if now >= deadline:
-                raise StartFailed(f"job {job_id} did not answer on {url} within {timeout_s:g} s")
-            if now >= next_job_check:
-                job = await self._slurm("get job", self.slurm.get_job, job_id)
-                if job is None or job.state in FINISHED_JOB_STATES:
+        ended = asyncio.ensure_future(self.jobs.wait(job_id))
+        try:
+            while True:
+                if ended.done():
+                    job = ended.result()
                     raise StartFailed(f"job {job_id} ended ({job.state if job else 'gone'}) before it served")
-                next_job_check = now + self.settings.job_poll_s
-            if await self._health(url, secret) is not None:
-                return
-            await asyncio.sleep(self.settings.health_poll_s)
+                if self._clock() >= deadline:
+                    raise StartFailed(f"job {job_id} did not answer on {url} within {timeout_s:g} s")
+                if await self._health(url, secret) is not None:
+                    return
+                await asyncio.sleep(self.settings.health_poll_s)
+        finally:
+            _let_go(ended)
 
     async def _health(self, url: str, secret: str | None) -> dict[str, Any] | None:
         """The server's /health body when it answers 200, else None (with ``secret``: the full body)."""
@@ -572,25 +579,32 @@ class Festinad:
         assert inst.endpoint is not None
         url = inst.endpoint.url
         deadline = self._clock() + self.settings.start_timeout_s
-        while inst.id in self.view.live and inst.phase is InstancePhase.LOADING and inst.id not in self._busy:
-            if await self._health(url, self._secrets.get(inst.id)) is not None:
-                log.info("instance %d of %s answers again", inst.id, inst.model)
-                self._mark_ready(inst, url)
-                return
-            if inst.slurm_job_id is not None:
-                try:
-                    job = await self._slurm("get job", self.slurm.get_job, inst.slurm_job_id)
-                except SlurmError as exc:
-                    log.warning("instance %d: Slurm does not say whether job %d runs: %s", inst.id,
-                                inst.slurm_job_id, exc)
-                else:
-                    if job is None or job.state in FINISHED_JOB_STATES:
+        ended: asyncio.Future[SlurmJob | None] | None = None  # the job watcher's word that the job ended
+        try:
+            while inst.id in self.view.live and inst.phase is InstancePhase.LOADING and inst.id not in self._busy:
+                if await self._health(url, self._secrets.get(inst.id)) is not None:
+                    log.info("instance %d of %s answers again", inst.id, inst.model)
+                    self._mark_ready(inst, url)
+                    return
+                if ended is not None and ended.done():
+                    try:
+                        job = ended.result()
+                    except SlurmError as exc:
+                        log.warning("instance %d: Slurm does not say whether job %d runs: %s", inst.id,
+                                    inst.slurm_job_id, exc)
+                    else:
                         self._forget(inst, f"unreachable, job {inst.slurm_job_id} {job.state if job else 'gone'}")
                         return
-            if self._clock() >= deadline:
-                await self.stop_instance(inst, f"unreachable for {self.settings.start_timeout_s:g} s")
-                return
-            await asyncio.sleep(self.settings.job_poll_s)
+                    ended = None
+                if ended is None and inst.slurm_job_id is not None:
+                    ended = asyncio.ensure_future(self.jobs.wait(inst.slurm_job_id))
+                if self._clock() >= deadline:
+                    await self.stop_instance(inst, f"unreachable for {self.settings.start_timeout_s:g} s")
+                    return
+                await asyncio.sleep(self.settings.job_poll_s)
+        finally:
+            if ended is not None:
+                _let_go(ended)
 
     def _mark_ready(self, inst: LiveInstance, url: str) -> None:
         if inst.phase is not InstancePhase.LOADING:
@@ -914,8 +928,10 @@ class Festinad:
             node = self.node_names[action.node] if 0 <= action.node < len(self.node_names) else action.node
             self._repeated.log(("power", node), logging.INFO, "%s node %s (%s): left to Slurm's power saving",
                                type(action).__name__, node, reason)
-        else:
+        elif isinstance(action, MoveQueued):
             log.info("%s has no live counterpart (queues live in the serving jobs): skipped", type(action).__name__)
+        else:
+            _unhandled(action)
 
     async def _migrate(self, action: Migrate, reason: str) -> None:
         """Start on the target, wait until it answers, shift traffic (the source drains), stop the source."""
@@ -970,6 +986,20 @@ class Festinad:
         if isinstance(action, PowerOff | PowerOn):
             return replace(action, node=self._node_db.get(action.node, action.node))
         return action
+
+
+def _let_go(watch: asyncio.Future[Any]) -> None:
+    """Stop waiting on the job watcher; an error it already answered with is taken (not logged as lost)."""
+    if watch.done():
+        if not watch.cancelled():
+            watch.exception()
+    else:
+        watch.cancel()
+
+
+def _unhandled(action: Never) -> NoReturn:
+    """A plan's action festinad has no branch for: a new ``Action`` type fails here, loudly, never skipped."""
+    raise TypeError(f"festinad has no way to carry out action {type(action).__name__}: add it to Festinad._do")
 
 
 def _natural(name: str) -> tuple[Any, ...]:

@@ -3,7 +3,9 @@
 Reads use ``--json`` where Slurm 22.05 has it (``squeue``, ``sinfo``,
 ``sacct``); ``scontrol`` has no ``--json`` on 22.05 (``unrecognized option``),
 so single records come from ``scontrol -o show job`` (one line per record),
-which, unlike ``squeue --json`` on 22.05, honours the job id filter. Building
+which, unlike ``squeue --json`` on 22.05, honours the job id filter. It takes
+one id only, so several come from one ``scontrol -o show job`` of every job,
+kept to those asked for. Building
 the argv, running it and parsing the output are separate steps; the runner is
 injected so unit tests check the argv without a cluster.
 """
@@ -123,6 +125,14 @@ class CliSlurmClient:
             return parse.job_from_oneliner(records[0])
         except (ValueError, KeyError) as exc:
             raise SlurmCommandError(argv, f"unreadable output ({exc})") from exc
+
+    def get_jobs(self, job_ids: Sequence[int]) -> dict[int, SlurmJob]:
+        wanted = {validate.job_id(j) for j in job_ids}
+        if not wanted:
+            return {}
+        argv = self._argv("scontrol", "-o", "show", "job")
+        jobs = self._parse(argv, parse.parse_scontrol_jobs, self._run(argv).stdout)
+        return {job.job_id: job for job in jobs if job.job_id in wanted}
 
     def job_history(self, job_ids: Sequence[int]) -> tuple[SlurmJob, ...]:
         """Finished and running jobs from accounting (``sacct --json``); needs slurmdbd, else SlurmCommandError."""

@@ -11,6 +11,8 @@ matches) carry out exactly what they are asked and decide nothing. Contracts:
 - ``requeue`` moves a job onto ``nodelist``: a running job is requeued held,
   re-targeted once pending, made eligible at once and released; a pending
   one is held, re-targeted and released. Slurm cannot re-target a running job.
+- ``get_jobs`` answers for many ids in one call (festinad watches every starting job with it, one
+  call per period however many start); an id missing from its answer is a job Slurm no longer knows.
 - ``cancel`` of a job that no longer exists is not an error (idempotent).
 - ``set_admin_comment`` replaces the whole AdminComment; its text is one ``key=value[,key=value]``
   token (no spaces), validated like every other argument.
@@ -45,6 +47,10 @@ class SlurmClient(Protocol):
 
     def get_job(self, job_id: int) -> SlurmJob | None:
         """The job, or None when slurmctld no longer knows it."""
+        ...
+
+    def get_jobs(self, job_ids: Sequence[int]) -> dict[int, SlurmJob]:
+        """Those of ``job_ids`` slurmctld knows, by id, in one call (none for no ids)."""
         ...
 
     def list_jobs(self) -> tuple[SlurmJob, ...]: ...

@@ -377,6 +377,17 @@ def parse_oneliners(text: str) -> list[dict[str, str]]:
     return [parse_oneliner(line) for line in text.splitlines() if line.strip()]
 
 
+# What ``scontrol show job`` prints, exit code 0, when slurmctld holds no job at all.
+_NO_JOBS = "No jobs in the system"
+
+
+def parse_scontrol_jobs(text: str) -> tuple[SlurmJob, ...]:
+    """``scontrol -o show job`` (every job, one line each); none when it says there are none."""
+    if text.strip() == _NO_JOBS:
+        return ()
+    return tuple(job_from_oneliner(fields) for fields in parse_oneliners(text))
+
+
 def parse_sbatch_parsable(text: str) -> int:
     """``sbatch --parsable`` prints ``<job id>`` or ``<job id>;<cluster>``."""
     first = text.strip().splitlines()[0] if text.strip() else ""

@@ -99,6 +99,13 @@ class PyslurmSlurmClient:
         with self._rpc("Jobs.load"):
             return tuple(self._job(j) for j in self._values(self._m.Jobs.load()))
 
+    def get_jobs(self, job_ids: Sequence[int]) -> dict[int, SlurmJob]:
+        # One Jobs.load (one RPC for every job) rather than a Job.load per id.
+        wanted = {validate.job_id(j) for j in job_ids}
+        if not wanted:
+            return {}
+        return {job.job_id: job for job in self.list_jobs() if job.job_id in wanted}
+
     def list_nodes(self) -> tuple[SlurmNode, ...]:
         with self._rpc("Nodes.load"):
             return tuple(self._node(n) for n in self._values(self._m.Nodes.load()))

@@ -102,6 +102,10 @@ class FakeSlurm:
         self._maybe_fail("squeue")
         return self.jobs.get(job_id)
 
+    def get_jobs(self, job_ids: Sequence[int]) -> dict[int, SlurmJob]:
+        self._maybe_fail("scontrol")
+        return {j: self.jobs[j] for j in job_ids if j in self.jobs}
+
     def list_jobs(self) -> tuple[SlurmJob, ...]:
         self._maybe_fail("squeue")
         return tuple(self.jobs.values())
