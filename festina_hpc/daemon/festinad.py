@@ -895,7 +895,11 @@ class Festinad:
         """Record ``plan`` with its reason, then carry out each action (one failing does not stop the rest).
 
         The catalogue's bounds apply first: an action they refuse is recorded with ``refused: <why>`` as its
-        reason and not carried out."""
+        reason and not carried out. An action of a type festinad does not know fails the whole plan (``TypeError``)
+        before anything of it is recorded or done."""
+        for action in plan.actions:
+            if not isinstance(action, Action):
+                _unhandled(action)
         limited = limit_plan(plan, self.view)
         for refusal in limited.refused:
             self._record_refusal(refusal, plan.reason)
@@ -999,7 +1003,8 @@ def _let_go(watch: asyncio.Future[Any]) -> None:
 
 def _unhandled(action: Never) -> NoReturn:
     """A plan's action festinad has no branch for: a new ``Action`` type fails here, loudly, never skipped."""
-    raise TypeError(f"festinad has no way to carry out action {type(action).__name__}: add it to Festinad._do")
+    raise TypeError(f"festinad cannot carry out a {type(action).__name__}: not an action it knows "
+                    "(policy/types.py Action, Festinad._do)")
 
 
 def _natural(name: str) -> tuple[Any, ...]:

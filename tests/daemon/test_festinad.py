@@ -17,7 +17,7 @@ import tempfile
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,8 @@ class FakeSlurm:
 
     def get_jobs(self, job_ids: Sequence[int]) -> dict[int, SlurmJob]:
         self._maybe_fail("scontrol")
-        return {j: self.jobs[j] for j in job_ids if j in self.jobs}
+        # .get: it runs in a thread (SlurmRetry) while a test may change the jobs on the event loop.
+        return {j: job for j in job_ids if (job := self.jobs.get(j)) is not None}
 
     def list_jobs(self) -> tuple[SlurmJob, ...]:
         self._maybe_fail("squeue")
@@ -724,3 +725,76 @@ def test_reconcile_writes_each_ended_jobs_end_final_state_and_exit_code(store: P
     assert rows[9].state == "COMPLETING" and rows[9].end_at is not None and rows[9].exit_code is None
     assert datetime.fromisoformat(str(rows[9].end_at)).replace(tzinfo=UTC) >= before - timedelta(seconds=1)
     assert [j.job_id for j in db.open_jobs()] == [10]
+
+
+def test_starting_jobs_share_one_slurm_lookup_a_period_and_one_that_ends_fails_its_start(store: ProfileStore,
+                                                                                         db: Store) -> None:
+    """Four instances starting at once: Slurm is asked about all four in one call a period (not a ``scontrol
+    show job`` each); a job that fails or that Slurm forgets fails its start, saying so; the others come up."""
+    slurm = FakeSlurm(store)
+    lookups: list[tuple[int, ...]] = []
+    one_by_one: list[int] = []
+    get_jobs = slurm.get_jobs
+
+    def counted_get_jobs(job_ids: Sequence[int]) -> dict[int, SlurmJob]:
+        lookups.append(tuple(job_ids))
+        return get_jobs(job_ids)
+
+    slurm.get_jobs = counted_get_jobs  # type: ignore[method-assign]
+    slurm.get_job = lambda job_id: one_by_one.append(job_id)  # type: ignore[method-assign,func-returns-value]
+
+    async def main() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            free = [g.id for g in festinad.view.gpus() if not g.instances]
+            await festinad.execute(Plan(tuple(StartInstance("llama-3.1-8b", (g,)) for g in free[:4]), "test"))
+            starting = sorted(festinad.view.live.values(), key=lambda i: i.id)
+            assert len(starting) == 4
+            period_s = festinad.settings.job_poll_s
+            begun = asyncio.get_running_loop().time()
+            await asyncio.sleep(10 * period_s)  # no server answers yet: every job is still starting
+            elapsed_s = asyncio.get_running_loop().time() - begun
+            jobs = sorted(job_id for _, job_id in slurm.started)
+            assert one_by_one == [] and lookups and max(map(len, lookups)) == 4
+            assert len(lookups) <= elapsed_s / period_s + 2, (len(lookups), elapsed_s)  # one a period, not four
+            failed, gone = jobs[0], jobs[1]
+            slurm.jobs[failed] = replace(slurm.jobs[failed], state="FAILED")
+            del slurm.jobs[gone]
+            for inst in starting[:2]:
+                with pytest.raises(Exception) as info:
+                    await asyncio.wait_for(asyncio.shield(inst.ready), 5)
+                assert str(info.value).endswith(f"job {inst.slurm_job_id} ended "
+                                                f"({'FAILED' if inst.slurm_job_id == failed else 'gone'}) "
+                                                "before it served")
+            servers.seen.update({failed, gone})  # their jobs never run a server (their secrets are gone too)
+            for inst in starting[2:]:
+                await _until_ready(inst, servers)
+            assert one_by_one == [] and festinad.jobs.watched == frozenset()
+        finally:
+            await festinad.close()
+            await servers.stack.aclose()
+
+    servers = Servers(store, slurm)
+    asyncio.run(main())
+
+
+@dataclass(frozen=True)
+class Reboot:
+    """An action type festinad was never taught."""
+
+    node: int
+
+
+def test_an_action_festinad_does_not_know_fails_the_plan_loudly(store: ProfileStore, db: Store) -> None:
+    slurm = FakeSlurm(store)
+
+    async def main() -> None:
+        festinad = await _festinad(store, slurm, db)
+        try:
+            with pytest.raises(TypeError, match=r"^festinad cannot carry out a Reboot: not an action it knows "):
+                await festinad.execute(Plan((PowerOff(1), Reboot(0)), "test"))  # type: ignore[arg-type]
+            assert db.decisions(since=datetime.now(UTC) - timedelta(minutes=1)) == []  # nothing of it recorded
+        finally:
+            await festinad.close()
+
+    asyncio.run(main())

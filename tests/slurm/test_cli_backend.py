@@ -193,3 +193,25 @@ def test_set_admin_comment_on_a_finished_job_is_a_command_error_with_slurms_word
     with pytest.raises(SlurmCommandError) as info:
         make(runner).set_admin_comment(7, "festina_energy_j=1")
     assert "Job has already finished" in info.value.stderr and "\n" not in str(info.value)
+
+
+def test_get_jobs_is_one_scontrol_for_every_id_asked() -> None:
+    runner = ScriptedRunner().on("scontrol -o show job", ok(sample("devcluster_scontrol_job.txt")))
+    jobs = make(runner).get_jobs([5, 2, 99])
+    assert commands(runner) == ["scontrol -o show job"]
+    assert {i: j.state for i, j in jobs.items()} == {2: "RUNNING", 5: "PENDING"}  # 99: Slurm no longer knows it
+
+
+def test_get_jobs_of_no_ids_runs_nothing_and_bad_ids_nothing_either() -> None:
+    runner = ScriptedRunner()
+    assert make(runner).get_jobs([]) == {}
+    with pytest.raises(SlurmInputError):
+        make(runner).get_jobs([7, -1])
+    assert commands(runner) == []
+
+
+def test_get_jobs_on_an_empty_cluster_and_unreadable_output() -> None:
+    runner = ScriptedRunner().on("scontrol -o show job", ok("No jobs in the system\n"), ok("garbage\n"))
+    assert make(runner).get_jobs([7]) == {}
+    with pytest.raises(SlurmCommandError, match=r"^scontrol -o show job: unreadable output"):
+        make(runner).get_jobs([7])

@@ -267,3 +267,18 @@ def test_parse_exit_code(text: str, expected: tuple[int, int] | None) -> None:
                                                  ({"set": False, "infinite": False, "number": 0}, None)])
 def test_exit_status(value: object, expected: tuple[int, int] | None) -> None:
     assert parse.exit_status(value) == expected
+
+
+def test_scontrol_jobs_reads_every_job_of_a_captured_listing() -> None:
+    """``scontrol -o show job`` with no id (what ``get_jobs`` runs): every job, each in its own state."""
+    jobs = {j.job_id: j for j in parse.parse_scontrol_jobs(sample("devcluster_scontrol_job.txt"))}
+    assert {i: j.state for i, j in jobs.items()} == \
+        {1: "COMPLETED", 2: "RUNNING", 3: "RUNNING", 4: "RUNNING", 5: "PENDING"}
+    assert jobs[3].gres == (Gres("mps", None, 30),)
+    assert len(parse.parse_scontrol_jobs(sample("scontrol_show_job_oneliner.txt"))) == 7
+
+
+def test_scontrol_jobs_of_an_empty_cluster_is_none() -> None:
+    assert parse.parse_scontrol_jobs("No jobs in the system\n") == ()
+    with pytest.raises(KeyError):
+        parse.parse_scontrol_jobs("Slurm is not happy\n")

@@ -105,6 +105,7 @@ def test_reads_map_onto_the_same_records() -> None:
     [node] = client.list_nodes()
     assert node.power_state is PowerState.OFF and (node.gpus_total, node.gpus_used, node.mps_total) == (2, 1, 200)
     assert client.get_job(8) is None and client.version() == (25, 11)
+    assert set(client.get_jobs([7, 8])) == {7} and client.get_jobs([]) == {}
 
 
 def test_submit_sends_the_cli_backends_script() -> None:
