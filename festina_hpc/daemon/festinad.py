@@ -27,6 +27,8 @@ address, which the database and the job's comment both hold.
   (which lists ended jobs for MinJobAge, 300 s by default), else ``scontrol show job``; a job Slurm no
   longer knows at all gets the time festinad found it gone as its end, keeps the last state seen, and no
   exit code (``_record_job_ends``). sacct is not used: Debian's dev cluster has no slurmdbd.
+- Whether a starting job ended is asked of Slurm by one ``JobWatcher`` for every job festinad waits on: one
+  ``get_jobs`` call per ``job_poll_s``, not one ``scontrol show job`` per job (``daemon/job_watcher.py``).
 - An instance the gateway could not reach (``PolicyRouter.failed``) is checked
   at once, not at the next reconcile (``_check_unreachable``): ready again if
   it answers, stopped if its job ended, so its requests wait for a replacement.
@@ -37,7 +39,8 @@ address, which the database and the job's comment both hold.
   policy routes to the target) and stops the source; ``PowerOff``/``PowerOn``
   need nothing (Slurm's power saving suspends idle nodes and resumes a node a
   job is sent to); ``MoveQueued`` has no live counterpart (queues live in the
-  serving jobs). Every plan is recorded with its reason. Placements and plans
+  serving jobs); an action of any other type fails the plan (``TypeError``), never skipped.
+  Every plan is recorded with its reason. Placements and plans
   pass the catalogue's per-model bounds first (``policy/limits.py``); what they
   refuse is recorded as ``refused: <why>``. A share (MPS) start is fitted to
   where Slurm will put it (``LiveCluster.slurm_fit``).
@@ -147,7 +150,7 @@ class FestinadSettings:
     start_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     health_poll_s: float = 0.25  # while a job starts
-    job_poll_s: float = 1.0  # Slurm's view of a starting job (each is a command)
+    job_poll_s: float = 1.0  # Slurm's view of the starting jobs: one command a period for all (job_watcher.py)
     health_timeout_s: float = 2.0
     time_limit: str | None = None
 

@@ -73,6 +73,10 @@ def test_submitted_serving_job_runs_with_its_gres(client: CliSlurmClient, slurm_
     assert (shared.mps_used, shared.mps_total, shared.gpus_used) == (55, 200, 0)
     assert (busy.gpus_used, busy.gpus_total, busy.mps_used) == (2, 2, 0)
     assert client.get_job(first) is not None and client.get_job(first).gres == (Gres("mps", None, 25),)  # type: ignore[union-attr]
+    # The job watcher's one call for many ids: the same records, an id Slurm does not know left out.
+    many = client.get_jobs([first, whole, 999999])
+    assert set(many) == {first, whole} and many[first].gres == (Gres("mps", None, 25),)
+    assert many[whole].state == "RUNNING"
     # festina-node writes the run's line once it has validated the job: it may come after the job runs.
     log = slurm_cluster.slurm_conf.parent / "festina-hooks.log"
     run_line = f"prolog job={first} node={on_nodes[0]} gpus=0 mps=25"
@@ -121,6 +125,7 @@ def test_cancel_ends_the_job_and_is_idempotent(client: CliSlurmClient, slurm_clu
 
 def test_errors_name_the_command_and_unknown_jobs_are_none(client: CliSlurmClient) -> None:
     assert client.get_job(999999) is None
+    assert client.get_jobs([999999]) == {}
     with pytest.raises(SlurmCommandError, match=r"^scontrol update NodeName=nosuchnode State=RESUME: exit code 1: ") \
             as info:
         client.resume("nosuchnode")
