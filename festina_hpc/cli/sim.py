@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from festina_hpc.cli.common import AppContext, pass_app
@@ -130,7 +129,8 @@ def print_summary(console: Console, results: list[SimResult], bound_j: float) ->
 
 
 def run_comparison(app: AppContext, policies: list[str], options: ExperimentOptions, out_dir: Path,
-                   console: Console, slo_target: float = DEFAULT_SLO_TARGET) -> tuple[list[SimResult], Path]:
+                   console: Console, slo_target: float = DEFAULT_SLO_TARGET,
+                   command: str = "festina sim compare") -> tuple[list[SimResult], Path]:
     from festina_hpc.sim.bound import energy_lower_bound
     from festina_hpc.sim.report import best_baseline, write_comparison
 
@@ -138,12 +138,12 @@ def run_comparison(app: AppContext, policies: list[str], options: ExperimentOpti
     experiment = build_experiment(app.config, store, options)
     experiment.write_config(out_dir)
     results = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("simulating", total=len(policies))
-        for name in policies:
-            progress.update(task, description=f"simulating {name}")
+    # On stderr, as the sweep's: a log or CI sees it too, and stdout keeps only the results.
+    with PhaseProgress(command, "policies") as progress:
+        for done, name in enumerate(policies):
+            progress("simulating", done, len(policies))
             results.append(experiment.run(store, name))
-            progress.advance(task)
+        progress("simulating", len(policies), len(policies))
     bound = energy_lower_bound(experiment.requests, store, experiment.cluster, experiment.slos)
     write_comparison(results, bound, out_dir, slo_target)
     print_summary(console, results, bound.energy_j)
@@ -274,5 +274,5 @@ def demo(app: AppContext, out_dir: Path) -> None:
     known = policy_names()
     policies = [p for p in DEMO_POLICIES if p in known]
     options = ExperimentOptions(trace="azure-conv", models=4, duration_s=1800.0, nodes=1, gpus_per_node=8)
-    _, markdown = run_comparison(app, policies, options, out_dir, Console())
+    _, markdown = run_comparison(app, policies, options, out_dir, Console(), command="festina demo")
     click.echo(f"wrote {markdown}, comparison.json and plots in {out_dir}")

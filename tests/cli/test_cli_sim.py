@@ -69,6 +69,10 @@ def test_compare_names_the_best_baseline_by_the_slo_target(festina: Festina, tmp
         result = festina("sim", "compare", "--policies", "vllm,festina", "--trace", "azure-conv", "--models", "2",
                          "--nodes", "1", "--duration-s", "60", "--slo-target", target, "--out", str(out))
         assert result.code == 0, result.err
+        # Progress on stderr (plain lines: not a terminal); stdout only the results.
+        assert "festina sim compare: simulating started (2 policies)\n" in result.err
+        assert "festina sim compare: simulating done: 2/2 policies (100%)" in result.err
+        assert "simulating" not in result.out
         runs[target] = json.loads((out / "comparison.json").read_text())
     easy, hard = runs["0"], runs["1"]
     assert easy["slo_target"] == 0.0 and easy["best_baseline"] == "vllm"
