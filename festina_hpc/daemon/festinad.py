@@ -24,7 +24,8 @@ address, which the database and the job's comment both hold.
   its own ``keep_alive_s`` stopped).
 - ``reconcile()`` also follows every job in the database without an end (festinad's serving jobs, and any
   job a node's epilog recorded) to its end: final state, end time and exit code from ``squeue --json``
-  (which lists ended jobs for MinJobAge, 300 s by default), else ``scontrol show job``; a job Slurm no
+  (which lists ended jobs for MinJobAge, 300 s by default), else one ``scontrol show job`` for all the
+  rest (``get_jobs``); a job Slurm no
   longer knows at all gets the time festinad found it gone as its end, keeps the last state seen, and no
   exit code (``_record_job_ends``). sacct is not used: Debian's dev cluster has no slurmdbd.
 - Whether a starting job ended is asked of Slurm by one ``JobWatcher`` for every job festinad waits on: one
@@ -170,8 +171,6 @@ class ModelOptions:
 REFUSAL_RECORD_S = 60.0
 # A line festinad would log unchanged every period is logged once, then again with its count this often.
 REPEAT_SUMMARY_S = 600.0
-# Jobs looked up one by one (scontrol) per reconcile, when squeue did not list them: a bound on its time.
-MAX_JOB_LOOKUPS = 20
 
 
 def parse_comment(comment: str) -> dict[str, str] | None:
@@ -740,26 +739,26 @@ class Festinad:
 
     async def _record_job_ends(self, listed: Mapping[int, SlurmJob]) -> None:
         """Bring every job the database holds without an end up to date with Slurm (see the module docstring)."""
+        open_jobs = self.store.open_jobs()
+        # Not listed: squeue may hide another user's jobs (PrivateData); scontrol answers for them, all in one call.
+        unlisted = [known.job_id for known in open_jobs if known.job_id not in listed]
+        found: Mapping[int, SlurmJob] = {}
+        if unlisted:
+            try:
+                found = await self._slurm("get jobs", self.slurm.get_jobs, unlisted)
+            except SlurmError as exc:
+                log.warning("%d job(s): ends not recorded this time, Slurm does not answer: %s", len(unlisted), exc)
+                open_jobs = [known for known in open_jobs if known.job_id in listed]
         updates: list[JobRecord] = []
-        asked = 0
-        for known in self.store.open_jobs():
-            job = listed.get(known.job_id)
-            if job is None and asked < MAX_JOB_LOOKUPS:
-                # Not listed: squeue may hide another user's jobs (PrivateData); scontrol answers for one id.
-                asked += 1
-                try:
-                    job = await self._slurm("get job", self.slurm.get_job, known.job_id)
-                except SlurmError as exc:
-                    log.warning("job %d: end not recorded this time, Slurm does not answer: %s", known.job_id, exc)
-                    continue
-                if job is None:
-                    # Forgotten (MinJobAge passed while festinad was away): its end is when we found it gone.
-                    log.info("job %d: Slurm no longer knows it; recorded as ended now (last seen %s)",
-                             known.job_id, known.state)
-                    now = self._now()
-                    updates.append(JobRecord(known.job_id, known.state, end_at=max(now, known.start_at or now)))
-                    continue
-            if job is not None and (job.state != known.state or job.end_time_s is not None):
+        for known in open_jobs:
+            job = listed.get(known.job_id) or found.get(known.job_id)
+            if job is None:
+                # Forgotten (MinJobAge passed while festinad was away): its end is when we found it gone.
+                log.info("job %d: Slurm no longer knows it; recorded as ended now (last seen %s)",
+                         known.job_id, known.state)
+                now = self._now()
+                updates.append(JobRecord(known.job_id, known.state, end_at=max(now, known.start_at or now)))
+            elif job.state != known.state or job.end_time_s is not None:
                 updates.append(_job_record(job))
         if updates:
             self.store.upsert_jobs(updates)

@@ -707,7 +707,8 @@ def test_reconcile_writes_each_ended_jobs_end_final_state_and_exit_code(store: P
     db.upsert_jobs([JobRecord(i, "COMPLETING", user_name="alice", node_list="n1") for i in (7, 8, 9)]
                    + [JobRecord(10, "RUNNING", user_name="alice")])
 
-    slurm.get_job = lambda job_id: hidden if job_id == 8 else None  # type: ignore[method-assign]
+    # scontrol knows job 8, which squeue hid; nobody knows job 9.
+    slurm.get_jobs = lambda job_ids: {8: hidden} if 8 in job_ids else {}  # type: ignore[method-assign]
 
     async def go() -> None:
         festinad = await _festinad(store, slurm, db)  # setup() reconciles once: that is the one period
