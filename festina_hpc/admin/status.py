@@ -112,12 +112,7 @@ def collect(engine: Engine, *, now: datetime, window_s: float = 300.0,
         power_now = {gpu_id: (power_w, sampled_at) for gpu_id, power_w, sampled_at in conn.execute(
             select(EnergySample.gpu_id, EnergySample.power_w, EnergySample.sampled_at)
             .join(latest, (latest.c.gpu_id == EnergySample.gpu_id) & (latest.c.at == EnergySample.sampled_at)))}
-        # Each occupied GPU's settings since its oldest current instance started (earlier ones were reset).
-        occupied_since: dict[int, datetime] = {}
-        for row in placed:
-            gpu_id, started_at = row[0], row[7]
-            occupied_since[gpu_id] = min(started_at, occupied_since.get(gpu_id, started_at))
-        applied = node_reports.applied_settings(conn, since=occupied_since)
+        applied = node_reports.applied_settings(conn, ((row[0], row[7]) for row in placed))
         slo_rows = conn.execute(
             select(RequestRecord.model, func.count(), func.sum(func.cast(RequestRecord.slo_met, Integer)))
             .where(RequestRecord.arrival_at >= since, RequestRecord.arrival_at <= now)

@@ -12,7 +12,7 @@ per ``db_cache_s``, so a scrape never blocks the gateway's event loop and a
 busy Prometheus never turns into a database load. A GPU's power, and the
 model power split from it, is shown only while its reading is younger than
 ``stale_s`` (``node_reports.READING_STALE_S``) at the scrape's own time, so a
-GPU whose node stopped sampling it (its jobs ended) drops out of
+GPU whose node stopped reporting drops out of
 ``festina_gpu_power_watts`` instead of staying at its last value; its energy
 counter stays (a counter only grows, and the last one is still its total).
 The figures are formatted by the pure registry in
@@ -173,10 +173,7 @@ def db_figures(engine: Engine) -> DbFigures:
               .where(ModelInstance.phase != InstancePhase.STOPPED))
     with engine.connect() as connection:
         on_gpus = connection.execute(placed).all()
-        occupied_since: dict[int, datetime] = {}
-        for gpu_id, _job, _pct, started_at in on_gpus:
-            occupied_since[gpu_id] = min(started_at, occupied_since.get(gpu_id, started_at))
-        applied = node_reports.applied_settings(connection, since=occupied_since)
+        applied = node_reports.applied_settings(connection, ((gpu_id, at) for gpu_id, _job, _pct, at in on_gpus))
         gpus: list[tuple[GpuFigures, datetime]] = []
         where: dict[int, tuple[str, int, datetime]] = {}
         for node, index, gpu_id, at, counter_j, power_w in connection.execute(last):

@@ -1,19 +1,19 @@
 """What the nodes report of their GPUs, as the database holds it: fresh power readings and applied settings.
 
 festina-node writes two things about a GPU: its energy readings (``energy_samples``, every
-control tick while the GPU has jobs; none while it has none) and, whenever its local
+control tick, idle or not) and, whenever its local
 controller changes something, a ``setting`` decision whose details are the ``GpuSettings``
 it put in force (``clock_mhz``: the locked clock, absent when unchanged; ``sm_pct``: shares
 keyed by Slurm job id). ``festina status`` and festinad's ``/metrics`` read both through here.
 
-A reading older than ``READING_STALE_S`` is stale: the node stopped sampling the GPU (its
-jobs ended) or stopped writing (festina-node or the database is down). A stale reading is
+A reading older than ``READING_STALE_S`` is stale: the node stopped writing (festina-node, its
+node or the database is down). A stale reading is
 shown as unknown and left out of ``/metrics``, never frozen at its last value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -23,7 +23,7 @@ from festina_hpc.db.models import Decision
 
 # festina-node samples every control tick (``control_period_s``, 2 s by default). 30 s is fifteen
 # ticks: a node a few ticks late (a slow database write, a loaded node) is not shown as unknown,
-# and a GPU whose jobs ended (the node stops sampling it) loses its power well inside one minute,
+# and a GPU whose node stopped reporting loses its power well inside one minute,
 # the period a dashboard or an alert on ``festina_gpu_power_watts`` looks back over.
 READING_STALE_S = 30.0
 
@@ -37,31 +37,26 @@ class AppliedSettings:
     sm_pct: dict[int, float] = field(default_factory=dict)  # Slurm job id -> the share last applied
 
 
-def applied_settings(conn: Connection, *, since: datetime | Mapping[int, datetime],
-                     gpu_ids: Collection[int] | None = None) -> dict[int, AppliedSettings]:
-    """Per GPU id, the settings its node reported applying at or after ``since`` (later ones win).
+def applied_settings(conn: Connection, placed: Iterable[tuple[int, datetime]]) -> dict[int, AppliedSettings]:
+    """Per occupied GPU id, the settings its node reported applying since its oldest current instance started
+    (later ones win); ``placed`` is each current instance's (GPU id, start time).
 
-    ``since`` may be one time per GPU id (those GPUs only): where its current jobs began, for
-    festina-node resets the clock of a GPU left without jobs and does not record the reset.
-    The node records changes only, so the state in force is the fold of its decisions, oldest first.
+    Earlier settings no longer hold: festina-node resets the clock of a GPU left without jobs and does not
+    record the reset. The node records changes only, so the state in force is the fold of its decisions,
+    oldest first.
     """
-    if isinstance(since, Mapping):
-        if not since:
-            return {}
-        per_gpu = dict(since)
-        gpu_ids, since = per_gpu, min(per_gpu.values())
-    else:
-        per_gpu = {}
+    since: dict[int, datetime] = {}
+    for gpu_id, started_at in placed:
+        since[gpu_id] = min(started_at, since.get(gpu_id, started_at))
+    if not since:
+        return {}
     query = (select(Decision.gpu_id, Decision.decided_at, Decision.details)
-             .where(Decision.kind == "setting", Decision.decided_at >= since, Decision.gpu_id.is_not(None))
+             .where(Decision.kind == "setting", Decision.decided_at >= min(since.values()),
+                    Decision.gpu_id.in_(sorted(since)))
              .order_by(Decision.decided_at, Decision.id))
-    if gpu_ids is not None:
-        if not gpu_ids:
-            return {}
-        query = query.where(Decision.gpu_id.in_(sorted(gpu_ids)))
     result: dict[int, AppliedSettings] = {}
     for gpu_id, decided_at, details in conn.execute(query):
-        if gpu_id in per_gpu and decided_at < per_gpu[gpu_id]:
+        if decided_at < since[gpu_id]:
             continue
         applied = result.setdefault(gpu_id, AppliedSettings())
         clock = details.get("clock_mhz")
